@@ -41,100 +41,52 @@ renames. Decoder layers are stored as one stack; the forward pass scans over sli
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flexattn_jax import text, vision
 from flexattn_jax.config import ModelConfig
 
 Params = dict  # nested dict of arrays, layout above
 
 
-def param_shapes(cfg: ModelConfig) -> dict:
-    """The tree of shapes (tuples) for ``cfg``: the single source of the layout above."""
+def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
+    """Random parameters from the Flax modules' own initialisers (stacked layers via vmap)."""
     v, t = cfg.vision, cfg.text
-    dv, fv, lv, p = v.hidden_size, v.intermediate_size, v.num_layers, v.patch_size
-    d, f, lt = t.hidden_size, t.intermediate_size, t.num_layers
-    hq, hkv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    dt = jnp.dtype(cfg.dtype)
+    keys = iter(jax.random.split(key, 8))
 
-    def dense(n_in, n_out, stack=None, bias=True):
-        pre = () if stack is None else (stack,)
-        out = {"kernel": pre + (n_in, n_out)}
-        if bias:
-            out["bias"] = pre + (n_out,)
-        return out
+    def stacked(module, n, *args, method=None):
+        init = lambda k: module.init(k, *args, method=method)["params"]
+        return jax.vmap(init)(jax.random.split(next(keys), n))
 
-    def ln(n, stack=None, bias=True):
-        pre = () if stack is None else (stack,)
-        return {"scale": pre + (n,), "bias": pre + (n,)} if bias else {"scale": pre + (n,)}
-
-    vision = {
-        "patch_embed": {"kernel": (p, p, v.num_channels, dv)},
-        "class_embed": (dv,),
-        "pos_embed": {"embedding": (v.num_patches + 1, dv)},
-        "pre_norm": ln(dv),
-        "layers": {
-            "norm1": ln(dv, lv),
-            "attn": {name: dense(dv, dv, lv) for name in ("q", "k", "v", "o")},
-            "norm2": ln(dv, lv),
-            "mlp": {"fc1": dense(dv, fv, lv), "fc2": dense(fv, dv, lv)},
-        },
-        "post_norm": ln(dv),
+    pixels = jnp.zeros((1, v.image_size, v.image_size, v.num_channels), dt)
+    stem = vision.VisionStem(cfg).init(next(keys), pixels)["params"]
+    tokens_v = jnp.zeros((1, v.num_patches + 1, v.hidden_size), dt)
+    vision_params = {
+        **stem,
+        "layers": stacked(vision.VisionLayer(cfg), v.num_layers, tokens_v),
+        "post_norm": vision._layer_norm(cfg).init(next(keys), tokens_v)["params"],
     }
-    pb = cfg.projector.bias
-    projector = {"linear_1": dense(dv, d, bias=pb)}
-    if cfg.projector.type == "mlp2x_gelu":
-        projector["linear_2"] = dense(d, d, bias=pb)
-    attn = {
-        "q": dense(d, hq, lt, bias=False),
-        "k": dense(d, hkv, lt, bias=False),
-        "v": dense(d, hkv, lt, bias=False),
-        "o": dense(hq, d, lt, bias=False),
-    }
-    if cfg.flex.enabled:
-        attn["k_hr"] = dense(d, hkv, lt, bias=False)
-        attn["v_hr"] = dense(d, hkv, lt, bias=False)
-    text = {
-        "embed": {"embedding": (t.vocab_size, d)},
-        "layers": {
-            "input_norm": ln(d, lt, bias=False),
-            "attn": attn,
-            "post_norm": ln(d, lt, bias=False),
-            "mlp": {"gate": dense(d, f, lt, bias=False), "up": dense(d, f, lt, bias=False), "down": dense(f, d, lt, bias=False)},
-        },
-        "final_norm": ln(d, bias=False),
+    projector = vision.Projector(cfg).init(next(keys), jnp.zeros((1, 1, v.hidden_size), dt))["params"]
+    h = jnp.zeros((1, 1, t.hidden_size), dt)
+    text_params = {
+        "embed": nn.Embed(t.vocab_size, t.hidden_size, param_dtype=jnp.dtype(cfg.param_dtype),
+                          embedding_init=nn.initializers.normal(0.02)).init(next(keys), jnp.zeros((1,), jnp.int32))["params"],
+        "layers": stacked(text.DecoderLayer(cfg), t.num_layers, h, method="init_all"),
+        "final_norm": text.RMSNorm(t.rms_norm_eps, param_dtype=jnp.dtype(cfg.param_dtype)).init(next(keys), h)["params"],
     }
     if not t.tie_word_embeddings:
-        text["lm_head"] = dense(d, t.vocab_size, bias=False)
-    return {"vision": vision, "projector": projector, "text": text}
-
-
-def _is_shape(x) -> bool:
-    return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+        text_params["lm_head"] = nn.Dense(t.vocab_size, use_bias=False, param_dtype=jnp.dtype(cfg.param_dtype),
+                                          kernel_init=nn.initializers.normal(0.02)).init(next(keys), h)["params"]
+    return {"vision": vision_params, "projector": projector, "text": text_params}
 
 
 def abstract_params(cfg: ModelConfig) -> Params:
-    """``jax.ShapeDtypeStruct`` leaves in ``cfg.param_dtype``: the converter's and restore's target."""
-    dtype = jnp.dtype(cfg.param_dtype)
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), param_shapes(cfg), is_leaf=_is_shape)
-
-
-def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Params:
-    """Random parameters (normal(std) weights, unit norm scales, zero biases), for tests and the demo."""
-    shapes = param_shapes(cfg)
-    paths, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)
-    keys = jax.random.split(key, len(paths))
-    dtype = jnp.dtype(cfg.param_dtype)
-    leaves = []
-    for (path, shape), k in zip(paths, keys):
-        name = jax.tree_util.keystr(path, simple=True, separator="/")
-        if name.endswith("scale"):
-            leaves.append(jnp.ones(shape, dtype))
-        elif name.endswith("bias"):
-            leaves.append(jnp.zeros(shape, dtype))
-        else:
-            leaves.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    """``jax.ShapeDtypeStruct`` leaves (no memory): the converter's and restore's target."""
+    return jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
 
 
 def flatten(params: Params) -> dict[str, jax.Array]:

@@ -1,0 +1,156 @@
+"""High-resolution token selection: attention map -> boolean HR mask -> static top-k indices.
+
+Exactly the release's chain (spec, "Selection"), on fixed grids so one compiled function serves
+every image: heads-summed attention of the select rows over the g x g LR image columns, margin
+zeroing of the padded bands, min-max normalisation, ``*255 > threshold``, PyTorch's
+``adaptive_max_pool2d`` to P x P, ``nearest`` upsampling to the HR grid. The mask then becomes K
+indices plus a validity mask (static budget K), ranked by the pooled (pre-threshold) score so
+that a budget smaller than the selection drops the weakest tokens. No boolean indexing.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from flexattn_jax.config import ModelConfig
+
+
+class Selection(NamedTuple):
+    """Per select row, the K HR tokens it may attend to."""
+
+    index: Int[Array, "B R K"]  # HR token indices (row-major over the HR grid)
+    valid: Bool[Array, "B R K"]  # False for padding slots (fewer than K selected)
+
+
+# ---- static resampling tables (host-side numpy; PyTorch's exact index rules) ---------------
+
+def adaptive_pool_bins(size_in: int, size_out: int) -> np.ndarray:
+    """(size_out, size_in) membership of PyTorch's adaptive pooling bins.
+
+    Bin i covers ``[floor(i * in / out), ceil((i + 1) * in / out))``; bins overlap when
+    out does not divide in, and repeat input cells when out > in.
+    """
+    member = np.zeros((size_out, size_in), bool)
+    for i in range(size_out):
+        start = (i * size_in) // size_out
+        end = -((-(i + 1) * size_in) // size_out)
+        member[i, start:end] = True
+    return member
+
+
+def nearest_source_index(size_in: int, size_out: int) -> np.ndarray:
+    """PyTorch ``interpolate(mode='nearest')`` source index per output index (float32 scale)."""
+    scale = np.float32(size_in) / np.float32(size_out)
+    src = np.floor(np.arange(size_out, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(src, size_in - 1)
+
+
+def margin_patches(ori_size: np.ndarray, grid: int) -> np.ndarray:
+    """(B, 2) int32: rows and columns to zero at each side for the padded bands, from (w, h).
+
+    ``m = int(|w - h| // 2 / max(w, h) * grid)`` in float64 as the release computes it; w > h pads
+    top/bottom (rows), w <= h pads left/right (columns). Computed on the host, before jit.
+    """
+    ori = np.asarray(ori_size, np.int64).reshape(-1, 2)
+    out = np.zeros((ori.shape[0], 2), np.int32)
+    for i, (w, h) in enumerate(ori):
+        if w <= 0 or h <= 0:
+            continue
+        m = int((abs(int(w) - int(h)) // 2) / max(int(w), int(h)) * grid)
+        out[i, 0 if w > h else 1] = m
+    return out
+
+
+# ---- the selection chain ------------------------------------------------------------------
+
+def _zero_margins(a: jax.Array, margin: jax.Array) -> jax.Array:
+    """Zero ``margin[b, 0]`` rows at top and bottom and ``margin[b, 1]`` columns left and right."""
+    g = a.shape[-1]
+    idx = jnp.arange(g)
+    mr = margin[:, 0][:, None, None]
+    mc = margin[:, 1][:, None, None]
+    keep_rows = (idx[None, None, :] >= mr) & (idx[None, None, :] < g - mr)  # (B, 1, g)
+    keep_cols = (idx[None, None, :] >= mc) & (idx[None, None, :] < g - mc)
+    keep = keep_rows[..., :, None] & keep_cols[..., None, :]  # (B, 1, g, g)
+    return jnp.where(keep, a, 0.0)
+
+
+def _max_pool(a: jax.Array, member: np.ndarray) -> jax.Array:
+    """Adaptive max pool of (..., g, g) with a (P, g) bin membership table, on both axes."""
+    m = jnp.asarray(member)
+    rows = jnp.max(jnp.where(m[:, :, None], a[..., None, :, :], -jnp.inf), axis=-2)  # (..., P, g)
+    return jnp.max(jnp.where(m[:, :], rows[..., :, None, :], -jnp.inf), axis=-1)  # (..., P, P)
+
+
+def _upsample_nearest(a: jax.Array, size_out: int) -> jax.Array:
+    src = jnp.asarray(nearest_source_index(a.shape[-1], size_out))
+    return a[..., src, :][..., :, src]
+
+
+def hr_scores(
+    image_attention: Float[Array, "B R G"], margin: Int[Array, "B 2"], cfg: ModelConfig
+) -> tuple[Bool[Array, "B R M"], Float[Array, "B R M"]]:
+    """The release's boolean HR mask and a ranking score per HR token, for each select row."""
+    g, hr, p = cfg.lr_grid, cfg.hr_grid, cfg.flex.pool_size
+    b, r, _ = image_attention.shape
+    a = _zero_margins(image_attention.reshape(b, r, g, g).astype(jnp.float32), margin)
+    lo = jnp.min(a, axis=(-2, -1), keepdims=True)
+    hi = jnp.max(a, axis=(-2, -1), keepdims=True)
+    norm = (a - lo) / (hi - lo)  # NaN for a constant map: nothing passes, as in the release
+    binary = (norm * 255 > cfg.flex.threshold).astype(jnp.float32)
+    member = adaptive_pool_bins(g, p)
+    pooled_mask = _max_pool(binary, member) > 0
+    pooled_score = _max_pool(jnp.nan_to_num(norm, nan=0.0), member)
+    mask = _upsample_nearest(pooled_mask, hr).reshape(b, r, hr * hr)
+    score = _upsample_nearest(pooled_score, hr).reshape(b, r, hr * hr)
+    return mask, score
+
+
+def random_mask(key: jax.Array, batch: int, rows: int, cfg: ModelConfig) -> Bool[Array, "B R M"]:
+    """The release's ``special='random'`` ablation: an 8x8 Bernoulli(0.1) grid upsampled to HR."""
+    n, hr = cfg.flex.random_grid, cfg.hr_grid
+    grid = jax.random.uniform(key, (batch, rows, n, n)) <= cfg.flex.random_prob
+    return _upsample_nearest(grid, hr).reshape(batch, rows, hr * hr)
+
+
+def top_k_pad(mask: Bool[Array, "B R M"], score: Float[Array, "B R M"], k: int) -> Selection:
+    """Static budget: the K best selected tokens (by score, ties to the lower index) + validity.
+
+    With K == M the indices are the identity and the validity is the mask itself (exact release).
+    """
+    m = mask.shape[-1]
+    if k >= m:
+        index = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), mask.shape)
+        return Selection(index, mask)
+    key = jnp.where(mask, score, -jnp.inf)
+    top, index = jax.lax.top_k(key, k)
+    return Selection(index.astype(jnp.int32), top > -jnp.inf)
+
+
+def select_hr_tokens(
+    image_attention: Float[Array, "B R G"],
+    margin: Int[Array, "B 2"],
+    row_valid: Bool[Array, "B R"],
+    cfg: ModelConfig,
+    rng: jax.Array | None = None,
+) -> tuple[Selection, Bool[Array, "B R M"]]:
+    """Selection for each select row: (top-k padded indices, full boolean mask over M)."""
+    b, r, _ = image_attention.shape
+    mode = cfg.flex.selection
+    if mode == "attention":
+        mask, score = hr_scores(image_attention, margin, cfg)
+    elif mode == "random":
+        if rng is None:
+            raise ValueError("flex.selection='random' needs an rng key")
+        mask = random_mask(rng, b, r, cfg)
+        score = jnp.ones(mask.shape, jnp.float32)
+    else:  # "all": LLaVA-XAttn, every HR token
+        mask = jnp.ones((b, r, cfg.num_hr_tokens), bool)
+        score = jnp.ones(mask.shape, jnp.float32)
+    mask = mask & row_valid[..., None]
+    return top_k_pad(mask, score, cfg.hr_budget_tokens), mask

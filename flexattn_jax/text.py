@@ -1,0 +1,310 @@
+"""Llama decoder pieces: RMSNorm, rotate-half RoPE (plus the image RoPE of HR keys), SwiGLU, and
+the decoder layer with its three kinds (plain, plain + selection, hierarchical + selection).
+
+HF Llama checkpoints (llava-hf and the original LLaVA-1.5) are rotate-half already: no q/k
+permutation anywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from flexattn_jax.attention import attention_with_lse, hr_attention, merge_by_lse, row_probabilities
+from flexattn_jax.config import ModelConfig, TextConfig
+from flexattn_jax.selection import Selection, select_hr_tokens
+
+PLAIN, SELECT, HIERARCHICAL = 0, 1, 2  # layer kinds
+
+
+def _init(cfg: ModelConfig):
+    return nn.initializers.normal(0.02)
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm: statistics in fp32, result cast back, then scaled (as transformers does)."""
+
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 / jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+# ---- RoPE -----------------------------------------------------------------------------------
+
+def rope_inv_freq(t: TextConfig, positions: Int[Array, "B T"] | None = None) -> Float[Array, " half"]:
+    """Inverse frequencies, with the linear / dynamic-NTK scaling transformers implements."""
+    d = t.head_dim
+    base = jnp.float32(t.rope_theta)
+    if t.rope_scaling_type == "dynamic" and positions is not None:
+        seq_len = jnp.max(positions).astype(jnp.float32) + 1
+        orig = jnp.float32(t.max_position_embeddings)
+        grown = base * ((t.rope_scaling_factor * seq_len / orig) - (t.rope_scaling_factor - 1)) ** (d / (d - 2))
+        base = jnp.where(seq_len > orig, grown, base)
+    inv = 1.0 / (base ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    if t.rope_scaling_type == "linear":
+        inv = inv / t.rope_scaling_factor
+    return inv
+
+
+def rope_cos_sin(t: TextConfig, positions: Int[Array, "B T"]) -> tuple[Float[Array, "B T d"], Float[Array, "B T d"]]:
+    """cos/sin tables (fp32) for the given positions; halves repeated as in rotate-half."""
+    freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(t, positions)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Float[Array, "*B T H d"], cos: Float[Array, "*B T d"], sin: Float[Array, "*B T d"]) -> jax.Array:
+    """Rotate-half RoPE; ``cos``/``sin`` broadcast over heads."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    out = x.astype(jnp.float32) * cos[..., None, :] + rotated.astype(jnp.float32) * sin[..., None, :]
+    return out.astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def bicubic_matrix(size_in: int, size_out: int, a: float = -0.75) -> np.ndarray:
+    """(size_out, size_in) weights of PyTorch ``interpolate(mode='bicubic', align_corners=False)``.
+
+    PyTorch's kernel: cubic convolution with a = -0.75, source ``(i + 0.5) * in / out - 0.5``, taps
+    clamped at the edges, no antialiasing (``jax.image.resize('cubic')`` differs: a = -0.5).
+    """
+
+    def cc1(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def cc2(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    scale = size_in / size_out
+    w = np.zeros((size_out, size_in), np.float64)
+    for i in range(size_out):
+        src = (i + 0.5) * scale - 0.5
+        x0 = int(np.floor(src))
+        t = src - x0
+        for tap, weight in zip(range(x0 - 1, x0 + 3), (cc2(t + 1), cc1(t), cc1(1 - t), cc2(2 - t))):
+            w[i, min(max(tap, 0), size_in - 1)] += weight
+    return w
+
+
+def image_rope(
+    t: TextConfig, image_positions: Int[Array, "B G"], grid: int, hr_grid: int
+) -> tuple[Float[Array, "B M d"], Float[Array, "B M d"]]:
+    """RoPE for HR keys: the LR image tokens' cos/sin on their g x g grid, bicubic-upsampled."""
+    cos, sin = rope_cos_sin(t, image_positions)
+    u = jnp.asarray(bicubic_matrix(grid, hr_grid), jnp.float32)
+
+    def up(x):
+        b = x.shape[0]
+        x = x.reshape(b, grid, grid, -1)
+        x = jnp.einsum("ig,jh,bghd->bijd", u, u, x, precision=jax.lax.Precision.HIGHEST)
+        return x.reshape(b, hr_grid * hr_grid, -1)
+
+    return up(cos), up(sin)
+
+
+# ---- the decoder layer ------------------------------------------------------------------------
+
+class LayerContext(NamedTuple):
+    """Everything a decoder layer reads besides its params and the carried state (all arrays)."""
+
+    cos: jax.Array  # (B, T, d) RoPE of the current rows
+    sin: jax.Array
+    mask: jax.Array  # (B, T, S) bool: causal + padding over the key slots
+    write_index: jax.Array  # () int32: cache slot of row 0 (0 without a cache)
+    select_rows: jax.Array  # (B, R) int32 row indices of the select rows
+    select_valid: jax.Array  # (B, R) bool
+    image_slot: jax.Array  # (B,) int32 key slot of the first LR image token
+    margin: jax.Array  # (B, 2) int32 padded-band rows/cols
+    alpha: jax.Array  # () float: blend of the select output into the select rows
+    hr_features: jax.Array | None  # (B, M, D) projector output of the HR tiles
+    hr_cos: jax.Array | None  # (B, M, d)
+    hr_sin: jax.Array | None
+    rng: jax.Array | None  # for the random-selection ablation
+
+
+class LayerOutput(NamedTuple):
+    x: jax.Array  # (B, T, D)
+    k: jax.Array  # (B, T, Hkv, d) this layer's new keys (post-RoPE), for the cache
+    v: jax.Array
+    selection: Selection | None  # for the next layer
+    image_attention: jax.Array | None  # (B, R, G) heads-summed map of the select rows
+    hr_mask: jax.Array | None  # (B, R, M) the release's boolean mask
+
+
+class AttentionWeights(nn.Module):
+    """q/k/v/o projections, plus FlexAttention's k_proj_hd / v_proj_hd when enabled."""
+
+    cfg: ModelConfig
+
+    def setup(self) -> None:
+        c, t = self.cfg, self.cfg.text
+        dense = functools.partial(
+            nn.Dense, use_bias=False, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), kernel_init=_init(c)
+        )
+        self.q = dense(t.num_heads * t.head_dim)
+        self.k = dense(t.num_kv_heads * t.head_dim)
+        self.v = dense(t.num_kv_heads * t.head_dim)
+        self.o = dense(t.hidden_size)
+        if c.flex.enabled:
+            self.k_hr = dense(t.num_kv_heads * t.head_dim)
+            self.v_hr = dense(t.num_kv_heads * t.head_dim)
+
+    def qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        t = self.cfg.text
+        split = lambda y, h: y.reshape(*y.shape[:-1], h, t.head_dim)
+        return split(self.q(x), t.num_heads), split(self.k(x), t.num_kv_heads), split(self.v(x), t.num_kv_heads)
+
+    def hr_kv(self, features: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """HR keys (with image RoPE) and values from projector features ``(..., K, D)``."""
+        t = self.cfg.text
+        k = self.k_hr(features).reshape(*features.shape[:-1], t.num_kv_heads, t.head_dim)
+        v = self.v_hr(features).reshape(*features.shape[:-1], t.num_kv_heads, t.head_dim)
+        return apply_rope(k, cos, sin), v
+
+    def out(self, o: jax.Array) -> jax.Array:
+        return self.o(o.reshape(*o.shape[:-2], -1))
+
+    def touch_all(self, x: jax.Array) -> jax.Array:
+        """Used at init so that every projection creates its parameters."""
+        q, k, v = self.qkv(x)
+        y = self.out(q)
+        if self.cfg.flex.enabled:
+            y = y + self.k_hr(x).sum() + self.v_hr(x).sum()
+        return y
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c, t = self.cfg, self.cfg.text
+        dense = functools.partial(
+            nn.Dense, use_bias=False, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), kernel_init=_init(c)
+        )
+        h = nn.silu(dense(t.intermediate_size, name="gate")(x)) * dense(t.intermediate_size, name="up")(x)
+        return dense(t.hidden_size, name="down")(h)
+
+
+def _gather_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+    """x (B, T, ...) at rows (B, R) -> (B, R, ...)."""
+    return jnp.take_along_axis(x, rows.reshape(*rows.shape, *([1] * (x.ndim - 2))), axis=1)
+
+
+def _scatter_rows(x: jax.Array, rows: jax.Array, valid: jax.Array, values: jax.Array) -> jax.Array:
+    """x with x[b, rows[b, r]] = values[b, r] where valid; invalid rows are dropped, never written."""
+    t = x.shape[1]
+    safe = jnp.where(valid, rows, t)  # out of bounds -> dropped
+    b_idx = jnp.arange(x.shape[0])[:, None]
+    return x.at[b_idx, safe].set(values.astype(x.dtype), mode="drop")
+
+
+class DecoderLayer(nn.Module):
+    """One Llama layer; ``kind`` (static) adds the FlexAttention selection and HR attention.
+
+    * PLAIN: ordinary causal attention over the N keys.
+    * SELECT: plain, and computes the HR selection for the next layer from the select rows'
+      attention over the image columns (the release's layer 8).
+    * HIERARCHICAL: the select rows also attend to their selected HR keys (LSE merge), and the
+      layer computes the selection for the next layer (the release's layers 9..L-1).
+    """
+
+    cfg: ModelConfig
+
+    def setup(self) -> None:
+        c = self.cfg
+        norm = functools.partial(RMSNorm, eps=c.text.rms_norm_eps, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+        self.input_norm = norm()
+        self.attn = AttentionWeights(c)
+        self.post_norm = norm()
+        self.mlp = MLP(c)
+
+    def init_all(self, x: jax.Array) -> jax.Array:
+        return self.mlp(self.post_norm(self.attn.touch_all(self.input_norm(x))))
+
+    def __call__(
+        self,
+        x: Float[Array, "B T D"],
+        ctx: LayerContext,
+        selection: Selection | None,
+        cache_kv: tuple[jax.Array, jax.Array] | None,
+        hr_kv: tuple[jax.Array, jax.Array] | None,
+        kind: int,
+    ) -> LayerOutput:
+        cfg = self.cfg
+        h = self.input_norm(x)
+        q, k, v = self.attn.qkv(h)
+        q = apply_rope(q, ctx.cos, ctx.sin)
+        k = apply_rope(k, ctx.cos, ctx.sin)
+        if cache_kv is None:
+            keys, values = k, v
+        else:
+            start = (0, ctx.write_index, 0, 0)
+            keys = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), start)
+            values = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start)
+        o, lse = attention_with_lse(q, keys, values, ctx.mask)
+        new_sel = image_attention = hr_mask = None
+        if kind != PLAIN:
+            rows, valid = ctx.select_rows, ctx.select_valid
+            q_sel, o_sel, lse_sel = _gather_rows(q, rows), _gather_rows(o, rows), _gather_rows(lse, rows)
+            if kind == HIERARCHICAL:
+                o_hr, lse_hr = self._hr_part(q_sel, selection, ctx, hr_kv)
+                merged = merge_by_lse(o_sel, lse_sel, o_hr, lse_hr)
+                blended = (1.0 - ctx.alpha) * o_sel.astype(jnp.float32) + ctx.alpha * merged
+                o = _scatter_rows(o, rows, valid, blended)
+            g2 = cfg.lr_grid**2
+            k_img = jax.vmap(lambda kb, s: jax.lax.dynamic_slice_in_dim(kb, s, g2, axis=0))(keys, ctx.image_slot)
+            image_attention = jnp.sum(row_probabilities(q_sel, k_img, lse_sel), axis=2)  # (B, R, G)
+            new_sel, hr_mask = select_hr_tokens(image_attention, ctx.margin, valid, cfg, ctx.rng)
+        x = x + self.attn.out(o)
+        x = x + self.mlp(self.post_norm(x))
+        return LayerOutput(x, k, v, new_sel, image_attention, hr_mask)
+
+    def _hr_part(
+        self, q_sel: jax.Array, sel: Selection, ctx: LayerContext, hr_kv: tuple[jax.Array, jax.Array] | None
+    ) -> tuple[jax.Array, jax.Array]:
+        """Attention of the select rows over their selected HR keys: (output, lse)."""
+        all_tokens = self.cfg.hr_budget_tokens >= self.cfg.num_hr_tokens
+        if hr_kv is None:
+            if all_tokens:  # project all M once; rows share keys, the mask is the validity
+                k_hr, v_hr = self.attn.hr_kv(ctx.hr_features, ctx.hr_cos, ctx.hr_sin)
+            else:  # project only each row's K gathered tokens
+                feats = jax.vmap(lambda f, i: f[i])(ctx.hr_features, sel.index)  # (B, R, K, D)
+                cos = jax.vmap(lambda c, i: c[i])(ctx.hr_cos, sel.index)
+                sin = jax.vmap(lambda c, i: c[i])(ctx.hr_sin, sel.index)
+                k_hr, v_hr = self.attn.hr_kv(feats, cos, sin)
+        elif all_tokens:
+            k_hr, v_hr = hr_kv
+        else:
+            k_hr = jax.vmap(lambda f, i: f[i])(hr_kv[0], sel.index)
+            v_hr = jax.vmap(lambda f, i: f[i])(hr_kv[1], sel.index)
+        return hr_attention(q_sel, k_hr, v_hr, sel.valid)
+
+
+def layer_kind(cfg: ModelConfig, layer: int) -> int:
+    """PLAIN below the first selection layer, SELECT at it, HIERARCHICAL above (FlexAttention on)."""
+    if not cfg.flex.enabled or layer < cfg.flex.first_select_layer:
+        return PLAIN
+    return SELECT if layer == cfg.flex.first_select_layer else HIERARCHICAL
+
+
+def causal_mask(key_valid: Bool[Array, "B S"], write_index: jax.Array, num_rows: int) -> Bool[Array, "B T S"]:
+    """Rows at slots write_index + t see key slots <= their own that are valid."""
+    s = key_valid.shape[1]
+    q_slot = write_index + jnp.arange(num_rows)
+    return key_valid[:, None, :] & (jnp.arange(s)[None, None, :] <= q_slot[None, :, None])

@@ -1,0 +1,89 @@
+"""A tiny local tokenizer for tests and the demo (no downloads).
+
+Byte-level BPE (GPT-2 style pre-tokenizer, every one of the 256 bytes in the base alphabet, so any
+text tokenizes and decodes back exactly) trained on a small word list, so that the template words
+and the demo's questions and answers are single tokens. Special tokens, in this order:
+``<unk>=0, <s>=1, </s>=2, <pad>=3, <image>=4``. Encoding adds ``<s>`` at the start (like Llama).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from flexattn_jax import demo_data
+from flexattn_jax.preprocess import ROLES, SYSTEM_PROMPT, SYSTEM_PROMPT_VICUNA_V1
+
+UNK, BOS, EOS, PAD, IMAGE = "<unk>", "<s>", "</s>", "<pad>", "<image>"
+SPECIAL_TOKENS: tuple[str, ...] = (UNK, BOS, EOS, PAD, IMAGE)
+UNK_ID, BOS_ID, EOS_ID, PAD_ID, IMAGE_ID = range(5)
+
+
+def default_words() -> list[str]:
+    """Texts covering the LLaVA v1 templates and the demo's questions and answers."""
+    texts = [SYSTEM_PROMPT, SYSTEM_PROMPT_VICUNA_V1, f"{ROLES[0]}: ", f" {ROLES[1]}:", f" {ROLES[1]}: "]
+    texts += list(demo_data.QUESTIONS)
+    texts += [f"{ROLES[1]}: {a}" for a in demo_data.CLASSES]
+    texts += ["yes", "no", "the", "a", "an", "is", "what", "which", "image", "picture", "square", "pattern", "small",
+              "Answer the question using a single word or phrase.", "0 1 2 3 4 5 6 7 8 9"]
+    return texts
+
+
+def build_tokenizer(
+    words: Sequence[str] | None = None,
+    model_max_length: int = 2048,
+    padding_side: str = "left",
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on ``words`` (default :func:`default_words`) and wrap it for transformers.
+
+    Each entry is learnt both as is and with a leading space, so every word of it becomes one token.
+    The result is deterministic for a given word list.
+    """
+    words = list(default_words() if words is None else words)
+    corpus: list[str] = []
+    for w in words:
+        corpus += [w, " " + w]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=100_000,  # never reached: training stops when every pre-token is a single symbol
+        min_frequency=1,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    for i, name in enumerate(SPECIAL_TOKENS):
+        if tok.token_to_id(name) != i:
+            raise RuntimeError(f"special token {name!r} got id {tok.token_to_id(name)}, expected {i}")
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B:1", special_tokens=[(BOS, BOS_ID)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token=UNK,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        extra_special_tokens={"image_token": IMAGE},
+        model_max_length=model_max_length,
+        padding_side=padding_side,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, path: str | Path) -> Path:
+    """``save_pretrained`` into ``path`` (created); returns the directory."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """``AutoTokenizer.from_pretrained(path, local_files_only=True)``."""
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
