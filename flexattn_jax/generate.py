@@ -1,0 +1,219 @@
+"""Jitted batched generation: prefill + decode steps over an explicit KV cache pytree.
+
+The release's semantics (spec, "Generation with a KV cache"): at prefill the last prompt row is
+the select row; at each decode step the new token is the only row, hence the select row, in
+every layer: the first selection layer computes the mask from the new token's attention over the
+cached image columns, and the hierarchical layers attend to the cached keys plus the selected HR
+keys. Two HR K/V strategies (static):
+
+* ``'project'``: project the K selected HR tokens at every step (the release's way; cheap prefill,
+  O(K D Hkv d) per hierarchical layer per step);
+* ``'cache'``: project all M HR tokens once at prefill per hierarchical layer, gather K per step
+  (O(M D Hkv d) once, then no projection; memory Lh x M x Hkv x d x 2 per sample).
+
+Both give the same tokens: the projections are linear, only where they happen differs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from flexattn_jax import text as T
+from flexattn_jax.config import ModelConfig
+from flexattn_jax.model import (
+    HRContext,
+    KVCache,
+    embed_tokens,
+    encode,
+    hr_context,
+    logits_from_hidden,
+    merge_image_features,
+    positions_from_mask,
+    run_decoder,
+    default_select_rows,
+)
+
+HRStrategy = Literal["project", "cache"]
+
+
+class DecodeState(NamedTuple):
+    """Everything a decode step needs, as one pytree (donate it between steps)."""
+
+    cache: KVCache
+    hr: HRContext | None
+    hr_kv: tuple[jax.Array, jax.Array] | None  # (Lh, B, M, Hkv, d) each, with strategy 'cache'
+    next_position: Int[Array, " B"]
+
+
+class StepMaps(NamedTuple):
+    """Per layer, the select row's heads-summed attention over the LR image and its HR mask."""
+
+    image_attention: Float[Array, "L B G"]
+    hr_masks: Bool[Array, "L B M"]
+
+
+def empty_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
+    t = cfg.text
+    shape = (t.num_layers, batch, max_len, t.num_kv_heads, t.head_dim)
+    dt = jnp.dtype(cfg.dtype)
+    return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch, max_len), bool), jnp.int32(0))
+
+
+def project_all_hr(text_params: dict, cfg: ModelConfig, hr: HRContext) -> tuple[jax.Array, jax.Array]:
+    """Every hierarchical layer's HR keys (image RoPE applied) and values for all M tokens."""
+    first = cfg.flex.first_select_layer + 1
+    layers = jax.tree.map(lambda a: a[first:], text_params["layers"]["attn"])
+    attn = T.AttentionWeights(cfg)
+
+    def one(p):
+        return attn.apply({"params": p}, hr.features, hr.cos, hr.sin, method=T.AttentionWeights.hr_kv)
+
+    return jax.lax.map(one, layers)
+
+
+def _maps(out, batch: int, cfg: ModelConfig) -> StepMaps | None:
+    if out.image_attention is None:
+        return None
+    return StepMaps(out.image_attention[:, :, 0], out.hr_masks[:, :, 0])
+
+
+def prefill(
+    params: dict,
+    cfg: ModelConfig,
+    input_ids: Int[Array, "B T"],
+    pixel_values: Float[Array, "B H W C"] | None,
+    attention_mask: Bool[Array, "B T"],
+    margin: Int[Array, "B 2"] | None = None,
+    *,
+    max_len: int,
+    hr_strategy: HRStrategy = "project",
+) -> tuple[DecodeState, Float[Array, "B V"], StepMaps | None]:
+    """Run the (left-padded) prompt, fill the cache; return the state and the last row's logits."""
+    b, t = input_ids.shape
+    attention_mask = attention_mask.astype(bool)
+    positions = positions_from_mask(attention_mask)
+    x = embed_tokens(params["text"], cfg, input_ids)
+    hr = None
+    if pixel_values is not None:
+        feats, hr_feats = encode(params, cfg, pixel_values)
+        x = merge_image_features(x, input_ids, feats, cfg.image_token_id)
+        if hr_feats is not None:
+            hr = hr_context(cfg, hr_feats.astype(x.dtype), input_ids, positions, margin)
+    cache = empty_cache(cfg, b, max_len)
+    cache = cache._replace(valid=cache.valid.at[:, :t].set(attention_mask))
+    hr_kv = project_all_hr(params["text"], cfg, hr) if (hr is not None and hr_strategy == "cache") else None
+    rows, valid = default_select_rows(cfg, attention_mask) if hr is not None else (None, None)
+    if hr is not None and cfg.flex.hr_mode == "paper":
+        rows, valid = rows[:, -1:], valid[:, -1:]  # the cached path needs only the last row's maps
+        raise_if_paper_prefill(cfg)
+    out = run_decoder(
+        params["text"], cfg, x, positions, cache.valid, cache=cache, hr=hr, hr_kv=hr_kv,
+        select_rows=rows, select_valid=valid, collect_maps=hr is not None,
+    )
+    logits = logits_from_hidden(params["text"], cfg, out.x[:, -1:])[:, 0]
+    state = DecodeState(out.cache, hr, hr_kv, positions[:, -1] + 1)
+    return state, logits, _maps(out, b, cfg)
+
+
+def raise_if_paper_prefill(cfg: ModelConfig) -> None:
+    raise NotImplementedError("cached generation implements the release's semantics (flex.hr_mode='release')")
+
+
+def decode_step(
+    params: dict, cfg: ModelConfig, state: DecodeState, token: Int[Array, " B"]
+) -> tuple[DecodeState, Float[Array, "B V"], StepMaps | None]:
+    """One token per sample: it is the select row of every layer (per-step HR selection)."""
+    b = token.shape[0]
+    cache = state.cache
+    x = embed_tokens(params["text"], cfg, token[:, None])
+    valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((b, 1), bool), (0, cache.index))
+    cache = cache._replace(valid=valid)
+    rows = jnp.zeros((b, 1), jnp.int32)
+    out = run_decoder(
+        params["text"], cfg, x, state.next_position[:, None], valid, cache=cache, hr=state.hr, hr_kv=state.hr_kv,
+        select_rows=rows if state.hr is not None else None, select_valid=jnp.ones((b, 1), bool), collect_maps=state.hr is not None,
+    )
+    logits = logits_from_hidden(params["text"], cfg, out.x)[:, 0]
+    return state._replace(cache=out.cache, next_position=state.next_position + 1), logits, _maps(out, b, cfg)
+
+
+def sample_token(
+    logits: Float[Array, "B V"], rng: jax.Array | None, temperature: float, top_p: float
+) -> Int[Array, " B"]:
+    """Greedy when ``temperature == 0``; otherwise temperature + nucleus (top-p) sampling."""
+    if temperature == 0.0 or rng is None:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        keep_sorted = jnp.cumsum(probs, axis=-1) - probs < top_p  # always keeps the top token
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+class GenerateOutput(NamedTuple):
+    tokens: Int[Array, "B N"]  # generated ids; ``pad_token_id`` after EOS
+    lengths: Int[Array, " B"]  # tokens generated per sample, EOS included
+    step_logits: Float[Array, "N B V"] | None
+    prefill_maps: StepMaps | None
+    step_maps: StepMaps | None  # stacked over steps: (N, L, B, ...)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("cfg", "max_new_tokens", "max_len", "temperature", "top_p", "hr_strategy", "return_logits", "return_step_maps"),
+)
+def generate(
+    params: dict,
+    cfg: ModelConfig,
+    input_ids: Int[Array, "B T"],
+    pixel_values: Float[Array, "B H W C"] | None,
+    attention_mask: Bool[Array, "B T"],
+    margin: Int[Array, "B 2"] | None = None,
+    rng: jax.Array | None = None,
+    *,
+    max_new_tokens: int,
+    max_len: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    hr_strategy: HRStrategy = "project",
+    return_logits: bool = False,
+    return_step_maps: bool = False,
+) -> GenerateOutput:
+    """Prefill, then ``max_new_tokens`` decode steps in a ``lax.scan``; rows stop at EOS.
+
+    One compile per (batch, prompt bucket, ``max_new_tokens``) and static options.
+    """
+    b, t = input_ids.shape
+    max_len = max_len or t + max_new_tokens
+    if max_len < t + max_new_tokens:
+        raise ValueError(f"max_len={max_len} < prompt {t} + max_new_tokens {max_new_tokens}")
+    state, logits, maps0 = prefill(params, cfg, input_ids, pixel_values, attention_mask, margin, max_len=max_len, hr_strategy=hr_strategy)
+    keys = jax.random.split(rng, max_new_tokens) if rng is not None else None
+    eos, pad = cfg.eos_token_id, cfg.pad_token_id
+
+    def step(carry, i):
+        state, logits, done = carry
+        key = None if keys is None else keys[i]
+        tok = sample_token(logits, key, temperature, top_p)
+        tok = jnp.where(done, pad, tok)
+        new_done = done | (tok == eos)
+        new_state, new_logits, maps = decode_step(params, cfg, state, tok)
+        ys = (tok, logits if return_logits else None, maps if return_step_maps else None)
+        return (new_state, new_logits, new_done), ys
+
+    done0 = jnp.zeros((b,), bool)
+    (_, _, done), (tokens, step_logits, step_maps) = jax.lax.scan(step, (state, logits, done0), jnp.arange(max_new_tokens))
+    tokens = tokens.T
+    generated = (tokens != pad) | (jnp.cumsum(tokens == eos, axis=1) <= 1)
+    lengths = jnp.minimum(jnp.sum(jnp.cumsum(tokens == eos, axis=1) == 0, axis=1) + 1, max_new_tokens)
+    del generated, done
+    return GenerateOutput(tokens, lengths.astype(jnp.int32), step_logits, maps0, step_maps)
