@@ -10,11 +10,14 @@ four grey patterns (:data:`CLASSES`), drawn from 1-px-wide features with a perio
 Every pattern repeats with period 3 along both axes, so a 3x down-sampling whose filter has zeros at
 1/3 cycle per pixel (box-3; PyTorch/JAX antialiased bilinear, whose taps are ``[1,2,3,2,1]/9``; and,
 up to uint8 rounding, PIL's antialiased bicubic) turns the inside of every pattern into the same flat
-grey: intensities are set per class so that each pattern's mean is ``grey``. Only a thin rim where the
-pattern meets the frame leaks a little (the window there sees a partial period); the pattern's
-phase is random so that this rim is not a fixed per-class signature. At full resolution the classes
-are trivially separable. The coloured frame (``frame_px`` wide, a saturated colour unrelated to the
-class) keeps the object visible at low resolution, so the question is answerable only with HR detail.
+grey: intensities are set per class so that each pattern's mean is ``grey``. The pattern sits on the
+3-px grid of the (padded) image, so a box-3 down-sampling leaves no trace of it at all; the wider
+antialiased filters leak a little on a one-pixel rim where the pattern meets the frame (a window
+there sees a partial period: at most ~0.07 for bilinear, ~0.1 for PIL bicubic, against a 0.7 contrast
+at full resolution), and the pattern's phase is random so that the rim is no fixed per-class
+signature. At full resolution the classes are trivially separable. The coloured frame (``frame_px``
+wide, a saturated colour unrelated to the class) keeps the object visible at low resolution, so the
+question is answerable only with HR detail.
 """
 
 from __future__ import annotations
@@ -108,6 +111,7 @@ def make_sample(
     contrast: float = 0.7,
     aspect_jitter: float = 0.0,
     whole_periods: bool = True,
+    align: bool = True,
     cls: str | None = None,
 ) -> tuple[Image.Image, str, str, dict[str, Any]]:
     """One sample: ``(image, question, answer, meta)``.
@@ -115,9 +119,11 @@ def make_sample(
     The image is ``hr_size`` square, or with ``aspect_jitter > 0`` one side shortened by a random
     fraction up to ``aspect_jitter`` (to exercise padding). ``obj_px`` is the side (or inclusive range)
     of the patterned square; with ``whole_periods`` only multiples of 3 are drawn, so each pattern has
-    exactly the same mean. ``cls`` forces the class without changing the other random draws.
-    ``meta`` holds the class, its index, the pattern and frame boxes (x0, y0, x1, y1, half-open),
-    the size, phase, frame colour, question index and image size.
+    exactly the same mean. ``align`` puts the pattern on the 3-px grid of the padded square, where a
+    box-3 down-sampling leaves no trace of it and the antialiased bilinear one the least. ``cls``
+    forces the class without changing the other random draws. ``meta`` holds the class, its index,
+    the pattern and frame boxes (x0, y0, x1, y1, half-open), the size, phase, frame colour, question
+    index and image size.
     """
     label = int(rng.integers(len(CLASSES)))
     if cls is not None:
@@ -142,6 +148,11 @@ def make_sample(
     img = _background(rng, width, height)
     x0 = int(rng.integers(margin, width - total - margin + 1))
     y0 = int(rng.integers(margin, height - total - margin + 1))
+    if align:  # put the pattern's origin on the 3-px grid of the padded square (the LR pixel grid)
+        side = max(width, height)
+        pad_x, pad_y = (side - width) // 2, (side - height) // 2
+        x0 = _snap(x0, pad_x + frame_px, margin, width - total - margin)
+        y0 = _snap(y0, pad_y + frame_px, margin, height - total - margin)
     phase = (int(rng.integers(PERIOD)), int(rng.integers(PERIOD)))
     color = FRAME_COLORS[int(rng.integers(len(FRAME_COLORS)))]
     img[y0 : y0 + total, x0 : x0 + total] = np.asarray(color) / 255.0
@@ -161,6 +172,14 @@ def make_sample(
         "size": [width, height],
     }
     return image, QUESTIONS[q_index], name, meta
+
+
+def _snap(pos: int, offset: int, lo: int, hi: int) -> int:
+    """The position nearest ``pos`` in [lo, hi] with ``(pos + offset) % PERIOD == 0``."""
+    cands = [p for p in range(lo, hi + 1) if (p + offset) % PERIOD == 0]
+    if not cands:
+        return pos
+    return min(cands, key=lambda p: (abs(p - pos), p))
 
 
 def make_split(seed: int, n: int, hr_size: int = 168, **kwargs: Any) -> list[tuple[Image.Image, str, str, dict[str, Any]]]:

@@ -64,6 +64,8 @@ def to_rgb(img: Image.Image, alpha: Literal["drop", "white"] = "drop") -> Image.
     ``'white'`` composites onto white. 16-bit modes (``I;16*``, and ``I`` with values > 255) are
     scaled by 1/257 to 8 bits; ``F`` images in [0, 1] are scaled by 255 (PIL would clip instead).
     """
+    if alpha not in ("drop", "white"):
+        raise PreprocessError(f"alpha={alpha!r}: use 'drop' or 'white'")
     mode = img.mode
     if mode == "RGB":
         return img
@@ -75,18 +77,16 @@ def to_rgb(img: Image.Image, alpha: Literal["drop", "white"] = "drop") -> Image.
             arr = arr * 255.0
         grey = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
         return grey.convert("RGB")
-    has_alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or (mode == "P" and "transparency" in img.info)
+    if mode == "La":  # premultiplied: PIL converts it to LA only
+        img, mode = img.convert("LA"), "LA"
+    has_alpha = mode in ("RGBA", "RGBa", "LA", "PA") or (mode == "P" and "transparency" in img.info)
     try:
         if has_alpha and alpha == "white":
             rgba = img.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(background, rgba).convert("RGB")
-        if alpha not in ("drop", "white"):
-            raise PreprocessError(f"alpha={alpha!r}: use 'drop' or 'white'")
         return img.convert("RGB")
     except (ValueError, OSError) as e:
-        if isinstance(e, PreprocessError):
-            raise
         raise PreprocessError(f"cannot convert an image of mode {mode!r} to RGB: {e}") from e
 
 

@@ -139,7 +139,10 @@ def select_hr_tokens(
     cfg: ModelConfig,
     rng: jax.Array | None = None,
 ) -> tuple[Selection, Bool[Array, "B R M"]]:
-    """Selection for each select row: (top-k padded indices, full boolean mask over M)."""
+    """Selection for each select row: (top-k padded indices, the boolean mask over M they make).
+
+    The returned mask is what the row attends to: the release's mask, truncated to the budget.
+    """
     b, r, _ = image_attention.shape
     mode = cfg.flex.selection
     if mode == "attention":
@@ -153,4 +156,9 @@ def select_hr_tokens(
         mask = jnp.ones((b, r, cfg.num_hr_tokens), bool)
         score = jnp.ones(mask.shape, jnp.float32)
     mask = mask & row_valid[..., None]
-    return top_k_pad(mask, score, cfg.hr_budget_tokens), mask
+    sel = top_k_pad(mask, score, cfg.hr_budget_tokens)
+    if cfg.hr_budget_tokens < cfg.num_hr_tokens:
+        rows = jnp.zeros(mask.shape, bool)
+        b_idx, r_idx = jnp.arange(b)[:, None, None], jnp.arange(r)[None, :, None]
+        mask = rows.at[b_idx, r_idx, sel.index].max(sel.valid)
+    return sel, mask

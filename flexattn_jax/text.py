@@ -269,7 +269,10 @@ class DecoderLayer(nn.Module):
                 o = _scatter_rows(o, rows, valid, blended)
             g2 = cfg.lr_grid**2
             k_img = jax.vmap(lambda kb, s: jax.lax.dynamic_slice_in_dim(kb, s, g2, axis=0))(keys, ctx.image_slot)
-            image_attention = jnp.sum(row_probabilities(q_sel, k_img, lse_sel), axis=2)  # (B, R, G)
+            probs = row_probabilities(q_sel, k_img, lse_sel)  # (B, R, H, G)
+            img_slots = ctx.image_slot[:, None, None] + jnp.arange(g2)  # causal: rows before the image see none of it
+            visible = img_slots <= (ctx.write_index + rows)[..., None]
+            image_attention = jnp.where(visible, jnp.sum(probs, axis=2), 0.0)  # (B, R, G)
             new_sel, hr_mask = select_hr_tokens(image_attention, ctx.margin, valid, cfg, ctx.rng)
         x = x + self.attn.out(o)
         x = x + self.mlp(self.post_norm(x))
