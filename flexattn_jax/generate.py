@@ -76,10 +76,10 @@ def project_all_hr(text_params: dict, cfg: ModelConfig, hr: HRContext) -> tuple[
     return jax.lax.map(one, layers)
 
 
-def _maps(out, batch: int, cfg: ModelConfig) -> StepMaps | None:
+def _maps(out) -> StepMaps | None:
     if out.image_attention is None:
         return None
-    return StepMaps(out.image_attention[:, :, 0], out.hr_masks[:, :, 0])
+    return StepMaps(out.image_attention[:, :, -1], out.hr_masks[:, :, -1])  # the last row: the one being predicted
 
 
 def prefill(
@@ -92,6 +92,7 @@ def prefill(
     *,
     max_len: int,
     hr_strategy: HRStrategy = "project",
+    rng: jax.Array | None = None,
 ) -> tuple[DecodeState, Float[Array, "B V"], StepMaps | None]:
     """Run the (left-padded) prompt, fill the cache; return the state and the last row's logits."""
     b, t = input_ids.shape
@@ -108,24 +109,17 @@ def prefill(
     cache = cache._replace(valid=cache.valid.at[:, :t].set(attention_mask))
     hr_kv = project_all_hr(params["text"], cfg, hr) if (hr is not None and hr_strategy == "cache") else None
     rows, valid = default_select_rows(cfg, attention_mask) if hr is not None else (None, None)
-    if hr is not None and cfg.flex.hr_mode == "paper":
-        rows, valid = rows[:, -1:], valid[:, -1:]  # the cached path needs only the last row's maps
-        raise_if_paper_prefill(cfg)
     out = run_decoder(
         params["text"], cfg, x, positions, cache.valid, cache=cache, hr=hr, hr_kv=hr_kv,
-        select_rows=rows, select_valid=valid, collect_maps=hr is not None,
+        select_rows=rows, select_valid=valid, rng=rng, collect_maps=hr is not None,
     )
     logits = logits_from_hidden(params["text"], cfg, out.x[:, -1:])[:, 0]
     state = DecodeState(out.cache, hr, hr_kv, positions[:, -1] + 1)
-    return state, logits, _maps(out, b, cfg)
-
-
-def raise_if_paper_prefill(cfg: ModelConfig) -> None:
-    raise NotImplementedError("cached generation implements the release's semantics (flex.hr_mode='release')")
+    return state, logits, _maps(out)
 
 
 def decode_step(
-    params: dict, cfg: ModelConfig, state: DecodeState, token: Int[Array, " B"]
+    params: dict, cfg: ModelConfig, state: DecodeState, token: Int[Array, " B"], rng: jax.Array | None = None
 ) -> tuple[DecodeState, Float[Array, "B V"], StepMaps | None]:
     """One token per sample: it is the select row of every layer (per-step HR selection)."""
     b = token.shape[0]
@@ -136,10 +130,11 @@ def decode_step(
     rows = jnp.zeros((b, 1), jnp.int32)
     out = run_decoder(
         params["text"], cfg, x, state.next_position[:, None], valid, cache=cache, hr=state.hr, hr_kv=state.hr_kv,
-        select_rows=rows if state.hr is not None else None, select_valid=jnp.ones((b, 1), bool), collect_maps=state.hr is not None,
+        select_rows=rows if state.hr is not None else None, select_valid=jnp.ones((b, 1), bool), rng=rng,
+        collect_maps=state.hr is not None,
     )
     logits = logits_from_hidden(params["text"], cfg, out.x)[:, 0]
-    return state._replace(cache=out.cache, next_position=state.next_position + 1), logits, _maps(out, b, cfg)
+    return state._replace(cache=out.cache, next_position=state.next_position + 1), logits, _maps(out)
 
 
 def sample_token(
@@ -196,7 +191,12 @@ def generate(
     max_len = max_len or t + max_new_tokens
     if max_len < t + max_new_tokens:
         raise ValueError(f"max_len={max_len} < prompt {t} + max_new_tokens {max_new_tokens}")
-    state, logits, maps0 = prefill(params, cfg, input_ids, pixel_values, attention_mask, margin, max_len=max_len, hr_strategy=hr_strategy)
+    sel_rng = None
+    if cfg.flex.enabled and cfg.flex.selection == "random":  # the ablation draws its masks from rng (default key 0)
+        sel_rng = jax.random.fold_in(rng if rng is not None else jax.random.key(0), 1 << 20)
+    state, logits, maps0 = prefill(
+        params, cfg, input_ids, pixel_values, attention_mask, margin, max_len=max_len, hr_strategy=hr_strategy, rng=sel_rng
+    )
     keys = jax.random.split(rng, max_new_tokens) if rng is not None else None
     eos, pad = cfg.eos_token_id, cfg.pad_token_id
 
@@ -206,14 +206,14 @@ def generate(
         tok = sample_token(logits, key, temperature, top_p)
         tok = jnp.where(done, pad, tok)
         new_done = done | (tok == eos)
-        new_state, new_logits, maps = decode_step(params, cfg, state, tok)
+        step_rng = None if sel_rng is None else jax.random.fold_in(sel_rng, i + 1)
+        new_state, new_logits, maps = decode_step(params, cfg, state, tok, step_rng)
         ys = (tok, logits if return_logits else None, maps if return_step_maps else None)
         return (new_state, new_logits, new_done), ys
 
     done0 = jnp.zeros((b,), bool)
     (_, _, done), (tokens, step_logits, step_maps) = jax.lax.scan(step, (state, logits, done0), jnp.arange(max_new_tokens))
     tokens = tokens.T
-    generated = (tokens != pad) | (jnp.cumsum(tokens == eos, axis=1) <= 1)
     lengths = jnp.minimum(jnp.sum(jnp.cumsum(tokens == eos, axis=1) == 0, axis=1) + 1, max_new_tokens)
-    del generated, done
+    del done
     return GenerateOutput(tokens, lengths.astype(jnp.int32), step_logits, maps0, step_maps)

@@ -197,7 +197,7 @@ def run_decoder(
     num_layers = t_cfg.num_layers
     first_hier = cfg.flex.first_select_layer + 1
 
-    def run_layer(kind: int, x, sel, p, ck_i, cv_i, hkv_i):
+    def run_layer(kind: int, ctx, x, sel, p, ck_i, cv_i, hkv_i):
         out = layer.apply({"params": p}, x, ctx, sel, None if ck_i is None else (ck_i, cv_i), hkv_i, kind)
         r_shape = (b, ctx.select_rows.shape[1])
         sel_out = out.selection if out.selection is not None else sel
@@ -212,7 +212,8 @@ def run_decoder(
         """One layer, with ``kind`` static (an int) or switched on the traced layer index ``i``."""
         ck_i = None if ck is None else jax.lax.dynamic_index_in_dim(ck, i, keepdims=False)
         cv_i = None if cv is None else jax.lax.dynamic_index_in_dim(cv, i, keepdims=False)
-        args = (x, sel, p, ck_i, cv_i, hkv_i)
+        layer_ctx = ctx if ctx.rng is None else ctx._replace(rng=jax.random.fold_in(ctx.rng, i))  # a new draw per layer
+        args = (layer_ctx, x, sel, p, ck_i, cv_i, hkv_i)
         if kind is not None:
             x, sel, k, v, att, msk = run_layer(kind, *args)
         else:

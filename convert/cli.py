@@ -1,0 +1,96 @@
+"""Command line: ``python -m convert SRC OUT ...`` (PyTorch -> ours) and ``python -m convert export CONVERTED OUT_HF``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from convert.reader import ConvertError
+from flexattn_jax.config import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+_DESCRIPTION = """\
+Convert a PyTorch LLaVA-1.5 / FlexAttention checkpoint directory into flexattn-jax parameters:
+OUT/params (orbax), OUT/metadata.json (model config, converter version, source layout) and the
+tokenizer files. Layouts, detected from config.json and the key names: llava-hf saved by
+transformers 4.x or 5.x, the original LLaVA-1.5 (LlavaLlamaForCausalLM; the CLIP tower comes from
+--vision-tower unless the checkpoint holds it) and the FlexAttention release (original + k/v_proj_hd
+and config 'extra'). Weights: model.safetensors, sharded safetensors with an index, or
+pytorch_model*.bin (loaded with torch.load(weights_only=True)). Every parameter is shape-checked;
+any missing, unexpected or misshaped tensor aborts with one error listing them all, and no output
+directory is left behind.
+
+The reverse direction: `%(prog)s export CONVERTED OUT_HF [--layout hf5|hf4|original]`."""
+
+
+def build_parser(prog: str = "python -m convert") -> argparse.ArgumentParser:
+    """The parser of the import command (``SRC OUT``)."""
+    p = argparse.ArgumentParser(prog=prog, description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", metavar="SRC", help="PyTorch checkpoint directory (config.json + weights)")
+    p.add_argument("out", metavar="OUT", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--vision-tower", metavar="DIR", help="CLIP directory for the original/FlexAttention layouts "
+                   "(default: mm_vision_tower when it is a local directory)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter dtype of the output (default: float32)")
+    p.add_argument("--mesh", metavar="SPEC", help="place the params sharded before saving, e.g. data=1,fsdp=8,tensor=1")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set flex.hr_budget=0.25 (repeatable)")
+    p.add_argument("--to-hf", metavar="OUT_HF", help="also export the converted params to a HF directory")
+    p.add_argument("--layout", choices=("hf5", "hf4", "original"), default="hf5", help="layout for --to-hf (default: hf5)")
+    p.add_argument("--image-token-id", type=int, help="image token id for a llava-hf export of an original checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT / OUT_HF if they exist")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def build_export_parser(prog: str = "python -m convert export") -> argparse.ArgumentParser:
+    """The parser of the export command (``CONVERTED OUT_HF``)."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Export a converted directory back to a HF checkpoint (config.json + model.safetensors) that "
+        "transformers' LlavaForConditionalGeneration loads (hf5/hf4), or to the original LLaVA layout.",
+    )
+    p.add_argument("converted", metavar="CONVERTED", help="a directory written by the converter")
+    p.add_argument("out", metavar="OUT_HF", help="output directory")
+    p.add_argument("--layout", choices=("hf5", "hf4", "original"), default="hf5", help="key layout (default: hf5)")
+    p.add_argument("--dtype", choices=DTYPES, help="cast the tensors (default: as stored)")
+    p.add_argument("--image-token-id", type=int, help="image token id for a llava-hf export of an original checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_HF if it exists")
+    return p
+
+
+def _export(converted: str, out: str, layout: str, dtype: str | None, image_token_id: int | None, overwrite: bool) -> None:
+    from convert.export import export_hf
+    from convert.io import load_converted
+
+    params, cfg = load_converted(converted, dtype=dtype)
+    export_hf(params, cfg, out, layout=layout, image_token_id=image_token_id, tokenizer_dir=converted, overwrite=overwrite)
+    print(f"wrote {out} (layout {layout}, {cfg.param_dtype})")
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m convert") -> int:
+    """Run the converter CLI; returns the exit status (2 on a conversion error, with the message on stderr)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["export"]:
+            a = build_export_parser(prog + " export").parse_args(argv[1:])
+            _export(a.converted, a.out, a.layout, a.dtype, a.image_token_id, a.overwrite)
+            return 0
+        a = build_parser(prog).parse_args(argv)
+        from convert.io import convert_checkpoint, read_metadata
+
+        out = convert_checkpoint(a.src, a.out, vision_tower=a.vision_tower, dtype=a.dtype, mesh=a.mesh,
+                                 overrides=a.overrides, overwrite=a.overwrite, progress=not a.no_progress)
+        meta = read_metadata(out)
+        print(f"wrote {out} (source layout {meta['source_layout']}, {meta['num_params']:,} params, {meta['param_dtype']})")
+        if a.to_hf:
+            _export(str(out), a.to_hf, a.layout, None, a.image_token_id, a.overwrite)
+        return 0
+    except (ConvertError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""PyTorch checkpoint directory -> our parameter tree (numpy), strictly checked, one tensor at a time."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from convert.mapping import BY_OURS, Rule, Target, canonical, export_name, is_ignored, lookup, to_ours, torch_shape
+from convert.reader import ConvertError, TensorInfo, checkpoint_files, open_file
+from flexattn_jax.config import ConfigError, ModelConfig, apply_overrides, detect_layout, from_hf_config
+from flexattn_jax.params import abstract_params, flatten, unflatten
+
+IN_CHECKPOINT_VISION = "model.vision_tower.vision_tower.vision_model."
+MAX_LISTED = 40  # per problem kind, in the error message
+
+
+@dataclass
+class Source:
+    """The tensors of one checkpoint directory and how to read their names."""
+
+    label: str
+    directory: Path
+    layouts: list[str]
+    ignore: tuple[str, ...]
+    keys: dict[Path, dict[str, TensorInfo]]
+
+
+@dataclass
+class Converted:
+    """What :func:`read_checkpoint` returns: the numpy parameter tree and where it came from."""
+
+    params: dict
+    cfg: ModelConfig
+    layout: str  # 'hf4' | 'hf5' | 'original' | 'flexattn'
+    source: Path
+    vision_source: Path | None
+
+
+def _scan(label: str, directory: Path, layouts: list[str], ignore: tuple[str, ...], problems: list[str]) -> Source:
+    files, weight_map = checkpoint_files(directory)
+    keys: dict[Path, dict[str, TensorInfo]] = {}
+    for path in files:
+        with open_file(path) as f:
+            keys[path] = f.keys()
+    if weight_map is not None:
+        for key, shard in weight_map.items():
+            if key not in keys[directory / shard]:
+                problems.append(f"index lists {key!r} in {directory / shard}, but that shard does not contain it")
+    return Source(label, directory, layouts, ignore, keys)
+
+
+def _vision_dir(src: Path, config: dict[str, Any], vision_tower: str | Path | None) -> Path | None:
+    if vision_tower is not None:
+        path = Path(vision_tower)
+        if not (path / "config.json").exists():
+            raise ConvertError(f"--vision-tower {path}: no config.json there (expected a CLIPVisionModel/CLIPModel directory)")
+        return path
+    tower = config.get("mm_vision_tower")
+    if tower:
+        for cand in (src / tower, Path(tower)):
+            if (cand / "config.json").exists():
+                return cand
+    return None
+
+
+def _listing(kind: str, items: list[str]) -> list[str]:
+    if not items:
+        return []
+    shown = items[:MAX_LISTED]
+    more = [f"    ... and {len(items) - MAX_LISTED} more"] if len(items) > MAX_LISTED else []
+    return [f"  {kind} ({len(items)}):"] + [f"    {s}" for s in shown] + more
+
+
+def plan(cfg: ModelConfig, sources: list[Source], export_layout: str) -> dict[tuple[str, int | None], tuple[Path, str, Rule]]:
+    """Assign every target leaf (slice) one source tensor; raise one :class:`ConvertError` listing all problems."""
+    abstract = flatten(abstract_params(cfg))
+    found: dict[tuple[str, int | None], tuple[Path, str, Rule]] = {}
+    unexpected: list[str] = []
+    shapes: list[str] = []
+    dupes: list[str] = []
+    misshaped: set[tuple[str, int | None]] = set()
+    for source in sources:
+        for path, infos in source.keys.items():
+            for key, info in infos.items():
+                if is_ignored(key, source.ignore):
+                    continue
+                name = canonical(key, source.layouts)
+                target: Target | None = None if name is None else lookup(name)
+                if target is not None and target.leaf == "text/lm_head/kernel" and cfg.text.tie_word_embeddings:
+                    continue  # tied: lm_head is embed_tokens
+                leaf = None if target is None else abstract.get(target.leaf)
+                why = ""
+                if target is not None and leaf is None and target.leaf.startswith("text/layers/attn/") and "_hr" in target.leaf:
+                    why = " (FlexAttention weights, but config.json has no 'extra' with zoom_ratio)"
+                if target is not None and leaf is not None and target.rule.stacked and target.index >= leaf.shape[0]:
+                    why = f" (layer {target.index}, but the config has {leaf.shape[0]} layers)"
+                    leaf = None
+                if target is None or leaf is None:
+                    unexpected.append(f"{path}: {key} {list(info.shape)}{why}")
+                    continue
+                want = torch_shape(target.rule.kind, leaf.shape[1:] if target.rule.stacked else leaf.shape)
+                if tuple(info.shape) != want:
+                    shapes.append(f"{path}: {key}: expected {list(want)}, found {list(info.shape)}")
+                    misshaped.add((target.leaf, target.index))
+                    continue
+                slot = (target.leaf, target.index)
+                if slot in found:
+                    other_path, other_key, _ = found[slot]
+                    dupes.append(f"{key} ({path}) and {other_key} ({other_path}) are both {target.leaf}[{target.index}]")
+                    continue
+                found[slot] = (path, key, target.rule)
+    missing: list[str] = []
+    for leaf, sds in abstract.items():
+        rule = BY_OURS[leaf]
+        for idx in range(sds.shape[0]) if rule.stacked else [None]:
+            if (leaf, idx) not in found and (leaf, idx) not in misshaped:
+                shape = torch_shape(rule.kind, sds.shape[1:] if rule.stacked else sds.shape)
+                where = f"{leaf}[{idx}]" if rule.stacked else leaf
+                missing.append(f"{export_name(rule, idx, export_layout, cfg)} {list(shape)} (-> {where})")
+    lines = _listing("missing", missing) + _listing("unexpected", unexpected) + _listing("wrong shape", shapes)
+    lines += _listing("duplicate", dupes)
+    if lines:
+        dirs = ", ".join(str(s.directory) for s in sources)
+        raise ConvertError(f"cannot convert {dirs}: the tensors do not match the config:\n" + "\n".join(lines))
+    return found
+
+
+def read_checkpoint(
+    src: str | Path,
+    vision_tower: str | Path | None = None,
+    dtype: str = "float32",
+    overrides: list[str] | dict[str, Any] | None = None,
+    progress: bool = True,
+) -> Converted:
+    """Read a llava-hf (4.x/5.x), original LLaVA-1.5 or FlexAttention checkpoint into our numpy tree.
+
+    ``vision_tower`` is the CLIP directory of the original layouts (default: ``mm_vision_tower`` when
+    it is a local directory; unused for weights when the checkpoint holds the vision tower itself).
+    """
+    src = Path(src)
+    if not (src / "config.json").exists():
+        raise ConvertError(f"{src}: no config.json (expected a checkpoint directory)")
+    try:
+        config = json.loads((src / "config.json").read_text())
+        kind = detect_layout(config)
+    except (json.JSONDecodeError, ConfigError) as e:
+        raise ConvertError(f"{src / 'config.json'}: {e}") from e
+    problems: list[str] = []
+    vision_dir = None
+    if kind == "llava-hf":
+        main = _scan("checkpoint", src, ["hf5", "hf4"], (), problems)
+        hf5 = any(k.startswith("model.") for infos in main.keys.values() for k in infos)
+        layout = "hf5" if hf5 else "hf4"
+        sources = [main]
+    else:
+        layout = "original" if kind == "llava-original" else "flexattn"
+        main = _scan("checkpoint", src, ["original"], (), problems)
+        sources = [main]
+        vision_dir = _vision_dir(src, config, vision_tower)
+        inside = any(k.startswith(IN_CHECKPOINT_VISION) for infos in main.keys.values() for k in infos)
+        if not inside:
+            if vision_dir is None:
+                raise ConvertError(
+                    f"{src}: the vision tower is not inside this checkpoint and mm_vision_tower="
+                    f"{config.get('mm_vision_tower')!r} is not a local directory; pass --vision-tower DIR "
+                    "(a CLIPVisionModel or CLIPModel save_pretrained directory)"
+                )
+            sources.append(_scan("vision tower", vision_dir, ["clip"], ("clip",), problems))
+    try:
+        cfg = from_hf_config(src / "config.json", vision_config=vision_dir)
+        cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
+        if overrides:
+            cfg = apply_overrides(cfg, overrides)
+    except ConfigError as e:
+        raise ConvertError(f"{src / 'config.json'}: {e}") from e
+    if problems:
+        raise ConvertError(f"cannot convert {src}:\n" + "\n".join(f"  {p}" for p in problems))
+    found = plan(cfg, sources, "original" if layout == "flexattn" else layout)
+    params = fill(cfg, found, progress)
+    used_vision = vision_dir if len(sources) > 1 else None
+    return Converted(params=params, cfg=cfg, layout=layout, source=src, vision_source=used_vision)
+
+
+def fill(cfg: ModelConfig, found: dict[tuple[str, int | None], tuple[Path, str, Rule]], progress: bool = True) -> dict:
+    """Preallocate every leaf and fill it, reading one tensor at a time, file by file."""
+    abstract = flatten(abstract_params(cfg))
+    dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+    out = {leaf: np.empty(s.shape, dtype) for leaf, s in abstract.items()}
+    by_file: dict[Path, list[tuple[str, str, int | None, Rule]]] = {}
+    for (leaf, idx), (path, key, rule) in found.items():
+        by_file.setdefault(path, []).append((key, leaf, idx, rule))
+    with tqdm(total=len(found), desc="converting", unit="tensor", disable=not progress) as bar:
+        for path, items in by_file.items():
+            with open_file(path) as f:
+                for key, leaf, idx, rule in items:
+                    x = to_ours(rule.kind)(f.read(key))
+                    dst = out[leaf] if idx is None else out[leaf][idx]
+                    np.copyto(dst, x, casting="unsafe")
+                    del x
+                    bar.update(1)
+    return unflatten(out)

@@ -1,0 +1,184 @@
+"""Converted checkpoints on disk: ``OUT/params`` (orbax), ``OUT/metadata.json`` and the tokenizer files.
+
+:func:`convert_checkpoint` writes into a temporary sibling directory and renames it at the end, so a
+failed conversion leaves no output directory. :func:`load_converted` restores with an abstract target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from convert.importer import read_checkpoint
+from convert.reader import ConvertError
+from flexattn_jax.config import ModelConfig
+from flexattn_jax.params import abstract_params
+
+CONVERTER_VERSION = "1.0.0"
+FORMAT = "flexattn-jax-params"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
+)
+
+
+def _shardings_for(abstract: dict, sharding: Any) -> Any:
+    """A pytree of shardings for ``abstract`` from None / one Sharding / a Mesh / a pytree of shardings."""
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda _: sharding, abstract)
+    if isinstance(sharding, jax.sharding.Mesh):
+        return _param_shardings(abstract, sharding)
+    return sharding
+
+
+def _param_shardings(abstract: dict, mesh: jax.sharding.Mesh) -> Any:
+    try:
+        from flexattn_jax.sharding import param_shardings
+    except ImportError as e:
+        raise ConvertError("sharded placement needs flexattn_jax.sharding.param_shardings, which this install lacks") from e
+    return param_shardings(abstract, mesh)
+
+
+def _mesh(spec: str) -> jax.sharding.Mesh:
+    try:
+        from flexattn_jax.sharding import make_mesh
+    except ImportError as e:
+        raise ConvertError("--mesh needs flexattn_jax.sharding.make_mesh, which this install lacks") from e
+    return make_mesh(spec)
+
+
+def place(params: dict, mesh: str | jax.sharding.Mesh) -> dict:
+    """Put a numpy tree onto ``mesh`` (a Mesh or a spec like ``data=1,fsdp=8,tensor=1``), leaf by leaf."""
+    mesh = _mesh(mesh) if isinstance(mesh, str) else mesh
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    shardings = _param_shardings(abstract, mesh)
+    return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    """A synchronous PyTree checkpointer that neither copies host arrays nor compresses.
+
+    Orbax's default numpy handler deep-copies every array before writing and zstd keeps the
+    compressed chunks of all arrays in flight: together about 2x the model on top of the output.
+    Without both, peak host memory while saving stays at the output itself.
+    """
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, ocp.type_handlers.ArrayHandler()),
+    )
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False))
+
+
+def save_params(params: dict, path: Path) -> None:
+    """Save a parameter tree (numpy or jax arrays) with orbax at ``path`` (which must not exist)."""
+    with _checkpointer() as ckptr:
+        ckptr.save(Path(path).resolve(), args=ocp.args.PyTreeSave(params))
+
+
+def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer / processor files present in ``src`` to ``dst``; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def convert_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    vision_tower: str | Path | None = None,
+    dtype: str = "float32",
+    mesh: str | jax.sharding.Mesh | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert a PyTorch checkpoint directory into ``out`` (orbax params + metadata.json + tokenizer)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConvertError(f"{out} already exists (pass --overwrite to replace it)")
+    converted = read_checkpoint(src, vision_tower=vision_tower, dtype=dtype, overrides=overrides, progress=progress)
+    params = converted.params
+    if mesh is not None:
+        params = place(params, mesh)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_params(params, tmp / "params")
+        meta = {
+            "format": FORMAT,
+            "converter_version": CONVERTER_VERSION,
+            "source_layout": converted.layout,
+            "source": str(Path(src).resolve()),
+            "vision_source": None if converted.vision_source is None else str(converted.vision_source.resolve()),
+            "param_dtype": converted.cfg.param_dtype,
+            "num_params": int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))),
+            "model_config": converted.cfg.to_dict(),
+        }
+        meta["tokenizer_files"] = copy_tokenizer(Path(src), tmp)
+        (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(old / out.name)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_metadata(directory: str | Path) -> dict[str, Any]:
+    """``metadata.json`` of a converted directory (checked to be one)."""
+    path = Path(directory) / "metadata.json"
+    if not path.exists():
+        raise ConvertError(f"{directory}: no metadata.json (not a directory written by the converter)")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT or "model_config" not in meta:
+        raise ConvertError(f"{path}: not converter metadata (format {meta.get('format')!r})")
+    return meta
+
+
+def load_converted(directory: str | Path, dtype: str | None = None, sharding: Any = None) -> tuple[dict, ModelConfig]:
+    """Restore ``(params, cfg)`` from a converted directory.
+
+    ``dtype`` casts the parameters (and sets ``cfg.param_dtype``/``cfg.dtype``). ``sharding`` is None
+    (first device), one ``jax.sharding.Sharding`` for every leaf, a ``Mesh`` (placed by
+    ``flexattn_jax.sharding.param_shardings``) or a pytree of shardings matching the params.
+    """
+    meta = read_metadata(directory)
+    cfg = ModelConfig.from_dict(meta["model_config"])
+    if dtype is not None:
+        cfg = dataclasses.replace(cfg, param_dtype=dtype, dtype=dtype)
+    abstract = abstract_params(cfg)
+    shardings = _shardings_for(abstract, sharding)
+    dt = jnp.dtype(cfg.param_dtype)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dt, sharding=s), abstract, shardings)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    with _checkpointer() as ckptr:
+        args = ocp.args.PyTreeRestore(target, restore_args=restore_args)
+        params = ckptr.restore((Path(directory) / "params").resolve(), args=args)
+    return params, cfg
