@@ -94,7 +94,7 @@ def _generate(argv: list[str]) -> int:
         print(a.text)
     else:
         out = open(args.output, "w") if args.output else sys.stdout
-        for req, a in zip(requests, answers):
+        for req, a in zip(requests, answers, strict=False):
             out.write(json.dumps({"image": str(req.image), "prompt": req.prompt, "answer": a.text, "error": a.error}) + "\n")
         if args.output:
             out.close()

@@ -112,7 +112,7 @@ def run(out_dir: str | Path = "demo_out", seed: int = 0, n_test: int = 32, quick
     for name, mode_cfg in modes.items():
         stats: dict = {}
         answers = answer(params, mode_cfg, tokenizer, requests, batch_size=8, max_new_tokens=3, progress=progress, stats=stats)
-        correct = sum(a.text is not None and a.text.split()[:1] == [truth] for a, (_, _, truth, _) in zip(answers, items))
+        correct = sum(a.text is not None and a.text.split()[:1] == [truth] for a, (_, _, truth, _) in zip(answers, items, strict=False))
         report["modes"][name] = {"accuracy": correct / len(items), "seconds": stats["seconds"], "tokens_per_s": stats["tokens_per_s"]}
         if name == "flexattention":
             flex_answers = answers

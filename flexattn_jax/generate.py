@@ -28,6 +28,7 @@ from flexattn_jax.config import ModelConfig
 from flexattn_jax.model import (
     HRContext,
     KVCache,
+    default_select_rows,
     embed_tokens,
     encode,
     hr_context,
@@ -35,7 +36,6 @@ from flexattn_jax.model import (
     merge_image_features,
     positions_from_mask,
     run_decoder,
-    default_select_rows,
 )
 
 HRStrategy = Literal["project", "cache"]

@@ -64,7 +64,7 @@ def check_image_tokens(cfg: ModelConfig, input_ids: np.ndarray, num_images: np.n
     ids = np.asarray(input_ids)
     counts = (ids == cfg.image_token_id).sum(axis=1)
     want = np.broadcast_to(np.asarray(num_images), counts.shape) * cfg.num_image_tokens
-    for b, (got, exp) in enumerate(zip(counts, want)):
+    for b, (got, exp) in enumerate(zip(counts, want, strict=False)):
         if got != exp:
             raise ValueError(
                 f"sample {b}: {got} image tokens (id {cfg.image_token_id}) but {exp // cfg.num_image_tokens} image(s) "

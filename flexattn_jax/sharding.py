@@ -110,7 +110,7 @@ def parse_mesh_spec(spec: str | Mapping[str, int] | Sequence[int] | None, num_de
         values = [int(x) for x in (spec.split(",") if isinstance(spec, str) else spec)]
         if len(values) > len(MESH_AXES):
             raise ShardingError(f"mesh spec {spec!r} has more than {len(MESH_AXES)} sizes")
-        sizes = dict(zip(MESH_AXES, values))
+        sizes = dict(zip(MESH_AXES, values, strict=False))
     unknown = sorted(set(sizes) - set(MESH_AXES))
     if unknown:
         raise ShardingError(f"unknown mesh axes {unknown}; the mesh axes are {MESH_AXES}")
@@ -176,7 +176,7 @@ def logical_to_spec(
     """
     used: set[str] = set()
     parts: list[Any] = []
-    for name, dim in zip(logical, shape):
+    for name, dim in zip(logical, shape, strict=False):
         if name is None:
             parts.append(None)
             continue

@@ -74,7 +74,7 @@ def apply_rope(x: Float[Array, "*B T H d"], cos: Float[Array, "*B T d"], sin: Fl
     return out.astype(x.dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bicubic_matrix(size_in: int, size_out: int, a: float = -0.75) -> np.ndarray:
     """(size_out, size_in) weights of PyTorch ``interpolate(mode='bicubic', align_corners=False)``.
 
@@ -94,7 +94,7 @@ def bicubic_matrix(size_in: int, size_out: int, a: float = -0.75) -> np.ndarray:
         src = (i + 0.5) * scale - 0.5
         x0 = int(np.floor(src))
         t = src - x0
-        for tap, weight in zip(range(x0 - 1, x0 + 3), (cc2(t + 1), cc1(t), cc1(1 - t), cc2(2 - t))):
+        for tap, weight in zip(range(x0 - 1, x0 + 3), (cc2(t + 1), cc1(t), cc1(1 - t), cc2(2 - t)), strict=False):
             w[i, min(max(tap, 0), size_in - 1)] += weight
     return w
 

@@ -145,7 +145,7 @@ def clip_features(vision_params: dict, cfg: ModelConfig, pixels: Float[Array, "N
         x, _ = jax.lax.scan(body, x, layers)
     else:
         for i in range(n):
-            x, _ = body(x, jax.tree.map(lambda a: a[i], layers))
+            x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], layers))
     return x[:, 1:] if cfg.vision_feature_select_strategy == "default" else x
 
 
