@@ -3,6 +3,8 @@
 ``hf5`` writes transformers 5.x module names, ``hf4`` the llava-hf names of transformers 4.x (both
 load with ``LlavaForConditionalGeneration.from_pretrained``); ``original`` writes the LLaVA-1.5 /
 FlexAttention layout with the CLIP tower in ``vision_tower/`` (a ``CLIPVisionModel`` directory).
+FlexAttention's ``k_proj_hd``/``v_proj_hd`` go under the decoder layers in every layout, with the
+config's ``extra``; transformers reports them as unexpected keys and ignores them.
 The safetensors file is written tensor by tensor: one host copy of one leaf at a time.
 """
 

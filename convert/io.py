@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from convert.importer import read_checkpoint
 from convert.reader import ConvertError
 from flexattn_jax.config import ModelConfig
-from flexattn_jax.params import abstract_params
+from flexattn_jax.params import abstract_params, flatten, unflatten
 
 CONVERTER_VERSION = "1.0.0"
 FORMAT = "flexattn-jax-params"
@@ -63,15 +63,25 @@ def _mesh(spec: str) -> jax.sharding.Mesh:
         from flexattn_jax.sharding import make_mesh
     except ImportError as e:
         raise ConvertError("--mesh needs flexattn_jax.sharding.make_mesh, which this install lacks") from e
-    return make_mesh(spec)
+    try:
+        return make_mesh(spec)
+    except ValueError as e:
+        raise ConvertError(f"--mesh {spec}: {e}") from e
 
 
 def place(params: dict, mesh: str | jax.sharding.Mesh) -> dict:
-    """Put a numpy tree onto ``mesh`` (a Mesh or a spec like ``data=1,fsdp=8,tensor=1``), leaf by leaf."""
+    """Move a numpy tree onto ``mesh`` (a Mesh or a spec like ``data=1,fsdp=8,tensor=1``), leaf by leaf.
+
+    The leaves are popped from ``params`` as they are placed, so host copies are freed as they go.
+    """
     mesh = _mesh(mesh) if isinstance(mesh, str) else mesh
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    shardings = _param_shardings(abstract, mesh)
-    return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
+    flat = flatten(params)
+    params.clear()
+    shardings = flatten(_param_shardings(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), unflatten(flat)), mesh))
+    out = {}
+    for name in list(flat):
+        out[name] = jax.device_put(flat.pop(name), shardings[name])
+    return unflatten(out)
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -119,7 +129,7 @@ def convert_checkpoint(
     if out.exists() and not overwrite:
         raise ConvertError(f"{out} already exists (pass --overwrite to replace it)")
     converted = read_checkpoint(src, vision_tower=vision_tower, dtype=dtype, overrides=overrides, progress=progress)
-    params = converted.params
+    params, converted.params = converted.params, {}
     if mesh is not None:
         params = place(params, mesh)
     out.parent.mkdir(parents=True, exist_ok=True)

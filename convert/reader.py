@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,10 +195,3 @@ def checkpoint_files(directory: Path) -> tuple[list[Path], dict[str, str] | None
             )
         return [directory / s for s in shards], weight_map
     raise ConvertError(f"{directory}: no checkpoint weights found (looked for {', '.join(_CANDIDATES)})")
-
-
-def iter_files(paths: list[Path]) -> Iterator[TensorFile]:
-    """Open the files one at a time (so one shard is open at once)."""
-    for path in paths:
-        with open_file(path) as f:
-            yield f
