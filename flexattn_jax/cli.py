@@ -25,7 +25,7 @@ _DELEGATES = {
     "demo": ("flexattn_jax.demo", "main"),
     "convert": ("convert.cli", "main"),
     "train": ("train.cli", "main"),
-    "bench": ("bench.run", "main"),
+    "bench": ("bench.flops", "main"),
 }
 
 
