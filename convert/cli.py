@@ -30,7 +30,7 @@ def build_parser(prog: str = "python -m convert") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", metavar="SRC", help="PyTorch checkpoint directory (config.json + weights)")
     p.add_argument("out", metavar="OUT", help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--vision-tower", metavar="DIR", help="CLIP directory for the original/FlexAttention layouts "
+    p.add_argument("--vision-tower", metavar="DIR", help="CLIP directory for the original/FlexAttention layouts; ignored for llava-hf "
                    "(default: mm_vision_tower when it is a local directory)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter dtype of the output (default: float32)")
     p.add_argument("--mesh", metavar="SPEC", help="place the params sharded before saving, e.g. data=1,fsdp=8,tensor=1")

@@ -127,7 +127,7 @@ def plan(cfg: ModelConfig, sources: list[Source], export_layout: str) -> dict[tu
     lines = _listing("missing", missing) + _listing("unexpected", unexpected) + _listing("wrong shape", shapes)
     lines += _listing("duplicate", dupes)
     if lines:
-        dirs = ", ".join(str(s.directory) for s in sources)
+        dirs = ", ".join(f"{s.label} {s.directory}" for s in sources)
         raise ConvertError(f"cannot convert {dirs}: the tensors do not match the config:\n" + "\n".join(lines))
     return found
 
