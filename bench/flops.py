@@ -96,8 +96,14 @@ def _with(cfg: ModelConfig, text_layers: int | None = None, vision_layers: int |
     return dataclasses.replace(cfg, **kw)
 
 
+_METHOD = {"m": "lowered"}
+
+
 def _flops(fn, *args) -> float:
-    ca = jax.jit(fn).lower(*args).compile().cost_analysis()
+    """``cost_analysis()['flops']`` of the lowered (pre-optimisation, backend-independent) module,
+    or, with method 'compiled', of the module the CPU backend compiled."""
+    lowered = jax.jit(fn).lower(*args)
+    ca = lowered.compile().cost_analysis() if _METHOD["m"] == "compiled" else lowered.cost_analysis()
     if isinstance(ca, (list, tuple)):
         ca = ca[0]
     return float(ca["flops"])
@@ -247,12 +253,24 @@ def _budget(cfg: ModelConfig, config: str) -> int:
 # ---- the table ----------------------------------------------------------------------------------
 
 def flop_table(quick: bool = False, config: ModelConfig | None = None, prompt_len: int = 60, answer_tokens: int = 16,
-               log=None, configs: tuple[str, ...] | None = None, direct: bool | None = None) -> list[dict]:
+               log=None, configs: tuple[str, ...] | None = None, direct: bool | None = None,
+               method: str = "lowered") -> list[dict]:
     """Entries per (configuration, HR strategy, workload): measured and analytic FLOPs, ratio to xattn.
 
-    ``quick`` measures only lr, xattn, flex-M and flex-0.1M, the flex ones with the 'cache' strategy
-    for B, plus 'project' for flex-0.1M.
+    ``quick`` measures lr, hd-seq, xattn, flex-M and flex-0.1M with the 'cache' strategy, plus
+    flex-0.1M with 'project'. ``configs`` keeps only those names (xattn, the reference, is always
+    kept). ``direct`` compiles each function once at the full depth instead of fitting few-layer
+    compiles (default: with method 'lowered', which needs no compile, or a decoder of <= 4 layers).
+    ``method``: 'lowered' reads XLA's cost analysis of the lowered module (the HLO as JAX emits it:
+    bf16 dots counted as such, backend-independent); 'compiled' that of the CPU-compiled module,
+    where XLA's CPU backend upcasts every bf16 dot's weights to f32 by converting the whole
+    stacked (L, ...) weight array in each unrolled layer: an artefact quadratic in depth (about
+    47 GFLOPs of the 60 GFLOPs it reports for a 7B decode step; prefill barely changes) that a
+    GPU would not run, and that the linear few-layer fit does not extrapolate faithfully.
     """
+    if method not in ("lowered", "compiled"):
+        raise ValueError(f"method={method!r}: use 'lowered' or 'compiled'")
+    _METHOD["m"] = method
     cfg = config or default_config()
     cfg = dataclasses.replace(cfg, scan_layers=False)
     log = log or (lambda *a: None)
@@ -270,7 +288,7 @@ def flop_table(quick: bool = False, config: ModelConfig | None = None, prompt_le
     if configs is not None:
         runs = [r for r in runs if r[0] in configs or r[0] == "xattn"]
     if direct is None:
-        direct = cfg.text.num_layers <= 4
+        direct = method == "lowered" or cfg.text.num_layers <= 4
     t0 = time.perf_counter()
     vis = {}
     for views in (1, 1 + z2):
@@ -296,9 +314,11 @@ def flop_table(quick: bool = False, config: ModelConfig | None = None, prompt_le
         elif name == "hd-seq":
             c = plain
             nh = n + m
-            pre = _extrapolate(c, lambda s: prefill_flops(s, nh, nh + answer_tokens, "plain", with_pixels=False), False, 0.0, direct)
+            pre = _extrapolate(c, lambda s, nh=nh: prefill_flops(s, nh, nh + answer_tokens, "plain", with_pixels=False), False, 0.0, direct)
             pre += full_vis[1 + z2]
-            dec = _extrapolate(c, lambda s: decode_flops(s, nh, nh + answer_tokens, "project", with_pixels=False), False, 0.0, direct)
+            dec = _extrapolate(
+                c, lambda s, nh=nh: decode_flops(s, nh, nh + answer_tokens, "project", with_pixels=False), False, 0.0, direct
+            )
         else:
             if name == "xattn":
                 c_pre = _with(cfg, selection="all", hr_mode="paper", hr_budget=None)
@@ -306,8 +326,8 @@ def flop_table(quick: bool = False, config: ModelConfig | None = None, prompt_le
                 pre = _extrapolate(c_pre, lambda s: prefill_flops(s, n, max_len, "xattn"), True, vis[1 + z2][1], direct)
             else:
                 c = _with(cfg, selection="attention", hr_mode="release", hr_budget=BUDGETS[name])
-                pre = _extrapolate(c, lambda s: prefill_flops(s, n, max_len, "flex", strategy), True, vis[1 + z2][1], direct)
-            dec = _extrapolate(c, lambda s: decode_flops(s, n, max_len, strategy), True, 0.0, direct)
+                pre = _extrapolate(c, lambda s, st=strategy: prefill_flops(s, n, max_len, "flex", st), True, vis[1 + z2][1], direct)
+            dec = _extrapolate(c, lambda s, st=strategy: decode_flops(s, n, max_len, st), True, 0.0, direct)
             if strategy == "cache" and name != "xattn":
                 if proj_hr is None:
                     proj_hr = project_all_hr_flops(cfg, n)
@@ -342,13 +362,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--prompt-len", type=int, default=60)
     ap.add_argument("--answer-tokens", type=int, default=16)
+    ap.add_argument("--method", choices=("lowered", "compiled"), default="lowered",
+                    help="cost analysis of the lowered module (default; full depth, no compile) or of the CPU-compiled one "
+                         "(few layers, extrapolated)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    entries = flop_table(args.quick, prompt_len=args.prompt_len, answer_tokens=args.answer_tokens,
+    entries = flop_table(args.quick, prompt_len=args.prompt_len, answer_tokens=args.answer_tokens, method=args.method,
                          log=lambda s: print(s, file=sys.stderr, flush=True))
     total = time.perf_counter() - t0
     if args.json:
-        print(json.dumps({"entries": entries, "compile_seconds": total}))
+        print(json.dumps({"entries": entries, "method": args.method, "seconds_total": total}))
     else:
         print(format_table(entries))
         print(f"({total:.0f}s)")

@@ -23,3 +23,20 @@ def test_flop_table_tiny():
         assert by[("flex-0.1M/cache", wl)]["flops"] <= by[("flex-M/cache", wl)]["flops"]
     assert by[("flex-0.1M/project", "A")]["flops"] <= by[("flex-M/cache", "A")]["flops"]
     assert flops.format_table(entries).count("\n") == len(entries)
+
+
+def test_layer_extrapolation_matches_full_depth():
+    """The few-layer fit (used with method='compiled' at 7B) equals the full-depth count."""
+    cfg = flops.tiny_config()
+    kw = dict(config=cfg, prompt_len=8, answer_tokens=4, configs=("lr", "hd-seq", "flex-0.1M"))
+    full = flops.flop_table(True, direct=True, **kw)
+    fit = flops.flop_table(True, direct=False, **kw)
+    assert [(e["config"], e["workload"]) for e in full] == [(e["config"], e["workload"]) for e in fit]
+    for a, b in zip(full, fit, strict=True):
+        assert abs(a["flops"] - b["flops"]) <= 1e-6 * a["flops"], (a["config"], a["workload"], a["flops"], b["flops"])
+
+
+def test_compiled_method_runs():
+    entries = flops.flop_table(True, config=flops.tiny_config(), prompt_len=8, answer_tokens=4, configs=("xattn",), method="compiled")
+    assert {e["workload"] for e in entries} == {"A", "B"}
+    assert all(e["flops"] > 0 and e["flops_ratio"] == 1.0 for e in entries)
