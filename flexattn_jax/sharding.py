@@ -176,7 +176,7 @@ def logical_to_spec(
     """
     used: set[str] = set()
     parts: list[Any] = []
-    for name, dim in zip(logical, shape, strict=False):
+    for name, dim in zip(logical, shape, strict=True):
         if name is None:
             parts.append(None)
             continue

@@ -1,0 +1,75 @@
+"""The sharding rules table: logical -> mesh axes, dropped axes, unsharded fraction, the printed table."""
+
+import io
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from flexattn_jax import sharding as S
+from flexattn_jax.config import FlexConfig, ModelConfig
+from flexattn_jax.params import abstract_params
+
+
+@pytest.fixture(scope="module")
+def mesh181():
+    return S.make_mesh("data=1,fsdp=8,tensor=1")
+
+
+@pytest.fixture(scope="module")
+def mesh222():
+    return S.make_mesh("data=2,fsdp=2,tensor=2")
+
+
+def test_parse_mesh_spec():
+    assert S.parse_mesh_spec("data=2,fsdp=4", 8) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert S.parse_mesh_spec("2,-1,2", 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert S.parse_mesh_spec(None, 8) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert S.parse_mesh_spec("fsdp=4", 8)["fsdp"] == 4  # a smaller mesh uses the first devices
+    for bad in ("data=3", "pipe=2", "data=-1,fsdp=-1", "data=x"):
+        with pytest.raises(S.ShardingError):
+            S.parse_mesh_spec(bad, 8)
+    mesh = S.make_mesh("data=2,fsdp=4,tensor=1")
+    assert mesh.axis_names == S.MESH_AXES and dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    assert S.make_mesh("fsdp=4").size == 4
+
+
+def test_rules_and_dropped_axes(mesh181, mesh222):
+    assert S.logical_axes("text/layers/attn/q/kernel", 3) == ("layers", "embed", "heads")
+    assert S.logical_axes("text/layers/attn/k_hr/kernel", 3) == ("layers", "embed", "kv_heads")
+    assert S.logical_axes("unknown/thing", 2) == (None, None)
+    assert S.logical_to_spec(("layers", "embed", "heads"), (3, 32, 32), mesh222) == P(None, "fsdp", "tensor")
+    # 577 positions do not divide anything, 30 is not a multiple of fsdp=8: dropped for that tensor only
+    assert S.logical_to_spec(("positions", "embed"), (577, 1024), mesh181) == P(None, "fsdp")
+    assert S.logical_to_spec(("embed", "mlp"), (30, 64), mesh181) == P()
+    # batch -> (data, fsdp): a batch of 2 keeps only what divides it
+    assert S.logical_to_spec(("batch", None), (8, 5), mesh222) == P(("data", "fsdp"))
+    assert S.logical_to_spec(("batch", None), (2, 5), mesh222) == P("data")
+    # the same mesh axis is never used twice in one tensor
+    assert S.logical_to_spec(("embed", "embed"), (8, 8), mesh181) == P("fsdp")
+    assert S.batch_spec(mesh222, (4, 8, 16), batch_dim=1) == P(None, ("data", "fsdp"))
+
+
+def test_param_shardings_of_tiny_tree(mesh222):
+    from train.testing import tiny_config
+
+    abstract = abstract_params(tiny_config())
+    shardings = S.param_shardings(abstract, mesh222)
+    assert jax.tree.structure(shardings) == jax.tree.structure(abstract)
+    q = shardings["text"]["layers"]["attn"]["q"]["kernel"]
+    assert q.spec == P(None, "fsdp", "tensor")
+
+
+def test_7b_unsharded_fraction_and_table(mesh181):
+    abstract = abstract_params(ModelConfig(flex=FlexConfig(enabled=True)))
+    rows, frac = S.sharding_table(abstract, mesh181)
+    assert frac < 0.001  # only norms / biases stay replicated
+    by_path = {r["path"]: r for r in rows}
+    assert by_path["text/layers/mlp/gate/kernel"]["spec"] == P(None, "fsdp")
+    assert by_path["text/embed/embedding"]["shards"] == 8
+    buf = io.StringIO()
+    assert S.print_sharding_table(abstract, mesh181, file=buf) == pytest.approx(frac)
+    out = buf.getvalue()
+    assert "text/layers/attn/q/kernel" in out and "(layers, embed, heads)" in out and "(-, fsdp)" in out
+    assert "unsharded (replicated on every device)" in out

@@ -1,0 +1,317 @@
+"""The training loop: data -> global batches -> sharded step -> metrics, checkpoints, NaN guard.
+
+``train(cfg, params, data, TrainConfig(...), mesh)`` is the Python API (the CLI and the demo use it).
+``data`` is a :class:`train.data.TrainData` (grain: deterministic, resumable, process-sharded) or any
+iterable of host batches (dicts of numpy arrays with the process-local batch first; a sequence is
+cycled). Metrics of step s are read while step s+1 runs (one step of lag), except at save points.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from jaxtyping import PyTree
+
+from flexattn_jax import sharding as S
+from flexattn_jax.config import IGNORE_INDEX, ModelConfig
+from train.checkpoint import Checkpointer, make_meta
+from train.config import DataConfig, TrainConfig
+from train.data import TrainData, learnable_rows
+from train.metrics import MetricsLogger, device_peak_tflops, train_flops
+from train.optim import total_steps as count_steps
+from train.step import BATCH_KEYS, StepFns, TrainState, global_batch, make_step, split_microbatches
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss or gradient norm became NaN/inf; the state was not updated and no checkpoint was written for it."""
+
+    def __init__(self, step: int, last_checkpoint: int | None, record: dict[str, Any]):
+        self.step, self.last_checkpoint, self.record = step, last_checkpoint, record
+        super().__init__(
+            f"non-finite loss/grad norm at step {step} (loss={record.get('loss')}, grad_norm={record.get('grad_norm')}); "
+            f"stopped; last good checkpoint: {last_checkpoint if last_checkpoint is not None else 'none'}"
+        )
+
+
+# ---- host batch helpers ------------------------------------------------------------------------------
+
+def complete_batch(batch: Mapping[str, Any], cfg: ModelConfig, max_rows: int | None = None) -> dict[str, np.ndarray]:
+    """Fill what a user batch may omit: attention mask (all ones), pixels (zeros), margin (zeros) and the
+    learnable rows (from the labels, samples with image tokens only)."""
+    out = {k: np.asarray(v) for k, v in batch.items() if not str(k).startswith("_")}
+    if "input_ids" not in out or "labels" not in out:
+        raise ValueError("a training batch needs at least 'input_ids' and 'labels'")
+    b, t = out["input_ids"].shape
+    out.setdefault("attention_mask", np.ones((b, t), bool))
+    out["attention_mask"] = out["attention_mask"].astype(bool)
+    s = cfg.image_size
+    out.setdefault("pixel_values", np.zeros((b, s, s, cfg.vision.num_channels), np.float32))
+    out.setdefault("margin", np.zeros((b, 2), np.int32))
+    if "select_rows" not in out:
+        r = min(max_rows or t, t)
+        has_image = (out["input_ids"] == cfg.image_token_id).any(axis=1)
+        packed = [learnable_rows(out["labels"][i], bool(has_image[i]), r) for i in range(b)]
+        out["select_rows"] = np.stack([p[0] for p in packed])
+        out["select_valid"] = np.stack([p[1] for p in packed])
+    out.setdefault("select_valid", np.ones(out["select_rows"].shape, bool))
+    return {k: out[k] for k in BATCH_KEYS}
+
+
+def pad_to_length(batch: dict[str, np.ndarray], length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-pad a host batch's sequence axis to ``length`` (multi-host bucket agreement)."""
+    t = batch["input_ids"].shape[1]
+    if t == length:
+        return batch
+    extra = length - t
+    out = dict(batch)
+    out["input_ids"] = np.pad(batch["input_ids"], ((0, 0), (0, extra)), constant_values=pad_id)
+    out["labels"] = np.pad(batch["labels"], ((0, 0), (0, extra)), constant_values=IGNORE_INDEX)
+    out["attention_mask"] = np.pad(batch["attention_mask"], ((0, 0), (0, extra)), constant_values=False)
+    r = batch["select_rows"].shape[1]
+    if r == t:  # rows sized to the length: grow with it
+        out["select_rows"] = np.pad(batch["select_rows"], ((0, 0), (0, extra)))
+        out["select_valid"] = np.pad(batch["select_valid"], ((0, 0), (0, extra)), constant_values=False)
+    return out
+
+
+def _agree_length(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+    if jax.process_count() == 1:
+        return batch
+    from jax.experimental import multihost_utils
+
+    lengths = multihost_utils.process_allgather(np.int32(batch["input_ids"].shape[1]))
+    return pad_to_length(batch, int(np.max(lengths)), pad_id)
+
+
+def _restore(ckpt: Checkpointer, fns: StepFns, iterator: Any) -> tuple[TrainState, dict[str, Any]]:
+    """Latest state (on this run's mesh) and, when it was saved with as many processes, the data position."""
+    if iterator is not None:
+        saved = ckpt.read_meta().get("process_count", 1)
+        if saved == jax.process_count():
+            return ckpt.restore(fns.abstract_state, data_iterator=iterator)
+        warnings.warn(f"checkpoint written by {saved} processes, running {jax.process_count()}: the data order restarts",
+                      stacklevel=3)
+    state, meta = ckpt.restore(fns.abstract_state)
+    meta.pop("data_state", None)
+    return state, meta
+
+
+def _cycle(data: Iterable) -> Iterator:
+    if isinstance(data, Sequence):
+        return itertools.chain.from_iterable(itertools.repeat(data))
+    return iter(data)
+
+
+# ---- the loop ------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Pending:
+    step: int  # 1-based step number this update produces
+    metrics: Any
+    tokens: int
+    flops: float
+    compiled: bool
+    extra: dict[str, Any]
+    t_dispatch: float
+
+
+def train(
+    cfg: ModelConfig,
+    params: PyTree | None,
+    data: TrainData | Iterable[Mapping[str, Any]],
+    tcfg: TrainConfig,
+    mesh: Mesh | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    resume: bool = True,
+    data_config: DataConfig | None = None,
+    extra_meta: dict[str, Any] | None = None,
+    log: bool = True,
+) -> tuple[PyTree, list[dict[str, Any]]]:
+    """Train ``params`` on ``data``; return ``(params, per-step metric records)``.
+
+    ``mesh`` defaults to ``make_mesh()`` (FSDP over all devices). Parameters are kept as fp32 masters
+    (``cfg.param_dtype`` is set to float32; compute follows ``cfg.dtype``). With ``out_dir``, metrics go
+    to ``out_dir/metrics.jsonl`` and TensorBoard, checkpoints to ``out_dir/checkpoints`` every
+    ``save_every`` steps and at the end; with ``resume`` the latest checkpoint there (state and data
+    position) is continued, and ``params`` may be None. Raises :class:`TrainingDiverged` on NaN/inf.
+    """
+    mesh = mesh or S.make_mesh()
+    cfg = dataclasses.replace(cfg, param_dtype="float32")
+    is_grain = isinstance(data, TrainData)
+    if is_grain:
+        total = count_steps(tcfg, data.num_samples)
+        if data.batch_size != tcfg.batch_size or data.grad_accum != tcfg.grad_accum:
+            raise ValueError(
+                f"TrainData batch {data.batch_size}/{data.grad_accum} != TrainConfig {tcfg.batch_size}/{tcfg.grad_accum}"
+            )
+    elif tcfg.steps is not None:
+        total = tcfg.steps
+    elif hasattr(data, "__len__"):
+        total = max(1, int(tcfg.epochs * len(data)))  # type: ignore[arg-type]
+    else:
+        raise ValueError("an unsized data iterable needs TrainConfig.steps")
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    if jax.process_count() > 1 and tcfg.micro_batch % batch_devices:
+        raise ValueError(
+            f"on several hosts the microbatch ({tcfg.micro_batch} = batch_size / grad_accum) must be a multiple of "
+            f"data x fsdp = {batch_devices}"
+        )
+    fns = make_step(cfg, tcfg, mesh, total)
+    primary = jax.process_index() == 0
+    ckpt = Checkpointer(Path(out_dir) / "checkpoints", keep=tcfg.keep, async_save=tcfg.async_save) if out_dir else None
+    logger = MetricsLogger(out_dir if primary else None, log_every=tcfg.log_every, tensorboard=tcfg.tensorboard,
+                           enabled=log and primary)
+    iterator = data.iterator() if is_grain else _cycle(data)
+    try:
+        state: TrainState | None = None
+        if ckpt is not None and resume and ckpt.latest_step() is not None:
+            state, meta = _restore(ckpt, fns, iterator if is_grain else None)
+            if is_grain and meta.get("data_state"):
+                data.counter.load_state(meta["data_state"])
+            if log and primary:
+                print(f"resumed from {ckpt.directory} step {int(state.step)}", flush=True)
+        if state is None:
+            if params is None:
+                raise ValueError("no parameters and no checkpoint to resume from")
+            state = fns.init_state(params)
+        start = int(jax.device_get(state.step))
+        if start and not is_grain and isinstance(data, Sequence):  # a list of batches: continue where we stopped
+            iterator = itertools.islice(iterator, start, None)
+        return _run(cfg, tcfg, fns, state, start, total, data, iterator, is_grain, ckpt, logger, data_config, extra_meta, log)
+    finally:
+        logger.close()
+        if ckpt is not None:
+            ckpt.close()
+        close = getattr(iterator, "close", None)
+        if is_grain and callable(close):  # stop grain's prefetch threads / worker processes
+            close()
+
+
+def _run(cfg, tcfg, fns: StepFns, state, start, total, data, iterator, is_grain, ckpt, logger, data_config, extra_meta, log):
+    from tqdm.auto import tqdm
+
+    mesh = fns.mesh
+    n_dev = mesh.size
+    peak = tcfg.peak_tflops if tcfg.peak_tflops is not None else device_peak_tflops()
+    vision_trains = any(m for p, m in zip(_paths(fns.mask), jax.tree.leaves(fns.mask), strict=True) if p.startswith("vision/"))
+    primary = jax.process_index() == 0
+    bar = tqdm(total=total, initial=start, disable=not (tcfg.progress and log and primary), dynamic_ncols=True, unit="step")
+    write = bar.write if not bar.disable else None
+    records: list[dict[str, Any]] = []
+    seen_shapes: set[tuple] = set()
+    last_saved = ckpt.latest_step() if ckpt is not None else None
+    last_ready = None
+    pending: _Pending | None = None
+
+    def meta_for(step: int) -> dict[str, Any]:
+        return make_meta(cfg, step, train_config=tcfg.to_dict(), data_config=(data_config.to_dict() if data_config else {}),
+                         data_state=data.stats() if is_grain else {}, mesh=mesh, extra=extra_meta)
+
+    def finish(p: _Pending) -> dict[str, Any]:
+        nonlocal last_ready
+        m = jax.device_get(p.metrics)
+        now = time.perf_counter()
+        begin = p.t_dispatch if (last_ready is None or p.compiled) else max(last_ready, p.t_dispatch)
+        dt = max(now - begin, 1e-9)
+        last_ready = now
+        rec: dict[str, Any] = {
+            "step": p.step, "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+            "alpha": float(m["alpha"]), "answer_tokens": int(m["answer_tokens"]), "finite": bool(m["finite"]),
+            "tokens": p.tokens, "step_time_s": dt, "tokens_per_s": p.tokens / dt,
+            "tokens_per_s_per_device": p.tokens / dt / n_dev,
+            "tflops_per_s_per_device": p.flops / dt / n_dev / 1e12, "flops_per_step": p.flops, "compiled": p.compiled,
+        }
+        rec["mfu"] = rec["tflops_per_s_per_device"] / peak if peak else None
+        rec.update(p.extra)
+        if is_grain:
+            rec["skipped"] = sum(data.stats()["skipped"].values())
+        records.append(rec)
+        logger.log(rec, write=write)
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
+        return rec
+
+    def check(rec: dict[str, Any]) -> None:
+        if tcfg.nan_check and not rec["finite"]:
+            if ckpt is not None:
+                ckpt.wait()
+            raise TrainingDiverged(rec["step"], last_saved, rec)
+
+    end = min(total, tcfg.stop_at) if tcfg.stop_at is not None else total
+    # several hosts must pad to one length: needed with buckets, or for batches we did not make
+    agree = jax.process_count() > 1 and (not is_grain or bool(data_config and data_config.buckets))
+    try:
+        for s in range(start, end):
+            try:
+                raw = next(iterator)
+            except StopIteration:
+                warnings.warn(f"the data ran out after {s} steps (of {total}); stopping", stacklevel=2)
+                break
+            extra = {"epoch": int(raw["_epoch"])} if "_epoch" in raw else {}
+            if "_rows_dropped" in raw:
+                extra["select_rows_dropped"] = int(raw["_rows_dropped"])  # learnable rows beyond max_select_rows
+            host = complete_batch(raw, cfg, data_config.max_select_rows if data_config else None)
+            if agree:
+                host = _agree_length(host, cfg.pad_token_id)
+            local = split_microbatches(host, tcfg.grad_accum)
+            batch = global_batch(fns, local)
+            shape = tuple((k, v.shape) for k, v in batch.items())
+            compiled = shape not in seen_shapes
+            seen_shapes.add(shape)
+            b_glob, t_len = host["input_ids"].shape[0] * jax.process_count(), host["input_ids"].shape[1]
+            images = int((host["input_ids"] == cfg.image_token_id).any(axis=1).sum()) * jax.process_count()
+            flops = train_flops(cfg, b_glob, t_len, host["select_rows"].shape[1], vision_trains, images)
+            t0 = time.perf_counter()
+            state, metrics = fns.step(state, batch)
+            if pending is not None:
+                check(finish(pending))
+            pending = _Pending(s + 1, metrics, b_glob * t_len, flops, compiled, extra, t0)
+            step_no = s + 1
+            save_now = ckpt is not None and (step_no % max(1, tcfg.save_every) == 0 or (step_no == end and tcfg.save_final))
+            if save_now or step_no == end:
+                rec = finish(pending)
+                pending = None
+                check(rec)
+                if save_now:
+                    ckpt.save(step_no, state, meta_for(step_no), iterator if is_grain else None)
+                    last_saved = step_no
+        if pending is not None:
+            check(finish(pending))
+            pending = None
+        if ckpt is not None and tcfg.save_final and records and last_saved != records[-1]["step"]:
+            ckpt.save(records[-1]["step"], state, meta_for(records[-1]["step"]), iterator if is_grain else None)
+    finally:
+        bar.close()
+    return state.params, records
+
+
+def _paths(tree: PyTree) -> list[str]:
+    return [jax.tree_util.keystr(p, simple=True, separator="/") for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def summarize(records: Sequence[dict[str, Any]], skip_compiled: bool = True) -> dict[str, Any]:
+    """Mean throughput over steady-state steps (compile steps excluded) and first/last loss."""
+    steady = [r for r in records if not (skip_compiled and r.get("compiled"))] or list(records)
+    if not steady:
+        return {}
+
+    def mean(k: str) -> float | None:
+        vals = [r[k] for r in steady if r.get(k) is not None]
+        return float(np.mean(vals)) if vals else None
+
+    return {
+        "steps": len(records), "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"],
+        "step_time_s": mean("step_time_s"), "tokens_per_s": mean("tokens_per_s"),
+        "tokens_per_s_per_device": mean("tokens_per_s_per_device"),
+        "tflops_per_s_per_device": mean("tflops_per_s_per_device"), "mfu": mean("mfu"),
+    }

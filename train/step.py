@@ -1,0 +1,267 @@
+"""The sharded train step: state, loss, gradient accumulation, one jitted update with explicit shardings.
+
+A step takes a batch laid out ``(A, Bm, ...)``: A microbatches (``grad_accum``) of Bm samples
+(global), the Bm axis sharded over ``('data', 'fsdp')``. Gradients of the summed token
+cross-entropy are accumulated in fp32 by a ``lax.scan`` over the microbatches and divided by the
+total number of answer tokens, so accumulating A microbatches equals one batch A times larger.
+Only trainable leaves are differentiated; frozen ones (``stop_gradient``) come back bit-identical.
+The state is donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Float, Int, PyTree
+
+from flexattn_jax import sharding as S
+from flexattn_jax.config import IGNORE_INDEX, ModelConfig
+from flexattn_jax.model import forward
+from flexattn_jax.params import abstract_params
+from train.config import TrainConfig
+from train.optim import make_optimizer, opt_state_shardings, trainable_mask
+
+BATCH_KEYS: tuple[str, ...] = (
+    "input_ids", "labels", "attention_mask", "pixel_values", "margin", "select_rows", "select_valid",
+)
+
+
+class TrainState(NamedTuple):
+    """Everything a step updates: step counter, fp32 master parameters, optimizer state."""
+
+    step: Int[Array, ""]
+    params: PyTree
+    opt_state: PyTree
+
+
+def alpha_at(cfg: ModelConfig, step: Int[Array, ""] | int, total_steps: int) -> Float[Array, ""]:
+    """FlexAttention's blend weight: 1 ('release'), or ``min(1, step / total_steps * warmup)`` ('warmup')."""
+    if cfg.flex.alpha_schedule == "release":
+        return jnp.float32(1.0)
+    progress = jnp.asarray(step, jnp.float32) / jnp.float32(max(total_steps, 1))
+    return jnp.minimum(jnp.float32(1.0), progress * jnp.float32(cfg.flex.warmup))
+
+
+def token_loss_sums(
+    params: PyTree, cfg: ModelConfig, batch: Mapping[str, jax.Array], alpha: Float[Array, ""], rng: jax.Array | None = None
+) -> tuple[Float[Array, ""], Int[Array, ""]]:
+    """``(sum of next-token cross-entropy over answer tokens, number of answer tokens)`` for one batch.
+
+    Row t predicts token t+1; a target counts when ``labels[t+1] != IGNORE_INDEX``. Logits are fp32.
+    """
+    out = forward(
+        params, cfg, batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"],
+        margin=batch.get("margin"), select_rows=batch.get("select_rows"), select_valid=batch.get("select_valid"),
+        alpha=alpha, rng=rng,
+    )
+    logits = out.logits[:, :-1].astype(jnp.float32)
+    targets = batch["labels"][:, 1:]
+    valid = targets != IGNORE_INDEX
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, targets, 0))
+    return jnp.sum(jnp.where(valid, ce, 0.0)), jnp.sum(valid.astype(jnp.int32))
+
+
+def mean_token_loss(
+    params: PyTree, cfg: ModelConfig, batch: Mapping[str, jax.Array], alpha: float = 1.0, rng: jax.Array | None = None
+) -> Float[Array, ""]:
+    """Mean token cross-entropy over answer tokens (evaluation helper)."""
+    s, n = token_loss_sums(params, cfg, batch, jnp.float32(alpha), rng)
+    return s / jnp.maximum(n, 1)
+
+
+@dataclasses.dataclass
+class StepFns:
+    """A compiled-on-demand train step and what placing data for it needs."""
+
+    cfg: ModelConfig
+    tcfg: TrainConfig  # only the step-relevant fields (STEP_FIELDS) are meaningful here
+    mesh: Mesh
+    total_steps: int
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    mask: PyTree  # Python bools, True = trainable
+    param_shardings: PyTree
+    state_shardings: TrainState
+    abstract_state: TrainState  # ShapeDtypeStructs carrying the target shardings
+    step: Any  # jitted (state, batch) -> (state, metrics)
+
+    def batch_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
+        """Sharding of one ``(A, Bm, ...)`` batch array: Bm over (data, fsdp)."""
+        return S.batch_sharding(self.mesh, shape, batch_dim=1)
+
+    def place_params(self, params: PyTree) -> PyTree:
+        """Parameters as fp32 master weights placed by the rules table (a jitted cast, no host copy)."""
+        dtype = jnp.dtype(self.cfg.param_dtype)
+        cast = jax.jit(lambda p: jax.tree.map(lambda x: jnp.asarray(x, dtype), p), out_shardings=self.param_shardings)
+        return cast(params)
+
+    def init_state(self, params: PyTree) -> TrainState:
+        """A fresh state (step 0, zero moments) from parameters, placed on the mesh."""
+        params = self.place_params(params)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+        step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings.step)
+        return TrainState(step, params, opt_state)
+
+
+# TrainConfig fields the step depends on (the rest are loop settings): the cache key of make_step.
+STEP_FIELDS: tuple[str, ...] = (
+    "lr", "warmup_ratio", "warmup_steps", "end_lr_ratio", "weight_decay", "adam_b1", "adam_b2", "adam_eps",
+    "clip_norm", "trainable", "seed", "nan_check",
+)
+
+
+def make_step(cfg: ModelConfig, tcfg: TrainConfig, mesh: Mesh, total_steps: int) -> StepFns:
+    """Build the optimizer, the state shardings and the jitted step for ``cfg`` on ``mesh`` (cached).
+
+    Parameters are the tree of :func:`abstract_params` of ``cfg``, fp32 masters when
+    ``cfg.param_dtype`` is float32 (compute in ``cfg.dtype``). Calls with the same model config,
+    step-relevant train settings (:data:`STEP_FIELDS`), mesh and step count share one jitted step.
+    """
+    key = tuple(getattr(tcfg, f) for f in STEP_FIELDS)
+    return _make_step(cfg, key, mesh, int(total_steps))
+
+
+@functools.lru_cache(maxsize=16)
+def _make_step(cfg: ModelConfig, key: tuple, mesh: Mesh, total_steps: int) -> StepFns:
+    tcfg = TrainConfig(**dict(zip(STEP_FIELDS, key, strict=True)))
+    abstract = abstract_params(cfg)
+    tx, schedule = make_optimizer(tcfg, abstract, total_steps)
+    mask = trainable_mask(abstract, tcfg.trainable)
+    p_shard = S.param_shardings(abstract, mesh)
+    repl = S.replicated(mesh)
+    abstract_opt = jax.eval_shape(tx.init, abstract)
+    o_shard = opt_state_shardings(abstract_opt, abstract, p_shard, repl)
+    state_shardings = TrainState(repl, p_shard, o_shard)
+    abstract_state = TrainState(
+        jax.ShapeDtypeStruct((), jnp.int32, sharding=repl),
+        S.abstract_with_shardings(abstract, p_shard),
+        S.abstract_with_shardings(abstract_opt, o_shard),
+    )
+    mask_leaves = jax.tree.leaves(mask)
+    train_shardings = [s for s, m in zip(jax.tree.leaves(p_shard), mask_leaves, strict=True) if m]
+    use_rng = cfg.flex.enabled and cfg.flex.selection == "random"
+    base_key = jax.random.key(tcfg.seed)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        leaves, treedef = jax.tree.flatten(state.params)
+        trainable = [x for x, m in zip(leaves, mask_leaves, strict=True) if m]
+        frozen = [jax.lax.stop_gradient(x) for x, m in zip(leaves, mask_leaves, strict=True) if not m]
+        alpha = alpha_at(cfg, state.step, total_steps)
+        step_key = jax.random.fold_in(base_key, state.step)
+
+        def loss_fn(train_leaves, mb, key):
+            it_t, it_f = iter(train_leaves), iter(frozen)
+            full = [next(it_t) if m else next(it_f) for m in mask_leaves]
+            params = jax.tree.unflatten(treedef, full)
+            return token_loss_sums(params, cfg, mb, alpha, key if use_rng else None)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        n_micro = batch["input_ids"].shape[0]
+        if n_micro == 1:
+            (loss_sum, count), grads = grad_fn(trainable, jax.tree.map(lambda x: x[0], batch), step_key)
+            grads = [g.astype(jnp.float32) for g in grads]
+        else:
+
+            def body(carry, xs):
+                g_acc, s_acc, n_acc = carry
+                mb, i = xs
+                (s, n), g = grad_fn(trainable, mb, jax.random.fold_in(step_key, i))
+                g_acc = [a + b.astype(jnp.float32) for a, b in zip(g_acc, g, strict=True)]
+                g_acc = [jax.lax.with_sharding_constraint(a, sh) for a, sh in zip(g_acc, train_shardings, strict=True)]
+                return (g_acc, s_acc + s, n_acc + n), None
+
+            zeros = [jnp.zeros(x.shape, jnp.float32) for x in trainable]
+            init = (zeros, jnp.float32(0.0), jnp.int32(0))
+            (grads, loss_sum, count), _ = jax.lax.scan(body, init, (batch, jnp.arange(n_micro)))
+        denom = jnp.maximum(count, 1).astype(jnp.float32)
+        grads = [g / denom for g in grads]
+        loss = loss_sum / denom
+        grad_norm = optax.global_norm(grads)
+        it_g = iter(grads)
+        full_grads = [next(it_g).astype(x.dtype) if m else jnp.zeros_like(x) for x, m in zip(leaves, mask_leaves, strict=True)]
+        updates, new_opt = tx.update(jax.tree.unflatten(treedef, full_grads), state.opt_state, state.params)
+        stepped = jax.tree.leaves(optax.apply_updates(state.params, updates))
+        new_leaves = [n if m else x for n, x, m in zip(stepped, leaves, mask_leaves, strict=True)]  # frozen: bit-identical
+        new_state = TrainState(state.step + 1, jax.tree.unflatten(treedef, new_leaves), new_opt)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if tcfg.nan_check:  # a non-finite step leaves the state untouched; the loop then stops
+            new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        metrics = {
+            "loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(schedule(state.step), jnp.float32),
+            "alpha": alpha, "answer_tokens": count, "finite": finite,
+        }
+        return new_state, metrics
+
+    step = jax.jit(
+        train_step,
+        in_shardings=(state_shardings, None),
+        out_shardings=(state_shardings, repl),
+        donate_argnums=(0,),
+    )
+    return StepFns(cfg, tcfg, mesh, total_steps, tx, schedule, mask, p_shard, state_shardings, abstract_state, step)
+
+
+# ---- host batches -> global arrays ------------------------------------------------------------------
+
+def split_microbatches(batch: Mapping[str, np.ndarray], grad_accum: int) -> dict[str, np.ndarray]:
+    """Host batch ``(B_local, ...)`` -> ``(A, B_local / A, ...)`` (sample i goes to microbatch i // (B/A))."""
+    out = {}
+    for k in BATCH_KEYS:
+        if k not in batch:
+            continue
+        x = np.asarray(batch[k])
+        if x.shape[0] % grad_accum:
+            raise ValueError(f"batch[{k!r}] has {x.shape[0]} rows, not a multiple of grad_accum={grad_accum}")
+        out[k] = x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
+    return out
+
+
+def global_batch(fns: StepFns, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Process-local ``(A, Bm_local, ...)`` arrays -> global ``(A, Bm, ...)`` arrays sharded over (data, fsdp).
+
+    Uses ``jax.make_array_from_process_local_data``: each process passes its own slice of the batch.
+    """
+    n_proc = jax.process_count()
+    out = {}
+    for k, x in local.items():
+        gshape = (x.shape[0], x.shape[1] * n_proc, *x.shape[2:])
+        out[k] = jax.make_array_from_process_local_data(fns.batch_sharding(gshape), x, gshape)
+    return out
+
+
+def make_example_batch(cfg: ModelConfig, batch: int, seq_len: int, rows: int, grad_accum: int = 1) -> dict[str, np.ndarray]:
+    """All-padding host batch of the right shapes and dtypes (for AOT lowering and FLOP counts)."""
+    s = cfg.image_size
+    b = batch
+    return split_microbatches(
+        {
+            "input_ids": np.zeros((b, seq_len), np.int32),
+            "labels": np.full((b, seq_len), IGNORE_INDEX, np.int32),
+            "attention_mask": np.ones((b, seq_len), bool),
+            "pixel_values": np.zeros((b, s, s, cfg.vision.num_channels), np.float32),
+            "margin": np.zeros((b, 2), np.int32),
+            "select_rows": np.zeros((b, rows), np.int32),
+            "select_valid": np.zeros((b, rows), bool),
+        },
+        grad_accum,
+    )
+
+
+def batch_spec_tree(mesh: Mesh, batch: Mapping[str, Any]) -> dict[str, P]:
+    """PartitionSpec per batch array (for reports)."""
+    return {k: S.batch_spec(mesh, np.shape(v), batch_dim=1) for k, v in batch.items()}
+
+
+__all__ = [
+    "BATCH_KEYS", "StepFns", "TrainState", "alpha_at", "global_batch", "make_step", "mean_token_loss",
+    "split_microbatches", "token_loss_sums",
+]
