@@ -47,11 +47,8 @@ from flexattn_jax import generate as G
 from flexattn_jax.config import FlexConfig, ModelConfig, TextConfig, VisionConfig
 from flexattn_jax.model import (
     default_select_rows,
-    embed_tokens,
-    encode,
-    hr_context,
+    embed_inputs,
     logits_from_hidden,
-    merge_image_features,
     positions_from_mask,
     run_decoder,
 )
@@ -130,10 +127,7 @@ def _xattn_prefill_fn(cfg: ModelConfig):
     """Every row attends to all M HR keys (hr_mode='paper', selection='all'); logits of the last row."""
     def f(params, ids, mask, pix):
         positions = positions_from_mask(mask)
-        x = embed_tokens(params["text"], cfg, ids)
-        feats, hr_feats = encode(params, cfg, pix)
-        x = merge_image_features(x, ids, feats, cfg.image_token_id)
-        hr = hr_context(cfg, hr_feats.astype(x.dtype), ids, positions, None)
+        x, hr = embed_inputs(params, cfg, ids, pix, positions, None)
         rows, valid = default_select_rows(cfg, mask)
         out = run_decoder(params["text"], cfg, x, positions, mask, hr=hr, select_rows=rows, select_valid=valid)
         return logits_from_hidden(params["text"], cfg, out.x[:, -1:])

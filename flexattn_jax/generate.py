@@ -29,11 +29,9 @@ from flexattn_jax.model import (
     HRContext,
     KVCache,
     default_select_rows,
+    embed_inputs,
     embed_tokens,
-    encode,
-    hr_context,
     logits_from_hidden,
-    merge_image_features,
     positions_from_mask,
     run_decoder,
 )
@@ -98,13 +96,7 @@ def prefill(
     b, t = input_ids.shape
     attention_mask = attention_mask.astype(bool)
     positions = positions_from_mask(attention_mask)
-    x = embed_tokens(params["text"], cfg, input_ids)
-    hr = None
-    if pixel_values is not None:
-        feats, hr_feats = encode(params, cfg, pixel_values)
-        x = merge_image_features(x, input_ids, feats, cfg.image_token_id)
-        if hr_feats is not None:
-            hr = hr_context(cfg, hr_feats.astype(x.dtype), input_ids, positions, margin)
+    x, hr = embed_inputs(params, cfg, input_ids, pixel_values, positions, margin)
     cache = empty_cache(cfg, b, max_len)
     cache = cache._replace(valid=cache.valid.at[:, :t].set(attention_mask))
     hr_kv = project_all_hr(params["text"], cfg, hr) if (hr is not None and hr_strategy == "cache") else None

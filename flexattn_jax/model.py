@@ -95,9 +95,13 @@ def merge_image_features(
     return jnp.where(is_img[..., None], gathered.astype(x.dtype), x)
 
 
+def final_norm(text_params: dict, cfg: ModelConfig, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+    return T.RMSNorm(cfg.text.rms_norm_eps, dtype=x.dtype).apply({"params": text_params["final_norm"]}, x)
+
+
 def logits_from_hidden(text_params: dict, cfg: ModelConfig, x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
     """Final RMSNorm and the (tied or untied) LM head, in fp32."""
-    h = T.RMSNorm(cfg.text.rms_norm_eps, dtype=jnp.dtype(cfg.dtype)).apply({"params": text_params["final_norm"]}, x)
+    h = final_norm(text_params, cfg, x)
     if cfg.text.tie_word_embeddings:
         w = text_params["embed"]["embedding"].T
     else:
@@ -283,6 +287,24 @@ def encode(params: dict, cfg: ModelConfig, pixel_values: jax.Array) -> tuple[jax
     return feats.reshape(b, i * feats.shape[1], -1), None
 
 
+def embed_inputs(
+    params: dict,
+    cfg: ModelConfig,
+    input_ids: Int[Array, "B T"],
+    pixel_values: jax.Array | None,
+    positions: Int[Array, "B T"],
+    margin: Int[Array, "B 2"] | None,
+) -> tuple[Float[Array, "B T D"], HRContext | None]:
+    """Token embeddings with the LR image features merged in, and (FlexAttention) the HR context."""
+    x = embed_tokens(params["text"], cfg, input_ids)
+    if pixel_values is None:
+        return x, None
+    feats, hr_feats = encode(params, cfg, pixel_values)
+    x = merge_image_features(x, input_ids, feats, cfg.image_token_id)
+    hr = None if hr_feats is None else hr_context(cfg, hr_feats.astype(x.dtype), input_ids, positions, margin)
+    return x, hr
+
+
 def positions_from_mask(attention_mask: Bool[Array, "B T"]) -> Int[Array, "B T"]:
     """HF's position ids for left/right padding: cumsum of the mask minus one, clipped at 0."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
@@ -322,13 +344,7 @@ def forward(
         check_image_tokens(cfg, np.asarray(input_ids)[has], n_img)
     if positions is None:
         positions = positions_from_mask(attention_mask)
-    x = embed_tokens(params["text"], cfg, input_ids)
-    hr = None
-    if pixel_values is not None:
-        feats, hr_feats = encode(params, cfg, pixel_values)
-        x = merge_image_features(x, input_ids, feats, cfg.image_token_id)
-        if hr_feats is not None:
-            hr = hr_context(cfg, hr_feats.astype(x.dtype), input_ids, positions, margin)
+    x, hr = embed_inputs(params, cfg, input_ids, pixel_values, positions, margin)
     if hr is not None and select_rows is None:
         select_rows, select_valid = default_select_rows(cfg, attention_mask)
     elif select_rows is not None and select_valid is None:
@@ -340,6 +356,6 @@ def forward(
     logits = logits_from_hidden(params["text"], cfg, out.x)
     hidden = None
     if return_hidden:  # transformers' convention: the last entry is after the final norm
-        normed = T.RMSNorm(cfg.text.rms_norm_eps, dtype=x.dtype).apply({"params": params["text"]["final_norm"]}, out.x)
+        normed = final_norm(params["text"], cfg, out.x)
         hidden = jnp.concatenate([x[None], out.hidden_states[:-1], normed[None]], axis=0)
     return ForwardOutput(logits, hidden, out.image_attention, out.hr_masks)
