@@ -2,7 +2,7 @@
 
 from convert.export import export_hf
 from convert.importer import Converted, read_checkpoint
-from convert.io import CONVERTER_VERSION, convert_checkpoint, load_converted, read_metadata
+from convert.io import CONVERTER_VERSION, convert_checkpoint, load_converted, read_metadata, write_model
 from convert.reader import ConvertError
 
 __all__ = [
@@ -14,4 +14,5 @@ __all__ = [
     "load_converted",
     "read_checkpoint",
     "read_metadata",
+    "write_model",
 ]

@@ -132,6 +132,26 @@ def convert_checkpoint(
     params, converted.params = converted.params, {}
     if mesh is not None:
         params = place(params, mesh)
+    source = {
+        "source_layout": converted.layout,
+        "source": str(Path(src).resolve()),
+        "vision_source": None if converted.vision_source is None else str(converted.vision_source.resolve()),
+    }
+    return write_model(params, converted.cfg, out, source, lambda d: copy_tokenizer(Path(src), d), overwrite=True)
+
+
+def write_model(
+    params: dict, cfg: ModelConfig, out: str | Path, source: dict[str, Any], write_tokenizer: Any, overwrite: bool = False
+) -> Path:
+    """Write a model directory ``flexattn-jax generate`` loads: orbax params, metadata.json, tokenizer files.
+
+    ``source`` goes into the metadata; ``write_tokenizer(directory)`` writes the tokenizer files and
+    returns their names. Written to a temporary sibling and renamed into place: a failure leaves no
+    partial ``out``, an existing ``out`` is replaced only with ``overwrite``.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConvertError(f"{out} already exists (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -139,14 +159,12 @@ def convert_checkpoint(
         meta = {
             "format": FORMAT,
             "converter_version": CONVERTER_VERSION,
-            "source_layout": converted.layout,
-            "source": str(Path(src).resolve()),
-            "vision_source": None if converted.vision_source is None else str(converted.vision_source.resolve()),
-            "param_dtype": converted.cfg.param_dtype,
+            **source,
+            "param_dtype": cfg.param_dtype,
             "num_params": int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))),
-            "model_config": converted.cfg.to_dict(),
+            "model_config": cfg.to_dict(),
         }
-        meta["tokenizer_files"] = copy_tokenizer(Path(src), tmp)
+        meta["tokenizer_files"] = list(write_tokenizer(tmp))
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))

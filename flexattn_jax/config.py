@@ -97,6 +97,11 @@ class FlexConfig:
     method), ``'random'`` (the release's ablation) or ``'all'`` (every HR token: LLaVA-XAttn).
     ``alpha_schedule='release'`` reproduces the released trainer, which never passes ``step`` so
     alpha = min(1, 1.0 * warmup) = 1; ``'warmup'`` uses alpha = min(1, progress * warmup).
+    ``hr_step_cells`` sizes the incremental HR K/V cache of generation (``hr_strategy='incremental'``):
+    a decode step projects at most that many newly selected pooled cells' tokens on its fast path and
+    falls back (``lax.cond``) to projecting all K selected tokens when more are new; exact either way.
+    ``hr_cache_fallback=False`` compiles the fast path alone: for cost analysis only (XLA counts a
+    conditional as its most expensive branch), not exact when more cells are new.
     """
 
     enabled: bool = False
@@ -113,6 +118,8 @@ class FlexConfig:
     random_grid: int = 8
     random_prob: float = 0.1
     alpha_schedule: Literal["release", "warmup"] = "release"
+    hr_step_cells: int = 1
+    hr_cache_fallback: bool = True
 
 
 @dataclass(frozen=True)
@@ -170,6 +177,16 @@ class ModelConfig:
     def num_hr_tokens(self) -> int:
         """M: high-resolution tokens per image."""
         return self.hr_grid**2
+
+    @property
+    def hr_cell_tokens(self) -> int:
+        """HR tokens in the largest pooled selection cell (64 at 7B: a 72-grid over 9 x 9 cells)."""
+        return math.ceil(self.hr_grid / self.flex.pool_size) ** 2
+
+    @property
+    def hr_step_tokens(self) -> int:
+        """New HR tokens the incremental cache projects per decode step on its fast path."""
+        return min(self.hr_budget_tokens, self.flex.hr_step_cells * self.hr_cell_tokens)
 
     @property
     def hr_budget_tokens(self) -> int:
@@ -263,6 +280,8 @@ def validate(cfg: ModelConfig) -> None:
     b = f.hr_budget
     if b is not None and (isinstance(b, bool) or (isinstance(b, float) and not 0 < b <= 1) or (isinstance(b, int) and b < 1)):
         raise ConfigError(f"flex.hr_budget={b!r}: use None (all), a fraction in (0, 1] or a positive count")
+    if isinstance(f.hr_step_cells, bool) or not isinstance(f.hr_step_cells, int) or f.hr_step_cells < 0:
+        raise ConfigError(f"flex.hr_step_cells={f.hr_step_cells!r}: use a count >= 0 of pooled cells per decode step")
 
 
 # ---- overrides ------------------------------------------------------------------------------

@@ -1,13 +1,19 @@
-"""``flexattn-jax demo``: the whole inference path on a built-in synthetic high-resolution task.
+"""``flexattn-jax demo``: train a tiny LLaVA-FlexAttn on a synthetic task only high resolution answers.
 
-No weights can be downloaded, so the demo builds a tiny LLaVA-FlexAttn (random init) and the
-synthetic "what pattern is the small square?" task (:mod:`flexattn_jax.demo_data`), then runs the
-project's batched jitted generation in three modes (FlexAttention, LR only, random selection),
-writes ``attention.png`` (last-token attention map and selected HR regions over the images) and
-``report.json`` (accuracies, FLOPs per sample from XLA's cost analysis, times).
+No weights can be downloaded, so the demo makes everything itself (:mod:`flexattn_jax.demo_data`:
+"what pattern is the small square?", four 1-px stripe patterns that blur to the same grey at the
+low-resolution view) and retraces the paper's recipe at toy scale, with the project's own sharded
+train step (:func:`train.loop.train`, all devices, orbax checkpoints):
 
-Training the tiny model with the project's sharded train step is the next step of this demo
-(issue 9); until it lands, the model is untrained and the accuracies are chance-level by design.
+1. **pretrain** a plain LLaVA (CLIP 56 px + 4-layer Llama, FlexAttention off) on 56 px close-ups,
+   where the patterns are visible: the stand-in for a pretrained LLaVA-1.5;
+2. **fine-tune** it as LLaVA-FlexAttn on 168 px images (a 56 px LR view in the sequence, 3 x 3 HR
+   tiles on the side): ``k_hr``/``v_hr`` start from ``k``/``v``, the vision tower is frozen;
+3. **evaluate** held-out images with the batched jitted generation in three modes: FlexAttention,
+   LR only (nothing selected) and random selection (the paper's ablation);
+4. write ``attention.png`` (where the last token looked and which HR tokens it selected),
+   ``report.json`` (accuracies, FLOPs per sample of each mode, training summaries, times) and
+   ``model/`` (params + config + tokenizer: ``flexattn-jax generate --checkpoint demo_out/model``).
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +33,16 @@ import numpy as np
 from flexattn_jax.config import FlexConfig, ModelConfig, TextConfig, VisionConfig
 from flexattn_jax.demo_data import CLASSES, make_split
 from flexattn_jax.inference import Request, answer
-from flexattn_jax.params import init_params
+from flexattn_jax.params import add_hr_projections, init_params
+from flexattn_jax.preprocess import SYSTEM_PROMPT
 from flexattn_jax.tokenizer import IMAGE_ID, build_tokenizer
+from flexattn_jax.visualize import answer_maps, mask_layer, save_grid
+
+OBJECT_PX = (18, 24)  # the patterned square's side at 168 px: one to four HR tokens, a blur at 56 px
 
 
 def tiny_config(vocab_size: int) -> ModelConfig:
-    """A CLIP (56 px, 14 px patches) + 4-layer Llama small enough for 2 CPU cores."""
+    """A CLIP (56 px, 14 px patches) + 4-layer Llama; FlexAttention at 168 px, selection at layer 1."""
     return ModelConfig(
         vision=VisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, image_size=56, patch_size=14),
         text=TextConfig(
@@ -44,6 +56,62 @@ def tiny_config(vocab_size: int) -> ModelConfig:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Steps and sample counts of one demo run."""
+
+    pretrain_steps: int = 400
+    finetune_steps: int = 600
+    pretrain_samples: int = 4096
+    finetune_samples: int = 2048
+    test_samples: int = 64
+    batch_size: int = 32
+
+
+FULL = Budget()
+QUICK = Budget(pretrain_steps=150, finetune_steps=200, pretrain_samples=1024, finetune_samples=1024, test_samples=16)
+
+
+def modes(cfg: ModelConfig) -> dict[str, ModelConfig]:
+    """The three evaluated variants of one trained model."""
+    flex = cfg.flex
+    return {
+        "flexattention": cfg,
+        "lr-only": dataclasses.replace(cfg, flex=dataclasses.replace(flex, threshold=256.0)),  # nothing passes 255
+        "random-selection": dataclasses.replace(cfg, flex=dataclasses.replace(flex, selection="random")),
+    }
+
+
+def _records(items) -> list[dict[str, Any]]:
+    return [
+        {"id": str(i), "image": img, "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]}
+        for i, (img, q, a, _) in enumerate(items)
+    ]
+
+
+def _train_stage(name, cfg, params, items, steps, lr, trainable, tokenizer, budget, out, progress):
+    """One stage with the project's train loop; checkpoints and metrics under ``out/name``."""
+    from train.config import DataConfig, TrainConfig
+    from train.data import TrainData
+    from train.loop import summarize, train
+
+    stage_dir = out / name
+    shutil.rmtree(stage_dir, ignore_errors=True)  # a fresh run, not a resume of an older demo
+    dcfg = DataConfig(max_len=64, system_prompt=SYSTEM_PROMPT, threads=1)
+    data = TrainData(cfg, dcfg, tokenizer, budget.batch_size, records=_records(items), num_steps=steps)
+    tcfg = TrainConfig(
+        steps=steps, batch_size=budget.batch_size, lr=lr, warmup_ratio=0.05, trainable=trainable, save_every=steps,
+        log_every=max(1, steps // 4), tensorboard=False, progress=progress,
+    )
+    if progress:
+        print(f"[{name}] {steps} steps, batch {budget.batch_size}, {len(items)} samples, {cfg.image_size} px, "
+              f"training {trainable}, on {jax.device_count()} device(s)", flush=True)
+    t0 = time.perf_counter()
+    params, records = train(cfg, params, data, tcfg, out_dir=stage_dir, resume=False, data_config=dcfg, log=progress)
+    summary = {**summarize(records), "seconds": time.perf_counter() - t0, "checkpoint": str(stage_dir / "checkpoints")}
+    return params, summary
+
+
 def _flops_per_sample(params, cfg: ModelConfig, ids_len: int) -> float:
     """XLA cost analysis of one prefill at this config (unrolled layers, abstract shapes)."""
     from flexattn_jax.model import forward
@@ -54,77 +122,85 @@ def _flops_per_sample(params, cfg: ModelConfig, ids_len: int) -> float:
         jax.ShapeDtypeStruct((1, c.image_size, c.image_size, 3), jnp.float32),
     )
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
-    compiled = jax.jit(lambda p, i, x: forward(p, c, i, x).logits).lower(abstract, *args).compile()
+    compiled = jax.jit(lambda p, i, x: forward(p, c, i, x, rng=jax.random.key(0)).logits).lower(abstract, *args).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost.get("flops", 0.0))
 
 
-def _save_attention_png(path: Path, items, answers, cfg: ModelConfig, n: int = 4) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _save_attention_png(path: Path, items, answers, cfg: ModelConfig, n: int = 6) -> None:
+    """The first ``n`` test images: last-token map (top) and selected HR tokens (bottom)."""
+    layer = mask_layer(cfg)
     n = min(n, len(items))
-    fig, axes = plt.subplots(2, n, figsize=(3 * n, 6), squeeze=False)
-    g, hr = cfg.lr_grid, cfg.hr_grid
-    layer = cfg.text.num_layers - 2  # the mask used by the last hierarchical layer
-    for j in range(n):
-        img, question, truth, _ = items[j]
-        ans = answers[j]
-        size = img.size[0]
-        axes[0, j].imshow(img)
-        if ans.image_attention is not None:
-            amap = ans.image_attention[layer].reshape(g, g)
-            axes[0, j].imshow(amap, cmap="magma", alpha=0.55, extent=(0, size, size, 0))
-        axes[0, j].set_title(f"map, layer {layer}\ntruth: {truth}", fontsize=8)
-        axes[1, j].imshow(img)
-        if ans.hr_masks is not None:
-            mask = ans.hr_masks[layer].reshape(hr, hr).astype(float)
-            axes[1, j].imshow(np.ma.masked_where(mask == 0, mask), cmap="cool", alpha=0.45, extent=(0, size, size, 0))
-        axes[1, j].set_title(f"selected HR tokens\nanswer: {ans.text!r}", fontsize=8)
-        for ax in axes[:, j]:
-            ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    maps = [answer_maps(a, cfg, layer) for a in answers[:n]]
+    save_grid(
+        path, [it[0] for it in items[:n]], [m[0] for m in maps], [m[1] for m in maps],
+        map_titles=[f"map, layer {layer}\ntruth: {it[2]}" for it in items[:n]],
+        selection_titles=[f"selected HR tokens\nanswer: {a.text!r}" for a in answers[:n]],
+    )
 
 
-def run(out_dir: str | Path = "demo_out", seed: int = 0, n_test: int = 32, quick: bool = False, progress: bool = True) -> dict:
-    """Build, evaluate in three modes, write ``attention.png`` and ``report.json``; return the report."""
+def run(
+    out_dir: str | Path = "demo_out", seed: int = 0, quick: bool = False, budget: Budget | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Pretrain, fine-tune, evaluate in three modes, write ``attention.png`` and ``report.json``; return the report."""
     t_start = time.perf_counter()
+    budget = budget or (QUICK if quick else FULL)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     cfg = tiny_config(len(tokenizer))
-    params = init_params(cfg, jax.random.key(seed))
-    n_test = 8 if quick else n_test
-    items = make_split(seed + 1, n_test, hr_size=cfg.image_size)
-    requests = [Request(img, question) for img, question, _, _ in items]
-    modes = {
-        "flexattention": cfg,
-        "lr-only": dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, threshold=256.0)),
-        "random-selection": dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, selection="random")),
+    lr_cfg = dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, enabled=False))  # plain LLaVA at 56 px
+
+    t0 = time.perf_counter()
+    close_ups = make_split(1000 + seed, budget.pretrain_samples, hr_size=lr_cfg.image_size, obj_px=OBJECT_PX)
+    train_items = make_split(2000 + seed, budget.finetune_samples, hr_size=cfg.image_size, obj_px=OBJECT_PX)
+    test_items = make_split(3000 + seed, budget.test_samples, hr_size=cfg.image_size, obj_px=OBJECT_PX)
+    data_seconds = time.perf_counter() - t0
+
+    params = init_params(lr_cfg, jax.random.key(seed))
+    params, pretrain = _train_stage("pretrain", lr_cfg, params, close_ups, budget.pretrain_steps, 1e-3, "all",
+                                    tokenizer, budget, out, progress)
+    params = add_hr_projections(jax.device_get(params))
+    params, finetune = _train_stage("finetune", cfg, params, train_items, budget.finetune_steps, 2e-3, "projector,llm",
+                                    tokenizer, budget, out, progress)
+
+    from convert import write_model
+
+    model_dir = write_model(
+        jax.device_get(params), cfg, out / "model", {"source": "flexattn-jax demo", "source_layout": "demo", "seed": seed},
+        lambda d: [Path(f).name for f in tokenizer.save_pretrained(str(d))], overwrite=True,
+    )
+    requests = [Request(img, question) for img, question, _, _ in test_items]
+    ids_len = 64  # the prompt bucket of every demo question
+    report: dict[str, Any] = {
+        "trained": True, "classes": list(CLASSES), "chance": 1 / len(CLASSES), "n_test": len(test_items),
+        "devices": jax.device_count(), "budget": dataclasses.asdict(budget), "data_seconds": data_seconds,
+        "stages": {"pretrain": pretrain, "finetune": finetune}, "model": str(model_dir), "modes": {},
     }
-    report: dict = {"trained": False, "classes": list(CLASSES), "n_test": n_test, "modes": {}}
     flex_answers = None
-    for name, mode_cfg in modes.items():
+    for name, mode_cfg in modes(cfg).items():
         stats: dict = {}
-        answers = answer(params, mode_cfg, tokenizer, requests, batch_size=8, max_new_tokens=3, progress=progress, stats=stats)
-        correct = sum(a.text is not None and a.text.split()[:1] == [truth] for a, (_, _, truth, _) in zip(answers, items, strict=False))
-        report["modes"][name] = {"accuracy": correct / len(items), "seconds": stats["seconds"], "tokens_per_s": stats["tokens_per_s"]}
+        answers = answer(params, mode_cfg, tokenizer, requests, batch_size=8, max_new_tokens=3, progress=False, stats=stats)
+        correct = sum(a.text is not None and a.text.split()[:1] == [truth] for a, (_, _, truth, _) in zip(answers, test_items, strict=True))
+        report["modes"][name] = {
+            "accuracy": correct / len(test_items), "seconds": stats["seconds"], "tokens_per_s": stats["tokens_per_s"],
+            "flops_per_sample_prefill": _flops_per_sample(params, mode_cfg, ids_len),
+        }
         if name == "flexattention":
             flex_answers = answers
-    ids_len = len(tokenizer("x")["input_ids"]) + cfg.num_image_tokens + 64
-    report["flops_per_sample_prefill"] = _flops_per_sample(params, cfg, ids_len)
-    _save_attention_png(out / "attention.png", items, flex_answers, cfg)
+            layer = mask_layer(cfg)
+            report["selected_hr_fraction"] = float(np.mean([a.hr_masks[layer].mean() for a in answers if a.hr_masks is not None]))
+    _save_attention_png(out / "attention.png", test_items, flex_answers, cfg)
     report["seconds_total"] = time.perf_counter() - t_start
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'mode':<18} {'accuracy':>8} {'tokens/s':>9}")
+    print(f"\n{'mode':<18} {'accuracy':>8} {'GFLOPs/sample':>14} {'tokens/s':>9}")
     for name, row in report["modes"].items():
-        print(f"{name:<18} {row['accuracy']:>8.3f} {row['tokens_per_s']:>9.1f}")
-    print(f"(untrained model: chance is {1 / len(CLASSES):.2f})  wrote {out / 'attention.png'} and {out / 'report.json'}")
+        print(f"{name:<18} {row['accuracy']:>8.3f} {row['flops_per_sample_prefill'] / 1e9:>14.3f} {row['tokens_per_s']:>9.1f}")
+    print(f"(chance {report['chance']:.2f}; {len(test_items)} held-out images; total {report['seconds_total']:.0f} s)")
+    print(f"wrote {out / 'attention.png'}, {out / 'report.json'}, the model in {model_dir} "
+          f"(try: flexattn-jax generate --checkpoint {model_dir} --image IMAGE --prompt '...'), "
+          f"training checkpoints under {out / 'finetune' / 'checkpoints'}")
     return report
 
 
@@ -132,12 +208,30 @@ def build_parser(prog: str = "flexattn-jax demo") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model and the data (default: 0)")
-    p.add_argument("--n-test", type=int, default=32, help="held-out images to answer (default: 32)")
-    p.add_argument("--quick", action="store_true", help="smaller budget (8 images)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smaller budget, under 3 minutes on 2 cores ({QUICK.pretrain_steps} + {QUICK.finetune_steps} steps, "
+                        f"{QUICK.test_samples} test images); default {FULL.pretrain_steps} + {FULL.finetune_steps} steps, "
+                        f"{FULL.test_samples} test images, under 10 minutes")
+    p.add_argument("--pretrain-steps", type=int, help="steps of stage 1 (plain LLaVA on 56 px close-ups)")
+    p.add_argument("--steps", type=int, help="steps of stage 2 (FlexAttention fine-tuning at 168 px)")
+    p.add_argument("--n-test", type=int, help="held-out images to answer")
+    p.add_argument("--batch-size", type=int, help="global batch (a multiple of the device count; default 32)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    run(args.out, seed=args.seed, n_test=args.n_test, quick=args.quick)
+    budget = QUICK if args.quick else FULL
+    given = (("--pretrain-steps", "pretrain_steps", args.pretrain_steps), ("--steps", "finetune_steps", args.steps),
+             ("--n-test", "test_samples", args.n_test), ("--batch-size", "batch_size", args.batch_size))
+    overrides = {}
+    for flag, key, value in given:
+        if value is not None and value < 1:
+            raise SystemExit(f"error: {flag} must be >= 1, got {value}")
+        if value is not None:
+            overrides[key] = value
+    batch = overrides.get("batch_size", budget.batch_size)
+    if batch % jax.device_count():
+        raise SystemExit(f"error: --batch-size {batch} is not a multiple of the {jax.device_count()} devices")
+    run(args.out, seed=args.seed, budget=dataclasses.replace(budget, **overrides))
     return 0

@@ -9,9 +9,13 @@ keys. Two HR K/V strategies (static):
 * ``'project'``: project the K selected HR tokens at every step (the release's way; cheap prefill,
   O(K D Hkv d) per hierarchical layer per step);
 * ``'cache'``: project all M HR tokens once at prefill per hierarchical layer, gather K per step
-  (O(M D Hkv d) once, then no projection; memory Lh x M x Hkv x d x 2 per sample).
+  (O(M D Hkv d) once, then no projection; memory Lh x M x Hkv x d x 2 per sample);
+* ``'incremental'``: a per-layer cache of projected HR K/V filled as tokens get selected: the prefill
+  projects the K selected tokens (as 'project'), each decode step only the tokens selected for the
+  first time, at most ``cfg.hr_step_tokens`` (``flex.hr_step_cells`` pooled cells) on the fast path,
+  with an exact ``lax.cond`` fallback to all K when more are new (memory as 'cache').
 
-Both give the same tokens: the projections are linear, only where they happen differs.
+All give the same tokens: the projections are linear, only where they happen differs.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from flexattn_jax.model import (
     run_decoder,
 )
 
-HRStrategy = Literal["project", "cache"]
+HRStrategy = Literal["project", "cache", "incremental"]
 
 
 class DecodeState(NamedTuple):
@@ -44,7 +48,7 @@ class DecodeState(NamedTuple):
 
     cache: KVCache
     hr: HRContext | None
-    hr_kv: tuple[jax.Array, jax.Array] | None  # (Lh, B, M, Hkv, d) each, with strategy 'cache'
+    hr_kv: T.HRKV | None  # (Lh, B, M, Hkv, d) projected HR K/V: strategies 'cache' and 'incremental'
     next_position: Int[Array, " B"]
 
 
@@ -62,7 +66,7 @@ def empty_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
     return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch, max_len), bool), jnp.int32(0))
 
 
-def project_all_hr(text_params: dict, cfg: ModelConfig, hr: HRContext) -> tuple[jax.Array, jax.Array]:
+def project_all_hr(text_params: dict, cfg: ModelConfig, hr: HRContext) -> T.HRKV:
     """Every hierarchical layer's HR keys (image RoPE applied) and values for all M tokens."""
     first = cfg.flex.first_select_layer + 1
     layers = jax.tree.map(lambda a: a[first:], text_params["layers"]["attn"])
@@ -71,7 +75,27 @@ def project_all_hr(text_params: dict, cfg: ModelConfig, hr: HRContext) -> tuple[
     def one(p):
         return attn.apply({"params": p}, hr.features, hr.cos, hr.sin, method=T.AttentionWeights.hr_kv)
 
-    return jax.lax.map(one, layers)
+    k, v = jax.lax.map(one, layers)
+    return T.HRKV(k, v, None)
+
+
+def empty_hr_cache(cfg: ModelConfig, batch: int) -> T.HRKV:
+    """The incremental strategy's cache before any token is projected."""
+    t = cfg.text
+    lh = t.num_layers - cfg.flex.first_select_layer - 1
+    shape = (lh, batch, cfg.num_hr_tokens, t.num_kv_heads, t.head_dim)
+    dt = jnp.dtype(cfg.dtype)
+    return T.HRKV(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros(shape[:3], bool))
+
+
+def _initial_hr_kv(params: dict, cfg: ModelConfig, hr: HRContext | None, strategy: HRStrategy, batch: int) -> T.HRKV | None:
+    if hr is None or strategy == "project":
+        return None
+    if strategy == "cache":
+        return project_all_hr(params["text"], cfg, hr)
+    if strategy == "incremental":
+        return empty_hr_cache(cfg, batch)
+    raise ValueError(f"hr_strategy={strategy!r}: use 'project', 'cache' or 'incremental'")
 
 
 def _maps(out) -> StepMaps | None:
@@ -99,14 +123,14 @@ def prefill(
     x, hr = embed_inputs(params, cfg, input_ids, pixel_values, positions, margin)
     cache = empty_cache(cfg, b, max_len)
     cache = cache._replace(valid=cache.valid.at[:, :t].set(attention_mask))
-    hr_kv = project_all_hr(params["text"], cfg, hr) if (hr is not None and hr_strategy == "cache") else None
+    hr_kv = _initial_hr_kv(params, cfg, hr, hr_strategy, b)
     rows, valid = default_select_rows(cfg, attention_mask) if hr is not None else (None, None)
     out = run_decoder(
         params["text"], cfg, x, positions, cache.valid, cache=cache, hr=hr, hr_kv=hr_kv,
         select_rows=rows, select_valid=valid, rng=rng, collect_maps=hr is not None,
     )
     logits = logits_from_hidden(params["text"], cfg, out.x[:, -1:])[:, 0]
-    state = DecodeState(out.cache, hr, hr_kv, positions[:, -1] + 1)
+    state = DecodeState(out.cache, hr, out.hr_kv, positions[:, -1] + 1)
     return state, logits, _maps(out)
 
 
@@ -126,7 +150,7 @@ def decode_step(
         collect_maps=state.hr is not None,
     )
     logits = logits_from_hidden(params["text"], cfg, out.x)[:, 0]
-    return state._replace(cache=out.cache, next_position=state.next_position + 1), logits, _maps(out)
+    return state._replace(cache=out.cache, hr_kv=out.hr_kv, next_position=state.next_position + 1), logits, _maps(out)
 
 
 def sample_token(

@@ -44,6 +44,7 @@ class DecoderOutput(NamedTuple):
     hidden_states: jax.Array | None  # (L, B, T, D) each layer's output
     image_attention: jax.Array | None  # (L, B, R, G)
     hr_masks: jax.Array | None  # (L, B, R, M)
+    hr_kv: T.HRKV | None  # the HR K/V cache passed in, updated (incremental strategy)
 
 
 class ForwardOutput(NamedTuple):
@@ -160,7 +161,7 @@ def run_decoder(
     *,
     cache: KVCache | None = None,
     hr: HRContext | None = None,
-    hr_kv: tuple[jax.Array, jax.Array] | None = None,
+    hr_kv: T.HRKV | None = None,
     select_rows: jax.Array | None = None,
     select_valid: jax.Array | None = None,
     alpha: float | jax.Array = 1.0,
@@ -173,7 +174,8 @@ def run_decoder(
     ``key_valid`` marks valid key slots: the attention mask without a cache, the cache's valid
     slots (already including the new rows) with one. ``hr_kv`` optionally gives every
     hierarchical layer's projected HR keys/values, ``(Lh, B, M, Hkv, d)``, instead of projecting
-    the HR features in the layer.
+    the HR features in the layer; with ``hr_kv.projected`` it is the incremental cache, which the
+    hierarchical layers fill (the updated cache is returned).
     """
     t_cfg = cfg.text
     b, t, _ = x.shape
@@ -201,62 +203,79 @@ def run_decoder(
     num_layers = t_cfg.num_layers
     first_hier = cfg.flex.first_select_layer + 1
 
+    incremental = flex and hr_kv is not None and hr_kv.projected is not None
+
+    def no_update():
+        slots = ctx.select_rows.shape[1] * cfg.hr_budget_tokens
+        zeros = jnp.zeros((b, slots, *hr_kv.k.shape[-2:]), hr_kv.k.dtype)
+        return jnp.full((b, slots), cfg.num_hr_tokens, jnp.int32), zeros, zeros
+
     def run_layer(kind: int, ctx, x, sel, p, ck_i, cv_i, hkv_i):
         out = layer.apply({"params": p}, x, ctx, sel, None if ck_i is None else (ck_i, cv_i), hkv_i, kind)
         r_shape = (b, ctx.select_rows.shape[1])
         sel_out = out.selection if out.selection is not None else sel
         att = out.image_attention if out.image_attention is not None else jnp.zeros((*r_shape, cfg.lr_grid**2), jnp.float32)
         msk = out.hr_mask if out.hr_mask is not None else jnp.zeros((*r_shape, cfg.num_hr_tokens), bool)
-        return out.x, sel_out, out.k, out.v, att, msk
+        upd = (out.hr_update if out.hr_update is not None else no_update()) if incremental else None
+        return out.x, sel_out, out.k, out.v, att, msk, upd
 
     if cfg.remat_policy != "none":
         run_layer = jax.checkpoint(run_layer, policy=REMAT_POLICIES[cfg.remat_policy], static_argnums=(0,))
 
-    def layer_step(i, kind, x, sel, ck, cv, p, hkv_i):
+    def hr_slot(i):
+        return jnp.clip(i - first_hier, 0, hr_kv.k.shape[0] - 1)
+
+    def layer_step(i, kind, x, sel, ck, cv, hkv, p):
         """One layer, with ``kind`` static (an int) or switched on the traced layer index ``i``."""
         ck_i = None if ck is None else jax.lax.dynamic_index_in_dim(ck, i, keepdims=False)
         cv_i = None if cv is None else jax.lax.dynamic_index_in_dim(cv, i, keepdims=False)
+        hkv_i = None if hkv is None else T.HRKV(
+            *(None if a is None else jax.lax.dynamic_index_in_dim(a, hr_slot(i), keepdims=False) for a in hkv)
+        )
         layer_ctx = ctx if ctx.rng is None else ctx._replace(rng=jax.random.fold_in(ctx.rng, i))  # a new draw per layer
         args = (layer_ctx, x, sel, p, ck_i, cv_i, hkv_i)
         if kind is not None:
-            x, sel, k, v, att, msk = run_layer(kind, *args)
+            x, sel, k, v, att, msk, upd = run_layer(kind, *args)
         else:
             kind_index = jnp.where(i < cfg.flex.first_select_layer, 0, jnp.where(i == cfg.flex.first_select_layer, 1, 2))
             branches = [lambda *a, kd=kd: run_layer(kd, *a) for kd in (T.PLAIN, T.SELECT, T.HIERARCHICAL)]
-            x, sel, k, v, att, msk = jax.lax.switch(kind_index, branches, *args)
+            x, sel, k, v, att, msk, upd = jax.lax.switch(kind_index, branches, *args)
         if ck is not None:
             start = (i, 0, write_index, 0, 0)
             ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start)
             cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start)
-        return x, sel, ck, cv, att, msk
-
-    def hkv_for(i):
-        if hr_kv is None:
-            return None
-        j = jnp.clip(i - first_hier, 0, hr_kv[0].shape[0] - 1)
-        return tuple(jax.lax.dynamic_index_in_dim(a, j, keepdims=False) for a in hr_kv)
+        if upd is not None:  # write the newly projected HR tokens (M = no write: other layer kinds, cached slots)
+            token, k_new, v_new = upd
+            j, b_idx = hr_slot(i), jnp.arange(b)[:, None]
+            hkv = T.HRKV(
+                hkv.k.at[j, b_idx, token].set(k_new.astype(hkv.k.dtype), mode="drop"),
+                hkv.v.at[j, b_idx, token].set(v_new.astype(hkv.v.dtype), mode="drop"),
+                hkv.projected.at[j, b_idx, token].set(True, mode="drop"),
+            )
+        return x, sel, ck, cv, hkv, att, msk
 
     ck = None if cache is None else cache.k
     cv = None if cache is None else cache.v
+    hkv = hr_kv if flex else None
     hiddens, atts, msks = [], [], []
     if cfg.scan_layers:
 
         def body(carry, xs):
-            x, sel, ck, cv = carry
+            x, sel, ck, cv, hkv = carry
             p, i = xs
-            x, sel, ck, cv, att, msk = layer_step(i, None if flex else T.PLAIN, x, sel, ck, cv, p, hkv_for(i))
+            x, sel, ck, cv, hkv, att, msk = layer_step(i, None if flex else T.PLAIN, x, sel, ck, cv, hkv, p)
             ys = (x if collect_hidden else None, att if collect_maps and flex else None, msk if collect_maps and flex else None)
-            return (x, sel, ck, cv), ys
+            return (x, sel, ck, cv, hkv), ys
 
-        (x, sel, ck, cv), (hs, att, msk) = jax.lax.scan(
-            body, (x, sel0, ck, cv), (text_params["layers"], jnp.arange(num_layers))
+        (x, sel, ck, cv, hkv), (hs, att, msk) = jax.lax.scan(
+            body, (x, sel0, ck, cv, hkv), (text_params["layers"], jnp.arange(num_layers))
         )
     else:
         sel = sel0
         for i in range(num_layers):
             p = jax.tree.map(lambda a, i=i: a[i], text_params["layers"])
             kind = T.layer_kind(cfg, i) if flex else T.PLAIN
-            x, sel, ck, cv, a_i, m_i = layer_step(i, kind, x, sel, ck, cv, p, hkv_for(i))
+            x, sel, ck, cv, hkv, a_i, m_i = layer_step(i, kind, x, sel, ck, cv, hkv, p)
             hiddens.append(x)
             atts.append(a_i)
             msks.append(m_i)
@@ -264,7 +283,7 @@ def run_decoder(
         att = jnp.stack(atts) if collect_maps and flex else None
         msk = jnp.stack(msks) if collect_maps and flex else None
     new_cache = None if cache is None else KVCache(ck, cv, cache.valid, cache.index + t)
-    return DecoderOutput(x, new_cache, sel, hs, att, msk)
+    return DecoderOutput(x, new_cache, sel, hs, att, msk, hkv if flex else hr_kv)
 
 
 # ---- the model ----------------------------------------------------------------------------------

@@ -109,3 +109,19 @@ def unflatten(flat: dict[str, object]) -> Params:
 
 def count_params(params: Params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def add_hr_projections(params: Params) -> Params:
+    """A FlexAttention tree from a plain LLaVA one: ``k_hr`` / ``v_hr`` start as copies of ``k`` / ``v``.
+
+    The HR keys and values then begin as what the pretrained layers would compute for those image
+    tokens in the sequence, so fine-tuning starts from a model that can already read them (the
+    release leaves ``k_proj_hd`` / ``v_proj_hd`` at the loader's random init). Returns a new tree;
+    existing ``k_hr`` / ``v_hr`` are an error rather than silently overwritten.
+    """
+    attn = params["text"]["layers"]["attn"]
+    if "k_hr" in attn or "v_hr" in attn:
+        raise ValueError("params already have text/layers/attn/k_hr and v_hr")
+    new_attn = {**attn, "k_hr": {"kernel": jnp.array(attn["k"]["kernel"])}, "v_hr": {"kernel": jnp.array(attn["v"]["kernel"])}}
+    layers = {**params["text"]["layers"], "attn": new_attn}
+    return {**params, "text": {**params["text"], "layers": layers}}

@@ -111,12 +111,40 @@ def load_image(path: str | Path, alpha: Literal["drop", "white"] = "drop") -> Im
                 oriented = im.copy()
             if oriented is im:
                 oriented = im.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError as e:
+        reason = _decoder_reason(path)
+        raise PreprocessError(f"cannot read image file {path}: {reason or f'{type(e).__name__}: {e}'}") from e
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise PreprocessError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
     try:
         return to_rgb(oriented, alpha=alpha)
     except PreprocessError as e:
         raise PreprocessError(f"{path}: {e}") from e
+
+
+def _decoder_reason(path: Path) -> str | None:
+    """Why PIL's plugin for the file's extension could not open it (e.g. TIFF: unknown pixel mode).
+
+    PIL only reports "cannot identify image file"; the recognising plugin's own message is
+    emitted as a warning when ``Image.WARN_POSSIBLE_FORMATS`` is set, so open once more with it.
+    """
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    old = Image.WARN_POSSIBLE_FORMATS
+    Image.WARN_POSSIBLE_FORMATS = True
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                Image.open(path).close()
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+                pass
+    finally:
+        Image.WARN_POSSIBLE_FORMATS = old
+    for w in caught:
+        name, _, why = str(w.message).partition(" opening failed. ")
+        if why and name == fmt:  # the plugin of the file's extension (others just say "not a ... file")
+            return f"unsupported {name} image ({why})"
+    return None
 
 
 def expand_to_square(img: Image.Image, background: Sequence[int] | int = CLIP_MEAN_RGB) -> Image.Image:

@@ -135,6 +135,19 @@ class LayerContext(NamedTuple):
     rng: jax.Array | None  # for the random-selection ablation
 
 
+class HRKV(NamedTuple):
+    """Projected HR keys (image RoPE applied) and values of all M tokens, cached for generation.
+
+    Stacked over the hierarchical layers, ``(Lh, B, M, Hkv, d)``, or one layer's slice ``(B, M, Hkv, d)``.
+    ``projected`` ``(Lh, B, M)`` marks the tokens projected so far (the incremental cache, filled as
+    tokens get selected); ``None`` means every token is (all M projected at prefill).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    projected: jax.Array | None
+
+
 class LayerOutput(NamedTuple):
     x: jax.Array  # (B, T, D)
     k: jax.Array  # (B, T, Hkv, d) this layer's new keys (post-RoPE), for the cache
@@ -142,6 +155,7 @@ class LayerOutput(NamedTuple):
     selection: Selection | None  # for the next layer
     image_attention: jax.Array | None  # (B, R, G) heads-summed map of the select rows
     hr_mask: jax.Array | None  # (B, R, M) the release's boolean mask
+    hr_update: tuple[jax.Array, jax.Array, jax.Array] | None  # incremental cache: (token (B, S), k, v), M = no write
 
 
 class AttentionWeights(nn.Module):
@@ -243,7 +257,7 @@ class DecoderLayer(nn.Module):
         ctx: LayerContext,
         selection: Selection | None,
         cache_kv: tuple[jax.Array, jax.Array] | None,
-        hr_kv: tuple[jax.Array, jax.Array] | None,
+        hr_kv: HRKV | None,
         kind: int,
     ) -> LayerOutput:
         cfg = self.cfg
@@ -258,12 +272,12 @@ class DecoderLayer(nn.Module):
             keys = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), start)
             values = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start)
         o, lse = attention_with_lse(q, keys, values, ctx.mask)
-        new_sel = image_attention = hr_mask = None
+        new_sel = image_attention = hr_mask = hr_update = None
         if kind != PLAIN:
             rows, valid = ctx.select_rows, ctx.select_valid
             q_sel, o_sel, lse_sel = _gather_rows(q, rows), _gather_rows(o, rows), _gather_rows(lse, rows)
             if kind == HIERARCHICAL:
-                o_hr, lse_hr = self._hr_part(q_sel, selection, ctx, hr_kv)
+                o_hr, lse_hr, hr_update = self._hr_part(q_sel, selection, ctx, hr_kv)
                 merged = merge_by_lse(o_sel, lse_sel, o_hr, lse_hr)
                 blended = (1.0 - ctx.alpha) * o_sel.astype(jnp.float32) + ctx.alpha * merged
                 o = _scatter_rows(o, rows, valid, blended)
@@ -276,27 +290,73 @@ class DecoderLayer(nn.Module):
             new_sel, hr_mask = select_hr_tokens(image_attention, ctx.margin, valid, cfg, ctx.rng)
         x = x + self.attn.out(o)
         x = x + self.mlp(self.post_norm(x))
-        return LayerOutput(x, k, v, new_sel, image_attention, hr_mask)
+        return LayerOutput(x, k, v, new_sel, image_attention, hr_mask, hr_update)
 
     def _hr_part(
-        self, q_sel: jax.Array, sel: Selection, ctx: LayerContext, hr_kv: tuple[jax.Array, jax.Array] | None
-    ) -> tuple[jax.Array, jax.Array]:
-        """Attention of the select rows over their selected HR keys: (output, lse)."""
+        self, q_sel: jax.Array, sel: Selection, ctx: LayerContext, hr_kv: HRKV | None
+    ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array, jax.Array] | None]:
+        """Attention of the select rows over their selected HR keys: (output, lse, cache update)."""
         all_tokens = self.cfg.hr_budget_tokens >= self.cfg.num_hr_tokens
-        if hr_kv is None:
-            if all_tokens:  # project all M once; rows share keys, the mask is the validity
-                k_hr, v_hr = self.attn.hr_kv(ctx.hr_features, ctx.hr_cos, ctx.hr_sin)
-            else:  # project only each row's K gathered tokens
-                feats = jax.vmap(lambda f, i: f[i])(ctx.hr_features, sel.index)  # (B, R, K, D)
-                cos = jax.vmap(lambda c, i: c[i])(ctx.hr_cos, sel.index)
-                sin = jax.vmap(lambda c, i: c[i])(ctx.hr_sin, sel.index)
-                k_hr, v_hr = self.attn.hr_kv(feats, cos, sin)
-        elif all_tokens:
-            k_hr, v_hr = hr_kv
+        update = None
+        if hr_kv is not None and hr_kv.projected is not None:
+            k_hr, v_hr, update = self._incremental_hr_kv(sel, ctx, hr_kv)
+        elif hr_kv is not None:
+            take = lambda a: a if all_tokens else jax.vmap(lambda f, i: f[i])(a, sel.index)
+            k_hr, v_hr = take(hr_kv.k), take(hr_kv.v)
+        elif all_tokens:  # project all M once; rows share keys, the mask is the validity
+            k_hr, v_hr = self.attn.hr_kv(ctx.hr_features, ctx.hr_cos, ctx.hr_sin)
+        else:  # project only each row's K gathered tokens
+            k_hr, v_hr = self._project(sel.index, ctx)
+        o, lse = hr_attention(q_sel, k_hr, v_hr, sel.valid)
+        return o, lse, update
+
+    def _project(self, index: jax.Array, ctx: LayerContext) -> tuple[jax.Array, jax.Array]:
+        """HR keys/values of the tokens ``index`` (B, ...) only."""
+        take = jax.vmap(lambda f, i: f[i])
+        return self.attn.hr_kv(take(ctx.hr_features, index), take(ctx.hr_cos, index), take(ctx.hr_sin, index))
+
+    def _incremental_hr_kv(self, sel: Selection, ctx: LayerContext, cache: HRKV):
+        """The selected HR keys/values from this layer's cache, projecting only tokens it has not seen.
+
+        Fast path: at most ``cfg.hr_step_tokens`` newly selected tokens are projected and the rest are
+        read from the cache; when more are new (any sample of the batch), ``lax.cond`` takes the
+        exact fallback that projects all K selected tokens (the 'project' strategy). Rows > 1 (a
+        prefill where every row selects) always take the fallback. Returns the keys, the values and
+        the update (token index per slot, M where nothing is written; the slot's key and value).
+        """
+        cfg = self.cfg
+        b, r, k = sel.index.shape
+        s = r * k
+        flat, ok = sel.index.reshape(b, s), sel.valid.reshape(b, s)
+        need = ok & ~jnp.take_along_axis(cache.projected, flat, axis=1)  # selected, not yet projected here
+        fast = min(cfg.hr_step_tokens, s)
+        dtype = cache.k.dtype
+
+        def project_all():
+            k_all, v_all = self._project(flat, ctx)
+            return k_all.astype(dtype), v_all.astype(dtype)
+
+        def project_new():
+            take = jax.vmap(lambda f, i: f[i])
+            old_k, old_v = take(cache.k, flat), take(cache.v, flat)
+            if fast == 0:
+                return old_k, old_v
+            top, slot = jax.lax.top_k(need.astype(jnp.float32), fast)  # needed slots first
+            k_new, v_new = self._project(jnp.take_along_axis(flat, slot, axis=1), ctx)
+            slot = jnp.where(top > 0, slot, s)  # out of range: not written
+            b_idx = jnp.arange(b)[:, None]
+            return (old_k.at[b_idx, slot].set(k_new.astype(dtype), mode="drop"),
+                    old_v.at[b_idx, slot].set(v_new.astype(dtype), mode="drop"))
+
+        if r > 1 or fast >= s:
+            k_flat, v_flat = project_all()
+        elif not cfg.flex.hr_cache_fallback:
+            k_flat, v_flat = project_new()
         else:
-            k_hr = jax.vmap(lambda f, i: f[i])(hr_kv[0], sel.index)
-            v_hr = jax.vmap(lambda f, i: f[i])(hr_kv[1], sel.index)
-        return hr_attention(q_sel, k_hr, v_hr, sel.valid)
+            k_flat, v_flat = jax.lax.cond(jnp.any(need.sum(axis=1) > fast), project_all, project_new)
+        update = (jnp.where(need, flat, cfg.num_hr_tokens), k_flat, v_flat)
+        shape = (b, r, k, *k_flat.shape[2:])
+        return k_flat.reshape(shape), v_flat.reshape(shape), update
 
 
 def layer_kind(cfg: ModelConfig, layer: int) -> int:

@@ -115,7 +115,7 @@ def test_constant_map_selects_nothing_and_equals_plain(tiny):
     _check(ref, out)
 
 
-@pytest.mark.parametrize("strategy", ["project", "cache"])
+@pytest.mark.parametrize("strategy", ["project", "cache", "incremental"])
 def test_cached_generation_matches_oracle(tiny, strategy):
     model, hd, params, cfg = tiny
     oc = OracleFlexConfig(lowres_size=56, highres_size=168, first_select_layer=1, threshold=48)
