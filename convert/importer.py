@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from tqdm.auto import tqdm
 
 from convert.mapping import BY_OURS, Rule, Target, canonical, export_name, is_ignored, lookup, to_ours, torch_shape
 from convert.reader import ConvertError, TensorInfo, checkpoint_files, open_file
-from flexattn_jax.config import ConfigError, ModelConfig, apply_overrides, detect_layout, from_hf_config
+from flexattn_jax.config import ConfigError, ModelConfig, detect_layout, from_hf_config
 from flexattn_jax.params import abstract_params, flatten, unflatten
 
 IN_CHECKPOINT_VISION = "model.vision_tower.vision_tower.vision_model."
@@ -174,10 +173,12 @@ def read_checkpoint(
                 )
             sources.append(_scan("vision tower", vision_dir, ["clip"], ("clip",), problems))
     try:
-        cfg = from_hf_config(src / "config.json", vision_config=vision_dir)
-        cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
-        if overrides:
-            cfg = apply_overrides(cfg, overrides)
+        dtypes = {"dtype": dtype, "param_dtype": dtype}
+        if isinstance(overrides, dict):
+            every = {**dtypes, **overrides}
+        else:
+            every = [f"{k}={v}" for k, v in dtypes.items()] + list(overrides or [])
+        cfg = from_hf_config(src / "config.json", vision_config=vision_dir, overrides=every)
     except ConfigError as e:
         raise ConvertError(f"{src / 'config.json'}: {e}") from e
     if problems:

@@ -80,9 +80,13 @@ def _concrete(x) -> bool:
 # ---- pieces ------------------------------------------------------------------------------------
 
 def embed_tokens(text_params: dict, cfg: ModelConfig, input_ids: Int[Array, "B T"]) -> Float[Array, "B T D"]:
-    """Token embeddings; image placeholders (possibly out of vocabulary, e.g. -200) embed as id 0."""
-    ids = jnp.where(input_ids == cfg.image_token_id, 0, input_ids)
+    """Token embeddings; ids outside the vocabulary (the original LLaVA's image placeholder -200) embed as id 0.
+
+    An in-vocabulary image token id embeds its own row, as transformers does: the prompt's placeholders
+    are overwritten by image features afterwards, and a generated one is an ordinary token.
+    """
     table = text_params["embed"]["embedding"]
+    ids = jnp.where((input_ids < 0) | (input_ids >= table.shape[0]), 0, input_ids)
     return jnp.take(table, ids, axis=0).astype(jnp.dtype(cfg.dtype))
 
 

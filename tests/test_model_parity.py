@@ -142,3 +142,20 @@ def test_bad_inputs_raise_clear_errors():
     del bad["text_config"]["hidden_size"]
     with pytest.raises(ConfigError, match="hidden_size"):
         from_hf_config(bad)
+
+
+def test_flexattention_config_of_a_shallow_model_takes_overrides_before_validation():
+    """The release's extra has first_select_layer 8 by default; a 4-layer model needs it overridden first."""
+    from flexattn_jax.config import ConfigError, apply_overrides, from_hf_config
+
+    d = make_tiny_llava(layers=4).config.to_dict()
+    d["extra"] = "zoom_ratio:3#threshold:48"
+    with pytest.raises(ConfigError, match="first_select_layer=8"):
+        from_hf_config(d)
+    cfg = from_hf_config(d, overrides=["flex.first_select_layer=1", "dtype=bfloat16"])
+    assert cfg.flex.enabled and cfg.flex.first_select_layer == 1 and cfg.flex.threshold == 48 and cfg.dtype == "bfloat16"
+    # several fields that only make sense together change at once
+    both = apply_overrides(cfg, {"flex.lowres_size": 28, "vision.image_size": 28, "flex.highres_size": 84})
+    assert both.image_size == 84
+    with pytest.raises(ConfigError, match="unknown config field 'flex.nope'"):
+        apply_overrides(cfg, ["flex.nope=1"])
