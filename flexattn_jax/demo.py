@@ -69,7 +69,7 @@ class Budget:
 
 
 FULL = Budget()
-QUICK = Budget(pretrain_steps=150, finetune_steps=200, pretrain_samples=1024, finetune_samples=1024, test_samples=16)
+QUICK = Budget(pretrain_steps=150, finetune_steps=250, pretrain_samples=1024, finetune_samples=1024, test_samples=32)
 
 
 def modes(cfg: ModelConfig) -> dict[str, ModelConfig]:

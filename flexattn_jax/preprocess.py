@@ -421,9 +421,3 @@ def pad_batch(
         else:
             out[i, :n], mask[i, :n] = a, True
     return out, mask
-
-
-def positions_from_mask(mask: np.ndarray) -> np.ndarray:
-    """RoPE positions for a padded batch: ``cumsum(mask) - 1`` clipped at 0 (int32)."""
-    mask = np.asarray(mask)
-    return np.maximum(np.cumsum(mask.astype(np.int32), axis=-1) - 1, 0).astype(np.int32)

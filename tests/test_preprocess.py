@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from flexattn_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX_ORIGINAL
+from flexattn_jax.model import positions_from_mask
 from flexattn_jax.preprocess import (
     BUCKETS,
     CLIP_MEAN_RGB,
@@ -20,7 +21,6 @@ from flexattn_jax.preprocess import (
     format_prompt,
     load_image,
     pad_batch,
-    positions_from_mask,
     preprocess_image,
     preprocess_images,
     tokenize_conversation,
