@@ -51,3 +51,16 @@ def with_flex(params: dict, cfg: ModelConfig, hd_weights: dict, oracle_cfg: Orac
     attn["v_hr"] = {"kernel": jnp.asarray(np.stack([hd_weights[i][1].numpy().T for i in range(n)]))}
     layers = {**params["text"]["layers"], "attn": attn}
     return {**params, "text": {**params["text"], "layers": layers}}, cfg
+
+
+def tiny_flex_model(layers: int = 4, **oracle_kwargs):
+    """``(torch model, its HR weights, our params, cfg)``: the tiny transformers LLaVA (56 px CLIP) with random
+    HR projections, FlexAttention on at 168 px (zoom 3: M = 144), selection at layer 1, threshold 48."""
+    from .torch_models import make_hd_weights, make_tiny_llava
+
+    model = make_tiny_llava(layers=layers)
+    hd = make_hd_weights(model)
+    params, cfg = convert_torch_model(model)
+    oc = OracleFlexConfig(**{"lowres_size": 56, "highres_size": 168, "first_select_layer": 1, "threshold": 48, **oracle_kwargs})
+    params, cfg = with_flex(params, cfg, hd, oc)
+    return model, hd, params, cfg

@@ -20,9 +20,8 @@ from flexattn_jax.selection import margin_patches
 from flexattn_jax.sharding import make_mesh
 from flexattn_jax.tokenizer import build_tokenizer
 
-from .jax_models import convert_torch_model, with_flex
-from .oracle import OracleFlexConfig
-from .torch_models import make_hd_weights, make_images, make_prompt, make_tiny_llava
+from .jax_models import convert_torch_model, tiny_flex_model
+from .torch_models import make_images, make_prompt, make_tiny_llava
 
 NEW_TOKENS = 8
 
@@ -55,10 +54,7 @@ def test_greedy_generation_matches_transformers_generate():
 @pytest.fixture(scope="module")
 def flex_tiny():
     """The tiny transformers LLaVA with random HR projections, FlexAttention on (zoom 3: M = 144)."""
-    model = make_tiny_llava(layers=4)
-    params, cfg = convert_torch_model(model)
-    oc = OracleFlexConfig(lowres_size=56, highres_size=168, first_select_layer=1, threshold=48)
-    params, cfg = with_flex(params, cfg, make_hd_weights(model), oc)
+    model, _, params, cfg = tiny_flex_model()
     return model, params, cfg
 
 

@@ -12,19 +12,15 @@ import pytest
 from flexattn_jax.generate import generate
 from flexattn_jax.selection import margin_patches
 
-from .jax_models import convert_torch_model, with_flex
-from .oracle import OracleFlexConfig
-from .torch_models import make_hd_weights, make_images, make_prompt, make_tiny_llava
+from .jax_models import tiny_flex_model
+from .torch_models import make_images, make_prompt
 
 STEPS = 10
 
 
 @pytest.fixture(scope="module")
 def flex_model():
-    model = make_tiny_llava(layers=4)
-    params, cfg = convert_torch_model(model)
-    oc = OracleFlexConfig(lowres_size=56, highres_size=168, first_select_layer=1, threshold=48)
-    params, cfg = with_flex(params, cfg, make_hd_weights(model), oc)
+    model, _, params, cfg = tiny_flex_model()
     ids = np.concatenate([make_prompt(model).numpy()] * 2)
     pix = make_images(2, 168).numpy().transpose(0, 2, 3, 1)
     margin = margin_patches(np.array([(400, 260), (200, 300)]), cfg.lr_grid)
