@@ -215,9 +215,9 @@ class MLP(nn.Module):
         return dense(t.hidden_size, name="down")(h)
 
 
-def _gather_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
-    """x (B, T, ...) at rows (B, R) -> (B, R, ...)."""
-    return jnp.take_along_axis(x, rows.reshape(*rows.shape, *([1] * (x.ndim - 2))), axis=1)
+def _take(x: jax.Array, index: jax.Array) -> jax.Array:
+    """Per sample, ``x[b][index[b]]``: x (B, N, ...) at index (B, ...) -> (B, ..., ...)."""
+    return jax.vmap(lambda a, i: a[i])(x, index)
 
 
 def _scatter_rows(x: jax.Array, rows: jax.Array, valid: jax.Array, values: jax.Array) -> jax.Array:
@@ -275,7 +275,7 @@ class DecoderLayer(nn.Module):
         new_sel = image_attention = hr_mask = hr_update = None
         if kind != PLAIN:
             rows, valid = ctx.select_rows, ctx.select_valid
-            q_sel, o_sel, lse_sel = _gather_rows(q, rows), _gather_rows(o, rows), _gather_rows(lse, rows)
+            q_sel, o_sel, lse_sel = _take(q, rows), _take(o, rows), _take(lse, rows)
             if kind == HIERARCHICAL:
                 o_hr, lse_hr, hr_update = self._hr_part(q_sel, selection, ctx, hr_kv)
                 merged = merge_by_lse(o_sel, lse_sel, o_hr, lse_hr)
@@ -301,8 +301,7 @@ class DecoderLayer(nn.Module):
         if hr_kv is not None and hr_kv.projected is not None:
             k_hr, v_hr, update = self._incremental_hr_kv(sel, ctx, hr_kv)
         elif hr_kv is not None:
-            take = lambda a: a if all_tokens else jax.vmap(lambda f, i: f[i])(a, sel.index)
-            k_hr, v_hr = take(hr_kv.k), take(hr_kv.v)
+            k_hr, v_hr = (hr_kv.k, hr_kv.v) if all_tokens else (_take(hr_kv.k, sel.index), _take(hr_kv.v, sel.index))
         elif all_tokens:  # project all M once; rows share keys, the mask is the validity
             k_hr, v_hr = self.attn.hr_kv(ctx.hr_features, ctx.hr_cos, ctx.hr_sin)
         else:  # project only each row's K gathered tokens
@@ -312,8 +311,7 @@ class DecoderLayer(nn.Module):
 
     def _project(self, index: jax.Array, ctx: LayerContext) -> tuple[jax.Array, jax.Array]:
         """HR keys/values of the tokens ``index`` (B, ...) only."""
-        take = jax.vmap(lambda f, i: f[i])
-        return self.attn.hr_kv(take(ctx.hr_features, index), take(ctx.hr_cos, index), take(ctx.hr_sin, index))
+        return self.attn.hr_kv(_take(ctx.hr_features, index), _take(ctx.hr_cos, index), _take(ctx.hr_sin, index))
 
     def _incremental_hr_kv(self, sel: Selection, ctx: LayerContext, cache: HRKV):
         """The selected HR keys/values from this layer's cache, projecting only tokens it has not seen.
@@ -328,7 +326,7 @@ class DecoderLayer(nn.Module):
         b, r, k = sel.index.shape
         s = r * k
         flat, ok = sel.index.reshape(b, s), sel.valid.reshape(b, s)
-        need = ok & ~jnp.take_along_axis(cache.projected, flat, axis=1)  # selected, not yet projected here
+        need = ok & ~_take(cache.projected, flat)  # selected, not yet projected here
         fast = min(cfg.hr_step_tokens, s)
         dtype = cache.k.dtype
 
@@ -337,12 +335,11 @@ class DecoderLayer(nn.Module):
             return k_all.astype(dtype), v_all.astype(dtype)
 
         def project_new():
-            take = jax.vmap(lambda f, i: f[i])
-            old_k, old_v = take(cache.k, flat), take(cache.v, flat)
+            old_k, old_v = _take(cache.k, flat), _take(cache.v, flat)
             if fast == 0:
                 return old_k, old_v
             top, slot = jax.lax.top_k(need.astype(jnp.float32), fast)  # needed slots first
-            k_new, v_new = self._project(jnp.take_along_axis(flat, slot, axis=1), ctx)
+            k_new, v_new = self._project(_take(flat, slot), ctx)
             slot = jnp.where(top > 0, slot, s)  # out of range: not written
             b_idx = jnp.arange(b)[:, None]
             return (old_k.at[b_idx, slot].set(k_new.astype(dtype), mode="drop"),
