@@ -113,7 +113,8 @@ def _train_stage(name, cfg, params, items, steps, lr, trainable, tokenizer, budg
 
 
 def _flops_per_sample(params, cfg: ModelConfig, ids_len: int) -> float:
-    """XLA cost analysis of one prefill at this config (unrolled layers, abstract shapes)."""
+    """XLA cost analysis of one compiled prefill at this config (unrolled layers, abstract shapes)."""
+    from bench.common import cost_flops
     from flexattn_jax.model import forward
 
     c = dataclasses.replace(cfg, scan_layers=False)
@@ -122,10 +123,7 @@ def _flops_per_sample(params, cfg: ModelConfig, ids_len: int) -> float:
         jax.ShapeDtypeStruct((1, c.image_size, c.image_size, 3), jnp.float32),
     )
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
-    compiled = jax.jit(lambda p, i, x: forward(p, c, i, x, rng=jax.random.key(0)).logits).lower(abstract, *args).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost.get("flops", 0.0))
+    return cost_flops(lambda p, i, x: forward(p, c, i, x, rng=jax.random.key(0)).logits, abstract, *args, method="compiled")
 
 
 def _save_attention_png(path: Path, items, answers, cfg: ModelConfig, n: int = 6) -> None:
