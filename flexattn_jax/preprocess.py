@@ -52,6 +52,33 @@ class PreprocessError(ValueError):
     """An input (image file, prompt, conversation, batch) cannot be preprocessed; the message says why."""
 
 
+# Images beyond these are refused per item, before their pixels are decoded (None: no limit). The pixel
+# limit is PIL's own decompression-bomb threshold; PIL still refuses above twice ``Image.MAX_IMAGE_PIXELS``.
+MAX_IMAGE_PIXELS: int | None = 89_478_485
+MAX_ASPECT_RATIO: float | None = 100.0
+
+
+def check_image_size(
+    width: int, height: int, where: str = "image", max_pixels: int | None = None, max_aspect: float | None = None
+) -> None:
+    """Refuse an empty image, more than ``max_pixels`` pixels or a long/short side ratio above ``max_aspect``.
+
+    The limits default to the module's :data:`MAX_IMAGE_PIXELS` and :data:`MAX_ASPECT_RATIO` (read at call
+    time, so a program may change them); the message names ``where`` and the limit.
+    """
+    max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    max_aspect = MAX_ASPECT_RATIO if max_aspect is None else max_aspect
+    if width <= 0 or height <= 0:
+        raise PreprocessError(f"{where}: empty image ({width}x{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise PreprocessError(f"{where}: {width}x{height} is {width * height:,} pixels, more than the limit of {max_pixels:,}")
+    if max_aspect is not None and max(width, height) > max_aspect * min(width, height):
+        raise PreprocessError(
+            f"{where}: {width}x{height} has an aspect ratio of {max(width, height) / min(width, height):.0f}:1, "
+            f"more than the limit of {max_aspect:g}:1"
+        )
+
+
 # ---- images ------------------------------------------------------------------------------------
 
 _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -90,10 +117,16 @@ def to_rgb(img: Image.Image, alpha: Literal["drop", "white"] = "drop") -> Image.
         raise PreprocessError(f"cannot convert an image of mode {mode!r} to RGB: {e}") from e
 
 
-def load_image(path: str | Path, alpha: Literal["drop", "white"] = "drop") -> Image.Image:
+def load_image(
+    path: str | Path,
+    alpha: Literal["drop", "white"] = "drop",
+    max_pixels: int | None = None,
+    max_aspect: float | None = None,
+) -> Image.Image:
     """Open an image file as RGB, EXIF orientation applied (see :func:`to_rgb` for modes and alpha).
 
-    A missing, unreadable or corrupt file raises :class:`PreprocessError` naming the path.
+    A missing, unreadable or corrupt file raises :class:`PreprocessError` naming the path; so does one
+    beyond the size limits of :func:`check_image_size`, checked from the header before decoding.
     """
     path = Path(path)
     if not path.exists():
@@ -101,7 +134,11 @@ def load_image(path: str | Path, alpha: Literal["drop", "white"] = "drop") -> Im
     if not path.is_file():
         raise PreprocessError(f"image path is not a file: {path}")
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # our own limit below replaces PIL's DecompressionBombWarning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im_ctx = Image.open(path)
+        with im_ctx as im:
+            check_image_size(*im.size, where=f"image file {path}", max_pixels=max_pixels, max_aspect=max_aspect)
             im.load()
             try:
                 oriented = ImageOps.exif_transpose(im)
@@ -114,7 +151,11 @@ def load_image(path: str | Path, alpha: Literal["drop", "white"] = "drop") -> Im
     except UnidentifiedImageError as e:
         reason = _decoder_reason(path)
         raise PreprocessError(f"cannot read image file {path}: {reason or f'{type(e).__name__}: {e}'}") from e
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise PreprocessError(f"image file {path}: {e}") from e
+    except PreprocessError:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:
         raise PreprocessError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
     try:
         return to_rgb(oriented, alpha=alpha)
@@ -148,7 +189,10 @@ def _decoder_reason(path: Path) -> str | None:
 
 
 def expand_to_square(img: Image.Image, background: Sequence[int] | int = CLIP_MEAN_RGB) -> Image.Image:
-    """Pad to a square, centred, exactly like LLaVA's ``expand2square`` (offset ``(long - short) // 2``)."""
+    """Pad to a square, centred, exactly like LLaVA's ``expand2square`` (offset ``(long - short) // 2``).
+
+    Allocates ``long x long`` pixels: to pad and resize use :func:`pad_and_resize`, which is bounded.
+    """
     width, height = img.size
     if width == height:
         return img
@@ -157,6 +201,48 @@ def expand_to_square(img: Image.Image, background: Sequence[int] | int = CLIP_ME
     result = Image.new(img.mode, (side, side), fill)
     result.paste(img, (0, (width - height) // 2) if width > height else ((height - width) // 2, 0))
     return result
+
+
+_CHUNK_PIXELS = 1 << 20  # padded pixels per horizontal-pass chunk of a tall image
+
+
+def pad_and_resize(img: Image.Image, size: int, background: Sequence[int] | int = CLIP_MEAN_RGB) -> Image.Image:
+    """``expand_to_square(img).resize((size, size), BICUBIC)``, bit for bit, without the ``long x long`` square.
+
+    PIL resizes in two passes, horizontal then vertical, rounding to 8 bits in between, and each
+    pass is independent per row (per column). So the horizontal pass of the padded square is built
+    here row by row: a wide image's content rows need no horizontal padding (resized as they are) and
+    its padding rows are all the resized fill row; a tall image's rows are padded and resized in
+    chunks of about 1 M pixels. Stacked, they are PIL's intermediate ``size x long`` image, which is
+    then resized vertically only (``need_horizontal`` is false: same coefficients, same result).
+    Memory: the input, ``size x long`` and one chunk, instead of ``long x long``.
+    """
+    width, height = img.size
+    side = max(width, height)
+    if width == height or side <= size:  # the square is no larger than the output: LLaVA's own path
+        square = expand_to_square(img, background)
+        return square if square.size == (size, size) else square.resize((size, size), resample=Image.Resampling.BICUBIC)
+    fill = tuple(background) if not isinstance(background, int) else background
+    bicubic = Image.Resampling.BICUBIC
+    if width > height:
+        top = (width - height) // 2
+        fill_row = np.asarray(Image.new(img.mode, (side, 1), fill).resize((size, 1), resample=bicubic))
+        rows = np.asarray(img.resize((size, height), resample=bicubic))  # horizontal pass only
+        inter = np.empty((side, *rows.shape[1:]), rows.dtype)
+        inter[:top] = fill_row
+        inter[top : top + height] = rows
+        inter[top + height :] = fill_row
+    else:
+        left = (height - width) // 2
+        step = max(1, _CHUNK_PIXELS // side)
+        parts = []
+        for r in range(0, height, step):
+            k = min(step, height - r)
+            chunk = Image.new(img.mode, (side, k), fill)
+            chunk.paste(img.crop((0, r, width, r + k)), (left, 0))
+            parts.append(np.asarray(chunk.resize((size, k), resample=bicubic)))  # horizontal pass only
+        inter = np.concatenate(parts, axis=0)
+    return Image.fromarray(inter, img.mode).resize((size, size), resample=bicubic)  # vertical pass only
 
 
 def preprocess_image(
@@ -168,18 +254,16 @@ def preprocess_image(
     """LLaVA 'pad' preprocessing: ``(pixels float32 (size, size, 3), ori_size (width, height))``.
 
     Pad to square with ``int(mean * 255)``, resize with PIL bicubic to ``size`` (CLIPImageProcessor's
-    shortest-edge resize + centre crop, which on a square image is a plain resize), rescale by 1/255
-    and normalise. ``ori_size`` is the size before padding (used by the selection's margin).
+    shortest-edge resize + centre crop, which on a square image is a plain resize; done by
+    :func:`pad_and_resize` in bounded memory), rescale by 1/255 and normalise. Images beyond
+    :func:`check_image_size`'s limits are refused. ``ori_size`` is the size before padding (used by the selection's margin).
     """
     if size <= 0:
         raise PreprocessError(f"size={size} must be positive")
-    img = to_rgb(img)
     ori_size = (int(img.size[0]), int(img.size[1]))
-    if min(ori_size) <= 0:
-        raise PreprocessError(f"image has an empty size {ori_size}")
-    square = expand_to_square(img, tuple(int(x * 255) for x in mean))
-    if square.size != (size, size):
-        square = square.resize((size, size), resample=Image.Resampling.BICUBIC)
+    check_image_size(*ori_size)
+    img = to_rgb(img)
+    square = pad_and_resize(img, size, tuple(int(x * 255) for x in mean))
     arr = np.asarray(square, dtype=np.float32) * np.float32(1.0 / 255.0)
     pixels = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return pixels.astype(np.float32), ori_size

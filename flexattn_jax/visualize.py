@@ -18,7 +18,7 @@ from jaxtyping import Bool, Float
 from PIL import Image
 
 from flexattn_jax.config import ModelConfig
-from flexattn_jax.preprocess import expand_to_square, to_rgb
+from flexattn_jax.preprocess import expand_to_square, pad_and_resize, to_rgb
 
 
 def mask_layer(cfg: ModelConfig) -> int:
@@ -47,8 +47,14 @@ def _pyplot():
     return plt
 
 
+_MAX_DRAW_SIDE = 1024  # a larger padded square is drawn downscaled (bounded memory, see pad_and_resize)
+
+
 def _square(image: Image.Image) -> np.ndarray:
-    return np.asarray(expand_to_square(to_rgb(image)))
+    image = to_rgb(image)
+    if max(image.size) > _MAX_DRAW_SIDE:
+        return np.asarray(pad_and_resize(image, _MAX_DRAW_SIDE))
+    return np.asarray(expand_to_square(image))
 
 
 def _grid(values: np.ndarray, what: str) -> np.ndarray:

@@ -350,3 +350,70 @@ def test_pad_batch_and_positions():
     np.testing.assert_array_equal(positions_from_mask(mask_r), [[0, 1, 2], [0, 0, 0]])
     with pytest.raises(PreprocessError, match="sequence 1 has 5 tokens"):
         pad_batch([[1], [1, 2, 3, 4, 5]], 4)
+
+
+# ---- bounded padding + resize (issue 17): bit for bit LLaVA's pad-then-resize ---------------------
+
+_SIZES = [(640, 480), (480, 640), (1920, 1080), (1080, 1920), (337, 336), (336, 337), (1009, 1008), (500, 333), (333, 500),
+          (1500, 400), (123, 1234), (2000, 21), (21, 2000), (1000, 1), (1, 1000), (15, 9)]
+
+
+@pytest.mark.parametrize("out", [14, 56, 336, 1008])
+def test_pad_and_resize_is_bitwise_llava(out):
+    """pad_and_resize == expand2square + PIL bicubic resize, exactly, over aspect ratios, up/down-scaling, odd sizes."""
+    from flexattn_jax.preprocess import pad_and_resize
+
+    rng = np.random.default_rng(out)
+    for w, h in _SIZES:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        ref = _llava_expand2square(img, CLIP_MEAN_RGB).resize((out, out), resample=Image.Resampling.BICUBIC)
+        np.testing.assert_array_equal(np.asarray(pad_and_resize(img, out)), np.asarray(ref), err_msg=f"{w}x{h} -> {out}")
+
+
+def test_pad_and_resize_chunks_tall_images(monkeypatch):
+    """A tall image's horizontal pass runs in chunks of rows; any chunk size gives the same bits."""
+    import flexattn_jax.preprocess as pp
+
+    img = Image.fromarray(np.random.default_rng(5).integers(0, 256, (700, 90, 3), dtype=np.uint8))
+    ref = np.asarray(_llava_expand2square(img, CLIP_MEAN_RGB).resize((56, 56), resample=Image.Resampling.BICUBIC))
+    for chunk in (1, 700 * 7, 700 * 64):
+        monkeypatch.setattr(pp, "_CHUNK_PIXELS", chunk)
+        np.testing.assert_array_equal(np.asarray(pp.pad_and_resize(img, 56)), ref)
+
+
+def test_pad_and_resize_memory_is_bounded():
+    """A 20000x2 image: the padded square would be 1.2 GB; the bounded path stays under 60 MB (traced)."""
+    import tracemalloc
+
+    from flexattn_jax.preprocess import pad_and_resize
+
+    img = Image.new("RGB", (20000, 2), (200, 10, 10))
+    tracemalloc.start()
+    try:
+        out = pad_and_resize(img, 336)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.size == (336, 336) and peak < 60e6, peak
+
+
+def test_image_size_limits(tmp_path, monkeypatch):
+    """Absurd aspect ratios and pixel counts are a PreprocessError naming the file and the limit, before decoding."""
+    import warnings
+
+    import flexattn_jax.preprocess as pp
+
+    path = _save(Image.new("RGB", (3000, 2)), tmp_path / "wide.png")
+    with pytest.raises(PreprocessError, match=r"wide\.png: 3000x2 has an aspect ratio of 1500:1, more than the limit of 100:1"):
+        load_image(path)
+    assert load_image(path, max_aspect=2000).size == (3000, 2)  # the limit is configurable
+    with pytest.raises(PreprocessError, match="aspect ratio"):
+        preprocess_image(Image.new("RGB", (3000, 2)), 14)
+    monkeypatch.setattr(pp, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(PreprocessError, match=r"wide\.png: 3000x2 is 6,000 pixels, more than the limit of 1,000"):
+        load_image(path)
+    monkeypatch.setattr(pp, "MAX_IMAGE_PIXELS", None)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # PIL would warn (DecompressionBombWarning) at 6000 pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image(path, max_aspect=2000).size == (3000, 2)
