@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -220,6 +222,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError`."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a model config must be an object of fields, got {type(d).__name__}")
         subs = {"vision": VisionConfig, "text": TextConfig, "projector": ProjectorConfig, "flex": FlexConfig}
         kwargs: dict[str, Any] = {}
         names = {f.name for f in dataclasses.fields(cls)}
@@ -227,6 +231,8 @@ class ModelConfig:
             if key not in names:
                 raise ConfigError(f"unknown ModelConfig field {key!r}")
             if key in subs:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"config field {key!r} must be an object of fields, got {type(value).__name__}")
                 _check_keys(subs[key], value, key)
                 kwargs[key] = subs[key](**value)
             else:
@@ -241,9 +247,67 @@ def _check_keys(cls: type, d: dict[str, Any], where: str) -> None:
         raise ConfigError(f"unknown {where} field(s) {unknown}; known: {sorted(names)}")
 
 
+# Checkpoint-config names of fields whose name here differs (said in messages so a config.json is easy to fix).
+_HF_NAMES = {
+    "text.num_layers": "num_hidden_layers", "text.num_heads": "num_attention_heads", "text.num_kv_heads": "num_key_value_heads",
+    "vision.num_layers": "num_hidden_layers", "vision.num_heads": "num_attention_heads",
+}
+_POSITIVE = {
+    "vision": ("hidden_size", "intermediate_size", "num_layers", "num_heads", "image_size", "patch_size", "num_channels",
+               "layer_norm_eps"),
+    "text": ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+             "rms_norm_eps", "rope_theta", "rope_scaling_factor", "max_position_embeddings"),
+    "flex": ("zoom_ratio", "lowres_size", "highres_size", "pool_size", "random_grid"),
+}
+
+
+def _named(path: str, value: Any) -> str:
+    """``path=value``, plus the checkpoint config's name of the field where it differs."""
+    alias = _HF_NAMES.get(path)
+    return f"{path}={value!r}" + (f" ({alias} in config.json)" if alias else "")
+
+
+def _type_error(path: str, value: Any, typ: Any) -> str | None:
+    """Why ``value`` is not of the field type ``typ`` (None when it is); unions are checked by :func:`validate`."""
+    origin = getattr(typ, "__origin__", None)
+    if origin is Literal:
+        return None if value in typ.__args__ else f"use one of {', '.join(map(repr, typ.__args__))}"
+    if typ is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if typ is int:
+        return None if isinstance(value, numbers.Integral) and not isinstance(value, bool) else "must be an integer"
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return "must be a number"
+        return None if math.isfinite(value) else "must be finite"
+    if typ is str:
+        return None if isinstance(value, str) else "must be a string"
+    return None
+
+
+def _check_types(cfg: ModelConfig) -> None:
+    """Every field of the expected type and every size positive; the message names the field and the value."""
+    sections = {"": cfg, "vision.": cfg.vision, "text.": cfg.text, "projector.": cfg.projector, "flex.": cfg.flex}
+    for prefix, obj in sections.items():
+        hints = typing.get_type_hints(type(obj))
+        for fld in dataclasses.fields(obj):
+            value = getattr(obj, fld.name)
+            if prefix == "" and fld.name in ("vision", "text", "projector", "flex"):
+                continue
+            why = _type_error(prefix + fld.name, value, hints[fld.name])
+            if why:
+                raise ConfigError(f"{_named(prefix + fld.name, value)}: {why}")
+        for name in _POSITIVE.get(prefix[:-1], ()):
+            if getattr(obj, name) <= 0:
+                raise ConfigError(f"{_named(prefix + name, getattr(obj, name))} must be positive")
+
+
 def validate(cfg: ModelConfig) -> None:
-    """Raise :class:`ConfigError` naming the field when the config contradicts itself."""
+    """Raise :class:`ConfigError` naming the field when a field has the wrong type or range, or the config contradicts itself."""
+    _check_types(cfg)
     t, v, f = cfg.text, cfg.vision, cfg.flex
+    if t.hidden_size % t.num_heads:
+        raise ConfigError(f"text.hidden_size={t.hidden_size} is not divisible by {_named('text.num_heads', t.num_heads)}")
     if t.num_heads % t.num_kv_heads:
         raise ConfigError(f"text.num_heads={t.num_heads} is not a multiple of text.num_kv_heads={t.num_kv_heads}")
     if v.hidden_size % v.num_heads:
@@ -271,6 +335,10 @@ def validate(cfg: ModelConfig) -> None:
         )
     if cfg.vision_feature_select_strategy != "default":
         raise ConfigError("FlexAttention needs vision_feature_select_strategy='default' (a square grid of image tokens)")
+    if not 0 <= f.random_prob <= 1:
+        raise ConfigError(f"flex.random_prob={f.random_prob!r}: use a probability in [0, 1]")
+    if f.warmup < 0:
+        raise ConfigError(f"flex.warmup={f.warmup!r} must be >= 0")
     if not 0 <= f.first_select_layer < t.num_layers:
         raise ConfigError(f"flex.first_select_layer={f.first_select_layer} is not a layer of a {t.num_layers}-layer decoder")
     if f.hr_mode not in ("release", "paper"):
@@ -280,7 +348,8 @@ def validate(cfg: ModelConfig) -> None:
     if f.alpha_schedule not in ("release", "warmup"):
         raise ConfigError(f"flex.alpha_schedule={f.alpha_schedule!r}: use 'release' or 'warmup'")
     b = f.hr_budget
-    if b is not None and (isinstance(b, bool) or (isinstance(b, float) and not 0 < b <= 1) or (isinstance(b, int) and b < 1)):
+    if b is not None and (isinstance(b, bool) or not isinstance(b, int | float) or (isinstance(b, float) and not 0 < b <= 1)
+                          or (isinstance(b, int) and b < 1)):
         raise ConfigError(f"flex.hr_budget={b!r}: use None (all), a fraction in (0, 1] or a positive count")
     if isinstance(f.hr_step_cells, bool) or not isinstance(f.hr_step_cells, int) or f.hr_step_cells < 0:
         raise ConfigError(f"flex.hr_step_cells={f.hr_step_cells!r}: use a count >= 0 of pooled cells per decode step")
@@ -288,15 +357,60 @@ def validate(cfg: ModelConfig) -> None:
 
 # ---- overrides ------------------------------------------------------------------------------
 
-def _parse_value(text: str, current: Any) -> Any:
-    if text.lower() in ("none", "null"):
-        return None
-    if isinstance(current, bool):
-        if text.lower() in ("1", "true", "yes", "on"):
+def parse_hr_budget(text: str | float | None, name: str = "hr_budget") -> float | int | None:
+    """The one reader of an HR budget given as text (``--hr-budget``, ``--set flex.hr_budget=``).
+
+    ``None`` / ``'all'`` / ``'none'`` -> None (all M tokens); an integer -> a count >= 1; a number with a
+    point or exponent -> a fraction in (0, 1]. Anything else raises :class:`ConfigError` naming ``name`` and the value.
+    """
+    if text is None or isinstance(text, int | float) and not isinstance(text, bool):
+        value = text
+    else:
+        t = str(text).strip()
+        if t.lower() in ("all", "none", "null"):
+            return None
+        try:
+            value = int(t)
+        except ValueError:
+            try:
+                value = float(t)
+            except ValueError:
+                raise ConfigError(f"{name} {text!r}: use a count (e.g. 64), a fraction in (0, 1] (e.g. 0.25) or 'all'") from None
+    if value is not None and ((isinstance(value, float) and not 0 < value <= 1) or (isinstance(value, int) and value < 1)):
+        raise ConfigError(f"{name} {text!r}: use a count >= 1, a fraction in (0, 1] or 'all'")
+    return value
+
+
+def _parse_value(text: str, typ: Any, key: str) -> Any:
+    """Parse an override's text by the dataclass field's type ``typ``; a mismatch raises ConfigError naming ``key``."""
+    low = text.strip().lower()
+    origin = getattr(typ, "__origin__", None)
+    if key == "flex.hr_budget":
+        return parse_hr_budget(text, name=key)
+    if typ is bool:
+        if low in ("1", "true", "yes", "on"):
             return True
-        if text.lower() in ("0", "false", "no", "off"):
+        if low in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"expected a boolean, got {text!r}")
+        raise ConfigError(f"{key}={text!r}: expected a boolean (true/false)")
+    if typ is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r}: expected an integer") from None
+    if typ is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r}: expected a number") from None
+    if origin is Literal:
+        if text not in typ.__args__:
+            raise ConfigError(f"{key}={text!r}: use one of {', '.join(map(repr, typ.__args__))}")
+        return text
+    if typ is str:
+        return text
+    if low in ("none", "null"):
+        return None
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -325,8 +439,15 @@ def _override_dict(d: dict[str, Any], overrides: list[str] | dict[str, Any]) -> 
             node, name = d[parts[0]], parts[1]
         else:
             raise ConfigError(f"unknown config field {key!r}")
-        node[name] = _parse_value(value, node[name]) if isinstance(value, str) else value
+        node[name] = _parse_value(value, _field_type(key), key) if isinstance(value, str) else value
     return d
+
+
+def _field_type(key: str) -> Any:
+    """The resolved type annotation of a dotted field name (e.g. ``flex.threshold`` -> float)."""
+    section, _, name = key.rpartition(".")
+    classes = {"": ModelConfig, "vision": VisionConfig, "text": TextConfig, "projector": ProjectorConfig, "flex": FlexConfig}
+    return typing.get_type_hints(classes[section])[name]
 
 
 def _split_override(text: str) -> tuple[str, str]:
@@ -419,11 +540,11 @@ def _text_from_llama(d: dict[str, Any], where: str) -> TextConfig:
         num_layers=_require(d, "num_hidden_layers", where),
         num_heads=heads,
         num_kv_heads=d.get("num_key_value_heads") or heads,
-        head_dim=d.get("head_dim") or hidden // heads,
+        head_dim=d.get("head_dim") or (hidden // heads if _is_int(hidden) and _is_int(heads) and heads > 0 else hidden),
         rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-        rope_theta=float(theta),
+        rope_theta=_float(theta),
         rope_scaling_type=rope_type,
-        rope_scaling_factor=float(factor),
+        rope_scaling_factor=_float(factor),
         max_position_embeddings=d.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
     )
@@ -456,6 +577,17 @@ def from_hf_config(
     """
     d = _load_json(config)
     where = f"config.json ({config})" if isinstance(config, (str, Path)) else "config.json"
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    try:
+        return _from_hf_dict(d, where, vision_config, overrides)
+    except ConfigError as e:
+        raise ConfigError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+
+
+def _from_hf_dict(
+    d: dict[str, Any], where: str, vision_config: dict[str, Any] | str | Path | None, overrides: list[str] | dict[str, Any] | None
+) -> ModelConfig:
     layout = detect_layout(d)
     if layout == "llava-hf":
         text_d = dict(_require(d, "text_config", where))
@@ -527,7 +659,18 @@ def from_hf_config(
 def _first_int(value: Any, default: int) -> int:
     if isinstance(value, list):
         value = value[0] if value else None
+    if value is not None and not _is_int(value):
+        raise ConfigError(f"token id {value!r} must be an integer")
     return default if value is None else int(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _float(value: Any) -> Any:
+    """``float(value)`` for numbers; anything else is returned as is, for :func:`validate` to name."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
 
 
 def _load_json(src: dict[str, Any] | str | Path) -> dict[str, Any]:
