@@ -236,7 +236,10 @@ def run(a: argparse.Namespace) -> int:
         raise ConfigError("give --checkpoint CONVERTED or --init random --config-json FILE")
     if not a.data:
         raise ConfigError("--data is required")
-    mesh = S.make_mesh(a.mesh)
+    try:
+        mesh = S.make_mesh(a.mesh)
+    except ValueError as e:
+        raise ConfigError(f"--mesh {a.mesh!r}: {e}") from e
     _say(f"{describe()}; mesh {S.mesh_summary(mesh)}")
     recipe = a.recipe if a.recipe != "auto" else ("release" if a.checkpoint else "none")
     if a.checkpoint:
