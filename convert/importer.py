@@ -223,7 +223,8 @@ def fill(
                 for key, leaf, idx, rule in items:
                     x = to_ours(rule.kind)(f.read(key))
                     dst = out[leaf] if idx is None else out[leaf][idx]
-                    np.copyto(dst, x, casting="unsafe")
+                    with np.errstate(over="ignore", invalid="ignore"):  # overflow in the cast: reported just below
+                        np.copyto(dst, x, casting="unsafe")
                     del x
                     if not allow_nonfinite and not np.isfinite(dst).all():
                         bad = int(np.size(dst) - np.count_nonzero(np.isfinite(dst)))
