@@ -158,9 +158,11 @@ def read_checkpoint(
     if not (src / "config.json").exists():
         raise ConvertError(f"{src}: no config.json (expected a checkpoint directory)")
     try:
-        config = json.loads((src / "config.json").read_text())
+        config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ConfigError(f"expected a JSON object, got {type(config).__name__}")
         kind = detect_layout(config)
-    except (json.JSONDecodeError, ConfigError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, ConfigError) as e:
         raise ConvertError(f"{src / 'config.json'}: {e}") from e
     problems: list[str] = []
     vision_dir = None

@@ -114,6 +114,14 @@ def _src_config(world: World, case: Path, **changes) -> Path:
     return d
 
 
+def _src_raw(world: World, case: Path, raw: bytes) -> Path:
+    """A copy of the PyTorch checkpoint with config.json replaced by ``raw`` bytes."""
+    d = case / "src"
+    shutil.copytree(world.src, d)
+    (d / "config.json").write_bytes(raw)
+    return d
+
+
 def _src_tensor(world: World, case: Path, key: str, fn) -> Path:
     """A copy of the PyTorch checkpoint with tensor ``key`` replaced by ``fn(tensor)``."""
     import safetensors.torch
@@ -374,6 +382,10 @@ CASES: list[Case] = [
     Case("config.json num_hidden_layers -2 (FlexAttention)", "values", (C, "{case}/src", "{case}/out"), 2,
          r"text\.num_layers=-2 \(num_hidden_layers in config\.json\) must be positive",
          setup=lambda w, c: _src_config(w, c, num_hidden_layers=-2, extra=EXTRA), loads=True),
+    Case("config.json a JSON list", "values", (C, "{case}/src", "{case}/out"), 2, r"src/config\.json: expected a JSON object, got list",
+         setup=lambda w, c: _src_raw(w, c, b"[1, 2]"), loads=True),
+    Case("config.json not UTF-8", "culprit", (C, "{case}/src", "{case}/out"), 2, r"src/config\.json: 'utf-8' codec can't decode",
+         setup=lambda w, c: _src_raw(w, c, b'{"a": "\xff"}'), loads=True),
     Case("index shard ../", "values", (C, "{case}/src", "{case}/out"), 2,
          r"model\.safetensors\.index\.json names shard\(s\) outside \S*src, refused: \['\.\./evil\.safetensors'\]",
          setup=lambda w, c: _src_index(w, c, "../evil.safetensors"), loads=True),
@@ -420,6 +432,8 @@ CASES: list[Case] = [
     Case("generate --mesh banana", "culprit", (G, "--checkpoint", "{ckpt}", "--batch", "{batch}", "--mesh", "banana"), 2,
          r"--mesh 'banana': mesh spec 'banana' is not axis=size"),
     Case("convert --mesh banana", "culprit", (C, "{src}", "{case}/out", "--mesh", "banana"), 2, r"--mesh banana: mesh spec 'banana'"),
+    Case("generate on an unconverted checkpoint", "culprit", (G, "--checkpoint", "{src}", "--batch", "{batch}"), 2,
+         r"\S*src: no metadata\.json \(not a directory written by the converter\)"),
     Case("generate checkpoint missing", "culprit", (G, "--checkpoint", "{case}/nope", "--batch", "{batch}"), 2,
          r"\S*nope: not a directory"),
     Case("bench --report missing", "culprit", ("bench", "--report", "{case}/none.json"), 2, r"--report \S*none\.json: cannot read"),
