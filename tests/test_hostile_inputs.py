@@ -284,6 +284,8 @@ CASES: list[Case] = [
     Case("convert OUT is SRC", "destroyed", (C, "{src}", "{src}", "--overwrite"), 2, r"OUT \S*src is the input \S*src"),
     Case("convert OUT contains SRC", "destroyed", (C, "{src}", "{root}", "--overwrite"), 2, r"OUT \S+ contains the input \S*src"),
     Case("convert OUT inside SRC", "destroyed", (C, "{src}", "{src}/out", "--overwrite"), 2, r"OUT \S*src/out lies inside the input"),
+    Case("convert OUT links to SRC", "destroyed", (C, "{src}", "{case}/link", "--overwrite"), 2, r"OUT \S*link is the input \S*src",
+         setup=lambda w, c: (c / "link").symlink_to(w.src)),
     Case("convert OUT is the vision tower", "destroyed", (C, "{src}", "{case}/clip", "--vision-tower", "{case}/clip", "--overwrite"),
          2, r"OUT \S*clip is the input", setup=lambda w, c: (c / "clip").mkdir()),
     Case("convert --to-hf is SRC", "destroyed", (C, "{src}", "{case}/out", "--to-hf", "{src}", "--overwrite"), 2,
