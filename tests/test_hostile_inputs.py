@@ -434,6 +434,8 @@ CASES: list[Case] = [
     Case("generate --mesh banana", "culprit", (G, "--checkpoint", "{ckpt}", "--batch", "{batch}", "--mesh", "banana"), 2,
          r"--mesh 'banana': mesh spec 'banana' is not axis=size"),
     Case("convert --mesh banana", "culprit", (C, "{src}", "{case}/out", "--mesh", "banana"), 2, r"--mesh banana: mesh spec 'banana'"),
+    Case("train --mesh banana", "culprit", ("train", "--init", "random", "--config-json", "{case}/c.json", "--data", "{case}/d.json",
+                                            "--mesh", "banana", "--out", "{case}/run"), 2, r"--mesh 'banana': mesh spec 'banana'"),
     Case("generate on an unconverted checkpoint", "culprit", (G, "--checkpoint", "{src}", "--batch", "{batch}"), 2,
          r"\S*src: no metadata\.json \(not a directory written by the converter\)"),
     Case("generate checkpoint missing", "culprit", (G, "--checkpoint", "{case}/nope", "--batch", "{batch}"), 2,
