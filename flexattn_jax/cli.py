@@ -9,7 +9,10 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
+
+if TYPE_CHECKING:
+    from flexattn_jax.config import ModelConfig
 
 USAGE = """flexattn-jax COMMAND [options]
 
@@ -152,7 +155,7 @@ def check_generate_args(args: argparse.Namespace) -> None:
         check_output_dir(args.save_attention, sources=inputs, exist_ok=True, flag="--save-attention")
 
 
-def check_context(cfg, max_new_tokens: int) -> None:
+def check_context(cfg: ModelConfig, max_new_tokens: int) -> None:
     """``--max-new-tokens`` must leave room for a prompt with its image in the model's context."""
     from flexattn_jax.preprocess import BUCKETS
 
@@ -166,7 +169,7 @@ def check_context(cfg, max_new_tokens: int) -> None:
         )
 
 
-def _generate_config(args: argparse.Namespace, cfg):
+def _generate_config(args: argparse.Namespace, cfg: ModelConfig) -> ModelConfig:
     """``cfg`` with ``--set`` and ``--hr-budget`` applied (validated)."""
     from flexattn_jax.config import apply_overrides, parse_hr_budget
 
