@@ -118,8 +118,8 @@ def row_probabilities(
 # ---- the dispatcher over attention implementations ---------------------------------------------
 
 IMPLS = ATTENTION_IMPLS
-CHUNK = 512  # key block of 'xla_chunked'
-AUTO_CHUNK_MIN_KEYS = 2 * CHUNK  # 'auto' without a fused kernel: dense below this many keys, chunked from it
+CHUNK = 256  # key block of 'xla_chunked'
+AUTO_CHUNK_MIN_KEYS = 1024  # 'auto' without a fused kernel: dense below this many keys, chunked from it
 SPLASH_BLOCK = 128  # splash's q / kv block; sequences are padded to a multiple of it
 
 
@@ -154,8 +154,8 @@ class CausalPadding:
 
 
 @functools.cache
-def _log_once(message: str) -> None:
-    log.warning(message)
+def _log_once(message: str, level: int) -> None:
+    log.log(level, message)
 
 
 def resolve_impl(
@@ -197,13 +197,14 @@ def resolve_impl(
 
 
 def choose_impl(impl: str, q: Float[Array, "B T H d"], k: Float[Array, "B S Hkv d"], mask: CausalPadding) -> str:
-    """:func:`resolve_impl` for this call on the default backend; a fallback's reason is logged once."""
+    """:func:`resolve_impl` for this call on the default backend; a fallback's reason is logged once
+    (info for ``auto``, a warning for a kernel asked for by name)."""
     chosen, reason = resolve_impl(
         impl, backend=jax.default_backend(), dtype=q.dtype, head_dim=q.shape[-1], num_rows=q.shape[1], num_keys=k.shape[1],
         static_start=mask.static_start,
     )
-    if reason:
-        _log_once(reason)
+    if reason:  # 'auto' choosing is expected (info); a kernel asked for by name falling back is a warning
+        _log_once(reason, logging.INFO if impl == "auto" else logging.WARNING)
     return chosen
 
 
@@ -342,8 +343,9 @@ def _splash_kernel(heads: int, rows: int, keys: int, offset: int | None, interpr
     bq = bk = SPLASH_BLOCK
     sizes = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
                           block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
-    return sk.make_splash_mha(sm.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                              interpret=interpret)
+    with jax.ensure_compile_time_eval():  # the kernel's mask tables are constants, never tracers (it is cached)
+        return sk.make_splash_mha(sm.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
 
 
 def splash_attention(
