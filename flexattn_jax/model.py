@@ -320,11 +320,22 @@ def embed_inputs(
     positions: Int[Array, "B T"],
     margin: Int[Array, "B 2"] | None,
 ) -> tuple[Float[Array, "B T D"], HRContext | None]:
-    """Token embeddings with the LR image features merged in, and (FlexAttention) the HR context."""
+    """Token embeddings with the LR image features merged in, and (FlexAttention) the HR context.
+
+    A batch without any image token (text-only samples, e.g. the 40k of LLaVA's 665k mix when the
+    loader puts them together) skips the vision tower: ``lax.cond`` on the batch, static shapes, zero
+    features in its place (nothing reads them: no image token takes them, no select row is valid).
+    """
     x = embed_tokens(params["text"], cfg, input_ids)
     if pixel_values is None:
         return x, None
-    feats, hr_feats = encode(params, cfg, pixel_values)
+    shapes = jax.eval_shape(lambda p: encode(params, cfg, p), pixel_values)
+    feats, hr_feats = jax.lax.cond(
+        jnp.any(input_ids == cfg.image_token_id),
+        lambda p: encode(params, cfg, p),
+        lambda p: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+        pixel_values,
+    )
     x = merge_image_features(x, input_ids, feats, cfg.image_token_id)
     hr = None if hr_feats is None else hr_context(cfg, hr_feats.astype(x.dtype), input_ids, positions, margin)
     return x, hr
