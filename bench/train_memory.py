@@ -78,6 +78,45 @@ def memory_table(impls=("xla", "xla_chunked"), budgets=(None, 0.1), batches=(1, 
     return out
 
 
+def attention_memory(cfg: ModelConfig | None = None, impls=("xla", "xla_chunked"), batch: int = 1, seq_len: int = 2048,
+                     rows: int = 2048) -> list[dict]:
+    """Temp bytes of one layer's main attention, forward + backward, at the decoder's shapes (bf16), per impl.
+
+    What the layer computes: ``xla``: the dense pass that gives every row's output and LSE; otherwise
+    the kernel for all rows plus the select rows' recompute with a differentiable LSE
+    (:func:`flexattn_jax.attention.rows_attention_with_lse`, by key blocks).
+    """
+    from flexattn_jax import attention as A
+
+    t_cfg = (cfg or default_config()).text
+    sds = jax.ShapeDtypeStruct
+    q = sds((batch, seq_len, t_cfg.num_heads, t_cfg.head_dim), jax.numpy.bfloat16)
+    kv = sds((batch, seq_len, t_cfg.num_kv_heads, t_cfg.head_dim), jax.numpy.bfloat16)
+    mask = A.CausalPadding(sds((batch, seq_len), bool), sds((), jax.numpy.int32), 0)
+    sel = sds((batch, rows), jax.numpy.int32)
+    out = []
+    for impl in impls:
+
+        def loss(q, k, v, mask, sel, impl=impl):
+            q_sel = jax.vmap(lambda a, i: a[i])(q, sel)
+            if impl == "xla":
+                o, lse = A.attention_with_lse(q, k, v, mask.dense(seq_len))
+                lse_sel = jax.vmap(lambda a, i: a[i])(lse, sel)
+            else:
+                o = A.attention(q, k, v, mask, impl=impl)
+                _, lse_sel = A.rows_attention_with_lse(q_sel, k, v, mask, sel, chunked=True)
+            return jnp_sum(o) + lse_sel.sum()
+
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, mask, sel).compile()
+        out.append({"attention_impl": impl, "batch": batch, "seq_len": seq_len, "rows": rows, "heads": t_cfg.num_heads,
+                    "head_dim": t_cfg.head_dim, "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes)})
+    return out
+
+
+def jnp_sum(x):
+    return x.astype(jax.numpy.float32).sum()
+
+
 def format_table(entries: list[dict]) -> str:
     """Markdown: per device GiB (arguments = params + optimizer state + batch shard; temp; peak) and the H100 fit."""
     lines = ["| attention_impl | K | per-device batch | layers | args GiB | temp GiB | peak GiB | fits 80 GB |",
@@ -98,7 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--rows", type=int, default=2048, help="select rows R per sample")
     ap.add_argument("--layers", type=int, default=None, help="compile fewer decoder layers (faster)")
+    ap.add_argument("--attention-only", action="store_true", help="only one layer's attention temporaries (seconds)")
     args = ap.parse_args(argv)
+    if args.attention_only:
+        att = [e for b in args.batch for e in attention_memory(batch=b, seq_len=args.seq_len, rows=args.rows)]
+        if args.json:
+            print(json.dumps({"attention_memory_7b": att}))
+        else:
+            for e in att:
+                print(f"| {e['attention_impl']} | {e['batch']} | {e['seq_len']} | {e['rows']} | {e['temp_bytes'] / GiB:.3f} |")
+        return 0
     if len(jax.devices()) < 8:
         print(f"error: needs 8 devices, found {len(jax.devices())}; set XLA_FLAGS=--xla_force_host_platform_device_count=8",
               file=sys.stderr)

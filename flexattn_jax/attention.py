@@ -118,7 +118,7 @@ def row_probabilities(
 # ---- the dispatcher over attention implementations ---------------------------------------------
 
 IMPLS = ATTENTION_IMPLS
-CHUNK = 256  # key block of 'xla_chunked'
+CHUNK = 128  # key block of 'xla_chunked'
 AUTO_CHUNK_MIN_KEYS = 1024  # 'auto' without a fused kernel: dense below this many keys, chunked from it
 SPLASH_BLOCK = 128  # splash's q / kv block; sequences are padded to a multiple of it
 
@@ -226,7 +226,7 @@ def attention(
     if chosen == "xla":
         return attention_with_lse(q, k, v, mask.dense(t))[0]
     if chosen == "xla_chunked":
-        return chunked_attention(q, k, v, mask.key_valid, jnp.asarray(mask.start, jnp.int32))
+        return chunked_attention(q, k, v, mask.key_valid, mask.start)
     if chosen == "cudnn":
         out = jax.nn.dot_product_attention(q, k, v, mask=mask.dense(t)[:, None], scale=d**-0.5, implementation="cudnn")
     else:
@@ -252,15 +252,14 @@ def _block_logits(qg, kb, valid_b, slots_b, q_slot, scale):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _chunked(q, k, v, key_valid, start, block):
-    return _chunked_fwd(q, k, v, key_valid, start, block)[0]
+def _chunked(q, k, v, key_valid, q_slot, block):
+    return _chunked_fwd(q, k, v, key_valid, q_slot, block)[0]
 
 
-def _chunked_fwd(q, k, v, key_valid, start, block):
+def _chunked_fwd(q, k, v, key_valid, q_slot, block):
     b, t, h, d = q.shape
     hkv = k.shape[2]
     qg, scale = _grouped(q, hkv), d**-0.5
-    q_slot = jnp.broadcast_to(start + jnp.arange(t), (b, t))
     kb, vb, valid = _blocks(k, block, 0), _blocks(v, block, 0), _blocks(key_valid, block, False)
     slots = jnp.arange(kb.shape[0] * block).reshape(-1, block)
 
@@ -271,9 +270,8 @@ def _chunked_fwd(q, k, v, key_valid, start, block):
         m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
         p = jnp.exp(logits - m_new[..., None])
         corr = jnp.exp(m - m_new)
-        l_new = den * corr + jnp.sum(p, axis=-1)
         pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
-        return (m_new, l_new, acc * corr[..., None] + pv), None
+        return (m_new, den * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv), None
 
     g = h // hkv
     init = (jnp.full((b, hkv, g, t), -jnp.inf, jnp.float32), jnp.zeros((b, hkv, g, t), jnp.float32),
@@ -281,36 +279,59 @@ def _chunked_fwd(q, k, v, key_valid, start, block):
     (m, den, acc), _ = jax.lax.scan(body, init, (kb, vb, valid, slots))
     out = (acc / den[..., None]).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
     lse = m + jnp.log(den)  # (B, Hkv, G, T)
-    return out, (q, k, v, key_valid, start, out, lse)
+    return (out, lse.reshape(b, h, t).transpose(0, 2, 1)), (q, k, v, key_valid, q_slot, out, lse)
 
 
-def _chunked_bwd(block, res, g_out):
-    q, k, v, key_valid, start, out, lse = res
+def _chunked_bwd(block, res, cotangents):
+    """FlashAttention-2's backward per key block; the LSE's cotangent adds ``p * g_lse`` to the logits' (d lse / d s = p)."""
+    q, k, v, key_valid, q_slot, out, lse = res
+    g_out, g_lse = cotangents
     b, t, h, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
     qg, scale = _grouped(q, hkv), d**-0.5
-    q_slot = jnp.broadcast_to(start + jnp.arange(t), (b, t))
-    do = _grouped(g_out, hkv).astype(jnp.float32)  # (B, T, Hkv, G, d)
-    delta = jnp.einsum("btkgd,btkgd->bkgt", do, _grouped(out, hkv).astype(jnp.float32))
+    do = _grouped(g_out, hkv).astype(v.dtype)  # (B, T, Hkv, G, d); matmul operands in the input dtype, fp32 accumulation
+    delta = jnp.einsum("btkgd,btkgd->bkgt", do, _grouped(out, hkv), preferred_element_type=jnp.float32)
+    delta = delta - g_lse.astype(jnp.float32).transpose(0, 2, 1).reshape(delta.shape)
     kb, vb, valid = _blocks(k, block, 0), _blocks(v, block, 0), _blocks(key_valid, block, False)
     slots = jnp.arange(kb.shape[0] * block).reshape(-1, block)
+    f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
 
     def body(dq, xs):
         k_j, v_j, valid_j, slots_j = xs
         p = jnp.exp(_block_logits(qg, k_j, valid_j, slots_j, q_slot, scale) - lse[..., None])  # (B, Hkv, G, T, blk)
-        dv = jnp.einsum("bkgts,btkgd->bskd", p, do)
-        dp = jnp.einsum("btkgd,bskd->bkgts", do, v_j.astype(jnp.float32))
-        ds = p * (dp - delta[..., None]) * scale
-        dq = dq + jnp.einsum("bkgts,bskd->btkgd", ds, k_j.astype(jnp.float32))
-        dk = jnp.einsum("bkgts,btkgd->bskd", ds, qg.astype(jnp.float32))
-        return dq, (dk, dv)
+        dv = f32("bkgts,btkgd->bskd", p.astype(v.dtype), do)
+        dp = f32("btkgd,bskd->bkgts", do, v_j)
+        ds = (p * (dp - delta[..., None]) * scale).astype(q.dtype)
+        dq = dq + f32("bkgts,bskd->btkgd", ds, k_j)
+        dk = f32("bkgts,btkgd->bskd", ds, qg)
+        return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
 
     dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(qg.shape, jnp.float32), (kb, vb, valid, slots))
     unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, -1, hkv, d)[:, :s]
-    return (dq.reshape(b, t, h, d).astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype), None, None)
+    return dq.reshape(b, t, h, d).astype(q.dtype), unblock(dk), unblock(dv), None, None
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def chunked_attention_with_lse(
+    q: Float[Array, "B T H d"],
+    k: Float[Array, "B S Hkv d"],
+    v: Float[Array, "B S Hkv d"],
+    key_valid: Bool[Array, "B S"],
+    q_slot: Int[Array, "B T"],
+    block: int = CHUNK,
+) -> tuple[Float[Array, "B T H d"], Float[Array, "B T H"]]:
+    """Causal + padding attention by an online softmax over key blocks of ``block`` (pure JAX), and its fp32 LSE.
+
+    Row t sits at cache slot ``q_slot[b, t]`` and sees the valid key slots <= it. Forward and
+    backward (a custom VJP, FlashAttention-2's recurrences) hold one (T x block) block of fp32
+    logits at a time and save only the output and the LSE: memory O(T x block), not O(T x S). The
+    LSE is differentiable (unlike any fused kernel's), so the select rows' merge can use it. Equals
+    :func:`attention_with_lse` up to float rounding.
+    """
+    block = max(1, min(block, k.shape[1]))
+    return _chunked(q, k, v, key_valid, q_slot.astype(jnp.int32), block)
 
 
 def chunked_attention(
@@ -321,15 +342,27 @@ def chunked_attention(
     start: Int[Array, ""],
     block: int = CHUNK,
 ) -> Float[Array, "B T H d"]:
-    """Causal + padding attention by an online softmax over key blocks of ``block`` (pure JAX).
+    """:func:`chunked_attention_with_lse` of rows ``start + t``, the output only."""
+    q_slot = jnp.broadcast_to(start + jnp.arange(q.shape[1]), q.shape[:2])
+    return chunked_attention_with_lse(q, k, v, key_valid, q_slot, block)[0]
 
-    Forward and backward (a custom VJP, FlashAttention-2's recurrences) hold one (T x block) block of
-    fp32 logits at a time and save only the output and the fp32 LSE: memory O(T x block), not
-    O(T x S). Rows ``start + t`` see the valid key slots <= their own. Equals :func:`attention_with_lse`
-    up to float rounding, fully masked rows included (uniform over the keys, as the dense path).
+
+def rows_attention_with_lse(
+    q_rows: Float[Array, "B R H d"],
+    k: Float[Array, "B S Hkv d"],
+    v: Float[Array, "B S Hkv d"],
+    mask: CausalPadding,
+    rows: Int[Array, "B R"],
+    *,
+    chunked: bool,
+) -> tuple[Float[Array, "B R H d"], Float[Array, "B R H"]]:
+    """Output and differentiable fp32 LSE of the rows ``rows`` (their queries ``q_rows``) over the keys.
+
+    ``chunked``: by key blocks (memory O(R x block)); otherwise the dense einsum (O(R x S)).
     """
-    block = max(1, min(block, k.shape[1]))
-    return _chunked(q, k, v, key_valid, start, block)
+    if chunked:
+        return chunked_attention_with_lse(q_rows, k, v, mask.key_valid, mask.start + rows)
+    return attention_with_lse(q_rows, k, v, mask.rows(rows))
 
 
 # ---- splash (TPU Pallas; interpret mode elsewhere) ------------------------------------------------

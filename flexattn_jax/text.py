@@ -17,6 +17,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from flexattn_jax.attention import (
+    AUTO_CHUNK_MIN_KEYS,
     CausalPadding,
     attention,
     attention_with_lse,
@@ -24,6 +25,7 @@ from flexattn_jax.attention import (
     hr_attention,
     merge_by_lse,
     row_probabilities,
+    rows_attention_with_lse,
 )
 from flexattn_jax.config import ModelConfig, TextConfig
 from flexattn_jax.selection import Selection, select_hr_tokens
@@ -246,8 +248,9 @@ class DecoderLayer(nn.Module):
       layer computes the selection for the next layer (the release's layers 9..L-1).
 
     The main attention of all rows runs by ``cfg.attention_impl``; unless that is the dense XLA
-    einsum, the select rows are recomputed densely (their queries against the N keys, with the
-    fp32 LSE, differentiable) and their merged output overwrites the kernel's: exact for every kernel.
+    einsum, the select rows are recomputed (their queries against the N keys, with the fp32 LSE,
+    differentiable; by key blocks for ``xla_chunked`` and long sequences) and their merged output
+    overwrites the kernel's: exact for every kernel.
     """
 
     cfg: ModelConfig
@@ -296,8 +299,9 @@ class DecoderLayer(nn.Module):
             q_sel = _take(q, rows)
             if dense:
                 o_sel, lse_sel = _take(o, rows), _take(lse, rows)
-            else:  # kernels give no differentiable LSE: recompute the R select rows densely, O(R N d), exact
-                o_sel, lse_sel = attention_with_lse(q_sel, keys, values, ctx.mask.rows(rows))
+            else:  # kernels give no differentiable LSE: recompute the R select rows, O(R N d), exact
+                chunked = impl == "xla_chunked" or keys.shape[1] >= AUTO_CHUNK_MIN_KEYS  # memory O(R x block)
+                o_sel, lse_sel = rows_attention_with_lse(q_sel, keys, values, ctx.mask, rows, chunked=chunked)
             if kind == HIERARCHICAL:
                 o_hr, lse_hr, hr_update = self._hr_part(q_sel, selection, ctx, hr_kv)
                 merged = merge_by_lse(o_sel, lse_sel, o_hr, lse_hr)

@@ -64,6 +64,28 @@ def test_kernel_equals_dense_prefill_and_grad(impl):
             _close(a, b)
 
 
+def test_chunked_rows_with_lse_equal_dense_and_grad():
+    """The select rows' recompute by key blocks: output and LSE, and gradients through both (the merge uses the LSE)."""
+    with jax.default_matmul_precision("highest"):
+        q, k, v = _qkv(t=6, s=37)
+        key_valid = jnp.ones((2, 37), bool).at[0, :5].set(False)
+        mask = A.CausalPadding(key_valid, jnp.int32(0), 0)
+        rows = jnp.asarray([[10, 20, 30, 36, 7, 8], [0, 3, 12, 25, 33, 36]], jnp.int32)
+        w_o, w_l = jax.random.normal(jax.random.key(3), q.shape), jax.random.normal(jax.random.key(4), q.shape[:3])
+
+        def loss(chunked, q, k, v):
+            if chunked:
+                o, lse = A.chunked_attention_with_lse(q, k, v, key_valid, rows, block=8)
+            else:
+                o, lse = A.rows_attention_with_lse(q, k, v, mask, rows, chunked=False)
+            return jnp.sum(o * w_o) + jnp.sum(lse * w_l), (o, lse)
+
+        (_, ref), g_ref = jax.value_and_grad(lambda *a: loss(False, *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        (_, out), g = jax.value_and_grad(lambda *a: loss(True, *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        for a, b in zip((*out, *g), (*ref, *g_ref), strict=True):
+            _close(a, b)
+
+
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_kernel_decode_row_masks_by_cache_slots(impl):
     """One row at a traced cache index sees the valid slots up to its own (not is_causal's top-left)."""
