@@ -13,8 +13,9 @@ The main part of all rows goes through one dispatcher, :func:`attention` (``Mode
 ``xla`` (the dense einsum, the reference), ``xla_chunked`` (online softmax over key blocks, a
 flash-style custom VJP in pure JAX: memory O(T x block)), ``cudnn`` (``jax.nn.dot_product_attention``
 on GPU), ``splash`` (the TPU Pallas kernel; interpret mode elsewhere) and ``auto``. No fused kernel
-returns a differentiable log-sum-exp, so the decoder recomputes the select rows densely
-(:func:`attention_with_lse` on their queries) and overwrites them: exact and differentiable.
+returns a differentiable log-sum-exp, so the decoder recomputes the select rows
+(:func:`rows_attention_with_lse`: dense, or by key blocks with a differentiable LSE) and
+overwrites them: exact and differentiable.
 """
 
 from __future__ import annotations
