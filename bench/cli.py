@@ -1,5 +1,8 @@
 """``flexattn-jax bench [--quick] [--json] [--out DIR]``: every benchmark, one process, side by side.
 
+``flexattn-jax bench --accelerator [--smoke] ...`` runs :mod:`bench.accelerator` instead (the
+machine's attention implementations at 7B shapes, and a train-step MFU).
+
 Full form: FLOPs at 7B shapes (every configuration and HR strategy), wall time at the scaled
 config (batch 1 and 8, workloads A and B), the PyTorch comparisons, scaling with the image size
 (and its plot), peak memory at 7B shapes; then the goals of ``benchmarks.md`` with the measured
@@ -224,7 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--report", type=Path, metavar="JSON", help="print the tables of a saved bench.json (runs nothing)")
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: tiny shapes everywhere
+    ap.add_argument("--accelerator", action="store_true",
+                    help="the accelerator benchmark instead (bench/accelerator.py: 7B wall times per attention_impl, train MFU; "
+                         "its own options follow, e.g. --smoke)")
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--accelerator" in argv:
+        from bench import accelerator
+
+        return accelerator.main([a for a in argv if a != "--accelerator"])
     args = ap.parse_args(argv)
     if args.report is not None:
         try:

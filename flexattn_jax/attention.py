@@ -8,13 +8,29 @@ their log-sum-exp (the split-KV / cascade trick of FlashDecoding and ring attent
 
 The main part is ordinary causal attention over N keys for all rows; the HR part is a small dense
 einsum for the R select rows over their K gathered HR keys. Softmax statistics are fp32.
+
+The main part of all rows goes through one dispatcher, :func:`attention` (``ModelConfig.attention_impl``):
+``xla`` (the dense einsum, the reference), ``xla_chunked`` (online softmax over key blocks, a
+flash-style custom VJP in pure JAX: memory O(T x block)), ``cudnn`` (``jax.nn.dot_product_attention``
+on GPU), ``splash`` (the TPU Pallas kernel; interpret mode elsewhere) and ``auto``. No fused kernel
+returns a differentiable log-sum-exp, so the decoder recomputes the select rows
+(:func:`rows_attention_with_lse`: dense, or by key blocks with a differentiable LSE) and
+overwrites them: exact and differentiable.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import logging
+
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
+
+from flexattn_jax.config import ATTENTION_IMPLS
+
+log = logging.getLogger(__name__)
 
 NEG_INF = -1e30  # finite "minus infinity": fully masked rows stay NaN-free
 
@@ -98,3 +114,308 @@ def row_probabilities(
     lse_g = lse.transpose(0, 2, 1).reshape(b, hkv, h // hkv, r)
     probs = jnp.exp(logits - lse_g[..., None])
     return probs.reshape(b, h, r, -1).transpose(0, 2, 1, 3)
+
+
+# ---- the dispatcher over attention implementations ---------------------------------------------
+
+IMPLS = ATTENTION_IMPLS
+CHUNK = 128  # key block of 'xla_chunked'
+AUTO_CHUNK_MIN_KEYS = 1024  # 'auto' without a fused kernel: dense below this many keys, chunked from it
+SPLASH_BLOCK = 128  # splash's q / kv block; sequences are padded to a multiple of it
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["key_valid", "start"], meta_fields=["static_start"])
+@dataclasses.dataclass(frozen=True)
+class CausalPadding:
+    """The decoder's mask, structured: row t (cache slot ``start + t``) sees valid key slots <= its own.
+
+    ``static_start`` is ``start`` as a Python int when it is known at trace time (no cache: 0), which
+    a kernel with a static causal offset (splash) needs for more than one row; it is pytree metadata,
+    so it stays static through ``jit``, ``scan`` and ``checkpoint``.
+    """
+
+    key_valid: Bool[Array, "B S"]
+    start: Int[Array, ""]
+    static_start: int | None = None
+
+    def dense(self, num_rows: int) -> Bool[Array, "B T S"]:
+        """The (B, T, S) boolean mask."""
+        return self.rows(jnp.arange(num_rows)[None])
+
+    def rows(self, rows: Int[Array, "B R"]) -> Bool[Array, "B R S"]:
+        """The mask of the given rows only (the select rows' recompute)."""
+        s = self.key_valid.shape[1]
+        return self.key_valid[:, None, :] & (jnp.arange(s)[None, None, :] <= (self.start + rows)[..., None])
+
+    def has_key(self, num_rows: int) -> Bool[Array, "B T"]:
+        """Rows that see at least one valid key (the others are padding rows)."""
+        seen = jnp.cumsum(self.key_valid.astype(jnp.int32), axis=1)
+        last = jnp.clip(self.start + jnp.arange(num_rows), 0, self.key_valid.shape[1] - 1)
+        return seen[:, last] > 0
+
+
+@functools.cache
+def _log_once(message: str, level: int) -> None:
+    log.log(level, message)
+
+
+def resolve_impl(
+    impl: str, *, backend: str, dtype, head_dim: int, num_rows: int, num_keys: int, static_start: int | None
+) -> tuple[str, str]:
+    """The implementation that runs for ``impl`` on ``backend`` at these shapes, and why (empty if as asked).
+
+    ``auto``: cuDNN on GPU for bf16/fp16 with a head dim that is a multiple of 8 and <= 256; splash on
+    TPU with a head dim that is a multiple of 128 (one row, or a static causal offset); otherwise the
+    XLA paths, dense below :data:`AUTO_CHUNK_MIN_KEYS` keys or for one row, chunked above. An
+    explicit kernel that cannot take this call falls back the same way (with the reason).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"attention_impl={impl!r}: use one of {IMPLS}")
+    if impl in ("xla", "xla_chunked"):
+        return impl, ""
+    if impl == "cudnn" and backend != "gpu":
+        raise ValueError(f"attention_impl='cudnn' needs a GPU; the backend is {backend!r} (use 'auto', 'xla' or 'xla_chunked')")
+    dense = num_rows == 1 or num_keys < AUTO_CHUNK_MIN_KEYS
+    if impl == "auto" and num_rows == 1:
+        return "xla", ""  # decode: one row against the cache is O(S) dense; a kernel buys nothing
+    plain = "xla" if dense else "xla_chunked"
+    why = f"dense below {AUTO_CHUNK_MIN_KEYS} keys" if dense else f"chunked from {AUTO_CHUNK_MIN_KEYS} keys"
+    dtype = jnp.dtype(dtype)
+    want = impl if impl != "auto" else {"gpu": "cudnn", "tpu": "splash"}.get(backend)
+    if want is None:
+        return plain, f"attention_impl='auto' on {backend}: no fused kernel (cudnn needs a GPU, splash a TPU); using {plain!r} ({why})"
+    if want == "cudnn":
+        if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            return plain, f"attention_impl={impl!r}: cuDNN takes bf16/fp16, not {dtype}; using {plain!r}"
+        if head_dim % 8 or head_dim > 256:
+            return plain, f"attention_impl={impl!r}: cuDNN needs a head dim, a multiple of 8, <= 256, not {head_dim}; using {plain!r}"
+        return "cudnn", ""
+    if num_rows > 1 and static_start is None:
+        return plain, f"attention_impl={impl!r}: splash needs a static causal offset for {num_rows} rows (cached prefill); using {plain!r}"
+    if impl == "auto" and head_dim % 128:
+        return plain, f"attention_impl='auto': splash wants a head dim that is a multiple of 128, not {head_dim}; using {plain!r}"
+    return "splash", ""
+
+
+def choose_impl(impl: str, q: Float[Array, "B T H d"], k: Float[Array, "B S Hkv d"], mask: CausalPadding) -> str:
+    """:func:`resolve_impl` for this call on the default backend; a fallback's reason is logged once
+    (info for ``auto``, a warning for a kernel asked for by name)."""
+    chosen, reason = resolve_impl(
+        impl, backend=jax.default_backend(), dtype=q.dtype, head_dim=q.shape[-1], num_rows=q.shape[1], num_keys=k.shape[1],
+        static_start=mask.static_start,
+    )
+    if reason:  # 'auto' choosing is expected (info); a kernel asked for by name falling back is a warning
+        _log_once(reason, logging.INFO if impl == "auto" else logging.WARNING)
+    return chosen
+
+
+def attention(
+    q: Float[Array, "B T H d"],
+    k: Float[Array, "B S Hkv d"],
+    v: Float[Array, "B S Hkv d"],
+    mask: CausalPadding,
+    *,
+    impl: str = "xla",
+) -> Float[Array, "B T H d"]:
+    """Causal + padding softmax attention (GQA) by the implementation ``impl`` (see :func:`resolve_impl`).
+
+    Every implementation computes the same function; rows that see no valid key (padding rows)
+    are whatever the implementation gives (finite), and nothing downstream reads them.
+    """
+    t, d = q.shape[1], q.shape[-1]
+    chosen = choose_impl(impl, q, k, mask)
+    if chosen == "xla":
+        return attention_with_lse(q, k, v, mask.dense(t))[0]
+    if chosen == "xla_chunked":
+        return chunked_attention(q, k, v, mask.key_valid, mask.start)
+    if chosen == "cudnn":
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask.dense(t)[:, None], scale=d**-0.5, implementation="cudnn")
+    else:
+        out = splash_attention(q, k, v, mask, interpret=jax.default_backend() != "tpu")
+    return jnp.where(mask.has_key(t)[..., None, None], out, 0).astype(q.dtype)  # fully masked rows: 0, never NaN
+
+
+# ---- xla_chunked: online softmax over key blocks, flash-style backward ------------------------------
+
+def _blocks(x: jax.Array, block: int, fill) -> jax.Array:
+    """(B, S, ...) -> (S/block, B, block, ...), padding S with ``fill``."""
+    b, s = x.shape[:2]
+    n = -(-s // block)
+    x = jnp.pad(x, [(0, 0), (0, n * block - s)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return jnp.moveaxis(x.reshape(b, n, block, *x.shape[2:]), 1, 0)
+
+
+def _block_logits(qg, kb, valid_b, slots_b, q_slot, scale):
+    """fp32 masked logits (B, Hkv, G, T, blk) of one key block."""
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, kb, preferred_element_type=jnp.float32) * scale
+    visible = valid_b[:, None, :] & (slots_b[None, None, :] <= q_slot[:, :, None])  # (B, T, blk)
+    return jnp.where(visible[:, None, None], logits, NEG_INF)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _chunked(q, k, v, key_valid, q_slot, block):
+    return _chunked_fwd(q, k, v, key_valid, q_slot, block)[0]
+
+
+def _chunked_fwd(q, k, v, key_valid, q_slot, block):
+    b, t, h, d = q.shape
+    hkv = k.shape[2]
+    qg, scale = _grouped(q, hkv), d**-0.5
+    kb, vb, valid = _blocks(k, block, 0), _blocks(v, block, 0), _blocks(key_valid, block, False)
+    slots = jnp.arange(kb.shape[0] * block).reshape(-1, block)
+
+    def body(carry, xs):
+        m, den, acc = carry
+        k_j, v_j, valid_j, slots_j = xs
+        logits = _block_logits(qg, k_j, valid_j, slots_j, q_slot, scale)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+        p = jnp.exp(logits - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32)
+        return (m_new, den * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv), None
+
+    g = h // hkv
+    init = (jnp.full((b, hkv, g, t), -jnp.inf, jnp.float32), jnp.zeros((b, hkv, g, t), jnp.float32),
+            jnp.zeros((b, hkv, g, t, d), jnp.float32))
+    (m, den, acc), _ = jax.lax.scan(body, init, (kb, vb, valid, slots))
+    out = (acc / den[..., None]).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
+    lse = m + jnp.log(den)  # (B, Hkv, G, T)
+    return (out, lse.reshape(b, h, t).transpose(0, 2, 1)), (q, k, v, key_valid, q_slot, out, lse)
+
+
+def _chunked_bwd(block, res, cotangents):
+    """FlashAttention-2's backward per key block; the LSE's cotangent adds ``p * g_lse`` to the logits' (d lse / d s = p)."""
+    q, k, v, key_valid, q_slot, out, lse = res
+    g_out, g_lse = cotangents
+    b, t, h, d = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    qg, scale = _grouped(q, hkv), d**-0.5
+    do = _grouped(g_out, hkv).astype(v.dtype)  # (B, T, Hkv, G, d); matmul operands in the input dtype, fp32 accumulation
+    delta = jnp.einsum("btkgd,btkgd->bkgt", do, _grouped(out, hkv), preferred_element_type=jnp.float32)
+    delta = delta - g_lse.astype(jnp.float32).transpose(0, 2, 1).reshape(delta.shape)
+    kb, vb, valid = _blocks(k, block, 0), _blocks(v, block, 0), _blocks(key_valid, block, False)
+    slots = jnp.arange(kb.shape[0] * block).reshape(-1, block)
+    f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+
+    def body(dq, xs):
+        k_j, v_j, valid_j, slots_j = xs
+        p = jnp.exp(_block_logits(qg, k_j, valid_j, slots_j, q_slot, scale) - lse[..., None])  # (B, Hkv, G, T, blk)
+        dv = f32("bkgts,btkgd->bskd", p.astype(v.dtype), do)
+        dp = f32("btkgd,bskd->bkgts", do, v_j)
+        ds = (p * (dp - delta[..., None]) * scale).astype(q.dtype)
+        dq = dq + f32("bkgts,bskd->btkgd", ds, k_j)
+        dk = f32("bkgts,btkgd->bskd", ds, qg)
+        return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
+
+    dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(qg.shape, jnp.float32), (kb, vb, valid, slots))
+    unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, -1, hkv, d)[:, :s]
+    return dq.reshape(b, t, h, d).astype(q.dtype), unblock(dk), unblock(dv), None, None
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def chunked_attention_with_lse(
+    q: Float[Array, "B T H d"],
+    k: Float[Array, "B S Hkv d"],
+    v: Float[Array, "B S Hkv d"],
+    key_valid: Bool[Array, "B S"],
+    q_slot: Int[Array, "B T"],
+    block: int = CHUNK,
+) -> tuple[Float[Array, "B T H d"], Float[Array, "B T H"]]:
+    """Causal + padding attention by an online softmax over key blocks of ``block`` (pure JAX), and its fp32 LSE.
+
+    Row t sits at cache slot ``q_slot[b, t]`` and sees the valid key slots <= it. Forward and
+    backward (a custom VJP, FlashAttention-2's recurrences) hold one (T x block) block of fp32
+    logits at a time and save only the output and the LSE: memory O(T x block), not O(T x S). The
+    LSE is differentiable (unlike any fused kernel's), so the select rows' merge can use it. Equals
+    :func:`attention_with_lse` up to float rounding.
+    """
+    block = max(1, min(block, k.shape[1]))
+    return _chunked(q, k, v, key_valid, q_slot.astype(jnp.int32), block)
+
+
+def chunked_attention(
+    q: Float[Array, "B T H d"],
+    k: Float[Array, "B S Hkv d"],
+    v: Float[Array, "B S Hkv d"],
+    key_valid: Bool[Array, "B S"],
+    start: Int[Array, ""],
+    block: int = CHUNK,
+) -> Float[Array, "B T H d"]:
+    """:func:`chunked_attention_with_lse` of rows ``start + t``, the output only."""
+    q_slot = jnp.broadcast_to(start + jnp.arange(q.shape[1]), q.shape[:2])
+    return chunked_attention_with_lse(q, k, v, key_valid, q_slot, block)[0]
+
+
+def rows_attention_with_lse(
+    q_rows: Float[Array, "B R H d"],
+    k: Float[Array, "B S Hkv d"],
+    v: Float[Array, "B S Hkv d"],
+    mask: CausalPadding,
+    rows: Int[Array, "B R"],
+    *,
+    chunked: bool,
+) -> tuple[Float[Array, "B R H d"], Float[Array, "B R H"]]:
+    """Output and differentiable fp32 LSE of the rows ``rows`` (their queries ``q_rows``) over the keys.
+
+    ``chunked``: by key blocks (memory O(R x block)); otherwise the dense einsum (O(R x S)).
+    """
+    if chunked:
+        return chunked_attention_with_lse(q_rows, k, v, mask.key_valid, mask.start + rows)
+    return attention_with_lse(q_rows, k, v, mask.rows(rows))
+
+
+# ---- splash (TPU Pallas; interpret mode elsewhere) ------------------------------------------------
+
+@functools.cache
+def _splash_kernel(heads: int, rows: int, keys: int, offset: int | None, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    one = sm.FullMask((rows, keys)) if offset is None else sm.CausalMask((rows, keys), offset=offset)
+    bq = bk = SPLASH_BLOCK
+    sizes = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
+                          block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
+    with jax.ensure_compile_time_eval():  # the kernel's mask tables are constants, never tracers (it is cached)
+        return sk.make_splash_mha(sm.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
+
+
+def splash_attention(
+    q: Float[Array, "B T H d"],
+    k: Float[Array, "B S Hkv d"],
+    v: Float[Array, "B S Hkv d"],
+    mask: CausalPadding,
+    *,
+    interpret: bool = False,
+) -> Float[Array, "B T H d"]:
+    """Causal + padding attention by the Pallas splash kernel (GQA), one call per sample (vmapped).
+
+    Padding is segment ids (valid keys 1, invalid 0, queries 1); causality is the static
+    ``CausalMask(offset=static_start)``; one row (decode) folds its causal bound into the key
+    segment ids instead, so a traced cache index works. Sequences are padded to multiples of
+    :data:`SPLASH_BLOCK` (padded keys invalid, padded rows dropped). Rows without a valid key are
+    undefined here (the dispatcher zeroes them).
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    b, t, h, d = q.shape
+    s = k.shape[1]
+    if t > 1 and mask.static_start is None:
+        raise ValueError("splash_attention: more than one row needs mask.static_start (a static causal offset)")
+    tp, sp = (-(-n // SPLASH_BLOCK) * SPLASH_BLOCK for n in (t, s))
+    valid = mask.key_valid
+    if t == 1:
+        valid = valid & (jnp.arange(s)[None] <= mask.start)
+    kernel = _splash_kernel(h, tp, sp, None if t == 1 else mask.static_start, interpret)
+    qs = (q.astype(jnp.float32) * d**-0.5).astype(q.dtype)  # splash takes no scale
+    pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)])
+    seg_kv = jnp.pad(valid, [(0, 0), (0, sp - s)]).astype(jnp.int32)
+    seg_q = jnp.ones((b, tp), jnp.int32)
+
+    def one(qb, kb, vb, sq, skv):
+        return kernel(qb.transpose(1, 0, 2), kb.transpose(1, 0, 2), vb.transpose(1, 0, 2), sk.SegmentIds(q=sq, kv=skv))
+
+    out = jax.vmap(one)(pad(qs, tp), pad(k, sp), pad(v, sp), seg_q, seg_kv)  # (B, H, Tp, d)
+    return out.transpose(0, 2, 1, 3)[:, :t]

@@ -126,13 +126,18 @@ class FlexConfig:
     hr_cache_fallback: bool = True
 
 
+ATTENTION_IMPLS = ("xla", "xla_chunked", "cudnn", "splash", "auto")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The whole LLaVA(-FlexAttn) model.
 
     ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of the parameters.
     ``scan_layers`` scans the decoder stacks (one compile for any depth); ``False`` unrolls them
-    (used for XLA cost analysis, which counts a loop body once).
+    (used for XLA cost analysis, which counts a loop body once). ``attention_impl`` picks the kernel
+    of the decoder's main causal attention (:func:`flexattn_jax.attention.attention`): ``auto`` takes
+    cuDNN on GPU, splash on TPU, the XLA paths on CPU (dense for short sequences: the reference).
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -149,7 +154,7 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     scan_layers: bool = True
     remat_policy: Literal["none", "full", "dots_saveable", "nothing_saveable"] = "none"
-    attention_impl: Literal["xla", "cudnn"] = "xla"
+    attention_impl: Literal["xla", "xla_chunked", "cudnn", "splash", "auto"] = "auto"
 
     def __post_init__(self) -> None:
         validate(self)
@@ -325,6 +330,8 @@ def validate(cfg: ModelConfig) -> None:
     for name in ("dtype", "param_dtype"):
         if getattr(cfg, name) not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"{name}={getattr(cfg, name)!r}: use float32, bfloat16 or float16")
+    if cfg.attention_impl not in ATTENTION_IMPLS:
+        raise ConfigError(f"attention_impl={cfg.attention_impl!r}: use one of {', '.join(ATTENTION_IMPLS)}")
     if not f.enabled:
         return
     if f.lowres_size != v.image_size:

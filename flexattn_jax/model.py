@@ -17,6 +17,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from flexattn_jax import text as T
+from flexattn_jax.attention import CausalPadding
 from flexattn_jax.config import ModelConfig
 from flexattn_jax.selection import Selection
 from flexattn_jax.vision import dual_path, encode_images
@@ -184,6 +185,7 @@ def run_decoder(
     t_cfg = cfg.text
     b, t, _ = x.shape
     write_index = jnp.int32(0) if cache is None else cache.index
+    mask = CausalPadding(key_valid, write_index, 0 if cache is None else None)  # no cache: row 0 at slot 0, static
     cos, sin = T.rope_cos_sin(t_cfg, positions)
     flex = cfg.flex.enabled and hr is not None
     if flex:
@@ -191,7 +193,7 @@ def run_decoder(
             raise ValueError("run_decoder with an HR context needs select_rows")
         select_valid = select_valid & hr.has_image[:, None]
         ctx = T.LayerContext(
-            cos, sin, T.causal_mask(key_valid, write_index, t), write_index, select_rows.astype(jnp.int32), select_valid,
+            cos, sin, mask, write_index, select_rows.astype(jnp.int32), select_valid,
             hr.image_slot, hr.margin, jnp.asarray(alpha, jnp.float32), hr.features, hr.cos, hr.sin, rng,
         )
         r, k_budget = select_rows.shape[1], cfg.hr_budget_tokens
@@ -199,7 +201,7 @@ def run_decoder(
     else:
         dummy = jnp.zeros((b, 1), jnp.int32)
         ctx = T.LayerContext(
-            cos, sin, T.causal_mask(key_valid, write_index, t), write_index, dummy, dummy > 0,
+            cos, sin, mask, write_index, dummy, dummy > 0,
             dummy[:, 0], jnp.zeros((b, 2), jnp.int32), jnp.float32(0), None, None, None, None,
         )
         sel0 = None
@@ -318,11 +320,22 @@ def embed_inputs(
     positions: Int[Array, "B T"],
     margin: Int[Array, "B 2"] | None,
 ) -> tuple[Float[Array, "B T D"], HRContext | None]:
-    """Token embeddings with the LR image features merged in, and (FlexAttention) the HR context."""
+    """Token embeddings with the LR image features merged in, and (FlexAttention) the HR context.
+
+    A batch without any image token (text-only samples, e.g. the 40k of LLaVA's 665k mix when the
+    loader puts them together) skips the vision tower: ``lax.cond`` on the batch, static shapes, zero
+    features in its place (nothing reads them: no image token takes them, no select row is valid).
+    """
     x = embed_tokens(params["text"], cfg, input_ids)
     if pixel_values is None:
         return x, None
-    feats, hr_feats = encode(params, cfg, pixel_values)
+    shapes = jax.eval_shape(lambda p: encode(params, cfg, p), pixel_values)
+    feats, hr_feats = jax.lax.cond(
+        jnp.any(input_ids == cfg.image_token_id),
+        lambda p: encode(params, cfg, p),
+        lambda p: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+        pixel_values,
+    )
     x = merge_image_features(x, input_ids, feats, cfg.image_token_id)
     hr = None if hr_feats is None else hr_context(cfg, hr_feats.astype(x.dtype), input_ids, positions, margin)
     return x, hr

@@ -14,9 +14,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Float, Int
 
-from flexattn_jax.attention import attention_with_lse, hr_attention, merge_by_lse, row_probabilities
+from flexattn_jax.attention import (
+    AUTO_CHUNK_MIN_KEYS,
+    CausalPadding,
+    attention,
+    attention_with_lse,
+    choose_impl,
+    hr_attention,
+    merge_by_lse,
+    row_probabilities,
+    rows_attention_with_lse,
+)
 from flexattn_jax.config import ModelConfig, TextConfig
 from flexattn_jax.selection import Selection, select_hr_tokens
 
@@ -122,7 +132,7 @@ class LayerContext(NamedTuple):
 
     cos: jax.Array  # (B, T, d) RoPE of the current rows
     sin: jax.Array
-    mask: jax.Array  # (B, T, S) bool: causal + padding over the key slots
+    mask: CausalPadding  # causal + padding over the key slots (structured; .dense(T) is the (B, T, S) mask)
     write_index: jax.Array  # () int32: cache slot of row 0 (0 without a cache)
     select_rows: jax.Array  # (B, R) int32 row indices of the select rows
     select_valid: jax.Array  # (B, R) bool
@@ -236,6 +246,11 @@ class DecoderLayer(nn.Module):
       attention over the image columns (the release's layer 8).
     * HIERARCHICAL: the select rows also attend to their selected HR keys (LSE merge), and the
       layer computes the selection for the next layer (the release's layers 9..L-1).
+
+    The main attention of all rows runs by ``cfg.attention_impl``; unless that is the dense XLA
+    einsum, the select rows are recomputed (their queries against the N keys, with the fp32 LSE,
+    differentiable; by key blocks for ``xla_chunked`` and long sequences) and their merged output
+    overwrites the kernel's: exact for every kernel.
     """
 
     cfg: ModelConfig
@@ -271,11 +286,22 @@ class DecoderLayer(nn.Module):
             start = (0, ctx.write_index, 0, 0)
             keys = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), start)
             values = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start)
-        o, lse = attention_with_lse(q, keys, values, ctx.mask)
+        t = q.shape[1]
+        impl = choose_impl(cfg.attention_impl, q, keys, ctx.mask)
+        dense = impl == "xla" or (kind != PLAIN and cfg.flex.hr_mode == "paper")  # paper: every row selects
+        if dense:  # one dense pass gives every row's output and LSE
+            o, lse = attention_with_lse(q, keys, values, ctx.mask.dense(t))
+        else:
+            o = attention(q, keys, values, ctx.mask, impl=impl)
         new_sel = image_attention = hr_mask = hr_update = None
         if kind != PLAIN:
             rows, valid = ctx.select_rows, ctx.select_valid
-            q_sel, o_sel, lse_sel = _take(q, rows), _take(o, rows), _take(lse, rows)
+            q_sel = _take(q, rows)
+            if dense:
+                o_sel, lse_sel = _take(o, rows), _take(lse, rows)
+            else:  # kernels give no differentiable LSE: recompute the R select rows, O(R N d), exact
+                chunked = impl == "xla_chunked" or keys.shape[1] >= AUTO_CHUNK_MIN_KEYS  # memory O(R x block)
+                o_sel, lse_sel = rows_attention_with_lse(q_sel, keys, values, ctx.mask, rows, chunked=chunked)
             if kind == HIERARCHICAL:
                 o_hr, lse_hr, hr_update = self._hr_part(q_sel, selection, ctx, hr_kv)
                 merged = merge_by_lse(o_sel, lse_sel, o_hr, lse_hr)
@@ -362,9 +388,3 @@ def layer_kind(cfg: ModelConfig, layer: int) -> int:
         return PLAIN
     return SELECT if layer == cfg.flex.first_select_layer else HIERARCHICAL
 
-
-def causal_mask(key_valid: Bool[Array, "B S"], write_index: jax.Array, num_rows: int) -> Bool[Array, "B T S"]:
-    """Rows at slots write_index + t see key slots <= their own that are valid."""
-    s = key_valid.shape[1]
-    q_slot = write_index + jnp.arange(num_rows)
-    return key_valid[:, None, :] & (jnp.arange(s)[None, None, :] <= q_slot[None, :, None])
