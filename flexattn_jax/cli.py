@@ -55,7 +55,10 @@ def generate_parser(prog: str = "flexattn-jax generate") -> argparse.ArgumentPar
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass with --temperature > 0 (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute/param dtype (default: as converted)")
-    p.add_argument("--hr-budget", default=None, help="HR tokens per select row: a count, a fraction of M, or 'all'")
+    p.add_argument("--hr-budget", default=None, type=_hr_budget,
+                   help="HR tokens per select row: 'all' (K = M, the release), 'adaptive' (exact as 'all', at the cost of "
+                   "the smallest rung of flex.hr_ladder holding the selection; 'project' and 'cache' strategies), or a fixed "
+                   "count or fraction of M (truncates larger selections) (default: the checkpoint's, 'all')")
     p.add_argument("--hr-strategy", choices=list(get_args(HRStrategy)), default="project",
                    help="where HR keys/values are projected (all give the same tokens): 'project' the K selected tokens "
                    "at every step (the release; cheapest prefill), 'cache' all M once at prefill (fewer FLOPs once the "
@@ -70,6 +73,17 @@ def generate_parser(prog: str = "flexattn-jax generate") -> argparse.ArgumentPar
                    "(FlexAttention checkpoints)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. flex.threshold=48")
     return p
+
+
+def _hr_budget(text: str) -> str:
+    """argparse type of --hr-budget: checked here (a usage error), parsed where applied."""
+    from flexattn_jax.config import ConfigError, parse_hr_budget
+
+    try:
+        parse_hr_budget(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def read_batch(path: str | Path) -> list:
@@ -126,7 +140,7 @@ def save_attention_pngs(out_dir: str | Path, requests: list, answers: list, cfg)
 
 def _generate(argv: list[str]) -> int:
     from convert import load_converted
-    from flexattn_jax.config import apply_overrides
+    from flexattn_jax.config import apply_overrides, parse_hr_budget
     from flexattn_jax.inference import Request, answer, check_batch_size
     from flexattn_jax.sharding import make_mesh, replicated
     from flexattn_jax.tokenizer import load_tokenizer
@@ -147,9 +161,9 @@ def _generate(argv: list[str]) -> int:
         check_batch_size(mesh, args.batch_size)
         params, cfg = load_converted(args.checkpoint, dtype=args.dtype, sharding=None if mesh is None else replicated(mesh))
         overrides = list(args.set)
-        if args.hr_budget is not None:
-            overrides.append(f"flex.hr_budget={'None' if args.hr_budget == 'all' else args.hr_budget}")
         cfg = apply_overrides(cfg, overrides)
+        if args.hr_budget is not None:
+            cfg = apply_overrides(cfg, {"flex.hr_budget": parse_hr_budget(args.hr_budget)})
         tokenizer = load_tokenizer(args.checkpoint)
     except (ValueError, OSError) as e:  # ConvertError, ShardingError, ConfigError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
