@@ -52,7 +52,7 @@ from flexattn_jax import text as T
 from flexattn_jax.attention import hr_attention
 from flexattn_jax.config import ModelConfig
 from flexattn_jax.params import abstract_params, init_params
-from flexattn_jax.selection import Selection, rungs_taken
+from flexattn_jax.selection import Selection, rungs_taken, selection_mask
 
 NAME = "flex-adaptive"
 STRATEGIES = ("project", "cache")  # the strategies adaptive applies to
@@ -106,6 +106,18 @@ def mix_flops(rf: dict, strategy: str, prefill_rungs: np.ndarray, step_rungs: np
     a = float(pre_of[np.asarray(prefill_rungs)].mean())
     b = a + float(step_of[np.asarray(step_rungs)].mean(axis=-1).sum()) if len(step_rungs) else a
     return a, b
+
+
+def mix_ratios(rf: dict, rungs: np.ndarray, answer_tokens: int) -> dict:
+    """7B FLOPs over xattn's of workloads A and B for each strategy, from rung indices ``(1 + steps, Lh)``."""
+    ref_a = rf[REFERENCE][0]
+    ref_b = ref_a + (answer_tokens - 1) * rf[REFERENCE][1]
+    out = {}
+    for s in rf["per_rung"]:
+        a, b = mix_flops(rf, s, rungs[0], rungs[1:answer_tokens])
+        out[f"flops_7b_A_ratio_{s}"], out[f"flops_7b_B_ratio_{s}"] = a / ref_a, b / ref_b
+    out["flops_7b_A_ratio"] = out[f"flops_7b_A_ratio_{STRATEGIES[0]}"]
+    return out
 
 
 def synthetic_rows(rf: dict, strategy: str, fractions: np.ndarray, answer_tokens: int) -> list[dict]:
@@ -197,11 +209,9 @@ def sweep(config: ModelConfig | None = None, rf: dict | None = None, margins: tu
             secs = [t[0] for t in ts]
             e[f"{prog.variant.label}_seconds"] = statistics.median(secs)
             e[f"{prog.variant.label}_time_ratio"] = statistics.median(a / b for a, b in zip(secs, ref_t, strict=True))
+        e["rung_index"] = b_rungs.tolist()  # (prefill + answer - 1 steps, Lh): the rung each hierarchical layer took
         if rf is not None:
-            a, b = mix_flops(rf, "project", b_rungs[0], b_rungs[1:answer_tokens])
-            ref_a = rf[REFERENCE][0]
-            e.update(flops_7b_A=a, flops_7b_A_ratio=a / ref_a,
-                     flops_7b_B_ratio=b / (ref_a + (answer_tokens - 1) * rf[REFERENCE][1]))
+            e.update(mix_ratios(rf, b_rungs, answer_tokens))
         log(f"  margin {mg}: fraction {e['fraction']:.3f}, adaptive/xattn time {e[f'{NAME}/project_time_ratio']:.3f}")
         entries.append(e)
     return entries
@@ -237,7 +247,8 @@ def batch_waste(config: ModelConfig | None = None, rf: dict | None = None, batch
 def training_hr_memory(config: ModelConfig | None = None, rows: int = 2048, budget: float = 0.1, seq: int = 2048) -> dict:
     """Temp bytes (XLA memory analysis, CPU compile from abstract shapes, fp32) of one hierarchical layer's HR part,
     forward + backward, at ``rows`` select rows and K = ``budget`` M: projecting each row's K tokens (B, R, K, D)
-    against projecting all M once and attending with the selection as a mask; and their FLOPs."""
+    against projecting all M once and attending with the selection as a mask, and the release's K = M (all M, the mask its
+validity: what adaptive runs there, every rung having R x K_r >= M); and their FLOPs."""
     cfg = dataclasses.replace(config or default_config(), dtype="float32", param_dtype="float32")
     cfg = with_budget(cfg, budget)
     t, m, k = cfg.text, cfg.num_hr_tokens, cfg.hr_budget_tokens
@@ -248,8 +259,10 @@ def training_hr_memory(config: ModelConfig | None = None, rows: int = 2048, budg
     shapes = (p_layer, sds((1, rows, t.num_heads, t.head_dim), f32), sds((1, m, t.hidden_size), f32),
               sds((1, m, t.head_dim), f32), sds((1, m, t.head_dim), f32), sds((1, rows, k), i32), sds((1, rows, k), bool))
 
-    def loss(per_row: bool):
+    def loss(per_row: bool, all_tokens: bool = False):
         def f(p, q, feats, cos, sin, index, valid):
+            if all_tokens:  # the release's K = M: every row over all M tokens, the mask its validity
+                index, valid = jnp.broadcast_to(jnp.arange(m, dtype=i32), (1, rows, m)), selection_mask(Selection(index, valid), m)
             z = jnp.zeros((1, 1), i32)
             ctx = T.LayerContext(None, None, None, jnp.int32(0), z, z > 0, z[:, 0], jnp.zeros((1, 2), i32), jnp.float32(1),
                                  feats, cos, sin, None)
@@ -264,8 +277,9 @@ def training_hr_memory(config: ModelConfig | None = None, rows: int = 2048, budg
         return jax.grad(f, argnums=(0, 1, 2))
 
     out = {"rows": rows, "K": k, "M": m, "seq": seq, "dtype": "float32"}
-    for name, per_row in (("per_row_projection", True), ("all_M_and_mask", False)):
-        lowered = jax.jit(loss(per_row)).lower(*shapes)
+    for name, per_row, all_tokens in (("per_row_projection", True, False), ("all_M_and_mask", False, False),
+                                      ("K_equals_M", False, True)):
+        lowered = jax.jit(loss(per_row, all_tokens)).lower(*shapes)
         ca = lowered.cost_analysis()
         ca = ca[0] if isinstance(ca, (list, tuple)) else ca
         out[name] = {"temp_bytes": memory_stats(lowered.compile())["temp"], "flops": float(ca["flops"])}
@@ -342,15 +356,18 @@ def format_table(res: dict) -> str:
     lines.append(f"| xattn | {rf['M']} | {rf[REFERENCE][0] / 1e12:.3f} | {rf[REFERENCE][1] / 1e12:.4f} |")
     for s, (a, b) in rf["flex-0.1M"].items():
         lines.append(f"| flex-0.1M/{s} (truncates) | {int(np.ceil(0.1 * rf['M']))} | {a / 1e12:.3f} | {b / 1e12:.4f} |")
+    nan = float("nan")
     lines += ["", f"Against the selected fraction (scaled config: batch {res['sweep'][0]['batch']}, threshold 0, margin m zeroes m LR "
-              "rows/cols per side; time: median per-round ratio to xattn; FLOPs: 7B, the measured rung mix):", "",
-              "| margin | selected (max) | rungs (prefill, per layer) | same tokens as flex-M | A FLOPs/xattn | B FLOPs/xattn | "
-              "A time/xattn adaptive | flex-M | flex-0.1M |", "|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+              "rows/cols per side; rungs in the scaled model's HR tokens; time: prefill, median per-round ratio to xattn; FLOPs: 7B "
+              "shapes, the rung mix measured on the 16-token answer):", "",
+              "| margin | selected (max) | prefill rungs (per layer) | same tokens as flex-M | A FLOPs/xattn project | "
+              "B FLOPs/xattn project | B cache | A time/xattn adaptive | flex-M | flex-0.1M |",
+              "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for e in res["sweep"]:
         lines.append(f"| {e['margin']} | {e['fraction']:.3f} | {e['prefill_rungs']} | {e['same_tokens_as_flex_M']} | "
-                     f"{e.get('flops_7b_A_ratio', float('nan')):.3f} | {e.get('flops_7b_B_ratio', float('nan')):.3f} | "
-                     f"{e[f'{NAME}/project_time_ratio']:.3f} | {e['flex-M/project_time_ratio']:.3f} | "
-                     f"{e['flex-0.1M/project_time_ratio']:.3f} |")
+                     f"{e.get('flops_7b_A_ratio_project', nan):.3f} | {e.get('flops_7b_B_ratio_project', nan):.3f} | "
+                     f"{e.get('flops_7b_B_ratio_cache', nan):.3f} | {e[f'{NAME}/project_time_ratio']:.3f} | "
+                     f"{e['flex-M/project_time_ratio']:.3f} | {e['flex-0.1M/project_time_ratio']:.3f} |")
     bw = res.get("batch_waste")
     if bw:
         lines += ["", "Per-batch against per-sample rungs (batch 8; mean rung in HR tokens; 7B workload A FLOPs/xattn):", "",
@@ -363,8 +380,9 @@ def format_table(res: dict) -> str:
     if tm:
         lines += ["", f"HR part of one hierarchical layer at training scale (7B, R = {tm['rows']} rows, K = {tm['K']}, M = {tm['M']}, "
                   "fp32, forward + backward):", "", "| HR keys | temp GB | GFLOPs |", "|---|---:|---:|"]
-        for name in ("per_row_projection", "all_M_and_mask"):
-            lines.append(f"| {name} | {tm[name]['temp_bytes'] / 1e9:.2f} | {tm[name]['flops'] / 1e9:.1f} |")
+        for name in ("per_row_projection", "all_M_and_mask", "K_equals_M"):
+            if name in tm:
+                lines.append(f"| {name} | {tm[name]['temp_bytes'] / 1e9:.2f} | {tm[name]['flops'] / 1e9:.1f} |")
     return "\n".join(lines)
 
 
