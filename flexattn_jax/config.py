@@ -97,9 +97,10 @@ class FlexConfig:
     M itself is always the top rung) and each hierarchical layer takes, with ``lax.switch``, the
     smallest rung holding every token selected by any select row of the batch, so nothing is ever
     truncated and the HR projections and attention cost that rung's K (one compile serves every
-    rung). It applies to the 'project' and 'cache' HR strategies of generation, and to training
-    (where many select rows make every rung cost the same all-M path, see ``text.DecoderLayer``);
-    the 'incremental' strategy rejects it.
+    rung). In generation the rung sizes the 'project' strategy's projections and attention, the
+    'cache' strategy's gathers and attention, and the 'incremental' strategy's fallback projections
+    (its M-slot cache and fast path are unchanged). In training, with many select rows, every rung
+    costs the same all-M path (see ``text.DecoderLayer._attend``): the same as K = M.
     ``hr_mode='release'`` lets only the select rows see HR keys; ``'paper'`` makes every row a
     select row with its own mask. ``selection`` picks how the mask is made: from attention (the
     method), ``'random'`` (the release's ablation) or ``'all'`` (every HR token: LLaVA-XAttn).

@@ -302,12 +302,12 @@ class DecoderLayer(nn.Module):
         ``cfg.hr_rungs`` that holds the largest selection of any select row in the batch: that
         rung's program packs each row's tokens into K_r slots and projects / gathers and attends
         K_r keys; nothing is truncated, so it computes what K = M computes. Rungs with R x K_r >= M
-        cost the all-M path anyway (:meth:`_attend`), so they are not separate branches.
+        cost the all-M path anyway (:meth:`_attend`), so they are not separate branches. The
+        incremental cache (:meth:`_incremental_hr_kv`) keeps its M slots and the rung sizes the
+        projections of its fallback.
         """
         cfg = self.cfg
-        if hr_kv is not None and hr_kv.projected is not None:
-            if cfg.hr_adaptive:
-                raise ValueError("flex.hr_budget='adaptive' does not support hr_strategy='incremental': use 'project' or 'cache'")
+        if hr_kv is not None and hr_kv.projected is not None:  # adaptive: the fallback's projections follow the rung
             k_hr, v_hr, update = self._incremental_hr_kv(sel, ctx, hr_kv)
             o, lse = hr_attention(q_sel, k_hr, v_hr, sel.valid)
             return o, lse, update
@@ -355,9 +355,11 @@ class DecoderLayer(nn.Module):
 
         Fast path: at most ``cfg.hr_step_tokens`` newly selected tokens are projected and the rest are
         read from the cache; when more are new (any sample of the batch), ``lax.cond`` takes the
-        exact fallback that projects all K selected tokens (the 'project' strategy). Rows > 1 (a
-        prefill where every row selects) always take the fallback. Returns the keys, the values and
-        the update (token index per slot, M where nothing is written; the slot's key and value).
+        exact fallback that projects all K selected tokens (the 'project' strategy; with the adaptive
+        budget, where the slots are the M tokens, only the selected ones, packed into the rung that
+        holds them). Rows > 1 (a prefill where every row selects) always take the fallback. Returns
+        the keys, the values and the update (token index per slot, M where nothing is written; the
+        slot's key and value).
         """
         cfg = self.cfg
         b, r, k = sel.index.shape
@@ -368,8 +370,32 @@ class DecoderLayer(nn.Module):
         dtype = cache.k.dtype
 
         def project_all():
+            if cfg.hr_adaptive and r == 1:
+                return project_rung()
             k_all, v_all = self._project(flat, ctx)
             return k_all.astype(dtype), v_all.astype(dtype)
+
+        def project_rung():
+            """Adaptive (slots = the M tokens in order): project the selected tokens, packed into the smallest
+            rung that holds them (``lax.switch``), over the cache; unselected slots keep what the cache has
+            (masked out of the attention, never written back: only ``need`` slots are)."""
+            m = cfg.num_hr_tokens
+            rungs = cfg.hr_rungs
+
+            def branch(kr: int):
+                if kr >= m:
+                    k_all, v_all = self._project(flat, ctx)
+                    return k_all.astype(dtype), v_all.astype(dtype)
+                packed = compact(ok[:, None], kr)
+                index, valid = packed.index[:, 0], packed.valid[:, 0]
+                k_new, v_new = self._project(index, ctx)
+                target = jnp.where(valid, index, m)  # out of range: dropped
+                b_idx = jnp.arange(b)[:, None]
+                return (cache.k.at[b_idx, target].set(k_new.astype(dtype), mode="drop"),
+                        cache.v.at[b_idx, target].set(v_new.astype(dtype), mode="drop"))
+
+            rung = jnp.sum(jnp.asarray(rungs[:-1]) < jnp.max(jnp.sum(ok, axis=1)))
+            return jax.lax.switch(rung, [functools.partial(branch, kr) for kr in rungs])
 
         def project_new():
             old_k, old_v = _take(cache.k, flat), _take(cache.v, flat)

@@ -70,7 +70,7 @@ def _all_masks(out) -> np.ndarray:
     return np.concatenate([np.asarray(out.prefill_maps.hr_masks)[None], np.asarray(out.step_maps.hr_masks)])
 
 
-@pytest.mark.parametrize("strategy", ["project", "cache"])
+@pytest.mark.parametrize("strategy", ["project", "cache", "incremental"])
 def test_adaptive_equals_k_equals_m_in_every_rung_one_compile(setup, strategy):
     """Left-padded batches landing in every rung: tokens, per-step logits and per-layer masks of K = M, one compile."""
     cfg = _budget(setup.cfg, "adaptive")
@@ -169,8 +169,3 @@ def test_ladder_config_and_cli_parse(setup):
     from flexattn_jax.cli import generate_parser
 
     assert "adaptive" in generate_parser().format_help()
-
-
-def test_incremental_strategy_rejects_adaptive(setup):
-    with pytest.raises(ValueError, match="does not support hr_strategy='incremental'"):
-        generate(setup.params, _budget(setup.cfg, "adaptive"), *setup.inputs, max_new_tokens=2, hr_strategy="incremental")
