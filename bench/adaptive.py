@@ -7,7 +7,9 @@ dearest branch (the M rung), so FLOPs are counted per rung and mixed:
 
 * **per rung**: each rung's program alone is the fixed-budget program ``hr_budget = K_r`` (the same
   projections and attention over K_r keys; only the packing differs: top-k there, a cumsum here),
-  counted at 7B shapes (abstract, :func:`bench.flops.prefill_flops` / ``decode_flops``). A prefill
+  counted at 7B shapes (abstract, :func:`bench.flops.prefill_flops` / ``decode_flops``). The
+  incremental strategy's decode step is counted on adaptive's own fast path (as
+  :func:`bench.common.counting_config` counts every incremental step: the fallback is the exception). A prefill
   whose hierarchical layers take rungs r_1..r_Lh costs the mean over layers of F(K_{r_l}) (F is
   affine in each layer's K); a decode step likewise.
 * **rung mix measured**: the rungs the layers actually take, from the masks of real runs of the
@@ -55,7 +57,7 @@ from flexattn_jax.params import abstract_params, init_params
 from flexattn_jax.selection import Selection, rungs_taken, selection_mask
 
 NAME = "flex-adaptive"
-STRATEGIES = ("project", "cache")  # the strategies adaptive applies to
+STRATEGIES = ("project", "cache", "incremental")
 MARGINS = (0, 1, 2, 3, 4, 5, 6)  # LR rows/cols zeroed per side at the scaled config (12 x 12 LR grid)
 
 
@@ -94,6 +96,9 @@ def rung_flops(base: ModelConfig, strategies: tuple[str, ...] = STRATEGIES, prom
                  "flex-0.1M": {s: count(variant(base, "flex-0.1M", s)) for s in strategies}}
     for s in strategies:
         res["per_rung"][s] = {str(k): count(_fixed(base, "flex-M", s, None if k == m else k)) for k in ad.hr_rungs}
+        if s == "incremental":  # its decode step: adaptive's own fast path (no conditional there; M slots attended)
+            step = decode_flops(adaptive_variant(base, s), prompt_len, answer_tokens)
+            res["per_rung"][s] = {k: [pre, step] for k, (pre, _) in res["per_rung"][s].items()}
     return res
 
 
@@ -361,12 +366,13 @@ def format_table(res: dict) -> str:
               "rows/cols per side; rungs in the scaled model's HR tokens; time: prefill, median per-round ratio to xattn; FLOPs: 7B "
               "shapes, the rung mix measured on the 16-token answer):", "",
               "| margin | selected (max) | prefill rungs (per layer) | same tokens as flex-M | A FLOPs/xattn project | "
-              "B FLOPs/xattn project | B cache | A time/xattn adaptive | flex-M | flex-0.1M |",
-              "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+              "B FLOPs/xattn project | B cache | B incremental | A time/xattn adaptive | flex-M | flex-0.1M |",
+              "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for e in res["sweep"]:
         lines.append(f"| {e['margin']} | {e['fraction']:.3f} | {e['prefill_rungs']} | {e['same_tokens_as_flex_M']} | "
                      f"{e.get('flops_7b_A_ratio_project', nan):.3f} | {e.get('flops_7b_B_ratio_project', nan):.3f} | "
-                     f"{e.get('flops_7b_B_ratio_cache', nan):.3f} | {e[f'{NAME}/project_time_ratio']:.3f} | "
+                     f"{e.get('flops_7b_B_ratio_cache', nan):.3f} | {e.get('flops_7b_B_ratio_incremental', nan):.3f} | "
+                     f"{e[f'{NAME}/project_time_ratio']:.3f} | "
                      f"{e['flex-M/project_time_ratio']:.3f} | {e['flex-0.1M/project_time_ratio']:.3f} |")
     bw = res.get("batch_waste")
     if bw:
