@@ -5,7 +5,8 @@ machine's attention implementations at 7B shapes, and a train-step MFU).
 
 Full form: FLOPs at 7B shapes (every configuration and HR strategy), wall time at the scaled
 config (batch 1 and 8, workloads A and B), the PyTorch comparisons, scaling with the image size
-(and its plot), peak memory at 7B shapes; then the goals of ``benchmarks.md`` with the measured
+(and its plot), peak memory at 7B shapes, the adaptive HR budget's cost against the selected
+fraction (and its plot, :mod:`bench.adaptive`); then the goals of ``benchmarks.md`` with the measured
 figure and whether each is met. ``--quick`` (a few minutes on 2 cores): the 7B FLOP ratios of the
 main configurations plus a reduced wall-time table (batch 1, xattn and flex-0.1M).
 
@@ -47,7 +48,9 @@ def _best(entries: list[dict], config: str, workload: str, key: str, batch: int 
 
 
 def goals(results: dict) -> list[dict]:
-    """The goals of benchmarks.md, each with the measured figure and whether it is met."""
+    """The goals of benchmarks.md (and of the adaptive budget), each with the measured figure and whether it is met."""
+    from bench.adaptive import NAME
+
     out = []
     f7, wt = results.get("flops_7b", []), results.get("walltime", [])
 
@@ -72,6 +75,20 @@ def goals(results: dict) -> list[dict]:
     for e in results.get("torch_forward", []):
         add(f"forward >= 2x transformers (batch {e['batch']}, {e['torch_threads']} threads)", e, "speedup", 2.0, below=False,
             where="flex off")
+    ad = results.get("adaptive")
+    if ad:
+        low = [e for e in ad["synthetic"]["project"] if e["fraction"] <= 0.25]
+        worst = max(low, key=lambda e: e["A_ratio"])
+        add("A: flex-adaptive (exact) <= 0.70x xattn FLOPs whenever the selection is <= 25% of M (7B)", worst, "A_ratio", 0.70,
+            where=f"{NAME}/project, selection {worst['fraction']:.3f} of M")
+        low = [e for e in ad["sweep"] if e["fraction"] <= 0.25]
+        if low:
+            worst = max(low, key=lambda e: e[f"{NAME}/project_time_ratio"])
+            add("A: flex-adaptive (exact) <= 0.70x xattn wall time whenever the selection is <= 25% of M (scaled, batch 1)", worst,
+                f"{NAME}/project_time_ratio", 0.70, where=f"{NAME}/project, selection {worst['fraction']:.3f} of M")
+        same = {"same": float(all(e["same_tokens_as_flex_M"] for e in ad["sweep"]))}
+        add("flex-adaptive answers = flex-M's at every selected fraction (scaled, 16 tokens)", same, "same", 1.0, below=False,
+            where=f"{NAME}/project")
     sc = results.get("scaling", [])
     for name in dict.fromkeys(e["config"] for e in sc):
         es = sorted((e for e in sc if e["config"] == name), key=lambda e: e["zoom"])
@@ -109,7 +126,7 @@ def run(quick: bool, out: Path | None, threads: int | None, skip_torch: bool, re
 
     ``tiny``: the tests' tiny model in place of the 7B and scaled shapes (a smoke test of the command).
     """
-    from bench import flops, memory, scaling, walltime
+    from bench import adaptive, flops, memory, scaling, walltime
     from bench.common import hr_strategies, tiny_config
 
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if progress else (lambda s: None)
@@ -148,6 +165,10 @@ def run(quick: bool, out: Path | None, threads: int | None, skip_torch: bool, re
         results["scaling"] = scaling.scaling_table(repeats=repeats or 5, progress=progress, flops_7b=not tiny, **small_np)
         log("== memory at 7B shapes")
         results["memory_7b"] = memory.memory_table(batches=(1, 8), progress=progress, **big)
+        log("== the adaptive HR budget: cost against the selected fraction")
+        tiny_ad = dict(config_7b=tiny_config(), config_scaled=tiny_config("float32"), prompt_len_7b=8, answer_tokens=4,
+                       margins=(0, 1, 2), training_rows=4) if tiny else {}
+        results["adaptive"] = adaptive.adaptive_table(repeats=repeats or 5, progress=progress, log=log, **tiny_ad)
     results["goals"] = goals(results)
     for e in results["flops_7b"]:
         e["section"] = "flops-7b"
@@ -160,6 +181,8 @@ def run(quick: bool, out: Path | None, threads: int | None, skip_torch: bool, re
         out.mkdir(parents=True, exist_ok=True)
         if "scaling" in results:
             results["scaling_plot"] = str(scaling.plot(results["scaling"], out / "scaling.png"))
+        if "adaptive" in results:
+            results["adaptive_plot"] = str(adaptive.plot(results["adaptive"], out / "adaptive.png"))
         (out / ("bench-quick.json" if quick else "bench.json")).write_text(json.dumps(results, indent=1))
     return results
 
@@ -183,6 +206,10 @@ def format_report(results: dict) -> str:
     parts += ["", memory.format_scaled(results["walltime"], "Prefill memory at the scaled config (fp32, the timed executables):")]
     if "memory_7b" in results:
         parts += ["", memory.format_table(results["memory_7b"], "Prefill memory at 7B shapes (fp32, XLA memory analysis):")]
+    if "adaptive" in results:
+        from bench.adaptive import format_table as adaptive_table
+
+        parts += ["", "The adaptive HR budget (exact; cost against the selected fraction):", "", adaptive_table(results["adaptive"])]
     parts += ["", format_goals(results["goals"])]
     return "\n".join(parts)
 

@@ -59,7 +59,10 @@ def generate_parser(prog: str = "flexattn-jax generate") -> argparse.ArgumentPar
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass with --temperature > 0 (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute/param dtype (default: as converted)")
-    p.add_argument("--hr-budget", default=None, help="HR tokens per select row: a count, a fraction of M, or 'all'")
+    p.add_argument("--hr-budget", default=None,
+                   help="HR tokens per select row: 'all' (K = M, the release), 'adaptive' (exact as 'all', at the cost of "
+                   "the smallest rung of flex.hr_ladder holding the selection, chosen per layer at run time), or a fixed "
+                   "count or fraction of M (truncates larger selections) (default: the checkpoint's, 'all')")
     p.add_argument("--hr-strategy", choices=list(get_args(HRStrategy)), default="project",
                    help="where HR keys/values are projected (all give the same tokens): 'project' the K selected tokens "
                    "at every step (the release; cheapest prefill), 'cache' all M once at prefill (fewer FLOPs once the "

@@ -93,7 +93,16 @@ class FlexConfig:
     """FlexAttention settings (the release's ``config.extra`` plus this project's options).
 
     ``hr_budget`` is the static number K of high-resolution tokens a select row may attend to:
-    ``None`` means all M (exactly the release), a float in (0, 1] a fraction of M, an int a count.
+    ``None`` means all M (exactly the release), a float in (0, 1] a fraction of M, an int a count
+    (a budget below the selection truncates it to the K best-scored tokens). ``'adaptive'`` is exact
+    too and pays for what is selected: ``hr_ladder`` is a static ladder of budgets (fractions of M;
+    M itself is always the top rung) and each hierarchical layer takes, with ``lax.switch``, the
+    smallest rung holding every token selected by any select row of the batch, so nothing is ever
+    truncated and the HR projections and attention cost that rung's K (one compile serves every
+    rung). In generation the rung sizes the 'project' strategy's projections and attention, the
+    'cache' strategy's gathers and attention, and the 'incremental' strategy's fallback projections
+    (its M-slot cache and fast path are unchanged). In training, with many select rows, every rung
+    costs the same all-M path (see ``text.DecoderLayer._attend``): the same as K = M.
     ``hr_mode='release'`` lets only the select rows see HR keys; ``'paper'`` makes every row a
     select row with its own mask. ``selection`` picks how the mask is made: from attention (the
     method), ``'random'`` (the release's ablation) or ``'all'`` (every HR token: LLaVA-XAttn).
@@ -115,7 +124,8 @@ class FlexConfig:
     threshold: float = 64.0
     first_select_layer: int = 8
     pool_size: int = 9
-    hr_budget: float | int | None = None
+    hr_budget: float | int | Literal["adaptive"] | None = None
+    hr_ladder: tuple[float, ...] = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
     warmup: float = 10.0
     hr_mode: Literal["release", "paper"] = "release"
     selection: Literal["attention", "random", "all"] = "attention"
@@ -124,6 +134,13 @@ class FlexConfig:
     alpha_schedule: Literal["release", "warmup"] = "release"
     hr_step_cells: int = 3
     hr_cache_fallback: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hr_ladder, list):  # from JSON / to_dict round trips: keep the config hashable (a jit static)
+            object.__setattr__(self, "hr_ladder", tuple(self.hr_ladder))
+
+
+ADAPTIVE = "adaptive"
 
 
 ATTENTION_IMPLS = ("xla", "xla_chunked", "cudnn", "splash", "auto")
@@ -198,10 +215,25 @@ class ModelConfig:
         return min(self.hr_budget_tokens, self.flex.hr_step_cells * self.hr_cell_tokens)
 
     @property
+    def hr_adaptive(self) -> bool:
+        """``flex.hr_budget == 'adaptive'``: a ladder of budgets chosen per layer at run time."""
+        return self.flex.hr_budget == ADAPTIVE
+
+    @property
+    def hr_rungs(self) -> tuple[int, ...]:
+        """The adaptive ladder in HR tokens, ascending, distinct, M last (a fixed budget: its K alone)."""
+        m = self.num_hr_tokens
+        if not self.hr_adaptive:
+            return (self.hr_budget_tokens,)
+        ks = {max(1, min(m, math.ceil(f * m))) for f in self.flex.hr_ladder}
+        return tuple(sorted(ks | {m}))
+
+    @property
     def hr_budget_tokens(self) -> int:
-        """K: the static number of HR keys a select row attends to."""
+        """K: the static number of HR keys a select row attends to ('adaptive': M, the width of the
+        selection carried between layers; each layer attends to its rung's K <= M)."""
         budget, m = self.flex.hr_budget, self.num_hr_tokens
-        if budget is None:
+        if budget is None or budget == ADAPTIVE:
             return m
         if isinstance(budget, float):
             return max(1, min(m, math.ceil(budget * m)))
@@ -355,19 +387,26 @@ def validate(cfg: ModelConfig) -> None:
     if f.alpha_schedule not in ("release", "warmup"):
         raise ConfigError(f"flex.alpha_schedule={f.alpha_schedule!r}: use 'release' or 'warmup'")
     b = f.hr_budget
-    if b is not None and (isinstance(b, bool) or not isinstance(b, int | float) or (isinstance(b, float) and not 0 < b <= 1)
-                          or (isinstance(b, int) and b < 1)):
-        raise ConfigError(f"flex.hr_budget={b!r}: use None (all), a fraction in (0, 1] or a positive count")
+    if isinstance(b, str) and b != ADAPTIVE:
+        raise ConfigError(f"flex.hr_budget={b!r}: use None (all), 'adaptive', a fraction in (0, 1] or a positive count")
+    if b is not None and not isinstance(b, str) and (
+        isinstance(b, bool) or (isinstance(b, float) and not 0 < b <= 1) or (isinstance(b, int) and b < 1)
+    ):
+        raise ConfigError(f"flex.hr_budget={b!r}: use None (all), 'adaptive', a fraction in (0, 1] or a positive count")
+    ladder = f.hr_ladder
+    if (not isinstance(ladder, tuple) or not ladder
+            or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x <= 1 for x in ladder)):
+        raise ConfigError(f"flex.hr_ladder={ladder!r}: use a non-empty list of fractions of M in (0, 1] (M is always the top rung)")
     if isinstance(f.hr_step_cells, bool) or not isinstance(f.hr_step_cells, int) or f.hr_step_cells < 0:
         raise ConfigError(f"flex.hr_step_cells={f.hr_step_cells!r}: use a count >= 0 of pooled cells per decode step")
 
 
 # ---- overrides ------------------------------------------------------------------------------
 
-def parse_hr_budget(text: str | float | None, name: str = "hr_budget") -> float | int | None:
+def parse_hr_budget(text: str | float | None, name: str = "hr_budget") -> float | int | str | None:
     """The one reader of an HR budget given as text (``--hr-budget``, ``--set flex.hr_budget=``).
 
-    ``None`` / ``'all'`` / ``'none'`` -> None (all M tokens); an integer -> a count >= 1; a number with a
+    ``None`` / ``'all'`` / ``'none'`` -> None (all M tokens); ``'adaptive'`` -> the ladder; an integer -> a count >= 1; a number with a
     point or exponent -> a fraction in (0, 1]. Anything else raises :class:`ConfigError` naming ``name`` and the value.
     """
     if text is None or isinstance(text, int | float) and not isinstance(text, bool):
@@ -376,13 +415,15 @@ def parse_hr_budget(text: str | float | None, name: str = "hr_budget") -> float 
         t = str(text).strip()
         if t.lower() in ("all", "none", "null"):
             return None
+        if t.lower() == ADAPTIVE:
+            return ADAPTIVE
         try:
             value = int(t)
         except ValueError:
             try:
                 value = float(t)
             except ValueError:
-                raise ConfigError(f"{name} {text!r}: use a count (e.g. 64), a fraction in (0, 1] (e.g. 0.25) or 'all'") from None
+                raise ConfigError(f"{name} {text!r}: use a count (e.g. 64), a fraction in (0, 1] (e.g. 0.25), 'all' or 'adaptive'") from None
     if value is not None and ((isinstance(value, float) and not 0 < value <= 1) or (isinstance(value, int) and value < 1)):
         raise ConfigError(f"{name} {text!r}: use a count >= 1, a fraction in (0, 1] or 'all'")
     return value

@@ -5,7 +5,9 @@ every image: heads-summed attention of the select rows over the g x g LR image c
 zeroing of the padded bands, min-max normalisation, ``*255 > threshold``, PyTorch's
 ``adaptive_max_pool2d`` to P x P, ``nearest`` upsampling to the HR grid. The mask then becomes K
 indices plus a validity mask (static budget K), ranked by the pooled (pre-threshold) score so
-that a budget smaller than the selection drops the weakest tokens. No boolean indexing.
+that a budget smaller than the selection drops the weakest tokens. No boolean indexing. The
+adaptive budget carries the whole mask (K = M) and each hierarchical layer packs it into its
+rung's K slots (:func:`compact`).
 """
 
 from __future__ import annotations
@@ -132,6 +134,44 @@ def top_k_pad(mask: Bool[Array, "B R M"], score: Float[Array, "B R M"], k: int) 
     return Selection(index.astype(jnp.int32), top > -jnp.inf)
 
 
+def compact(mask: Bool[Array, "B R M"], k: int) -> Selection:
+    """The selected tokens of each row in index order, packed into K slots (cumsum compaction) + validity.
+
+    Exact (every selected token kept) when no row selects more than K: the adaptive budget's rungs
+    call it only then. Beyond K, the rest are dropped.
+    """
+    b, r, m = mask.shape
+    pos = jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1
+    slot = jnp.where(mask & (pos < k), pos, k)  # k: out of range, dropped
+    b_idx, r_idx = jnp.arange(b)[:, None, None], jnp.arange(r)[None, :, None]
+    tokens = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), mask.shape)
+    index = jnp.zeros((b, r, k), jnp.int32).at[b_idx, r_idx, slot].set(tokens, mode="drop")
+    valid = jnp.arange(k) < pos[..., -1:] + 1
+    return Selection(index, valid)
+
+
+def selection_mask(sel: Selection, m: int) -> Bool[Array, "B R M"]:
+    """The boolean mask over the M HR tokens that a selection's valid slots make."""
+    b, r, _ = sel.index.shape
+    b_idx, r_idx = jnp.arange(b)[:, None, None], jnp.arange(r)[None, :, None]
+    return jnp.zeros((b, r, m), bool).at[b_idx, r_idx, sel.index].max(sel.valid)
+
+
+def rungs_taken(cfg: ModelConfig, hr_masks: Bool[Array, "*S L B M"], per_sample: bool = False) -> Int[Array, "*S Lh"]:
+    """Index in ``cfg.hr_rungs`` of the rung each hierarchical layer takes under the adaptive budget.
+
+    ``hr_masks``: every layer's mask of the (one, release-mode) select row, as generation's step
+    maps give them; hierarchical layer l attends with the mask layer l - 1 made. The rung holds the
+    largest selection of the batch; ``per_sample`` gives each sample's own rung instead,
+    ``(*S, Lh, B)`` (what per-sample rungs would take: the benchmark's measure of the batch's waste).
+    """
+    first = cfg.flex.first_select_layer
+    count = jnp.sum(hr_masks[..., first:-1, :, :], axis=-1)  # (*S, Lh, B)
+    if not per_sample:
+        count = jnp.max(count, axis=-1)
+    return jnp.sum(jnp.asarray(cfg.hr_rungs[:-1]) < count[..., None], axis=-1)
+
+
 def select_hr_tokens(
     image_attention: Float[Array, "B R G"],
     margin: Int[Array, "B 2"],
@@ -158,7 +198,5 @@ def select_hr_tokens(
     mask = mask & row_valid[..., None]
     sel = top_k_pad(mask, score, cfg.hr_budget_tokens)
     if cfg.hr_budget_tokens < cfg.num_hr_tokens:
-        rows = jnp.zeros(mask.shape, bool)
-        b_idx, r_idx = jnp.arange(b)[:, None, None], jnp.arange(r)[None, :, None]
-        mask = rows.at[b_idx, r_idx, sel.index].max(sel.valid)
+        mask = selection_mask(sel, cfg.num_hr_tokens)
     return sel, mask

@@ -28,7 +28,7 @@ from flexattn_jax.attention import (
     rows_attention_with_lse,
 )
 from flexattn_jax.config import ModelConfig, TextConfig
-from flexattn_jax.selection import Selection, select_hr_tokens
+from flexattn_jax.selection import Selection, compact, select_hr_tokens, selection_mask
 
 PLAIN, SELECT, HIERARCHICAL = 0, 1, 2  # layer kinds
 
@@ -321,19 +321,56 @@ class DecoderLayer(nn.Module):
     def _hr_part(
         self, q_sel: jax.Array, sel: Selection, ctx: LayerContext, hr_kv: HRKV | None
     ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array, jax.Array] | None]:
-        """Attention of the select rows over their selected HR keys: (output, lse, cache update)."""
-        all_tokens = self.cfg.hr_budget_tokens >= self.cfg.num_hr_tokens
-        update = None
-        if hr_kv is not None and hr_kv.projected is not None:
+        """Attention of the select rows over their selected HR keys: (output, lse, cache update).
+
+        A fixed budget attends with its static K (:meth:`_attend`). The adaptive budget carries the
+        whole mask (K = M) and switches (``lax.switch``, one compile) to the smallest rung of
+        ``cfg.hr_rungs`` that holds the largest selection of any select row in the batch: that
+        rung's program packs each row's tokens into K_r slots and projects / gathers and attends
+        K_r keys; nothing is truncated, so it computes what K = M computes. Rungs with R x K_r >= M
+        cost the all-M path anyway (:meth:`_attend`), so they are not separate branches. The
+        incremental cache (:meth:`_incremental_hr_kv`) keeps its M slots and the rung sizes the
+        projections of its fallback.
+        """
+        cfg = self.cfg
+        if hr_kv is not None and hr_kv.projected is not None:  # adaptive: the fallback's projections follow the rung
             k_hr, v_hr, update = self._incremental_hr_kv(sel, ctx, hr_kv)
+            o, lse = hr_attention(q_sel, k_hr, v_hr, sel.valid)
+            return o, lse, update
+        if not cfg.hr_adaptive:
+            return (*self._attend(q_sel, sel, ctx, hr_kv), None)
+        m, r = cfg.num_hr_tokens, sel.index.shape[1]
+        rungs = [k for k in cfg.hr_rungs if r * k < m] + [m]
+        if len(rungs) == 1:
+            return (*self._attend(q_sel, sel, ctx, hr_kv), None)
+        count = jnp.max(jnp.sum(sel.valid, axis=-1))  # the largest selection of any sample and select row
+        rung = jnp.sum(jnp.asarray(rungs[:-1]) < count)
+        branches = [lambda k=k: self._attend(q_sel, compact(sel.valid, k) if k < m else sel, ctx, hr_kv) for k in rungs]
+        o, lse = jax.lax.switch(rung, branches)  # packing inside the branch: only the taken rung's runs
+        return o, lse, None
+
+    def _attend(self, q_sel: jax.Array, sel: Selection, ctx: LayerContext, hr_kv: HRKV | None) -> tuple[jax.Array, jax.Array]:
+        """HR attention of the select rows over a static-K selection (K = M: the identity index).
+
+        With R x K >= M (K = M, or many select rows as in training: R up to ~2048) all M HR tokens are
+        projected once (or read from ``hr_kv``) and shared by the rows, the selection a mask over
+        them: (B, M) keys and (B, H, R, M) logits instead of (B, R, K) per-row keys, which at 7B
+        with R = 2048 and K = 0.1 M is the smaller by far (``bench/adaptive.py`` measures it).
+        Otherwise each row's K tokens are projected (or gathered from ``hr_kv``).
+        """
+        m = self.cfg.num_hr_tokens
+        b, r, k = sel.index.shape
+        if k >= m or r * k >= m:
+            if hr_kv is not None:
+                k_hr, v_hr = hr_kv.k, hr_kv.v
+            else:
+                k_hr, v_hr = self.attn.hr_kv(ctx.hr_features, ctx.hr_cos, ctx.hr_sin)
+            valid = sel.valid if k >= m else selection_mask(sel, m)
         elif hr_kv is not None:
-            k_hr, v_hr = (hr_kv.k, hr_kv.v) if all_tokens else (_take(hr_kv.k, sel.index), _take(hr_kv.v, sel.index))
-        elif all_tokens:  # project all M once; rows share keys, the mask is the validity
-            k_hr, v_hr = self.attn.hr_kv(ctx.hr_features, ctx.hr_cos, ctx.hr_sin)
-        else:  # project only each row's K gathered tokens
-            k_hr, v_hr = self._project(sel.index, ctx)
-        o, lse = hr_attention(q_sel, k_hr, v_hr, sel.valid)
-        return o, lse, update
+            k_hr, v_hr, valid = _take(hr_kv.k, sel.index), _take(hr_kv.v, sel.index), sel.valid
+        else:
+            (k_hr, v_hr), valid = self._project(sel.index, ctx), sel.valid
+        return hr_attention(q_sel, k_hr, v_hr, valid)
 
     def _project(self, index: jax.Array, ctx: LayerContext) -> tuple[jax.Array, jax.Array]:
         """HR keys/values of the tokens ``index`` (B, ...) only."""
@@ -344,9 +381,11 @@ class DecoderLayer(nn.Module):
 
         Fast path: at most ``cfg.hr_step_tokens`` newly selected tokens are projected and the rest are
         read from the cache; when more are new (any sample of the batch), ``lax.cond`` takes the
-        exact fallback that projects all K selected tokens (the 'project' strategy). Rows > 1 (a
-        prefill where every row selects) always take the fallback. Returns the keys, the values and
-        the update (token index per slot, M where nothing is written; the slot's key and value).
+        exact fallback that projects all K selected tokens (the 'project' strategy; with the adaptive
+        budget, where the slots are the M tokens, only the selected ones, packed into the rung that
+        holds them). Rows > 1 (a prefill where every row selects) always take the fallback. Returns
+        the keys, the values and the update (token index per slot, M where nothing is written; the
+        slot's key and value).
         """
         cfg = self.cfg
         b, r, k = sel.index.shape
@@ -357,8 +396,32 @@ class DecoderLayer(nn.Module):
         dtype = cache.k.dtype
 
         def project_all():
+            if cfg.hr_adaptive and r == 1:
+                return project_rung()
             k_all, v_all = self._project(flat, ctx)
             return k_all.astype(dtype), v_all.astype(dtype)
+
+        def project_rung():
+            """Adaptive (slots = the M tokens in order): project the selected tokens, packed into the smallest
+            rung that holds them (``lax.switch``), over the cache; unselected slots keep what the cache has
+            (masked out of the attention, never written back: only ``need`` slots are)."""
+            m = cfg.num_hr_tokens
+            rungs = cfg.hr_rungs
+
+            def branch(kr: int):
+                if kr >= m:
+                    k_all, v_all = self._project(flat, ctx)
+                    return k_all.astype(dtype), v_all.astype(dtype)
+                packed = compact(ok[:, None], kr)
+                index, valid = packed.index[:, 0], packed.valid[:, 0]
+                k_new, v_new = self._project(index, ctx)
+                target = jnp.where(valid, index, m)  # out of range: dropped
+                b_idx = jnp.arange(b)[:, None]
+                return (cache.k.at[b_idx, target].set(k_new.astype(dtype), mode="drop"),
+                        cache.v.at[b_idx, target].set(v_new.astype(dtype), mode="drop"))
+
+            rung = jnp.sum(jnp.asarray(rungs[:-1]) < jnp.max(jnp.sum(ok, axis=1)))
+            return jax.lax.switch(rung, [functools.partial(branch, kr) for kr in rungs])
 
         def project_new():
             old_k, old_v = _take(cache.k, flat), _take(cache.v, flat)
