@@ -423,9 +423,9 @@ def parse_hr_budget(text: str | float | None, name: str = "hr_budget") -> float 
             try:
                 value = float(t)
             except ValueError:
-                raise ConfigError(f"{name} {text!r}: use a count (e.g. 64), a fraction in (0, 1] (e.g. 0.25), 'all' or 'adaptive'") from None
+                raise ConfigError(f"{name} {text!r}: use a count (e.g. 64), a fraction in (0, 1] (e.g. 0.25), 'all', 'adaptive'") from None
     if value is not None and ((isinstance(value, float) and not 0 < value <= 1) or (isinstance(value, int) and value < 1)):
-        raise ConfigError(f"{name} {text!r}: use a count >= 1, a fraction in (0, 1] or 'all'")
+        raise ConfigError(f"{name} {text!r}: use a count >= 1, a fraction in (0, 1], 'all' or 'adaptive'")
     return value
 
 
