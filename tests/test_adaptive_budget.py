@@ -161,8 +161,8 @@ def test_ladder_config_and_cli_parse(setup):
     assert [parse_hr_budget(x) for x in ("all", "adaptive", "0.1", "20")] == [None, "adaptive", 0.1, 20]
     for bad in ("most", "1.5", "0"):
         with pytest.raises(ConfigError, match="--hr-budget"):
-            parse_hr_budget(bad)
-    with pytest.raises(ConfigError, match="flex.hr_budget='adaptve'"):
+            parse_hr_budget(bad, name="--hr-budget")
+    with pytest.raises(ConfigError, match="flex.hr_budget 'adaptve'"):
         apply_overrides(cfg, ["flex.hr_budget=adaptve"])
     with pytest.raises(ConfigError, match="flex.hr_ladder"):
         apply_overrides(cfg, ["flex.hr_ladder=[0.5, 2]"])
