@@ -9,6 +9,9 @@ main configurations plus a reduced wall-time table (batch 1, xattn and flex-0.1M
 With ``--json`` one JSON object goes to stdout: ``entries`` (7B FLOPs and scaled wall time, each
 with config, workload, batch, flops, seconds, flops_ratio, time_ratio and ``section``), the other
 sections and ``goals``. Progress goes to stderr.
+
+``flexattn-jax bench throughput [--quick]``: batch inference items/s and peak RSS, the streaming
+pipeline against the path before it (:mod:`bench.throughput`; a separate run, not part of the above).
 """
 
 from __future__ import annotations
@@ -185,7 +188,13 @@ def format_report(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="flexattn-jax bench", description="FLOP, wall-time, PyTorch, scaling and memory benchmarks")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "throughput":
+        from bench import throughput
+
+        return throughput.main(argv[1:])
+    ap = argparse.ArgumentParser(prog="flexattn-jax bench", description="FLOP, wall-time, PyTorch, scaling and memory benchmarks "
+                                 "(`flexattn-jax bench throughput --help`: batch inference throughput)")
     ap.add_argument("--quick", action="store_true", help="7B FLOP ratios of the main configurations + a reduced wall-time table")
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
     ap.add_argument("--out", type=Path, default=None,
@@ -197,7 +206,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--report", type=Path, metavar="JSON", help="print the tables of a saved bench.json (runs nothing)")
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: tiny shapes everywhere
-    argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     if args.report is not None:
         results = json.loads(args.report.read_text())
