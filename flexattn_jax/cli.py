@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -66,7 +67,8 @@ def generate_parser(prog: str = "flexattn-jax generate") -> argparse.ArgumentPar
     p.add_argument("--compile-cache", metavar="DIR", default=None,
                    help="JAX persistent compilation cache: a second identical call loads the compiled program instead of "
                    "compiling (default: $FLEXATTN_JAX_CACHE, else $XDG_CACHE_HOME/flexattn-jax/jax, else ~/.cache/flexattn-jax/jax)")
-    p.add_argument("--no-compile-cache", action="store_true", help="compile from scratch, write no cache")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="compile from scratch, write no cache (also: environment FLEXATTN_JAX_COMPILE_CACHE=0)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per item, EOS included (default: 64)")
     p.add_argument("--batch-size", type=int, default=8,
                    help="items per jitted batch; a multiple of the mesh's data axis with --mesh (default: 8)")
@@ -195,7 +197,7 @@ def _generate(argv: list[str]) -> int:
         print(f"error: --workers must be >= 1 and --window >= --batch-size (got {args.workers}, {args.window})", file=sys.stderr)
         return 2
     cache = None
-    if not args.no_compile_cache:
+    if not args.no_compile_cache and os.environ.get("FLEXATTN_JAX_COMPILE_CACHE", "1") != "0":
         from flexattn_jax.compile_cache import CacheCounter, enable_compile_cache
 
         try:

@@ -244,6 +244,7 @@ def ckpt_and_images(tmp_path_factory):
 def _cli_env(cache_home: Path) -> dict:
     env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     env.pop("FLEXATTN_JAX_CACHE", None)
+    env["FLEXATTN_JAX_COMPILE_CACHE"] = "1"  # conftest turns it off for in-process calls
     env["XLA_FLAGS"] = ""  # one CPU device, as users run it
     return env
 
