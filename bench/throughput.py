@@ -14,9 +14,9 @@ Items: JPEG files (640 x 480, decoded and resized to 504 px per item), each a fo
 * ``old``: the path before issue 14, kept here only as the baseline: every request preprocessed first
   (one thread), sorted by length, then batches run by a ``lax.scan`` over all ``max_new_tokens`` steps.
 
-Each (path, ``max_new_tokens``) is compiled and warmed on a few items first; the timed runs are then
-steady state (compile time reported apart). Peak RSS is the process's VmHWM over the run (reset
-before it via ``/proc/self/clear_refs``), so runs share one process without sharing peaks.
+Each run is a fresh process (sharing a persistent compile cache): it warms up on 8 items (compiling,
+or loading the cached program), then the timed run is steady state (compile time reported apart).
+Peak RSS is the process's VmHWM over the timed run (reset before it via ``/proc/self/clear_refs``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -97,9 +98,10 @@ def make_images(directory: Path, n: int = 8, size: tuple[int, int] = (640, 480),
     for i in range(n):
         img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
         draw = ImageDraw.Draw(img)
+        w, h = size[0] // 10, size[1] // 12
         for _ in range(5):
-            x, y = int(rng.integers(0, size[0] - 60)), int(rng.integers(0, size[1] - 60))
-            draw.rectangle((x, y, x + 60, y + 40), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+            x, y = int(rng.integers(0, size[0] - w)), int(rng.integers(0, size[1] - h))
+            draw.rectangle((x, y, x + w, y + h), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
         paths.append(directory / f"img{i}.jpg")
         img.save(paths[-1], quality=90)
     return paths
@@ -204,31 +206,45 @@ def run_one(path: str, params, cfg, tokenizer, images, n: int, max_new_tokens: i
                 batch_latency_p50_s=stats.get("batch_latency_p50_s"), first_answer_s=stats.get("first_answer_s"))
 
 
-def throughput_table(sizes: Sequence[int], new_tokens: Sequence[int], paths: Sequence[str] = ("new", "old"),
-                     old_sizes: dict[int, Sequence[int]] | None = None, batch_size: int = 8, warm_items: int = 8,
-                     progress: bool = True) -> dict:
-    """Every (max_new_tokens, path, N): a warm-up run (compiles; its time is the compile entry), then the timed runs."""
+def _child(spec: dict) -> dict:
+    """One measurement in this (fresh) process: a warm-up of ``warm_items`` (compiles, or loads from the cache), then the run."""
+    from flexattn_jax.compile_cache import enable_compile_cache
+
+    enable_compile_cache(spec["cache"])
     cfg = bench_config()
     tokenizer = build_tokenizer()
     params = eos_chain_params(cfg, tokenizer)
-    entries, compiles = [], []
+    images = sorted(Path(spec["images"]).glob("*.jpg"))
+    warm = run_one(spec["path"], params, cfg, tokenizer, images, spec["warm_items"], spec["max_new_tokens"], spec["batch"])
+    entry = run_one(spec["path"], params, cfg, tokenizer, images, spec["items"], spec["max_new_tokens"], spec["batch"])
+    entry.update(warm_s=warm["seconds"], warm_compile_s=warm["compile_s"])
+    return entry
+
+
+def throughput_table(sizes: Sequence[int], new_tokens: Sequence[int], paths: Sequence[str] = ("new", "old"),
+                     old_sizes: dict[int, Sequence[int]] | None = None, batch_size: int = 8, warm_items: int = 8,
+                     progress: bool = True) -> dict:
+    """Every (max_new_tokens, path, N) in a fresh process (so peak RSS is that run's alone), sharing a compile cache."""
+    entries = []
     with tempfile.TemporaryDirectory() as d:
-        images = make_images(Path(d))
+        make_images(Path(d))
         for mnt in new_tokens:
             for path in paths:
                 ns = sizes if path == "new" or old_sizes is None else old_sizes.get(mnt, sizes)
-                if not ns:
-                    continue
-                warm = run_one(path, params, cfg, tokenizer, images, warm_items, mnt, batch_size)
-                compiles.append(dict(path=path, max_new_tokens=mnt, seconds=warm["seconds"], compile_s=warm["compile_s"]))
                 for n in ns:
-                    e = run_one(path, params, cfg, tokenizer, images, n, mnt, batch_size)
+                    spec = dict(path=path, items=n, max_new_tokens=mnt, batch=batch_size, warm_items=warm_items,
+                                images=d, cache=str(Path(d) / "jax-cache"))
+                    proc = subprocess.run([sys.executable, "-m", "bench.throughput", "--child", json.dumps(spec)],
+                                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"{spec} failed:\n{proc.stderr[-3000:]}")
+                    e = json.loads(proc.stdout.strip().splitlines()[-1])
                     entries.append(e)
                     if progress:
                         print(f"  {path} N={n} max_new_tokens={mnt}: {e['items_per_s']:.2f} items/s, "
-                              f"peak RSS {e['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+                              f"peak RSS {e['peak_rss_mb']:.0f} MB (before {e['rss_before_mb']:.0f})", file=sys.stderr, flush=True)
     return dict(config=f"scaled config (bench.common.scaled_config), flex-0.1M/project, fp32, batch {batch_size}",
-                entries=entries, compiles=compiles, goals=goals(entries))
+                entries=entries, goals=goals(entries))
 
 
 def _entry(entries, path, n, mnt):
@@ -265,15 +281,19 @@ def goals(entries: list[dict]) -> list[dict]:
 
 def format_table(results: dict) -> str:
     rows = ["| path | N | max_new_tokens | items/s | tokens | decode steps | batch latency p50 s | peak RSS MB | RSS before MB |"
-            " answers as designed |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            " run's growth MB | answers as designed |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in sorted(results["entries"], key=lambda e: (e["max_new_tokens"], e["items"], e["path"])):
         lat = e["batch_latency_p50_s"]
         rows.append(f"| {e['path']} | {e['items']} | {e['max_new_tokens']} | {e['items_per_s']:.2f} | {e['tokens']} | "
                     f"{e['decode_steps'] if e['decode_steps'] is not None else '-'} | {'-' if lat is None else f'{lat:.2f}'} | "
-                    f"{e['peak_rss_mb']:.0f} | {e['rss_before_mb']:.0f} | {e['answers_as_designed']}/{e['items']} |")
-    rows += ["", "Compile + warm-up (8 items): " + ", ".join(
-        f"{c['path']} max_new_tokens {c['max_new_tokens']}: {c['seconds']:.1f} s (compile {c['compile_s']:.1f} s)"
-        for c in results["compiles"])]
+                    f"{e['peak_rss_mb']:.0f} | {e['rss_before_mb']:.0f} | {e['peak_rss_mb'] - e['rss_before_mb']:.0f} | "
+                    f"{e['answers_as_designed']}/{e['items']} |")
+    first = {}
+    for e in results["entries"]:
+        first.setdefault((e["path"], e["max_new_tokens"]), e)
+    rows += ["", "Warm-up before each timed run (8 items; the first run of each row compiled, the others loaded the "
+             "persistent cache): " + ", ".join(f"{p} max_new_tokens {m}: {e['warm_s']:.1f} s (compile {e['warm_compile_s']:.1f} s)"
+                                               for (p, m), e in first.items())]
     rows += ["", "| goal | value | met |", "|---|---:|---|"]
     rows += [f"| {g['goal']} | {g['value']:.2f} | {'yes' if g['met'] else '**no**'} |" for g in results["goals"]]
     return f"Throughput at the {results['config']}:\n\n" + "\n".join(rows)
@@ -290,7 +310,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one measurement (JSON spec), in a fresh process
+    ap.add_argument("--report", type=Path, nargs="+", metavar="JSON", help="print the table of saved results (merged; runs nothing)")
     args = ap.parse_args(argv)
+    if args.report:
+        saved = [json.loads(p.read_text()) for p in args.report]
+        results = dict(saved[0], entries=[e for r in saved for e in r["entries"]])
+        results["goals"] = goals(results["entries"])
+        print(json.dumps(results) if args.json else format_table(results))
+        return 0
+    if args.child:
+        print(json.dumps(_child(json.loads(args.child))))
+        return 0
     sizes = args.sizes or ([16, 64] if args.quick else [128, 1024])
     old_sizes = {64: sizes[:1], 128: []} if args.quick else None
     results = throughput_table(sizes, args.max_new_tokens, args.paths, old_sizes=old_sizes, batch_size=args.batch_size)

@@ -88,23 +88,32 @@ def _stop_at(tokens: np.ndarray, eos: int, pad: int) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("strategy", ["project", "cache", "incremental"])
-def test_while_loop_tokens_equal_the_scan(strategy):
+@pytest.fixture(scope="module")
+def scan_reference():
+    """The tiny model, its inputs and the scan's greedy tokens (HR strategy 'project') with an EOS it never emits."""
     cfg, params = _tiny()
     inputs = _inputs(cfg)
-    none_cfg = dataclasses.replace(cfg, eos_token_id=cfg.text.vocab_size - 1)  # never emitted by this model
+    none_cfg = dataclasses.replace(cfg, eos_token_id=cfg.text.vocab_size - 1)
     with jax.default_matmul_precision("highest"):
         free = np.asarray(jax.jit(_scan_generate, static_argnames=("cfg", "n", "temperature", "strategy"))(
-            params, none_cfg, *inputs, None, n=STEPS, temperature=0.0, strategy=strategy))
-        assert not (free == none_cfg.eos_token_id).any()
+            params, none_cfg, *inputs, None, n=STEPS, temperature=0.0, strategy="project"))
+    assert not (free == none_cfg.eos_token_id).any()
+    return cfg, params, inputs, none_cfg, free
 
-        # an EOS id that rows emit first at different steps (or never): the rows stop at different steps
-        def first_steps(tok):
-            return [next((s for s, t in enumerate(r) if t == tok), None) for r in free.tolist()]
 
-        eos = max(sorted(set(free.ravel().tolist())), key=lambda t: len(set(first_steps(t))))
-        assert len(set(first_steps(eos))) >= 2, first_steps(eos)
-        stop_cfg = dataclasses.replace(cfg, eos_token_id=int(eos))
+@pytest.mark.parametrize("strategy", ["project", "cache", "incremental"])
+def test_while_loop_tokens_equal_the_scan(scan_reference, strategy):
+    """Every strategy's while_loop against the scan (strategies give the same tokens: test_hr_cache), with an EOS that
+    rows emit at different steps (some never) and with one that no row emits."""
+    cfg, params, inputs, none_cfg, free = scan_reference
+
+    def first_steps(tok):
+        return [next((s for s, t in enumerate(r) if t == tok), None) for r in free.tolist()]
+
+    eos = max(sorted(set(free.ravel().tolist())), key=lambda t: len(set(first_steps(t))))
+    assert len(set(first_steps(eos))) >= 2, first_steps(eos)
+    stop_cfg = dataclasses.replace(cfg, eos_token_id=int(eos))
+    with jax.default_matmul_precision("highest"):
         for c, want in ((none_cfg, free), (stop_cfg, _stop_at(free, eos, cfg.pad_token_id))):
             out = generate(params, c, *inputs, max_new_tokens=STEPS, hr_strategy=strategy)
             np.testing.assert_array_equal(np.asarray(out.tokens), want)
@@ -301,6 +310,7 @@ def test_sigint_then_resume_equals_an_uninterrupted_run(ckpt_and_images, tmp_pat
     assert [r["index"] for r in rows] == list(range(24)) and rows[5]["error"].startswith(f"{full} line 6: not JSON")
 
 
+@pytest.mark.slow
 def test_throughput_bench_model_answers_in_one_to_three_tokens(tmp_path):
     """bench/throughput.py's EOS-chain weights (at a tiny size): every item answers as designed on both paths."""
     from bench import throughput as T
