@@ -264,9 +264,10 @@ def goals(entries: list[dict]) -> list[dict]:
                 r = b["peak_rss_mb"] / a["peak_rss_mb"]
                 out.append(dict(goal=f"peak RSS flat in N (N={ns[-1]} / N={ns[0]}, max_new_tokens {mnt}) <= 1.10", value=r, met=r <= 1.10))
     if len(mnts) >= 2:
-        n = ns[-1]
-        lo, hi = _entry(entries, "new", n, mnts[0]), _entry(entries, "new", n, mnts[-1])
-        if lo and hi:
+        both = [n for n in ns if _entry(entries, "new", n, mnts[0]) and _entry(entries, "new", n, mnts[-1])]
+        if both:
+            n = both[-1]
+            lo, hi = _entry(entries, "new", n, mnts[0]), _entry(entries, "new", n, mnts[-1])
             r = lo["items_per_s"] / hi["items_per_s"]
             out.append(dict(goal=f"items/s at max_new_tokens {mnts[0]} / {mnts[-1]} (N={n}) <= 1.3", value=r, met=r <= 1.3))
     for e in entries:
