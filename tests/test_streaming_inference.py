@@ -122,6 +122,7 @@ def test_while_loop_tokens_equal_the_scan(scan_reference, strategy):
             assert int(out.steps) == max(first_eos)  # the loop ran until the last row stopped, no further
 
 
+@pytest.mark.slow  # two more compiles (sampling is static); the greedy tests above cover the loop
 def test_while_loop_sampling_equals_the_scan():
     """Temperature sampling: the same keys per step, the same tokens."""
     cfg, params = _tiny()
