@@ -86,9 +86,9 @@ def generate_parser(prog: str = "flexattn-jax generate") -> argparse.ArgumentPar
                    help="data parallel over devices, e.g. 'data=8' or 'data=-1' (all devices): parameters replicated, "
                    "each batch split over the data axis (default: one device)")
     p.add_argument("--save-attention", metavar="DIR", default=None,
-                   help="write one PNG per answered item into DIR (created): the last prompt token's attention over "
-                   "the LR image and the HR tokens selected for the last hierarchical layer, over the image "
-                   "(FlexAttention checkpoints)")
+                   help="write one PNG per answered item into DIR (created): the image under a heat map of the last "
+                   "prompt token's attention over its LR tokens (with a colour bar), the HR tokens selected for the last "
+                   "hierarchical layer outlined, the question and answer as the title (FlexAttention checkpoints)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. flex.threshold=48")
     return p
 
