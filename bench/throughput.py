@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -178,6 +179,12 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process, all threads (less sensitive than wall time to other processes' load)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def reset_peak_rss() -> None:
     """Reset VmHWM to the current RSS (Linux: ``5`` into ``/proc/self/clear_refs``)."""
     Path("/proc/self/clear_refs").write_text("5")
@@ -188,6 +195,7 @@ def run_one(path: str, params, cfg, tokenizer, images, n: int, max_new_tokens: i
     reset_peak_rss()
     rss0 = _status_kb("VmRSS")
     stats: dict = {}
+    cpu0 = _cpu_s()
     t0 = time.perf_counter()
     if path == "new":
         answers = {i: a.tokens for i, a in stream_answers(params, cfg, tokenizer, requests(n, images), batch_size=batch_size,
@@ -197,10 +205,12 @@ def run_one(path: str, params, cfg, tokenizer, images, n: int, max_new_tokens: i
         tokens = old_answer(params, cfg, tokenizer, requests(n, images), batch_size=batch_size, max_new_tokens=max_new_tokens,
                             stats=stats)
     seconds = time.perf_counter() - t0
+    cpu = _cpu_s() - cpu0
     want = [(i % 3) + 1 for i in range(n)]
     correct = sum(len(t) == k and t[-1] == cfg.eos_token_id for t, k in zip(tokens, want, strict=True))
     return dict(path=path, items=n, max_new_tokens=max_new_tokens, batch=batch_size, seconds=seconds,
-                items_per_s=n / seconds, steady_items_per_s=stats.get("steady_items_per_s"), compile_s=stats.get("compile_s", 0.0),
+                items_per_s=n / seconds, cpu_s=cpu, items_per_cpu_s=n / max(cpu, 1e-9),
+                steady_items_per_s=stats.get("steady_items_per_s"), compile_s=stats.get("compile_s", 0.0),
                 tokens=sum(len(t) for t in tokens), decode_steps=stats.get("decode_steps"), answers_as_designed=correct,
                 peak_rss_mb=_status_kb("VmHWM") / 1024, rss_before_mb=rss0 / 1024,
                 batch_latency_p50_s=stats.get("batch_latency_p50_s"), first_answer_s=stats.get("first_answer_s"))
@@ -281,11 +291,13 @@ def goals(entries: list[dict]) -> list[dict]:
 
 
 def format_table(results: dict) -> str:
-    rows = ["| path | N | max_new_tokens | items/s | tokens | decode steps | batch latency p50 s | peak RSS MB | RSS before MB |"
-            " run's growth MB | answers as designed |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| path | N | max_new_tokens | items/s | items per CPU s | tokens | decode steps | batch latency p50 s | peak RSS MB |"
+            " RSS before MB | run's growth MB | answers as designed |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in sorted(results["entries"], key=lambda e: (e["max_new_tokens"], e["items"], e["path"])):
         lat = e["batch_latency_p50_s"]
-        rows.append(f"| {e['path']} | {e['items']} | {e['max_new_tokens']} | {e['items_per_s']:.2f} | {e['tokens']} | "
+        ipc = e.get("items_per_cpu_s")
+        rows.append(f"| {e['path']} | {e['items']} | {e['max_new_tokens']} | {e['items_per_s']:.2f} | "
+                    f"{'-' if ipc is None else f'{ipc:.3f}'} | {e['tokens']} | "
                     f"{e['decode_steps'] if e['decode_steps'] is not None else '-'} | {'-' if lat is None else f'{lat:.2f}'} | "
                     f"{e['peak_rss_mb']:.0f} | {e['rss_before_mb']:.0f} | {e['peak_rss_mb'] - e['rss_before_mb']:.0f} | "
                     f"{e['answers_as_designed']}/{e['items']} |")
