@@ -13,6 +13,9 @@ main configurations plus a reduced wall-time table (batch 1, xattn and flex-0.1M
 With ``--json`` one JSON object goes to stdout: ``entries`` (7B FLOPs and scaled wall time, each
 with config, workload, batch, flops, seconds, flops_ratio, time_ratio and ``section``), the other
 sections and ``goals``. Progress goes to stderr.
+
+``flexattn-jax bench throughput [--quick]``: batch inference items/s and peak RSS, the streaming
+pipeline against the path before it (:mod:`bench.throughput`; a separate run, not part of the above).
 """
 
 from __future__ import annotations
@@ -242,7 +245,13 @@ def read_report(path: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="flexattn-jax bench", description="FLOP, wall-time, PyTorch, scaling and memory benchmarks")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "throughput":
+        from bench import throughput
+
+        return throughput.main(argv[1:])
+    ap = argparse.ArgumentParser(prog="flexattn-jax bench", description="FLOP, wall-time, PyTorch, scaling and memory benchmarks "
+                                 "(`flexattn-jax bench throughput --help`: batch inference throughput)")
     ap.add_argument("--quick", action="store_true", help="7B FLOP ratios of the main configurations + a reduced wall-time table")
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
     ap.add_argument("--out", type=Path, default=None,
@@ -257,7 +266,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--accelerator", action="store_true",
                     help="the accelerator benchmark instead (bench/accelerator.py: 7B wall times per attention_impl, train MFU; "
                          "its own options follow, e.g. --smoke)")
-    argv = list(sys.argv[1:] if argv is None else argv)
     if "--accelerator" in argv:
         from bench import accelerator
 
