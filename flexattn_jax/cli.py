@@ -7,8 +7,9 @@ import importlib
 import json
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 USAGE = """flexattn-jax COMMAND [options]
 
@@ -37,17 +38,35 @@ def generate_parser(prog: str = "flexattn-jax generate") -> argparse.ArgumentPar
     p = argparse.ArgumentParser(
         prog=prog,
         description="Answer questions about images with a converted checkpoint: one --image and --prompt, or a --batch "
-        "JSONL. Batches are left-padded to length buckets (one compile per bucket) and run jitted; a bad item "
-        "(missing, corrupt or undecodable image, empty or too long prompt, more than one <image>) gets an 'error' "
-        "in the output and the other items are still answered.",
+        "JSONL. The batch file is read lazily and preprocessed in a thread pool ahead of the device; items are grouped "
+        "into length buckets (one compile per bucket) and each answer is written to --output as soon as its batch is "
+        "done, in input order, so memory does not grow with the number of items. A bad item (an unreadable JSONL line, "
+        "a missing, corrupt or undecodable image, an empty or too long prompt, more than one <image>) gets an 'error' "
+        "in its place and the other items are still answered. Ctrl-C writes what is done and exits with status 130; "
+        "--resume then finishes the run.",
+        epilog="exit status: 0 when at least one item was answered (or all were answered before, with --resume); "
+        "1 when every item failed (single --image: it failed); 2 on bad arguments, an unreadable --batch file or "
+        "checkpoint; 130 when interrupted (Ctrl-C).",
     )
     p.add_argument("--checkpoint", required=True, help="a directory written by `flexattn-jax convert` (params + tokenizer)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", help="one image file (with --prompt); a failure exits with status 1 and a message on stderr")
-    src.add_argument("--batch", help="JSONL with one {\"image\": path, \"prompt\": text} object per line (blank lines skipped)")
+    src.add_argument("--batch", help="JSONL with one {\"image\": path, \"prompt\": text} object per line (blank lines skipped; "
+                     "a line that is not UTF-8 JSON of that shape gets an error naming the file and line)")
     p.add_argument("--prompt", help="the question about --image (an optional <image> tag is moved to the front)")
-    p.add_argument("--output", help="JSONL of answers for --batch, one per input line, in order: image, prompt, answer, "
-                   "error (null when fine) and, with --save-attention, attention (the PNG) (default: stdout)")
+    p.add_argument("--output", help="JSONL of answers for --batch, one per input item, in input order, each written when "
+                   "its batch is done: index (0-based item number), line (in --batch), image, prompt, answer, error (null "
+                   "when fine) and, with --save-attention, attention (the PNG) (default: stdout)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the answers already in --output (matched by index, image and prompt; failed items are "
+                   "retried), answer the rest, then sort the file: it ends equal to an uninterrupted run's (greedy decoding)")
+    p.add_argument("--workers", type=int, default=4, help="threads decoding and resizing images ahead of the device (default: 4)")
+    p.add_argument("--window", type=int, default=None,
+                   help="items read ahead and grouped into length buckets; bounds host memory (default: max(4 x batch size, 32))")
+    p.add_argument("--compile-cache", metavar="DIR", default=None,
+                   help="JAX persistent compilation cache: a second identical call loads the compiled program instead of "
+                   "compiling (default: $FLEXATTN_JAX_CACHE, else $XDG_CACHE_HOME/flexattn-jax/jax, else ~/.cache/flexattn-jax/jax)")
+    p.add_argument("--no-compile-cache", action="store_true", help="compile from scratch, write no cache")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per item, EOS included (default: 64)")
     p.add_argument("--batch-size", type=int, default=8,
                    help="items per jitted batch; a multiple of the mesh's data axis with --mesh (default: 8)")
@@ -72,32 +91,52 @@ def generate_parser(prog: str = "flexattn-jax generate") -> argparse.ArgumentPar
     return p
 
 
-def read_batch(path: str | Path) -> list:
-    """The requests of a JSONL file; a bad line raises ValueError naming the file and the line."""
-    from flexattn_jax.inference import Request
+def read_batch(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, Request)`` for each non-blank line of a JSONL file, read lazily.
 
-    path = Path(path)
+    The file is opened at once (an unreadable file raises ValueError). A line that is not UTF-8, not
+    JSON, starts with a byte-order mark or lacks a string ``image`` / ``prompt`` becomes a Request
+    carrying an ``error`` that names the file and the line: it is answered with that error in place.
+    """
     try:
-        text = path.read_text()
+        f = open(path, "rb")
     except OSError as e:
         raise ValueError(f"cannot read --batch file {path}: {e.strerror or e}") from e
-    requests = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {n}: not JSON ({e})") from e
-        if not isinstance(item, dict):
-            raise ValueError(f"{path} line {n}: expected an object {{\"image\": ..., \"prompt\": ...}}, got {type(item).__name__}")
-        for key in ("image", "prompt"):
-            if key not in item:
-                raise ValueError(f"{path} line {n}: missing field {key!r}")
-            if not isinstance(item[key], str):
-                raise ValueError(f"{path} line {n}: field {key!r} must be a string, got {type(item[key]).__name__}")
-        requests.append(Request(item["image"], item["prompt"]))
-    return requests
+    return _batch_lines(Path(path), f)
+
+
+def _batch_lines(path: Path, f) -> Iterator[tuple[int, Any]]:
+    from flexattn_jax.inference import Request
+
+    with f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path} line {n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield n, Request(None, None, error=f"{where}: not UTF-8 text ({e.reason} at byte {e.start})")
+                continue
+            if line.startswith("\ufeff"):
+                yield n, Request(None, None, error=f"{where}: starts with a UTF-8 byte-order mark (BOM); "
+                                 "save the file as UTF-8 without BOM")
+                continue
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield n, Request(None, None, error=f"{where}: not JSON ({e})")
+                continue
+            if not isinstance(item, dict):
+                yield n, Request(None, None, error=f"{where}: expected an object {{\"image\": ..., \"prompt\": ...}}, "
+                                 f"got {type(item).__name__}")
+                continue
+            bad = next((f"missing field {k!r}" if k not in item else f"field {k!r} must be a string, got {type(item[k]).__name__}"
+                        for k in ("image", "prompt") if not isinstance(item.get(k), str)), None)
+            if bad:
+                yield n, Request(None, None, error=f"{where}: {bad}")
+                continue
+            yield n, Request(item["image"], item["prompt"])
 
 
 def _png_name(index: int, image) -> str:
@@ -105,29 +144,40 @@ def _png_name(index: int, image) -> str:
     return f"{index:04d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', stem)[:60]}.png"
 
 
-def save_attention_pngs(out_dir: str | Path, requests: list, answers: list, cfg) -> list[str | None]:
-    """One overlay PNG per answered item (see :mod:`flexattn_jax.visualize`); the paths, None where skipped."""
+def save_attention_png(out_dir: str | Path, index: int, req, ans, cfg) -> str | None:
+    """The overlay PNG of one answered item (see :mod:`flexattn_jax.visualize`); its path, None when it has no maps."""
     from flexattn_jax.inference import request_image
     from flexattn_jax.visualize import answer_maps, mask_layer, save_overlay
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     layer = mask_layer(cfg)
-    paths: list[str | None] = []
-    for i, (req, ans) in enumerate(zip(requests, answers, strict=True)):
-        att, mask = answer_maps(ans, cfg, layer)
-        if ans.error or att is None:
-            paths.append(None)
-            continue
-        title = f"{req.prompt[:60]!r} -> {(ans.text or '')[:40]!r}"
-        paths.append(str(save_overlay(out_dir / _png_name(i, req.image), request_image(req), att, mask, title=title, layer=layer)))
-    return paths
+    att, mask = answer_maps(ans, cfg, layer)
+    if ans.error or att is None:
+        return None
+    path = Path(out_dir) / _png_name(index, req.image)
+    return str(save_overlay(path, request_image(req), att, mask, question=req.prompt, answer=ans.text or "", layer=layer))
+
+
+def _stats_line(stats: dict, cache) -> str:
+    """One stderr line: items, compile time apart from the steady state, latency."""
+    parts = [f"{stats.get('answered', 0)} answered, {stats.get('failed', 0)} failed"
+             + (f", {stats['skipped']} already done" if stats.get("skipped") else "")
+             + f" in {stats.get('seconds', 0):.1f} s",
+             f"compile {stats.get('compile_s', 0):.1f} s ({stats.get('compiles', 0)} programs"
+             + (f"; persistent cache: {cache.hits} hits, {cache.misses} misses" if cache is not None else "") + ")",
+             f"steady {stats.get('steady_items_per_s', 0):.2f} items/s, {stats.get('steady_tokens_per_s', 0):.1f} tokens/s "
+             f"({stats.get('tokens', 0)} tokens, {stats.get('decode_steps', 0)} decode steps)"]
+    if stats.get("batch_latency_p50_s") is not None:
+        parts.append(f"batch latency p50 {stats['batch_latency_p50_s']:.2f} s, max {stats['batch_latency_max_s']:.2f} s")
+    if stats.get("first_answer_s") is not None:
+        parts.append(f"first answer after {stats['first_answer_s']:.1f} s")
+    return "; ".join(parts)
 
 
 def _generate(argv: list[str]) -> int:
     from convert import load_converted
     from flexattn_jax.config import apply_overrides
-    from flexattn_jax.inference import Request, answer, check_batch_size
+    from flexattn_jax.inference import Request, check_batch_size
+    from flexattn_jax.resume import AnswerLog, ResumeError
     from flexattn_jax.sharding import make_mesh, replicated
     from flexattn_jax.tokenizer import load_tokenizer
 
@@ -138,8 +188,24 @@ def _generate(argv: list[str]) -> int:
     if args.max_new_tokens < 1:
         print(f"error: --max-new-tokens {args.max_new_tokens} must be at least 1", file=sys.stderr)
         return 2
+    if args.resume and not (args.batch and args.output):
+        print("error: --resume needs --batch and --output (the file to finish)", file=sys.stderr)
+        return 2
+    if args.workers < 1 or (args.window is not None and args.window < args.batch_size):
+        print(f"error: --workers must be >= 1 and --window >= --batch-size (got {args.workers}, {args.window})", file=sys.stderr)
+        return 2
+    cache = None
+    if not args.no_compile_cache:
+        from flexattn_jax.compile_cache import CacheCounter, enable_compile_cache
+
+        try:
+            enable_compile_cache(args.compile_cache)
+            cache = CacheCounter()
+        except OSError as e:
+            print(f"warning: compile cache off ({e})", file=sys.stderr)
     try:
-        requests = [Request(args.image, args.prompt)] if args.image else read_batch(args.batch)
+        lines = iter([(0, Request(args.image, args.prompt))]) if args.image else read_batch(args.batch)
+        log = AnswerLog.scan(args.output) if args.resume else None
         try:
             mesh = None if args.mesh is None else make_mesh(args.mesh)
         except ValueError as e:
@@ -151,40 +217,97 @@ def _generate(argv: list[str]) -> int:
             overrides.append(f"flex.hr_budget={'None' if args.hr_budget == 'all' else args.hr_budget}")
         cfg = apply_overrides(cfg, overrides)
         tokenizer = load_tokenizer(args.checkpoint)
-    except (ValueError, OSError) as e:  # ConvertError, ShardingError, ConfigError are ValueErrors
+        if args.save_attention:
+            Path(args.save_attention).mkdir(parents=True, exist_ok=True)
+    except (ValueError, OSError) as e:  # ConvertError, ShardingError, ConfigError, ResumeError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.save_attention and not cfg.flex.enabled:
+        print("warning: --save-attention: FlexAttention is off in this checkpoint, no attention maps to draw", file=sys.stderr)
+    try:
+        return _answer_all(args, params, cfg, tokenizer, mesh, lines, log, cache)
+    except ResumeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _answer_all(args, params, cfg, tokenizer, mesh, lines, log, cache) -> int:
+    """Stream the answers to --output (or stdout) in input order; Ctrl-C writes what is done and returns 130."""
+    from flexattn_jax.inference import InputOrder, stream_answers
+    from flexattn_jax.resume import request_key
+
+    meta: dict[int, tuple[int, object]] = {}  # index -> (line, request) for items read and not yet written
+    order = InputOrder()
+    n_items = 0
+
+    def requests():
+        nonlocal n_items
+        for i, (n, req) in enumerate(lines):
+            meta[i] = (n, req)
+            n_items = i + 1
+            yield req
+
+    def skip(i: int, req) -> bool:
+        if log is not None and req.error is None and log.is_done(i, request_key(req)):
+            meta.pop(i, None)
+            order.skip(i)
+            return True
+        return False
+
+    single = args.image is not None
+    out = sys.stdout if single or not args.output else open(args.output, "a" if args.resume else "w", encoding="utf-8")
     stats: dict = {}
-    answers = answer(
-        params, cfg, tokenizer, requests, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed, hr_strategy=args.hr_strategy, stats=stats,
-        mesh=mesh, progress=args.batch is not None,
+    first_error: str | None = None
+
+    def write(i: int, ans) -> None:
+        nonlocal first_error
+        n, req = meta.pop(i)
+        if ans.error is not None and first_error is None:
+            first_error = ans.error
+        png = save_attention_png(args.save_attention, i, req, ans, cfg) if args.save_attention else None
+        if single:
+            if ans.error is None:
+                print(ans.text, flush=True)
+            return
+        record = {"index": i, "line": n, "image": None if req.image is None else str(req.image), "prompt": req.prompt,
+                  "answer": ans.text, "error": ans.error}
+        if args.save_attention:
+            record["attention"] = png
+        out.write(json.dumps(record) + "\n")
+        out.flush()
+
+    stream = stream_answers(
+        params, cfg, tokenizer, requests(), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed, hr_strategy=args.hr_strategy, mesh=mesh,
+        progress=args.batch is not None, workers=args.workers, window=args.window, stats=stats, skip=skip,
     )
-    pngs: list[str | None] = [None] * len(answers)
-    if args.save_attention:
-        if not cfg.flex.enabled:
-            print("warning: --save-attention: FlexAttention is off in this checkpoint, no attention maps to draw", file=sys.stderr)
-        pngs = save_attention_pngs(args.save_attention, requests, answers, cfg)
-    if args.image:
-        a = answers[0]
-        if a.error:
-            print(f"error: {a.error}", file=sys.stderr)
-            return 1
-        print(a.text)
-    else:
-        out = open(args.output, "w") if args.output else sys.stdout
-        for req, a, png in zip(requests, answers, pngs, strict=True):
-            record = {"image": str(req.image), "prompt": req.prompt, "answer": a.text, "error": a.error}
-            if args.save_attention:
-                record["attention"] = png
-            out.write(json.dumps(record) + "\n")
-        if args.output:
+    try:
+        for i, ans in stream:
+            for j, a in order.push(i, ans):
+                write(j, a)
+    except KeyboardInterrupt:
+        stream.close()
+        for j, a in order.drain():
+            write(j, a)
+        if out is not sys.stdout:
             out.close()
-        failed = sum(a.error is not None for a in answers)
-        if failed:
-            print(f"{failed} of {len(answers)} items failed (see their 'error')", file=sys.stderr)
-    print(f"{stats.get('tokens', 0)} tokens in {stats.get('seconds', 0):.1f} s ({stats.get('tokens_per_s', 0):.1f} tokens/s)",
-          file=sys.stderr)
+        done = stats.get("answered", 0) + stats.get("failed", 0)
+        print(f"\ninterrupted: {done} items written" + (f" to {args.output}; run again with --resume to finish" if args.output else ""),
+              file=sys.stderr)
+        return 130
+    if out is not sys.stdout:
+        out.close()
+    if log is not None and log.finalize(n_items):
+        print(f"resumed: {args.output} merged into input order", file=sys.stderr)
+    print(_stats_line(stats, cache), file=sys.stderr)
+    if single and first_error is not None:
+        print(f"error: {first_error}", file=sys.stderr)
+        return 1
+    if stats.get("failed", 0):
+        print(f"{stats['failed']} of {stats['failed'] + stats.get('answered', 0)} items failed (see their 'error')", file=sys.stderr)
+        if not stats.get("answered", 0):
+            print("error: no item was answered", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -195,7 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command == "generate":
-        return _generate(rest)
+        try:
+            return _generate(rest)
+        except KeyboardInterrupt:  # while loading: nothing written yet
+            print("\ninterrupted", file=sys.stderr)
+            return 130
     if command not in _DELEGATES:
         print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -176,11 +176,13 @@ class GenerateOutput(NamedTuple):
     step_logits: Float[Array, "N B V"] | None
     prefill_maps: StepMaps | None
     step_maps: StepMaps | None  # stacked over steps: (N, L, B, ...)
+    steps: Int[Array, ""] | None = None  # decode steps run (< N - 1 when every row stopped early)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg", "max_new_tokens", "max_len", "temperature", "top_p", "hr_strategy", "return_logits", "return_step_maps"),
+    static_argnames=("cfg", "max_new_tokens", "max_len", "temperature", "top_p", "hr_strategy", "return_logits", "return_step_maps",
+                     "early_stop"),
 )
 def generate(
     params: dict,
@@ -198,38 +200,68 @@ def generate(
     hr_strategy: HRStrategy = "project",
     return_logits: bool = False,
     return_step_maps: bool = False,
+    early_stop: bool = True,
 ) -> GenerateOutput:
-    """Prefill, then ``max_new_tokens`` decode steps in a ``lax.scan``; rows stop at EOS.
+    """Prefill, then up to ``max_new_tokens - 1`` decode steps in a ``lax.while_loop``; rows stop at EOS.
 
-    One compile per (batch, prompt bucket, ``max_new_tokens``) and static options.
+    Token ``i`` is sampled from the logits of decode step ``i`` (step 0 = the prefill); the loop
+    ends as soon as every row has emitted EOS (``early_stop``), so short answers cost few steps;
+    the tokens are those of running all steps (finished rows only emit ``pad_token_id``).
+    ``return_logits`` / ``return_step_maps`` (per-step debugging outputs) run every step, as does
+    ``early_stop=False``. One compile per (batch, prompt bucket, ``max_new_tokens``) and static options.
     """
     b, t = input_ids.shape
-    max_len = max_len or t + max_new_tokens
-    if max_len < t + max_new_tokens:
-        raise ValueError(f"max_len={max_len} < prompt {t} + max_new_tokens {max_new_tokens}")
+    n = max_new_tokens
+    max_len = max_len or t + n
+    if max_len < t + n:
+        raise ValueError(f"max_len={max_len} < prompt {t} + max_new_tokens {n}")
     sel_rng = None
     if cfg.flex.enabled and cfg.flex.selection == "random":  # the ablation draws its masks from rng (default key 0)
         sel_rng = jax.random.fold_in(rng if rng is not None else jax.random.key(0), 1 << 20)
     state, logits, maps0 = prefill(
         params, cfg, input_ids, pixel_values, attention_mask, margin, max_len=max_len, hr_strategy=hr_strategy, rng=sel_rng
     )
-    keys = jax.random.split(rng, max_new_tokens) if rng is not None else None
+    keys = jax.random.split(rng, n) if rng is not None else None
     eos, pad = cfg.eos_token_id, cfg.pad_token_id
+    stop_early = early_stop and not (return_logits or return_step_maps)
 
-    def step(carry, i):
-        state, logits, done = carry
-        key = None if keys is None else keys[i]
-        tok = sample_token(logits, key, temperature, top_p)
+    def sample(i, logits, done):
+        tok = sample_token(logits, None if keys is None else keys[i], temperature, top_p)
         tok = jnp.where(done, pad, tok)
-        new_done = done | (tok == eos)
-        step_rng = None if sel_rng is None else jax.random.fold_in(sel_rng, i + 1)
-        new_state, new_logits, maps = decode_step(params, cfg, state, tok, step_rng)
-        ys = (tok, logits if return_logits else None, maps if return_step_maps else None)
-        return (new_state, new_logits, new_done), ys
+        return tok, done | (tok == eos)
 
-    done0 = jnp.zeros((b,), bool)
-    (_, _, done), (tokens, step_logits, step_maps) = jax.lax.scan(step, (state, logits, done0), jnp.arange(max_new_tokens))
-    tokens = tokens.T
-    lengths = jnp.minimum(jnp.sum(jnp.cumsum(tokens == eos, axis=1) == 0, axis=1) + 1, max_new_tokens)
-    del done
-    return GenerateOutput(tokens, lengths.astype(jnp.int32), step_logits, maps0, step_maps)
+    def decode(i, state, tok):
+        """Decode step ``i`` (the one after token ``i``): its state, the logits of token ``i + 1``, its maps."""
+        step_rng = None if sel_rng is None else jax.random.fold_in(sel_rng, i + 1)
+        return decode_step(params, cfg, state, tok, step_rng)
+
+    tok0, done0 = sample(0, logits, jnp.zeros((b,), bool))
+    tokens0 = jnp.full((b, n), pad, jnp.int32).at[:, 0].set(tok0)
+    step_logits0 = jnp.zeros((n, *logits.shape), logits.dtype).at[0].set(logits) if return_logits else None
+    step_maps0 = None
+    if return_step_maps and maps0 is not None:
+        step_maps0 = jax.tree.map(lambda a: jnp.zeros((n, *a.shape), a.dtype), maps0)
+
+    def cond(carry):
+        i, _, _, done, *_ = carry
+        more = i < n
+        return (more & ~jnp.all(done)) if stop_early else more
+
+    def body(carry):
+        i, state, tok, done, tokens, step_logits, step_maps = carry
+        state, logits, maps = decode(i - 1, state, tok)
+        tok, done = sample(i, logits, done)
+        tokens = tokens.at[:, i].set(tok)
+        if step_logits is not None:
+            step_logits = step_logits.at[i].set(logits)
+        if step_maps is not None:
+            step_maps = jax.tree.map(lambda buf, m: buf.at[i - 1].set(m), step_maps, maps)
+        return i + 1, state, tok, done, tokens, step_logits, step_maps
+
+    carry = (jnp.int32(1), state, tok0, done0, tokens0, step_logits0, step_maps0)
+    i, state, tok, _, tokens, step_logits, step_maps = jax.lax.while_loop(cond, body, carry)
+    if step_maps is not None:  # the maps of the step after the last token (it runs, as in a scan over all steps)
+        maps = decode(n - 1, state, tok)[2]
+        step_maps = jax.tree.map(lambda buf, m: buf.at[n - 1].set(m), step_maps, maps)
+    lengths = jnp.minimum(jnp.sum(jnp.cumsum(tokens == eos, axis=1) == 0, axis=1) + 1, n)
+    return GenerateOutput(tokens, lengths.astype(jnp.int32), step_logits, maps0, step_maps, i - 1)

@@ -1,16 +1,27 @@
-"""From image files and questions to answers: host preprocessing, bucketed batches, jitted generation.
+"""From image files and questions to answers: a streaming pipeline with bounded host memory.
+
+:func:`stream_answers` reads the requests lazily, preprocesses them (image decode, pad to square,
+resize, tokenize) in a bounded thread pool ahead of the device, groups them into length buckets
+within a bounded window, runs one jitted :func:`~flexattn_jax.generate.generate` per batch (the
+next batch is dispatched before the previous one's tokens are read back, so host and device work
+overlap) and yields each answer as its batch finishes. Host memory depends on ``window`` and
+``batch_size``, not on the number of requests. :func:`answer` is the list-returning wrapper.
 
 Per-item failures (a missing or corrupt image, an empty or too long prompt, more than one
-``<image>`` placeholder) are reported for that item; the other items are still answered.
-With a mesh, batches are data parallel: the parameters are replicated and each batch is split
-over the mesh's ``data`` (and, where it divides, ``fsdp``) axis; the tokens are the same as on one
-device.
+``<image>`` placeholder, an unreadable input line) are reported for that item; the other items are
+still answered. With a mesh, batches are data parallel: the parameters are replicated and each
+batch is split over the mesh's ``data`` (and, where it divides, ``fsdp``) axis; the tokens are the
+same as on one device.
 """
 
 from __future__ import annotations
 
+import heapq
+import statistics
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,10 +52,18 @@ from flexattn_jax.sharding import batch_sharding, replicated
 
 @dataclass
 class Request:
-    """One question about one image (a path or a PIL image)."""
+    """One question about one image (a path or a PIL image).
 
-    image: str | Path | Image.Image
-    prompt: str
+    ``formatted``: ``prompt`` is the full text to tokenize (conversation template applied, exactly
+    one ``<image>`` tag placed by the caller) instead of a question to wrap with
+    :func:`~flexattn_jax.preprocess.format_prompt`. ``error``: the request could not be read (e.g. a
+    bad JSONL line); it is answered with this error and never preprocessed.
+    """
+
+    image: str | Path | Image.Image | None
+    prompt: str | None
+    formatted: bool = False
+    error: str | None = None
 
 
 @dataclass
@@ -70,17 +89,22 @@ def request_image(req: Request) -> Image.Image:
 
 def prepare(req: Request, cfg: ModelConfig, tokenizer, max_context: int) -> Prepared:
     """Load, pad-to-square, resize and normalise the image; format and tokenize the prompt."""
+    if req.error is not None:
+        raise PreprocessError(req.error)
     if not isinstance(req.prompt, str) or not req.prompt.strip():
         raise PreprocessError(f"empty prompt (got {req.prompt!r})")
     n_tags = req.prompt.count(IMAGE_PLACEHOLDER)
-    if n_tags > 1:
-        raise PreprocessError(f"the prompt has {n_tags} {IMAGE_PLACEHOLDER} tags; one image per prompt is supported")
+    if n_tags > 1 or (req.formatted and n_tags != 1):
+        raise PreprocessError(f"the prompt has {n_tags} {IMAGE_PLACEHOLDER} tags; one image per prompt is supported"
+                              + (" (a formatted prompt places exactly one)" if req.formatted else ""))
+    if req.image is None:
+        raise PreprocessError("no image given")
     pixels, ori = preprocess_image(request_image(req), cfg.image_size)
-    text = format_prompt(req.prompt.replace(IMAGE_PLACEHOLDER, "").strip(), has_image=True)
+    text = req.prompt if req.formatted else format_prompt(req.prompt.replace(IMAGE_PLACEHOLDER, "").strip(), has_image=True)
     ids = tokenize_with_image(text, tokenizer, cfg.image_token_id, cfg.num_image_tokens, num_images=1)
     if len(ids) > max_context:
         raise PreprocessError(f"prompt is {len(ids)} tokens with the image; the context allows {max_context}")
-    return Prepared(ids, pixels, ori)
+    return Prepared(ids, pixels.astype(jnp.dtype(cfg.dtype)), ori)
 
 
 def check_batch_size(mesh: Mesh | None, batch_size: int) -> None:
@@ -103,6 +127,260 @@ def _placer(mesh: Mesh | None, batch_size: int):
     return lambda a: jax.device_put(a, batch_sharding(mesh, a.shape))
 
 
+
+
+def default_window(batch_size: int) -> int:
+    """Items preprocessed ahead of the device and held for length bucketing: ``max(4 * batch_size, 32)``."""
+    return max(4 * batch_size, 32)
+
+
+class _Batch:
+    """A dispatched batch: its items, the (not yet read back) output, when it was dispatched."""
+
+    def __init__(self, items: list[tuple[int, Prepared]], out: GenerateOutput, t0: float, compiled: bool):
+        self.items, self.out, self.t0, self.compiled = items, out, t0, compiled
+
+
+class _Stats:
+    """Counters of one run; ``compile_s`` is the time spent in calls that compiled (or loaded a cached executable)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.items = self.skipped = self.answered = self.failed = self.tokens = 0
+        self.batches = self.compiles = self.decode_steps = 0
+        self.compile_s = 0.0
+        self.first_answer_s: float | None = None
+        self.latencies: list[float] = []  # per steady-state batch: dispatch -> tokens on the host
+
+    def as_dict(self) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self.t0
+        steady = max(elapsed - self.compile_s, 1e-9)
+        lat = self.latencies
+        return dict(
+            items=self.items, skipped=self.skipped, answered=self.answered, failed=self.failed, tokens=self.tokens,
+            seconds=elapsed, tokens_per_s=self.tokens / max(elapsed, 1e-9), batches=self.batches, compiles=self.compiles,
+            compile_s=self.compile_s, steady_s=steady, steady_items_per_s=(self.answered + self.failed) / steady,
+            steady_tokens_per_s=self.tokens / steady, decode_steps=self.decode_steps,
+            first_answer_s=self.first_answer_s,
+            batch_latency_p50_s=statistics.median(lat) if lat else None, batch_latency_max_s=max(lat) if lat else None,
+        )
+
+
+def stream_answers(
+    params: dict,
+    cfg: ModelConfig,
+    tokenizer,
+    requests: Iterable[Request],
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    hr_strategy: str = "project",
+    buckets: Sequence[int] = BUCKETS,
+    mesh: Mesh | None = None,
+    progress: bool = True,
+    workers: int = 4,
+    window: int | None = None,
+    stats: dict[str, Any] | None = None,
+    skip: Callable[[int, Request], bool] | None = None,
+) -> Iterator[tuple[int, Answer]]:
+    """Yield ``(input index, Answer)`` as batches finish; host memory bounded by ``window``, not by ``len(requests)``.
+
+    ``requests`` is consumed lazily. At most ``window`` items (default :func:`default_window`) are
+    being preprocessed (``workers`` threads) or waiting for a batch. Items are collected in input
+    order and grouped by length bucket: a bucket that reaches ``batch_size`` runs; when the window is
+    full the bucket of the oldest waiting item runs (padded to ``batch_size``), so every item is
+    answered within about ``window`` items of its arrival and the batches depend only on the input
+    (not on thread timing). A failed item is yielded at once with its ``error``. ``skip(i, request)``
+    True leaves an item out (not preprocessed, not yielded: ``--resume``). ``stats`` (a dict) receives
+    counts and timings, also when the consumer stops early: compile time apart from the steady state
+    (``steady_items_per_s``, ``steady_tokens_per_s``), batch latency (dispatch to tokens on the host:
+    a batch's tokens arrive together), ``first_answer_s``. Closing the generator cancels the pending
+    preprocessing. ``mesh`` makes the batches data parallel; ``batch_size`` must then be a multiple
+    of its ``data`` axis.
+    """
+    put = _placer(mesh, batch_size)
+    window = default_window(batch_size) if window is None else window
+    if window < batch_size:
+        raise ValueError(f"window={window} must be at least batch_size={batch_size}")
+    if workers < 1:
+        raise ValueError(f"workers={workers} must be at least 1")
+    if mesh is not None:
+        params = jax.device_put(params, replicated(mesh))
+    max_context = min(max(buckets), cfg.text.max_position_embeddings - max_new_tokens)
+    st = _Stats()
+    total = len(requests) if isinstance(requests, Sized) else None
+    bar = tqdm(total=total, desc="answering", unit="item", disable=not progress)
+    source = iter(enumerate(requests))
+    inflight: deque[tuple[int, Future]] = deque()  # submitted to the pool, in input order
+    waiting: dict[int, list[tuple[int, Prepared]]] = {}  # bucket -> prepared items, in input order
+    n_waiting = 0
+    exhausted = False
+    rng = jax.random.key(seed)
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flexattn-prepare")
+
+    def fill() -> None:
+        nonlocal exhausted
+        while not exhausted and len(inflight) + n_waiting < window:
+            try:
+                i, req = next(source)
+            except StopIteration:
+                exhausted = True
+                return
+            st.items += 1
+            if skip is not None and skip(i, req):
+                st.skipped += 1
+                bar.update(1)
+                continue
+            inflight.append((i, executor.submit(prepare, req, cfg, tokenizer, max_context)))
+
+    def take(bucket: int) -> list[tuple[int, Prepared]]:
+        nonlocal n_waiting
+        items, waiting[bucket] = waiting[bucket][:batch_size], waiting[bucket][batch_size:]
+        if not waiting[bucket]:
+            del waiting[bucket]
+        n_waiting -= len(items)
+        return items
+
+    def oldest_bucket() -> int:
+        return min(waiting, key=lambda b: waiting[b][0][0])
+
+    def dispatch(items: list[tuple[int, Prepared]]) -> _Batch:
+        nonlocal rng
+        length = bucket_length(max(len(p.ids) for _, p in items), buckets)
+        ids, mask = pad_batch([p.ids for _, p in items], length, pad_id=cfg.pad_token_id, side="left")
+        pixels = np.stack([p.pixels for _, p in items])
+        margin = margin_patches(np.array([p.ori_size for _, p in items]), cfg.lr_grid)
+        pad = batch_size - len(items)  # fixed batch shape: pad with copies of the first row (they stop with it)
+        if pad:
+            ids, mask, pixels, margin = (np.concatenate([a, np.repeat(a[:1], pad, 0)]) for a in (ids, mask, pixels, margin))
+        rng, key = jax.random.split(rng)
+        before, t0 = generate._cache_size(), time.perf_counter()
+        out = generate(
+            params, cfg, put(ids), put(pixels), put(mask), put(margin),
+            key if temperature > 0 else None, max_new_tokens=max_new_tokens, max_len=length + max_new_tokens,
+            temperature=temperature, top_p=top_p, hr_strategy=hr_strategy,
+        )
+        compiled = generate._cache_size() > before
+        if compiled:
+            st.compiles += 1
+            st.compile_s += time.perf_counter() - t0
+        st.batches += 1
+        return _Batch(items, out, time.perf_counter(), compiled)
+
+    def finish(batch: _Batch) -> Iterator[tuple[int, Answer]]:
+        tokens, lengths = np.asarray(batch.out.tokens), np.asarray(batch.out.lengths)
+        if not batch.compiled:
+            st.latencies.append(time.perf_counter() - batch.t0)
+        st.decode_steps += int(batch.out.steps)
+        maps = batch.out.prefill_maps
+        hr_masks = None if maps is None else np.asarray(maps.hr_masks)
+        image_attention = None if maps is None else np.asarray(maps.image_attention)
+        for row, (i, _) in enumerate(batch.items):
+            toks = tokens[row, : lengths[row]].tolist()
+            st.tokens += len(toks)
+            text = tokenizer.decode([t for t in toks if t != cfg.eos_token_id], skip_special_tokens=True).strip()
+            ans = Answer(
+                text, toks, None,
+                None if hr_masks is None else hr_masks[:, row].copy(),
+                None if image_attention is None else image_attention[:, row].copy(),
+            )
+            yield from emit(i, ans)
+
+    def emit(i: int, ans: Answer) -> Iterator[tuple[int, Answer]]:
+        if ans.error is None:
+            st.answered += 1
+        else:
+            st.failed += 1
+        if st.first_answer_s is None:
+            st.first_answer_s = time.perf_counter() - st.t0
+        bar.update(1)
+        yield i, ans
+
+    pending: _Batch | None = None
+    try:
+        fill()
+        while True:
+            items = None
+            while items is None and (inflight or n_waiting):
+                if not inflight:  # the input is exhausted: run what waits, oldest first
+                    items = take(oldest_bucket())
+                    break
+                i, fut = inflight.popleft()
+                try:
+                    prep = fut.result()
+                except (PreprocessError, ValueError, OSError) as e:
+                    fill()
+                    yield from emit(i, Answer(None, error=str(e)))
+                    continue
+                bucket = bucket_length(len(prep.ids), buckets)
+                waiting.setdefault(bucket, []).append((i, prep))
+                n_waiting += 1
+                if len(waiting[bucket]) == batch_size:
+                    items = take(bucket)
+                elif n_waiting >= window:
+                    items = take(oldest_bucket())
+                fill()
+            if items is None:
+                break
+            batch = dispatch(items)  # runs on the device while the previous batch is read back and the pool works
+            fill()
+            if pending is not None:
+                yield from finish(pending)
+            pending = batch
+        if pending is not None:
+            yield from finish(pending)
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+        bar.close()
+        if stats is not None:
+            stats.update(st.as_dict())
+
+
+class InputOrder:
+    """Answers back in input order with bounded memory: ``push`` each ``(index, answer)`` as it comes.
+
+    ``skip(i)`` marks an index that will never come (``--resume``); ``push`` returns the answers now
+    in order; ``drain`` returns the rest, sorted (an interrupted run). With :func:`stream_answers`
+    at most about ``window + 2 * batch_size`` answers wait here.
+    """
+
+    def __init__(self, start: int = 0):
+        self.next = start
+        self._heap: list[tuple[int, Answer]] = []
+        self._skipped: set[int] = set()
+
+    def skip(self, i: int) -> None:
+        self._skipped.add(i)
+        self._release_into([])
+
+    def push(self, i: int, ans: Answer) -> list[tuple[int, Answer]]:
+        heapq.heappush(self._heap, (i, ans))
+        out: list[tuple[int, Answer]] = []
+        self._release_into(out)
+        return out
+
+    def _release_into(self, out: list) -> None:
+        while True:
+            if self.next in self._skipped:
+                self._skipped.discard(self.next)
+            elif self._heap and self._heap[0][0] == self.next:
+                out.append(heapq.heappop(self._heap))
+            else:
+                return
+            self.next += 1
+
+    def drain(self) -> list[tuple[int, Answer]]:
+        out = [heapq.heappop(self._heap) for _ in range(len(self._heap))]
+        self._skipped.clear()
+        return out
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
 def answer(
     params: dict,
     cfg: ModelConfig,
@@ -119,56 +397,19 @@ def answer(
     progress: bool = True,
     stats: dict[str, Any] | None = None,
     mesh: Mesh | None = None,
+    workers: int = 4,
+    window: int | None = None,
 ) -> list[Answer]:
-    """Answer every request; batches are left-padded to a length bucket (one compile per bucket).
+    """Every request's answer, in order: :func:`stream_answers` collected into a list.
 
-    ``mesh`` (optional) makes the batches data parallel; ``batch_size`` must then be a multiple
-    of its ``data`` axis.
+    The window defaults to all the requests (they are in memory already), so batches group the
+    whole list by length bucket.
     """
-    put = _placer(mesh, batch_size)
-    if mesh is not None:
-        params = jax.device_put(params, replicated(mesh))
-    max_context = min(max(buckets), cfg.text.max_position_embeddings - max_new_tokens)
-    answers: list[Answer | None] = [None] * len(requests)
-    ready: list[tuple[int, Prepared]] = []
-    for i, req in enumerate(requests):
-        try:
-            ready.append((i, prepare(req, cfg, tokenizer, max_context)))
-        except (PreprocessError, ValueError, OSError) as e:
-            answers[i] = Answer(None, error=str(e))
-    ready.sort(key=lambda item: len(item[1].ids))
-    rng = jax.random.key(seed)
-    n_tokens, t0 = 0, time.perf_counter()
-    bar = tqdm(total=len(ready), desc="answering", unit="item", disable=not progress)
-    for start in range(0, len(ready), batch_size):
-        chunk = ready[start : start + batch_size]
-        length = bucket_length(max(len(p.ids) for _, p in chunk), buckets)
-        ids, mask = pad_batch([p.ids for _, p in chunk], length, pad_id=cfg.pad_token_id, side="left")
-        pixels = np.stack([p.pixels for _, p in chunk])
-        margin = margin_patches(np.array([p.ori_size for _, p in chunk]), cfg.lr_grid)
-        pad = batch_size - len(chunk)  # fixed batch shape: pad with copies of the first row
-        if pad:
-            ids, mask, pixels, margin = (np.concatenate([a, np.repeat(a[:1], pad, 0)]) for a in (ids, mask, pixels, margin))
-        rng, key = jax.random.split(rng)
-        out: GenerateOutput = generate(
-            params, cfg, put(ids), put(pixels.astype(jnp.dtype(cfg.dtype))), put(mask), put(margin),
-            key if temperature > 0 else None, max_new_tokens=max_new_tokens, max_len=length + max_new_tokens,
-            temperature=temperature, top_p=top_p, hr_strategy=hr_strategy,
-        )
-        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-        maps = out.prefill_maps
-        for row, (i, _) in enumerate(chunk):
-            toks = tokens[row, : lengths[row]].tolist()
-            n_tokens += len(toks)
-            text = tokenizer.decode([t for t in toks if t != cfg.eos_token_id], skip_special_tokens=True).strip()
-            answers[i] = Answer(
-                text, toks, None,
-                None if maps is None else np.asarray(maps.hr_masks[:, row]),
-                None if maps is None else np.asarray(maps.image_attention[:, row]),
-            )
-        bar.update(len(chunk))
-    bar.close()
-    if stats is not None:
-        elapsed = time.perf_counter() - t0
-        stats.update(tokens=n_tokens, seconds=elapsed, tokens_per_s=n_tokens / max(elapsed, 1e-9))
-    return [a for a in answers if a is not None]
+    out: list[Answer | None] = [None] * len(requests)
+    for i, a in stream_answers(
+        params, cfg, tokenizer, requests, batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_p=top_p, seed=seed, hr_strategy=hr_strategy, buckets=buckets, mesh=mesh, progress=progress, workers=workers,
+        window=max(len(requests), batch_size) if window is None else window, stats=stats,
+    ):
+        out[i] = a
+    return [a for a in out if a is not None]

@@ -1,4 +1,6 @@
-"""`flexattn-jax generate` on a tiny converted checkpoint: bad input, --save-attention, --mesh; the overlays."""
+"""`flexattn-jax generate` on a tiny converted checkpoint: bad input, --save-attention, --mesh; the overlays.
+
+(Streaming, --resume, Ctrl-C and the compile cache: tests/test_streaming_inference.py.)"""
 
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ from PIL import Image
 from flexattn_jax.cli import main
 from flexattn_jax.config import ModelConfig
 from flexattn_jax.inference import Answer
-from flexattn_jax.visualize import answer_maps, mask_layer, save_grid, save_overlay
+from flexattn_jax.visualize import answer_maps, mask_layer, outline_segments, save_grid, save_overlay, share_of_attention
 
-GEN = ["--max-new-tokens", "2", "--batch-size", "8"]  # the same static shapes in every call: one compile
+from .checkpoints import write_tiny_checkpoint
+
+GEN = ["--max-new-tokens", "2", "--batch-size", "8", "--no-compile-cache"]  # the same static shapes in every call: one compile
 
 
 def _two_channel_16bit_tiff(w: int = 4, h: int = 4) -> bytes:
@@ -32,18 +36,7 @@ def _two_channel_16bit_tiff(w: int = 4, h: int = 4) -> bytes:
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A converted-format directory (orbax params + metadata.json + tokenizer) of train.testing's tiny FlexAttention model."""
-    from convert.io import CONVERTER_VERSION, FORMAT, save_params
-    from flexattn_jax.tokenizer import build_tokenizer
-    from train.testing import random_params, tiny_config
-
-    cfg = tiny_config()
-    d = tmp_path_factory.mktemp("generate-cli") / "ckpt"
-    d.mkdir()
-    save_params(random_params(cfg, seed=2, std=0.3), d / "params")
-    (d / "metadata.json").write_text(json.dumps({"format": FORMAT, "converter_version": CONVERTER_VERSION,
-                                                 "model_config": cfg.to_dict()}))
-    build_tokenizer().save_pretrained(str(d))
-    return d
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("generate-cli") / "ckpt")
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +74,7 @@ def test_batch_reports_bad_items_and_answers_the_rest(ckpt, files, tmp_path, cap
     assert "6 of 8 items failed" in capsys.readouterr().err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["image"] for r in rows] == [str(i) for i, _, _ in cases]
+    assert [(r["index"], r["line"]) for r in rows] == [(i, i + 1) for i in range(len(cases))]
     for r, (_, _, err) in zip(rows, cases, strict=True):
         if err is None:
             assert r["error"] is None and isinstance(r["answer"], str), r
@@ -105,17 +99,37 @@ def test_single_mode_fails_with_a_message(ckpt, files, tmp_path, capsys):
     assert [p.name for p in png.iterdir()] == ["0000_wide.png"]
 
 
-@pytest.mark.parametrize("line,why", [
-    ('{"image": "a.png", "prompt": "x"', "line 2: not JSON"),
-    ('["a.png", "x"]', "line 2: expected an object"),
-    ('{"image": "a.png"}', "line 2: missing field 'prompt'"),
-    ('{"image": 3, "prompt": "x"}', "line 2: field 'image' must be a string, got int"),
-])
-def test_bad_jsonl_line_names_file_and_line(ckpt, tmp_path, capsys, line, why):
-    batch = tmp_path / "bad.jsonl"
-    batch.write_text('{"image": "a.png", "prompt": "x"}\n' + line + "\n")
-    assert main(["generate", "--checkpoint", str(ckpt), "--batch", str(batch)]) == 2
-    assert f"{batch} {why}" in capsys.readouterr().err
+def test_bad_jsonl_lines_get_an_error_in_place_and_the_rest_is_answered(ckpt, files, tmp_path, capsys):
+    good = json.dumps({"image": str(files / "wide.png"), "prompt": "what?"}).encode()
+    lines = [
+        (good, None),
+        (b'{"image": "a.png", "prompt": "x"', "line 2: not JSON"),
+        (b'["a.png", "x"]', "line 3: expected an object"),
+        (b"", None),  # blank: skipped, still counted as a line
+        (b'{"image": "a.png"}', "line 5: missing field 'prompt'"),
+        (b'{"image": 3, "prompt": "x"}', "line 6: field 'image' must be a string, got int"),
+        (b'{"image": "caf\xe9.png", "prompt": "x"}', "line 7: not UTF-8 text (invalid continuation byte at byte 14)"),
+        (b"\xef\xbb\xbf" + good, "line 8: starts with a UTF-8 byte-order mark (BOM)"),
+        (good, None),
+    ]
+    batch, out = tmp_path / "bad.jsonl", tmp_path / "out.jsonl"
+    batch.write_bytes(b"\n".join(raw for raw, _ in lines) + b"\n")
+    assert main(["generate", "--checkpoint", str(ckpt), "--batch", str(batch), "--output", str(out), *GEN]) == 0
+    assert "6 of 8 items failed" in capsys.readouterr().err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = [(n, why) for n, (raw, why) in enumerate(lines, 1) if raw]
+    assert [(r["index"], r["line"]) for r in rows] == [(i, n) for i, (n, _) in enumerate(expected)]
+    for r, (_, why) in zip(rows, expected, strict=True):
+        if why is None:
+            assert r["error"] is None and isinstance(r["answer"], str), r
+        else:
+            assert r["error"].startswith(f"{batch} {why}") and r["answer"] is None, r
+    # every item failed: nothing answered, exit status 1
+    batch.write_bytes(b"\n".join(raw for raw, why in lines if why) + b"\n")
+    assert main(["generate", "--checkpoint", str(ckpt), "--batch", str(batch), "--output", str(out), *GEN]) == 1
+    err = capsys.readouterr().err
+    assert "6 of 6 items failed" in err and "no item was answered" in err
+    assert len(out.read_text().splitlines()) == 6
 
 
 def test_bad_arguments_are_refused_before_loading(ckpt, tmp_path, capsys):
@@ -149,32 +163,51 @@ def _pixels(path) -> np.ndarray:
         return np.asarray(im.convert("RGB"), np.int16)
 
 
+def test_outlines_trace_the_selected_region_once():
+    mask = np.zeros((4, 4), bool)
+    mask[1:3, 1:3] = True  # a 2 x 2 block: 8 unit edges on its border, none inside
+    mask[3, 0] = True  # a lone cell on the border: 4 edges
+    segs = outline_segments(mask, side=40.0)
+    assert segs.shape == (12, 2, 2)
+    lengths = np.linalg.norm(segs[:, 1] - segs[:, 0], axis=-1)
+    np.testing.assert_allclose(lengths, 10.0)
+    mids = {tuple(m) for m in ((segs[:, 0] + segs[:, 1]) / 2).tolist()}
+    assert (20.0, 15.0) not in mids and (15.0, 20.0) not in mids  # no edge between two selected cells
+    assert {(5.0, 30.0), (0.0, 35.0), (5.0, 40.0), (10.0, 35.0)} <= mids  # the lone cell's four sides
+    assert outline_segments(np.zeros((3, 3), bool), 9.0).shape == (0, 2, 2)
+    share = share_of_attention(np.array([1.0, 3.0, 0.0, 4.0]))
+    np.testing.assert_allclose(share, [[12.5, 37.5], [0.0, 50.0]])
+
+
 def test_overlay_follows_the_mask_and_the_grid_draws_every_item(tmp_path):
     from train.testing import tiny_config
 
     cfg: ModelConfig = tiny_config()  # 3 text layers, selection at layer 1: layer 1's mask feeds layer 2
     assert mask_layer(cfg) == 1
     g, hr = cfg.lr_grid, cfg.hr_grid
-    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 60, 3), dtype=np.uint8))
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (60, 60, 3), dtype=np.uint8))
     att = np.linspace(0, 1, g * g, dtype=np.float32)
-    mask_a = np.zeros(hr * hr, bool)
-    mask_a[:5] = True
+    mask_a = np.zeros((hr, hr), bool)
+    mask_a[:2, :2] = mask_a[-2:, :2] = True  # the top-left and bottom-left corners
     mask_b = mask_a.copy()
-    mask_b[-7:] = True
-    a = _pixels(save_overlay(tmp_path / "a.png", img, att, mask_a, title="q -> a", layer=1))
-    b = _pixels(save_overlay(tmp_path / "b.png", img, att, mask_b, title="q -> a", layer=1))
-    a2 = _pixels(save_overlay(tmp_path / "a2.png", img, att, mask_a, title="q -> a", layer=1))
+    mask_b[-2:, :2], mask_b[-2:, -2:] = False, True  # the top-left and bottom-right corners: as many tokens
+    kw = dict(question="<image>\nwhat is in the corner?", answer="a square", layer=1)
+    a = _pixels(save_overlay(tmp_path / "a.png", img, att, mask_a.ravel(), **kw))
+    b = _pixels(save_overlay(tmp_path / "b.png", img, att, mask_b.ravel(), **kw))
+    a2 = _pixels(save_overlay(tmp_path / "a2.png", img, att, mask_a.ravel(), **kw))
+    c = _pixels(save_overlay(tmp_path / "c.png", img, att[::-1].copy(), mask_a.ravel(), **kw))
     assert a.shape == b.shape and np.array_equal(a, a2)  # deterministic
     diff = np.abs(a - b).sum(-1) > 0
-    assert diff.any()
-    cols = np.nonzero(diff.any(0))[0]
-    assert cols.min() > a.shape[1] // 2  # only the selection panel (right half) changes
-    ans = Answer("a", [1], None, np.stack([mask_a] * 3), np.stack([att] * 3))
+    ys, xs = np.nonzero(diff)
+    assert diff.any() and ys.min() > a.shape[0] // 2  # the new outline: only in the lower part of the image
+    heat = np.abs(a - c).sum(-1) > 0
+    assert heat.sum() > 20 * diff.sum()  # the heat map covers the whole image
+    ans = Answer("a", [1], None, np.stack([mask_a.ravel()] * 3), np.stack([att] * 3))
     got_att, got_mask = answer_maps(ans, cfg)
-    np.testing.assert_array_equal(got_mask, mask_a)
+    np.testing.assert_array_equal(got_mask, mask_a.ravel())
     assert answer_maps(Answer(None, error="x"), cfg) == (None, None)
-    grid = save_grid(tmp_path / "grid.png", [img, img.rotate(90, expand=True), img], [att, att, None], [mask_a, mask_b, None],
-                     map_titles=["1", "2", "3"], selection_titles=["a", "b", "c"])
+    grid = save_grid(tmp_path / "grid.png", [img, img.rotate(90, expand=True), img], [att, att, None],
+                     [mask_a.ravel(), mask_b.ravel(), None], map_titles=["1", "2", "3"], selection_titles=["a", "b", "c"])
     with Image.open(grid) as im:
         assert im.format == "PNG" and im.size == (3 * 3 * 90, 6 * 90)  # 3 columns, 2 rows at 90 dpi
     with pytest.raises(ValueError, match="as many maps"):
