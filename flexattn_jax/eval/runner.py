@@ -28,6 +28,7 @@ from flexattn_jax.eval import tasks as K
 from flexattn_jax.eval.cost import generation_flops
 from flexattn_jax.eval.data import BadSample, Item, Sample
 from flexattn_jax.eval.likelihood import OptionQuestion, OptionScorer, losses_flops, option_tokens
+from flexattn_jax.inference import Request, stream_answers
 from flexattn_jax.preprocess import BUCKETS, PreprocessError, bucket_length, format_prompt, preprocess_image, tokenize_with_image
 
 PREDICTIONS = "predictions.jsonl"
@@ -110,17 +111,19 @@ class Pending:
 
 
 class Runner:
-    """Evaluates ``items`` with ``(params, cfg, tokenizer)``; ``answers_fn`` is the generation pipeline.
+    """Evaluates items with ``(params, cfg, tokenizer)`` under ``settings``.
 
-    ``answers_fn(requests, max_new_tokens, batch_size) -> iterator of (index, Answer)`` (the streaming
-    inference pipeline, :func:`flexattn_jax.eval.cli.stream_generation`).
+    Generation goes through the streaming inference pipeline
+    (:func:`flexattn_jax.inference.stream_answers`, formatted prompts), the V* likelihood protocol
+    through :class:`flexattn_jax.eval.likelihood.OptionScorer`.
     """
 
     def __init__(self, params: dict, cfg: ModelConfig, tokenizer: Any, settings: EvalSettings, *, mesh: Mesh | None = None,
-                 answers_fn: Callable | None = None, progress: bool = True, log: Callable[[str], None] = print):
+                 progress: bool = True, log: Callable[[str], None] = print):
         self.params, self.cfg, self.tokenizer, self.s = params, cfg, tokenizer, settings
-        self.mesh, self.answers_fn, self.progress, self.log = mesh, answers_fn, progress, log
+        self.mesh, self.progress, self.log = mesh, progress, log
         self._flops: dict[tuple, Any] = {}
+        self.stats: dict[str, Any] = {}
 
     def run(self, items: Iterable[Item], out: str | Path | None = None) -> dict[str, Any]:
         """Score every item (skipping finished ones in ``out``), write ``out``'s files, return the metrics."""
@@ -172,6 +175,8 @@ class Runner:
             if self.cfg.flex.enabled else None,
             wall_s=round(time.perf_counter() - t0, 2), answered_now=len(todo),
         )
+        if self.stats:
+            metrics["pipeline"] = {k: self.stats[k] for k in ("compile_s", "steady_items_per_s", "decode_steps") if k in self.stats}
         if out is not None:
             (Path(out) / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
         return metrics
@@ -208,27 +213,28 @@ class Runner:
 
     # ---- generation ----
 
-    def _request_image(self, sample: Sample):
-        if isinstance(sample.image, bytes):
+    def _request(self, p: Pending, prompt: str) -> Request:
+        """A formatted-prompt request; an image that cannot even be opened becomes the request's error."""
+        image: Any = p.sample.image
+        if isinstance(image, bytes):
             try:
-                return Image.open(io.BytesIO(sample.image))
+                image = Image.open(io.BytesIO(image))  # decoded lazily, in the pipeline's threads
             except (UnidentifiedImageError, OSError) as e:
-                raise PreprocessError(f"cannot decode the image of sample {sample.id!r}: {e}") from e
-        return sample.image
+                return Request(None, None, error=f"cannot decode the image of sample {p.sample.id!r}: {e}")
+        return Request(image, prompt, formatted=True)
 
     def _generate(self, todo: list[Pending]) -> Iterator[dict[str, Any]]:
-        if self.answers_fn is None:
-            raise ValueError(f"task {self.s.task!r} generates answers but no generation pipeline was given")
-        ready: list[tuple[Pending, Any]] = []
-        for p in todo:
-            try:
-                ready.append((p, self._request_image(p.sample)))
-            except PreprocessError as e:
-                yield self._record(p, error=str(e))
-        prompts = [format_prompt(p.user, has_image=True) for p, _ in ready]
-        for index, answer in self.answers_fn([(img, pr) for (_, img), pr in zip(ready, prompts, strict=True)],
-                                             self.s.max_new_tokens, self.s.batch_size):
-            p = ready[index][0]
+        prompts = [format_prompt(p.user, has_image=True) for p in todo]
+        self.log(f"{self.s.task}: greedy generation, up to {self.s.max_new_tokens} new tokens per item"
+                 + (f" ({self.s.protocol} protocol)" if self.s.task == "vstar" else ""))
+        requests = (self._request(p, prompt) for p, prompt in zip(todo, prompts, strict=True))
+        answers = stream_answers(
+            self.params, self.cfg, self.tokenizer, requests, batch_size=self.s.batch_size,
+            max_new_tokens=self.s.max_new_tokens, hr_strategy=self.s.hr_strategy, mesh=self.mesh, progress=False,
+            stats=self.stats,
+        )
+        for index, answer in answers:
+            p = todo[index]
             if answer.error is not None:
                 yield self._record(p, error=answer.error)
                 continue
