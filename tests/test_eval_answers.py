@@ -71,19 +71,19 @@ def test_pope_reads_the_first_sentence_like_llava(pred, label):
     assert pope_yes_no(pred) == label
 
 
-Q_LINES = "What is on the square?\nA. a cup\nB. a pen\nC. a key\nD. nothing"
-Q_LIST = "What is on the square? A. a cup, B. a pen, C. a key, D. nothing"
+Q_LINES = "What is on the square?\nA. cup\nB. pen\nC. key\nD. nothing"
+Q_LIST = "What is on the square? A. cup, B. pen, C. key, D. nothing"
 
 
 @pytest.mark.parametrize("pred,question,want", [
     ("The answer is C", Q_LINES, "C"),
     ("B", Q_LINES, "B"),
-    ("C. a key", Q_LINES, "C"),
+    ("C. key", Q_LINES, "C"),
     ("Answer: D", Q_LINES, "A"),  # the release checks A first, case-sensitively: 'Answer' has an A
     ("b. the red car", Q_LINES, "A"),  # then upper-cases: 'CAR' has an A
     ("none", Q_LINES, "other"),
-    ("it is a pen", Q_LIST, "B"),  # an option text, when the question lists "A. .., B. .., C. .., D. .."
-    ("it is a pen", Q_LINES, "other"),  # the release passes the reformatted question, where that never matches
+    ("pen", Q_LIST, "B"),  # an option text, when the question lists "A. .., B. .., C. .., D. .."
+    ("pen", Q_LINES, "other"),  # the release passes the reformatted question, where that never matches
 ])
 def test_magnifier_parser_follows_the_release(pred, question, want):
     assert parse_option_letter(pred, question) == want
