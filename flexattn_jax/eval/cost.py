@@ -36,9 +36,24 @@ def program_flops(fn: Callable, *args: Any) -> float:
     return float(cost["flops"])
 
 
+_CACHE: dict[tuple, Any] = {}
+
+
+def cached(key: tuple, compute: Callable[[], Any]) -> Any:
+    """``compute()`` once per key in this process (a program's FLOPs depend on its config and shapes only)."""
+    if key not in _CACHE:
+        _CACHE[key] = compute()
+    return _CACHE[key]
+
+
 def generation_flops(params: dict, cfg: ModelConfig, batch: int, length: int, max_len: int,
                      hr_strategy: str = "project") -> tuple[float, float]:
     """``(prefill, one decode step)`` FLOPs of a greedy generation batch of ``batch`` prompts of ``length`` tokens."""
+    return cached(("generate", cfg, batch, length, max_len, hr_strategy),
+                  lambda: _generation_flops(params, cfg, batch, length, max_len, hr_strategy))
+
+
+def _generation_flops(params: dict, cfg: ModelConfig, batch: int, length: int, max_len: int, hr_strategy: str) -> tuple[float, float]:
     c = counting_config(cfg)
     s = cfg.image_size
     p = abstract(params)

@@ -122,7 +122,6 @@ class Runner:
                  progress: bool = True, log: Callable[[str], None] = print):
         self.params, self.cfg, self.tokenizer, self.s = params, cfg, tokenizer, settings
         self.mesh, self.progress, self.log = mesh, progress, log
-        self._flops: dict[tuple, Any] = {}
         self.stats: dict[str, Any] = {}
 
     def run(self, items: Iterable[Item], out: str | Path | None = None) -> dict[str, Any]:
@@ -205,10 +204,9 @@ class Runner:
 
         for pos, losses, shapes, real_rows in scorer.score(good()):
             yield from _drain(errors)
-            if shapes not in self._flops:
-                self._flops[shapes] = losses_flops(self.params, self.cfg, shapes)
             share = len(losses) / real_rows  # padding rows' cost is shared by the real ones
-            yield self._record(todo[pos], **K.score_likelihood(losses), tflops=self._flops[shapes] * share / 1e12)
+            flops = losses_flops(self.params, self.cfg, shapes)
+            yield self._record(todo[pos], **K.score_likelihood(losses), tflops=flops * share / 1e12)
         yield from _drain(errors)
 
     # ---- generation ----
@@ -245,13 +243,9 @@ class Runner:
         """This item's share of its batch's prefill plus one decode step per generated token after the first."""
         n = len(tokenize_with_image(prompt, self.tokenizer, self.cfg.image_token_id, self.cfg.num_image_tokens))
         length = bucket_length(n, BUCKETS)
-        key = (length, self.s.max_new_tokens)
-        if key not in self._flops:
-            b = self.s.batch_size
-            pre, step = generation_flops(self.params, self.cfg, b, length, length + self.s.max_new_tokens, self.s.hr_strategy)
-            self._flops[key] = (pre / b, step / b)
-        pre, step = self._flops[key]
-        return (pre + max(len(answer.tokens) - 1, 0) * step) / 1e12
+        b = self.s.batch_size
+        pre, step = generation_flops(self.params, self.cfg, b, length, length + self.s.max_new_tokens, self.s.hr_strategy)
+        return (pre + max(len(answer.tokens) - 1, 0) * step) / b / 1e12
 
     def _record(self, p: Pending, **fields: Any) -> dict[str, Any]:
         rec = {"id": p.sample.id, "key": p.key, "category": p.sample.category, "prompt": p.user}

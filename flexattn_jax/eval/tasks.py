@@ -142,5 +142,5 @@ def task_metrics(task: str, records: Sequence[dict[str, Any]], failures: Sequenc
             for c, rs in by_cat.items():
                 out["categories"][c]["pope"] = pope_metrics(rs)
     flops = [r["tflops"] for r in scored if r.get("tflops") is not None]
-    out["tflops_per_item"] = round(sum(flops) / len(flops), 6) if flops else None
+    out["tflops_per_item"] = float(f"{sum(flops) / len(flops):.5g}") if flops else None
     return out
