@@ -104,3 +104,16 @@ def test_too_many_options_for_the_batch(setup):
     q = _questions(cfg, tok)[0]
     with pytest.raises(ValueError, match="use --batch-size 4 or more"):
         list(OptionScorer(params, cfg, rows=2).score([(0, q)]))
+
+
+def test_data_parallel_scorer_equals_one_device(setup, packed):
+    from flexattn_jax.sharding import make_mesh
+
+    params, cfg, _ = setup
+    questions, losses = packed
+    got = {pos: x for pos, x, _, _ in OptionScorer(params, cfg, rows=8, mode="release", mesh=make_mesh("data=8"))
+           .score(enumerate(questions))}
+    for pos in range(len(questions)):
+        np.testing.assert_allclose(got[pos], losses["release"][pos], rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="not a multiple of the mesh's data axis"):
+        OptionScorer(params, cfg, rows=6, mesh=make_mesh("data=8"))
