@@ -129,7 +129,9 @@ class Runner:
         t0 = time.perf_counter()
         failures: list[dict[str, Any]] = []
         pending: list[Pending] = []
-        for item in items:
+        position: dict[str, int] = {}
+        for n, item in enumerate(items):
+            position.setdefault(item.id, n)
             if isinstance(item, BadSample):
                 failures.append({"id": item.id, "error": item.error, "category": item.category})
                 continue
@@ -143,11 +145,10 @@ class Runner:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
         done = read_predictions(path) if path is not None else {}
-        keys = {p.key for p in pending}
-        records = [done[k] for k in keys if k in done]
+        answered = {p.key: done[p.key] for p in pending if p.key in done}
         todo = [p for p in pending if p.key not in done]
-        if records:
-            self.log(f"resuming: {len(records)} of {len(pending)} items already answered in {path}")
+        if answered:
+            self.log(f"resuming: {len(answered)} of {len(pending)} items already answered in {path}")
         sink = open(path, "a") if path is not None else None
         try:
             bar = tqdm(total=len(todo), desc=self.s.task, unit="item", disable=not self.progress)
@@ -156,7 +157,7 @@ class Runner:
                 if rec.get("error") is not None:
                     failures.append({"id": rec["id"], "error": rec["error"], "category": rec.get("category", "")})
                 else:
-                    records.append(rec)
+                    answered[rec["key"]] = rec
                 if sink is not None:
                     sink.write(json.dumps(rec) + "\n")
                     sink.flush()
@@ -165,6 +166,9 @@ class Runner:
         finally:
             if sink is not None:
                 sink.close()
+        order = {p.key: n for n, p in enumerate(pending)}  # input order, however the run was split
+        records = sorted(answered.values(), key=lambda r: order[r["key"]])
+        failures.sort(key=lambda f: position.get(f["id"], 0))
         metrics = K.task_metrics(self.s.task, records, failures)
         metrics.update(
             protocol=self.s.protocol if self.s.task == "vstar" else "generate",
