@@ -17,7 +17,9 @@ same as on one device.
 from __future__ import annotations
 
 import heapq
+import queue
 import statistics
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
@@ -213,7 +215,7 @@ def stream_answers(
     st = _Stats()
     total = len(requests) if isinstance(requests, Sized) else None
     bar = tqdm(total=total, desc="answering", unit="item", disable=not progress)
-    source = iter(enumerate(requests))
+    reader = _Reader(requests, batch_size)
     inflight: deque[tuple[int, Future]] = deque()  # submitted to the pool, in input order
     waiting: dict[int, list[tuple[int, Prepared]]] = {}  # bucket -> prepared items, in input order
     n_waiting = 0
@@ -221,14 +223,21 @@ def stream_answers(
     rng = jax.random.key(seed)
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flexattn-prepare")
 
-    def fill() -> None:
+    def fill(block: bool = False) -> None:
+        """Submit items from the reader until the window is full; ``block``: wait for at least one (or the end)."""
         nonlocal exhausted
         while not exhausted and len(inflight) + n_waiting < window:
             try:
-                i, req = next(source)
-            except StopIteration:
+                got = reader.get(block)
+            except queue.Empty:
+                return
+            block = False
+            if got is _END:
                 exhausted = True
                 return
+            if isinstance(got, _Failure):
+                raise got.error
+            i, req = got
             st.items += 1
             if skip is not None and skip(i, req):
                 st.skipped += 1
@@ -301,42 +310,93 @@ def stream_answers(
 
     pending: _Batch | None = None
     try:
-        fill()
         while True:
             items = None
-            while items is None and (inflight or n_waiting):
-                if not inflight:  # the input is exhausted: run what waits, oldest first
-                    items = take(oldest_bucket())
-                    break
-                i, fut = inflight.popleft()
-                try:
-                    prep = fut.result()
-                except (PreprocessError, ValueError, OSError) as e:
-                    fill()
-                    yield from emit(i, Answer(None, error=str(e)))
-                    continue
-                bucket = bucket_length(len(prep.ids), buckets)
-                waiting.setdefault(bucket, []).append((i, prep))
-                n_waiting += 1
-                if len(waiting[bucket]) == batch_size:
-                    items = take(bucket)
-                elif n_waiting >= window:
-                    items = take(oldest_bucket())
+            while items is None:
                 fill()
+                if inflight:
+                    i, fut = inflight.popleft()
+                    try:
+                        prep = fut.result()
+                    except (PreprocessError, ValueError, OSError) as e:
+                        yield from emit(i, Answer(None, error=str(e)))
+                        continue
+                    bucket = bucket_length(len(prep.ids), buckets)
+                    waiting.setdefault(bucket, []).append((i, prep))
+                    n_waiting += 1
+                    if len(waiting[bucket]) == batch_size:
+                        items = take(bucket)
+                    elif n_waiting >= window:
+                        items = take(oldest_bucket())
+                elif not exhausted:  # the input is slow (a pipe): hand out what is done, then wait for it
+                    if pending is not None:
+                        yield from finish(pending)
+                        pending = None
+                    fill(block=True)
+                elif n_waiting:  # the input is exhausted: run what waits, oldest first
+                    items = take(oldest_bucket())
+                else:
+                    break
             if items is None:
                 break
             batch = dispatch(items)  # runs on the device while the previous batch is read back and the pool works
-            fill()
             if pending is not None:
                 yield from finish(pending)
             pending = batch
         if pending is not None:
             yield from finish(pending)
     finally:
+        reader.stop()
         executor.shutdown(wait=False, cancel_futures=True)
         bar.close()
         if stats is not None:
             stats.update(st.as_dict())
+
+
+_END = object()
+
+
+class _Failure:
+    """An exception raised while iterating the requests, handed to the consuming thread."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class _Reader:
+    """Iterates the requests on a daemon thread into a small bounded queue, so a slow source (a pipe)
+    never keeps finished answers from being handed out."""
+
+    def __init__(self, requests: Iterable[Request], ahead: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, ahead))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(requests,), name="flexattn-reader", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, requests: Iterable[Request]) -> None:
+        try:
+            for item in enumerate(requests):
+                if not self._put(item):
+                    return
+        except Exception as e:  # noqa: BLE001 - re-raised in the consuming thread
+            self._put(_Failure(e))
+            return
+        self._put(_END)
+
+    def get(self, block: bool):
+        return self._queue.get(block)
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 class InputOrder:
