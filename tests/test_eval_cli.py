@@ -148,3 +148,13 @@ def test_bad_arguments_and_layouts(env, tmp_path, capsys):
         main(["eval", "--help"])
     text = capsys.readouterr().out
     assert "eval_vbench.py" in text and "eval_magnifier.py" in text and "m4c evaluator" in text
+
+
+def test_predictions_file_of_another_kind_is_refused(tmp_path):
+    path = tmp_path / R.PREDICTIONS
+    path.write_text('{"key": "a", "error": null}\nnot json\n{"key": "b", "error": null}\n')
+    with pytest.raises(ValueError, match="line 2 is not an eval prediction record"):
+        R.read_predictions(path)
+    path.write_text('{"key": "a", "error": null}\n{"key": "b", "error": "x"}\n{"key": "c", "err')
+    assert list(R.read_predictions(path)) == ["a"]  # failed items are retried; the cut line is removed
+    assert path.read_text() == '{"key": "a", "error": null}\n{"key": "b", "error": "x"}\n'

@@ -65,21 +65,28 @@ class EvalSettings:
 # ---- predictions file --------------------------------------------------------------------------
 
 def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
-    """Finished records by key; a last line cut short by a kill is removed from the file."""
+    """Finished records by key; a last line cut short by a kill is removed from the file.
+
+    A complete line that is not a record raises ValueError naming the file and line (not ours: use another ``--out``).
+    """
     if not path.is_file():
         return {}
     raw = path.read_bytes()
+    lines = raw.splitlines(keepends=True)
     done: dict[str, dict[str, Any]] = {}
     good = 0
-    for line in raw.splitlines(keepends=True):
+    for n, line in enumerate(lines, 1):
         try:
             rec = json.loads(line)
+            ok = isinstance(rec, dict) and isinstance(rec.get("key"), str) and line.endswith(b"\n")
         except (json.JSONDecodeError, UnicodeDecodeError):
-            break
-        if not line.endswith(b"\n"):
-            break
+            ok = False
+        if not ok:
+            if n == len(lines) and not line.endswith(b"\n"):
+                break  # cut by a kill mid-write
+            raise ValueError(f"{path} line {n} is not an eval prediction record; use another --out or delete the file")
         good += len(line)
-        if isinstance(rec, dict) and "key" in rec and rec.get("error") is None:
+        if rec.get("error") is None:
             done[rec["key"]] = rec
     if good < len(raw):
         with open(path, "r+b") as f:
