@@ -24,6 +24,7 @@ commands:
   convert    convert a PyTorch LLaVA / FlexAttention checkpoint (see `flexattn-jax convert --help`)
   train      fine-tune on LLaVA-format data over a device mesh (see `flexattn-jax train --help`)
   bench      FLOP and time benchmarks (see `flexattn-jax bench --help`)
+  eval       V* Bench, MagnifierBench, TextVQA, VQA in the paper's protocols (see `flexattn-jax eval --help`)
 
 Run `flexattn-jax COMMAND --help` for each command's options.
 """
@@ -34,6 +35,7 @@ _DELEGATES = {
     "convert": ("convert.cli", "main"),
     "train": ("train.cli", "main"),
     "bench": ("bench.cli", "main"),
+    "eval": ("flexattn_jax.eval.cli", "main"),
 }
 
 

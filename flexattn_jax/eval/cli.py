@@ -1,0 +1,184 @@
+"""``flexattn-jax eval TASK``: the paper's benchmarks in their protocols, resumable, with accuracy-vs-cost sweeps."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from flexattn_jax.eval.data import TASKS, EvalDataError, read_task
+from flexattn_jax.eval.runner import METRICS, PREDICTIONS, EvalSettings, Runner
+from flexattn_jax.eval.sweep import budget_dir, parse_budgets, plot_sweep, sweep_table
+
+# the release's scripts generate up to 512 tokens; LLaVA's model_vqa_loader (letter / generic VQA) 128
+DEFAULT_MAX_NEW_TOKENS = {"magnifier": 512, "textvqa": 512, "vstar": 128, "vqa": 128}
+
+DESCRIPTION = """Evaluate a converted checkpoint on the FlexAttention paper's benchmarks, in the protocols that
+produced its table (V* Bench 54.5, MagnifierBench 35.0, TextVQA 48.9; LLaVA-1.5: 47.6 / 26.8 / 46.0).
+
+tasks and the protocol each follows:
+  vstar      --data the V* Bench folder (direct_attributes/, relative_position/).
+             --protocol likelihood (default; the FlexAttention release's scripts/evaluation/eval_vbench.py):
+             each option scored by the mean cross-entropy of its tokens after "ASSISTANT:", lowest wins;
+             --mode release (default) runs the model as the release does, in training mode (select rows =
+             the option's learnable rows, alpha 1); --mode inference uses the last row.
+             --protocol letter (LLaVA's multiple-choice prompt): options lettered in a per-sample shuffled
+             order, "Answer with the option's letter from the given choices directly.", greedy.
+  magnifier  --data the MagnifierBench folder (Otter's data_instructions.json + images.json), as the
+             release's eval_magnifier.py: options on their own lines, the letter instruction, greedy, and
+             its answer parser ("The answer is X", else the first of A-D found, else "other").
+  textvqa    --data TextVQA_0.5.1_val.json (images in --images, default train_images/ next to it) or
+             LLaVA's llava_textvqa_val_v051_ocr.jsonl with --annotations TextVQA_0.5.1_val.json. Prompt of
+             the release's eval_textvqa.py (no OCR tokens); --ocr-tokens uses LLaVA's own prompt with the
+             "Reference OCR token:" line (LLaVA's reported scale, not the release's). Scored like LLaVA's
+             eval_textvqa.py (m4c evaluator): VQA soft accuracy after the standard answer normalisation.
+  vqa        --data JSONL of {"image", "question", "answers"} (POPE, GQA-style): exact match after
+             normalisation; LLaVA's POPE accuracy / precision / recall / F1 when the answers are yes/no.
+
+Predictions go to OUT/predictions.jsonl as items finish; re-running with the same --out skips the
+finished items. OUT/metrics.json holds the metrics, the mean TFLOPs per item (XLA cost analysis of the
+programs that ran) and the wall time. --sweep-budget runs the task at several HR budgets (OUT/budget-*/)
+and writes OUT/sweep.json and OUT/sweep.png (accuracy against TFLOPs per item).
+"""
+
+
+def eval_parser(prog: str = "flexattn-jax eval") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("task", choices=TASKS, metavar="TASK", help=f"one of {', '.join(TASKS)}")
+    p.add_argument("--checkpoint", required=True, help="a directory written by `flexattn-jax convert` (params + tokenizer)")
+    p.add_argument("--data", required=True, help="the data set as its authors ship it (see above)")
+    p.add_argument("--images", default=None, help="image folder for textvqa / vqa (default: see above)")
+    p.add_argument("--annotations", default=None, help="textvqa with LLaVA's JSONL: the official TextVQA_0.5.1_val.json")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
+    p.add_argument("--out", default=None, help="output folder (default: eval-TASK); re-running with it resumes")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="prompts per generation batch; option rows per likelihood forward (default: 8)")
+    p.add_argument("--mesh", metavar="SPEC", default=None, help="data parallel over devices, e.g. 'data=8' (default: one device)")
+    p.add_argument("--hr-budget", default=None,
+                   help="HR tokens per select row: a count, a fraction of M, or 'all' (default: the checkpoint's)")
+    p.add_argument("--sweep-budget", default=None, metavar="B1,B2,...",
+                   help="run at each of these HR budgets, e.g. 0.05,0.1,0.25,all: a table and OUT/sweep.png")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute/param dtype (default: as converted)")
+    p.add_argument("--mode", choices=["release", "inference"], default="release",
+                   help="vstar likelihood select rows: 'release' (training mode, learnable rows) or 'inference' (last row)")
+    p.add_argument("--protocol", choices=["likelihood", "letter"], default="likelihood", help="vstar only (default: likelihood)")
+    p.add_argument("--ocr-tokens", action="store_true", help="textvqa: LLaVA's prompt with the Reference OCR token line")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="greedy generation cap (default: 512 for magnifier and textvqa as the release, 128 otherwise)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. flex.threshold=48")
+    p.add_argument("--compile-cache", metavar="DIR", default=None, help="persistent compilation cache folder")
+    p.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent compilation cache")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def budget_override(value: str) -> str:
+    """``--hr-budget`` as the config override ``generate`` applies (``all`` -> None)."""
+    return f"flex.hr_budget={'None' if value == 'all' else value}"
+
+
+def metrics_table(m: dict[str, Any]) -> str:
+    """The printed summary of one run."""
+    how = {"likelihood": f"option likelihood, mode {m.get('mode')}", "letter": "letter choice, greedy",
+           "generate": "greedy generation"}[m["protocol"]]
+    if m.get("ocr_tokens"):
+        how += ", with OCR tokens (LLaVA's prompt)"
+    lines = [f"{m['task']} ({how}), HR budget {m['hr_budget']} (K={m['hr_budget_tokens']})",
+             f"  items {m['items']}: scored {m['scored']}, failed {m['failed']}"]
+    for f in m["failures"][:10]:
+        lines.append(f"    failed {f['id']}: {f['error']}")
+    if m["failed"] > 10:
+        lines.append(f"    ... and {m['failed'] - 10} more (see metrics.json)")
+    for c, v in (m.get("categories") or {}).items():
+        lines.append(f"  {c:<24} {v['accuracy']:7.2f} %  ({v['items']} items)")
+    acc = "-" if m["accuracy"] is None else f"{m['accuracy']:7.2f} %"
+    lines.append(f"  {'accuracy' if m['task'] != 'textvqa' else 'VQA accuracy':<24} {acc}")
+    if "pope" in m:
+        lines.append("  POPE " + ", ".join(f"{k} {v:.2f}" for k, v in m["pope"].items()))
+    tf = m.get("tflops_per_item")
+    lines.append(f"  TFLOPs per item {'-' if tf is None else f'{tf:.6g}'}; wall time {m['wall_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = eval_parser().parse_args(argv)
+    err = lambda msg: print(f"error: {msg}", file=sys.stderr) or 2  # noqa: E731
+    if args.task != "vstar" and (args.protocol != "likelihood" or args.mode != "release"):
+        return err("--protocol and --mode apply to vstar only")
+    if args.ocr_tokens and args.task != "textvqa":
+        return err("--ocr-tokens applies to textvqa only")
+    if args.limit is not None and args.limit < 1:
+        return err(f"--limit {args.limit} must be at least 1")
+    if args.sweep_budget and args.hr_budget:
+        return err("give --hr-budget or --sweep-budget, not both")
+    max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[args.task]
+    if max_new < 1:
+        return err(f"--max-new-tokens {max_new} must be at least 1")
+    out = Path(args.out or f"eval-{args.task}")
+    try:
+        budgets = parse_budgets(args.sweep_budget) if args.sweep_budget else [args.hr_budget]
+        items = list(read_task(args.task, args.data, args.images, args.annotations, args.limit))
+        if not items:
+            raise EvalDataError(f"{args.data}: no {args.task} samples found")
+    except (EvalDataError, ValueError) as e:
+        return err(str(e))
+    from convert import load_converted
+    from flexattn_jax.config import apply_overrides
+    from flexattn_jax.inference import check_batch_size
+    from flexattn_jax.sharding import make_mesh, replicated
+    from flexattn_jax.tokenizer import load_tokenizer
+
+    if not args.no_compile_cache:
+        from flexattn_jax.compile_cache import enable_compile_cache
+
+        enable_compile_cache(args.compile_cache)
+    try:
+        try:
+            mesh = None if args.mesh is None else make_mesh(args.mesh)
+        except ValueError as e:
+            raise ValueError(f"--mesh {args.mesh!r}: {e}") from e
+        check_batch_size(mesh, args.batch_size)
+        params, cfg = load_converted(args.checkpoint, dtype=args.dtype, sharding=None if mesh is None else replicated(mesh))
+        cfg = apply_overrides(cfg, list(args.set))
+        if args.sweep_budget and not cfg.flex.enabled:
+            raise ValueError("--sweep-budget: FlexAttention is off in this checkpoint (no HR budget to sweep)")
+        cfgs = [cfg if b is None else apply_overrides(cfg, [budget_override(b)]) for b in budgets]
+        tokenizer = load_tokenizer(args.checkpoint)
+    except (ValueError, OSError) as e:
+        return err(str(e))
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    t0 = time.perf_counter()
+    rows = []
+    for budget, cfg_b in zip(budgets, cfgs, strict=True):
+        extra = {"hr_budget": budget or "checkpoint", "dtype": cfg_b.dtype, "overrides": list(args.set)}
+        settings = EvalSettings(
+            args.task, protocol=args.protocol, mode=args.mode, ocr_tokens=args.ocr_tokens, batch_size=args.batch_size,
+            max_new_tokens=max_new, checkpoint=str(Path(args.checkpoint).resolve()), extra=extra,
+        )
+        run_dir = out / budget_dir(budget) if args.sweep_budget else out
+        runner = Runner(params, cfg_b, tokenizer, settings, mesh=mesh, progress=not args.no_progress, log=log)
+        try:
+            metrics = runner.run(items, run_dir)
+        except KeyboardInterrupt:
+            log(f"interrupted: finished items are in {run_dir / PREDICTIONS}; re-run the same command to resume")
+            return 130
+        except ValueError as e:
+            return err(str(e))
+        print(metrics_table(metrics))
+        print(f"  predictions: {run_dir / PREDICTIONS}; metrics: {run_dir / METRICS}")
+        rows.append(metrics)
+    if args.sweep_budget:
+        summary = [{k: m.get(k) for k in ("hr_budget", "hr_budget_tokens", "accuracy", "tflops_per_item", "wall_s", "scored",
+                                          "failed")} for m in rows]
+        (out / "sweep.json").write_text(json.dumps({"task": args.task, "budgets": summary}, indent=2) + "\n")
+        png = plot_sweep(summary, out / "sweep.png", f"{args.task}: accuracy vs cost per HR budget")
+        print(sweep_table(summary))
+        print(f"  sweep: {out / 'sweep.json'}, plot: {png}; total wall time {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,274 @@
+"""Run one task at one HR budget: predictions streamed to JSONL as items finish, resumable, then metrics.
+
+``{out}/predictions.jsonl`` gets one line per finished item (its id, a content key, the prompt, the
+prediction or option losses, its score, its share of the TFLOPs). Re-running with the same ``out``
+skips the items whose key (sample id, image, prompt, options and the run's settings) already has an
+answer, so a killed run finishes where it stopped and ends with the same metrics. A line cut by a
+kill is dropped. ``{out}/metrics.json`` holds the metrics of every current item.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jax.sharding import Mesh
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from flexattn_jax.config import ModelConfig
+from flexattn_jax.eval import tasks as K
+from flexattn_jax.eval.cost import generation_flops
+from flexattn_jax.eval.data import BadSample, Item, Sample
+from flexattn_jax.eval.likelihood import OptionQuestion, OptionScorer, losses_flops, option_tokens
+from flexattn_jax.inference import Request, stream_answers
+from flexattn_jax.preprocess import BUCKETS, PreprocessError, bucket_length, format_prompt, preprocess_image, tokenize_with_image
+
+PREDICTIONS = "predictions.jsonl"
+METRICS = "metrics.json"
+
+
+@dataclass
+class EvalSettings:
+    """How a task is run (everything that changes a prediction is part of each item's key)."""
+
+    task: str
+    protocol: str = "likelihood"  # vstar: 'likelihood' or 'letter'; the other tasks generate
+    mode: str = "release"  # likelihood select rows: 'release' (learnable rows) or 'inference' (last row)
+    ocr_tokens: bool = False
+    batch_size: int = 8
+    max_new_tokens: int = 128
+    hr_strategy: str = "project"
+    checkpoint: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. hr_budget, dtype
+
+    @property
+    def generates(self) -> bool:
+        return not (self.task == "vstar" and self.protocol == "likelihood")
+
+    def key_fields(self) -> dict[str, Any]:
+        out = {"task": self.task, "checkpoint": self.checkpoint, **self.extra}
+        if self.generates:
+            out.update(max_new_tokens=self.max_new_tokens, ocr_tokens=self.ocr_tokens, protocol=self.protocol)
+        else:
+            out.update(mode=self.mode)
+        return out
+
+
+# ---- predictions file --------------------------------------------------------------------------
+
+def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
+    """Finished records by key; a last line cut short by a kill is removed from the file.
+
+    A complete line that is not a record raises ValueError naming the file and line (not ours: use another ``--out``).
+    """
+    if not path.is_file():
+        return {}
+    raw = path.read_bytes()
+    lines = raw.splitlines(keepends=True)
+    done: dict[str, dict[str, Any]] = {}
+    good = 0
+    for n, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+            ok = isinstance(rec, dict) and isinstance(rec.get("key"), str) and line.endswith(b"\n")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            if n == len(lines) and not line.endswith(b"\n"):
+                break  # cut by a kill mid-write
+            raise ValueError(f"{path} line {n} is not an eval prediction record; use another --out or delete the file")
+        good += len(line)
+        if rec.get("error") is None:
+            done[rec["key"]] = rec
+    if good < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return done
+
+
+def _bounded(fn: Callable, items: Iterable, workers: int, depth: int) -> Iterator[tuple[Any, Any, BaseException | None]]:
+    """``(item, fn(item), None)`` or ``(item, None, error)`` in order, at most ``depth`` items ahead (threads)."""
+    queue: deque[tuple[Any, Future]] = deque()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for item in items:
+            queue.append((item, pool.submit(fn, item)))
+            if len(queue) >= depth:
+                it, fut = queue.popleft()
+                yield (it, fut.result(), None) if fut.exception() is None else (it, None, fut.exception())
+        while queue:
+            it, fut = queue.popleft()
+            yield (it, fut.result(), None) if fut.exception() is None else (it, None, fut.exception())
+
+
+# ---- the run --------------------------------------------------------------------------------------
+
+@dataclass
+class Pending:
+    sample: Sample
+    user: str  # the user turn (without <image>)
+    key: str
+
+
+class Runner:
+    """Evaluates items with ``(params, cfg, tokenizer)`` under ``settings``.
+
+    Generation goes through the streaming inference pipeline
+    (:func:`flexattn_jax.inference.stream_answers`, formatted prompts), the V* likelihood protocol
+    through :class:`flexattn_jax.eval.likelihood.OptionScorer`.
+    """
+
+    def __init__(self, params: dict, cfg: ModelConfig, tokenizer: Any, settings: EvalSettings, *, mesh: Mesh | None = None,
+                 progress: bool = True, log: Callable[[str], None] = print):
+        self.params, self.cfg, self.tokenizer, self.s = params, cfg, tokenizer, settings
+        self.mesh, self.progress, self.log = mesh, progress, log
+        self.stats: dict[str, Any] = {}
+
+    def run(self, items: Iterable[Item], out: str | Path | None = None) -> dict[str, Any]:
+        """Score every item (skipping finished ones in ``out``), write ``out``'s files, return the metrics."""
+        t0 = time.perf_counter()
+        failures: list[dict[str, Any]] = []
+        pending: list[Pending] = []
+        position: dict[str, int] = {}
+        for n, item in enumerate(items):
+            position.setdefault(item.id, n)
+            if isinstance(item, BadSample):
+                failures.append({"id": item.id, "error": item.error, "category": item.category})
+                continue
+            try:
+                user = K.user_text(self.s.task, item, self.s.protocol, self.s.ocr_tokens)
+            except ValueError as e:
+                failures.append({"id": item.id, "error": str(e), "category": item.category})
+                continue
+            pending.append(Pending(item, user, K.item_key(item, user, self.s.key_fields())))
+        path = None if out is None else Path(out) / PREDICTIONS
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        done = read_predictions(path) if path is not None else {}
+        answered = {p.key: done[p.key] for p in pending if p.key in done}
+        todo = [p for p in pending if p.key not in done]
+        if answered:
+            self.log(f"resuming: {len(answered)} of {len(pending)} items already answered in {path}")
+        sink = open(path, "a") if path is not None else None
+        try:
+            bar = tqdm(total=len(todo), desc=self.s.task, unit="item", disable=not self.progress)
+            run = self._likelihood if not self.s.generates else self._generate
+            for rec in run(todo):
+                if rec.get("error") is not None:
+                    failures.append({"id": rec["id"], "error": rec["error"], "category": rec.get("category", "")})
+                else:
+                    answered[rec["key"]] = rec
+                if sink is not None:
+                    sink.write(json.dumps(rec) + "\n")
+                    sink.flush()
+                bar.update(1)
+            bar.close()
+        finally:
+            if sink is not None:
+                sink.close()
+        order = {p.key: n for n, p in enumerate(pending)}  # input order, however the run was split
+        records = sorted(answered.values(), key=lambda r: order[r["key"]])
+        failures.sort(key=lambda f: position.get(f["id"], 0))
+        metrics = K.task_metrics(self.s.task, records, failures)
+        metrics.update(
+            protocol=self.s.protocol if self.s.task == "vstar" else "generate",
+            mode=self.s.mode if not self.s.generates else None,
+            ocr_tokens=self.s.ocr_tokens if self.s.task == "textvqa" else None,
+            hr_budget=self.s.extra.get("hr_budget", "checkpoint"), hr_budget_tokens=self.cfg.hr_budget_tokens
+            if self.cfg.flex.enabled else None,
+            wall_s=round(time.perf_counter() - t0, 2), answered_now=len(todo),
+        )
+        if self.stats:
+            metrics["pipeline"] = {k: self.stats[k] for k in ("compile_s", "steady_items_per_s", "decode_steps") if k in self.stats}
+        if out is not None:
+            (Path(out) / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+        return metrics
+
+    # ---- likelihood (V* release protocol) ----
+
+    def _prepare_options(self, p: Pending) -> OptionQuestion:
+        prompt = format_prompt(p.user, has_image=True)
+        tok = [option_tokens(prompt, o, self.tokenizer, self.cfg) for o in p.sample.options]
+        pixels, ori = preprocess_image(p.sample.load_image(), self.cfg.image_size)
+        return OptionQuestion([i for i, _ in tok], [lab for _, lab in tok], pixels, ori)
+
+    def _likelihood(self, todo: list[Pending]) -> Iterator[dict[str, Any]]:
+        self.log(f"V* by option likelihood, mode '{self.s.mode}': select rows = "
+                 + ("each option's learnable rows (training mode, alpha 1; the release)" if self.s.mode == "release"
+                    else "the last row (inference mode)"))
+        scorer = OptionScorer(self.params, self.cfg, rows=self.s.batch_size, mode=self.s.mode, mesh=self.mesh)
+        errors: list[dict[str, Any]] = []
+
+        def good() -> Iterator[tuple[int, OptionQuestion]]:
+            for pos, (p, item, err) in enumerate(_bounded(self._prepare_options, todo, 4, 2 * self.s.batch_size)):
+                if err is None:
+                    yield pos, item
+                else:
+                    errors.append(self._record(p, error=_message(err)))
+
+        for pos, losses, shapes, real_rows in scorer.score(good()):
+            yield from _drain(errors)
+            share = len(losses) / real_rows  # padding rows' cost is shared by the real ones
+            flops = losses_flops(self.params, self.cfg, shapes)
+            yield self._record(todo[pos], **K.score_likelihood(losses), tflops=flops * share / 1e12)
+        yield from _drain(errors)
+
+    # ---- generation ----
+
+    def _request(self, p: Pending, prompt: str) -> Request:
+        """A formatted-prompt request; an image that cannot even be opened becomes the request's error."""
+        image: Any = p.sample.image
+        if isinstance(image, bytes):
+            try:
+                image = Image.open(io.BytesIO(image))  # decoded lazily, in the pipeline's threads
+            except (UnidentifiedImageError, OSError) as e:
+                return Request(None, None, error=f"cannot decode the image of sample {p.sample.id!r}: {e}")
+        return Request(image, prompt, formatted=True)
+
+    def _generate(self, todo: list[Pending]) -> Iterator[dict[str, Any]]:
+        prompts = [format_prompt(p.user, has_image=True) for p in todo]
+        self.log(f"{self.s.task}: greedy generation, up to {self.s.max_new_tokens} new tokens per item"
+                 + (f" ({self.s.protocol} protocol)" if self.s.task == "vstar" else ""))
+        requests = (self._request(p, prompt) for p, prompt in zip(todo, prompts, strict=True))
+        answers = stream_answers(
+            self.params, self.cfg, self.tokenizer, requests, batch_size=self.s.batch_size,
+            max_new_tokens=self.s.max_new_tokens, hr_strategy=self.s.hr_strategy, mesh=self.mesh, progress=False,
+            stats=self.stats,
+        )
+        for index, answer in answers:
+            p = todo[index]
+            if answer.error is not None:
+                yield self._record(p, error=answer.error)
+                continue
+            scored = K.score_generation(self.s.task, p.sample, p.user, answer.text or "", self.s.protocol)
+            yield self._record(p, prediction=answer.text, **scored, tflops=self._generation_tflops(prompts[index], answer))
+
+    def _generation_tflops(self, prompt: str, answer) -> float:
+        """This item's share of its batch's prefill plus one decode step per generated token after the first."""
+        n = len(tokenize_with_image(prompt, self.tokenizer, self.cfg.image_token_id, self.cfg.num_image_tokens))
+        length = bucket_length(n, BUCKETS)
+        b = self.s.batch_size
+        pre, step = generation_flops(self.params, self.cfg, b, length, length + self.s.max_new_tokens, self.s.hr_strategy)
+        return (pre + max(len(answer.tokens) - 1, 0) * step) / b / 1e12
+
+    def _record(self, p: Pending, **fields: Any) -> dict[str, Any]:
+        rec = {"id": p.sample.id, "key": p.key, "category": p.sample.category, "prompt": p.user}
+        rec.update(fields)
+        rec.setdefault("error", None)
+        return rec
+
+
+def _drain(errors: list) -> Iterator:
+    while errors:
+        yield errors.pop(0)
+
+
+def _message(e: BaseException) -> str:
+    return str(e) if isinstance(e, PreprocessError | ValueError | OSError) else f"{type(e).__name__}: {e}"
