@@ -6,7 +6,6 @@ import argparse
 import importlib
 import json
 import math
-import os
 import re
 import sys
 from collections.abc import Iterator
@@ -267,15 +266,9 @@ def _generate(argv: list[str]) -> int:
     except (ValueError, OSError) as e:  # ConvertError, ShardingError, ConfigError, OutputPathError, ResumeError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cache = None
-    if not args.no_compile_cache and os.environ.get("FLEXATTN_JAX_COMPILE_CACHE", "1") != "0":
-        from flexattn_jax.compile_cache import CacheCounter, enable_compile_cache
+    from flexattn_jax.compile_cache import setup_compile_cache
 
-        try:
-            enable_compile_cache(args.compile_cache)
-            cache = CacheCounter()
-        except OSError as e:
-            print(f"warning: compile cache off ({e})", file=sys.stderr)
+    cache = setup_compile_cache(args.compile_cache, disabled=args.no_compile_cache)
     if args.save_attention and not cfg.flex.enabled:
         print("warning: --save-attention: FlexAttention is off in this checkpoint, no attention maps to draw", file=sys.stderr)
     try:

@@ -8,6 +8,7 @@ Each CLI call is a new process, so without a cache every call compiles ``generat
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -47,3 +48,19 @@ def enable_compile_cache(path: str | Path | None = None) -> Path:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def setup_compile_cache(path: str | Path | None, *, disabled: bool = False) -> CacheCounter | None:
+    """The CLIs' switch: on unless ``disabled`` (``--no-compile-cache``) or ``FLEXATTN_JAX_COMPILE_CACHE=0``.
+
+    A cache directory that cannot be made is a warning (the run goes on uncached), not an error.
+    Returns the hit/miss counter, or None when the cache is off.
+    """
+    if disabled or os.environ.get("FLEXATTN_JAX_COMPILE_CACHE", "1") == "0":
+        return None
+    try:
+        enable_compile_cache(path)
+    except OSError as e:
+        print(f"warning: compile cache off ({e})", file=sys.stderr)
+        return None
+    return CacheCounter()

@@ -75,11 +75,6 @@ def eval_parser(prog: str = "flexattn-jax eval") -> argparse.ArgumentParser:
     return p
 
 
-def budget_override(value: str) -> str:
-    """``--hr-budget`` as the config override ``generate`` applies (``all`` -> None)."""
-    return f"flex.hr_budget={'None' if value == 'all' else value}"
-
-
 def metrics_table(m: dict[str, Any]) -> str:
     """The printed summary of one run."""
     how = {"likelihood": f"option likelihood, mode {m.get('mode')}", "letter": "letter choice, greedy",
@@ -117,24 +112,29 @@ def main(argv: list[str] | None = None) -> int:
     max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[args.task]
     if max_new < 1:
         return err(f"--max-new-tokens {max_new} must be at least 1")
+    from flexattn_jax.config import parse_hr_budget
+    from flexattn_jax.paths import check_output_dir
+
     out = Path(args.out or f"eval-{args.task}")
     try:
         budgets = parse_budgets(args.sweep_budget) if args.sweep_budget else [args.hr_budget]
+        for b in budgets:  # every budget checked before anything is loaded
+            if b is not None:
+                parse_hr_budget(b, name="--sweep-budget" if args.sweep_budget else "--hr-budget")
+        check_output_dir(out, sources=[args.checkpoint, args.data, args.images, args.annotations], exist_ok=True, flag="--out")
         items = list(read_task(args.task, args.data, args.images, args.annotations, args.limit))
         if not items:
             raise EvalDataError(f"{args.data}: no {args.task} samples found")
     except (EvalDataError, ValueError) as e:
         return err(str(e))
     from convert import load_converted
+    from flexattn_jax.compile_cache import setup_compile_cache
     from flexattn_jax.config import apply_overrides
     from flexattn_jax.inference import check_batch_size
     from flexattn_jax.sharding import make_mesh, replicated
     from flexattn_jax.tokenizer import load_tokenizer
 
-    if not args.no_compile_cache:
-        from flexattn_jax.compile_cache import enable_compile_cache
-
-        enable_compile_cache(args.compile_cache)
+    setup_compile_cache(args.compile_cache, disabled=args.no_compile_cache)
     try:
         try:
             mesh = None if args.mesh is None else make_mesh(args.mesh)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = apply_overrides(cfg, list(args.set))
         if args.sweep_budget and not cfg.flex.enabled:
             raise ValueError("--sweep-budget: FlexAttention is off in this checkpoint (no HR budget to sweep)")
-        cfgs = [cfg if b is None else apply_overrides(cfg, [budget_override(b)]) for b in budgets]
+        cfgs = [cfg if b is None else apply_overrides(cfg, {"flex.hr_budget": parse_hr_budget(b, name="--hr-budget")}) for b in budgets]
         tokenizer = load_tokenizer(args.checkpoint)
     except (ValueError, OSError) as e:
         return err(str(e))

@@ -1,8 +1,8 @@
 """FLOPs of the programs an evaluation ran, from XLA's cost analysis of their lowered modules.
 
 XLA counts a loop body once, so programs are lowered for counting with the layers unrolled
-(``scan_layers=False``; the same arithmetic). ``bench/common.py`` has the benchmarks' twin of
-:func:`program_flops` (``cost_flops``); the library may not import bench.
+(``scan_layers=False``; the same arithmetic) through the benchmarks' one cost reader,
+``bench.common.cost_flops`` (eval is app layer, like the demo, and may import bench).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from bench.common import cost_flops
 from flexattn_jax import generate as G
 from flexattn_jax.config import ModelConfig
 
@@ -26,14 +27,6 @@ def counting_config(cfg: ModelConfig) -> ModelConfig:
 def abstract(tree: Any) -> Any:
     """Shapes and dtypes of every array leaf (nothing is computed or transferred)."""
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
-
-
-def program_flops(fn: Callable, *args: Any) -> float:
-    """FLOPs of ``jax.jit(fn)`` at ``args`` (arrays or ShapeDtypeStructs): XLA's cost analysis, no compile."""
-    cost = jax.jit(fn).lower(*args).cost_analysis()
-    if isinstance(cost, list | tuple):
-        cost = cost[0]
-    return float(cost["flops"])
 
 
 _CACHE: dict[tuple, Any] = {}
@@ -70,4 +63,4 @@ def _generation_flops(params: dict, cfg: ModelConfig, batch: int, length: int, m
 
     state = jax.eval_shape(prefill, p, ids, pixels, mask, margin)[0]
     token = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    return program_flops(prefill, p, ids, pixels, mask, margin), program_flops(step, p, state, token)
+    return cost_flops(prefill, p, ids, pixels, mask, margin), cost_flops(step, p, state, token)

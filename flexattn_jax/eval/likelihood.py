@@ -22,8 +22,9 @@ import numpy as np
 from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
+from bench.common import cost_flops
 from flexattn_jax.config import IGNORE_INDEX, ModelConfig
-from flexattn_jax.eval.cost import abstract, cached, counting_config, program_flops
+from flexattn_jax.eval.cost import abstract, cached, counting_config
 from flexattn_jax.model import forward
 from flexattn_jax.preprocess import BUCKETS, PreprocessError, bucket_length, pad_batch, tokenize_with_image
 from flexattn_jax.selection import margin_patches
@@ -189,4 +190,4 @@ def losses_flops(params: dict, cfg: ModelConfig, shapes: tuple) -> float:
     args[3] = jax.ShapeDtypeStruct(args[3].shape, jnp.dtype(cfg.dtype))
     counted = counting_config(cfg)
     return cached(("likelihood", cfg, shapes),
-                  lambda: program_flops(lambda p, *a: option_losses(p, counted, *a), abstract(params), *args))
+                  lambda: cost_flops(lambda p, *a: option_losses(p, counted, *a), abstract(params), *args))
