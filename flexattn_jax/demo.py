@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from flexattn_jax.tokenizer import IMAGE_ID, build_tokenizer
 from flexattn_jax.visualize import answer_maps, mask_layer, save_grid
 
 OBJECT_PX = (18, 24)  # the patterned square's side at 168 px: one to four HR tokens, a blur at 56 px
+MARKER = ".flexattn-jax-demo"  # written into --out: a directory the demo may rewrite (its stages, model/)
 
 
 def tiny_config(vocab_size: int) -> ModelConfig:
@@ -138,14 +140,30 @@ def _save_attention_png(path: Path, items, answers, cfg: ModelConfig, n: int = 6
     )
 
 
+def check_out_dir(out_dir: str | Path) -> Path:
+    """``--out`` before any work: writable, not a file, and either new, empty or an earlier demo's output.
+
+    The demo replaces ``pretrain/``, ``finetune/`` and ``model/`` inside it, so an existing directory
+    with other contents (``--out ~``, a dataset) is refused rather than partly deleted.
+    """
+    from flexattn_jax.paths import OutputPathError, check_output_dir
+
+    out = check_output_dir(out_dir, exist_ok=True, flag="--out")
+    if out.is_dir() and any(out.iterdir()) and not ((out / MARKER).exists() or (out / "report.json").is_file()):
+        raise OutputPathError(f"--out {out_dir} is a non-empty directory that is not a demo output; the demo replaces "
+                              "pretrain/, finetune/ and model/ in it: choose a new or empty directory")
+    return out
+
+
 def run(
     out_dir: str | Path = "demo_out", seed: int = 0, quick: bool = False, budget: Budget | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Pretrain, fine-tune, evaluate in three modes, write ``attention.png`` and ``report.json``; return the report."""
     t_start = time.perf_counter()
     budget = budget or (QUICK if quick else FULL)
-    out = Path(out_dir)
+    out = check_out_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by flexattn-jax demo; it may replace pretrain/, finetune/ and model/ here\n")
     tokenizer = build_tokenizer()
     cfg = tiny_config(len(tokenizer))
     lr_cfg = dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, enabled=False))  # plain LLaVA at 56 px
@@ -231,5 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     batch = overrides.get("batch_size", budget.batch_size)
     if batch % jax.device_count():
         raise SystemExit(f"error: --batch-size {batch} is not a multiple of the {jax.device_count()} devices")
+    from flexattn_jax.paths import OutputPathError
+
+    try:
+        check_out_dir(args.out)
+    except OutputPathError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     run(args.out, seed=args.seed, budget=dataclasses.replace(budget, **overrides))
     return 0
