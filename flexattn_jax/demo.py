@@ -74,6 +74,14 @@ FULL = Budget()
 QUICK = Budget(pretrain_steps=150, finetune_steps=250, pretrain_samples=1024, finetune_samples=1024, test_samples=32)
 
 
+def splits(cfg: ModelConfig, budget: Budget, seed: int) -> tuple[list, list, list]:
+    """The demo's data: 56 px close-ups (pretraining), 168 px fine-tuning and held-out test items."""
+    close_ups = make_split(1000 + seed, budget.pretrain_samples, hr_size=cfg.vision.image_size, obj_px=OBJECT_PX)
+    train_items = make_split(2000 + seed, budget.finetune_samples, hr_size=cfg.image_size, obj_px=OBJECT_PX)
+    test_items = make_split(3000 + seed, budget.test_samples, hr_size=cfg.image_size, obj_px=OBJECT_PX)
+    return close_ups, train_items, test_items
+
+
 def modes(cfg: ModelConfig) -> dict[str, ModelConfig]:
     """The three evaluated variants of one trained model."""
     flex = cfg.flex
@@ -91,8 +99,10 @@ def _records(items) -> list[dict[str, Any]]:
     ]
 
 
-def _train_stage(name, cfg, params, items, steps, lr, trainable, tokenizer, budget, out, progress):
-    """One stage with the project's train loop; checkpoints and metrics under ``out/name``."""
+def train_stage(name, cfg, params, items, steps, lr, trainable, tokenizer, budget, out, progress):
+    """One stage with the project's train loop; checkpoints and metrics under ``out/name``.
+
+    Returns ``(params, summary, records)`` (the per-step metric records of :func:`train.loop.train`)."""
     from train.config import DataConfig, TrainConfig
     from train.data import TrainData
     from train.loop import summarize, train
@@ -111,7 +121,7 @@ def _train_stage(name, cfg, params, items, steps, lr, trainable, tokenizer, budg
     t0 = time.perf_counter()
     params, records = train(cfg, params, data, tcfg, out_dir=stage_dir, resume=False, data_config=dcfg, log=progress)
     summary = {**summarize(records), "seconds": time.perf_counter() - t0, "checkpoint": str(stage_dir / "checkpoints")}
-    return params, summary
+    return params, summary, records
 
 
 def _flops_per_sample(params, cfg: ModelConfig, ids_len: int) -> float:
@@ -169,16 +179,14 @@ def run(
     lr_cfg = dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, enabled=False))  # plain LLaVA at 56 px
 
     t0 = time.perf_counter()
-    close_ups = make_split(1000 + seed, budget.pretrain_samples, hr_size=lr_cfg.image_size, obj_px=OBJECT_PX)
-    train_items = make_split(2000 + seed, budget.finetune_samples, hr_size=cfg.image_size, obj_px=OBJECT_PX)
-    test_items = make_split(3000 + seed, budget.test_samples, hr_size=cfg.image_size, obj_px=OBJECT_PX)
+    close_ups, train_items, test_items = splits(cfg, budget, seed)
     data_seconds = time.perf_counter() - t0
 
     params = init_params(lr_cfg, jax.random.key(seed))
-    params, pretrain = _train_stage("pretrain", lr_cfg, params, close_ups, budget.pretrain_steps, 1e-3, "all",
+    params, pretrain, _ = train_stage("pretrain", lr_cfg, params, close_ups, budget.pretrain_steps, 1e-3, "all",
                                     tokenizer, budget, out, progress)
     params = add_hr_projections(jax.device_get(params))
-    params, finetune = _train_stage("finetune", cfg, params, train_items, budget.finetune_steps, 2e-3, "projector,llm",
+    params, finetune, _ = train_stage("finetune", cfg, params, train_items, budget.finetune_steps, 2e-3, "projector,llm",
                                     tokenizer, budget, out, progress)
 
     from convert import write_model
