@@ -150,6 +150,32 @@ def _save_attention_png(path: Path, items, answers, cfg: ModelConfig, n: int = 6
     )
 
 
+def environment() -> dict[str, Any]:
+    """What the demo's figures depend on beyond the seed: float results (so the trained model and its
+    accuracies) change with the device count and the CPU cores XLA may use (reduction order), and with
+    the library versions; two runs agree bitwise when all of these agree."""
+    import os
+    import platform
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count()
+    return {"jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", None) or _version("jaxlib"),
+            "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind, "cpu_cores_usable": cores,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "machine": platform.machine(), "processor": platform.processor(),
+            "transformers": _version("transformers"), "numpy": np.__version__}
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def check_out_dir(out_dir: str | Path) -> Path:
     """``--out`` before any work: writable, not a file, and either new, empty or an earlier demo's output.
 
@@ -199,7 +225,8 @@ def run(
     ids_len = 64  # the prompt bucket of every demo question
     report: dict[str, Any] = {
         "trained": True, "classes": list(CLASSES), "chance": 1 / len(CLASSES), "n_test": len(test_items),
-        "devices": jax.device_count(), "budget": dataclasses.asdict(budget), "data_seconds": data_seconds,
+        "devices": jax.device_count(), "environment": environment(), "budget": dataclasses.asdict(budget),
+        "data_seconds": data_seconds,
         "stages": {"pretrain": pretrain, "finetune": finetune}, "model": str(model_dir), "modes": {},
     }
     flex_answers = None

@@ -62,6 +62,9 @@ def world(tmp_path_factory):
     (root / "a_file").write_text("not a directory\n")
     run = root / "run"
     assert cli_main(["train", *base_args(root, run), "--stop-at", "3"]) == 0
+    shutil.copytree(run, root / "damaged_run")
+    for step in ("1", "2", "3"):
+        (root / "damaged_run" / "checkpoints" / step / "meta" / "metadata").write_text("{")
     return root
 
 
@@ -106,6 +109,8 @@ CASES = [
      ["--out", "/proc/flexattn-run", "cannot write"]),
     ("resume after changing --set: shape mismatch", lambda r, o: ["train", *base_args(r, o), "--set", "text.intermediate_size=48"],
      "run", 2, ["checkpoints/3", "text/layers/mlp", "text.intermediate_size (checkpoint 64, now 48)", "--set"]),
+    ("resume with every checkpoint damaged", lambda r, o: ["train", *base_args(r, o)], "damaged_run", 2,
+     ["no usable checkpoint", "damaged_run/checkpoints", "3: bad JSON", "1: bad JSON"]),
     ("demo --out is a file", lambda r, o: ["demo", "--out", str(o)], "a_file", 2, ["--out", "a_file", "not a directory"]),
     ("demo --out under a file", lambda r, o: ["demo", "--out", str(o)], "a_file/demo", 2, ["--out", "a_file"]),
     ("demo --out on a read-only file system", lambda r, o: ["demo", "--out", str(o)], "/proc/flexattn-demo", 2,
@@ -118,7 +123,7 @@ CASES = [
 @pytest.mark.parametrize("name,argv,out_rel,status,fragments", CASES, ids=[c[0] for c in CASES])
 def test_hostile_input(world, tmp_path, capsys, name, argv, out_rel, status, fragments):
     out = tmp_path / "out" if out_rel is None else (Path(out_rel) if out_rel.startswith("/") else world / out_rel)
-    watched = [world / "data", world / "converted", world / "tiny.json", world / "a_file", world / "run"]
+    watched = [world / "data", world / "converted", world / "tiny.json", world / "a_file", world / "run", world / "damaged_run"]
     before = tree_hash(*watched)
     out_existed = out.exists()
     try:

@@ -288,7 +288,7 @@ def _run(cfg, tcfg, fns: StepFns, state, start, total, data, iterator, is_grain,
             try:
                 raw = next(iterator)
             except StopIteration:
-                if s == start and is_grain:
+                if s == 0 and is_grain:  # not one good batch in the whole plan
                     st = data.stats()
                     why = ", ".join(f"{k} {v}" for k, v in st["skipped"].items()) or "none skipped"
                     first = f"; first: {data.counter.first}" if data.counter.first else ""
