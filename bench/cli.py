@@ -184,6 +184,33 @@ def format_report(results: dict) -> str:
     return "\n".join(parts)
 
 
+class ReportError(ValueError):
+    """A ``--report`` file that is missing, empty, not JSON or not a bench result."""
+
+
+REPORT_KEYS = ("command", "seconds_total", "machine", "flops_7b", "walltime", "goals")
+
+
+def read_report(path: Path) -> dict:
+    """A saved bench.json, checked to be one; every failure names the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReportError(f"--report {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from e
+    if not text.strip():
+        raise ReportError(f"--report {path}: the file is empty")
+    try:
+        results = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ReportError(f"--report {path}: not valid JSON ({e})") from e
+    if not isinstance(results, dict):
+        raise ReportError(f"--report {path}: expected a JSON object, got {type(results).__name__}")
+    missing = [k for k in REPORT_KEYS if k not in results]
+    if missing:
+        raise ReportError(f"--report {path}: not a bench result (missing {', '.join(missing)})")
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="flexattn-jax bench", description="FLOP, wall-time, PyTorch, scaling and memory benchmarks")
     ap.add_argument("--quick", action="store_true", help="7B FLOP ratios of the main configurations + a reduced wall-time table")
@@ -200,8 +227,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     if args.report is not None:
-        results = json.loads(args.report.read_text())
-        print(json.dumps(results) if args.json else format_report(results))
+        try:
+            results = read_report(args.report)
+            text = json.dumps(results) if args.json else format_report(results)
+        except ReportError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except (KeyError, TypeError, IndexError, ValueError) as e:  # a JSON object, but not what `bench` writes
+            print(f"error: --report {args.report}: not a bench result ({type(e).__name__}: {e})", file=sys.stderr)
+            return 2
+        print(text)
         return 0
     from bench.torch_compare import SINGLE_THREAD_XLA, TorchMissing
 

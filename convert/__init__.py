@@ -2,7 +2,7 @@
 
 from convert.export import export_hf
 from convert.importer import Converted, read_checkpoint
-from convert.io import CONVERTER_VERSION, convert_checkpoint, load_converted, read_metadata, write_model
+from convert.io import CONVERTER_VERSION, convert_checkpoint, load_converted, read_config, read_metadata, write_model
 from convert.reader import ConvertError
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "export_hf",
     "load_converted",
     "read_checkpoint",
+    "read_config",
     "read_metadata",
     "write_model",
 ]

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from convert.reader import ConvertError
 from flexattn_jax.config import ConfigError
+from flexattn_jax.paths import OutputPathError, check_output_dir
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -39,7 +40,9 @@ def build_parser(prog: str = "python -m convert") -> argparse.ArgumentParser:
     p.add_argument("--to-hf", metavar="OUT_HF", help="also export the converted params to a HF directory")
     p.add_argument("--layout", choices=("hf5", "hf4", "original"), default="hf5", help="layout for --to-hf (default: hf5)")
     p.add_argument("--image-token-id", type=int, help="image token id for a llava-hf export of an original checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT / OUT_HF if they exist")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT / OUT_HF if they exist (never when one is, contains or lies "
+                   "inside SRC)")
+    p.add_argument("--allow-nonfinite", action="store_true", help="convert weights with NaN or infinite values (refused by default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -61,9 +64,11 @@ def build_export_parser(prog: str = "python -m convert export") -> argparse.Argu
 
 
 def _export(converted: str, out: str, layout: str, dtype: str | None, image_token_id: int | None, overwrite: bool) -> None:
-    from convert.export import export_hf
-    from convert.io import load_converted
+    from convert.export import export_hf, hf_config
+    from convert.io import load_converted, read_config
 
+    check_output_dir(out, sources=[converted], overwrite=overwrite, flag="OUT_HF")
+    hf_config(read_config(converted), layout, image_token_id)  # the export's config checks, before restoring
     params, cfg = load_converted(converted, dtype=dtype)
     export_hf(params, cfg, out, layout=layout, image_token_id=image_token_id, tokenizer_dir=converted, overwrite=overwrite)
     print(f"wrote {out} (layout {layout}, {cfg.param_dtype})")
@@ -78,16 +83,26 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m convert") -> 
             _export(a.converted, a.out, a.layout, a.dtype, a.image_token_id, a.overwrite)
             return 0
         a = build_parser(prog).parse_args(argv)
+        from convert.export import hf_config
         from convert.io import convert_checkpoint, read_metadata
 
+        check_output_dir(a.out, sources=[a.src, a.vision_tower], overwrite=a.overwrite, flag="OUT")
+        check = None
+        if a.to_hf:  # every check of the export runs before OUT is written
+            check_output_dir(a.to_hf, sources=[a.src, a.vision_tower, a.out], overwrite=a.overwrite, flag="--to-hf")
+
+            def check(cfg):
+                return hf_config(cfg, a.layout, a.image_token_id)
+
         out = convert_checkpoint(a.src, a.out, vision_tower=a.vision_tower, dtype=a.dtype, mesh=a.mesh,
-                                 overrides=a.overrides, overwrite=a.overwrite, progress=not a.no_progress)
+                                 overrides=a.overrides, overwrite=a.overwrite, progress=not a.no_progress,
+                                 allow_nonfinite=a.allow_nonfinite, check=check)
         meta = read_metadata(out)
         print(f"wrote {out} (source layout {meta['source_layout']}, {meta['num_params']:,} params, {meta['param_dtype']})")
         if a.to_hf:
             _export(str(out), a.to_hf, a.layout, None, a.image_token_id, a.overwrite)
         return 0
-    except (ConvertError, ConfigError) as e:
+    except (ConvertError, ConfigError, OutputPathError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -24,6 +24,7 @@ from convert.mapping import BY_OURS, RULES, V, export_name, to_torch, torch_shap
 from convert.reader import NUMPY_TO_SAFETENSORS, ConvertError
 from flexattn_jax.config import ModelConfig
 from flexattn_jax.params import flatten
+from flexattn_jax.paths import OutputPathError, check_output_dir
 
 LAYOUTS = ("hf5", "hf4", "original")
 VISION_SUBDIR = "vision_tower"
@@ -192,9 +193,10 @@ def export_hf(
     """Write ``params`` as a HF checkpoint directory that transformers (or LLaVA's code, for 'original') loads."""
     if layout not in LAYOUTS:
         raise ConvertError(f"layout={layout!r}: use one of {LAYOUTS}")
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ConvertError(f"{out} already exists (pass --overwrite to replace it)")
+    try:
+        out = check_output_dir(out_dir, sources=[tokenizer_dir], overwrite=overwrite, flag="OUT_HF")
+    except OutputPathError as e:
+        raise ConvertError(str(e)) from None
     config = hf_config(cfg, layout, image_token_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from convert.mapping import BY_OURS, Rule, Target, canonical, export_name, is_ignored, lookup, to_ours, torch_shape
-from convert.reader import ConvertError, TensorInfo, checkpoint_files, open_file
+from convert.reader import FLOATING_DTYPES, ConvertError, TensorInfo, checkpoint_files, open_file
 from flexattn_jax.config import ConfigError, ModelConfig, detect_layout, from_hf_config
 from flexattn_jax.params import abstract_params, flatten, unflatten
 
@@ -84,6 +85,7 @@ def plan(cfg: ModelConfig, sources: list[Source], export_layout: str) -> dict[tu
     unexpected: list[str] = []
     shapes: list[str] = []
     dupes: list[str] = []
+    dtypes: list[str] = []
     misshaped: set[tuple[str, int | None]] = set()
     for source in sources:
         for path, infos in source.keys.items():
@@ -110,6 +112,10 @@ def plan(cfg: ModelConfig, sources: list[Source], export_layout: str) -> dict[tu
                     misshaped.add((target.leaf, target.index))
                     continue
                 slot = (target.leaf, target.index)
+                if info.dtype not in FLOATING_DTYPES:
+                    dtypes.append(f"{path}: {key}: {info.dtype}, but {target.leaf} is a floating-point parameter")
+                    misshaped.add(slot)
+                    continue
                 if slot in found:
                     other_path, other_key, _ = found[slot]
                     dupes.append(f"{key} ({path}) and {other_key} ({other_path}) are both {target.leaf}[{target.index}]")
@@ -124,7 +130,7 @@ def plan(cfg: ModelConfig, sources: list[Source], export_layout: str) -> dict[tu
                 where = f"{leaf}[{idx}]" if rule.stacked else leaf
                 missing.append(f"{export_name(rule, idx, export_layout, cfg)} {list(shape)} (-> {where})")
     lines = _listing("missing", missing) + _listing("unexpected", unexpected) + _listing("wrong shape", shapes)
-    lines += _listing("duplicate", dupes)
+    lines += _listing("not floating-point", dtypes) + _listing("duplicate", dupes)
     if lines:
         dirs = ", ".join(f"{s.label} {s.directory}" for s in sources)
         raise ConvertError(f"cannot convert {dirs}: the tensors do not match the config:\n" + "\n".join(lines))
@@ -137,19 +143,26 @@ def read_checkpoint(
     dtype: str = "float32",
     overrides: list[str] | dict[str, Any] | None = None,
     progress: bool = True,
+    allow_nonfinite: bool = False,
+    check: Callable[[ModelConfig], Any] | None = None,
 ) -> Converted:
     """Read a llava-hf (4.x/5.x), original LLaVA-1.5 or FlexAttention checkpoint into our numpy tree.
 
     ``vision_tower`` is the CLIP directory of the original layouts (default: ``mm_vision_tower`` when
     it is a local directory; unused for weights when the checkpoint holds the vision tower itself).
+    ``check(cfg)`` runs once the config is known, before any tensor is read (e.g. an export's config
+    checks). Tensors with NaN or infinite values (after the cast to ``dtype``) are refused, naming
+    them, unless ``allow_nonfinite``.
     """
     src = Path(src)
     if not (src / "config.json").exists():
         raise ConvertError(f"{src}: no config.json (expected a checkpoint directory)")
     try:
-        config = json.loads((src / "config.json").read_text())
+        config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ConfigError(f"expected a JSON object, got {type(config).__name__}")
         kind = detect_layout(config)
-    except (json.JSONDecodeError, ConfigError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, ConfigError) as e:
         raise ConvertError(f"{src / 'config.json'}: {e}") from e
     problems: list[str] = []
     vision_dir = None
@@ -183,17 +196,26 @@ def read_checkpoint(
         raise ConvertError(f"{src / 'config.json'}: {e}") from e
     if problems:
         raise ConvertError(f"cannot convert {src}:\n" + "\n".join(f"  {p}" for p in problems))
+    if check is not None:
+        check(cfg)
     found = plan(cfg, sources, "original" if layout == "flexattn" else layout)
-    params = fill(cfg, found, progress)
+    params = fill(cfg, found, progress, allow_nonfinite=allow_nonfinite)
     used_vision = vision_dir if len(sources) > 1 else None
     return Converted(params=params, cfg=cfg, layout=layout, source=src, vision_source=used_vision)
 
 
-def fill(cfg: ModelConfig, found: dict[tuple[str, int | None], tuple[Path, str, Rule]], progress: bool = True) -> dict:
-    """Preallocate every leaf and fill it, reading one tensor at a time, file by file."""
+def fill(
+    cfg: ModelConfig, found: dict[tuple[str, int | None], tuple[Path, str, Rule]], progress: bool = True, allow_nonfinite: bool = False
+) -> dict:
+    """Preallocate every leaf and fill it, reading one tensor at a time, file by file.
+
+    Unless ``allow_nonfinite``, every tensor is checked to be finite after the cast (a float32 weight
+    beyond float16's range becomes inf); all offenders are listed in one :class:`ConvertError`.
+    """
     abstract = flatten(abstract_params(cfg))
     dtype = np.dtype(jnp.dtype(cfg.param_dtype))
     out = {leaf: np.empty(s.shape, dtype) for leaf, s in abstract.items()}
+    nonfinite: list[str] = []
     by_file: dict[Path, list[tuple[str, str, int | None, Rule]]] = {}
     for (leaf, idx), (path, key, rule) in found.items():
         by_file.setdefault(path, []).append((key, leaf, idx, rule))
@@ -203,7 +225,14 @@ def fill(cfg: ModelConfig, found: dict[tuple[str, int | None], tuple[Path, str, 
                 for key, leaf, idx, rule in items:
                     x = to_ours(rule.kind)(f.read(key))
                     dst = out[leaf] if idx is None else out[leaf][idx]
-                    np.copyto(dst, x, casting="unsafe")
+                    with np.errstate(over="ignore", invalid="ignore"):  # overflow in the cast: reported just below
+                        np.copyto(dst, x, casting="unsafe")
                     del x
+                    if not allow_nonfinite and not np.isfinite(dst).all():
+                        bad = int(np.size(dst) - np.count_nonzero(np.isfinite(dst)))
+                        nonfinite.append(f"{path}: {key}: {bad} of {np.size(dst)} values are NaN or infinite (as {dtype})")
                     bar.update(1)
+    if nonfinite:
+        more = f"; and {len(nonfinite) - 3} more" if len(nonfinite) > 3 else ""
+        raise ConvertError(f"non-finite weights (pass --allow-nonfinite to convert anyway): {'; '.join(nonfinite[:3])}{more}")
     return unflatten(out)

@@ -20,8 +20,9 @@ import orbax.checkpoint as ocp
 
 from convert.importer import read_checkpoint
 from convert.reader import ConvertError
-from flexattn_jax.config import ModelConfig
+from flexattn_jax.config import ConfigError, ModelConfig
 from flexattn_jax.params import abstract_params, flatten, unflatten
+from flexattn_jax.paths import OutputPathError, check_output_dir
 
 CONVERTER_VERSION = "1.0.0"
 FORMAT = "flexattn-jax-params"
@@ -123,12 +124,24 @@ def convert_checkpoint(
     overrides: list[str] | dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    allow_nonfinite: bool = False,
+    check: Any = None,
 ) -> Path:
-    """Convert a PyTorch checkpoint directory into ``out`` (orbax params + metadata.json + tokenizer)."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ConvertError(f"{out} already exists (pass --overwrite to replace it)")
-    converted = read_checkpoint(src, vision_tower=vision_tower, dtype=dtype, overrides=overrides, progress=progress)
+    """Convert a PyTorch checkpoint directory into ``out`` (orbax params + metadata.json + tokenizer).
+
+    Before anything is read: ``out`` is checked (:func:`flexattn_jax.paths.check_output_dir`: not the
+    source, not containing or inside it, replaceable, writable) and ``mesh`` parsed. ``check(cfg)``
+    runs once the config is known, before the tensors are read; ``allow_nonfinite`` skips the
+    finiteness check of the weights.
+    """
+    try:
+        out = check_output_dir(out, sources=[src, vision_tower], overwrite=overwrite, flag="OUT")
+    except OutputPathError as e:
+        raise ConvertError(str(e)) from None
+    if isinstance(mesh, str):
+        mesh = _mesh(mesh)
+    converted = read_checkpoint(src, vision_tower=vision_tower, dtype=dtype, overrides=overrides, progress=progress,
+                                allow_nonfinite=allow_nonfinite, check=check)
     params, converted.params = converted.params, {}
     if mesh is not None:
         params = place(params, mesh)
@@ -180,11 +193,18 @@ def write_model(
 
 
 def read_metadata(directory: str | Path) -> dict[str, Any]:
-    """``metadata.json`` of a converted directory (checked to be one)."""
+    """``metadata.json`` of a converted directory (checked to be one); every failure names the file."""
     path = Path(directory) / "metadata.json"
+    if not Path(directory).is_dir():
+        raise ConvertError(f"{directory}: not a directory (expected one written by the converter)")
     if not path.exists():
         raise ConvertError(f"{directory}: no metadata.json (not a directory written by the converter)")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{path}: cannot read converter metadata ({e})") from e
+    if not isinstance(meta, dict):
+        raise ConvertError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT or "model_config" not in meta:
         raise ConvertError(f"{path}: not converter metadata (format {meta.get('format')!r})")
     return meta
@@ -197,8 +217,7 @@ def load_converted(directory: str | Path, dtype: str | None = None, sharding: An
     (first device), one ``jax.sharding.Sharding`` for every leaf, a ``Mesh`` (placed by
     ``flexattn_jax.sharding.param_shardings``) or a pytree of shardings matching the params.
     """
-    meta = read_metadata(directory)
-    cfg = ModelConfig.from_dict(meta["model_config"])
+    cfg = read_config(directory)
     if dtype is not None:
         cfg = dataclasses.replace(cfg, param_dtype=dtype, dtype=dtype)
     abstract = abstract_params(cfg)
@@ -206,7 +225,22 @@ def load_converted(directory: str | Path, dtype: str | None = None, sharding: An
     dt = jnp.dtype(cfg.param_dtype)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dt, sharding=s), abstract, shardings)
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    with _checkpointer() as ckptr:
-        args = ocp.args.PyTreeRestore(target, restore_args=restore_args)
-        params = ckptr.restore((Path(directory) / "params").resolve(), args=args)
+    params_dir = (Path(directory) / "params").resolve()
+    if not params_dir.is_dir():
+        raise ConvertError(f"{directory}: no params directory (a converted checkpoint holds params/ and metadata.json)")
+    try:
+        with _checkpointer() as ckptr:
+            args = ocp.args.PyTreeRestore(target, restore_args=restore_args)
+            params = ckptr.restore(params_dir, args=args)
+    except Exception as e:  # orbax / tensorstore raise many kinds for a truncated or corrupt directory
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ConvertError(f"{params_dir}: cannot restore the parameters (truncated or corrupt?): {type(e).__name__}: {first}") from e
     return params, cfg
+
+
+def read_config(directory: str | Path) -> ModelConfig:
+    """The :class:`ModelConfig` of a converted directory (cheap: metadata.json only); errors name the file."""
+    try:
+        return ModelConfig.from_dict(read_metadata(directory)["model_config"])
+    except ConfigError as e:
+        raise ConvertError(f"{Path(directory) / 'metadata.json'}: model_config: {e}") from e

@@ -15,6 +15,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from flexattn_jax.paths import is_within
+
 
 class ConvertError(ValueError):
     """A checkpoint cannot be converted; the message names every file / key / shape at fault."""
@@ -33,6 +35,7 @@ SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype("bool"),
 }
 NUMPY_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+FLOATING_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "float64", "float32", "float16", "bfloat16"})  # safetensors / torch names
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,11 @@ def open_file(path: Path) -> TensorFile:
 _CANDIDATES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
 
 
+def _inside(directory: Path, name: str) -> bool:
+    """Whether the shard file ``name`` of an index lies strictly inside ``directory`` (no ``..``, no absolute path)."""
+    return not Path(name).is_absolute() and is_within(directory / name, directory) and not is_within(directory, directory / name)
+
+
 def checkpoint_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The weight files of a checkpoint directory, and the index's ``weight_map`` when sharded.
 
@@ -186,7 +194,12 @@ def checkpoint_files(directory: Path) -> tuple[list[Path], dict[str, str] | None
             weight_map = json.loads(path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ConvertError(f"{path}: not a valid checkpoint index (needs a 'weight_map'): {e}") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ConvertError(f"{path}: 'weight_map' must map tensor names to shard file names")
         shards = sorted(set(weight_map.values()))
+        outside = [s for s in shards if not _inside(directory, s)]
+        if outside:
+            raise ConvertError(f"{path} names shard(s) outside {directory}, refused: {outside[:5]}")
         missing = [s for s in shards if not (directory / s).exists()]
         if missing:
             n = {s: sum(1 for v in weight_map.values() if v == s) for s in missing}

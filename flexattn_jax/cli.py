@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import re
 import sys
 from pathlib import Path
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
+
+if TYPE_CHECKING:
+    from flexattn_jax.config import ModelConfig
 
 USAGE = """flexattn-jax COMMAND [options]
 
@@ -124,21 +128,70 @@ def save_attention_pngs(out_dir: str | Path, requests: list, answers: list, cfg)
     return paths
 
 
+def check_generate_args(args: argparse.Namespace) -> None:
+    """The generate flags that need no checkpoint, and every output path, checked before any work.
+
+    Raises ValueError (an :class:`~flexattn_jax.paths.OutputPathError` for paths) naming the flag and value.
+    """
+    from flexattn_jax.config import parse_hr_budget
+    from flexattn_jax.paths import check_output_dir, check_output_file
+
+    if args.image and args.prompt is None:
+        raise ValueError("--image needs --prompt")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} must be at least 1")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature {args.temperature}: use a finite value >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:  # NaN fails too
+        raise ValueError(f"--top-p {args.top_p}: use a nucleus mass in (0, 1]")
+    if args.hr_budget is not None:
+        parse_hr_budget(args.hr_budget, name="--hr-budget")
+    inputs = [args.checkpoint, args.batch, args.image]
+    if args.batch and args.output:
+        check_output_file(args.output, sources=inputs, flag="--output")
+    if args.save_attention:
+        check_output_dir(args.save_attention, sources=inputs, exist_ok=True, flag="--save-attention")
+
+
+def check_context(cfg: ModelConfig, max_new_tokens: int) -> None:
+    """``--max-new-tokens`` must leave room for a prompt with its image in the model's context."""
+    from flexattn_jax.preprocess import BUCKETS
+
+    least = cfg.num_image_tokens + 2  # BOS, the image, one token of prompt
+    room = min(max(BUCKETS), cfg.text.max_position_embeddings - max_new_tokens)
+    if room < least:
+        most = cfg.text.max_position_embeddings - least
+        raise ValueError(
+            f"--max-new-tokens {max_new_tokens}: the model's context is {cfg.text.max_position_embeddings} tokens "
+            f"(max_position_embeddings) and a prompt with its image needs at least {least}; use at most {most}"
+        )
+
+
+def _generate_config(args: argparse.Namespace, cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with ``--set`` and ``--hr-budget`` applied (validated)."""
+    from flexattn_jax.config import apply_overrides, parse_hr_budget
+
+    cfg = apply_overrides(cfg, list(args.set))
+    if args.hr_budget is not None:
+        cfg = apply_overrides(cfg, {"flex.hr_budget": parse_hr_budget(args.hr_budget, name="--hr-budget")})
+    return cfg
+
+
 def _generate(argv: list[str]) -> int:
-    from convert import load_converted
-    from flexattn_jax.config import apply_overrides
+    from convert import load_converted, read_config
     from flexattn_jax.inference import Request, answer, check_batch_size
     from flexattn_jax.sharding import make_mesh, replicated
-    from flexattn_jax.tokenizer import load_tokenizer
+    from flexattn_jax.tokenizer import check_tokenizer_vocab, load_tokenizer
 
     args = generate_parser().parse_args(argv)
-    if args.image and args.prompt is None:
-        print("error: --image needs --prompt", file=sys.stderr)
-        return 2
-    if args.max_new_tokens < 1:
-        print(f"error: --max-new-tokens {args.max_new_tokens} must be at least 1", file=sys.stderr)
-        return 2
-    try:
+    try:  # every check that can fail runs before the parameters are restored
+        check_generate_args(args)
+        cfg = _generate_config(args, read_config(args.checkpoint))
+        check_context(cfg, args.max_new_tokens)
+        tokenizer = load_tokenizer(args.checkpoint)
+        check_tokenizer_vocab(tokenizer, cfg.text.vocab_size)
         requests = [Request(args.image, args.prompt)] if args.image else read_batch(args.batch)
         try:
             mesh = None if args.mesh is None else make_mesh(args.mesh)
@@ -146,12 +199,8 @@ def _generate(argv: list[str]) -> int:
             raise ValueError(f"--mesh {args.mesh!r}: {e}") from e
         check_batch_size(mesh, args.batch_size)
         params, cfg = load_converted(args.checkpoint, dtype=args.dtype, sharding=None if mesh is None else replicated(mesh))
-        overrides = list(args.set)
-        if args.hr_budget is not None:
-            overrides.append(f"flex.hr_budget={'None' if args.hr_budget == 'all' else args.hr_budget}")
-        cfg = apply_overrides(cfg, overrides)
-        tokenizer = load_tokenizer(args.checkpoint)
-    except (ValueError, OSError) as e:  # ConvertError, ShardingError, ConfigError are ValueErrors
+        cfg = _generate_config(args, cfg)
+    except (ValueError, OSError) as e:  # ConvertError, ShardingError, ConfigError, OutputPathError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     stats: dict = {}

@@ -107,7 +107,10 @@ def parse_mesh_spec(spec: str | Mapping[str, int] | Sequence[int] | None, num_de
             except ValueError as e:
                 raise ShardingError(f"mesh spec {spec!r}: size of {k.strip()!r} is not an integer") from e
     else:
-        values = [int(x) for x in (spec.split(",") if isinstance(spec, str) else spec)]
+        try:
+            values = [int(x) for x in (spec.split(",") if isinstance(spec, str) else spec)]
+        except (TypeError, ValueError) as e:
+            raise ShardingError(f"mesh spec {spec!r} is not axis=size pairs (e.g. data=2,fsdp=4) nor sizes (e.g. 2,4,1)") from e
         if len(values) > len(MESH_AXES):
             raise ShardingError(f"mesh spec {spec!r} has more than {len(MESH_AXES)} sizes")
         sizes = dict(zip(MESH_AXES, values, strict=False))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -84,6 +85,36 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, path: str | Path) -> Path
     return path
 
 
+class TokenizerError(ValueError):
+    """A tokenizer is missing, unreadable or does not fit the model; the message names the directory."""
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tiktoken.model")
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    """``AutoTokenizer.from_pretrained(path, local_files_only=True)``."""
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    """``AutoTokenizer.from_pretrained(path, local_files_only=True)``; a missing or broken tokenizer names ``path``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise TokenizerError(f"tokenizer directory {path} does not exist")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise TokenizerError(f"{path}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # transformers raises ValueError/OSError/ImportError with advice unrelated to the cause
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise TokenizerError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {first})") from e
+
+
+def check_tokenizer_vocab(tokenizer: Any, vocab_size: int) -> None:
+    """Every id the tokenizer can produce must have an embedding row: ``len(tokenizer) <= vocab_size``.
+
+    A larger tokenizer would index past the embedding (garbage, or a crash on device). Used by
+    ``generate`` and ``train`` alike.
+    """
+    n = len(tokenizer)
+    if n > vocab_size:
+        raise TokenizerError(
+            f"the tokenizer has {n} tokens but the model's vocabulary has {vocab_size} (text.vocab_size): "
+            "wrong tokenizer for this checkpoint?"
+        )

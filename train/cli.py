@@ -252,7 +252,10 @@ def run(a: argparse.Namespace) -> int:
 
         check_output_dir(a.out, sources=(a.checkpoint, a.images or None, a.tokenizer, a.config_json, a.data),
                          exist_ok=True, flag="--out")
-    mesh = S.make_mesh(a.mesh)
+    try:
+        mesh = S.make_mesh(a.mesh)
+    except ValueError as e:
+        raise ConfigError(f"--mesh {a.mesh!r}: {e}") from e
     _say(f"{describe()}; mesh {S.mesh_summary(mesh)}")
     recipe = a.recipe if a.recipe != "auto" else ("release" if a.checkpoint else "none")
     if a.checkpoint:

@@ -31,6 +31,7 @@ from PIL import Image
 from flexattn_jax.config import IGNORE_INDEX, ModelConfig
 from flexattn_jax.preprocess import IMAGE_PLACEHOLDER, PreprocessError, bucket_length, load_image, pad_batch, preprocess_image
 from flexattn_jax.selection import margin_patches
+from flexattn_jax.tokenizer import check_tokenizer_vocab
 from train.config import DataConfig
 
 
@@ -382,9 +383,10 @@ class TrainData:
         self.records = list(read_records(dcfg.data) if records is None else records)
         if not self.records:
             raise DataError(f"{dcfg.data or 'records'}: no samples")
-        vocab = len(tokenizer)
-        if vocab > cfg.text.vocab_size:
-            raise DataError(f"the tokenizer has {vocab} tokens but the model's vocab_size is {cfg.text.vocab_size}")
+        try:
+            check_tokenizer_vocab(tokenizer, cfg.text.vocab_size)
+        except ValueError as e:
+            raise DataError(str(e)) from e
         self.batch_size, self.grad_accum = batch_size, grad_accum
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
