@@ -257,7 +257,8 @@ def run(
 
 def build_parser(prog: str = "flexattn-jax demo") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    p.add_argument("--out", default="demo_out", help="output directory: new, empty or an earlier demo's (it replaces pretrain/, "
+                   "finetune/ and model/ there; default: demo_out)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model and the data (default: 0)")
     p.add_argument("--quick", action="store_true",
                    help=f"smaller budget, under 3 minutes on 2 cores ({QUICK.pretrain_steps} + {QUICK.finetune_steps} steps, "
