@@ -85,9 +85,11 @@ def ckpt_args(root: Path, out: Path) -> list[str]:
 # (name, command builder (root, out) -> argv, out path (relative to root; None = a fresh 'out'), status,
 #  fragments the one error line must contain ('{root}' is replaced))
 CASES = [
-    ("all samples bad (images missing): exit 2 as --help says", lambda r, o: ["train", *base_args(r, o, "missing_images.json")],
+    ("all samples bad (images missing): exit 2 as --help says",
+     lambda r, o: ["train", *base_args(r, o, "missing_images.json"), "--steps", "2"],
      None, 2, ["missing_images.json", "gave no batch", "image", "gone/"]),
-    ("--on-error raise on a bad sample", lambda r, o: ["train", *base_args(r, o, "missing_images.json"), "--on-error", "raise"],
+    ("--on-error raise on a bad sample",
+     lambda r, o: ["train", *base_args(r, o, "missing_images.json"), "--steps", "2", "--on-error", "raise"],
      None, 2, ["gone/", "on_error='raise'"]),
     ("--data missing", lambda r, o: ["train", *base_args(r, o, "nope.json")], None, 2, ["data file not found", "nope.json"]),
     ("--data malformed JSON", lambda r, o: ["train", *base_args(r, o, "malformed.json")], None, 2,
