@@ -21,9 +21,9 @@ Defaults reproduce the FlexAttention release's recipe (scripts/train/llava-v1.5-
 1.0, max length 2048, length-grouped batches, vision tower frozen, projector + LLM (with the new
 *_hr kernels) trained; with --checkpoint the model gets FlexAttention at zoom 3 (1008 px images),
 threshold 48 and alpha warm-up 10 (--recipe release; --recipe none keeps the checkpoint's config).
-A plain LLaVA-1.5 checkpoint gets its *_hr kernels (k_proj_hd, v_proj_hd) as copies of k/v (--hr-init
-copy, the default, as the demo: fewer steps to a given loss, see bench/hr_init.py) or N(0, 0.02)
-(--hr-init random, the release's HF loader init).
+A plain LLaVA-1.5 checkpoint gets its *_hr kernels (k_proj_hd, v_proj_hd) as copies of k/v
+(--hr-init copy, the default, as in the demo) or N(0, 0.02) (--hr-init random, the release's HF
+loader init); bench/hr_init.py compares the two on the demo's task.
 
 Data: a JSON list (or .jsonl) of {"id", "image" (relative to --images; omit for text-only),
 "conversations": [{"from": "human"|"gpt", "value"}]} rendered with the Vicuna v1 template; only the
