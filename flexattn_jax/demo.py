@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from flexattn_jax.tokenizer import IMAGE_ID, build_tokenizer
 from flexattn_jax.visualize import answer_maps, mask_layer, save_grid
 
 OBJECT_PX = (18, 24)  # the patterned square's side at 168 px: one to four HR tokens, a blur at 56 px
+MARKER = ".flexattn-jax-demo"  # written into --out: a directory the demo may rewrite (its stages, model/)
 
 
 def tiny_config(vocab_size: int) -> ModelConfig:
@@ -72,6 +74,14 @@ FULL = Budget()
 QUICK = Budget(pretrain_steps=150, finetune_steps=250, pretrain_samples=1024, finetune_samples=1024, test_samples=32)
 
 
+def splits(cfg: ModelConfig, budget: Budget, seed: int) -> tuple[list, list, list]:
+    """The demo's data: 56 px close-ups (pretraining), 168 px fine-tuning and held-out test items."""
+    close_ups = make_split(1000 + seed, budget.pretrain_samples, hr_size=cfg.vision.image_size, obj_px=OBJECT_PX)
+    train_items = make_split(2000 + seed, budget.finetune_samples, hr_size=cfg.image_size, obj_px=OBJECT_PX)
+    test_items = make_split(3000 + seed, budget.test_samples, hr_size=cfg.image_size, obj_px=OBJECT_PX)
+    return close_ups, train_items, test_items
+
+
 def modes(cfg: ModelConfig) -> dict[str, ModelConfig]:
     """The three evaluated variants of one trained model."""
     flex = cfg.flex
@@ -89,8 +99,10 @@ def _records(items) -> list[dict[str, Any]]:
     ]
 
 
-def _train_stage(name, cfg, params, items, steps, lr, trainable, tokenizer, budget, out, progress):
-    """One stage with the project's train loop; checkpoints and metrics under ``out/name``."""
+def train_stage(name, cfg, params, items, steps, lr, trainable, tokenizer, budget, out, progress):
+    """One stage with the project's train loop; checkpoints and metrics under ``out/name``.
+
+    Returns ``(params, summary, records)`` (the per-step metric records of :func:`train.loop.train`)."""
     from train.config import DataConfig, TrainConfig
     from train.data import TrainData
     from train.loop import summarize, train
@@ -109,7 +121,7 @@ def _train_stage(name, cfg, params, items, steps, lr, trainable, tokenizer, budg
     t0 = time.perf_counter()
     params, records = train(cfg, params, data, tcfg, out_dir=stage_dir, resume=False, data_config=dcfg, log=progress)
     summary = {**summarize(records), "seconds": time.perf_counter() - t0, "checkpoint": str(stage_dir / "checkpoints")}
-    return params, summary
+    return params, summary, records
 
 
 def _flops_per_sample(params, cfg: ModelConfig, ids_len: int) -> float:
@@ -138,29 +150,69 @@ def _save_attention_png(path: Path, items, answers, cfg: ModelConfig, n: int = 6
     )
 
 
+def environment() -> dict[str, Any]:
+    """What the demo's figures depend on beyond the seed: float results (so the trained model and its
+    accuracies) change with the device count and the CPU cores XLA may use (reduction order), and with
+    the library versions; two runs agree bitwise when all of these agree."""
+    import os
+    import platform
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count()
+    return {"jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", None) or _version("jaxlib"),
+            "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind, "cpu_cores_usable": cores,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "machine": platform.machine(), "processor": platform.processor(),
+            "transformers": _version("transformers"), "numpy": np.__version__}
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """``--out`` before any work: writable, not a file, and either new, empty or an earlier demo's output.
+
+    The demo replaces ``pretrain/``, ``finetune/`` and ``model/`` inside it, so an existing directory
+    with other contents (``--out ~``, a dataset) is refused rather than partly deleted.
+    """
+    from flexattn_jax.paths import OutputPathError, check_output_dir
+
+    out = check_output_dir(out_dir, exist_ok=True, flag="--out")
+    if out.is_dir() and any(out.iterdir()) and not ((out / MARKER).exists() or (out / "report.json").is_file()):
+        raise OutputPathError(f"--out {out_dir} is a non-empty directory that is not a demo output; the demo replaces "
+                              "pretrain/, finetune/ and model/ in it: choose a new or empty directory")
+    return out
+
+
 def run(
     out_dir: str | Path = "demo_out", seed: int = 0, quick: bool = False, budget: Budget | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Pretrain, fine-tune, evaluate in three modes, write ``attention.png`` and ``report.json``; return the report."""
     t_start = time.perf_counter()
     budget = budget or (QUICK if quick else FULL)
-    out = Path(out_dir)
+    out = check_out_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by flexattn-jax demo; it may replace pretrain/, finetune/ and model/ here\n")
     tokenizer = build_tokenizer()
     cfg = tiny_config(len(tokenizer))
     lr_cfg = dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, enabled=False))  # plain LLaVA at 56 px
 
     t0 = time.perf_counter()
-    close_ups = make_split(1000 + seed, budget.pretrain_samples, hr_size=lr_cfg.image_size, obj_px=OBJECT_PX)
-    train_items = make_split(2000 + seed, budget.finetune_samples, hr_size=cfg.image_size, obj_px=OBJECT_PX)
-    test_items = make_split(3000 + seed, budget.test_samples, hr_size=cfg.image_size, obj_px=OBJECT_PX)
+    close_ups, train_items, test_items = splits(cfg, budget, seed)
     data_seconds = time.perf_counter() - t0
 
     params = init_params(lr_cfg, jax.random.key(seed))
-    params, pretrain = _train_stage("pretrain", lr_cfg, params, close_ups, budget.pretrain_steps, 1e-3, "all",
+    params, pretrain, _ = train_stage("pretrain", lr_cfg, params, close_ups, budget.pretrain_steps, 1e-3, "all",
                                     tokenizer, budget, out, progress)
     params = add_hr_projections(jax.device_get(params))
-    params, finetune = _train_stage("finetune", cfg, params, train_items, budget.finetune_steps, 2e-3, "projector,llm",
+    params, finetune, _ = train_stage("finetune", cfg, params, train_items, budget.finetune_steps, 2e-3, "projector,llm",
                                     tokenizer, budget, out, progress)
 
     from convert import write_model
@@ -173,7 +225,8 @@ def run(
     ids_len = 64  # the prompt bucket of every demo question
     report: dict[str, Any] = {
         "trained": True, "classes": list(CLASSES), "chance": 1 / len(CLASSES), "n_test": len(test_items),
-        "devices": jax.device_count(), "budget": dataclasses.asdict(budget), "data_seconds": data_seconds,
+        "devices": jax.device_count(), "environment": environment(), "budget": dataclasses.asdict(budget),
+        "data_seconds": data_seconds,
         "stages": {"pretrain": pretrain, "finetune": finetune}, "model": str(model_dir), "modes": {},
     }
     flex_answers = None
@@ -204,7 +257,8 @@ def run(
 
 def build_parser(prog: str = "flexattn-jax demo") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    p.add_argument("--out", default="demo_out", help="output directory: new, empty or an earlier demo's (it replaces pretrain/, "
+                   "finetune/ and model/ there; default: demo_out)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model and the data (default: 0)")
     p.add_argument("--quick", action="store_true",
                    help=f"smaller budget, under 3 minutes on 2 cores ({QUICK.pretrain_steps} + {QUICK.finetune_steps} steps, "
@@ -231,5 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     batch = overrides.get("batch_size", budget.batch_size)
     if batch % jax.device_count():
         raise SystemExit(f"error: --batch-size {batch} is not a multiple of the {jax.device_count()} devices")
+    from flexattn_jax.paths import OutputPathError
+
+    try:
+        check_out_dir(args.out)
+    except OutputPathError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     run(args.out, seed=args.seed, budget=dataclasses.replace(budget, **overrides))
     return 0

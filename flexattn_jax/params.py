@@ -111,17 +111,33 @@ def count_params(params: Params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-def add_hr_projections(params: Params) -> Params:
-    """A FlexAttention tree from a plain LLaVA one: ``k_hr`` / ``v_hr`` start as copies of ``k`` / ``v``.
+HR_INITS = ("copy", "random")
 
-    The HR keys and values then begin as what the pretrained layers would compute for those image
-    tokens in the sequence, so fine-tuning starts from a model that can already read them (the
-    release leaves ``k_proj_hd`` / ``v_proj_hd`` at the loader's random init). Returns a new tree;
-    existing ``k_hr`` / ``v_hr`` are an error rather than silently overwritten.
+
+def add_hr_projections(params: Params, init: str = "copy", key: jax.Array | None = None, std: float = 0.02) -> Params:
+    """A FlexAttention tree from a plain LLaVA one: adds ``k_hr`` / ``v_hr`` (FlexAttention's ``k_proj_hd`` / ``v_proj_hd``).
+
+    ``init='copy'`` (default) starts them as copies of ``k`` / ``v``: the HR keys and values then begin as
+    what the pretrained layers would compute for those image tokens in the sequence, so fine-tuning
+    starts from a model that can already read them (the release's dropped preparation script did this;
+    ``bench/hr_init.py`` measures the difference). ``init='random'`` draws N(0, ``std``) from ``key``, the
+    release's HF loader init. Returns a new tree; existing ``k_hr`` / ``v_hr`` are an error rather than
+    silently overwritten. Jittable (``init`` static), e.g. with ``out_shardings`` for a sharded tree.
     """
+    if init not in HR_INITS:
+        raise ValueError(f"unknown HR projection init {init!r}; choose one of {', '.join(HR_INITS)}")
     attn = params["text"]["layers"]["attn"]
     if "k_hr" in attn or "v_hr" in attn:
         raise ValueError("params already have text/layers/attn/k_hr and v_hr")
-    new_attn = {**attn, "k_hr": {"kernel": jnp.array(attn["k"]["kernel"])}, "v_hr": {"kernel": jnp.array(attn["v"]["kernel"])}}
+    k, v = attn["k"]["kernel"], attn["v"]["kernel"]
+    if init == "copy":
+        k_hr, v_hr = jnp.array(k), jnp.array(v)
+    else:
+        if key is None:
+            raise ValueError("init='random' needs a key")
+        kk, kv = jax.random.split(key)
+        k_hr = (std * jax.random.normal(kk, k.shape, jnp.float32)).astype(k.dtype)
+        v_hr = (std * jax.random.normal(kv, v.shape, jnp.float32)).astype(v.dtype)
+    new_attn = {**attn, "k_hr": {"kernel": k_hr}, "v_hr": {"kernel": v_hr}}
     layers = {**params["text"]["layers"], "attn": new_attn}
     return {**params, "text": {**params["text"], "layers": layers}}

@@ -11,6 +11,7 @@ from flexattn_jax.demo_data import make_split
 def _check_outputs(out, n_test):
     report = json.loads((out / "report.json").read_text())
     assert report["trained"] is True and report["n_test"] == n_test
+    assert report["environment"]["devices"] == report["devices"] and report["environment"]["cpu_cores_usable"] >= 1
     assert set(report["modes"]) == {"flexattention", "lr-only", "random-selection"}
     for row in report["modes"].values():
         assert 0.0 <= row["accuracy"] <= 1.0 and row["tokens_per_s"] > 0 and row["flops_per_sample_prefill"] > 0
@@ -30,6 +31,7 @@ def test_demo_reduced_budget_writes_report_png_and_model(tmp_path, capsys):
     assert main(args) == 0
     report = _check_outputs(out, 8)
     assert report["budget"]["finetune_steps"] == 3 and report["budget"]["batch_size"] == 16
+    assert (out / ".flexattn-jax-demo").is_file()  # a later demo may rewrite this directory
     assert "flexattention" in capsys.readouterr().out
     # the saved model answers through the generate command
     image, question, _, _ = make_split(5, 1, hr_size=168, obj_px=(18, 24))[0]

@@ -55,8 +55,9 @@ def test_recipe_and_errors(tmp_path, capsys):
     assert "unknown config field 'nope'" in capsys.readouterr().err
 
 
-def test_train_from_converted_llava_gets_hr_kernels(tmp_path):
-    """A converted plain LLaVA checkpoint + --recipe release: FlexAttention on, new *_hr kernels, one step."""
+def test_train_from_converted_llava_gets_hr_kernels(tmp_path, capsys):
+    """A converted plain LLaVA checkpoint + --recipe release: FlexAttention on, new *_hr kernels (copies of k/v by
+    default), one step."""
     import json
 
     import numpy as np
@@ -80,6 +81,7 @@ def test_train_from_converted_llava_gets_hr_kernels(tmp_path):
             "--max-len", "64", "--batch-size", "8", "--steps", "30", "--stop-at", "1", "--lr", "1e-2", "--adam-eps", "1e-3",
             "--warmup-steps", "0", "--mesh", "data=8", "--out", str(out), "--no-progress", "--no-tensorboard"]
     assert main(argv) == 0
+    assert "initialised 2 FlexAttention kernels as copies of k/v (--hr-init copy)" in capsys.readouterr().out
     with Checkpointer(out / "checkpoints") as ck:
         meta = ck.read_meta()
     assert meta["recipe"] == "release" and meta["model_config"]["flex"]["enabled"]

@@ -7,12 +7,19 @@
 Restore goes through abstract targets (``ShapeDtypeStruct`` with the *target* ``NamedSharding``), so a
 run saved on one mesh resumes on another. A save is atomic: a step directory exists only once its
 write finished, so a process killed mid-save leaves the previous step as the latest.
+
+A step damaged after its save (truncated array data, a missing ``_METADATA``, bad JSON) is skipped
+by :meth:`Checkpointer.restore_latest`, which falls back to the newest step that restores and moves
+the damaged directory aside (``<step>.corrupt``: kept for inspection, out of the step list). A step
+whose arrays do not fit the model (a changed ``--set``) is a :class:`CheckpointMismatch` naming the
+parameter, both shapes and the config settings that differ, not a fall-back.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 from jaxtyping import PyTree
 
-from flexattn_jax.config import ModelConfig
+from flexattn_jax.config import ConfigError, ModelConfig
 
 try:  # the converter records its version; reuse it when available
     from convert import CONVERTER_VERSION
@@ -29,6 +36,15 @@ except Exception:  # noqa: BLE001 - convert is optional for training from random
     CONVERTER_VERSION = None
 
 CHECKPOINT_FORMAT = "flexattn-jax-train/1"
+CORRUPT_SUFFIX = ".corrupt"
+
+
+class CheckpointMismatch(ConfigError):
+    """A checkpoint's arrays do not fit the model being trained (the message names parameter and settings)."""
+
+
+class NoUsableCheckpoint(ConfigError):
+    """Every step under the checkpoint directory is damaged (the message names each and why)."""
 
 
 class Checkpointer:
@@ -90,6 +106,83 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         return out["state"], dict(out["meta"])
 
+    def stored_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+        """``{'params/text/...': shape}`` of the state saved at ``step`` (read from its ``_METADATA``)."""
+        meta = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+        tree = getattr(meta, "item_metadata", meta)
+        return {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(x, "shape")}
+
+    def check_fits(self, abstract_state: PyTree, step: int, meta: dict[str, Any], cfg: ModelConfig | None = None) -> None:
+        """Raise :class:`CheckpointMismatch` when ``step``'s arrays differ from ``abstract_state`` in name or shape."""
+        stored = self.stored_shapes(step)
+        want = {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+        problems = [(k, stored.get(k), v) for k, v in want.items() if stored.get(k) != v]
+        problems += [(k, v, None) for k, v in stored.items() if k not in want]
+        if not problems:
+            return
+        problems.sort(key=lambda x: (not x[0].startswith("params/"), x[0]))  # parameters before optimizer state
+        name, there, here = problems[0]
+        what = (f"{name} is {there} there, {here} here" if there is not None and here is not None
+                else f"{name} is missing there" if there is None else f"{name} is not in this model")
+        settings = config_diff(meta.get("model_config"), cfg.to_dict() if cfg is not None else None)
+        why = f"; the model config differs in {', '.join(settings)}" if settings else ""
+        more = f" (and {len(problems) - 1} more arrays)" if len(problems) > 1 else ""
+        raise CheckpointMismatch(
+            f"checkpoint {self.directory / str(step)} does not fit this model: {what}{more}{why}; resume with the "
+            "settings it was saved with (same --config-json/--set/--recipe), or train into a new --out"
+        )
+
+    def restore_latest(
+        self, abstract_state: PyTree, data_iterator: Any = None, cfg: ModelConfig | None = None, say: Any = None
+    ) -> tuple[PyTree, dict[str, Any]]:
+        """``(state, meta)`` of the newest step that restores, falling back past damaged ones.
+
+        Each damaged step (unreadable metadata, JSON or array data) newer than the restored one is
+        reported through ``say`` (default ``warnings.warn``) with its directory and the reason, and renamed
+        ``<step>.corrupt`` (process 0) so that the run's next saves do not collide with it. A step that
+        does not fit the model raises :class:`CheckpointMismatch`; no restorable step at all raises
+        :class:`NoUsableCheckpoint` and renames nothing.
+        """
+        say = say or (lambda m: warnings.warn(m, stacklevel=3))
+        skipped: list[tuple[Path, str]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            d = self.directory / str(step)
+            try:
+                meta = self.read_meta(step)
+                self.stored_shapes(step)
+            except Exception as e:  # noqa: BLE001 - any unreadable metadata makes the step unusable
+                skipped.append((d, _reason(e)))
+                continue
+            self.check_fits(abstract_state, step, meta, cfg)
+            try:
+                out = self.restore(abstract_state, step, data_iterator)
+            except Exception as e:  # noqa: BLE001 - TensorStore/OCDBT read errors on damaged array data
+                skipped.append((d, _reason(e)))
+                continue
+            for bad, reason in skipped:
+                say(f"skipped damaged checkpoint {bad}: {reason}; {self._move_aside(bad)}; resuming from step {step}")
+            if skipped:
+                self.manager.reload()
+            return out
+        listed = "; ".join(f"{d.name}: {r}" for d, r in skipped) or "none"
+        raise NoUsableCheckpoint(f"no usable checkpoint under {self.directory} ({listed}); move the damaged steps away "
+                                 "to start over, or train into a new --out")
+
+    @staticmethod
+    def _move_aside(d: Path) -> str:
+        """Rename a damaged step ``<step>.corrupt`` (kept, out of orbax's step list); all processes wait for it."""
+        target = d.with_name(d.name + CORRUPT_SUFFIX)
+        n = 1
+        while target.exists():
+            target, n = d.with_name(f"{d.name}{CORRUPT_SUFFIX}{n}"), n + 1
+        if jax.process_index() == 0:
+            d.rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"move aside {d}")
+        return f"moved to {target}"
+
     def _step(self, step: int | None) -> int:
         if step is None:
             step = self.latest_step()
@@ -122,6 +215,37 @@ def make_meta(cfg: ModelConfig, step: int, *, train_config: dict | None = None, 
     if extra:
         meta.update(extra)
     return meta
+
+
+def config_diff(saved: dict | None, current: dict | None, limit: int = 4) -> list[str]:
+    """``['text.num_heads (checkpoint 4, now 2)', ...]``: the model-config fields that differ."""
+    if not isinstance(saved, dict) or not isinstance(current, dict):
+        return []
+
+    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(saved), flat(current)
+    diff = [f"{k} (checkpoint {a.get(k)!r}, now {b.get(k)!r})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return diff[:limit] + ([f"{len(diff) - limit} more"] if len(diff) > limit else [])
+
+
+def _path(p: Any) -> str:
+    return jax.tree_util.keystr(p, simple=True, separator="/")
+
+
+def _reason(e: BaseException) -> str:
+    """A one-line reason: the exception type and the first line of its message (TensorStore specs are long)."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"bad JSON ({e.msg} at line {e.lineno} column {e.colno})"
+    if isinstance(e, FileNotFoundError):
+        return f"missing file ({e.filename or str(e).splitlines()[0]})" if e.filename else f"missing file: {str(e).splitlines()[0]}"
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = text.split(" See full TensorStore details")[0]
+    return f"{type(e).__name__}: {text[:200]}"
 
 
 def _jsonable(x: Any) -> Any:

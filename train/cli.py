@@ -21,7 +21,9 @@ Defaults reproduce the FlexAttention release's recipe (scripts/train/llava-v1.5-
 1.0, max length 2048, length-grouped batches, vision tower frozen, projector + LLM (with the new
 *_hr kernels) trained; with --checkpoint the model gets FlexAttention at zoom 3 (1008 px images),
 threshold 48 and alpha warm-up 10 (--recipe release; --recipe none keeps the checkpoint's config).
-A plain LLaVA-1.5 checkpoint gets its *_hr kernels initialised N(0, 0.02), as the release's HF init.
+A plain LLaVA-1.5 checkpoint gets its *_hr kernels (k_proj_hd, v_proj_hd) as copies of k/v
+(--hr-init copy, the default, as in the demo) or N(0, 0.02) (--hr-init random, the release's HF
+loader init); bench/hr_init.py compares the two on the demo's task.
 
 Data: a JSON list (or .jsonl) of {"id", "image" (relative to --images; omit for text-only),
 "conversations": [{"from": "human"|"gpt", "value"}]} rendered with the Vicuna v1 template; only the
@@ -37,12 +39,16 @@ Training rows: every answer row is a FlexAttention select row (R = --max-len slo
 at 7B scale cap them with --max-select-rows (the count beyond the cap is logged per step).
 
 Outputs under --out: metrics.jsonl, tensorboard/, checkpoints/<step> (orbax: state, data iterator,
-metadata). Re-running with the same --out resumes from the latest complete checkpoint. Metrics per
+metadata). Re-running with the same --out resumes from the latest complete checkpoint (a damaged one is moved
+to <step>.corrupt, with a warning, and the one before is used; metrics.jsonl is cut back to the
+restored step, the cut lines kept in metrics.superseded.jsonl). --out may not be, contain or lie
+inside an input (--data, --images, --checkpoint, --tokenizer, --config-json). Metrics per
 step: loss (mean token cross-entropy over answer tokens), lr, grad norm, tokens/s (padded tokens),
 TFLOP/s and MFU from an analytic model-FLOP count (see train/metrics.py; MFU needs a known device
 or --peak-tflops).
-Exit status: 0 done, 2 bad config/data/arguments, 3 training diverged (NaN/inf; last good
-checkpoint kept)."""
+Exit status: 0 done, 2 bad config/data/arguments (including data that gave no batch of good
+samples, an unusable --out, a checkpoint that does not fit the model; a run that fails before its
+first step leaves no run directory), 3 training diverged (NaN/inf; last good checkpoint kept)."""
 
 _EXAMPLES = """\
 examples:
@@ -67,6 +73,8 @@ def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     m.add_argument("--recipe", choices=("auto", "release", "none"), default="auto",
                    help="'release': FlexAttention zoom 3, highres 3x lowres, threshold 48, warmup 10; 'none': config as is; "
                    "'auto' (default): release with --checkpoint, none with --init random")
+    m.add_argument("--hr-init", choices=("copy", "random"), default="copy",
+                   help="a plain LLaVA checkpoint's new FlexAttention k_hr/v_hr kernels: copies of k/v (default) or N(0, 0.02)")
     m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model config field, e.g. --set dtype=bfloat16 --set remat_policy=nothing_saveable "
                    "--set flex.hr_budget=0.25 (repeatable; applied after --recipe)")
@@ -187,28 +195,31 @@ def read_model_config(path: str) -> ModelConfig:
     return from_hf_config(d)
 
 
-def add_missing_hr_kernels(params: dict, cfg: ModelConfig, seed: int, shardings: Any = None) -> tuple[dict, list[str]]:
-    """Give a plain LLaVA tree the FlexAttention ``k_hr``/``v_hr`` kernels, N(0, 0.02) (the release's HF init)."""
+def add_missing_hr_kernels(params: dict, cfg: ModelConfig, init: str, seed: int,
+                           shardings: Any = None) -> tuple[dict, list[str]]:
+    """Give a plain LLaVA tree the FlexAttention ``k_hr``/``v_hr`` kernels (``params.add_hr_projections``:
+    ``init`` 'copy' of k/v or 'random' N(0, 0.02)), placed by ``shardings``; returns the tree and the added names."""
     import jax
-    import jax.numpy as jnp
 
-    from flexattn_jax.params import abstract_params, flatten, unflatten
+    from flexattn_jax.params import abstract_params, add_hr_projections, flatten, unflatten
 
     want = flatten(abstract_params(cfg))
     have = flatten(params)
-    added = []
-    key = jax.random.key(seed + 7919)
-    flat_sh = flatten(shardings) if shardings is not None else {}
-    for name, a in want.items():
-        if name in have:
-            continue
-        if not name.endswith(("k_hr/kernel", "v_hr/kernel")):
-            raise ConfigError(f"the checkpoint lacks {name}, which the model config needs")
-        key, sub = jax.random.split(key)
-        init = jax.jit(lambda k, a=a: 0.02 * jax.random.normal(k, a.shape, jnp.float32), out_shardings=flat_sh.get(name))
-        have[name] = init(sub).astype(a.dtype)
-        added.append(name)
-    return unflatten(have), added
+    missing = sorted(set(want) - set(have))
+    if not missing:
+        return params, []
+    hr = [n for n in missing if n.endswith(("k_hr/kernel", "v_hr/kernel"))]
+    if hr != missing or len(hr) != 2:
+        other = next(n for n in missing if n not in hr) if hr != missing else missing[0]
+        raise ConfigError(f"the checkpoint lacks {other}, which the model config needs")
+    dtype = {n: want[n].dtype for n in hr}
+
+    def grow(p: dict, key: jax.Array) -> dict:
+        flat = flatten(add_hr_projections(p, init, key))
+        return unflatten({n: x.astype(dtype[n]) if n in dtype else x for n, x in flat.items()})
+
+    out = jax.jit(grow, out_shardings=shardings, donate_argnums=0)(params, jax.random.key(seed + 7919))
+    return out, hr
 
 
 def _say(msg: str) -> None:
@@ -236,6 +247,11 @@ def run(a: argparse.Namespace) -> int:
         raise ConfigError("give --checkpoint CONVERTED or --init random --config-json FILE")
     if not a.data:
         raise ConfigError("--data is required")
+    if a.out:  # before any work: never write into an input, and fail now rather than after loading
+        from flexattn_jax.paths import check_output_dir
+
+        check_output_dir(a.out, sources=(a.checkpoint, a.images or None, a.tokenizer, a.config_json, a.data),
+                         exist_ok=True, flag="--out")
     try:
         mesh = S.make_mesh(a.mesh)
     except ValueError as e:
@@ -269,9 +285,10 @@ def run(a: argparse.Namespace) -> int:
         shardings = S.param_shardings(abstract_params(cfg), mesh)
         if a.checkpoint:
             params, _ = load_converted(a.checkpoint, sharding=S.param_shardings(abstract_params(base_cfg), mesh))
-            params, added = add_missing_hr_kernels(params, cfg, a.seed, shardings)
+            params, added = add_missing_hr_kernels(params, cfg, a.hr_init, a.seed, shardings)
             if added:
-                _say(f"initialised {len(added)} FlexAttention kernels N(0, 0.02): {', '.join(added)}")
+                how = "as copies of k/v" if a.hr_init == "copy" else "N(0, 0.02)"
+                _say(f"initialised {len(added)} FlexAttention kernels {how} (--hr-init {a.hr_init}): {', '.join(added)}")
         else:
             params = jax.jit(init_params, static_argnums=0, out_shardings=shardings)(cfg, jax.random.key(a.seed))
     abstract = abstract_params(cfg)

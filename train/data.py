@@ -265,6 +265,7 @@ class SkipCounter:
         self.counts: Counter[str] = Counter()
         self.seen = 0
         self.logged = 0
+        self.first: str | None = None  # the first bad sample's message, for "every sample was bad"
 
     def __call__(self, element: dict[str, Any] | BadSample) -> dict[str, Any] | BadSample:
         self.seen += 1
@@ -272,6 +273,7 @@ class SkipCounter:
             if self.dcfg.on_error == "raise":
                 raise DataError(f"{element.message} [{element.reason}] (on_error='raise'; use 'skip' to count and skip)")
             self.counts[element.reason] += 1
+            self.first = self.first or f"{element.message} [{element.reason}]"
             if self.logged < self.dcfg.max_logged_errors:
                 self.logged += 1
                 warnings.warn(f"skipping {element.message} [{element.reason}]", stacklevel=2)

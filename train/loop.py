@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import shutil
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -25,7 +26,7 @@ from flexattn_jax import sharding as S
 from flexattn_jax.config import IGNORE_INDEX, ModelConfig
 from train.checkpoint import Checkpointer, make_meta
 from train.config import DataConfig, TrainConfig
-from train.data import TrainData, learnable_rows
+from train.data import DataError, TrainData, learnable_rows
 from train.metrics import MetricsLogger, device_peak_tflops, train_flops
 from train.optim import total_steps as count_steps
 from train.step import BATCH_KEYS, StepFns, TrainState, global_batch, make_step, split_microbatches
@@ -92,17 +93,37 @@ def _agree_length(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.nda
     return pad_to_length(batch, int(np.max(lengths)), pad_id)
 
 
-def _restore(ckpt: Checkpointer, fns: StepFns, iterator: Any) -> tuple[TrainState, dict[str, Any]]:
-    """Latest state (on this run's mesh) and, when it was saved with as many processes, the data position."""
-    if iterator is not None:
-        saved = ckpt.read_meta().get("process_count", 1)
-        if saved == jax.process_count():
-            return ckpt.restore(fns.abstract_state, data_iterator=iterator)
+def _restore(ckpt: Checkpointer, fns: StepFns, iterator: Any, cfg: ModelConfig, say: Any) -> tuple[TrainState, dict[str, Any]]:
+    """The newest restorable state (on this run's mesh), past damaged steps; the data position too when it
+    was saved with as many processes."""
+    state, meta = ckpt.restore_latest(fns.abstract_state, iterator, cfg, say=say)
+    saved = meta.get("process_count", 1)
+    if iterator is not None and saved != jax.process_count():
         warnings.warn(f"checkpoint written by {saved} processes, running {jax.process_count()}: the data order restarts",
                       stacklevel=3)
-    state, meta = ckpt.restore(fns.abstract_state)
-    meta.pop("data_state", None)
+        meta.pop("data_state", None)
     return state, meta
+
+
+def _existing(out_dir: Path) -> set[str]:
+    """The run directory's entries this run may create ('.' = the directory itself) that exist already."""
+    names = (".", "metrics.jsonl", "metrics.superseded.jsonl", "tensorboard", "checkpoints")
+    return {n for n in names if (out_dir / n).exists()}
+
+
+def _has_steps(directory: Path) -> bool:
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def _remove_created(out_dir: Path, before: set[str]) -> None:
+    """Remove what this run created under ``out_dir`` (nothing that existed before it)."""
+    if "." not in before:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return
+    for n in ("metrics.jsonl", "metrics.superseded.jsonl", "tensorboard", "checkpoints"):
+        if n not in before:
+            p = out_dir / n
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def _cycle(data: Iterable) -> Iterator:
@@ -168,14 +189,17 @@ def train(
         )
     fns = make_step(cfg, tcfg, mesh, total)
     primary = jax.process_index() == 0
-    ckpt = Checkpointer(Path(out_dir) / "checkpoints", keep=tcfg.keep, async_save=tcfg.async_save) if out_dir else None
-    logger = MetricsLogger(out_dir if primary else None, log_every=tcfg.log_every, tensorboard=tcfg.tensorboard,
-                           enabled=log and primary)
+    out = Path(out_dir) if out_dir else None
+    before = _existing(out) if out is not None else set()
+    ckpt = Checkpointer(out / "checkpoints", keep=tcfg.keep, async_save=tcfg.async_save) if out is not None else None
+    logger: MetricsLogger | None = None
     iterator = data.iterator() if is_grain else _cycle(data)
+    finished = False
     try:
         state: TrainState | None = None
         if ckpt is not None and resume and ckpt.latest_step() is not None:
-            state, meta = _restore(ckpt, fns, iterator if is_grain else None)
+            say = (lambda m: print(f"warning: {m}", flush=True)) if log and primary else None
+            state, meta = _restore(ckpt, fns, iterator if is_grain else None, cfg, say)
             if is_grain and meta.get("data_state"):
                 data.counter.load_state(meta["data_state"])
             if log and primary:
@@ -185,16 +209,25 @@ def train(
                 raise ValueError("no parameters and no checkpoint to resume from")
             state = fns.init_state(params)
         start = int(jax.device_get(state.step))
+        logger = MetricsLogger(out_dir if primary else None, log_every=tcfg.log_every, tensorboard=tcfg.tensorboard,
+                               enabled=log and primary, start_step=start)
         if start and not is_grain and isinstance(data, Sequence):  # a list of batches: continue where we stopped
             iterator = itertools.islice(iterator, start, None)
-        return _run(cfg, tcfg, fns, state, start, total, data, iterator, is_grain, ckpt, logger, data_config, extra_meta, log)
+        result = _run(cfg, tcfg, fns, state, start, total, data, iterator, is_grain, ckpt, logger, data_config, extra_meta, log)
+        finished = True
+        return result
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
         if ckpt is not None:
             ckpt.close()
         close = getattr(iterator, "close", None)
         if is_grain and callable(close):  # stop grain's prefetch threads / worker processes
             close()
+        # a run that failed before producing anything (bad data, a bad checkpoint) leaves no empty run directory
+        if not finished and out is not None and primary and not (logger is not None and logger.written) \
+                and not _has_steps(out / "checkpoints"):
+            _remove_created(out, before)
 
 
 def _run(cfg, tcfg, fns: StepFns, state, start, total, data, iterator, is_grain, ckpt, logger, data_config, extra_meta, log):
@@ -255,6 +288,12 @@ def _run(cfg, tcfg, fns: StepFns, state, start, total, data, iterator, is_grain,
             try:
                 raw = next(iterator)
             except StopIteration:
+                if s == 0 and is_grain:  # not one good batch in the whole plan
+                    st = data.stats()
+                    why = ", ".join(f"{k} {v}" for k, v in st["skipped"].items()) or "none skipped"
+                    first = f"; first: {data.counter.first}" if data.counter.first else ""
+                    raise DataError(f"{data_config.data if data_config and data_config.data else 'the data'} gave no "
+                                    f"batch of {data.local_batch} good samples ({st['seen']} read, bad: {why}){first}") from None
                 warnings.warn(f"the data ran out after {s} steps (of {total}); stopping", stacklevel=2)
                 break
             extra = {"epoch": int(raw["_epoch"])} if "_epoch" in raw else {}

@@ -84,29 +84,37 @@ def train_flops(cfg: ModelConfig, batch: int, seq_len: int, select_rows: int, vi
 
 
 class MetricsLogger:
-    """Writes step metrics to stdout (every ``log_every`` steps), ``metrics.jsonl`` and TensorBoard."""
+    """Writes step metrics to stdout (every ``log_every`` steps), ``metrics.jsonl`` and TensorBoard.
+
+    ``start_step`` is the step the run starts after (the restored checkpoint's, 0 for a fresh run):
+    records of later steps already in ``metrics.jsonl`` (from a run killed after that checkpoint) are
+    moved to ``metrics.superseded.jsonl``, and TensorBoard purges them, so that each step is logged once.
+    """
 
     def __init__(self, out_dir: str | Path | None, *, log_every: int = 1, tensorboard: bool = True,
-                 stream: TextIO | None = None, enabled: bool = True):
+                 stream: TextIO | None = None, enabled: bool = True, start_step: int = 0):
         self.log_every = max(1, log_every)
         self.stream = stream or sys.stdout
         self.enabled = enabled
         self.jsonl = None
         self.tb = None
+        self.written = False  # whether this logger wrote a record
         if out_dir is not None and enabled:
             out = Path(out_dir)
             out.mkdir(parents=True, exist_ok=True)
+            truncate_metrics(out / "metrics.jsonl", start_step)
             self.jsonl = open(out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(str(out / "tensorboard"))
+                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
     def log(self, record: dict[str, Any], write: Any = None) -> None:
         """Record one step; ``write`` (e.g. ``tqdm.write``) replaces ``print`` for the stdout line."""
         if not self.enabled:
             return
         step = int(record["step"])
+        self.written = True
         if self.jsonl is not None:
             self.jsonl.write(json.dumps(record, default=_num) + "\n")
             self.jsonl.flush()
@@ -128,6 +136,30 @@ class MetricsLogger:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the records of steps <= ``step`` in ``path``; move the others (and unparsable lines, e.g. one cut
+    by a kill) to ``metrics.superseded.jsonl`` beside it. Returns how many lines moved. Atomic (replace)."""
+    if not path.is_file():
+        return 0
+    keep, drop = [], []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            ok = int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        (keep if ok else drop).append(line)
+    if not drop:
+        return 0
+    with open(path.with_name("metrics.superseded.jsonl"), "a", encoding="utf-8") as f:
+        f.writelines(x + "\n" for x in drop)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+    tmp.replace(path)
+    return len(drop)
 
 
 def format_record(r: dict[str, Any]) -> str:
