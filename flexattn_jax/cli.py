@@ -238,11 +238,26 @@ def _generate_config(args: argparse.Namespace, cfg: ModelConfig) -> ModelConfig:
     return cfg
 
 
-def _generate(argv: list[str]) -> int:
-    from convert import load_converted, read_config
-    from flexattn_jax.inference import Request, check_batch_size
-    from flexattn_jax.resume import AnswerLog, ResumeError
+def load_for_inference(checkpoint: str, dtype: str | None, mesh_spec: str | None, batch_size: int):
+    """``(params, cfg, mesh)`` of a converted checkpoint for ``generate`` / ``eval``: the ``--mesh`` (errors name the
+    flag), the batch size checked against its data axis, the parameters replicated over it."""
+    from convert import load_converted
+    from flexattn_jax.inference import check_batch_size
     from flexattn_jax.sharding import make_mesh, replicated
+
+    try:
+        mesh = None if mesh_spec is None else make_mesh(mesh_spec)
+    except ValueError as e:
+        raise ValueError(f"--mesh {mesh_spec!r}: {e}") from e
+    check_batch_size(mesh, batch_size)
+    params, cfg = load_converted(checkpoint, dtype=dtype, sharding=None if mesh is None else replicated(mesh))
+    return params, cfg, mesh
+
+
+def _generate(argv: list[str]) -> int:
+    from convert import read_config
+    from flexattn_jax.inference import Request
+    from flexattn_jax.resume import AnswerLog, ResumeError
     from flexattn_jax.tokenizer import check_tokenizer_vocab, load_tokenizer
 
     args = generate_parser().parse_args(argv)
@@ -254,12 +269,7 @@ def _generate(argv: list[str]) -> int:
         check_tokenizer_vocab(tokenizer, cfg.text.vocab_size)
         lines = iter([(0, Request(args.image, args.prompt))]) if args.image else read_batch(args.batch)
         log = AnswerLog.scan(args.output) if args.resume else None
-        try:
-            mesh = None if args.mesh is None else make_mesh(args.mesh)
-        except ValueError as e:
-            raise ValueError(f"--mesh {args.mesh!r}: {e}") from e
-        check_batch_size(mesh, args.batch_size)
-        params, cfg = load_converted(args.checkpoint, dtype=args.dtype, sharding=None if mesh is None else replicated(mesh))
+        params, cfg, mesh = load_for_inference(args.checkpoint, args.dtype, args.mesh, args.batch_size)
         cfg = _generate_config(args, cfg)
         if args.save_attention:
             Path(args.save_attention).mkdir(parents=True, exist_ok=True)

@@ -127,26 +127,20 @@ def main(argv: list[str] | None = None) -> int:
             raise EvalDataError(f"{args.data}: no {args.task} samples found")
     except (EvalDataError, ValueError) as e:
         return err(str(e))
-    from convert import load_converted
+    from flexattn_jax.cli import load_for_inference
     from flexattn_jax.compile_cache import setup_compile_cache
     from flexattn_jax.config import apply_overrides
-    from flexattn_jax.inference import check_batch_size
-    from flexattn_jax.sharding import make_mesh, replicated
-    from flexattn_jax.tokenizer import load_tokenizer
+    from flexattn_jax.tokenizer import check_tokenizer_vocab, load_tokenizer
 
     setup_compile_cache(args.compile_cache, disabled=args.no_compile_cache)
     try:
-        try:
-            mesh = None if args.mesh is None else make_mesh(args.mesh)
-        except ValueError as e:
-            raise ValueError(f"--mesh {args.mesh!r}: {e}") from e
-        check_batch_size(mesh, args.batch_size)
-        params, cfg = load_converted(args.checkpoint, dtype=args.dtype, sharding=None if mesh is None else replicated(mesh))
+        params, cfg, mesh = load_for_inference(args.checkpoint, args.dtype, args.mesh, args.batch_size)
         cfg = apply_overrides(cfg, list(args.set))
         if args.sweep_budget and not cfg.flex.enabled:
             raise ValueError("--sweep-budget: FlexAttention is off in this checkpoint (no HR budget to sweep)")
         cfgs = [cfg if b is None else apply_overrides(cfg, {"flex.hr_budget": parse_hr_budget(b, name="--hr-budget")}) for b in budgets]
         tokenizer = load_tokenizer(args.checkpoint)
+        check_tokenizer_vocab(tokenizer, cfg.text.vocab_size)
     except (ValueError, OSError) as e:
         return err(str(e))
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
