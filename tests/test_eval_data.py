@@ -74,3 +74,12 @@ def test_vqa_jsonl(tmp_path):
     assert good[0].load_image().size == (40, 30)
     assert bad == {"line3": f"{path} line 3: malformed JSON: Unterminated string starting at (column 50)",
                    "10": f"{path} line 6: field 'answers' must be a string or a non-empty list of strings, got None"}
+
+
+def test_jsonl_line_not_utf8_is_a_bad_sample_and_the_rest_is_read(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_bytes(b'{"image": "a.jpg", "question": "q?", "answers": "yes"}\n\xff\xfe\n\n'
+                     b'{"image": "b.jpg", "question": "r?", "answers": "no"}\n')
+    good, bad = _split(list(read_task("vqa", path)))
+    assert [(s.question, s.answers) for s in good] == [("q?", ("yes",)), ("r?", ("no",))]
+    assert bad == {"line2": f"{path} line 2: not UTF-8 text (invalid start byte at byte 0)"}

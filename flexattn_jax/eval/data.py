@@ -31,6 +31,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -184,6 +185,23 @@ def _textvqa_answers(record: dict, where: str) -> tuple[str, ...]:
     return tuple(answers)
 
 
+def _jsonl_records(path: Path) -> Iterator[tuple[int, str, Any]]:
+    """``(line number, "FILE line N", record)`` of each non-blank line, read lazily; a line that is not UTF-8
+    JSON comes as a :class:`BadSample` naming the file and the line (the other lines are still read)."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path} line {n}"
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+                if not line.strip():
+                    continue
+                yield n, where, json.loads(line)
+            except UnicodeDecodeError as e:
+                yield n, where, BadSample(f"line{n}", f"{where}: not UTF-8 text ({e.reason} at byte {e.start})")
+            except json.JSONDecodeError as e:
+                yield n, where, BadSample(f"line{n}", f"{where}: malformed JSON: {e.msg} (column {e.colno})")
+
+
 def read_textvqa(path: str | Path, images: str | Path | None = None, annotations: str | Path | None = None) -> Iterator[Item]:
     """TextVQA val from the official JSON, or from LLaVA's OCR JSONL plus the official JSON (``annotations``)."""
     path = Path(path)
@@ -198,14 +216,9 @@ def read_textvqa(path: str | Path, images: str | Path | None = None, annotations
                 table[(str(rec.get("image_id")), rec["question"].lower())] = rec
         if not path.is_file():
             raise EvalDataError(f"TextVQA questions: file not found: {path}")
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield BadSample(f"line{n}", f"{where}: malformed JSON: {e.msg} (column {e.colno})")
+        for n, where, rec in _jsonl_records(path):
+            if isinstance(rec, BadSample):
+                yield rec
                 continue
             sid = str(rec.get("question_id", f"line{n}")) if isinstance(rec, dict) else f"line{n}"
             try:
@@ -249,14 +262,9 @@ def read_vqa(path: str | Path, images: str | Path | None = None) -> Iterator[Ite
     if not path.is_file():
         raise EvalDataError(f"vqa questions: file not found: {path}")
     root = Path(images) if images is not None else path.parent
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield BadSample(f"line{n}", f"{where}: malformed JSON: {e.msg} (column {e.colno})")
+    for n, where, rec in _jsonl_records(path):
+        if isinstance(rec, BadSample):
+            yield rec
             continue
         sid = str(rec.get("question_id", rec.get("id", f"line{n}"))) if isinstance(rec, dict) else f"line{n}"
         try:
