@@ -55,6 +55,7 @@ from flexattn_jax.attention import hr_attention
 from flexattn_jax.config import ModelConfig
 from flexattn_jax.params import abstract_params, init_params
 from flexattn_jax.selection import Selection, rungs_taken, selection_mask
+from flexattn_jax.visualize import save_figure
 
 NAME = "flex-adaptive"
 STRATEGIES = ("project", "cache", "incremental")
@@ -342,12 +343,7 @@ def plot(res: dict, path: str | Path) -> Path:
         ax.set_xlabel("selected fraction of M (largest in the batch)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110, make_parents=True)
 
 
 def format_table(res: dict) -> str:

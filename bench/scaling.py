@@ -24,6 +24,7 @@ from bench.flops import prefill_flops
 from bench.walltime import compile_program, count_flops, time_programs
 from flexattn_jax.config import ModelConfig
 from flexattn_jax.params import init_params
+from flexattn_jax.visualize import save_figure
 
 ZOOMS = (1, 2, 3, 4)
 SCALING_CONFIGS = ("flex-0.1M", "xattn", "hd-seq")
@@ -79,12 +80,7 @@ def plot(entries: list[dict], path: str | Path) -> Path:
     g = entries[0]["hr_tokens"] // entries[0]["zoom"] ** 2
     fig.suptitle(f"One prefill as the HR view grows (LR view fixed): M = 576 z^2 HR tokens at 7B, {g} z^2 at the scaled config",
                  fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110, make_parents=True)
 
 
 def format_table(entries: list[dict]) -> str:

@@ -39,6 +39,17 @@ def answer_maps(answer, cfg: ModelConfig, layer: int | None = None) -> tuple[np.
     return att, mask
 
 
+def save_figure(fig, path: str | Path, *, dpi: float | None = None, make_parents: bool = False) -> Path:
+    """The one way figures are written: tight layout, PNG at ``path`` (its folder made with ``make_parents``), closed."""
+    fig.tight_layout()
+    path = Path(path)
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return path
+
+
 def _pyplot():
     import matplotlib
 
@@ -163,11 +174,7 @@ def save_overlay(
     n_all = 0 if hr_mask is None else int(np.asarray(hr_mask).size)
     draw_selection(ax, None, hr_mask, f"{where}last prompt token's attention; {n_sel} of {n_all} HR tokens selected (outlined)")
     fig.suptitle(title or overlay_title(question, answer), fontsize=9, x=0.02, ha="left")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=dpi)
 
 
 def save_grid(
@@ -190,8 +197,4 @@ def save_grid(
     for j in range(n):
         draw_map(axes[0, j], images[j], image_attention[j], map_titles[j] if map_titles else "", colorbar=False)
         draw_selection(axes[1, j], images[j], hr_masks[j], selection_titles[j] if selection_titles else "")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=dpi)

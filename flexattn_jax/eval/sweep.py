@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flexattn_jax.visualize import save_figure
+
 
 def parse_budgets(text: str) -> list[str]:
     """``"0.05,0.1,0.25,all"`` -> the budget values in order (each as ``--hr-budget`` takes it)."""
@@ -53,8 +55,4 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> 
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
