@@ -30,7 +30,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from bench.common import default_config, tiny_config, variant, with_layers
+from bench.common import default_config, smoke_config, variant, with_layers
 from bench.walltime import compile_program, run_once
 from flexattn_jax import sharding as S
 from flexattn_jax.config import ModelConfig, TextConfig
@@ -165,7 +165,7 @@ def run(smoke: bool = False, repeats: int = 3, batches: tuple[int, ...] = (1, 8)
     if missing:
         raise ValueError(f"attention_impl {missing} not available on {jax.default_backend()}; this backend has {have}")
     if smoke:
-        base = tiny_config("bfloat16")
+        base = smoke_config("bfloat16")
         infer = dict(prompt_len=8, answer_tokens=3)
         train_cfg = with_layers(base, text_layers=2)
         train = dict(seq_len=64, rows=8)

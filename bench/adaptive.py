@@ -9,7 +9,7 @@ dearest branch (the M rung), so FLOPs are counted per rung and mixed:
   projections and attention over K_r keys; only the packing differs: top-k there, a cumsum here),
   counted at 7B shapes (abstract, :func:`bench.flops.prefill_flops` / ``decode_flops``). The
   incremental strategy's decode step is counted on adaptive's own fast path (as
-  :func:`bench.common.counting_config` counts every incremental step: the fallback is the exception). A prefill
+  :func:`flexattn_jax.flops.counting_config` counts every incremental step: the fallback is the exception). A prefill
   whose hierarchical layers take rungs r_1..r_Lh costs the mean over layers of F(K_{r_l}) (F is
   affine in each layer's K); a decode step likewise.
 * **rung mix measured**: the rungs the layers actually take, from the masks of real runs of the
@@ -28,7 +28,7 @@ answer (16 greedy tokens) of ``flex-adaptive`` is checked against ``flex-M``'s.
 Also measured: what per-batch rungs waste against per-sample rungs (a batch of 8 mixed selections),
 and the HR part at training scale (R select rows, K < M): XLA memory analysis of one hierarchical
 layer's HR attention forward + backward at 7B, per-row projection against all M projected once and
-the selection as a mask (what :meth:`flexattn_jax.text.DecoderLayer._attend` does when R x K >= M).
+the selection as a mask (what :meth:`flexattn_jax.hierarchical.DecoderLayer._attend` does when R x K >= M).
 """
 
 from __future__ import annotations
@@ -50,12 +50,12 @@ from bench.flops import decode_flops, prefill_flops
 from bench.memory import memory_stats
 from bench.walltime import Program, time_programs
 from flexattn_jax import generate as G
-from flexattn_jax import text as T
+from flexattn_jax import hierarchical as H
+from flexattn_jax.app.visualize import save_figure
 from flexattn_jax.attention import hr_attention
 from flexattn_jax.config import ModelConfig
 from flexattn_jax.params import abstract_params, init_params
 from flexattn_jax.selection import Selection, rungs_taken, selection_mask
-from flexattn_jax.visualize import save_figure
 
 NAME = "flex-adaptive"
 STRATEGIES = ("project", "cache", "incremental")
@@ -258,7 +258,7 @@ validity: what adaptive runs there, every rung having R x K_r >= M); and their F
     cfg = dataclasses.replace(config or default_config(), dtype="float32", param_dtype="float32")
     cfg = with_budget(cfg, budget)
     t, m, k = cfg.text, cfg.num_hr_tokens, cfg.hr_budget_tokens
-    layer = T.DecoderLayer(cfg)
+    layer = H.DecoderLayer(cfg)
     p_layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), abstract_params(cfg)["text"]["layers"])
     f32, i32 = jnp.float32, jnp.int32
     sds = jax.ShapeDtypeStruct
@@ -270,14 +270,14 @@ validity: what adaptive runs there, every rung having R x K_r >= M); and their F
             if all_tokens:  # the release's K = M: every row over all M tokens, the mask its validity
                 index, valid = jnp.broadcast_to(jnp.arange(m, dtype=i32), (1, rows, m)), selection_mask(Selection(index, valid), m)
             z = jnp.zeros((1, 1), i32)
-            ctx = T.LayerContext(None, None, None, jnp.int32(0), z, z > 0, z[:, 0], jnp.zeros((1, 2), i32), jnp.float32(1),
+            ctx = H.LayerContext(None, None, None, jnp.int32(0), z, z > 0, z[:, 0], jnp.zeros((1, 2), i32), jnp.float32(1),
                                  feats, cos, sin, None)
             sel = Selection(index, valid)
             if per_row:
-                k_hr, v_hr = layer.apply({"params": p}, index, ctx, method=T.DecoderLayer._project)
+                k_hr, v_hr = layer.apply({"params": p}, index, ctx, method=H.DecoderLayer._project)
                 o, lse = hr_attention(q, k_hr, v_hr, valid)
             else:
-                o, lse = layer.apply({"params": p}, q, sel, ctx, None, method=T.DecoderLayer._attend)
+                o, lse = layer.apply({"params": p}, q, sel, ctx, None, method=H.DecoderLayer._attend)
             return jnp.sum(o) + jnp.sum(lse)
 
         return jax.grad(f, argnums=(0, 1, 2))

@@ -130,13 +130,13 @@ def run(quick: bool, out: Path | None, threads: int | None, skip_torch: bool, re
     ``tiny``: the tests' tiny model in place of the 7B and scaled shapes (a smoke test of the command).
     """
     from bench import adaptive, flops, memory, scaling, walltime
-    from bench.common import hr_strategies, tiny_config
+    from bench.common import hr_strategies, smoke_config
 
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if progress else (lambda s: None)
     t0 = time.perf_counter()
     results: dict = {"command": command, "quick": quick, "machine": _machine(threads), "strategies": list(hr_strategies())}
-    big = dict(config=tiny_config(), prompt_len=8, answer_tokens=4) if tiny else {}
-    small = dict(config=tiny_config("float32"), prompt_len=8, answer_tokens=4) if tiny else {}
+    big = dict(config=smoke_config(), prompt_len=8, answer_tokens=4) if tiny else {}
+    small = dict(config=smoke_config("float32"), prompt_len=8, answer_tokens=4) if tiny else {}
     small_np = {k: v for k, v in small.items() if k != "answer_tokens"}
     if not quick and not skip_torch:
         from bench.torch_compare import _torch_modules
@@ -169,7 +169,7 @@ def run(quick: bool, out: Path | None, threads: int | None, skip_torch: bool, re
         log("== memory at 7B shapes")
         results["memory_7b"] = memory.memory_table(batches=(1, 8), progress=progress, **big)
         log("== the adaptive HR budget: cost against the selected fraction")
-        tiny_ad = dict(config_7b=tiny_config(), config_scaled=tiny_config("float32"), prompt_len_7b=8, answer_tokens=4,
+        tiny_ad = dict(config_7b=smoke_config(), config_scaled=smoke_config("float32"), prompt_len_7b=8, answer_tokens=4,
                        margins=(0, 1, 2), training_rows=4) if tiny else {}
         results["adaptive"] = adaptive.adaptive_table(repeats=repeats or 5, progress=progress, log=log, **tiny_ad)
     results["goals"] = goals(results)

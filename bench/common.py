@@ -15,11 +15,10 @@ Programs: ``prefill`` (prompt -> decode state and the greedy first answer token:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import statistics
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -29,6 +28,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from flexattn_jax import generate as G
 from flexattn_jax.config import FlexConfig, ModelConfig, TextConfig, VisionConfig
+from flexattn_jax.flops import counting_config
 
 SDS = jax.ShapeDtypeStruct
 
@@ -71,8 +71,8 @@ def scaled_config() -> ModelConfig:
     )
 
 
-def tiny_config(dtype: str = "bfloat16") -> ModelConfig:
-    """A small config for tests (fast compiles)."""
+def smoke_config(dtype: str = "bfloat16") -> ModelConfig:
+    """A small config for the benchmarks' smoke runs (``--tiny``/``--smoke``: fast compiles)."""
     return ModelConfig(
         vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2, image_size=28, patch_size=7),
         text=TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16),
@@ -171,26 +171,9 @@ def variants(base: ModelConfig, configs: tuple[str, ...] | None = None, strategi
     return out
 
 
-def counting_config(cfg: ModelConfig, phase: str) -> ModelConfig:
-    """The config whose compile is counted for ``phase`` ('prefill' or 'step').
-
-    XLA's cost analysis takes a ``lax.cond`` as its most expensive branch. The incremental
-    strategy's decode step has one: the fast path (project the few newly selected cells) or the
-    fallback (project all K), the exception at run time; so a step is counted with the fast path
-    alone (``flex.hr_cache_fallback=False``, when the config has that switch). A prefill starts
-    from an empty cache, where every selected token is new and the fallback is what runs: it is
-    counted as compiled.
-    """
-    if phase not in ("prefill", "step"):
-        raise ValueError(f"phase={phase!r}: use 'prefill' or 'step'")
-    if phase == "step" and any(f.name == "hr_cache_fallback" for f in dataclasses.fields(cfg.flex)):
-        return dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, hr_cache_fallback=False))
-    return cfg
-
-
 def for_counting(v: Variant, phase: str) -> Variant:
-    """``v`` as counted for ``phase``, its layers unrolled (cost analysis counts a loop body once)."""
-    return dataclasses.replace(v, cfg=counting_config(dataclasses.replace(v.cfg, scan_layers=False), phase))
+    """``v`` as counted for ``phase`` (:func:`flexattn_jax.flops.counting_config`: layers unrolled, the step's fast path)."""
+    return dataclasses.replace(v, cfg=counting_config(v.cfg, phase))
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -268,44 +251,6 @@ def max_len(v: Variant, prompt_len: int, answer_tokens: int) -> int:
 
 
 # ---- cost analysis -----------------------------------------------------------------------------
-
-def _unrolled_map(f, xs, *args, **kwargs):
-    """``lax.map`` as a Python loop: the traced program has every iteration (for cost analysis)."""
-    if args or kwargs.get("batch_size"):
-        raise TypeError("the unrolled lax.map supports map(f, xs) only")
-    n = jax.tree.leaves(xs)[0].shape[0]
-    outs = [f(jax.tree.map(lambda a, i=i: a[i], xs)) for i in range(n)]
-    return jax.tree.map(lambda *ys: jnp.stack(ys), *outs)
-
-
-@contextlib.contextmanager
-def unrolled_maps() -> Iterator[None]:
-    """While tracing inside, ``jax.lax.map`` is unrolled: XLA's cost analysis counts a loop body
-    once, so e.g. the 'cache' strategy's projection of all M HR tokens per hierarchical layer
-    (a ``lax.map`` over layers) would be counted for one layer only."""
-    original = jax.lax.map
-    jax.lax.map = _unrolled_map
-    try:
-        yield
-    finally:
-        jax.lax.map = original
-
-
-def cost_flops(fn: Callable, *args, method: str = "lowered") -> float:
-    """FLOPs of ``jax.jit(fn)`` at ``args`` (arrays or shapes) from XLA's cost analysis, loops unrolled.
-
-    ``method='lowered'``: the module as JAX emits it (backend-independent, no compile);
-    ``'compiled'``: the module the backend compiled.
-    """
-    if method not in ("lowered", "compiled"):
-        raise ValueError(f"method={method!r}: use 'lowered' or 'compiled'")
-    with unrolled_maps():
-        lowered = jax.jit(lambda *a: fn(*a)).lower(*args)  # a fresh function: no trace cached without the patch
-    ca = lowered.compile().cost_analysis() if method == "compiled" else lowered.cost_analysis()
-    if isinstance(ca, (list, tuple)):
-        ca = ca[0]
-    return float(ca["flops"])
-
 
 def abstract_state(v: Variant, params: Any, batch: int, prompt_len: int, answer_tokens: int) -> Any:
     """The decode state's shapes after prefill."""

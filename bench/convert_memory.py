@@ -112,7 +112,7 @@ finally:
     _report()
 """
 MEASURE_IMPORTS = _REPORT + """
-import convert.io, jax, orbax.checkpoint
+import convert.importer, flexattn_jax.checkpoint, jax, orbax.checkpoint
 jax.devices()
 _report()
 """

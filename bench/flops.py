@@ -2,9 +2,9 @@
 
 Nothing is allocated: parameters and inputs are ``jax.ShapeDtypeStruct`` (bfloat16 at 7B shapes),
 each program of :mod:`bench.common` (the configurations' prefill and decode step) is lowered with
-``jax.jit(...).lower(...)`` and ``cost_analysis()['flops']`` is read, with every ``lax.map`` unrolled
-while tracing (:func:`bench.common.unrolled_maps`: XLA counts a loop body once, and the 'cache'
-strategy projects all M HR tokens in a ``lax.map`` over the hierarchical layers).
+``jax.jit(...).lower(...)`` and ``cost_analysis()['flops']`` is read, every layer loop unrolled
+(:func:`flexattn_jax.flops.counting_config`: XLA counts a loop body once, and the 'cache'
+strategy projects all M HR tokens in a loop over the hierarchical layers).
 
 Method 'lowered' (default) reads the module as JAX emits it, at full depth (no compile). Method
 'compiled' reads the CPU-compiled module; compiling 32 unrolled 7B layers on a small CPU is slow,
@@ -41,22 +41,22 @@ from bench.common import (
     abstract_inputs,
     abstract_state,
     add_ratios,
-    cost_flops,
     default_config,
     for_counting,
     hr_strategies,
     max_len,
     prefill_fn,
+    smoke_config,
     step_fn,
-    tiny_config,
     variants,
     with_layers,
 )
 from flexattn_jax.config import ModelConfig
+from flexattn_jax.flops import cost_flops
 from flexattn_jax.params import abstract_params
 from flexattn_jax.vision import encode_images
 
-__all__ = ["CONFIGS", "analytic", "default_config", "flop_table", "format_table", "main", "tiny_config"]
+__all__ = ["CONFIGS", "analytic", "default_config", "flop_table", "format_table", "main", "smoke_config"]
 
 
 # ---- the counted programs ------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Fine-tuning a plain LLaVA into LLaVA-FlexAttn: ``k_hr``/``v_hr`` copied from ``k``/``v`` vs random N(0, 0.02).
 
-On the demo's task (:mod:`flexattn_jax.demo`: a tiny LLaVA pretrained on 56 px close-ups, then
+On the demo's task (:mod:`flexattn_jax.app.demo`: a tiny LLaVA pretrained on 56 px close-ups, then
 fine-tuned with FlexAttention on 168 px images where only the HR tokens show the pattern) one
 pretrained model per seed is fine-tuned twice, identically except for the init of the new HR
 projections (``params.add_hr_projections(init=...)``, what ``train --hr-init`` uses). Reported per
@@ -29,9 +29,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from flexattn_jax import demo
+from flexattn_jax.app import demo
+from flexattn_jax.app.demo_data import build_demo_tokenizer
 from flexattn_jax.params import HR_INITS, add_hr_projections, init_params
-from flexattn_jax.tokenizer import build_tokenizer
 
 TARGETS = (1.0, 0.7, 0.5, 0.3, 0.2)
 
@@ -54,8 +54,8 @@ def steps_to(curve: np.ndarray, target: float) -> int | None:
 def run_seed(seed: int, budget: demo.Budget, lr: float, window: int, targets: tuple[float, ...], scratch: Path,
              progress: bool, inits: tuple[str, ...] = HR_INITS) -> dict[str, Any]:
     """Pretrain once, fine-tune with each HR init; per init the loss curve and steps to each target."""
-    tok = build_tokenizer()
-    cfg = demo.tiny_config(len(tok))
+    tok = build_demo_tokenizer()
+    cfg = demo.smoke_config(len(tok))
     lr_cfg = dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, enabled=False))
     close_ups, train_items, _ = demo.splits(cfg, budget, seed)
     t0 = time.perf_counter()

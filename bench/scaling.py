@@ -22,9 +22,9 @@ import jax
 from bench.common import default_config, scaled_config, variant, zoomed
 from bench.flops import prefill_flops
 from bench.walltime import compile_program, count_flops, time_programs
+from flexattn_jax.app.visualize import save_figure
 from flexattn_jax.config import ModelConfig
 from flexattn_jax.params import init_params
-from flexattn_jax.visualize import save_figure
 
 ZOOMS = (1, 2, 3, 4)
 SCALING_CONFIGS = ("flex-0.1M", "xattn", "hd-seq")

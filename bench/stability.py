@@ -100,10 +100,10 @@ def _run(params, cfg: ModelConfig, ids, pixels, mask, margin, steps: int) -> tup
 
 def demo_source(demo_dir: Path, n: int, steps: int, budget: float | None) -> tuple[ModelConfig, np.ndarray, np.ndarray]:
     """The demo's trained model on its held-out task (its own questions; answers are a word + EOS)."""
-    from convert import load_converted
-    from flexattn_jax.demo import OBJECT_PX
-    from flexattn_jax.demo_data import make_split
-    from flexattn_jax.inference import Request, prepare
+    from flexattn_jax.app.demo import OBJECT_PX
+    from flexattn_jax.app.demo_data import make_split
+    from flexattn_jax.app.inference import Request, prepare
+    from flexattn_jax.checkpoint import load_converted
     from flexattn_jax.preprocess import pad_batch
     from flexattn_jax.selection import margin_patches
     from flexattn_jax.tokenizer import load_tokenizer

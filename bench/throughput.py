@@ -9,7 +9,7 @@ scaled model (the values are synthetic; the FLOPs, shapes and memory are the mod
 
 Items: JPEG files (640 x 480, decoded and resized to 504 px per item), each a formatted prompt.
 
-* ``new``: :func:`flexattn_jax.inference.stream_answers` (lazy requests, thread-pool preprocessing,
+* ``new``: :func:`flexattn_jax.app.inference.stream_answers` (lazy requests, thread-pool preprocessing,
   windowed buckets, the ``while_loop`` that stops when every row has its EOS).
 * ``old``: the path before issue 14, kept here only as the baseline: every request preprocessed first
   (one thread), sorted by length, then batches run by a ``lax.scan`` over all ``max_new_tokens`` steps.
@@ -39,13 +39,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from bench.common import scaled_config
+from flexattn_jax.app.demo_data import build_demo_tokenizer
+from flexattn_jax.app.inference import Prepared, Request, prepare, stream_answers
 from flexattn_jax.config import ModelConfig
 from flexattn_jax.generate import decode_step, prefill, sample_token
-from flexattn_jax.inference import Prepared, Request, prepare, stream_answers
 from flexattn_jax.params import init_params
 from flexattn_jax.preprocess import PreprocessError, bucket_length, format_prompt, pad_batch
 from flexattn_jax.selection import margin_patches
-from flexattn_jax.tokenizer import build_tokenizer
 
 MARKERS = ("x", "y", "z")  # a prompt ending in MARKERS[k - 1] answers k tokens
 CHAIN_BASE = 4000  # ids of the intermediate chain tokens (never produced by the tokenizer)
@@ -218,11 +218,11 @@ def run_one(path: str, params, cfg, tokenizer, images, n: int, max_new_tokens: i
 
 def _child(spec: dict) -> dict:
     """One measurement in this (fresh) process: a warm-up of ``warm_items`` (compiles, or loads from the cache), then the run."""
-    from flexattn_jax.compile_cache import enable_compile_cache
+    from flexattn_jax.app.compile_cache import enable_compile_cache
 
     enable_compile_cache(spec["cache"])
     cfg = bench_config()
-    tokenizer = build_tokenizer()
+    tokenizer = build_demo_tokenizer()
     params = eos_chain_params(cfg, tokenizer)
     images = sorted(Path(spec["images"]).glob("*.jpg"))
     warm = run_one(spec["path"], params, cfg, tokenizer, images, spec["warm_items"], spec["max_new_tokens"], spec["batch"])

@@ -9,7 +9,7 @@ A's answer) then ``answer_tokens - 1`` greedy decode steps with the state donate
 
 ``flops`` (per sample) is XLA's cost analysis of the same programs at the same shapes, with the
 layers and ``lax.map`` unrolled (a loop body is counted once otherwise); the incremental strategy's
-decode step on its fast path, its prefill as compiled (:func:`bench.common.counting_config`). Its
+decode step on its fast path, its prefill as compiled (:func:`flexattn_jax.flops.counting_config`). Its
 wall time is what runs: the fast path or the fallback, as the selection of these random weights
 changes from step to step.
 Memory is the timed prefill executable's own memory analysis.
@@ -36,7 +36,6 @@ from bench.common import (
     abstract_inputs,
     abstract_state,
     add_ratios,
-    cost_flops,
     for_counting,
     make_inputs,
     max_len,
@@ -49,6 +48,7 @@ from bench.common import (
 from bench.memory import memory_stats
 from flexattn_jax import generate as G
 from flexattn_jax.config import ModelConfig
+from flexattn_jax.flops import cost_flops
 from flexattn_jax.params import abstract_params, init_params
 
 
@@ -105,7 +105,7 @@ def time_programs(progs: list[Program], steps: int, repeats: int, progress: bool
 
 def count_flops(v: Variant, batch: int, prompt_len: int, answer_tokens: int, method: str = "lowered") -> tuple[float, float]:
     """(prefill, decode step) FLOPs of ``v`` for ``batch`` samples: its programs with every loop unrolled
-    (the incremental strategy's step: its fast path, see :func:`bench.common.counting_config`)."""
+    (the incremental strategy's step: its fast path, see :func:`flexattn_jax.flops.counting_config`)."""
     pre_v, step_v = for_counting(v, "prefill"), for_counting(v, "step")
     ml = max_len(v, prompt_len, answer_tokens)
     pre = cost_flops(prefill_fn(pre_v, ml), abstract_params(pre_v.cfg), *abstract_inputs(pre_v, batch, prompt_len), method=method)

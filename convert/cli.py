@@ -65,7 +65,7 @@ def build_export_parser(prog: str = "python -m convert export") -> argparse.Argu
 
 def _export(converted: str, out: str, layout: str, dtype: str | None, image_token_id: int | None, overwrite: bool) -> None:
     from convert.export import export_hf, hf_config
-    from convert.io import load_converted, read_config
+    from flexattn_jax.checkpoint import load_converted, read_config
 
     check_output_dir(out, sources=[converted], overwrite=overwrite, flag="OUT_HF")
     hf_config(read_config(converted), layout, image_token_id)  # the export's config checks, before restoring
@@ -84,7 +84,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m convert") -> 
             return 0
         a = build_parser(prog).parse_args(argv)
         from convert.export import hf_config
-        from convert.io import convert_checkpoint, read_metadata
+        from convert.importer import convert_checkpoint
+        from flexattn_jax.checkpoint import read_metadata
 
         check_output_dir(a.out, sources=[a.src, a.vision_tower], overwrite=a.overwrite, flag="OUT")
         check = None

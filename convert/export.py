@@ -87,7 +87,7 @@ def clip_vision_config(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def hf_config(cfg: ModelConfig, layout: str, image_token_id: int | None = None) -> dict[str, Any]:
-    """The ``config.json`` for ``layout`` (the inverse of :func:`flexattn_jax.config.from_hf_config`)."""
+    """The ``config.json`` for ``layout`` (the inverse of :func:`flexattn_jax.hf_config.from_hf_config`)."""
     dtype = str(cfg.param_dtype)
     if layout == "original":
         out = {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", **_llama_fields(cfg)}
@@ -210,7 +210,7 @@ def export_hf(
         else:
             write_safetensors(tmp / "model.safetensors", params, list(_entries(params, cfg, layout, vision=None)))
         if tokenizer_dir is not None:
-            from convert.io import copy_tokenizer
+            from flexattn_jax.tokenizer import copy_tokenizer
 
             copy_tokenizer(Path(tokenizer_dir), tmp)
         if out.exists():

@@ -1,4 +1,5 @@
-"""PyTorch checkpoint directory -> our parameter tree (numpy), strictly checked, one tensor at a time."""
+"""PyTorch checkpoint directory -> our parameter tree (numpy), strictly checked, one tensor at a time;
+:func:`convert_checkpoint` writes it as a model directory (:mod:`flexattn_jax.checkpoint`)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from convert.mapping import BY_OURS, Rule, Target, canonical, export_name, is_ignored, lookup, to_ours, torch_shape
 from convert.reader import FLOATING_DTYPES, ConvertError, TensorInfo, checkpoint_files, open_file
-from flexattn_jax.config import ConfigError, ModelConfig, detect_layout, from_hf_config
+from flexattn_jax.checkpoint import place, write_model
+from flexattn_jax.config import ConfigError, ModelConfig
+from flexattn_jax.hf_config import detect_layout, from_hf_config
 from flexattn_jax.params import abstract_params, flatten, unflatten
+from flexattn_jax.paths import OutputPathError, check_output_dir
+from flexattn_jax.sharding import make_mesh
+from flexattn_jax.tokenizer import copy_tokenizer
 
 IN_CHECKPOINT_VISION = "model.vision_tower.vision_tower.vision_model."
 MAX_LISTED = 40  # per problem kind, in the error message
@@ -236,3 +243,48 @@ def fill(
         more = f"; and {len(nonfinite) - 3} more" if len(nonfinite) > 3 else ""
         raise ConvertError(f"non-finite weights (pass --allow-nonfinite to convert anyway): {'; '.join(nonfinite[:3])}{more}")
     return unflatten(out)
+
+
+def _mesh(spec: str) -> jax.sharding.Mesh:
+    try:
+        return make_mesh(spec)
+    except ValueError as e:
+        raise ConvertError(f"--mesh {spec}: {e}") from e
+
+
+def convert_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    vision_tower: str | Path | None = None,
+    dtype: str = "float32",
+    mesh: str | jax.sharding.Mesh | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    allow_nonfinite: bool = False,
+    check: Any = None,
+) -> Path:
+    """Convert a PyTorch checkpoint directory into ``out`` (orbax params + metadata.json + tokenizer).
+
+    Before anything is read: ``out`` is checked (:func:`flexattn_jax.paths.check_output_dir`: not the
+    source, not containing or inside it, replaceable, writable) and ``mesh`` parsed. ``check(cfg)``
+    runs once the config is known, before the tensors are read; ``allow_nonfinite`` skips the
+    finiteness check of the weights.
+    """
+    try:
+        out = check_output_dir(out, sources=[src, vision_tower], overwrite=overwrite, flag="OUT")
+    except OutputPathError as e:
+        raise ConvertError(str(e)) from None
+    if isinstance(mesh, str):
+        mesh = _mesh(mesh)
+    converted = read_checkpoint(src, vision_tower=vision_tower, dtype=dtype, overrides=overrides, progress=progress,
+                                allow_nonfinite=allow_nonfinite, check=check)
+    params, converted.params = converted.params, {}
+    if mesh is not None:
+        params = place(params, mesh)
+    source = {
+        "source_layout": converted.layout,
+        "source": str(Path(src).resolve()),
+        "vision_source": None if converted.vision_source is None else str(converted.vision_source.resolve()),
+    }
+    return write_model(params, converted.cfg, out, source, lambda d: copy_tokenizer(Path(src), d), overwrite=True)

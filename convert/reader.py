@@ -15,10 +15,11 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from flexattn_jax.checkpoint import CheckpointError
 from flexattn_jax.paths import is_within
 
 
-class ConvertError(ValueError):
+class ConvertError(CheckpointError):
     """A checkpoint cannot be converted; the message names every file / key / shape at fault."""
 
 

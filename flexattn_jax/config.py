@@ -1,16 +1,8 @@
-"""Model configuration: frozen dataclasses, and readers for the checkpoint configs users have.
+"""Model configuration: the frozen dataclass tree (:class:`ModelConfig` and its sections) and its validation.
 
-One `ModelConfig` describes everything the model computes. It is built from a checkpoint's own
-``config.json`` by :func:`from_hf_config`, which understands
-
-* llava-hf (``LlavaForConditionalGeneration``), transformers 4.x and 5.x field names;
-* the original LLaVA-1.5 (``LlavaLlamaForCausalLM``): Llama fields at the top level plus
-  ``mm_*`` fields; the CLIP config comes from the separate vision-tower directory;
-* the FlexAttention release: the original layout plus ``extra`` (a dict, or the training
-  script's ``"zoom_ratio:3#warmup:10#..."`` string).
-
-Every field can be overridden with dotted ``key=value`` strings (:func:`apply_overrides`), which is
-what the CLI's ``--set`` flags map to.
+One `ModelConfig` describes everything the model computes. Beside it: :mod:`flexattn_jax.hf_config`
+builds one from a checkpoint's own ``config.json`` (llava-hf, original LLaVA-1.5, the FlexAttention
+release), and :mod:`flexattn_jax.overrides` applies the CLI's dotted ``--set key=value`` strings.
 """
 
 from __future__ import annotations
@@ -21,7 +13,6 @@ import math
 import numbers
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 IMAGE_TOKEN_INDEX_ORIGINAL = -200  # LLaVA's tokenizer_image_token() placeholder id
@@ -102,7 +93,7 @@ class FlexConfig:
     rung). In generation the rung sizes the 'project' strategy's projections and attention, the
     'cache' strategy's gathers and attention, and the 'incremental' strategy's fallback projections
     (its M-slot cache and fast path are unchanged). In training, with many select rows, every rung
-    costs the same all-M path (see ``text.DecoderLayer._attend``): the same as K = M.
+    costs the same all-M path (see ``hierarchical.DecoderLayer._attend``): the same as K = M.
     ``hr_mode='release'`` lets only the select rows see HR keys; ``'paper'`` makes every row a
     select row with its own mask. ``selection`` picks how the mask is made: from attention (the
     method), ``'random'`` (the release's ablation) or ``'all'`` (every HR token: LLaVA-XAttn).
@@ -270,14 +261,14 @@ class ModelConfig:
             if key in subs:
                 if not isinstance(value, dict):
                     raise ConfigError(f"config field {key!r} must be an object of fields, got {type(value).__name__}")
-                _check_keys(subs[key], value, key)
+                check_keys(subs[key], value, key)
                 kwargs[key] = subs[key](**value)
             else:
                 kwargs[key] = value
         return cls(**kwargs)
 
 
-def _check_keys(cls: type, d: dict[str, Any], where: str) -> None:
+def check_keys(cls: type, d: dict[str, Any], where: str) -> None:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
@@ -399,337 +390,3 @@ def validate(cfg: ModelConfig) -> None:
         raise ConfigError(f"flex.hr_ladder={ladder!r}: use a non-empty list of fractions of M in (0, 1] (M is always the top rung)")
     if isinstance(f.hr_step_cells, bool) or not isinstance(f.hr_step_cells, int) or f.hr_step_cells < 0:
         raise ConfigError(f"flex.hr_step_cells={f.hr_step_cells!r}: use a count >= 0 of pooled cells per decode step")
-
-
-# ---- overrides ------------------------------------------------------------------------------
-
-def parse_hr_budget(text: str | float | None, name: str = "hr_budget") -> float | int | str | None:
-    """The one reader of an HR budget given as text (``--hr-budget``, ``--set flex.hr_budget=``).
-
-    ``None`` / ``'all'`` / ``'none'`` -> None (all M tokens); ``'adaptive'`` -> the ladder; an integer -> a count >= 1; a number with a
-    point or exponent -> a fraction in (0, 1]. Anything else raises :class:`ConfigError` naming ``name`` and the value.
-    """
-    if text is None or isinstance(text, int | float) and not isinstance(text, bool):
-        value = text
-    else:
-        t = str(text).strip()
-        if t.lower() in ("all", "none", "null"):
-            return None
-        if t.lower() == ADAPTIVE:
-            return ADAPTIVE
-        try:
-            value = int(t)
-        except ValueError:
-            try:
-                value = float(t)
-            except ValueError:
-                raise ConfigError(f"{name} {text!r}: use a count (e.g. 64), a fraction in (0, 1] (e.g. 0.25), 'all', 'adaptive'") from None
-    if value is not None and ((isinstance(value, float) and not 0 < value <= 1) or (isinstance(value, int) and value < 1)):
-        raise ConfigError(f"{name} {text!r}: use a count >= 1, a fraction in (0, 1], 'all' or 'adaptive'")
-    return value
-
-
-def _parse_value(text: str, typ: Any, key: str) -> Any:
-    """Parse an override's text by the dataclass field's type ``typ``; a mismatch raises ConfigError naming ``key``."""
-    low = text.strip().lower()
-    origin = getattr(typ, "__origin__", None)
-    if key == "flex.hr_budget":
-        return parse_hr_budget(text, name=key)
-    if typ is bool:
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{key}={text!r}: expected a boolean (true/false)")
-    if typ is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise ConfigError(f"{key}={text!r}: expected an integer") from None
-    if typ is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise ConfigError(f"{key}={text!r}: expected a number") from None
-    if origin is Literal:
-        if text not in typ.__args__:
-            raise ConfigError(f"{key}={text!r}: use one of {', '.join(map(repr, typ.__args__))}")
-        return text
-    if typ is str:
-        return text
-    if low in ("none", "null"):
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def apply_overrides(cfg: ModelConfig, overrides: list[str] | dict[str, Any]) -> ModelConfig:
-    """Return ``cfg`` with dotted fields replaced, e.g. ``["flex.threshold=48", "dtype=bfloat16"]``.
-
-    All overrides are applied before the result is validated (once), so fields that must change
-    together can be changed together. An unknown field name raises :class:`ConfigError` naming it.
-    """
-    return ModelConfig.from_dict(_override_dict(cfg.to_dict(), overrides))
-
-
-def _override_dict(d: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
-    """``ModelConfig.to_dict()`` form with the overrides applied (string values parsed by the field's type)."""
-    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
-    sections = ("vision", "text", "projector", "flex")
-    d = {k: dict(v) if k in sections else v for k, v in d.items()}
-    for key, value in items:
-        parts = key.split(".")
-        if len(parts) == 1 and key in d and key not in sections:
-            node, name = d, key
-        elif len(parts) == 2 and parts[0] in sections and parts[1] in d[parts[0]]:
-            node, name = d[parts[0]], parts[1]
-        else:
-            raise ConfigError(f"unknown config field {key!r}")
-        node[name] = _parse_value(value, _field_type(key), key) if isinstance(value, str) else value
-    return d
-
-
-def _field_type(key: str) -> Any:
-    """The resolved type annotation of a dotted field name (e.g. ``flex.threshold`` -> float)."""
-    section, _, name = key.rpartition(".")
-    classes = {"": ModelConfig, "vision": VisionConfig, "text": TextConfig, "projector": ProjectorConfig, "flex": FlexConfig}
-    return typing.get_type_hints(classes[section])[name]
-
-
-def _split_override(text: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form key=value")
-    key, value = text.split("=", 1)
-    return key.strip(), value.strip()
-
-
-# ---- readers for checkpoint configs --------------------------------------------------------
-
-_EXTRA_KEYS = {
-    "zoom_ratio": ("zoom_ratio", int),
-    "lowres_size": ("lowres_size", int),
-    "highres_size": ("highres_size", int),
-    "threshold": ("threshold", float),
-    "warmup": ("warmup", float),
-    "special": ("selection", str),
-}
-
-
-def parse_extra(extra: dict[str, Any] | str | None) -> dict[str, Any]:
-    """Parse the FlexAttention ``extra`` field (dict or ``"zoom_ratio:3#warmup:10"`` string)."""
-    if extra is None or extra == {} or extra == "":
-        return {}
-    if isinstance(extra, str):
-        pairs = {}
-        for item in extra.split("#"):
-            if not item:
-                continue
-            if ":" not in item:
-                raise ConfigError(f"extra item {item!r} is not of the form key:value")
-            k, v = item.split(":", 1)
-            pairs[k.strip()] = v.strip()
-        extra = pairs
-    out: dict[str, Any] = {}
-    for k, v in extra.items():
-        if k not in _EXTRA_KEYS:
-            raise ConfigError(f"unknown FlexAttention extra field {k!r}; known: {sorted(_EXTRA_KEYS)}")
-        name, typ = _EXTRA_KEYS[k]
-        try:
-            out[name] = typ(v)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"extra field {k!r}={v!r} is not a valid {typ.__name__}") from e
-    if "selection" in out and out["selection"] not in ("random",):
-        raise ConfigError(f"extra field 'special'={out['selection']!r}: only 'random' is known")
-    return out
-
-
-def _require(d: dict[str, Any], key: str, where: str) -> Any:
-    if key not in d or d[key] is None:
-        raise ConfigError(f"{where} is missing the required field {key!r}")
-    return d[key]
-
-
-def _vision_from_clip(d: dict[str, Any], where: str) -> VisionConfig:
-    if "vision_config" in d and isinstance(d["vision_config"], dict):  # a full CLIPModel config
-        d = d["vision_config"]
-    return VisionConfig(
-        hidden_size=_require(d, "hidden_size", where),
-        intermediate_size=_require(d, "intermediate_size", where),
-        num_layers=_require(d, "num_hidden_layers", where),
-        num_heads=_require(d, "num_attention_heads", where),
-        image_size=_require(d, "image_size", where),
-        patch_size=_require(d, "patch_size", where),
-        num_channels=d.get("num_channels", 3),
-        layer_norm_eps=d.get("layer_norm_eps", 1e-5),
-        hidden_act=d.get("hidden_act", "quick_gelu"),
-    )
-
-
-def _text_from_llama(d: dict[str, Any], where: str) -> TextConfig:
-    hidden = _require(d, "hidden_size", where)
-    heads = _require(d, "num_attention_heads", where)
-    rope = d.get("rope_parameters") or {}
-    scaling = d.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    factor = rope.get("factor", scaling.get("factor", 1.0))
-    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-    if rope_type not in ("default", "linear", "dynamic"):
-        raise ConfigError(f"{where}: rope scaling type {rope_type!r} is not supported (default, linear, dynamic)")
-    if d.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"{where}: hidden_act={d['hidden_act']!r}; the Llama decoder here uses silu")
-    if d.get("attention_bias") or d.get("mlp_bias"):
-        raise ConfigError(f"{where}: attention_bias/mlp_bias are not supported (Llama has no biases)")
-    return TextConfig(
-        vocab_size=_require(d, "vocab_size", where),
-        hidden_size=hidden,
-        intermediate_size=_require(d, "intermediate_size", where),
-        num_layers=_require(d, "num_hidden_layers", where),
-        num_heads=heads,
-        num_kv_heads=d.get("num_key_value_heads") or heads,
-        head_dim=d.get("head_dim") or (hidden // heads if _is_int(hidden) and _is_int(heads) and heads > 0 else hidden),
-        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-        rope_theta=_float(theta),
-        rope_scaling_type=rope_type,
-        rope_scaling_factor=_float(factor),
-        max_position_embeddings=d.get("max_position_embeddings", 4096),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-    )
-
-
-def detect_layout(d: dict[str, Any]) -> Literal["llava-hf", "llava-original", "flexattn"]:
-    """Which kind of checkpoint config this is."""
-    if d.get("model_type") == "llava" or "text_config" in d:
-        return "llava-hf"
-    archs = d.get("architectures") or []
-    if "mm_vision_tower" in d or "mm_projector_type" in d or "LlavaLlamaForCausalLM" in archs or d.get("model_type") == "llava_llama":
-        return "flexattn" if parse_extra(d.get("extra")).get("zoom_ratio") else "llava-original"
-    raise ConfigError(
-        "config.json is neither llava-hf (model_type 'llava') nor original LLaVA (mm_vision_tower / LlavaLlamaForCausalLM)"
-    )
-
-
-def from_hf_config(
-    config: dict[str, Any] | str | Path,
-    vision_config: dict[str, Any] | str | Path | None = None,
-    overrides: list[str] | dict[str, Any] | None = None,
-) -> ModelConfig:
-    """Build a :class:`ModelConfig` from a checkpoint's ``config.json`` (a dict, file or directory).
-
-    For the original LLaVA / FlexAttention layouts, ``vision_config`` is the separate CLIP
-    vision tower's config (dict, file or directory); without it, CLIP-L/14-336 is assumed only if
-    ``mm_vision_tower`` names it, otherwise it is an error. ``overrides`` (as :func:`apply_overrides`)
-    apply before the FlexAttention fields are validated, so e.g. ``flex.first_select_layer`` can be
-    fixed for a model shallower than the release's layer 8.
-    """
-    d = _load_json(config)
-    where = f"config.json ({config})" if isinstance(config, (str, Path)) else "config.json"
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where}: expected a JSON object, got {type(d).__name__}")
-    try:
-        return _from_hf_dict(d, where, vision_config, overrides)
-    except ConfigError as e:
-        raise ConfigError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
-
-
-def _from_hf_dict(
-    d: dict[str, Any], where: str, vision_config: dict[str, Any] | str | Path | None, overrides: list[str] | dict[str, Any] | None
-) -> ModelConfig:
-    layout = detect_layout(d)
-    if layout == "llava-hf":
-        text_d = dict(_require(d, "text_config", where))
-        if "tie_word_embeddings" in d and "tie_word_embeddings" not in text_d:
-            text_d["tie_word_embeddings"] = d["tie_word_embeddings"]
-        vision = _vision_from_clip(_require(d, "vision_config", where), where + " vision_config")
-        text = _text_from_llama(text_d, where + " text_config")
-        layer = d.get("vision_feature_layer", -2)
-        if isinstance(layer, (list, tuple)):
-            raise ConfigError(f"{where}: vision_feature_layer={layer} (a list) is not supported; use one layer")
-        act = d.get("projector_hidden_act", "gelu")
-        cfg = ModelConfig(
-            vision=vision,
-            text=text,
-            projector=ProjectorConfig(type="mlp2x_gelu", hidden_act=act, bias=bool(d.get("multimodal_projector_bias", True))),
-            image_token_id=d.get("image_token_id", d.get("image_token_index", 32000)),
-            pad_token_id=_first_int(text_d.get("pad_token_id", d.get("pad_token_id")), 0),
-            bos_token_id=_first_int(text_d.get("bos_token_id"), 1),
-            eos_token_id=_first_int(text_d.get("eos_token_id"), 2),
-            vision_feature_layer=layer,
-            vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
-        )
-        extra = parse_extra(d.get("extra"))
-    else:
-        text = _text_from_llama(d, where)
-        if vision_config is None:
-            tower = str(d.get("mm_vision_tower", ""))
-            if "clip-vit-large-patch14-336" not in tower:
-                raise ConfigError(
-                    f"{where}: the vision tower {tower!r} lives outside this checkpoint; pass its config (vision_config=/--vision-tower)"
-                )
-            vision = VisionConfig()
-        else:
-            vision = _vision_from_clip(_load_json(vision_config), f"vision tower config ({vision_config})")
-        ptype = d.get("mm_projector_type", "linear")
-        if ptype not in ("mlp2x_gelu", "linear"):
-            raise ConfigError(f"{where}: mm_projector_type={ptype!r} is not supported (mlp2x_gelu, linear)")
-        select = d.get("mm_vision_select_feature", "patch")
-        if select not in ("patch", "cls_patch"):
-            raise ConfigError(f"{where}: mm_vision_select_feature={select!r}: use 'patch' or 'cls_patch'")
-        mm_hidden = d.get("mm_hidden_size")
-        if mm_hidden is not None and mm_hidden != vision.hidden_size:
-            raise ConfigError(f"{where}: mm_hidden_size={mm_hidden} contradicts the vision tower's hidden_size={vision.hidden_size}")
-        cfg = ModelConfig(
-            vision=vision,
-            text=text,
-            projector=ProjectorConfig(type=ptype, hidden_act="gelu", bias=True),
-            image_token_id=IMAGE_TOKEN_INDEX_ORIGINAL,
-            pad_token_id=_first_int(d.get("pad_token_id"), 0),
-            bos_token_id=_first_int(d.get("bos_token_id"), 1),
-            eos_token_id=_first_int(d.get("eos_token_id"), 2),
-            vision_feature_layer=d.get("mm_vision_select_layer", -2),
-            vision_feature_select_strategy="default" if select == "patch" else "full",
-        )
-        extra = parse_extra(d.get("extra"))
-    d_cfg = cfg.to_dict()
-    if extra.get("zoom_ratio"):
-        flex_kwargs = {"enabled": True, "lowres_size": vision.image_size, "highres_size": vision.image_size * extra["zoom_ratio"]}
-        flex_kwargs.update(extra)
-        _check_keys(FlexConfig, flex_kwargs, f"{where} extra")
-        d_cfg["flex"] = {**d_cfg["flex"], **flex_kwargs}
-    elif extra:
-        raise ConfigError(f"{where}: 'extra' has FlexAttention fields {sorted(extra)} but no zoom_ratio")
-    if overrides:
-        d_cfg = _override_dict(d_cfg, overrides)
-    return ModelConfig.from_dict(d_cfg)
-
-
-def _first_int(value: Any, default: int) -> int:
-    if isinstance(value, list):
-        value = value[0] if value else None
-    if value is not None and not _is_int(value):
-        raise ConfigError(f"token id {value!r} must be an integer")
-    return default if value is None else int(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _float(value: Any) -> Any:
-    """``float(value)`` for numbers; anything else is returned as is, for :func:`validate` to name."""
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
-
-
-def _load_json(src: dict[str, Any] | str | Path) -> dict[str, Any]:
-    if isinstance(src, dict):
-        return src
-    path = Path(src)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.exists():
-        raise ConfigError(f"no config file at {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from e

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from flexattn_jax import hierarchical as H
 from flexattn_jax import text as T
 from flexattn_jax.config import ModelConfig
 from flexattn_jax.model import (
@@ -48,7 +49,7 @@ class DecodeState(NamedTuple):
 
     cache: KVCache
     hr: HRContext | None
-    hr_kv: T.HRKV | None  # (Lh, B, M, Hkv, d) projected HR K/V: strategies 'cache' and 'incremental'
+    hr_kv: H.HRKV | None  # (Lh, B, M, Hkv, d) projected HR K/V: strategies 'cache' and 'incremental'
     next_position: Int[Array, " B"]
 
 
@@ -66,8 +67,9 @@ def empty_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
     return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch, max_len), bool), jnp.int32(0))
 
 
-def project_all_hr(text_params: dict, cfg: ModelConfig, hr: HRContext) -> T.HRKV:
-    """Every hierarchical layer's HR keys (image RoPE applied) and values for all M tokens."""
+def project_all_hr(text_params: dict, cfg: ModelConfig, hr: HRContext) -> H.HRKV:
+    """Every hierarchical layer's HR keys (image RoPE applied) and values for all M tokens (a loop over the
+    layers: ``lax.map``, or unrolled when ``cfg.scan_layers`` is off)."""
     first = cfg.flex.first_select_layer + 1
     layers = jax.tree.map(lambda a: a[first:], text_params["layers"]["attn"])
     attn = T.AttentionWeights(cfg)
@@ -75,20 +77,25 @@ def project_all_hr(text_params: dict, cfg: ModelConfig, hr: HRContext) -> T.HRKV
     def one(p):
         return attn.apply({"params": p}, hr.features, hr.cos, hr.sin, method=T.AttentionWeights.hr_kv)
 
-    k, v = jax.lax.map(one, layers)
-    return T.HRKV(k, v, None)
+    if cfg.scan_layers:
+        k, v = jax.lax.map(one, layers)
+    else:  # unrolled like the decoder's layers (and so counted per layer by XLA's cost analysis)
+        n = jax.tree.leaves(layers)[0].shape[0]
+        outs = [one(jax.tree.map(lambda a, i=i: a[i], layers)) for i in range(n)]
+        k, v = (jnp.stack(xs) for xs in zip(*outs, strict=True))
+    return H.HRKV(k, v, None)
 
 
-def empty_hr_cache(cfg: ModelConfig, batch: int) -> T.HRKV:
+def empty_hr_cache(cfg: ModelConfig, batch: int) -> H.HRKV:
     """The incremental strategy's cache before any token is projected."""
     t = cfg.text
     lh = t.num_layers - cfg.flex.first_select_layer - 1
     shape = (lh, batch, cfg.num_hr_tokens, t.num_kv_heads, t.head_dim)
     dt = jnp.dtype(cfg.dtype)
-    return T.HRKV(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros(shape[:3], bool))
+    return H.HRKV(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros(shape[:3], bool))
 
 
-def _initial_hr_kv(params: dict, cfg: ModelConfig, hr: HRContext | None, strategy: HRStrategy, batch: int) -> T.HRKV | None:
+def _initial_hr_kv(params: dict, cfg: ModelConfig, hr: HRContext | None, strategy: HRStrategy, batch: int) -> H.HRKV | None:
     if hr is None or strategy == "project":
         return None
     if strategy == "cache":

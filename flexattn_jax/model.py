@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from flexattn_jax import hierarchical as H
 from flexattn_jax import text as T
 from flexattn_jax.attention import CausalPadding
 from flexattn_jax.config import ModelConfig
@@ -45,7 +46,7 @@ class DecoderOutput(NamedTuple):
     hidden_states: jax.Array | None  # (L, B, T, D) each layer's output
     image_attention: jax.Array | None  # (L, B, R, G)
     hr_masks: jax.Array | None  # (L, B, R, M)
-    hr_kv: T.HRKV | None  # the HR K/V cache passed in, updated (incremental strategy)
+    hr_kv: H.HRKV | None  # the HR K/V cache passed in, updated (incremental strategy)
 
 
 class ForwardOutput(NamedTuple):
@@ -166,7 +167,7 @@ def run_decoder(
     *,
     cache: KVCache | None = None,
     hr: HRContext | None = None,
-    hr_kv: T.HRKV | None = None,
+    hr_kv: H.HRKV | None = None,
     select_rows: jax.Array | None = None,
     select_valid: jax.Array | None = None,
     alpha: float | jax.Array = 1.0,
@@ -192,7 +193,7 @@ def run_decoder(
         if select_rows is None:
             raise ValueError("run_decoder with an HR context needs select_rows")
         select_valid = select_valid & hr.has_image[:, None]
-        ctx = T.LayerContext(
+        ctx = H.LayerContext(
             cos, sin, mask, write_index, select_rows.astype(jnp.int32), select_valid,
             hr.image_slot, hr.margin, jnp.asarray(alpha, jnp.float32), hr.features, hr.cos, hr.sin, rng,
         )
@@ -200,12 +201,12 @@ def run_decoder(
         sel0 = Selection(jnp.zeros((b, r, k_budget), jnp.int32), jnp.zeros((b, r, k_budget), bool))
     else:
         dummy = jnp.zeros((b, 1), jnp.int32)
-        ctx = T.LayerContext(
+        ctx = H.LayerContext(
             cos, sin, mask, write_index, dummy, dummy > 0,
             dummy[:, 0], jnp.zeros((b, 2), jnp.int32), jnp.float32(0), None, None, None, None,
         )
         sel0 = None
-    layer = T.DecoderLayer(cfg)
+    layer = H.DecoderLayer(cfg)
     num_layers = t_cfg.num_layers
     first_hier = cfg.flex.first_select_layer + 1
 
@@ -235,7 +236,7 @@ def run_decoder(
         """One layer, with ``kind`` static (an int) or switched on the traced layer index ``i``."""
         ck_i = None if ck is None else jax.lax.dynamic_index_in_dim(ck, i, keepdims=False)
         cv_i = None if cv is None else jax.lax.dynamic_index_in_dim(cv, i, keepdims=False)
-        hkv_i = None if hkv is None else T.HRKV(
+        hkv_i = None if hkv is None else H.HRKV(
             *(None if a is None else jax.lax.dynamic_index_in_dim(a, hr_slot(i), keepdims=False) for a in hkv)
         )
         layer_ctx = ctx if ctx.rng is None else ctx._replace(rng=jax.random.fold_in(ctx.rng, i))  # a new draw per layer
@@ -244,7 +245,7 @@ def run_decoder(
             x, sel, k, v, att, msk, upd = run_layer(kind, *args)
         else:
             kind_index = jnp.where(i < cfg.flex.first_select_layer, 0, jnp.where(i == cfg.flex.first_select_layer, 1, 2))
-            branches = [lambda *a, kd=kd: run_layer(kd, *a) for kd in (T.PLAIN, T.SELECT, T.HIERARCHICAL)]
+            branches = [lambda *a, kd=kd: run_layer(kd, *a) for kd in (H.PLAIN, H.SELECT, H.HIERARCHICAL)]
             x, sel, k, v, att, msk, upd = jax.lax.switch(kind_index, branches, *args)
         if ck is not None:
             start = (i, 0, write_index, 0, 0)
@@ -253,7 +254,7 @@ def run_decoder(
         if upd is not None:  # write the newly projected HR tokens (M = no write: other layer kinds, cached slots)
             token, k_new, v_new = upd
             j, b_idx = hr_slot(i), jnp.arange(b)[:, None]
-            hkv = T.HRKV(
+            hkv = H.HRKV(
                 hkv.k.at[j, b_idx, token].set(k_new.astype(hkv.k.dtype), mode="drop"),
                 hkv.v.at[j, b_idx, token].set(v_new.astype(hkv.v.dtype), mode="drop"),
                 hkv.projected.at[j, b_idx, token].set(True, mode="drop"),
@@ -269,7 +270,7 @@ def run_decoder(
         def body(carry, xs):
             x, sel, ck, cv, hkv = carry
             p, i = xs
-            x, sel, ck, cv, hkv, att, msk = layer_step(i, None if flex else T.PLAIN, x, sel, ck, cv, hkv, p)
+            x, sel, ck, cv, hkv, att, msk = layer_step(i, None if flex else H.PLAIN, x, sel, ck, cv, hkv, p)
             ys = (x if collect_hidden else None, att if collect_maps and flex else None, msk if collect_maps and flex else None)
             return (x, sel, ck, cv, hkv), ys
 
@@ -280,7 +281,7 @@ def run_decoder(
         sel = sel0
         for i in range(num_layers):
             p = jax.tree.map(lambda a, i=i: a[i], text_params["layers"])
-            kind = T.layer_kind(cfg, i) if flex else T.PLAIN
+            kind = H.layer_kind(cfg, i) if flex else H.PLAIN
             x, sel, ck, cv, hkv, a_i, m_i = layer_step(i, kind, x, sel, ck, cv, hkv, p)
             hiddens.append(x)
             atts.append(a_i)

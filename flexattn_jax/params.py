@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexattn_jax import text, vision
+from flexattn_jax import hierarchical, text, vision
 from flexattn_jax.config import ModelConfig
 
 Params = dict  # nested dict of arrays, layout above
@@ -75,7 +75,7 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
     text_params = {
         "embed": nn.Embed(t.vocab_size, t.hidden_size, param_dtype=jnp.dtype(cfg.param_dtype),
                           embedding_init=nn.initializers.normal(0.02)).init(next(keys), jnp.zeros((1,), jnp.int32))["params"],
-        "layers": stacked(text.DecoderLayer(cfg), t.num_layers, h, method="init_all"),
+        "layers": stacked(hierarchical.DecoderLayer(cfg), t.num_layers, h, method="init_all"),
         "final_norm": text.RMSNorm(t.rms_norm_eps, param_dtype=jnp.dtype(cfg.param_dtype)).init(next(keys), h)["params"],
     }
     if not t.tie_word_embeddings:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from flexattn_jax.config import ModelConfig
+from flexattn_jax.config import IGNORE_INDEX, ModelConfig
 
 
 class Selection(NamedTuple):
@@ -200,3 +200,23 @@ def select_hr_tokens(
     if cfg.hr_budget_tokens < cfg.num_hr_tokens:
         mask = selection_mask(sel, cfg.num_hr_tokens)
     return sel, mask
+
+
+def learnable_rows(
+    labels: Int[np.ndarray, " T"], has_image: bool, num_rows: int
+) -> tuple[Int[np.ndarray, " R"], Bool[np.ndarray, " R"], int]:
+    """The release's learnable (select) rows of one sample, packed into ``num_rows`` static slots.
+
+    Row t is learnable when ``labels[t + 1] != IGNORE_INDEX`` (for each answer span x..y, the rows
+    x-1..y-1), only for samples with an image. Returns ``(rows, valid, n)`` with n the number of
+    learnable rows before the cap (rows beyond ``num_rows`` are dropped).
+    """
+    labels = np.asarray(labels)
+    rows = np.zeros(num_rows, np.int32)
+    valid = np.zeros(num_rows, bool)
+    if not has_image or labels.shape[0] < 2:
+        return rows, valid, 0
+    found = np.flatnonzero(labels[1:] != IGNORE_INDEX).astype(np.int32)
+    k = min(found.size, num_rows)
+    rows[:k], valid[:k] = found[:k], True
+    return rows, valid, int(found.size)

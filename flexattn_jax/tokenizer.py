@@ -1,4 +1,4 @@
-"""A tiny local tokenizer for tests and the demo (no downloads).
+"""A tiny local tokenizer for tests and the demo (no downloads), and the loader of real ones.
 
 Byte-level BPE (GPT-2 style pre-tokenizer, every one of the 256 bytes in the base alphabet, so any
 text tokenizes and decodes back exactly) trained on a small word list, so that the template words
@@ -8,6 +8,7 @@ and the demo's questions and answers are single tokens. Special tokens, in this 
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,6 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from flexattn_jax import demo_data
 from flexattn_jax.preprocess import ROLES, SYSTEM_PROMPT, SYSTEM_PROMPT_VICUNA_V1
 
 UNK, BOS, EOS, PAD, IMAGE = "<unk>", "<s>", "</s>", "<pad>", "<image>"
@@ -23,11 +23,11 @@ SPECIAL_TOKENS: tuple[str, ...] = (UNK, BOS, EOS, PAD, IMAGE)
 UNK_ID, BOS_ID, EOS_ID, PAD_ID, IMAGE_ID = range(5)
 
 
-def default_words() -> list[str]:
-    """Texts covering the LLaVA v1 templates and the demo's questions and answers."""
+def default_words(extra: Sequence[str] = ()) -> list[str]:
+    """Texts covering the LLaVA v1 templates, then ``extra`` (the demo passes its questions and answers),
+    then a few common words."""
     texts = [SYSTEM_PROMPT, SYSTEM_PROMPT_VICUNA_V1, f"{ROLES[0]}: ", f" {ROLES[1]}:", f" {ROLES[1]}: "]
-    texts += list(demo_data.QUESTIONS)
-    texts += [f"{ROLES[1]}: {a}" for a in demo_data.CLASSES]
+    texts += list(extra)
     texts += ["yes", "no", "the", "a", "an", "is", "what", "which", "image", "picture", "square", "pattern", "small",
               "Answer the question using a single word or phrase.", "0 1 2 3 4 5 6 7 8 9"]
     return texts
@@ -89,7 +89,29 @@ class TokenizerError(ValueError):
     """A tokenizer is missing, unreadable or does not fit the model; the message names the directory."""
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tiktoken.model")
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tiktoken.model", "tokenizer_config.json")
+"""Files that hold a vocabulary: a tokenizer directory has at least one."""
+TOKENIZER_FILES = (
+    *VOCABULARY_FILES,
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
+)
+"""Every tokenizer / processor file a model directory carries along (copied by the converter and the export)."""
+
+
+def copy_tokenizer(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the :data:`TOKENIZER_FILES` present in ``src`` to ``dst``; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
@@ -97,8 +119,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     path = Path(path)
     if not path.is_dir():
         raise TokenizerError(f"tokenizer directory {path} does not exist")
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise TokenizerError(f"{path}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})")
+    if not any((path / name).is_file() for name in VOCABULARY_FILES):
+        raise TokenizerError(f"{path}: no tokenizer files (looked for {', '.join(VOCABULARY_FILES)})")
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises ValueError/OSError/ImportError with advice unrelated to the cause

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from flexattn_jax.config import ConfigError, ModelConfig, apply_overrides, parse_hr_budget
+from flexattn_jax.config import ConfigError, ModelConfig
 from flexattn_jax.generate import generate
 from flexattn_jax.model import forward
+from flexattn_jax.overrides import apply_overrides, parse_hr_budget
 from flexattn_jax.selection import compact, margin_patches, rungs_taken, selection_mask
 
 from .jax_models import tiny_flex_model
@@ -166,6 +167,6 @@ def test_ladder_config_and_cli_parse(setup):
         apply_overrides(cfg, ["flex.hr_budget=adaptve"])
     with pytest.raises(ConfigError, match="flex.hr_ladder"):
         apply_overrides(cfg, ["flex.hr_ladder=[0.5, 2]"])
-    from flexattn_jax.cli import generate_parser
+    from flexattn_jax.app.generate_cli import generate_parser
 
     assert "adaptive" in generate_parser().format_help()

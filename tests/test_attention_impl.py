@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bench.common import tiny_config
+from bench.common import smoke_config
 from flexattn_jax import attention as A
 from flexattn_jax import generate as G
 from flexattn_jax.config import ConfigError, ModelConfig
@@ -148,7 +148,7 @@ def test_resolve_impl_per_backend():
 # ---- the model ------------------------------------------------------------------------------------
 
 def _model():
-    base = tiny_config("float32")
+    base = smoke_config("float32")
     cfg = dataclasses.replace(base, flex=dataclasses.replace(base.flex, hr_budget=0.25, threshold=8.0))
     params = init_params(cfg, jax.random.key(0))
     layers = params["text"]["layers"]  # sharper attention than the 0.02 init: selections that vary by row

@@ -7,7 +7,7 @@ from bench import flops
 
 def test_flop_table_tiny():
     entries = flops.flop_table(
-        quick=True, config=flops.tiny_config(), prompt_len=8, answer_tokens=4, configs=("xattn", "flex-M", "flex-0.1M")
+        quick=True, config=flops.smoke_config(), prompt_len=8, answer_tokens=4, configs=("xattn", "flex-M", "flex-0.1M")
     )
     keys = {"config", "workload", "flops", "analytic_flops", "flops_ratio", "seconds"}
     assert entries
@@ -27,7 +27,7 @@ def test_flop_table_tiny():
 
 def test_layer_extrapolation_matches_full_depth():
     """The few-layer fit (used with method='compiled' at 7B) equals the full-depth count."""
-    cfg = flops.tiny_config()
+    cfg = flops.smoke_config()
     kw = dict(config=cfg, prompt_len=8, answer_tokens=4, configs=("lr", "hd-seq", "flex-0.1M"))
     full = flops.flop_table(True, direct=True, **kw)
     fit = flops.flop_table(True, direct=False, **kw)
@@ -37,6 +37,6 @@ def test_layer_extrapolation_matches_full_depth():
 
 
 def test_compiled_method_runs():
-    entries = flops.flop_table(True, config=flops.tiny_config(), prompt_len=8, answer_tokens=4, configs=("xattn",), method="compiled")
+    entries = flops.flop_table(True, config=flops.smoke_config(), prompt_len=8, answer_tokens=4, configs=("xattn",), method="compiled")
     assert {e["workload"] for e in entries} == {"A", "B"}
     assert all(e["flops"] > 0 and e["flops_ratio"] == 1.0 for e in entries)

@@ -10,7 +10,7 @@ from bench import adaptive, cli, common
 
 @pytest.fixture(scope="module")
 def rung_flops():
-    return adaptive.rung_flops(common.tiny_config(), strategies=("project",), prompt_len=8, answer_tokens=4)
+    return adaptive.rung_flops(common.smoke_config(), strategies=("project",), prompt_len=8, answer_tokens=4)
 
 
 def test_rung_flops_grow_with_k_and_mix(rung_flops):
@@ -50,7 +50,7 @@ def test_goals_and_plot(rung_flops, tmp_path):
 
 @pytest.mark.slow
 def test_adaptive_table_tiny_end_to_end():
-    res = adaptive.adaptive_table(common.tiny_config(), common.tiny_config("float32"), prompt_len_7b=8, answer_tokens=4, repeats=1,
+    res = adaptive.adaptive_table(common.smoke_config(), common.smoke_config("float32"), prompt_len_7b=8, answer_tokens=4, repeats=1,
                                   progress=False, margins=(0, 2), training_rows=4)
     assert [e["margin"] for e in res["sweep"]] == [0, 2]
     assert all(e["same_tokens_as_flex_M"] for e in res["sweep"])

@@ -4,7 +4,7 @@ import numpy as np
 
 from bench.stability import budget_table, format_table, new_tokens, summarize
 from flexattn_jax.generate import GenerateOutput, StepMaps
-from train.testing import tiny_config
+from tests.fixtures import tiny_config
 
 
 def _out(masks: np.ndarray, lengths: list[int]) -> GenerateOutput:

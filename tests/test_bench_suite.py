@@ -5,6 +5,7 @@ No timed assertions: only shapes of the output, FLOP orderings and parity side c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import typing
@@ -14,13 +15,14 @@ import pytest
 
 from bench import cli, common, memory, scaling
 from flexattn_jax import generate as G
+from flexattn_jax.flops import cost_flops, counting_config
 from flexattn_jax.params import abstract_params
 
 REQUIRED = {"config", "workload", "flops", "seconds", "flops_ratio", "time_ratio"}
 
 
 def test_variants_cover_every_strategy():
-    cfg = common.tiny_config()
+    cfg = common.smoke_config()
     labels = [v.label for v in common.variants(cfg)]
     strategies = typing.get_args(G.HRStrategy)
     assert common.hr_strategies() == strategies
@@ -33,25 +35,25 @@ def test_variants_cover_every_strategy():
         common.variant(cfg, "flex-M", "nope")
 
 
-def test_unrolled_maps_count_every_layer():
-    """XLA counts a loop body once: project_all_hr (a lax.map over Lh layers) is counted Lh times only unrolled."""
-    cfg = common.tiny_config()
+def test_counting_config_counts_every_layer():
+    """XLA counts a loop body once: project_all_hr (a lax.map over Lh layers when scanned) is counted Lh times
+    on flexattn_jax.flops.counting_config, where the loop is unrolled."""
+    cfg = dataclasses.replace(common.smoke_config(), scan_layers=True)
     lh = cfg.text.num_layers - cfg.flex.first_select_layer - 1
     ap = abstract_params(cfg)
     m, d = cfg.num_hr_tokens, cfg.text.head_dim
     hr = G.HRContext(*(jax.ShapeDtypeStruct(s, t) for s, t in (
         ((1, m, cfg.text.hidden_size), jax.numpy.bfloat16), ((1, m, d), jax.numpy.float32), ((1, m, d), jax.numpy.float32),
         ((1,), jax.numpy.int32), ((1, 2), jax.numpy.int32), ((1,), jax.numpy.bool_))))
-    fn = lambda p, h: G.project_all_hr(p["text"], cfg, h)
-    once = jax.jit(fn).lower(ap, hr).cost_analysis()["flops"]
-    unrolled = common.cost_flops(fn, ap, hr)
+    once = cost_flops(lambda p, h: G.project_all_hr(p["text"], cfg, h), ap, hr)
+    counted = counting_config(cfg)
+    unrolled = cost_flops(lambda p, h: G.project_all_hr(p["text"], counted, h), ap, hr)
     assert lh > 1 and unrolled == pytest.approx(lh * once, rel=1e-4)  # (the loop counter: a few FLOPs)
-    assert jax.lax.map is not common._unrolled_map  # restored
 
 
 def test_memory_table_tiny():
-    entries = memory.memory_table(common.tiny_config(), prompt_len=8, answer_tokens=4, configs=("flex-0.1M",), progress=False)
-    assert [e["config"] for e in entries] == [v.label for v in common.variants(common.tiny_config(), ("flex-0.1M",))]
+    entries = memory.memory_table(common.smoke_config(), prompt_len=8, answer_tokens=4, configs=("flex-0.1M",), progress=False)
+    assert [e["config"] for e in entries] == [v.label for v in common.variants(common.smoke_config(), ("flex-0.1M",))]
     for e in entries:
         assert e["peak_bytes"] == e["argument_bytes"] + e["output_bytes"] + e["temp_bytes"] - e["alias_bytes"] > 0
         assert e["argument_bytes"] >= e["params_bytes"] > 0 and e["dtype"] == "float32"
@@ -64,7 +66,7 @@ def test_scaling_tiny_and_plot(tmp_path):
     from PIL import Image
 
     configs = ("flex-0.1M", "hd-seq")
-    entries = scaling.scaling_table(common.tiny_config("float32"), zooms=(1, 2), configs=configs, prompt_len=8, repeats=1,
+    entries = scaling.scaling_table(common.smoke_config("float32"), zooms=(1, 2), configs=configs, prompt_len=8, repeats=1,
                                     flops_7b=False, progress=False)
     assert len(entries) == 2 * len(configs)
     for e in entries:
@@ -83,7 +85,7 @@ def test_torch_comparisons_tiny():
     pytest.importorskip("torch")
     from bench import torch_compare
 
-    cfg = common.tiny_config("float32")
+    cfg = common.smoke_config("float32")
     fwd = torch_compare.forward_comparison(cfg, batches=(1,), prompt_len=8, repeats=1, progress=False)
     assert fwd[0]["speedup"] > 0 and fwd[0]["max_abs_logit_diff_over_scale"] < 1e-4
     assert fwd[0]["torch_threads"] >= 1 and fwd[0]["xla_threads"] >= 1
@@ -100,7 +102,7 @@ def test_torch_missing_is_a_clear_error(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(torch_compare.TorchMissing, match="need torch"):
-        torch_compare.forward_comparison(common.tiny_config("float32"), progress=False)
+        torch_compare.forward_comparison(common.smoke_config("float32"), progress=False)
 
 
 def test_goals_say_met_or_not():

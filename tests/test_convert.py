@@ -15,9 +15,10 @@ import safetensors.torch
 import torch
 from transformers import CLIPVisionModel, LlavaForConditionalGeneration
 
-from convert import ConvertError, convert_checkpoint, export_hf, load_converted, read_checkpoint, read_metadata
+from convert import ConvertError, convert_checkpoint, export_hf, read_checkpoint
 from convert.cli import main
 from convert.mapping import BY_OURS, RULES, lookup, to_torch
+from flexattn_jax.checkpoint import load_converted, read_metadata
 from flexattn_jax.config import FlexConfig, ModelConfig
 from flexattn_jax.model import forward
 from flexattn_jax.params import abstract_params, flatten
@@ -378,7 +379,8 @@ def test_load_converted_dtype_and_sharding(tmp_path, models):
 _MESH_SCRIPT = """
 import sys
 import numpy as np
-from convert import convert_checkpoint, load_converted, read_checkpoint
+from convert import convert_checkpoint, read_checkpoint
+from flexattn_jax.checkpoint import load_converted
 from flexattn_jax.params import flatten
 from flexattn_jax.sharding import make_mesh
 src, out = sys.argv[1], sys.argv[2]

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from flexattn_jax.cli import main
-from flexattn_jax.demo_data import make_split
+from flexattn_jax.app.cli import main
+from flexattn_jax.app.demo_data import make_split
 
 
 def _check_outputs(out, n_test):

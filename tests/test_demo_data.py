@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flexattn_jax import demo_data as dd
+from flexattn_jax.app import demo_data as dd
 from flexattn_jax.preprocess import format_conversation, load_image, preprocess_image
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from flexattn_jax.eval.answers import exact_match, normalize_answer, parse_option_letter, pope_yes_no, vqa_soft_accuracy
-from flexattn_jax.eval.data import Sample
-from flexattn_jax.eval.tasks import lettered_options, magnifier_question, pope_metrics, task_metrics, user_text
+from flexattn_jax.app.eval.answers import exact_match, normalize_answer, parse_option_letter, pope_yes_no, vqa_soft_accuracy
+from flexattn_jax.app.eval.data import Sample
+from flexattn_jax.app.eval.tasks import lettered_options, magnifier_question, pope_metrics, task_metrics, user_text
 
 # (raw answer, normal form), each from one rule of the official VQA evaluation (EvalAI's answer processor)
 NORMALISATION = [

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from flexattn_jax.cli import main
-from flexattn_jax.eval import runner as R
-from flexattn_jax.eval.answers import normalize_answer, parse_option_letter, vqa_soft_accuracy
-from flexattn_jax.eval.likelihood import OptionScorer
+from flexattn_jax.app.cli import main
+from flexattn_jax.app.eval import runner as R
+from flexattn_jax.app.eval.answers import normalize_answer, parse_option_letter, vqa_soft_accuracy
+from flexattn_jax.app.eval.likelihood import OptionScorer
 
 from .checkpoints import write_tiny_checkpoint
 from .eval_fixtures import write_magnifier, write_pope, write_textvqa, write_vstar

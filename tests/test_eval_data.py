@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from flexattn_jax.eval.data import BadSample, EvalDataError, Sample, read_task
+from flexattn_jax.app.eval.data import BadSample, EvalDataError, Sample, read_task
 
 from .eval_fixtures import ANSWERS_10, write_magnifier, write_pope, write_textvqa, write_vstar
 

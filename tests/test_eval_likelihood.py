@@ -8,14 +8,13 @@ import numpy as np
 import optax
 import pytest
 
+from flexattn_jax.app.demo_data import build_demo_tokenizer
+from flexattn_jax.app.eval.likelihood import OptionQuestion, OptionScorer, option_tokens
 from flexattn_jax.config import IGNORE_INDEX
-from flexattn_jax.eval.likelihood import OptionQuestion, OptionScorer, option_tokens
 from flexattn_jax.model import forward
 from flexattn_jax.preprocess import format_prompt, preprocess_image
-from flexattn_jax.selection import margin_patches
-from flexattn_jax.tokenizer import build_tokenizer
-from train.data import learnable_rows
-from train.testing import random_params, tiny_config
+from flexattn_jax.selection import learnable_rows, margin_patches
+from tests.fixtures import random_params, tiny_config
 
 # one question about three images, options of one or two of the tiny tokenizer's words: few shapes to compile
 QUESTION = "what is the small square?"
@@ -25,7 +24,7 @@ OPTIONS = [["yes", "no", "small square", "image"], ["square", "pattern"], ["pict
 @pytest.fixture(scope="module")
 def setup():
     cfg = tiny_config()
-    return random_params(cfg, seed=3, std=0.3), cfg, build_tokenizer()
+    return random_params(cfg, seed=3, std=0.3), cfg, build_demo_tokenizer()
 
 
 def _questions(cfg, tok):

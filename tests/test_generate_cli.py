@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flexattn_jax.cli import main
+from flexattn_jax.app.cli import main
+from flexattn_jax.app.inference import Answer
+from flexattn_jax.app.visualize import answer_maps, mask_layer, outline_segments, save_grid, save_overlay, share_of_attention
 from flexattn_jax.config import ModelConfig
-from flexattn_jax.inference import Answer
-from flexattn_jax.visualize import answer_maps, mask_layer, outline_segments, save_grid, save_overlay, share_of_attention
 
 from .checkpoints import write_tiny_checkpoint
 
@@ -180,7 +180,7 @@ def test_outlines_trace_the_selected_region_once():
 
 
 def test_overlay_follows_the_mask_and_the_grid_draws_every_item(tmp_path):
-    from train.testing import tiny_config
+    from tests.fixtures import tiny_config
 
     cfg: ModelConfig = tiny_config()  # 3 text layers, selection at layer 1: layer 1's mask feeds layer 2
     assert mask_layer(cfg) == 1

@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
+from flexattn_jax.app.demo_data import build_demo_tokenizer
+from flexattn_jax.app.inference import Request, answer
 from flexattn_jax.generate import generate
-from flexattn_jax.inference import Request, answer
 from flexattn_jax.preprocess import pad_batch
 from flexattn_jax.selection import margin_patches
 from flexattn_jax.sharding import make_mesh
-from flexattn_jax.tokenizer import build_tokenizer
 
 from .jax_models import convert_torch_model, tiny_flex_model
 from .torch_models import make_images, make_prompt, make_tiny_llava
@@ -89,11 +89,11 @@ def test_sample_does_not_depend_on_batch_or_bucket(flex_tiny):
 
 def _tiny_answer_setup(threshold: float, std: float = 0.3):
     """train.testing's tiny model (28 px LR, M = 36), its tokenizer and random parameters."""
-    from train.testing import random_params, tiny_config
+    from tests.fixtures import random_params, tiny_config
 
     cfg = tiny_config()
     cfg = dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, threshold=threshold))
-    return cfg, build_tokenizer(), jax.tree.map(jnp.asarray, random_params(cfg, seed=3, std=std))
+    return cfg, build_demo_tokenizer(), jax.tree.map(jnp.asarray, random_params(cfg, seed=3, std=std))
 
 
 def _requests(n_words: list[int], seed: int = 0) -> list[Request]:

@@ -4,7 +4,7 @@ Every case asserts: the exit status; the error message (a regex that names the f
 on one line unless the row says otherwise); no traceback; the inputs untouched and nothing written but
 what the row allows (every file under the test's directory is hashed before and after); and, unless the
 row is allowed to, that neither a converted model was restored nor a PyTorch checkpoint read, i.e. the
-check ran before any work. Cases run the commands in-process (``flexattn_jax.cli.main``) on tiny models.
+check ran before any work. Cases run the commands in-process (``flexattn_jax.app.cli.main``) on tiny models.
 
 Rows are appended to :data:`CASES` (other issues' cases go at the end); ``KINDS`` are the issue's classes.
 """
@@ -43,7 +43,7 @@ class World:
 
 @dataclass(frozen=True)
 class Case:
-    """One hostile input. ``argv`` is a command line for ``flexattn_jax.cli.main`` with ``{src}``, ``{ckpt}``,
+    """One hostile input. ``argv`` is a command line for ``flexattn_jax.app.cli.main`` with ``{src}``, ``{ckpt}``,
     ``{img}``, ``{batch}``, ``{root}`` and ``{case}`` (a fresh directory per case) filled in, or a callable
     ``(world, case_dir) -> (exit, stdout, stderr)``. ``setup(world, case_dir)`` writes the case's own inputs.
     ``creates`` lists the paths (templates) allowed to appear; ``loads`` allows restoring / reading weights.
@@ -67,10 +67,10 @@ class Case:
 def world(tmp_path_factory) -> World:
     import safetensors.torch
 
-    from convert.io import CONVERTER_VERSION, FORMAT, save_params
-    from flexattn_jax.tokenizer import build_tokenizer
+    from flexattn_jax.app.demo_data import build_demo_tokenizer
+    from flexattn_jax.checkpoint import CONVERTER_VERSION, FORMAT, save_params
+    from tests.fixtures import random_params, tiny_config
     from tests.torch_models import make_tiny_llava
-    from train.testing import random_params, tiny_config
 
     root = tmp_path_factory.mktemp("hostile")
     model = make_tiny_llava(layers=2, seed=0)
@@ -85,7 +85,7 @@ def world(tmp_path_factory) -> World:
     save_params(random_params(cfg, seed=2, std=0.3), ckpt / "params")
     (ckpt / "metadata.json").write_text(json.dumps({"format": FORMAT, "converter_version": CONVERTER_VERSION,
                                                     "model_config": cfg.to_dict()}))
-    build_tokenizer().save_pretrained(str(ckpt))
+    build_demo_tokenizer().save_pretrained(str(ckpt))
     img = root / "good.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(img)
     batch = root / "batch.jsonl"
@@ -185,8 +185,8 @@ def _ckpt_bytes(world: World, case: Path, raw: bytes) -> Path:
 
 def _vocab_mismatch(world: World, case: Path) -> Path:
     """A converted directory whose model has 200 embedding rows, with the 484-token tokenizer."""
-    from convert.io import CONVERTER_VERSION, FORMAT
-    from train.testing import tiny_config
+    from flexattn_jax.checkpoint import CONVERTER_VERSION, FORMAT
+    from tests.fixtures import tiny_config
 
     d = case / "small-vocab"
     d.mkdir()
@@ -461,8 +461,9 @@ def test_hostile(case: Case, world: World, tmp_path, capsys, monkeypatch):
         def forbidden(*a, **k):
             raise AssertionError("weights were loaded before the input was checked")
 
-        import convert
         import convert.io
+
+        import convert
 
         monkeypatch.setattr(convert, "load_converted", forbidden)
         monkeypatch.setattr(convert.io, "load_converted", forbidden)
@@ -472,7 +473,7 @@ def test_hostile(case: Case, world: World, tmp_path, capsys, monkeypatch):
     if callable(case.argv):
         code, out, err = case.argv(world, case_dir)
     else:
-        from flexattn_jax.cli import main
+        from flexattn_jax.app.cli import main
 
         code = main([_fill(a, world, case_dir) for a in case.argv])
         out, err = capsys.readouterr()

@@ -16,14 +16,14 @@ import jax
 import numpy as np
 import pytest
 
-from flexattn_jax import demo_data
-from flexattn_jax.cli import main as cli_main
+from flexattn_jax.app import demo_data
+from flexattn_jax.app.cli import main as cli_main
+from flexattn_jax.app.demo_data import build_demo_tokenizer
 from flexattn_jax.params import add_hr_projections, flatten
-from flexattn_jax.tokenizer import build_tokenizer
+from tests.fixtures import TEST_BATCH, TEST_SEQ_LEN, random_params, small_train_config, tiny_config
 from train.checkpoint import Checkpointer, CheckpointMismatch, NoUsableCheckpoint
 from train.metrics import truncate_metrics
 from train.step import make_step
-from train.testing import TEST_BATCH, TEST_SEQ_LEN, random_params, small_train_config, tiny_config
 
 CFG = tiny_config()
 PLAIN = dataclasses.replace(CFG, flex=dataclasses.replace(CFG.flex, enabled=False))
@@ -43,7 +43,7 @@ def tree_hash(*paths: Path) -> str:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A dataset, variants of it, a ModelConfig JSON, a converted plain LLaVA and a finished 3-step run."""
-    from convert.io import CONVERTER_VERSION, FORMAT, save_params
+    from flexattn_jax.checkpoint import CONVERTER_VERSION, FORMAT, save_params
 
     root = tmp_path_factory.mktemp("hostile")
     demo_data.write_llava_dataset(root / "data", seed=0, n=16, hr_size=84, obj_px=6)
@@ -58,7 +58,7 @@ def world(tmp_path_factory):
     save_params(random_params(PLAIN, seed=4), ckpt / "params")
     meta = {"format": FORMAT, "converter_version": CONVERTER_VERSION, "model_config": PLAIN.to_dict()}
     (ckpt / "metadata.json").write_text(json.dumps(meta))
-    build_tokenizer().save_pretrained(str(ckpt))
+    build_demo_tokenizer().save_pretrained(str(ckpt))
     (root / "a_file").write_text("not a directory\n")
     run = root / "run"
     assert cli_main(["train", *base_args(root, run), "--stop-at", "3"]) == 0

@@ -136,7 +136,8 @@ def test_bad_inputs_raise_clear_errors():
         forward(params, cfg, jnp.asarray(ids_bad), jnp.asarray(pix.transpose(0, 2, 3, 1)), jnp.asarray(mask))
     with pytest.raises(ValueError, match="takes 56x56"):
         forward(params, cfg, jnp.asarray(ids), jnp.zeros((2, 64, 64, 3)), jnp.asarray(mask))
-    from flexattn_jax.config import ConfigError, from_hf_config
+    from flexattn_jax.config import ConfigError
+    from flexattn_jax.hf_config import from_hf_config
 
     bad = model.config.to_dict()
     del bad["text_config"]["hidden_size"]
@@ -146,7 +147,9 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_flexattention_config_of_a_shallow_model_takes_overrides_before_validation():
     """The release's extra has first_select_layer 8 by default; a 4-layer model needs it overridden first."""
-    from flexattn_jax.config import ConfigError, apply_overrides, from_hf_config
+    from flexattn_jax.config import ConfigError
+    from flexattn_jax.hf_config import from_hf_config
+    from flexattn_jax.overrides import apply_overrides
 
     d = make_tiny_llava(layers=4).config.to_dict()
     d["extra"] = "zoom_ratio:3#threshold:48"

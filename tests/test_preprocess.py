@@ -8,6 +8,7 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from flexattn_jax.app.demo_data import build_demo_tokenizer
 from flexattn_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX_ORIGINAL
 from flexattn_jax.model import positions_from_mask
 from flexattn_jax.preprocess import (
@@ -26,12 +27,12 @@ from flexattn_jax.preprocess import (
     tokenize_conversation,
     tokenize_with_image,
 )
-from flexattn_jax.tokenizer import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, UNK_ID, build_tokenizer, load_tokenizer, save_tokenizer
+from flexattn_jax.tokenizer import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, UNK_ID, load_tokenizer, save_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok() -> PreTrainedTokenizerFast:
-    return build_tokenizer()
+    return build_demo_tokenizer()
 
 
 # ---- images ------------------------------------------------------------------------------------
@@ -205,7 +206,7 @@ def test_tokenizer_basics(tok, tmp_path):
     loaded = load_tokenizer(save_tokenizer(tok, tmp_path / "tok"))
     assert loaded(text).input_ids == ids and loaded.convert_tokens_to_ids("<image>") == IMAGE_ID
     assert loaded.decode(ids) == tok.decode(ids) and len(loaded) == len(tok)
-    assert build_tokenizer().backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()  # deterministic
+    assert build_demo_tokenizer().backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()  # deterministic
 
 
 def test_tokenize_with_image_expansion(tok):

@@ -52,7 +52,7 @@ def test_rules_and_dropped_axes(mesh181, mesh222):
 
 
 def test_param_shardings_of_tiny_tree(mesh222):
-    from train.testing import tiny_config
+    from tests.fixtures import tiny_config
 
     abstract = abstract_params(tiny_config())
     shardings = S.param_shardings(abstract, mesh222)

@@ -29,12 +29,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flexattn_jax.cli import main
+from bench.common import smoke_config
+from flexattn_jax.app.cli import main
+from flexattn_jax.app.demo_data import build_demo_tokenizer
+from flexattn_jax.app.inference import Answer, InputOrder, Request, answer, stream_answers
+from flexattn_jax.app.resume import AnswerLog, ResumeError, content_key
 from flexattn_jax.generate import decode_step, generate, prefill, sample_token
-from flexattn_jax.inference import Answer, InputOrder, Request, answer, stream_answers
-from flexattn_jax.resume import AnswerLog, ResumeError, content_key
 from flexattn_jax.selection import margin_patches
-from flexattn_jax.tokenizer import build_tokenizer
 
 from .checkpoints import write_tiny_checkpoint
 
@@ -42,7 +43,7 @@ STEPS = 6
 
 
 def _tiny(threshold: float = 47.5):
-    from train.testing import random_params, tiny_config
+    from tests.fixtures import random_params, tiny_config
 
     cfg = tiny_config()
     cfg = dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, threshold=threshold))
@@ -151,7 +152,7 @@ def _requests(n: int, seed: int = 0, bad_every: int = 0):
 
 def test_stream_reads_lazily_and_answers_like_the_list_wrapper():
     cfg, params = _tiny(threshold=47.25)
-    tokenizer = build_tokenizer()
+    tokenizer = build_demo_tokenizer()
     n, batch, window = 40, 4, 8
     pulled = 0
 
@@ -197,7 +198,7 @@ def test_stream_reads_lazily_and_answers_like_the_list_wrapper():
 def test_stream_memory_does_not_grow_with_the_number_of_items():
     """Traced host memory (numpy pixels included) of 24 vs 96 items through a window of 8: flat, and far below 96 images."""
     cfg, params = _tiny(threshold=47.25)
-    tokenizer = build_tokenizer()
+    tokenizer = build_demo_tokenizer()
     one_image = cfg.image_size**2 * 3 * 4
     peaks = []
     for n in (24, 96):
@@ -269,7 +270,7 @@ def test_sigint_then_resume_equals_an_uninterrupted_run(ckpt_and_images, tmp_pat
     os.mkfifo(fifo)
     out, cache_home = tmp_path / "out.jsonl", tmp_path / "cache"
     gen = ["--max-new-tokens", "3", "--batch-size", "4", "--window", "8"]
-    cmd = [sys.executable, "-m", "flexattn_jax.cli", "generate", "--checkpoint", str(ckpt), "--output", str(out), *gen]
+    cmd = [sys.executable, "-m", "flexattn_jax.app.cli", "generate", "--checkpoint", str(ckpt), "--output", str(out), *gen]
     proc = subprocess.Popen([*cmd, "--batch", str(fifo)], env=_cli_env(cache_home), stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -315,11 +316,10 @@ def test_sigint_then_resume_equals_an_uninterrupted_run(ckpt_and_images, tmp_pat
 def test_throughput_bench_model_answers_in_one_to_three_tokens(tmp_path):
     """bench/throughput.py's EOS-chain weights (at a tiny size): every item answers as designed on both paths."""
     from bench import throughput as T
-    from bench.common import tiny_config
 
-    cfg = tiny_config("float32")
+    cfg = smoke_config("float32")
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=4096), image_token_id=4095)
-    tokenizer = build_tokenizer()
+    tokenizer = build_demo_tokenizer()
     params = T.eos_chain_params(cfg, tokenizer)
     images = T.make_images(tmp_path, 2, size=(64, 48))
     for path in ("new", "old"):

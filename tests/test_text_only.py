@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import tiny_config, with_layers
+from bench.common import smoke_config, with_layers
 from flexattn_jax.params import init_params
 from train.step import token_loss_sums
 
@@ -14,7 +14,7 @@ from train.step import token_loss_sums
 def test_text_only_batch_does_not_run_clip():
     """NaN pixels in a text-only batch: had CLIP run, its gradients would be NaN (0 x NaN); they are zero, and
     the loss and decoder gradients equal those with blank pixels. A batch with an image still encodes it."""
-    cfg = with_layers(tiny_config("float32"), text_layers=2, vision_layers=2)
+    cfg = with_layers(smoke_config("float32"), text_layers=2, vision_layers=2)
     params = init_params(cfg, jax.random.key(0))
     ids = jnp.asarray(np.random.default_rng(0).integers(1, 99, size=(2, 24)), jnp.int32)
     batch = {"input_ids": ids, "attention_mask": jnp.ones(ids.shape, bool), "labels": ids,

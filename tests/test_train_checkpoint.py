@@ -13,16 +13,16 @@ import jax
 import numpy as np
 import pytest
 
-from flexattn_jax import demo_data
+from flexattn_jax.app import demo_data
+from flexattn_jax.app.demo_data import build_demo_tokenizer
 from flexattn_jax.config import ModelConfig
 from flexattn_jax.sharding import make_mesh
-from flexattn_jax.tokenizer import build_tokenizer
+from tests.fixtures import TEST_BATCH, TEST_SEQ_LEN, random_params, small_train_config, tiny_config, to_host
 from train.checkpoint import Checkpointer
 from train.config import DataConfig
 from train.data import TrainData
 from train.loop import train
 from train.step import make_step
-from train.testing import TEST_BATCH, TEST_SEQ_LEN, random_params, small_train_config, tiny_config, to_host
 
 CFG = tiny_config()
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def data_for(root, tokenizer):
 
 
 def test_restore_on_other_meshes_and_resume(tmp_path, dataset):
-    tok = build_tokenizer()
+    tok = build_demo_tokenizer()
     mesh8 = make_mesh("data=8,fsdp=1,tensor=1")
     params = random_params(CFG, seed=2)
     tcfg = small_train_config(save_every=2, stop_at=4)

@@ -4,9 +4,9 @@ import dataclasses
 
 import pytest
 
+from tests.fixtures import tiny_config
 from train.cli import apply_recipe, build_parser, data_config_from_args, main, train_config_from_args
 from train.config import DataConfig, TrainConfig
-from train.testing import tiny_config
 
 
 def test_help(capsys):
@@ -62,11 +62,11 @@ def test_train_from_converted_llava_gets_hr_kernels(tmp_path, capsys):
 
     import numpy as np
 
-    from convert.io import CONVERTER_VERSION, FORMAT, save_params
-    from flexattn_jax import demo_data
-    from flexattn_jax.tokenizer import build_tokenizer
+    from flexattn_jax.app import demo_data
+    from flexattn_jax.app.demo_data import build_demo_tokenizer
+    from flexattn_jax.checkpoint import CONVERTER_VERSION, FORMAT, save_params
+    from tests.fixtures import random_params
     from train.checkpoint import Checkpointer
-    from train.testing import random_params
 
     plain = dataclasses.replace(tiny_config(), flex=dataclasses.replace(tiny_config().flex, enabled=False))
     ckpt = tmp_path / "converted"
@@ -74,7 +74,7 @@ def test_train_from_converted_llava_gets_hr_kernels(tmp_path, capsys):
     save_params(random_params(plain, seed=4), ckpt / "params")
     meta = {"format": FORMAT, "converter_version": CONVERTER_VERSION, "model_config": plain.to_dict()}
     (ckpt / "metadata.json").write_text(json.dumps(meta))
-    build_tokenizer().save_pretrained(str(ckpt))
+    build_demo_tokenizer().save_pretrained(str(ckpt))
     demo_data.write_llava_dataset(tmp_path / "data", seed=0, n=8, hr_size=84, obj_px=6)
     out = tmp_path / "run"
     argv = ["--checkpoint", str(ckpt), "--data", str(tmp_path / "data" / "data.json"), "--images", str(tmp_path / "data"),

@@ -7,19 +7,20 @@ import warnings
 import numpy as np
 import pytest
 
-from flexattn_jax import demo_data
+from flexattn_jax.app import demo_data
+from flexattn_jax.app.demo_data import build_demo_tokenizer
 from flexattn_jax.config import IGNORE_INDEX
-from flexattn_jax.tokenizer import build_tokenizer
+from flexattn_jax.selection import learnable_rows
+from tests.fixtures import TEST_SEQ_LEN, tiny_config
 from train.config import DataConfig
-from train.data import BatchPlan, DataError, TrainData, learnable_rows, read_records
-from train.testing import TEST_SEQ_LEN, tiny_config
+from train.data import BatchPlan, DataError, TrainData, read_records
 
 CFG = tiny_config()
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_tokenizer()
+    return build_demo_tokenizer()
 
 
 @pytest.fixture(scope="module")

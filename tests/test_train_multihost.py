@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flexattn_jax import demo_data
-from train.testing import TEST_BATCH, TEST_SEQ_LEN, tiny_config
+from flexattn_jax.app import demo_data
+from tests.fixtures import TEST_BATCH, TEST_SEQ_LEN, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 

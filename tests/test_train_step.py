@@ -8,10 +8,10 @@ import pytest
 
 from flexattn_jax.params import flatten
 from flexattn_jax.sharding import make_mesh
+from tests.fixtures import TEST_BATCH, TEST_SEQ_LEN, random_params, small_train_config, synthetic_batch, tiny_config, to_host
 from train.loop import TrainingDiverged, train
 from train.optim import is_trainable, make_schedule
 from train.step import alpha_at, global_batch, make_step, split_microbatches
-from train.testing import TEST_BATCH, TEST_SEQ_LEN, random_params, small_train_config, synthetic_batch, tiny_config, to_host
 
 CFG = tiny_config()
 TC = small_train_config()

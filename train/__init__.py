@@ -10,7 +10,7 @@ Python API::
 
 from train.checkpoint import Checkpointer
 from train.config import DataConfig, TrainConfig
-from train.data import DataError, TrainData, learnable_rows
+from train.data import DataError, TrainData
 from train.loop import TrainingDiverged, summarize, train
 from train.step import TrainState, make_step
 
@@ -22,7 +22,6 @@ __all__ = [
     "TrainData",
     "TrainState",
     "TrainingDiverged",
-    "learnable_rows",
     "make_step",
     "summarize",
     "train",

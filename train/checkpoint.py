@@ -28,12 +28,8 @@ import jax
 import orbax.checkpoint as ocp
 from jaxtyping import PyTree
 
+from flexattn_jax.checkpoint import CONVERTER_VERSION
 from flexattn_jax.config import ConfigError, ModelConfig
-
-try:  # the converter records its version; reuse it when available
-    from convert import CONVERTER_VERSION
-except Exception:  # noqa: BLE001 - convert is optional for training from random init
-    CONVERTER_VERSION = None
 
 CHECKPOINT_FORMAT = "flexattn-jax-train/1"
 CORRUPT_SUFFIX = ".corrupt"

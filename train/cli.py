@@ -187,7 +187,7 @@ def apply_recipe(cfg: ModelConfig, recipe: str) -> ModelConfig:
 
 def read_model_config(path: str) -> ModelConfig:
     """A ModelConfig JSON (``to_json``) or a HF / original LLaVA ``config.json``."""
-    from flexattn_jax.config import from_hf_config
+    from flexattn_jax.hf_config import from_hf_config
 
     d = json.loads(Path(path).read_text())
     if {"vision", "text"} & set(d):
@@ -237,7 +237,7 @@ def run(a: argparse.Namespace) -> int:
     import jax
 
     from flexattn_jax import sharding as S
-    from flexattn_jax.config import apply_overrides
+    from flexattn_jax.overrides import apply_overrides
     from flexattn_jax.params import abstract_params, count_params, init_params
     from train.checkpoint import Checkpointer
     from train.data import TrainData
@@ -259,11 +259,9 @@ def run(a: argparse.Namespace) -> int:
     _say(f"{describe()}; mesh {S.mesh_summary(mesh)}")
     recipe = a.recipe if a.recipe != "auto" else ("release" if a.checkpoint else "none")
     if a.checkpoint:
-        try:
-            from convert import load_converted, read_metadata
-        except ImportError as e:
-            raise ConfigError("--checkpoint needs the convert package") from e
-        base_cfg = ModelConfig.from_dict(read_metadata(a.checkpoint)["model_config"])
+        from flexattn_jax.checkpoint import load_converted, read_config
+
+        base_cfg = read_config(a.checkpoint)
     else:
         if not a.config_json:
             raise ConfigError("--init random needs --config-json FILE")

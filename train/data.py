@@ -25,12 +25,11 @@ from typing import Any
 
 import grain
 import numpy as np
-from jaxtyping import Bool, Int
 from PIL import Image
 
 from flexattn_jax.config import IGNORE_INDEX, ModelConfig
 from flexattn_jax.preprocess import IMAGE_PLACEHOLDER, PreprocessError, bucket_length, load_image, pad_batch, preprocess_image
-from flexattn_jax.selection import margin_patches
+from flexattn_jax.selection import learnable_rows, margin_patches
 from flexattn_jax.tokenizer import check_tokenizer_vocab
 from train.config import DataConfig
 
@@ -89,26 +88,6 @@ def approx_length(record: Any, num_image_tokens: int) -> int:
         if isinstance(turn, dict):
             words += len(str(turn.get("value", "")).split())
     return words + (num_image_tokens if record.get("image") is not None else 0)
-
-
-def learnable_rows(
-    labels: Int[np.ndarray, " T"], has_image: bool, num_rows: int
-) -> tuple[Int[np.ndarray, " R"], Bool[np.ndarray, " R"], int]:
-    """The release's learnable (select) rows of one sample, packed into ``num_rows`` static slots.
-
-    Row t is learnable when ``labels[t + 1] != IGNORE_INDEX`` (for each answer span x..y, the rows
-    x-1..y-1), only for samples with an image. Returns ``(rows, valid, n)`` with n the number of
-    learnable rows before the cap (rows beyond ``num_rows`` are dropped).
-    """
-    labels = np.asarray(labels)
-    rows = np.zeros(num_rows, np.int32)
-    valid = np.zeros(num_rows, bool)
-    if not has_image or labels.shape[0] < 2:
-        return rows, valid, 0
-    found = np.flatnonzero(labels[1:] != IGNORE_INDEX).astype(np.int32)
-    k = min(found.size, num_rows)
-    rows[:k], valid[:k] = found[:k], True
-    return rows, valid, int(found.size)
 
 
 # ---- one sample ---------------------------------------------------------------------------------------

@@ -24,9 +24,10 @@ from jaxtyping import PyTree
 
 from flexattn_jax import sharding as S
 from flexattn_jax.config import IGNORE_INDEX, ModelConfig
+from flexattn_jax.selection import learnable_rows
 from train.checkpoint import Checkpointer, make_meta
 from train.config import DataConfig, TrainConfig
-from train.data import DataError, TrainData, learnable_rows
+from train.data import DataError, TrainData
 from train.metrics import MetricsLogger, device_peak_tflops, train_flops
 from train.optim import total_steps as count_steps
 from train.step import BATCH_KEYS, StepFns, TrainState, global_batch, make_step, split_microbatches

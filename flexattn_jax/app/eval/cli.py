@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flexattn_jax.eval.data import TASKS, EvalDataError, read_task
-from flexattn_jax.eval.runner import METRICS, PREDICTIONS, EvalSettings, Runner
-from flexattn_jax.eval.sweep import budget_dir, parse_budgets, plot_sweep, sweep_table
+from flexattn_jax.app.eval.data import TASKS, EvalDataError, read_task
+from flexattn_jax.app.eval.runner import METRICS, PREDICTIONS, EvalSettings, Runner
+from flexattn_jax.app.eval.sweep import budget_dir, parse_budgets, plot_sweep, sweep_table
 
 # the release's scripts generate up to 512 tokens; LLaVA's model_vqa_loader (letter / generic VQA) 128
 DEFAULT_MAX_NEW_TOKENS = {"magnifier": 512, "textvqa": 512, "vstar": 128, "vqa": 128}
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[args.task]
     if max_new < 1:
         return err(f"--max-new-tokens {max_new} must be at least 1")
-    from flexattn_jax.config import parse_hr_budget
+    from flexattn_jax.overrides import parse_hr_budget
     from flexattn_jax.paths import check_output_dir
 
     out = Path(args.out or f"eval-{args.task}")
@@ -127,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
             raise EvalDataError(f"{args.data}: no {args.task} samples found")
     except (EvalDataError, ValueError) as e:
         return err(str(e))
-    from flexattn_jax.cli import load_for_inference
-    from flexattn_jax.compile_cache import setup_compile_cache
-    from flexattn_jax.config import apply_overrides
+    from flexattn_jax.app.compile_cache import setup_compile_cache
+    from flexattn_jax.app.inference import load_for_inference
+    from flexattn_jax.overrides import apply_overrides
     from flexattn_jax.tokenizer import check_tokenizer_vocab, load_tokenizer
 
     setup_compile_cache(args.compile_cache, disabled=args.no_compile_cache)

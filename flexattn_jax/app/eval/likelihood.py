@@ -22,14 +22,12 @@ import numpy as np
 from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
-from bench.common import cost_flops
 from flexattn_jax.config import IGNORE_INDEX, ModelConfig
-from flexattn_jax.eval.cost import abstract, cached, counting_config
+from flexattn_jax.flops import abstract, cached, cost_flops, counting_config
 from flexattn_jax.model import forward
 from flexattn_jax.preprocess import BUCKETS, PreprocessError, bucket_length, pad_batch, tokenize_with_image
-from flexattn_jax.selection import margin_patches
+from flexattn_jax.selection import learnable_rows, margin_patches
 from flexattn_jax.sharding import batch_sharding, replicated
-from train.data import learnable_rows
 
 Mode = Literal["release", "inference"]
 ROW_BUCKETS: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256, 512)

@@ -23,12 +23,12 @@ from jax.sharding import Mesh
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from flexattn_jax.app.eval import tasks as K
+from flexattn_jax.app.eval.data import BadSample, Item, Sample
+from flexattn_jax.app.eval.likelihood import OptionQuestion, OptionScorer, losses_flops, option_tokens
+from flexattn_jax.app.inference import Request, stream_answers
 from flexattn_jax.config import ModelConfig
-from flexattn_jax.eval import tasks as K
-from flexattn_jax.eval.cost import generation_flops
-from flexattn_jax.eval.data import BadSample, Item, Sample
-from flexattn_jax.eval.likelihood import OptionQuestion, OptionScorer, losses_flops, option_tokens
-from flexattn_jax.inference import Request, stream_answers
+from flexattn_jax.flops import generation_flops
 from flexattn_jax.preprocess import BUCKETS, PreprocessError, bucket_length, format_prompt, preprocess_image, tokenize_with_image
 
 PREDICTIONS = "predictions.jsonl"
@@ -121,8 +121,8 @@ class Runner:
     """Evaluates items with ``(params, cfg, tokenizer)`` under ``settings``.
 
     Generation goes through the streaming inference pipeline
-    (:func:`flexattn_jax.inference.stream_answers`, formatted prompts), the V* likelihood protocol
-    through :class:`flexattn_jax.eval.likelihood.OptionScorer`.
+    (:func:`flexattn_jax.app.inference.stream_answers`, formatted prompts), the V* likelihood protocol
+    through :class:`flexattn_jax.app.eval.likelihood.OptionScorer`.
     """
 
     def __init__(self, params: dict, cfg: ModelConfig, tokenizer: Any, settings: EvalSettings, *, mesh: Mesh | None = None,

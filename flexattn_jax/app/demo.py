@@ -1,6 +1,6 @@
 """``flexattn-jax demo``: train a tiny LLaVA-FlexAttn on a synthetic task only high resolution answers.
 
-No weights can be downloaded, so the demo makes everything itself (:mod:`flexattn_jax.demo_data`:
+No weights can be downloaded, so the demo makes everything itself (:mod:`flexattn_jax.app.demo_data`:
 "what pattern is the small square?", four 1-px stripe patterns that blur to the same grey at the
 low-resolution view) and retraces the paper's recipe at toy scale, with the project's own sharded
 train step (:func:`train.loop.train`, all devices, orbax checkpoints):
@@ -28,22 +28,22 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from flexattn_jax.app.demo_data import CLASSES, build_demo_tokenizer, make_split
+from flexattn_jax.app.inference import Request, answer
+from flexattn_jax.app.visualize import answer_maps, mask_layer, save_grid
 from flexattn_jax.config import FlexConfig, ModelConfig, TextConfig, VisionConfig
-from flexattn_jax.demo_data import CLASSES, make_split
-from flexattn_jax.inference import Request, answer
+from flexattn_jax.flops import forward_flops
 from flexattn_jax.params import add_hr_projections, init_params
 from flexattn_jax.preprocess import SYSTEM_PROMPT
-from flexattn_jax.tokenizer import IMAGE_ID, build_tokenizer
-from flexattn_jax.visualize import answer_maps, mask_layer, save_grid
+from flexattn_jax.tokenizer import IMAGE_ID
 
 OBJECT_PX = (18, 24)  # the patterned square's side at 168 px: one to four HR tokens, a blur at 56 px
 MARKER = ".flexattn-jax-demo"  # written into --out: a directory the demo may rewrite (its stages, model/)
 
 
-def tiny_config(vocab_size: int) -> ModelConfig:
+def demo_model_config(vocab_size: int) -> ModelConfig:
     """A CLIP (56 px, 14 px patches) + 4-layer Llama; FlexAttention at 168 px, selection at layer 1."""
     return ModelConfig(
         vision=VisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, image_size=56, patch_size=14),
@@ -124,20 +124,6 @@ def train_stage(name, cfg, params, items, steps, lr, trainable, tokenizer, budge
     return params, summary, records
 
 
-def _flops_per_sample(params, cfg: ModelConfig, ids_len: int) -> float:
-    """XLA cost analysis of one compiled prefill at this config (unrolled layers, abstract shapes)."""
-    from bench.common import cost_flops
-    from flexattn_jax.model import forward
-
-    c = dataclasses.replace(cfg, scan_layers=False)
-    args = (
-        jax.ShapeDtypeStruct((1, ids_len), jnp.int32),
-        jax.ShapeDtypeStruct((1, c.image_size, c.image_size, 3), jnp.float32),
-    )
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
-    return cost_flops(lambda p, i, x: forward(p, c, i, x, rng=jax.random.key(0)).logits, abstract, *args, method="compiled")
-
-
 def _save_attention_png(path: Path, items, answers, cfg: ModelConfig, n: int = 6) -> None:
     """The first ``n`` test images: last-token map (top) and selected HR tokens (bottom)."""
     layer = mask_layer(cfg)
@@ -200,8 +186,8 @@ def run(
     out = check_out_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by flexattn-jax demo; it may replace pretrain/, finetune/ and model/ here\n")
-    tokenizer = build_tokenizer()
-    cfg = tiny_config(len(tokenizer))
+    tokenizer = build_demo_tokenizer()
+    cfg = demo_model_config(len(tokenizer))
     lr_cfg = dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, enabled=False))  # plain LLaVA at 56 px
 
     t0 = time.perf_counter()
@@ -215,7 +201,7 @@ def run(
     params, finetune, _ = train_stage("finetune", cfg, params, train_items, budget.finetune_steps, 2e-3, "projector,llm",
                                     tokenizer, budget, out, progress)
 
-    from convert import write_model
+    from flexattn_jax.checkpoint import write_model
 
     model_dir = write_model(
         jax.device_get(params), cfg, out / "model", {"source": "flexattn-jax demo", "source_layout": "demo", "seed": seed},
@@ -236,7 +222,7 @@ def run(
         correct = sum(a.text is not None and a.text.split()[:1] == [truth] for a, (_, _, truth, _) in zip(answers, test_items, strict=True))
         report["modes"][name] = {
             "accuracy": correct / len(test_items), "seconds": stats["seconds"], "tokens_per_s": stats["tokens_per_s"],
-            "flops_per_sample_prefill": _flops_per_sample(params, mode_cfg, ids_len),
+            "flops_per_sample_prefill": forward_flops(params, mode_cfg, 1, ids_len),
         }
         if name == "flexattention":
             flex_answers = answers

@@ -1,9 +1,9 @@
-"""The ``flexattn-jax`` command: demo, generate, convert, train, bench."""
+"""``flexattn-jax generate``: answer questions about images with a converted checkpoint, one image or a
+JSONL batch streamed through the jitted buckets (answers written in input order, resumable)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import re
@@ -14,28 +14,6 @@ from typing import TYPE_CHECKING, Any, get_args
 
 if TYPE_CHECKING:
     from flexattn_jax.config import ModelConfig
-
-USAGE = """flexattn-jax COMMAND [options]
-
-commands:
-  demo       run the built-in demo (tiny model, synthetic high-resolution task; no downloads)
-  generate   answer questions about images with a converted checkpoint (single or JSONL batch)
-  convert    convert a PyTorch LLaVA / FlexAttention checkpoint (see `flexattn-jax convert --help`)
-  train      fine-tune on LLaVA-format data over a device mesh (see `flexattn-jax train --help`)
-  bench      FLOP and time benchmarks (see `flexattn-jax bench --help`)
-  eval       V* Bench, MagnifierBench, TextVQA, VQA in the paper's protocols (see `flexattn-jax eval --help`)
-
-Run `flexattn-jax COMMAND --help` for each command's options.
-"""
-
-# command -> (module, entry point taking argv)
-_DELEGATES = {
-    "demo": ("flexattn_jax.demo", "main"),
-    "convert": ("convert.cli", "main"),
-    "train": ("train.cli", "main"),
-    "bench": ("bench.cli", "main"),
-    "eval": ("flexattn_jax.eval.cli", "main"),
-}
 
 
 def generate_parser(prog: str = "flexattn-jax generate") -> argparse.ArgumentParser:
@@ -116,7 +94,7 @@ def read_batch(path: str | Path) -> Iterator[tuple[int, Any]]:
 
 
 def _batch_lines(path: Path, f) -> Iterator[tuple[int, Any]]:
-    from flexattn_jax.inference import Request
+    from flexattn_jax.app.inference import Request
 
     with f:
         for n, raw in enumerate(f, 1):
@@ -155,9 +133,9 @@ def _png_name(index: int, image) -> str:
 
 
 def save_attention_png(out_dir: str | Path, index: int, req, ans, cfg) -> str | None:
-    """The overlay PNG of one answered item (see :mod:`flexattn_jax.visualize`); its path, None when it has no maps."""
-    from flexattn_jax.inference import request_image
-    from flexattn_jax.visualize import answer_maps, mask_layer, save_overlay
+    """The overlay PNG of one answered item (see :mod:`flexattn_jax.app.visualize`); its path, None when it has no maps."""
+    from flexattn_jax.app.inference import request_image
+    from flexattn_jax.app.visualize import answer_maps, mask_layer, save_overlay
 
     layer = mask_layer(cfg)
     att, mask = answer_maps(ans, cfg, layer)
@@ -188,7 +166,7 @@ def check_generate_args(args: argparse.Namespace) -> None:
 
     Raises ValueError (an :class:`~flexattn_jax.paths.OutputPathError` for paths) naming the flag and value.
     """
-    from flexattn_jax.config import parse_hr_budget
+    from flexattn_jax.overrides import parse_hr_budget
     from flexattn_jax.paths import check_output_dir, check_output_file
 
     if args.image and args.prompt is None:
@@ -230,7 +208,7 @@ def check_context(cfg: ModelConfig, max_new_tokens: int) -> None:
 
 def _generate_config(args: argparse.Namespace, cfg: ModelConfig) -> ModelConfig:
     """``cfg`` with ``--set`` and ``--hr-budget`` applied (validated)."""
-    from flexattn_jax.config import apply_overrides, parse_hr_budget
+    from flexattn_jax.overrides import apply_overrides, parse_hr_budget
 
     cfg = apply_overrides(cfg, list(args.set))
     if args.hr_budget is not None:
@@ -238,26 +216,10 @@ def _generate_config(args: argparse.Namespace, cfg: ModelConfig) -> ModelConfig:
     return cfg
 
 
-def load_for_inference(checkpoint: str, dtype: str | None, mesh_spec: str | None, batch_size: int):
-    """``(params, cfg, mesh)`` of a converted checkpoint for ``generate`` / ``eval``: the ``--mesh`` (errors name the
-    flag), the batch size checked against its data axis, the parameters replicated over it."""
-    from convert import load_converted
-    from flexattn_jax.inference import check_batch_size
-    from flexattn_jax.sharding import make_mesh, replicated
-
-    try:
-        mesh = None if mesh_spec is None else make_mesh(mesh_spec)
-    except ValueError as e:
-        raise ValueError(f"--mesh {mesh_spec!r}: {e}") from e
-    check_batch_size(mesh, batch_size)
-    params, cfg = load_converted(checkpoint, dtype=dtype, sharding=None if mesh is None else replicated(mesh))
-    return params, cfg, mesh
-
-
 def _generate(argv: list[str]) -> int:
-    from convert import read_config
-    from flexattn_jax.inference import Request
-    from flexattn_jax.resume import AnswerLog, ResumeError
+    from flexattn_jax.app.inference import Request, load_for_inference
+    from flexattn_jax.app.resume import AnswerLog, ResumeError
+    from flexattn_jax.checkpoint import read_config
     from flexattn_jax.tokenizer import check_tokenizer_vocab, load_tokenizer
 
     args = generate_parser().parse_args(argv)
@@ -276,7 +238,7 @@ def _generate(argv: list[str]) -> int:
     except (ValueError, OSError) as e:  # ConvertError, ShardingError, ConfigError, OutputPathError, ResumeError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from flexattn_jax.compile_cache import setup_compile_cache
+    from flexattn_jax.app.compile_cache import setup_compile_cache
 
     cache = setup_compile_cache(args.compile_cache, disabled=args.no_compile_cache)
     if args.save_attention and not cfg.flex.enabled:
@@ -290,8 +252,8 @@ def _generate(argv: list[str]) -> int:
 
 def _answer_all(args, params, cfg, tokenizer, mesh, lines, log, cache) -> int:
     """Stream the answers to --output (or stdout) in input order; Ctrl-C writes what is done and returns 130."""
-    from flexattn_jax.inference import InputOrder, stream_answers
-    from flexattn_jax.resume import request_key
+    from flexattn_jax.app.inference import InputOrder, stream_answers
+    from flexattn_jax.app.resume import request_key
 
     meta: dict[int, tuple[int, object]] = {}  # index -> (line, request) for items read and not yet written
     order = InputOrder()
@@ -369,28 +331,9 @@ def _answer_all(args, params, cfg, tokenizer, mesh, lines, log, cache) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
-    command, rest = argv[0], argv[1:]
-    if command == "generate":
-        try:
-            return _generate(rest)
-        except KeyboardInterrupt:  # while loading: nothing written yet
-            print("\ninterrupted", file=sys.stderr)
-            return 130
-    if command not in _DELEGATES:
-        print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-        return 2
-    module, func = _DELEGATES[command]
+    """The command's entry point (``argv`` without the command name)."""
     try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        print(f"`flexattn-jax {command}` is not available in this build ({e})", file=sys.stderr)
-        return 2
-    return int(getattr(mod, func)(rest) or 0)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        return _generate(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:  # while loading: nothing written yet
+        print("\ninterrupted", file=sys.stderr)
+        return 130

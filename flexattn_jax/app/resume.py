@@ -31,7 +31,7 @@ def content_key(image: str | None, prompt: str | None, error: str | None = None)
 
 
 def request_key(req) -> str:
-    """:func:`content_key` of an :class:`~flexattn_jax.inference.Request` (a path image is keyed by its string)."""
+    """:func:`content_key` of an :class:`~flexattn_jax.app.inference.Request` (a path image is keyed by its string)."""
     image = None if req.image is None else str(req.image)
     return content_key(image, req.prompt, req.error)
 

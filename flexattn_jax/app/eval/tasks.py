@@ -12,7 +12,7 @@ Protocols (and where they come from):
   MagnifierBench.
 - ``magnifier`` (the release's ``eval_magnifier.py``): the instruction with its options moved to
   their own lines, then "Answer with the option's letter from the given choices directly.";
-  greedy; :func:`flexattn_jax.eval.answers.parse_option_letter`.
+  greedy; :func:`flexattn_jax.app.eval.answers.parse_option_letter`.
 - ``textvqa`` (the release's ``eval_textvqa.py``; LLaVA's ``eval_textvqa.py`` scorer): the question,
   then "Answer the question using a single word or phrase."; greedy; VQA soft accuracy. With
   ``ocr_tokens``, LLaVA's own prompt with the "Reference OCR token: ..." line between them (LLaVA's
@@ -30,8 +30,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from flexattn_jax.eval.answers import exact_match, normalize_answer, parse_option_letter, pope_yes_no, vqa_soft_accuracy
-from flexattn_jax.eval.data import Sample
+from flexattn_jax.app.eval.answers import exact_match, normalize_answer, parse_option_letter, pope_yes_no, vqa_soft_accuracy
+from flexattn_jax.app.eval.data import Sample
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 LETTER_ANSWER = "Answer with the option's letter from the given choices directly."

@@ -11,8 +11,8 @@ from jaxtyping import PyTree
 
 from flexattn_jax.config import IGNORE_INDEX, FlexConfig, ModelConfig, TextConfig, VisionConfig
 from flexattn_jax.params import abstract_params, flatten, unflatten
+from flexattn_jax.selection import learnable_rows
 from train.config import TrainConfig
-from train.data import learnable_rows
 
 
 def tiny_config(vocab_size: int = 512, image_token_id: int = 4, **overrides: Any) -> ModelConfig:

@@ -28,7 +28,7 @@ def mask_layer(cfg: ModelConfig) -> int:
 
 
 def answer_maps(answer, cfg: ModelConfig, layer: int | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """``(image_attention (G,), hr_mask (M,))`` of an :class:`~flexattn_jax.inference.Answer` at ``layer``.
+    """``(image_attention (G,), hr_mask (M,))`` of an :class:`~flexattn_jax.app.inference.Answer` at ``layer``.
 
     ``layer`` defaults to :func:`mask_layer`; both are ``None`` when the answer has no maps
     (FlexAttention off, or a failed item).

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flexattn_jax.visualize import save_figure
+from flexattn_jax.app.visualize import save_figure
 
 
 def parse_budgets(text: str) -> list[str]:

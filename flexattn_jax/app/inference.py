@@ -473,3 +473,18 @@ def answer(
     ):
         out[i] = a
     return [a for a in out if a is not None]
+
+
+def load_for_inference(checkpoint: str, dtype: str | None, mesh_spec: str | None, batch_size: int):
+    """``(params, cfg, mesh)`` of a converted checkpoint for ``generate`` / ``eval``: the ``--mesh`` (errors name the
+    flag), the batch size checked against its data axis, the parameters replicated over it."""
+    from flexattn_jax.checkpoint import load_converted
+    from flexattn_jax.sharding import make_mesh
+
+    try:
+        mesh = None if mesh_spec is None else make_mesh(mesh_spec)
+    except ValueError as e:
+        raise ValueError(f"--mesh {mesh_spec!r}: {e}") from e
+    check_batch_size(mesh, batch_size)
+    params, cfg = load_converted(checkpoint, dtype=dtype, sharding=None if mesh is None else replicated(mesh))
+    return params, cfg, mesh

@@ -30,6 +30,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from flexattn_jax.preprocess import ROLES
+from flexattn_jax.tokenizer import build_tokenizer, default_words
+
 CLASSES: tuple[str, ...] = ("horizontal", "vertical", "checkered", "diagonal")
 QUESTIONS: tuple[str, ...] = (
     "What pattern is the small square?",
@@ -248,3 +251,13 @@ def class_separation(samples: Sequence[np.ndarray]) -> float:
     """Largest per-pixel spread (max - min) across a stack of same-shaped images."""
     stack = np.stack([np.asarray(s, np.float64) for s in samples])
     return float((stack.max(0) - stack.min(0)).max())
+
+
+def build_demo_tokenizer() -> Any:
+    """The tiny local tokenizer with the demo's questions and answers each a single token (the demo, tests, benches)."""
+    return build_tokenizer(default_words(tokenizer_texts()))
+
+
+def tokenizer_texts() -> list[str]:
+    """The demo's questions and answers (as the assistant says them), so that each is a single token."""
+    return [*QUESTIONS, *(f"{ROLES[1]}: {a}" for a in CLASSES)]

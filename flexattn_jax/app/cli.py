@@ -1,0 +1,55 @@
+"""The ``flexattn-jax`` command: a dispatcher to each command's module (each parses its own options)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    pass
+
+USAGE = """flexattn-jax COMMAND [options]
+
+commands:
+  demo       run the built-in demo (tiny model, synthetic high-resolution task; no downloads)
+  generate   answer questions about images with a converted checkpoint (single or JSONL batch)
+  convert    convert a PyTorch LLaVA / FlexAttention checkpoint (see `flexattn-jax convert --help`)
+  train      fine-tune on LLaVA-format data over a device mesh (see `flexattn-jax train --help`)
+  bench      FLOP and time benchmarks (see `flexattn-jax bench --help`)
+  eval       V* Bench, MagnifierBench, TextVQA, VQA in the paper's protocols (see `flexattn-jax eval --help`)
+
+Run `flexattn-jax COMMAND --help` for each command's options.
+"""
+
+# command -> (module, entry point taking argv)
+_DELEGATES = {
+    "generate": ("flexattn_jax.app.generate_cli", "main"),
+    "demo": ("flexattn_jax.app.demo", "main"),
+    "convert": ("convert.cli", "main"),
+    "train": ("train.cli", "main"),
+    "bench": ("bench.cli", "main"),
+    "eval": ("flexattn_jax.app.eval.cli", "main"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in _DELEGATES:
+        print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    module, func = _DELEGATES[command]
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        print(f"`flexattn-jax {command}` is not available in this build ({e})", file=sys.stderr)
+        return 2
+    return int(getattr(mod, func)(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
