@@ -15,7 +15,7 @@ with config, workload, batch, flops, seconds, flops_ratio, time_ratio and ``sect
 sections and ``goals``. Progress goes to stderr.
 
 ``flexattn-jax bench throughput [--quick]``: batch inference items/s and peak RSS, the streaming
-pipeline against the path before it (:mod:`bench.throughput`; a separate run, not part of the above).
+pipeline (:mod:`bench.throughput`; a separate run, not part of the above).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Batch inference throughput and host memory: the streaming pipeline against the path it replaced.
+"""Batch inference throughput and host memory of the streaming pipeline.
 
 Model: the scaled config of :mod:`bench.walltime` (:func:`bench.common.scaled_config`, fp32, layers
 unrolled) at budget ``flex-0.1M`` (the release's setting), HR strategy ``project``, random weights
@@ -9,10 +9,9 @@ scaled model (the values are synthetic; the FLOPs, shapes and memory are the mod
 
 Items: JPEG files (640 x 480, decoded and resized to 504 px per item), each a formatted prompt.
 
-* ``new``: :func:`flexattn_jax.app.inference.stream_answers` (lazy requests, thread-pool preprocessing,
-  windowed buckets, the ``while_loop`` that stops when every row has its EOS).
-* ``old``: the path before issue 14, kept here only as the baseline: every request preprocessed first
-  (one thread), sorted by length, then batches run by a ``lax.scan`` over all ``max_new_tokens`` steps.
+The path measured: :func:`flexattn_jax.app.inference.stream_answers` (lazy requests, thread-pool
+preprocessing, windowed buckets, the ``while_loop`` that stops when every row has its EOS). (The
+pre-streaming baseline it was compared with once is in the README's history, not kept as code.)
 
 Each run is a fresh process (sharing a persistent compile cache): it warms up on 8 items (compiling,
 or loading the cached program), then the timed run is steady state (compile time reported apart).
@@ -23,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import resource
 import subprocess
@@ -40,12 +38,10 @@ from PIL import Image, ImageDraw
 
 from bench.common import scaled_config
 from flexattn_jax.app.demo_data import build_demo_tokenizer
-from flexattn_jax.app.inference import Prepared, Request, prepare, stream_answers
+from flexattn_jax.app.inference import Request, stream_answers
 from flexattn_jax.config import ModelConfig
-from flexattn_jax.generate import decode_step, prefill, sample_token
 from flexattn_jax.params import init_params
-from flexattn_jax.preprocess import PreprocessError, bucket_length, format_prompt, pad_batch
-from flexattn_jax.selection import margin_patches
+from flexattn_jax.preprocess import format_prompt
 
 MARKERS = ("x", "y", "z")  # a prompt ending in MARKERS[k - 1] answers k tokens
 CHAIN_BASE = 4000  # ids of the intermediate chain tokens (never produced by the tokenizer)
@@ -115,61 +111,6 @@ def requests(n: int, images: Sequence[Path]) -> Iterator[Request]:
         yield Request(str(images[i % len(images)]), text, formatted=True)
 
 
-# ---- the path before issue 14 (baseline only) ----------------------------------------------------
-
-@functools.partial(jax.jit, static_argnames=("cfg", "n", "max_len"))
-def old_generate(params, cfg, ids, pixels, mask, margin, *, n: int, max_len: int):
-    """The decode loop as it was: prefill, then a ``lax.scan`` over all ``n`` steps (greedy; finished rows fed pad)."""
-    state, logits, _ = prefill(params, cfg, ids, pixels, mask, margin, max_len=max_len)
-
-    def step(carry, _):
-        state, logits, done = carry
-        tok = jnp.where(done, cfg.pad_token_id, sample_token(logits, None, 0.0, 1.0))
-        state, logits, _ = decode_step(params, cfg, state, tok)
-        return (state, logits, done | (tok == cfg.eos_token_id)), tok
-
-    _, tokens = jax.lax.scan(step, (state, logits, jnp.zeros(ids.shape[0], bool)), None, length=n)
-    tokens = tokens.T
-    return tokens, jnp.minimum(jnp.sum(jnp.cumsum(tokens == cfg.eos_token_id, axis=1) == 0, axis=1) + 1, n)
-
-
-def old_answer(params, cfg, tokenizer, reqs, *, batch_size: int, max_new_tokens: int, stats: dict) -> list[list[int]]:
-    """The old ``inference.answer``: preprocess everything (one thread), sort by length, batch, scan."""
-    t0 = time.perf_counter()
-    reqs = list(reqs)
-    max_context = min(2048, cfg.text.max_position_embeddings - max_new_tokens)
-    ready: list[tuple[int, Prepared]] = []
-    for i, r in enumerate(reqs):
-        try:
-            ready.append((i, prepare(r, cfg, tokenizer, max_context)))
-        except (PreprocessError, ValueError, OSError):
-            pass
-    ready.sort(key=lambda item: len(item[1].ids))
-    out: list[list[int]] = [[] for _ in reqs]
-    compile_s, n_tokens = 0.0, 0
-    for start in range(0, len(ready), batch_size):
-        chunk = ready[start : start + batch_size]
-        length = bucket_length(max(len(p.ids) for _, p in chunk))
-        ids, mask = pad_batch([p.ids for _, p in chunk], length, pad_id=cfg.pad_token_id, side="left")
-        pixels = np.stack([p.pixels for _, p in chunk])
-        margin = margin_patches(np.array([p.ori_size for _, p in chunk]), cfg.lr_grid)
-        pad = batch_size - len(chunk)
-        if pad:
-            ids, mask, pixels, margin = (np.concatenate([a, np.repeat(a[:1], pad, 0)]) for a in (ids, mask, pixels, margin))
-        before, tc = old_generate._cache_size(), time.perf_counter()
-        tokens, lengths = old_generate(params, cfg, ids, pixels, mask, margin, n=max_new_tokens, max_len=length + max_new_tokens)
-        if old_generate._cache_size() > before:
-            compile_s += time.perf_counter() - tc
-        tokens, lengths = np.asarray(tokens), np.asarray(lengths)
-        for row, (i, _) in enumerate(chunk):
-            out[i] = tokens[row, : lengths[row]].tolist()
-            n_tokens += int(lengths[row])
-    elapsed = time.perf_counter() - t0
-    stats.update(seconds=elapsed, compile_s=compile_s, tokens=n_tokens, answered=len(ready),
-                 steady_items_per_s=len(ready) / max(elapsed - compile_s, 1e-9))
-    return out
-
-
 # ---- measurement --------------------------------------------------------------------------------
 
 def _status_kb(field: str) -> int:
@@ -190,25 +131,21 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def run_one(path: str, params, cfg, tokenizer, images, n: int, max_new_tokens: int, batch_size: int) -> dict:
+def run_one(params, cfg, tokenizer, images, n: int, max_new_tokens: int, batch_size: int) -> dict:
     """One timed run: items/s, tokens, decode steps, peak RSS over the run and the RSS before it."""
     reset_peak_rss()
     rss0 = _status_kb("VmRSS")
     stats: dict = {}
     cpu0 = _cpu_s()
     t0 = time.perf_counter()
-    if path == "new":
-        answers = {i: a.tokens for i, a in stream_answers(params, cfg, tokenizer, requests(n, images), batch_size=batch_size,
-                                                          max_new_tokens=max_new_tokens, progress=False, stats=stats)}
-        tokens = [answers[i] for i in range(n)]
-    else:
-        tokens = old_answer(params, cfg, tokenizer, requests(n, images), batch_size=batch_size, max_new_tokens=max_new_tokens,
-                            stats=stats)
+    answers = {i: a.tokens for i, a in stream_answers(params, cfg, tokenizer, requests(n, images), batch_size=batch_size,
+                                                      max_new_tokens=max_new_tokens, progress=False, stats=stats)}
+    tokens = [answers[i] for i in range(n)]
     seconds = time.perf_counter() - t0
     cpu = _cpu_s() - cpu0
     want = [(i % 3) + 1 for i in range(n)]
     correct = sum(len(t) == k and t[-1] == cfg.eos_token_id for t, k in zip(tokens, want, strict=True))
-    return dict(path=path, items=n, max_new_tokens=max_new_tokens, batch=batch_size, seconds=seconds,
+    return dict(path="new", items=n, max_new_tokens=max_new_tokens, batch=batch_size, seconds=seconds,
                 items_per_s=n / seconds, cpu_s=cpu, items_per_cpu_s=n / max(cpu, 1e-9),
                 steady_items_per_s=stats.get("steady_items_per_s"), compile_s=stats.get("compile_s", 0.0),
                 tokens=sum(len(t) for t in tokens), decode_steps=stats.get("decode_steps"), answers_as_designed=correct,
@@ -225,23 +162,21 @@ def _child(spec: dict) -> dict:
     tokenizer = build_demo_tokenizer()
     params = eos_chain_params(cfg, tokenizer)
     images = sorted(Path(spec["images"]).glob("*.jpg"))
-    warm = run_one(spec["path"], params, cfg, tokenizer, images, spec["warm_items"], spec["max_new_tokens"], spec["batch"])
-    entry = run_one(spec["path"], params, cfg, tokenizer, images, spec["items"], spec["max_new_tokens"], spec["batch"])
+    warm = run_one(params, cfg, tokenizer, images, spec["warm_items"], spec["max_new_tokens"], spec["batch"])
+    entry = run_one(params, cfg, tokenizer, images, spec["items"], spec["max_new_tokens"], spec["batch"])
     entry.update(warm_s=warm["seconds"], warm_compile_s=warm["compile_s"])
     return entry
 
 
-def throughput_table(sizes: Sequence[int], new_tokens: Sequence[int], paths: Sequence[str] = ("new", "old"),
-                     old_sizes: dict[int, Sequence[int]] | None = None, batch_size: int = 8, warm_items: int = 8,
+def throughput_table(sizes: Sequence[int], new_tokens: Sequence[int], batch_size: int = 8, warm_items: int = 8,
                      progress: bool = True) -> dict:
-    """Every (max_new_tokens, path, N) in a fresh process (so peak RSS is that run's alone), sharing a compile cache."""
+    """Every (max_new_tokens, N) in a fresh process (so peak RSS is that run's alone), sharing a compile cache."""
     entries = []
     with tempfile.TemporaryDirectory() as d:
         make_images(Path(d))
         for mnt in new_tokens:
-            for path in paths:
-                ns = sizes if path == "new" or old_sizes is None else old_sizes.get(mnt, sizes)
-                for n in ns:
+            for path in ("new",):
+                for n in sizes:
                     spec = dict(path=path, items=n, max_new_tokens=mnt, batch=batch_size, warm_items=warm_items,
                                 images=d, cache=str(Path(d) / "jax-cache"))
                     proc = subprocess.run([sys.executable, "-m", "bench.throughput", "--child", json.dumps(spec)],
@@ -262,7 +197,7 @@ def _entry(entries, path, n, mnt):
 
 
 def goals(entries: list[dict]) -> list[dict]:
-    """The issue's three goals, each with the figures it is judged on (missing runs: not judged)."""
+    """The goals (flat memory in N, long answers cost little), each with the figures it is judged on (missing runs: not judged)."""
     out = []
     new = [e for e in entries if e["path"] == "new"]
     ns = sorted({e["items"] for e in new})
@@ -280,13 +215,6 @@ def goals(entries: list[dict]) -> list[dict]:
             lo, hi = _entry(entries, "new", n, mnts[0]), _entry(entries, "new", n, mnts[-1])
             r = lo["items_per_s"] / hi["items_per_s"]
             out.append(dict(goal=f"items/s at max_new_tokens {mnts[0]} / {mnts[-1]} (N={n}) <= 1.3", value=r, met=r <= 1.3))
-    for e in entries:
-        if e["path"] == "old":
-            nw = _entry(entries, "new", e["items"], e["max_new_tokens"])
-            if nw:
-                r = nw["items_per_s"] / e["items_per_s"]
-                out.append(dict(goal=f"steady items/s new / old >= 2 (N={e['items']}, max_new_tokens {e['max_new_tokens']})",
-                                value=r, met=r >= 2.0))
     return out
 
 
@@ -314,12 +242,9 @@ def format_table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="flexattn-jax bench throughput", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="N = 16 and 64; the old path (its long-answer runs are the slow ones) at N = 16 and 64 for "
-                    "max_new_tokens 8, N = 16 for 64, not at 128")
+    ap.add_argument("--quick", action="store_true", help="N = 16 and 64")
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="N values (default 128 1024)")
     ap.add_argument("--max-new-tokens", type=int, nargs="+", default=[8, 64, 128])
-    ap.add_argument("--paths", nargs="+", choices=["new", "old"], default=["new", "old"])
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
@@ -336,8 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_child(json.loads(args.child))))
         return 0
     sizes = args.sizes or ([16, 64] if args.quick else [128, 1024])
-    old_sizes = {64: sizes[:1], 128: []} if args.quick else None
-    results = throughput_table(sizes, args.max_new_tokens, args.paths, old_sizes=old_sizes, batch_size=args.batch_size)
+    results = throughput_table(sizes, args.max_new_tokens, batch_size=args.batch_size)
     results["command"] = " ".join(["flexattn-jax bench throughput", *(argv if argv is not None else sys.argv[1:])])
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))

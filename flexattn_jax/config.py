@@ -161,7 +161,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     scan_layers: bool = True
-    remat_policy: Literal["none", "full", "dots_saveable", "nothing_saveable"] = "none"
+    remat_policy: Literal["none", "full", "dots_saveable"] = "none"
     attention_impl: Literal["xla", "xla_chunked", "cudnn", "splash", "auto"] = "auto"
 
     def __post_init__(self) -> None:
@@ -254,6 +254,8 @@ class ModelConfig:
             raise ConfigError(f"a model config must be an object of fields, got {type(d).__name__}")
         subs = {"vision": VisionConfig, "text": TextConfig, "projector": ProjectorConfig, "flex": FlexConfig}
         kwargs: dict[str, Any] = {}
+        if d.get("remat_policy") == "nothing_saveable":  # the alias of 'full' that configs written before 2026-12 may hold
+            d = {**d, "remat_policy": "full"}
         names = {f.name for f in dataclasses.fields(cls)}
         for key, value in d.items():
             if key not in names:

@@ -54,7 +54,7 @@ _EXAMPLES = """\
 examples:
   python -m train --checkpoint ckpt/llava-v1.5-7b-jax --data llava_v1_5_mix665k.json --images data/ \\
       --mesh data=1,fsdp=-1 --batch-size 128 --grad-accum 4 --out runs/flexattn --set dtype=bfloat16 \\
-      --set remat_policy=nothing_saveable
+      --set remat_policy=full
   python -m train --init random --config-json tiny.json --data demo/data.json --images demo \\
       --max-len 64 --batch-size 8 --steps 50 --lr 1e-3 --out runs/tiny"""
 
@@ -76,7 +76,7 @@ def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     m.add_argument("--hr-init", choices=("copy", "random"), default="copy",
                    help="a plain LLaVA checkpoint's new FlexAttention k_hr/v_hr kernels: copies of k/v (default) or N(0, 0.02)")
     m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a model config field, e.g. --set dtype=bfloat16 --set remat_policy=nothing_saveable "
+                   help="override a model config field, e.g. --set dtype=bfloat16 --set remat_policy=full "
                    "--set flex.hr_budget=0.25 (repeatable; applied after --recipe)")
     d = p.add_argument_group("data")
     d.add_argument("--data", metavar="FILE", help="LLaVA-format JSON list or JSONL")

@@ -18,7 +18,7 @@ import json
 import math
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -411,9 +411,3 @@ class TrainData:
     def stats(self) -> dict[str, Any]:
         """Samples seen and skipped (by reason) so far by the newest iterator, in this process."""
         return self.counter.state()
-
-
-def host_batches(iterator: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
-    """Drop the host-only (``_``-prefixed) keys of each batch."""
-    for b in iterator:
-        yield {k: v for k, v in b.items() if not k.startswith("_")}

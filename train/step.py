@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PyTree
 
 from flexattn_jax import sharding as S
@@ -68,14 +67,6 @@ def token_loss_sums(
     valid = targets != IGNORE_INDEX
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, targets, 0))
     return jnp.sum(jnp.where(valid, ce, 0.0)), jnp.sum(valid.astype(jnp.int32))
-
-
-def mean_token_loss(
-    params: PyTree, cfg: ModelConfig, batch: Mapping[str, jax.Array], alpha: float = 1.0, rng: jax.Array | None = None
-) -> Float[Array, ""]:
-    """Mean token cross-entropy over answer tokens (evaluation helper)."""
-    s, n = token_loss_sums(params, cfg, batch, jnp.float32(alpha), rng)
-    return s / jnp.maximum(n, 1)
 
 
 @dataclasses.dataclass
@@ -256,12 +247,7 @@ def make_example_batch(cfg: ModelConfig, batch: int, seq_len: int, rows: int, gr
     )
 
 
-def batch_spec_tree(mesh: Mesh, batch: Mapping[str, Any]) -> dict[str, P]:
-    """PartitionSpec per batch array (for reports)."""
-    return {k: S.batch_spec(mesh, np.shape(v), batch_dim=1) for k, v in batch.items()}
-
-
 __all__ = [
-    "BATCH_KEYS", "StepFns", "TrainState", "alpha_at", "global_batch", "make_step", "mean_token_loss",
+    "BATCH_KEYS", "StepFns", "TrainState", "alpha_at", "global_batch", "make_step",
     "split_microbatches", "token_loss_sums",
 ]
