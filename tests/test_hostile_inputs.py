@@ -67,9 +67,7 @@ class Case:
 def world(tmp_path_factory) -> World:
     import safetensors.torch
 
-    from flexattn_jax.app.demo_data import build_demo_tokenizer
-    from flexattn_jax.checkpoint import CONVERTER_VERSION, FORMAT, save_params
-    from tests.fixtures import random_params, tiny_config
+    from tests.checkpoints import write_tiny_checkpoint
     from tests.torch_models import make_tiny_llava
 
     root = tmp_path_factory.mktemp("hostile")
@@ -79,13 +77,7 @@ def world(tmp_path_factory) -> World:
     sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     safetensors.torch.save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
     model.config.to_json_file(src / "config.json")
-    cfg = tiny_config()
-    ckpt = root / "ckpt"
-    ckpt.mkdir()
-    save_params(random_params(cfg, seed=2, std=0.3), ckpt / "params")
-    (ckpt / "metadata.json").write_text(json.dumps({"format": FORMAT, "converter_version": CONVERTER_VERSION,
-                                                    "model_config": cfg.to_dict()}))
-    build_demo_tokenizer().save_pretrained(str(ckpt))
+    ckpt = write_tiny_checkpoint(root / "ckpt", seed=2, std=0.3)
     img = root / "good.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(img)
     batch = root / "batch.jsonl"

@@ -18,7 +18,6 @@ import pytest
 
 from flexattn_jax.app import demo_data
 from flexattn_jax.app.cli import main as cli_main
-from flexattn_jax.app.demo_data import build_demo_tokenizer
 from flexattn_jax.params import add_hr_projections, flatten
 from tests.fixtures import TEST_BATCH, TEST_SEQ_LEN, random_params, small_train_config, tiny_config
 from train.checkpoint import Checkpointer, CheckpointMismatch, NoUsableCheckpoint
@@ -43,7 +42,7 @@ def tree_hash(*paths: Path) -> str:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A dataset, variants of it, a ModelConfig JSON, a converted plain LLaVA and a finished 3-step run."""
-    from flexattn_jax.checkpoint import CONVERTER_VERSION, FORMAT, save_params
+    from tests.checkpoints import write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("hostile")
     demo_data.write_llava_dataset(root / "data", seed=0, n=16, hr_size=84, obj_px=6)
@@ -53,12 +52,7 @@ def world(tmp_path_factory):
     (root / "data" / "object.json").write_text('{"id": 1}')
     (root / "data" / "empty.json").write_text("[]")
     (root / "tiny.json").write_text(CFG.to_json())
-    ckpt = root / "converted"
-    ckpt.mkdir()
-    save_params(random_params(PLAIN, seed=4), ckpt / "params")
-    meta = {"format": FORMAT, "converter_version": CONVERTER_VERSION, "model_config": PLAIN.to_dict()}
-    (ckpt / "metadata.json").write_text(json.dumps(meta))
-    build_demo_tokenizer().save_pretrained(str(ckpt))
+    write_tiny_checkpoint(root / "converted", PLAIN, seed=4, std=0.02)
     (root / "a_file").write_text("not a directory\n")
     run = root / "run"
     assert cli_main(["train", *base_args(root, run), "--stop-at", "3"]) == 0

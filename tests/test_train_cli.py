@@ -63,18 +63,11 @@ def test_train_from_converted_llava_gets_hr_kernels(tmp_path, capsys):
     import numpy as np
 
     from flexattn_jax.app import demo_data
-    from flexattn_jax.app.demo_data import build_demo_tokenizer
-    from flexattn_jax.checkpoint import CONVERTER_VERSION, FORMAT, save_params
-    from tests.fixtures import random_params
+    from tests.checkpoints import write_tiny_checkpoint
     from train.checkpoint import Checkpointer
 
     plain = dataclasses.replace(tiny_config(), flex=dataclasses.replace(tiny_config().flex, enabled=False))
-    ckpt = tmp_path / "converted"
-    ckpt.mkdir()
-    save_params(random_params(plain, seed=4), ckpt / "params")
-    meta = {"format": FORMAT, "converter_version": CONVERTER_VERSION, "model_config": plain.to_dict()}
-    (ckpt / "metadata.json").write_text(json.dumps(meta))
-    build_demo_tokenizer().save_pretrained(str(ckpt))
+    ckpt = write_tiny_checkpoint(tmp_path / "converted", plain, seed=4, std=0.02)
     demo_data.write_llava_dataset(tmp_path / "data", seed=0, n=8, hr_size=84, obj_px=6)
     out = tmp_path / "run"
     argv = ["--checkpoint", str(ckpt), "--data", str(tmp_path / "data" / "data.json"), "--images", str(tmp_path / "data"),
