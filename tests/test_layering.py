@@ -92,3 +92,26 @@ def test_public_api_resolves():
     assert not submodules & set(fx.__all__)  # an export must never shadow a module of the package
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         fx.nope  # noqa: B018
+
+
+def test_readme_api_example_runs(tmp_path):
+    """The README's Python API example, run as written on a tiny checkpoint (paths substituted)."""
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    from tests.checkpoints import write_tiny_checkpoint
+    from tests.fixtures import tiny_config
+
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"## The Python API\n\n```python\n(.*?)```", readme, re.S).group(1)
+    ckpt = write_tiny_checkpoint(tmp_path / "model")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "cat.png")
+    cfg = tiny_config()
+    ids = [1, 5, *[cfg.image_token_id] * cfg.num_image_tokens, 7, 9]  # the <image> placeholder expanded, as forward takes it
+    env = {"input_ids": np.array([ids], np.int32),
+           "pixel_values": np.zeros((1, cfg.image_size, cfg.image_size, 3), np.float32), "print": lambda *a: None}
+    exec(code.replace("demo_out/model", str(ckpt)).replace("cat.png", str(tmp_path / "cat.png")), env)  # noqa: S102
+    assert env["logits"].shape == (1, len(ids), cfg.text.vocab_size)
+    assert isinstance(env["a"].text, str) and env["a"].error is None
