@@ -269,19 +269,6 @@ def preprocess_image(
     return pixels.astype(np.float32), ori_size
 
 
-def preprocess_images(
-    images: Sequence[Image.Image],
-    size: int,
-    mean: Sequence[float] = CLIP_MEAN,
-    std: Sequence[float] = CLIP_STD,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Batch of :func:`preprocess_image`: ``(pixels (B, size, size, 3) float32, ori_sizes (B, 2) int32)``."""
-    out = [preprocess_image(im, size, mean, std) for im in images]
-    if not out:
-        return np.zeros((0, size, size, 3), np.float32), np.zeros((0, 2), np.int32)
-    return np.stack([p for p, _ in out]), np.asarray([s for _, s in out], np.int32)
-
-
 # ---- prompt template -----------------------------------------------------------------------------
 
 def _image_first(value: str) -> str:

@@ -77,14 +77,6 @@ def build_tokenizer(
     )
 
 
-def save_tokenizer(tokenizer: PreTrainedTokenizerFast, path: str | Path) -> Path:
-    """``save_pretrained`` into ``path`` (created); returns the directory."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(str(path))
-    return path
-
-
 class TokenizerError(ValueError):
     """A tokenizer is missing, unreadable or does not fit the model; the message names the directory."""
 

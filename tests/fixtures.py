@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from jaxtyping import PyTree
 
+from flexattn_jax.app import demo_data
 from flexattn_jax.config import IGNORE_INDEX, FlexConfig, ModelConfig, TextConfig, VisionConfig
 from flexattn_jax.params import abstract_params, flatten, unflatten
 from flexattn_jax.selection import learnable_rows
@@ -108,3 +111,34 @@ def synthetic_batch(
 def to_host(tree: PyTree) -> PyTree:
     """Every leaf as a numpy array (gathers sharded arrays)."""
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def write_llava_dataset(
+    directory: str | Path, seed: int, n: int, hr_size: int = 168, name: str = "data", **kwargs: Any
+) -> Path:
+    """Write ``images/*.png`` and ``{name}.json`` (a LLaVA-format list) under ``directory``; return the JSON path.
+
+    Entries: ``{"id", "image" (relative to directory), "conversations": [human "<image>\\n{question}",
+    gpt "{answer}"], "meta"}``. Same arguments give byte-identical files.
+    """
+    directory = Path(directory)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, (image, question, answer, meta) in enumerate(demo_data.make_split(seed, n, hr_size, **kwargs)):
+        sample_id = f"{name}-{seed}-{i:06d}"
+        rel = f"images/{sample_id}.png"
+        image.save(directory / rel, format="PNG")
+        records.append(
+            {
+                "id": sample_id,
+                "image": rel,
+                "conversations": [
+                    {"from": "human", "value": "<image>\n" + question},
+                    {"from": "gpt", "value": answer},
+                ],
+                "meta": meta,
+            }
+        )
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(records, indent=1) + "\n")
+    return path

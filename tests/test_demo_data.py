@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -10,12 +11,13 @@ from PIL import Image
 
 from flexattn_jax.app import demo_data as dd
 from flexattn_jax.preprocess import format_conversation, load_image, preprocess_image
+from tests.fixtures import write_llava_dataset
 
 
 def test_write_llava_dataset_is_deterministic(tmp_path):
-    a = dd.write_llava_dataset(tmp_path / "a", seed=7, n=6)
-    b = dd.write_llava_dataset(tmp_path / "b", seed=7, n=6)
-    c = dd.write_llava_dataset(tmp_path / "c", seed=8, n=6)
+    a = write_llava_dataset(tmp_path / "a", seed=7, n=6)
+    b = write_llava_dataset(tmp_path / "b", seed=7, n=6)
+    c = write_llava_dataset(tmp_path / "c", seed=8, n=6)
     assert a.read_bytes() == b.read_bytes()
     records = json.loads(a.read_text())
     assert len(records) == 6
@@ -26,7 +28,7 @@ def test_write_llava_dataset_is_deterministic(tmp_path):
 
 
 def test_llava_format(tmp_path):
-    path = dd.write_llava_dataset(tmp_path, seed=1, n=8, hr_size=168)
+    path = write_llava_dataset(tmp_path, seed=1, n=8, hr_size=168)
     records = json.loads(path.read_text())
     assert [r["meta"]["class"] for r in records] == list(dd.CLASSES) * 2  # balanced
     for rec in records:
@@ -77,9 +79,9 @@ def test_separable_at_hr_not_after_3x_downsampling():
         px0, py0, px1, py1 = meta["bbox"]
         x0, y0, x1, y1 = meta["frame_bbox"]
         # full resolution: the pattern pixels differ by most of the pattern's contrast
-        assert dd.class_separation([h[py0:py1, px0:px1] for h in hr]) > 0.6
+        assert class_separation([h[py0:py1, px0:px1] for h in hr]) > 0.6
         lr_views = {
-            "antialiased bilinear": [dd.downsample(h, 3) for h in hr],
+            "antialiased bilinear": [downsample(h, 3) for h in hr],
             "box": [h.reshape(56, 3, 56, 3, 3).mean((1, 3)) for h in hr],
             "PIL bicubic": [np.asarray(Image.fromarray(np.rint(h * 255).astype(np.uint8)).resize((56, 56), Image.BICUBIC)) / 255.0
                             for h in hr],
@@ -89,17 +91,17 @@ def test_separable_at_hr_not_after_3x_downsampling():
             means = [float(v[box].mean()) for v in lr]
             assert max(means) - min(means) < 0.005, (kind, seed, means)  # the same grey on average
             # per pixel only a thin rim leaks (partial periods at the frame): far below the HR difference
-            assert dd.class_separation(lr) < {"antialiased bilinear": 0.08, "box": 0.005, "PIL bicubic": 0.11}[kind], (kind, seed)
+            assert class_separation(lr) < {"antialiased bilinear": 0.08, "box": 0.005, "PIL bicubic": 0.11}[kind], (kind, seed)
             outside = np.ones(lr[0].shape[:2], bool)
             outside[box] = False
-            assert dd.class_separation([v[outside] for v in lr]) < 0.01  # nothing away from the object
+            assert class_separation([v[outside] for v in lr]) < 0.01  # nothing away from the object
 
 
 def test_pattern_interior_is_exactly_flat_after_antialiased_downsampling():
     for name in dd.CLASSES:
         for phase in [(0, 0), (1, 2), (2, 1)]:
             big = dd.pattern_patch(name, 30, phase)
-            lr = dd.downsample(big, 3)[2:-2, 2:-2]  # away from the patch edge
+            lr = downsample(big, 3)[2:-2, 2:-2]  # away from the patch edge
             np.testing.assert_allclose(lr, 0.5, atol=1e-12)
             assert big.max() - big.min() == pytest.approx(0.7)
 
@@ -107,7 +109,7 @@ def test_pattern_interior_is_exactly_flat_after_antialiased_downsampling():
 def test_object_visible_at_low_resolution():
     for seed in range(8):
         img, _, _, meta = dd.make_sample(np.random.default_rng(seed))
-        lr = dd.downsample(np.asarray(img, np.float64) / 255.0, 3)
+        lr = downsample(np.asarray(img, np.float64) / 255.0, 3)
         x0, y0, x1, y1 = meta["frame_bbox"]
         cy, cx = (y0 + y1) // 6, (x0 + x1) // 6
         ring = np.concatenate([lr[max(cy - 5, 0) : cy + 6, c] for c in (max(cx - 5, 0), min(cx + 5, 55))])
@@ -122,7 +124,7 @@ def test_downsample_matches_torch():
     ref = torch.nn.functional.interpolate(
         torch.tensor(x).permute(2, 0, 1)[None], size=(56, 56), mode="bilinear", antialias=True, align_corners=False
     )[0].permute(1, 2, 0).numpy()
-    np.testing.assert_allclose(dd.downsample(x, 3), ref, atol=1e-12)
+    np.testing.assert_allclose(downsample(x, 3), ref, atol=1e-12)
 
 
 def test_aspect_jitter_pads_to_square():
@@ -150,3 +152,35 @@ def test_bad_arguments():
     assert meta["obj_px"] == 7
     with pytest.raises(ValueError, match="does not fit"):
         dd.make_sample(np.random.default_rng(0), hr_size=10)
+
+
+# ---- analysis helpers (test-only) ----------------------------------------------------------------
+
+def downsample(arr: np.ndarray, factor: int) -> np.ndarray:
+    """Antialiased bilinear down-sampling by an integer factor, as PyTorch's
+    ``interpolate(mode='bilinear', antialias=True, align_corners=False)`` (HW or HWC, float64 out)."""
+    arr = np.asarray(arr, np.float64)
+    h, w = arr.shape[:2]
+    if factor < 1 or h % factor or w % factor:
+        raise ValueError(f"image {h}x{w} is not divisible by factor {factor}")
+    wy, wx = _aa_weights(h, h // factor), _aa_weights(w, w // factor)
+    return np.einsum("oh,hw...->ow...", wy, np.einsum("pw,hw...->hp...", wx, arr))
+
+
+def _aa_weights(n_in: int, n_out: int) -> np.ndarray:
+    scale = n_in / n_out
+    support = scale  # the triangle filter's support (1) times the scale
+    weights = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        center = (i + 0.5) * scale
+        lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), n_in)
+        j = np.arange(lo, hi)
+        wts = np.maximum(0.0, 1.0 - np.abs((j + 0.5 - center) / scale))
+        weights[i, lo:hi] = wts / wts.sum()
+    return weights
+
+
+def class_separation(samples: Sequence[np.ndarray]) -> float:
+    """Largest per-pixel spread (max - min) across a stack of same-shaped images."""
+    stack = np.stack([np.asarray(s, np.float64) for s in samples])
+    return float((stack.max(0) - stack.min(0)).max())

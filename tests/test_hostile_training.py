@@ -16,10 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-from flexattn_jax.app import demo_data
 from flexattn_jax.app.cli import main as cli_main
 from flexattn_jax.params import add_hr_projections, flatten
-from tests.fixtures import TEST_BATCH, TEST_SEQ_LEN, random_params, small_train_config, tiny_config
+from tests.fixtures import TEST_BATCH, TEST_SEQ_LEN, random_params, small_train_config, tiny_config, write_llava_dataset
 from train.checkpoint import Checkpointer, CheckpointMismatch, NoUsableCheckpoint
 from train.metrics import truncate_metrics
 from train.step import make_step
@@ -45,7 +44,7 @@ def world(tmp_path_factory):
     from tests.checkpoints import write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("hostile")
-    demo_data.write_llava_dataset(root / "data", seed=0, n=16, hr_size=84, obj_px=6)
+    write_llava_dataset(root / "data", seed=0, n=16, hr_size=84, obj_px=6)
     records = json.loads((root / "data" / "data.json").read_text())
     (root / "data" / "missing_images.json").write_text(json.dumps([{**r, "image": "gone/" + r["image"]} for r in records]))
     (root / "data" / "malformed.json").write_text("[{]")

@@ -13,11 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from flexattn_jax.app import demo_data
 from flexattn_jax.app.demo_data import build_demo_tokenizer
 from flexattn_jax.config import ModelConfig
 from flexattn_jax.sharding import make_mesh
-from tests.fixtures import TEST_BATCH, TEST_SEQ_LEN, random_params, small_train_config, tiny_config, to_host
+from tests.fixtures import TEST_BATCH, TEST_SEQ_LEN, random_params, small_train_config, tiny_config, to_host, write_llava_dataset
 from train.checkpoint import Checkpointer
 from train.config import DataConfig
 from train.data import TrainData
@@ -31,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
-    demo_data.write_llava_dataset(root, seed=0, n=16, hr_size=84, obj_px=6)
+    write_llava_dataset(root, seed=0, n=16, hr_size=84, obj_px=6)
     return root
 
 

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from tests.fixtures import tiny_config
+from tests.fixtures import tiny_config, write_llava_dataset
 from train.cli import apply_recipe, build_parser, data_config_from_args, main, train_config_from_args
 from train.config import DataConfig, TrainConfig
 
@@ -62,13 +62,12 @@ def test_train_from_converted_llava_gets_hr_kernels(tmp_path, capsys):
 
     import numpy as np
 
-    from flexattn_jax.app import demo_data
     from tests.checkpoints import write_tiny_checkpoint
     from train.checkpoint import Checkpointer
 
     plain = dataclasses.replace(tiny_config(), flex=dataclasses.replace(tiny_config().flex, enabled=False))
     ckpt = write_tiny_checkpoint(tmp_path / "converted", plain, seed=4, std=0.02)
-    demo_data.write_llava_dataset(tmp_path / "data", seed=0, n=8, hr_size=84, obj_px=6)
+    write_llava_dataset(tmp_path / "data", seed=0, n=8, hr_size=84, obj_px=6)
     out = tmp_path / "run"
     argv = ["--checkpoint", str(ckpt), "--data", str(tmp_path / "data" / "data.json"), "--images", str(tmp_path / "data"),
             "--max-len", "64", "--batch-size", "8", "--steps", "30", "--stop-at", "1", "--lr", "1e-2", "--adam-eps", "1e-3",

@@ -11,7 +11,7 @@ from flexattn_jax.app import demo_data
 from flexattn_jax.app.demo_data import build_demo_tokenizer
 from flexattn_jax.config import IGNORE_INDEX
 from flexattn_jax.selection import learnable_rows
-from tests.fixtures import TEST_SEQ_LEN, tiny_config
+from tests.fixtures import TEST_SEQ_LEN, tiny_config, write_llava_dataset
 from train.config import DataConfig
 from train.data import BatchPlan, DataError, TrainData, read_records
 
@@ -26,7 +26,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
-    demo_data.write_llava_dataset(root, seed=0, n=16, hr_size=84, obj_px=6)
+    write_llava_dataset(root, seed=0, n=16, hr_size=84, obj_px=6)
     return root
 
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flexattn_jax.app import demo_data
-from tests.fixtures import TEST_BATCH, TEST_SEQ_LEN, tiny_config
+from tests.fixtures import TEST_BATCH, TEST_SEQ_LEN, tiny_config, write_llava_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +22,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
-    demo_data.write_llava_dataset(tmp_path, seed=0, n=16, hr_size=84, obj_px=6)
+    write_llava_dataset(tmp_path, seed=0, n=16, hr_size=84, obj_px=6)
     cfg_json = tmp_path / "tiny.json"
     cfg_json.write_text(tiny_config().to_json())
     args = [sys.executable, "-m", "train", "--init", "random", "--config-json", str(cfg_json),

@@ -22,9 +22,6 @@ question is answerable only with HR detail.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -190,67 +187,6 @@ def make_split(seed: int, n: int, hr_size: int = 168, **kwargs: Any) -> list[tup
     return [
         make_sample(np.random.default_rng([seed, i]), hr_size, cls=CLASSES[i % len(CLASSES)], **kwargs) for i in range(n)
     ]
-
-
-def write_llava_dataset(
-    directory: str | Path, seed: int, n: int, hr_size: int = 168, name: str = "data", **kwargs: Any
-) -> Path:
-    """Write ``images/*.png`` and ``{name}.json`` (a LLaVA-format list) under ``directory``; return the JSON path.
-
-    Entries: ``{"id", "image" (relative to directory), "conversations": [human "<image>\\n{question}",
-    gpt "{answer}"], "meta"}``. Same arguments give byte-identical files.
-    """
-    directory = Path(directory)
-    (directory / "images").mkdir(parents=True, exist_ok=True)
-    records = []
-    for i, (image, question, answer, meta) in enumerate(make_split(seed, n, hr_size, **kwargs)):
-        sample_id = f"{name}-{seed}-{i:06d}"
-        rel = f"images/{sample_id}.png"
-        image.save(directory / rel, format="PNG")
-        records.append(
-            {
-                "id": sample_id,
-                "image": rel,
-                "conversations": [
-                    {"from": "human", "value": "<image>\n" + question},
-                    {"from": "gpt", "value": answer},
-                ],
-                "meta": meta,
-            }
-        )
-    path = directory / f"{name}.json"
-    path.write_text(json.dumps(records, indent=1) + "\n")
-    return path
-
-
-def downsample(arr: np.ndarray, factor: int) -> np.ndarray:
-    """Antialiased bilinear down-sampling by an integer factor, as PyTorch's
-    ``interpolate(mode='bilinear', antialias=True, align_corners=False)`` (HW or HWC, float64 out)."""
-    arr = np.asarray(arr, np.float64)
-    h, w = arr.shape[:2]
-    if factor < 1 or h % factor or w % factor:
-        raise ValueError(f"image {h}x{w} is not divisible by factor {factor}")
-    wy, wx = _aa_weights(h, h // factor), _aa_weights(w, w // factor)
-    return np.einsum("oh,hw...->ow...", wy, np.einsum("pw,hw...->hp...", wx, arr))
-
-
-def _aa_weights(n_in: int, n_out: int) -> np.ndarray:
-    scale = n_in / n_out
-    support = scale  # the triangle filter's support (1) times the scale
-    weights = np.zeros((n_out, n_in))
-    for i in range(n_out):
-        center = (i + 0.5) * scale
-        lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), n_in)
-        j = np.arange(lo, hi)
-        wts = np.maximum(0.0, 1.0 - np.abs((j + 0.5 - center) / scale))
-        weights[i, lo:hi] = wts / wts.sum()
-    return weights
-
-
-def class_separation(samples: Sequence[np.ndarray]) -> float:
-    """Largest per-pixel spread (max - min) across a stack of same-shaped images."""
-    stack = np.stack([np.asarray(s, np.float64) for s in samples])
-    return float((stack.max(0) - stack.min(0)).max())
 
 
 def build_demo_tokenizer() -> Any:
