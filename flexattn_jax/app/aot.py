@@ -19,6 +19,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -137,15 +138,17 @@ def target_devices(target: Target) -> list:
     from jax.experimental import topologies
 
     if target.platform == "tpu":
+        # compile-only: no chip is claimed, so processes need not take turns at libtpu's lockfile
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         if importlib.util.find_spec("libtpu") is None:
             raise AotError(f"--target {target.name} needs libtpu: pip install 'flexattn-jax[tpu]' (jax[tpu]>=0.10,<0.11)")
         try:
             topo = topologies.get_topology_desc(topology_name=target.topology, platform="tpu")
         except Exception as e:  # libtpu rejects shapes it does not know: say which one
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise AotError(f"--target {target.name}: libtpu does not know the topology {target.topology!r} ({first})") from e
+            raise AotError(f"--target {target.name}: libtpu could not describe the topology {target.topology!r} ({first})") from e
         return list(topo.devices)
-    if not any(importlib.util.find_spec(p) for p in ("jax_cuda13_plugin", "jax_cuda12_plugin", "jax_plugins.xla_cuda13")):
+    if not any(importlib.util.find_spec(p) for p in ("jax_cuda13_plugin", "jax_cuda12_plugin")):
         raise AotError(f"--target {target.name} needs the CUDA plugin: pip install 'flexattn-jax[cuda]' (jax[cuda13]>=0.10,<0.11)")
     spec = (GPU_TARGETS_DIR / target.chip.spec_file).read_text()
     try:
@@ -292,7 +295,7 @@ def _state_shardings(state, mesh: Mesh, batch: int):
         name = jax.tree_util.keystr(path, simple=True, separator="/")
         if leaf.ndim == 0:
             return _sds(leaf.shape, leaf.dtype, S.replicated(mesh))
-        dim = 1 if re.match(r"^(cache/(k|v)|hr_kv/)", name) else 0
+        dim = 1 if re.match(r"^cache/(k|v)$|^hr_kv/", name) else 0
         if leaf.shape[dim] != batch:
             raise AotError(f"decode state {name} {leaf.shape}: no batch axis of {batch} at dim {dim}")
         return _sds(leaf.shape, leaf.dtype, S.batch_sharding(mesh, leaf.shape, batch_dim=dim))
