@@ -26,9 +26,11 @@ import logging
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
 from flexattn_jax.config import ATTENTION_IMPLS
+from flexattn_jax.sharding import logical_to_spec
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +156,28 @@ class CausalPadding:
         return seen[:, last] > 0
 
 
+def target_platform() -> str:
+    """The platform (``cpu``, ``gpu``, ``tpu``) that the program being traced is compiled for.
+
+    It is the platform of the ambient mesh's devices (``jax.set_mesh``; compile-only TPU or GPU
+    devices included), else ``jax.default_backend()``. Kernel choices read this, never the default
+    backend: a CPU host compiling for a TPU topology must lower the real Mosaic kernels.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    platform = jax.default_backend() if device is None else device.platform
+    return {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+
+
 @functools.cache
 def _log_once(message: str, level: int) -> None:
     log.log(level, message)
+
+
+# Where 'auto' may pick a fused kernel: the cases a test or a deviceless compile has lowered (tests/test_aot_tpu.py
+# compiles splash for a TPU topology and cuDNN for an H100/H200 description, both at head dim 128). Asked for by name,
+# a kernel takes any head dim it supports.
+AUTO_KERNEL_HEAD_DIMS = (128,)
 
 
 def resolve_impl(
@@ -164,17 +185,18 @@ def resolve_impl(
 ) -> tuple[str, str]:
     """The implementation that runs for ``impl`` on ``backend`` at these shapes, and why (empty if as asked).
 
-    ``auto``: cuDNN on GPU for bf16/fp16 with a head dim that is a multiple of 8 and <= 256; splash on
-    TPU with a head dim that is a multiple of 128 (one row, or a static causal offset); otherwise the
-    XLA paths, dense below :data:`AUTO_CHUNK_MIN_KEYS` keys or for one row, chunked above. An
-    explicit kernel that cannot take this call falls back the same way (with the reason).
+    ``auto``: on GPU cuDNN, on TPU splash, each only for the cases it has been exercised on
+    (:data:`AUTO_KERNEL_HEAD_DIMS`, many rows from cache slot 0 for cuDNN, a static causal offset for
+    splash; cuDNN in bf16/fp16); otherwise the XLA paths, dense below :data:`AUTO_CHUNK_MIN_KEYS`
+    keys or for one row, chunked above. An explicit kernel that cannot take this call falls back the
+    same way, with the reason. ``backend`` is the target's platform (:func:`target_platform`).
     """
     if impl not in IMPLS:
         raise ValueError(f"attention_impl={impl!r}: use one of {IMPLS}")
     if impl in ("xla", "xla_chunked"):
         return impl, ""
     if impl == "cudnn" and backend != "gpu":
-        raise ValueError(f"attention_impl='cudnn' needs a GPU; the backend is {backend!r} (use 'auto', 'xla' or 'xla_chunked')")
+        raise ValueError(f"attention_impl='cudnn' needs a GPU; the target is {backend!r} (use 'auto', 'xla' or 'xla_chunked')")
     dense = num_rows == 1 or num_keys < AUTO_CHUNK_MIN_KEYS
     if impl == "auto" and num_rows == 1:
         return "xla", ""  # decode: one row against the cache is O(S) dense; a kernel buys nothing
@@ -184,24 +206,28 @@ def resolve_impl(
     want = impl if impl != "auto" else {"gpu": "cudnn", "tpu": "splash"}.get(backend)
     if want is None:
         return plain, f"attention_impl='auto' on {backend}: no fused kernel (cudnn needs a GPU, splash a TPU); using {plain!r} ({why})"
+    if impl == "auto" and head_dim not in AUTO_KERNEL_HEAD_DIMS:
+        return plain, (f"attention_impl='auto': {want} has been compiled here only at head dims {AUTO_KERNEL_HEAD_DIMS}, "
+                       f"not {head_dim}; using {plain!r} (ask for {want!r} by name to use it anyway)")
     if want == "cudnn":
         if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
             return plain, f"attention_impl={impl!r}: cuDNN takes bf16/fp16, not {dtype}; using {plain!r}"
         if head_dim % 8 or head_dim > 256:
             return plain, f"attention_impl={impl!r}: cuDNN needs a head dim, a multiple of 8, <= 256, not {head_dim}; using {plain!r}"
+        if static_start != 0:
+            return plain, (f"attention_impl={impl!r}: cuDNN's causal mask starts at key slot 0; rows at a cache offset "
+                           f"(cached prefill, decode) cannot be expressed; using {plain!r}")
         return "cudnn", ""
     if num_rows > 1 and static_start is None:
         return plain, f"attention_impl={impl!r}: splash needs a static causal offset for {num_rows} rows (cached prefill); using {plain!r}"
-    if impl == "auto" and head_dim % 128:
-        return plain, f"attention_impl='auto': splash wants a head dim that is a multiple of 128, not {head_dim}; using {plain!r}"
     return "splash", ""
 
 
 def choose_impl(impl: str, q: Float[Array, "B T H d"], k: Float[Array, "B S Hkv d"], mask: CausalPadding) -> str:
-    """:func:`resolve_impl` for this call on the default backend; a fallback's reason is logged once
-    (info for ``auto``, a warning for a kernel asked for by name)."""
+    """:func:`resolve_impl` for this call on the target platform (:func:`target_platform`); a fallback's
+    reason is logged once (info for ``auto``, a warning for a kernel asked for by name)."""
     chosen, reason = resolve_impl(
-        impl, backend=jax.default_backend(), dtype=q.dtype, head_dim=q.shape[-1], num_rows=q.shape[1], num_keys=k.shape[1],
+        impl, backend=target_platform(), dtype=q.dtype, head_dim=q.shape[-1], num_rows=q.shape[1], num_keys=k.shape[1],
         static_start=mask.static_start,
     )
     if reason:  # 'auto' choosing is expected (info); a kernel asked for by name falling back is a warning
@@ -222,17 +248,50 @@ def attention(
     Every implementation computes the same function; rows that see no valid key (padding rows)
     are whatever the implementation gives (finite), and nothing downstream reads them.
     """
-    t, d = q.shape[1], q.shape[-1]
+    t = q.shape[1]
     chosen = choose_impl(impl, q, k, mask)
+    plain = lambda: (attention_with_lse(q, k, v, mask.dense(t))[0] if k.shape[1] < AUTO_CHUNK_MIN_KEYS
+                     else chunked_attention(q, k, v, mask.key_valid, mask.start))
     if chosen == "xla":
         return attention_with_lse(q, k, v, mask.dense(t))[0]
     if chosen == "xla_chunked":
         return chunked_attention(q, k, v, mask.key_valid, mask.start)
     if chosen == "cudnn":
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask.dense(t)[:, None], scale=d**-0.5, implementation="cudnn")
+        out = cudnn_attention(q, k, v, mask, fallback=plain)
     else:
-        out = splash_attention(q, k, v, mask, interpret=jax.default_backend() != "tpu")
+        out = splash_attention(q, k, v, mask, interpret=target_platform() != "tpu")
     return jnp.where(mask.has_key(t)[..., None, None], out, 0).astype(q.dtype)  # fully masked rows: 0, never NaN
+
+
+def cudnn_attention(
+    q: Float[Array, "B T H d"],
+    k: Float[Array, "B S Hkv d"],
+    v: Float[Array, "B S Hkv d"],
+    mask: CausalPadding,
+    *,
+    fallback,
+) -> Float[Array, "B T H d"]:
+    """cuDNN attention given only what cuDNN takes natively: ``is_causal`` and the key lengths.
+
+    No dense mask (JAX would fold it into a bias: the upper triangle computed anyway and, in
+    training, a bias gradient stored per layer). Valid keys must be a prefix of each sample (right
+    padding, at least one); a batch where they are not (left padding) runs ``fallback()`` instead,
+    chosen at run time by ``lax.cond`` (both are compiled). Rows from cache slot 0 only
+    (``mask.static_start == 0``).
+    """
+    if mask.static_start != 0:
+        raise ValueError("cudnn_attention: rows must start at cache slot 0 (mask.static_start == 0)")
+    _log_once("attention_impl='cudnn': padding goes to cuDNN as key lengths; a batch that is not right-padded "
+              "(left padding) cannot be expressed so and runs the XLA path (chosen at run time)", logging.INFO)
+    s = k.shape[1]
+    lengths = jnp.sum(mask.key_valid, axis=1, dtype=jnp.int32)
+    prefix = jnp.all(mask.key_valid == (jnp.arange(s)[None] < lengths[:, None])) & jnp.all(lengths > 0)
+
+    def fused():
+        return jax.nn.dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, is_causal=True, key_value_seq_lengths=lengths,
+                                            implementation="cudnn").astype(q.dtype)
+
+    return jax.lax.cond(prefix, fused, lambda: fallback().astype(q.dtype))
 
 
 # ---- xla_chunked: online softmax over key blocks, flash-style backward ------------------------------
@@ -392,23 +451,41 @@ def splash_attention(
 ) -> Float[Array, "B T H d"]:
     """Causal + padding attention by the Pallas splash kernel (GQA), one call per sample (vmapped).
 
-    Padding is segment ids (valid keys 1, invalid 0, queries 1); causality is the static
-    ``CausalMask(offset=static_start)``; one row (decode) folds its causal bound into the key
-    segment ids instead, so a traced cache index works. Sequences are padded to multiples of
-    :data:`SPLASH_BLOCK` (padded keys invalid, padded rows dropped). Rows without a valid key are
-    undefined here (the dispatcher zeroes them).
+    Under an ambient mesh (``jax.set_mesh``) the kernel runs inside ``shard_map`` (Mosaic kernels
+    are never partitioned automatically): the batch over the mesh's batch axes (data, fsdp) and
+    the heads over ``tensor``, each where it divides (else replicated). Padding is segment ids
+    (valid keys 1, invalid 0, queries 1); causality is the static ``CausalMask(offset=static_start)``;
+    one row (decode) folds its causal bound into the key segment ids instead, so a traced cache
+    index works. Sequences are padded to multiples of :data:`SPLASH_BLOCK` (padded keys invalid,
+    padded rows dropped). Rows without a valid key are undefined here (the dispatcher zeroes them).
     """
+    b, t, h, d = q.shape
+    if t > 1 and mask.static_start is None:
+        raise ValueError("splash_attention: more than one row needs mask.static_start (a static causal offset)")
+    body = functools.partial(_splash_local, static_start=mask.static_start, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return body(q, k, v, mask.key_valid, mask.start)
+    batch = logical_to_spec(("batch",), (b,), mesh)
+    heads = logical_to_spec(("kv_heads",), (k.shape[2],), mesh)  # divides Hkv, so H too (H = G Hkv): GQA groups stay whole
+    bx = batch[0] if len(batch) else None
+    hx = heads[0] if len(heads) else None
+    qkv = P(bx, None, hx, None)
+    return jax.shard_map(body, in_specs=(qkv, qkv, qkv, P(bx, None), P()), out_specs=qkv, check_vma=False)(
+        q, k, v, mask.key_valid, mask.start)
+
+
+def _splash_local(q, k, v, key_valid, start, *, static_start: int | None, interpret: bool):
+    """:func:`splash_attention` on the arrays one device holds."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
     b, t, h, d = q.shape
     s = k.shape[1]
-    if t > 1 and mask.static_start is None:
-        raise ValueError("splash_attention: more than one row needs mask.static_start (a static causal offset)")
     tp, sp = (-(-n // SPLASH_BLOCK) * SPLASH_BLOCK for n in (t, s))
-    valid = mask.key_valid
+    valid = key_valid
     if t == 1:
-        valid = valid & (jnp.arange(s)[None] <= mask.start)
-    kernel = _splash_kernel(h, tp, sp, None if t == 1 else mask.static_start, interpret)
+        valid = valid & (jnp.arange(s)[None] <= start)
+    kernel = _splash_kernel(h, tp, sp, None if t == 1 else static_start, interpret)
     qs = (q.astype(jnp.float32) * d**-0.5).astype(q.dtype)  # splash takes no scale
     pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)])
     seg_kv = jnp.pad(valid, [(0, 0), (0, sp - s)]).astype(jnp.int32)

@@ -134,7 +134,7 @@ def prefill(
     rows, valid = default_select_rows(cfg, attention_mask) if hr is not None else (None, None)
     out = run_decoder(
         params["text"], cfg, x, positions, cache.valid, cache=cache, hr=hr, hr_kv=hr_kv,
-        select_rows=rows, select_valid=valid, rng=rng, collect_maps=hr is not None,
+        select_rows=rows, select_valid=valid, rng=rng, collect_maps=hr is not None, cache_start=0,  # a fresh cache
     )
     logits = logits_from_hidden(params["text"], cfg, out.x[:, -1:])[:, 0]
     state = DecodeState(out.cache, hr, out.hr_kv, positions[:, -1] + 1)

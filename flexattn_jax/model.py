@@ -173,8 +173,12 @@ def run_decoder(
     rng: jax.Array | None = None,
     collect_hidden: bool = False,
     collect_maps: bool = False,
+    cache_start: int | None = None,
 ) -> DecoderOutput:
     """All decoder layers over rows ``x`` (with a cache: written at ``cache.index``).
+
+    ``cache_start`` is ``cache.index`` as a Python int when the caller knows it at trace time (a
+    fresh cache: 0), which a kernel with a static causal offset (splash, cuDNN) needs for many rows.
 
     ``key_valid`` marks valid key slots: the attention mask without a cache, the cache's valid
     slots (already including the new rows) with one. ``hr_kv`` optionally gives every
@@ -185,7 +189,7 @@ def run_decoder(
     t_cfg = cfg.text
     b, t, _ = x.shape
     write_index = jnp.int32(0) if cache is None else cache.index
-    mask = CausalPadding(key_valid, write_index, 0 if cache is None else None)  # no cache: row 0 at slot 0, static
+    mask = CausalPadding(key_valid, write_index, 0 if cache is None else cache_start)  # no cache: row 0 at slot 0, static
     cos, sin = T.rope_cos_sin(t_cfg, positions)
     flex = cfg.flex.enabled and hr is not None
     if flex:

@@ -241,6 +241,34 @@ def abstract_with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+# ---- tracing for a mesh ---------------------------------------------------------------------------------
+
+def target_mesh(mesh: Mesh):
+    """Context in which programs for ``mesh`` are traced and lowered.
+
+    Makes ``mesh``'s abstract mesh (axis sizes and its devices' platform) ambient, so that kernel
+    choices follow the mesh's devices (:func:`flexattn_jax.attention.target_platform`) and Mosaic
+    kernels run under ``shard_map``. Only the abstract mesh: trace-time constants stay on the host,
+    which compile-only devices (a TPU topology, a deviceless GPU) need.
+    """
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+class OnMesh:
+    """A jitted function whose calls and ``lower`` trace under :func:`target_mesh` of ``mesh``."""
+
+    def __init__(self, jitted: Any, mesh: Mesh) -> None:
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with target_mesh(self.mesh):
+            return self.jitted(*args, **kwargs)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        with target_mesh(self.mesh):
+            return self.jitted.lower(*args, **kwargs)
+
+
 # ---- reporting ---------------------------------------------------------------------------------------
 
 def _shard_factor(spec: P, mesh: Mesh) -> int:

@@ -192,12 +192,12 @@ def _make_step(cfg: ModelConfig, key: tuple, mesh: Mesh, total_steps: int) -> St
         }
         return new_state, metrics
 
-    step = jax.jit(
+    step = S.OnMesh(jax.jit(  # traced with the mesh ambient: kernels for its devices, under shard_map
         train_step,
         in_shardings=(state_shardings, None),
         out_shardings=(state_shardings, repl),
         donate_argnums=(0,),
-    )
+    ), mesh)
     return StepFns(cfg, tcfg, mesh, total_steps, tx, schedule, mask, p_shard, state_shardings, abstract_state, step)
 
 

@@ -18,6 +18,7 @@ commands:
   train      fine-tune on LLaVA-format data over a device mesh (see `flexattn-jax train --help`)
   bench      FLOP and time benchmarks (see `flexattn-jax bench --help`)
   eval       V* Bench, MagnifierBench, TextVQA, VQA in the paper's protocols (see `flexattn-jax eval --help`)
+  compile    compile a program for a TPU slice or GPU node from this host: fit, kernels, estimated speed
 
 Run `flexattn-jax COMMAND --help` for each command's options.
 """
@@ -30,6 +31,7 @@ _DELEGATES = {
     "train": ("train.cli", "main"),
     "bench": ("bench.cli", "main"),
     "eval": ("flexattn_jax.app.eval.cli", "main"),
+    "compile": ("flexattn_jax.app.aot", "main"),
 }
 
 

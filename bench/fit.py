@@ -1,0 +1,161 @@
+"""Fit-and-speed table from the targets' own compilers: ``python -m bench.fit [--quick] [--out docs/fit.json]``.
+
+Training (full fine-tune: bf16 compute, fp32 masters + AdamW, frozen CLIP, full remat; T = 2048,
+R = 2048 select rows, 1008 px) of LLaVA-FlexAttn-7B / 13B and plain LLaVA-1.5-7B on v5e-256, v5p-64,
+v6e-64, v4-32 and 8 x H100: the largest per-chip batch that fits, its peak HBM and, on TPU, the
+compiler's step-time estimate (``optimal_seconds``) and MFU. Inference of the 7B FlexAttention model on
+v5e-8 and 1 x H200: prefill at batch 32 and one decode step. And compile seconds against decoder depth
+(one ``lax.scan`` over the layers). Every figure comes from :func:`flexattn_jax.app.aot.compile_program`;
+a target whose compiler is not installed (libtpu, the CUDA plugin) is reported as skipped, with why.
+
+The largest batch: compile at per-chip batch 1 and 2, extrapolate the peak linearly, then compile at
+the prediction and step down (or up) until the boundary is found: a few compiles per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from flexattn_jax.app import aot
+
+TRAIN_TARGETS = ("v5e-256", "v5p-64", "v6e-64", "v4-32", "h100x8")
+TRAIN_MODELS = ("llava-flexattn-7b", "llava-flexattn-13b", "llava-1.5-7b")
+INFER = (("v5e-8", "data=8"), ("h200x1", "fsdp=1"))
+SEQ, ROWS = 2048, 2048
+MAX_BATCH = 64
+
+
+def _row(r: aot.CompileReport) -> dict[str, Any]:
+    keys = ("target", "chips", "model", "program", "layers", "per_device_batch", "global_batch", "per_chip_bytes", "capacity_bytes",
+            "fits", "kernels", "compile_seconds", "flops_per_chip", "model_flops_per_chip", "optimal_seconds", "mfu_estimate")
+    return {k: getattr(r, k) for k in keys}
+
+
+def largest_batch(compile_at, log) -> tuple[aot.CompileReport | None, list[dict]]:
+    """Largest fitting per-chip batch by linear extrapolation of the peak from batches 1 and 2, then stepping."""
+    seen: dict[int, aot.CompileReport] = {}
+
+    def at(b: int) -> aot.CompileReport:
+        if b not in seen:
+            seen[b] = compile_at(b)
+            r = seen[b]
+            log(f"    batch {b}: peak {r.per_chip_bytes['peak'] / 2**30:.2f} GiB ({'fits' if r.fits else 'no'}), {r.compile_seconds:.0f} s")
+        return seen[b]
+
+    one = at(1)
+    if not one.fits:
+        return None, [_row(r) for r in seen.values()]
+    two = at(2)
+    slope = max(1, two.per_chip_bytes["peak"] - one.per_chip_bytes["peak"])
+    guess = int(1 + (one.usable_bytes - one.per_chip_bytes["peak"]) // slope)
+    b = max(1, min(MAX_BATCH, guess))
+    if at(b).fits:
+        while b < MAX_BATCH and at(b + 1).fits:
+            b += 1
+    else:
+        while b > 1 and not at(b).fits:
+            b -= 1
+    return at(b), [_row(r) for _, r in sorted(seen.items())]
+
+
+def jobs(quick: bool) -> list[tuple]:
+    """The compiles in priority order, the goals' rows first.
+
+    Jobs: ('train', model, target), ('infer', target, mesh, program), ('depth', layers).
+    """
+    first = [("train", "llava-flexattn-7b", "v5p-64"), ("train", "llava-1.5-7b", "v5p-64"), ("train", "llava-flexattn-7b", "h100x8"),
+             ("train", "llava-flexattn-7b", "v5e-256")]
+    infer = [("infer", t, m, prog) for t, m in INFER for prog in ("prefill", "decode")]
+    depth = [("depth", n) for n in (4, 8, 16)]
+    if quick:
+        return first[:2] + infer + depth[:2]
+    rest = [("train", m, t) for m in TRAIN_MODELS for t in TRAIN_TARGETS if ("train", m, t) not in first]
+    return first + infer + depth + rest
+
+
+def run(quick: bool, log, save=lambda res: None) -> dict[str, Any]:
+    """All the table's compiles, in :func:`jobs` order; ``save(res)`` after each (a long run keeps what it has)."""
+    settings = {"seq_len": SEQ, "select_rows": ROWS, "image_px": 1008, "remat": "full", "compute": "bf16", "masters": "fp32 + AdamW",
+                "frozen": "CLIP"}
+    out: dict[str, Any] = {"settings": settings, "train": [], "inference": [], "depth": [], "skipped": []}
+    configs = {m: aot.load_model_config(m) for m in TRAIN_MODELS}
+    for job in jobs(quick):
+        log(" ".join(str(x) for x in job))
+        try:
+            if job[0] == "train":
+                _, model, target = job
+                t = aot.parse_target(target)
+                best, tried = largest_batch(lambda b, t=t, model=model: aot.compile_program(
+                    t, configs[model], "train", per_device_batch=b, seq_len=SEQ, select_rows=ROWS, remat="full", model_name=model), log)
+                out["train"].append({"model": model, "target": target, "largest": None if best is None else _row(best), "tried": tried})
+            elif job[0] == "infer":
+                _, target, mesh, program = job
+                t = aot.parse_target(target)
+                per = 32 // (t.chips if mesh.startswith("data") else 1)
+                r = aot.compile_program(t, configs["llava-flexattn-7b"], program, mesh=mesh, per_device_batch=per, seq_len=SEQ,
+                                        model_name="llava-flexattn-7b")
+                log(f"    peak {r.per_chip_bytes['peak'] / 2**30:.2f} GiB, {r.compile_seconds:.0f} s")
+                out["inference"].append(_row(r))
+            else:
+                r = aot.compile_program("v5p-64", configs["llava-flexattn-7b"], "train", per_device_batch=1, seq_len=SEQ, select_rows=ROWS,
+                                        layers=job[1], model_name="llava-flexattn-7b")
+                log(f"    {r.compile_seconds:.0f} s")
+                out["depth"].append({"layers": job[1], "compile_seconds": r.compile_seconds, "peak": r.per_chip_bytes["peak"]})
+        except aot.AotError as e:
+            out["skipped"].append({"job": list(job), "why": str(e)})
+            log(f"    skipped: {e}")
+        save(out)
+    return out
+
+
+def table(res: dict[str, Any]) -> str:
+    head = f"{'model / program':<20} {'target':<9} {'chips':>5} {'batch/chip':>10} {'peak GiB':>9} {'of':>6} {'step s (est)':>12}"
+    lines = [head + f" {'MFU':>6} kernels"]
+    for e in res["train"]:
+        r = e["largest"]
+        if r is None:
+            lines.append(f"{e['model']:<20} {e['target']:<9} {'':>5} {'none fits':>10}")
+            continue
+        step = "" if r["optimal_seconds"] is None else f"{r['optimal_seconds']:.3f}"
+        mfu = "" if r["mfu_estimate"] is None else f"{r['mfu_estimate']:.0%}"
+        kern = sum(r["kernels"].values())
+        peak = r["per_chip_bytes"]["peak"] / 2**30
+        lines.append(f"{e['model']:<20} {e['target']:<9} {r['chips']:>5} {r['per_device_batch']:>10} {peak:>9.1f} "
+                     f"{r['capacity_bytes'] / 2**30:>6.0f} {step:>12} {mfu:>6} {kern}")
+    for r in res["inference"]:
+        step = "" if r["optimal_seconds"] is None else f"{r['optimal_seconds']:.4f}"
+        peak, kern = r["per_chip_bytes"]["peak"] / 2**30, sum(r["kernels"].values())
+        lines.append(f"{r['model'] + ' ' + r['program']:<20} {r['target']:<9} {r['chips']:>5} {r['global_batch']:>10} "
+                     f"{peak:>9.1f} {r['capacity_bytes'] / 2**30:>6.0f} {step:>12} {'':>6} {kern}")
+    if res["depth"]:
+        lines.append("compile seconds by depth (7B FlexAttention train, v5p-64): "
+                     + ", ".join(f"{d['layers']} layers {d['compile_seconds']:.0f} s" for d in res["depth"]))
+    for s in res["skipped"]:
+        lines.append(f"skipped {s}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.fit", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="7B FlexAttention on v5p-64, the inference rows and two depths only")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    args = p.parse_args(argv)
+    t0 = time.time()
+    save = (lambda res: Path(args.out).write_text(json.dumps(res, indent=1) + "\n")) if args.out else (lambda res: None)
+    res = run(args.quick, lambda m: print(m, file=sys.stderr, flush=True), save)
+    res["seconds"] = round(time.time() - t0, 1)
+    text = json.dumps(res, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")  # with the total time
+    print(text)
+    print(table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

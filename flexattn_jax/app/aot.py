@@ -1,0 +1,549 @@
+"""``flexattn-jax compile``: compile FlexAttention's programs for real TPU and GPU targets from any host.
+
+"Will it fit, and how fast, before I rent the slice": the train step, prefill, one decode step or the
+V* likelihood is lowered for a TPU topology (libtpu's compile-only devices) or an NVIDIA node (the
+CUDA plugin's deviceless compile, with the device descriptions shipped in ``gpu_targets/``) and
+compiled by that target's own compiler. No accelerator and no weights are needed: parameters,
+optimizer state and batches are ``ShapeDtypeStruct`` leaves carrying the shardings of the
+project's rules table. Reported per chip: the compiler's HBM buffer assignment against the chip's
+capacity, the attention kernels actually lowered (Mosaic / cuDNN custom calls counted in the
+compiled HLO), compile seconds, FLOPs and, on TPU, the compiler's ``optimal_seconds`` and an MFU
+estimate (model FLOPs / (optimal_seconds x bf16 peak)). The program is traced with the target mesh
+ambient (:func:`flexattn_jax.sharding.target_mesh`), so kernels follow the target, not this host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from flexattn_jax import sharding as S
+from flexattn_jax.config import ATTENTION_IMPLS, ModelConfig
+from flexattn_jax.hf_config import from_hf_config
+from flexattn_jax.overrides import parse_hr_budget
+from flexattn_jax.params import abstract_params
+
+GiB = 2**30
+PROGRAMS = ("train", "prefill", "decode", "likelihood")
+ANSWER_ROOM = 128  # cache slots after the prompt for the answer (prefill / decode programs)
+# Fraction of a chip's memory a program may take: the TPU runtime keeps a little for itself; on GPU,
+# XLA's client reserves more (cuDNN / cuBLAS workspaces, which a deviceless compile does not count).
+USABLE_FRACTION = {"tpu": 0.95, "gpu": 0.90}
+
+
+class AotError(ValueError):
+    """A target, model, mesh or program that cannot be compiled as asked (the message says why)."""
+
+
+# ---- targets ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One accelerator kind: memory per chip, bf16 dense peak FLOP/s, and (TPU) the topology's geometry."""
+
+    family: str  # v4, v5e, v5p, v6e, h100, h200
+    platform: str  # tpu or gpu
+    hbm_bytes: int
+    peak_flops: float  # bf16, dense, vendor sheet
+    cores_per_chip: int = 1  # the '-N' spelling counts TensorCores on v4 / v5p
+    dims: int = 2  # TPU torus dimensions
+    spec_file: str | None = None  # GPU: the shipped device description
+
+
+# Vendor sheets: Cloud TPU system architecture pages (v4 32 GiB / 275, v5e 16 / 197, v5p 95 / 459, v6e 32 / 918
+# TFLOP/s bf16); NVIDIA H100 SXM and H200 data sheets (989 TFLOP/s dense bf16); GPU memory from the device files.
+CHIPS: dict[str, Chip] = {
+    "v4": Chip("v4", "tpu", 32 * GiB, 275e12, cores_per_chip=2, dims=3),
+    "v5e": Chip("v5e", "tpu", 16 * GiB, 197e12),
+    "v5p": Chip("v5p", "tpu", 95 * GiB, 459e12, cores_per_chip=2, dims=3),
+    "v6e": Chip("v6e", "tpu", 32 * GiB, 918e12),
+    "h100": Chip("h100", "gpu", 84942979072, 989e12, spec_file="h100_sxm.txtpb"),
+    "h200": Chip("h200", "gpu", 151397597184, 989e12, spec_file="h200.txtpb"),
+}
+_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
+GPU_TARGETS_DIR = Path(__file__).with_name("gpu_targets")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A parsed ``--target``: the chip, how many, and the topology string the compiler is given."""
+
+    name: str
+    chip: Chip
+    chips: int
+    topology: str  # TPU: 'v5e:2x2'; GPU: '1x1x8'
+
+    @property
+    def platform(self) -> str:
+        return self.chip.platform
+
+
+def _torus(chips: int, dims: int, name: str) -> str:
+    """Chip grid of a slice: powers of two as even as possible, ascending, 1s last (2x2x1 for 4 v5p chips, 16x16 for 256 v5e)."""
+    if chips < 1 or chips & (chips - 1):
+        raise AotError(f"--target {name}: {chips} chips is not a power of two; give the topology as e.g. v5p:2x2x2")
+    shape = [1] * dims
+    i = 0
+    while math.prod(shape) < chips:
+        shape[i % dims] *= 2
+        i += 1
+    return "x".join(str(d) for d in sorted(shape, key=lambda d: (d == 1, d)))
+
+
+def parse_target(name: str) -> Target:
+    """``v5p:4x4x4`` / ``v5p-128`` (TensorCores on v4/v5p, chips on v5e/v6e) / ``v5e-256`` / ``h100x8`` / ``h200x8`` -> Target."""
+    text = name.strip().lower()
+    m = re.fullmatch(r"(v4|v5e|v5p|v6e|v5litepod|v5lite|v6lite):(\d+(?:x\d+)+)", text)
+    if m:
+        chip = CHIPS[_ALIASES.get(m.group(1), m.group(1))]
+        dims = [int(d) for d in m.group(2).split("x")]
+        if len(dims) != chip.dims:
+            raise AotError(f"--target {name}: a {chip.family} topology has {chip.dims} dimensions (e.g. "
+                           f"{'v5p:2x2x1' if chip.dims == 3 else 'v5e:2x2'})")
+        return Target(name, chip, math.prod(dims), f"{chip.family}:{m.group(2)}")
+    m = re.fullmatch(r"(v4|v5e|v5p|v6e|v5litepod|v5lite|v6lite)-(\d+)", text)
+    if m:
+        chip = CHIPS[_ALIASES.get(m.group(1), m.group(1))]
+        n = int(m.group(2))
+        if n % chip.cores_per_chip:
+            raise AotError(f"--target {name}: {chip.family}-N counts TensorCores ({chip.cores_per_chip} per chip); {n} is not a multiple")
+        chips = n // chip.cores_per_chip
+        return Target(name, chip, chips, f"{chip.family}:{_torus(chips, chip.dims, name)}")
+    m = re.fullmatch(r"(h100|h200)x(\d+)", text)
+    if m:
+        n = int(m.group(2))
+        if not 1 <= n <= 8:
+            raise AotError(f"--target {name}: one node holds 1 to 8 GPUs")
+        return Target(name, CHIPS[m.group(1)], n, f"1x1x{n}")
+    raise AotError(f"unknown --target {name!r}: use a TPU topology (v5p:4x4x4, v5p-128, v5e-256, v6e-64, v4-32, v5e:2x2) "
+                   "or a GPU node (h100x8, h200x8)")
+
+
+def target_devices(target: Target) -> list:
+    """Compile-only devices of ``target`` (libtpu's topology, or the CUDA plugin's deviceless description)."""
+    from jax.experimental import topologies
+
+    if target.platform == "tpu":
+        # compile-only: no chip is claimed, so processes need not take turns at libtpu's lockfile
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        if importlib.util.find_spec("libtpu") is None:
+            raise AotError(f"--target {target.name} needs libtpu: pip install 'flexattn-jax[tpu]' (jax[tpu]>=0.10,<0.11)")
+        try:
+            topo = topologies.get_topology_desc(topology_name=target.topology, platform="tpu")
+        except Exception as e:  # libtpu rejects shapes it does not know: say which one
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise AotError(f"--target {target.name}: libtpu could not describe the topology {target.topology!r} ({first})") from e
+        return list(topo.devices)
+    if not any(importlib.util.find_spec(p) for p in ("jax_cuda13_plugin", "jax_cuda12_plugin")):
+        raise AotError(f"--target {target.name} needs the CUDA plugin: pip install 'flexattn-jax[cuda]' (jax[cuda13]>=0.10,<0.11)")
+    spec = (GPU_TARGETS_DIR / target.chip.spec_file).read_text()
+    try:
+        topo = topologies.get_topology_desc(platform="cuda", topology=target.topology, target_config=spec)
+    except Exception as e:
+        raise AotError(f"--target {target.name}: the CUDA plugin could not describe {target.topology} ({str(e).splitlines()[0]})") from e
+    return list(topo.devices)
+
+
+def target_mesh_for(target: Target, spec: str | None) -> Mesh:
+    """The ``('data', 'fsdp', 'tensor')`` mesh over all of ``target``'s chips; a spec that does not use them all is an error."""
+    devices = target_devices(target)
+    try:
+        sizes = S.parse_mesh_spec(spec, len(devices))
+    except S.ShardingError as e:
+        raise AotError(f"--mesh {spec}: {e}") from e
+    if math.prod(sizes.values()) != len(devices):
+        raise AotError(f"--mesh {spec}: {math.prod(sizes.values())} devices, but {target.name} has {len(devices)} chips "
+                       "(the mesh must cover them all)")
+    return S.make_mesh(sizes, devices=devices)
+
+
+# ---- models --------------------------------------------------------------------------------------
+
+# The release's configs (no weights needed): LLaVA-1.5 = Vicuna v1.5 (Llama 2) + CLIP ViT-L/14-336 + a 2-layer
+# GELU MLP projector (liuhaotian/llava-v1.5-{7b,13b} config.json); FlexAttention adds its `extra` field as
+# in UMass-Foundation-Model/FlexAttention scripts/train/llava-v1.5-7b-flexattn.sh.
+_LLAVA_15 = {
+    "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+    "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 1024, "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+    "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "hidden_act": "silu",
+}
+_SIZES = {
+    "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32},
+    "13b": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40},
+}
+FLEX_EXTRA = "zoom_ratio:3#warmup:10#lowres_size:336#highres_size:1008#threshold:48"
+PRESETS: dict[str, dict[str, Any]] = {
+    "llava-flexattn-7b": {**_LLAVA_15, **_SIZES["7b"], "extra": FLEX_EXTRA},
+    "llava-flexattn-13b": {**_LLAVA_15, **_SIZES["13b"], "extra": FLEX_EXTRA},
+    "llava-1.5-7b": {**_LLAVA_15, **_SIZES["7b"]},
+    "llava-1.5-13b": {**_LLAVA_15, **_SIZES["13b"]},
+}
+
+
+def load_model_config(model: str) -> ModelConfig:
+    """A preset name, a ``config.json`` (or a directory holding one), or a converted checkpoint directory -> ModelConfig."""
+    if model in PRESETS:
+        return from_hf_config(PRESETS[model])
+    path = Path(model)
+    if (path / "metadata.json").is_file():
+        from flexattn_jax.checkpoint import read_config
+
+        return read_config(path)
+    if path.is_file() or (path / "config.json").is_file():
+        return from_hf_config(path)
+    raise AotError(f"--model {model!r}: not a preset ({', '.join(PRESETS)}), a config.json nor a converted checkpoint directory")
+
+
+def program_config(
+    cfg: ModelConfig, *, program: str, attention_impl: str = "auto", remat: str = "full", hr_budget: Any = None,
+    layers: int | None = None,
+) -> ModelConfig:
+    """``cfg`` as compiled: bf16 compute (fp32 masters when training, bf16 weights otherwise), the remat policy,
+    the attention implementation, the HR budget and (``layers``) a cut decoder of that many layers."""
+    text, flex = cfg.text, cfg.flex
+    if layers is not None:
+        if layers < 1:
+            raise AotError(f"--layers {layers}: at least one layer")
+        text = dataclasses.replace(text, num_layers=layers)
+        if flex.enabled and flex.first_select_layer >= layers - 1:  # a cut decoder keeps one select and one hierarchical layer
+            flex = dataclasses.replace(flex, first_select_layer=max(0, layers - 2))
+    if hr_budget is not None:
+        flex = dataclasses.replace(flex, hr_budget=hr_budget)
+    return dataclasses.replace(
+        cfg, text=text, flex=flex, dtype="bfloat16", param_dtype="float32" if program == "train" else "bfloat16",
+        remat_policy=remat if program == "train" else "none", attention_impl=attention_impl,
+    )
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters per tower (``vision``, ``projector``, ``text``) and in all, from the abstract tree."""
+    counts: Counter = Counter()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]:
+        counts[jax.tree_util.keystr(path[:1], simple=True, separator="/")] += int(np.prod(leaf.shape))
+    return {**dict(counts), "total": sum(counts.values())}
+
+
+def model_flops(cfg: ModelConfig, program: str, batch: int, seq_len: int, rows: int) -> float:
+    """The program's model FLOPs for the global batch (the MFU convention: no remat recompute, causal halves).
+
+    Matmuls 2 x params x tokens forward (x3 with the backward for trained weights); causal attention
+    2 T^2 D per layer forward; frozen CLIP forward only, over the LR view and the zoom^2 HR tiles;
+    FlexAttention's select rows: the recompute over the N keys (R x T), the HR part over the M HR
+    tokens (R x M, all M projected once), per hierarchical layer.
+    """
+    t, v = cfg.text, cfg.vision
+    d, hkv = t.hidden_size, t.num_kv_heads * t.head_dim
+    per_layer = d * t.num_heads * t.head_dim * 2 + d * hkv * 2 + 3 * d * t.intermediate_size
+    train = program == "train"
+    fb = 3.0 if train else 1.0  # forward + backward
+    if program == "decode":
+        s = seq_len + ANSWER_ROOM
+        return batch * (2 * (per_layer * t.num_layers + d * t.vocab_size) + 4 * s * d * t.num_layers)
+    text = fb * batch * seq_len * (2 * (per_layer * t.num_layers + d * t.vocab_size) + 2 * seq_len * d * t.num_layers)
+    images = 1 + (cfg.zoom**2 if cfg.flex.enabled else 0)
+    n_tok = (v.image_size // v.patch_size) ** 2 + 1
+    clip_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
+    clip = batch * images * v.num_layers * (2 * clip_layer * n_tok + 4 * n_tok**2 * v.hidden_size)
+    proj = 2 * (v.hidden_size * d + d * d) * batch * images * cfg.lr_grid**2 * (1 + (2 if train else 0) / images)
+    flex = 0.0
+    if cfg.flex.enabled:
+        r = rows if train else 1
+        hier = max(0, t.num_layers - cfg.flex.first_select_layer - 1)
+        m = cfg.num_hr_tokens
+        per_hier = 2 * 2 * m * d * hkv + 4 * r * m * t.num_heads * t.head_dim  # HR K/V projections + the HR attention
+        recompute = 4 * r * seq_len * t.num_heads * t.head_dim * (hier + 1)
+        flex = fb * batch * (per_hier * hier + recompute)
+    return float(text + clip + proj + flex)
+
+
+# ---- programs ------------------------------------------------------------------------------------
+
+def _sds(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
+
+
+def _inference_inputs(cfg: ModelConfig, mesh: Mesh, batch: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    s = cfg.image_size
+    shapes = {"input_ids": ((batch, seq_len), jnp.int32), "attention_mask": ((batch, seq_len), jnp.bool_),
+              "pixel_values": ((batch, s, s, cfg.vision.num_channels), jnp.bfloat16), "margin": ((batch, 2), jnp.int32)}
+    return {k: _sds(shp, dt, S.batch_sharding(mesh, shp)) for k, (shp, dt) in shapes.items()}
+
+
+def _abstract_inference_params(cfg: ModelConfig, mesh: Mesh):
+    abstract = abstract_params(cfg)
+    return S.abstract_with_shardings(abstract, S.param_shardings(abstract, mesh))
+
+
+def _state_shardings(state, mesh: Mesh, batch: int):
+    """Decode state: the batch over (data, fsdp) on the axis that holds it (dim 1 of the stacked caches), scalars replicated."""
+    def one(path, leaf):
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        if leaf.ndim == 0:
+            return _sds(leaf.shape, leaf.dtype, S.replicated(mesh))
+        dim = 1 if re.match(r"^cache/(k|v)$|^hr_kv/", name) else 0
+        if leaf.shape[dim] != batch:
+            raise AotError(f"decode state {name} {leaf.shape}: no batch axis of {batch} at dim {dim}")
+        return _sds(leaf.shape, leaf.dtype, S.batch_sharding(mesh, leaf.shape, batch_dim=dim))
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def lower_program(cfg: ModelConfig, mesh: Mesh, program: str, batch: int, seq_len: int, rows: int):
+    """``jax.jit(program).lower(...)`` for ``mesh`` with abstract, sharded inputs (nothing is allocated)."""
+    from flexattn_jax import generate as G
+
+    if program == "train":
+        from train.config import TrainConfig
+        from train.step import make_example_batch, make_step
+
+        fns = make_step(cfg, TrainConfig(trainable="projector,llm"), mesh, total_steps=1000)
+        host = make_example_batch(cfg, batch, seq_len, rows)
+        abstract_batch = {k: _sds(x.shape, x.dtype, fns.batch_sharding(x.shape)) for k, x in host.items()}
+        return fns.step.lower(fns.abstract_state, abstract_batch)
+    params = _abstract_inference_params(cfg, mesh)
+    x = _inference_inputs(cfg, mesh, batch, seq_len)
+    max_len = seq_len + ANSWER_ROOM
+    prefill = lambda p, ids, px, m, mg: G.prefill(p, cfg, ids, px, m, mg, max_len=max_len)
+    with S.target_mesh(mesh):
+        if program == "prefill":
+            return jax.jit(prefill).lower(params, x["input_ids"], x["pixel_values"], x["attention_mask"], x["margin"])
+        if program == "decode":
+            state = jax.eval_shape(prefill, params, x["input_ids"], x["pixel_values"], x["attention_mask"], x["margin"])[0]
+            state = _state_shardings(state, mesh, batch)
+            token = _sds((batch,), jnp.int32, S.batch_sharding(mesh, (batch,)))
+            step = lambda p, st, tok: G.decode_step(p, cfg, st, tok)[:2]
+            return jax.jit(step, donate_argnums=(1,)).lower(params, state, token)
+        if program == "likelihood":
+            from flexattn_jax.app.eval.likelihood import option_losses
+
+            labels = _sds((batch, seq_len), jnp.int32, S.batch_sharding(mesh, (batch, seq_len)))
+            question = _sds((batch,), jnp.int32, S.batch_sharding(mesh, (batch,)))
+            fn = lambda p, ids, lab, m, px, q, mg: option_losses(p, cfg, ids, lab, m, px, q, mg, None, None)
+            return jax.jit(fn).lower(params, x["input_ids"], labels, x["attention_mask"], x["pixel_values"], question, x["margin"])
+    raise AotError(f"--program {program!r}: use one of {PROGRAMS}")
+
+
+_CUSTOM_CALL = re.compile(r"%([\w.\-$]+) = .*?custom-call\(.*?custom_call_target=\"([^\"]+)\"")
+
+
+def count_kernels(hlo_text: str) -> dict[str, int]:
+    """Attention kernels in compiled HLO: Mosaic calls (``tpu_custom_call``, keyed by kernel name) and cuDNN fMHA calls."""
+    counts: Counter = Counter()
+    for line in hlo_text.splitlines():
+        m = _CUSTOM_CALL.search(line)
+        if not m:
+            continue
+        name, target = m.groups()
+        if target == "tpu_custom_call":
+            counts["mosaic:" + re.sub(r"\.\d+$", "", name)] += 1
+        elif target.startswith("__cudnn$fmha"):
+            counts[target] += 1
+    return dict(sorted(counts.items()))
+
+
+@dataclasses.dataclass
+class CompileReport:
+    """What the target's compiler said about one program (the ``--json`` object)."""
+
+    target: str
+    topology: str
+    chips: int
+    mesh: dict[str, int]
+    model: str
+    program: str
+    layers: int
+    global_batch: int
+    per_device_batch: int
+    seq_len: int
+    select_rows: int
+    attention_impl: str
+    remat: str
+    per_chip_bytes: dict[str, int]
+    capacity_bytes: int
+    usable_bytes: int
+    fits: bool
+    kernels: dict[str, int]
+    compile_seconds: float
+    flops_per_chip: float | None
+    model_flops_per_chip: float
+    optimal_seconds: float | None = None
+    mfu_estimate: float | None = None
+    params: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def compile_program(
+    target: str | Target,
+    model: str | ModelConfig,
+    program: str = "train",
+    *,
+    mesh: str | None = None,
+    per_device_batch: int = 1,
+    seq_len: int = 2048,
+    select_rows: int | None = None,
+    hr_budget: Any = None,
+    attention_impl: str = "auto",
+    remat: str = "full",
+    layers: int | None = None,
+    model_name: str | None = None,
+) -> CompileReport:
+    """Compile ``program`` of ``model`` for ``target`` (see the module docstring) and report per chip."""
+    tgt = parse_target(target) if isinstance(target, str) else target
+    if program not in PROGRAMS:
+        raise AotError(f"--program {program!r}: use one of {PROGRAMS}")
+    if attention_impl not in ATTENTION_IMPLS:
+        raise AotError(f"--attention-impl {attention_impl!r}: use one of {ATTENTION_IMPLS}")
+    if per_device_batch < 1 or seq_len < 1:
+        raise AotError(f"--per-device-batch {per_device_batch} and --seq-len {seq_len} must be positive")
+    base = load_model_config(model) if isinstance(model, str) else model
+    name = model_name or (model if isinstance(model, str) else "config")
+    cfg = program_config(base, program=program, attention_impl=attention_impl, remat=remat, hr_budget=hr_budget, layers=layers)
+    m = target_mesh_for(tgt, mesh)
+    shards = m.shape["data"] * m.shape["fsdp"]
+    batch = per_device_batch * shards
+    rows = min(seq_len, select_rows if select_rows is not None else seq_len)
+    t0 = time.perf_counter()
+    compiled = lower_program(cfg, m, program, batch, seq_len, rows).compile()
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    args, temps, outs, alias = (int(getattr(mem, f, 0) or 0) for f in (
+        "argument_size_in_bytes", "temp_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes"))
+    peak = args + temps + outs - alias
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = float(cost["flops"]) if cost and "flops" in cost else None
+    optimal = float(cost["optimal_seconds"]) if cost and cost.get("optimal_seconds", 0) > 0 else None
+    mflops = model_flops(cfg, program, batch, seq_len, rows) / tgt.chips
+    usable = int(tgt.chip.hbm_bytes * USABLE_FRACTION[tgt.platform])
+    return CompileReport(
+        target=tgt.name, topology=tgt.topology, chips=tgt.chips, mesh=dict(m.shape), model=name, program=program,
+        layers=cfg.text.num_layers, global_batch=batch, per_device_batch=per_device_batch, seq_len=seq_len,
+        select_rows=rows if cfg.flex.enabled and program == "train" else 0, attention_impl=attention_impl, remat=cfg.remat_policy,
+        per_chip_bytes={"arguments": args, "temporaries": temps, "outputs": outs, "aliases": alias, "peak": peak},
+        capacity_bytes=tgt.chip.hbm_bytes, usable_bytes=usable, fits=peak <= usable,
+        kernels=count_kernels(compiled.as_text()), compile_seconds=round(seconds, 2), flops_per_chip=flops,
+        model_flops_per_chip=mflops, optimal_seconds=optimal,
+        mfu_estimate=None if optimal is None else mflops / (optimal * tgt.chip.peak_flops), params=param_counts(cfg),
+    )
+
+
+def find_batch(compile_at: Callable[[int], CompileReport], limit: int = 256) -> tuple[CompileReport | None, list[CompileReport]]:
+    """The largest per-device batch whose program fits (doubling, then bisecting); every compile's report."""
+    tried: list[CompileReport] = []
+    best, lo, hi = None, 0, None
+    b = 1
+    while b <= limit:
+        r = compile_at(b)
+        tried.append(r)
+        if not r.fits:
+            hi = b
+            break
+        best, lo = r, b
+        b *= 2
+    if hi is not None:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            r = compile_at(mid)
+            tried.append(r)
+            best, lo, hi = (r, mid, hi) if r.fits else (best, lo, mid)
+    return best, tried
+
+
+# ---- the command ---------------------------------------------------------------------------------
+
+def compile_parser(prog: str = "flexattn-jax compile") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Compile a FlexAttention program for a TPU slice or a GPU node from this host (no accelerator, no "
+                    "weights) and report per chip: HBM against capacity, the attention kernels lowered, compile time, "
+                    "FLOPs and, on TPU, the compiler's step-time estimate and MFU.",
+    )
+    p.add_argument("--target", required=True, help="TPU topology (v5p:4x4x4, v5p-128, v5e-256, v6e-64, v4-32, v5e:2x2; "
+                   "-N counts TensorCores on v4/v5p, chips on v5e/v6e) or GPU node (h100x8, h200x8)")
+    p.add_argument("--model", default="llava-flexattn-7b", help=f"preset ({', '.join(PRESETS)}), a config.json, or a converted checkpoint")
+    p.add_argument("--program", default="train", choices=PROGRAMS)
+    p.add_argument("--mesh", default=None, help="data=..,fsdp=..,tensor=.. over all chips (default: fsdp over all)")
+    p.add_argument("--per-device-batch", type=int, default=1, help="samples per data x fsdp shard (global = this x data x fsdp)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sample (the prompt, for prefill/decode)")
+    p.add_argument("--select-rows", type=int, default=None, help="R, training's select rows (default: --seq-len)")
+    p.add_argument("--hr-budget", default=None, help="HR keys per select row: a fraction, a count or 'adaptive' (default: the model's)")
+    p.add_argument("--attention-impl", default="auto", choices=ATTENTION_IMPLS)
+    p.add_argument("--remat", default="full", choices=("none", "full", "dots_saveable"), help="training's remat policy per layer")
+    p.add_argument("--layers", type=int, default=None, help="compile a decoder cut to N layers (quick checks)")
+    p.add_argument("--find-batch", action="store_true", help="find the largest per-device batch that fits (doubling, then bisecting)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    return p
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def format_report(r: CompileReport) -> str:
+    b = r.per_chip_bytes
+    mesh = ",".join(f"{k}={v}" for k, v in r.mesh.items())
+    lines = [
+        f"{r.model} {r.program} on {r.target} ({r.topology}, {r.chips} chips, mesh {mesh}); {r.layers} decoder layers, "
+        f"batch {r.per_device_batch}/device ({r.global_batch} global), T={r.seq_len}" + (f", R={r.select_rows}" if r.select_rows else ""),
+        f"  per chip: arguments {_gib(b['arguments'])}, temporaries {_gib(b['temporaries'])}, outputs {_gib(b['outputs'])}, "
+        f"aliased {_gib(b['aliases'])}; peak {_gib(b['peak'])} of {_gib(r.capacity_bytes)} "
+        f"({'fits' if r.fits else 'does NOT fit'} in the usable {_gib(r.usable_bytes)})",
+        "  attention kernels: " + (", ".join(f"{k} x{v}" for k, v in r.kernels.items()) or "none (XLA attention)"),
+        f"  compiled in {r.compile_seconds:.1f} s; FLOPs per chip: compiler "
+        + ("n/a" if r.flops_per_chip is None else f"{r.flops_per_chip:.3e}") + f", model {r.model_flops_per_chip:.3e}",
+    ]
+    if r.optimal_seconds is not None:
+        lines.append(f"  TPU compiler's estimate: {r.optimal_seconds:.4f} s per step; MFU estimate {r.mfu_estimate:.1%}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = compile_parser().parse_args(argv)
+    try:
+        budget = parse_hr_budget(args.hr_budget, "--hr-budget") if args.hr_budget is not None else None
+        kwargs = dict(mesh=args.mesh, seq_len=args.seq_len, select_rows=args.select_rows, hr_budget=budget,
+                      attention_impl=args.attention_impl, remat=args.remat, layers=args.layers, model_name=args.model)
+        target = parse_target(args.target)
+        model = load_model_config(args.model)
+        if args.find_batch:
+            best, tried = find_batch(lambda b: compile_program(target, model, args.program, per_device_batch=b, **kwargs))
+            if args.json:
+                print(json.dumps({"largest_fitting": None if best is None else best.as_dict(),
+                                  "tried": [{"per_device_batch": t.per_device_batch, "peak": t.per_chip_bytes["peak"], "fits": t.fits}
+                                            for t in tried]}))
+            else:
+                for t in tried:
+                    print(f"per-device batch {t.per_device_batch}: peak {_gib(t.per_chip_bytes['peak'])} -> {'fits' if t.fits else 'no'}")
+                print("largest fitting:" if best else "no batch fits", file=sys.stdout)
+                if best:
+                    print(format_report(best))
+            return 0 if best is not None else 1
+        report = compile_program(target, model, args.program, per_device_batch=args.per_device_batch, **kwargs)
+    except (AotError, ValueError) as e:
+        print(f"flexattn-jax compile: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.as_dict()) if args.json else format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

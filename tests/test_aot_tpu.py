@@ -1,0 +1,199 @@
+"""Compiling for real targets from this CPU host: the target platform from the mesh, splash under shard_map,
+FlexAttention's programs compiled by libtpu for compile-only v5e chips (Mosaic kernels lowered, per-chip bytes),
+the release presets' sizes, and the GPU path when the CUDA plugin is installed."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from flexattn_jax import attention as A
+from flexattn_jax import sharding as S
+from flexattn_jax.config import FlexConfig, TextConfig, VisionConfig
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+HAS_CUDA = any(importlib.util.find_spec(p) for p in ("jax_cuda13_plugin", "jax_cuda12_plugin"))
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu not installed (pip install 'flexattn-jax[tpu]')")
+
+
+def tiny_flex_config():
+    """A 3-layer FlexAttention model (plain, select, hierarchical) with head dim 128, the kernels' width."""
+    from flexattn_jax.app import aot
+
+    base = aot.load_model_config("llava-flexattn-7b")
+    return dataclasses.replace(
+        base,
+        vision=VisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, image_size=56, patch_size=14),
+        text=TextConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=3, num_heads=2, num_kv_heads=2, head_dim=128),
+        flex=FlexConfig(**{**dataclasses.asdict(base.flex), "lowres_size": 56, "highres_size": 168, "first_select_layer": 1}),
+        image_token_id=255,
+    )
+
+
+# ---- the platform and splash under a mesh (CPU, interpreted) ------------------------------------------
+
+def test_target_platform_is_the_meshs():
+    assert A.target_platform() == jax.default_backend() == "cpu"
+    with S.target_mesh(S.make_mesh("data=2,fsdp=2,tensor=2")):
+        assert A.target_platform() == "cpu"
+    if HAS_LIBTPU:
+        from flexattn_jax.app import aot
+
+        with S.target_mesh(aot.target_mesh_for(aot.parse_target("v5e:2x2"), "fsdp=4")):
+            assert A.target_platform() == "tpu"
+            assert A.resolve_impl("auto", backend=A.target_platform(), dtype=jnp.bfloat16, head_dim=128, num_rows=512,
+                                  num_keys=512, static_start=0) == ("splash", "")
+
+
+@pytest.mark.parametrize("rows", [256, 1])
+def test_interpreted_splash_under_shard_map_equals_dense(rows):
+    """On an 8-device CPU mesh (data 2, fsdp 2, tensor 2) splash runs per shard under shard_map: same as the dense path."""
+    mesh = S.make_mesh("data=2,fsdp=2,tensor=2")
+    b, s, h, hkv, d = 4, 256, 4, 2, 128
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (b, rows, h, d), jnp.float32)
+    k = jax.random.normal(kk, (b, s, hkv, d), jnp.float32)
+    v = jax.random.normal(kv, (b, s, hkv, d), jnp.float32)
+    lengths = np.array([256, 200, 17, 130])
+    valid = jnp.asarray(np.arange(s)[None] < lengths[:, None])
+    valid = valid.at[1].set(valid[1][::-1])  # sample 1 left-padded
+    start = jnp.int32(0 if rows > 1 else 150)
+    mask = A.CausalPadding(valid, start, 0 if rows > 1 else None)
+    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+    qs, ks, vs = (put(x, P(("data", "fsdp"), None, "tensor")) for x in (q, k, v))
+    mask_s = A.CausalPadding(put(valid, P(("data", "fsdp"))), start, mask.static_start)
+    with S.target_mesh(mesh):
+        lowered = jax.jit(lambda q, k, v, m: A.attention(q, k, v, m, impl="splash")).lower(qs, ks, vs, mask_s)
+        out = lowered.compile()(qs, ks, vs, mask_s)
+    assert "shard_map" in lowered.as_text() or "sdy.manual_computation" in lowered.as_text()
+    ref = A.attention(q, k, v, mask, impl="xla")
+    seen = np.asarray(mask.has_key(rows))[..., None, None]  # rows without a valid key (left padding) are defined by neither
+    np.testing.assert_allclose(np.asarray(out) * seen, np.asarray(ref) * seen, atol=2e-5, rtol=2e-5)
+    assert rows == 1 or seen.sum() < seen.size  # the left-padded sample's first rows were among them
+
+
+# ---- targets, meshes, presets -----------------------------------------------------------------------
+
+def test_target_spellings_and_errors():
+    from flexattn_jax.app import aot
+
+    got = {n: (t.chips, t.topology) for n in ("v5p-128", "v5e-256", "v6e-64", "v4-32", "v5p:4x4x4", "v5e-8", "v5litepod-4", "h100x8")
+           for t in [aot.parse_target(n)]}
+    assert got == {"v5p-128": (64, "v5p:4x4x4"), "v5e-256": (256, "v5e:16x16"), "v6e-64": (64, "v6e:8x8"), "v4-32": (16, "v4:2x2x4"),
+                   "v5p:4x4x4": (64, "v5p:4x4x4"), "v5e-8": (8, "v5e:2x4"), "v5litepod-4": (4, "v5e:2x2"), "h100x8": (8, "1x1x8")}
+    for bad, msg in (("v9-8", "unknown --target"), ("v5p-3", "multiple"), ("v5e:2x2x2", "2 dimensions"), ("h100x16", "1 to 8")):
+        with pytest.raises(aot.AotError, match=msg):
+            aot.parse_target(bad)
+
+
+@needs_libtpu
+def test_mesh_must_cover_the_slice_and_cli_errors(capsys):
+    from flexattn_jax.app import aot
+
+    with pytest.raises(aot.AotError, match="must cover them all"):
+        aot.target_mesh_for(aot.parse_target("v5e:2x2"), "fsdp=2")
+    with pytest.raises(aot.AotError, match="could not describe the topology"):
+        aot.target_mesh_for(aot.parse_target("v5e:3x3"), None)
+    assert aot.main(["--target", "v9-8"]) == 2
+    assert "unknown --target 'v9-8'" in capsys.readouterr().err
+
+
+def test_cuda_target_without_plugin_names_the_extra():
+    from flexattn_jax.app import aot
+
+    if HAS_CUDA:
+        pytest.skip("the CUDA plugin is installed")
+    with pytest.raises(aot.AotError, match=r"flexattn-jax\[cuda\]"):
+        aot.target_devices(aot.parse_target("h100x8"))
+
+
+def _hf_count(text: dict) -> int:
+    """Parameters of the LLaVA-1.5 towers as transformers builds them (on the meta device: nothing allocated)."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        llama = LlamaForCausalLM(LlamaConfig(**{k: text[k] for k in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")}))
+        clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                                                image_size=336, patch_size=14, projection_dim=768))
+    d = text["hidden_size"]
+    projector = 1024 * d + d + d * d + d  # mlp2x_gelu
+    return sum(p.numel() for p in llama.parameters()) + sum(p.numel() for p in clip.parameters()) + projector
+
+
+@pytest.mark.parametrize("size,vicuna", [("7b", 6_738_415_616), ("13b", 13_015_864_320)])
+def test_presets_have_the_release_parameter_counts(size, vicuna):
+    """LLaVA-1.5 = Vicuna v1.5 + CLIP ViT-L/14-336 + the MLP projector; FlexAttention adds k/v_proj_hd to every layer."""
+    from flexattn_jax.app import aot
+
+    text = aot.PRESETS[f"llava-1.5-{size}"]
+    d, layers = text["hidden_size"], text["num_hidden_layers"]
+    llava = vicuna + 303_507_456 + (1024 * d + d + d * d + d)
+    assert aot.param_counts(aot.load_model_config(f"llava-1.5-{size}"))["total"] == llava == _hf_count(text)
+    assert aot.param_counts(aot.load_model_config(f"llava-flexattn-{size}"))["total"] == llava + 2 * layers * d * d
+
+
+# ---- programs compiled by libtpu for compile-only v5e chips ------------------------------------------------
+
+@functools.cache
+def _compile(program: str, mesh: str, attention_impl: str = "splash"):
+    """The tiny model's ``program`` compiled for v5e:2x2 under ``mesh`` (once per session)."""
+    from flexattn_jax.app import aot
+
+    return aot.compile_program("v5e:2x2", tiny_flex_config(), program, mesh=mesh, seq_len=256, select_rows=64,
+                               attention_impl=attention_impl)
+
+
+def _assert_mosaic(report, want: tuple[str, ...]):
+    kinds = {k.split(":")[1].split("_segmented")[0] for k in report.kernels}
+    assert set(want) <= kinds, report.kernels
+    assert all(k.startswith("mosaic:splash") for k in report.kernels), report.kernels
+    assert report.fits and report.per_chip_bytes["peak"] > 0 and report.compile_seconds > 0
+
+
+@needs_libtpu
+def test_prefill_compiles_for_v5e_with_the_mosaic_kernel():
+    r = _compile("prefill", "fsdp=4", attention_impl="auto")  # auto on a TPU target: splash, not the CPU path
+    _assert_mosaic(r, ("splash_mha_fwd",))
+    assert r.optimal_seconds and 0 < r.mfu_estimate < 1
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["fsdp=4", "data=2,tensor=2"])
+@pytest.mark.parametrize("program,kernels", [
+    ("train", ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv")), ("prefill", ("splash_mha_fwd",)),
+    ("decode", ("splash_mha_fwd",)), ("likelihood", ("splash_mha_fwd",)),
+])
+def test_programs_compile_for_v5e_meshes(program, kernels, mesh):
+    _assert_mosaic(_compile(program, mesh), kernels)
+
+
+@needs_libtpu
+@pytest.mark.parametrize("program", ["prefill", pytest.param("train", marks=pytest.mark.slow)])
+def test_per_chip_argument_bytes_shrink_with_fsdp(program):
+    """Parameters (and the train step's fp32 masters and AdamW moments) split over fsdp, the batch over both:
+    per chip, fsdp=4 holds about a quarter of what data=4 holds (the parameters dominate the tiny model's inputs)."""
+    data, fsdp = _compile(program, "data=4", "auto"), _compile(program, "fsdp=4", "auto")
+    ratio = fsdp.per_chip_bytes["arguments"] / data.per_chip_bytes["arguments"]
+    assert 0.2 < ratio < 0.35, ratio
+
+
+# ---- GPU (deviceless, CUDA plugin) -------------------------------------------------------------------------
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the CUDA plugin is not installed (pip install 'flexattn-jax[cuda]')")
+def test_prefill_compiles_for_h100_with_cudnn():
+    from flexattn_jax.app import aot
+
+    r = aot.compile_program("h100x8", tiny_flex_config(), "prefill", mesh="fsdp=8", seq_len=256)
+    assert any(k.startswith("__cudnn$fmha") for k in r.kernels), r.kernels
+    assert r.optimal_seconds is None and r.fits
