@@ -192,11 +192,11 @@ def summarize(results: list[tuple[int | str, float]], seconds: float) -> dict[st
 
 
 def run(checkpoint: Path, *, clients: int, per_client: int, sequential: int, soak: int, max_batch: int, max_new_tokens: int,
-        request_timeout: float, time_limit: float, extra: list[str]) -> dict[str, Any]:
+        request_timeout: float, time_limit: float, extra: list[str], n_images: int = 64) -> dict[str, Any]:
     """The three phases against a fresh server on ``checkpoint``; the figures and the goals."""
     t_start = time.perf_counter()
     model = "bench"
-    bodies = demo_bodies(model, 64, max_new_tokens)
+    bodies = demo_bodies(model, n_images, max_new_tokens)
     args = ["--checkpoint", str(checkpoint), "--model-name", model, "--max-batch", str(max_batch), "--max-new-tokens",
             str(max_new_tokens), "--max-prompt-tokens", "64", "--max-queue", str(max(256, 2 * clients)), "--warmup", *extra]
     out: dict[str, Any] = {"checkpoint": str(checkpoint), "clients": clients, "per_client": per_client, "max_batch": max_batch,
@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None, help=f"the model to serve (default: {DEMO_MODEL}, from `flexattn-jax demo`)")
     p.add_argument("--smoke", action="store_true",
-                   help="a random model of the demo's configuration and small counts (8 clients x 2, 4 one at a time, soak 32)")
+                   help="small counts (8 clients x 2, 4 one at a time, soak 32, 8 images) and, without --checkpoint, a random model "
+                   "of the demo's configuration")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--per-client", type=int, default=8)
     p.add_argument("--sequential", type=int, default=64, help="requests sent one at a time (the baseline; default: 64)")
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         result = run(ckpt, clients=args.clients, per_client=args.per_client, sequential=args.sequential, soak=args.soak,
                      max_batch=args.max_batch, max_new_tokens=args.max_new_tokens, request_timeout=args.request_timeout,
-                     time_limit=args.time_limit, extra=args.server_arg)
+                     time_limit=args.time_limit, extra=args.server_arg, n_images=8 if args.smoke else 64)
     print(format_table(result), file=sys.stderr)
     text = json.dumps(result, indent=2)
     if args.out:

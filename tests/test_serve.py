@@ -196,36 +196,42 @@ def test_bad_requests_get_a_named_4xx_and_the_server_keeps_serving(server, world
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == expected
 
 
-def test_a_full_queue_answers_503_with_retry_after(world):
-    """--max-queue 2 and a 3 s batch window: of 10 requests sent at once, two wait in the window, the rest get 503."""
+def test_disconnect_full_queue_503_then_sigterm_answers_the_requests_in_flight_and_exits_0(world):
+    """One short-lived server, --max-queue 2 and a 3 s batch window. A client that disconnects while waiting is left
+    out of the batch; the other request is answered. Of 10 requests sent at once, two wait in the window and eight
+    get 503 with Retry-After. Then SIGTERM with two requests waiting: both are
+    answered, the process exits with status 0 and no longer listens."""
     args = ["--checkpoint", str(world["ckpt"]), "--model-name", "tiny", *SERVE, "--max-queue", "2", "--batch-window-ms", "3000"]
     body = _body(_data_url((world["root"] / "img0.png").read_bytes()))
-    with ServerProcess(args, env=_env(world["cache"]), ready_timeout=300) as s, ThreadPoolExecutor(10) as pool:
-        responses = list(pool.map(lambda _: httpx.post(s.url + "/v1/chat/completions", json=body, timeout=120), range(10)))
+    post = lambda _=None: httpx.post(s.url + "/v1/chat/completions", json=body, timeout=120)  # noqa: E731
+    with ServerProcess(args, env=_env(world["cache"]), ready_timeout=300) as s:
+        with ThreadPoolExecutor(2) as pool:  # a client that leaves while its request waits cancels only its own
+            other = pool.submit(post)
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(s.url + "/v1/chat/completions", json=body, timeout=0.5)
+            assert other.result().status_code == 200
+        assert [line.split("batch: ")[1].split(",")[0] for line in s.lines if "serve: batch:" in line] == ["1/8 rows"]
+
+        with ThreadPoolExecutor(10) as pool:
+            responses = list(pool.map(post, range(10)))
         codes = sorted(r.status_code for r in responses)
         assert codes.count(200) == 2 and codes.count(503) == 8, codes
         busy = next(r for r in responses if r.status_code == 503)
         assert int(busy.headers["Retry-After"]) >= 1 and "--max-queue 2" in busy.json()["error"]["message"]
-        assert httpx.post(s.url + "/v1/chat/completions", json=body, timeout=120).status_code == 200  # and it serves on
+        assert busy.json()["error"]["code"] == "queue_full"
 
-
-def test_sigterm_answers_the_requests_in_flight_then_exits_0(world):
-    args = ["--checkpoint", str(world["ckpt"]), "--model-name", "tiny", *SERVE, "--batch-window-ms", "3000"]
-    body = _body(_data_url((world["root"] / "img1.png").read_bytes()))
-    with ServerProcess(args, env=_env(world["cache"]), ready_timeout=300) as s:
         results: list[int] = []
-        threads = [threading.Thread(target=lambda: results.append(
-            httpx.post(s.url + "/v1/chat/completions", json=body, timeout=120).status_code)) for _ in range(4)]
+        threads = [threading.Thread(target=lambda: results.append(post().status_code)) for _ in range(2)]
         for t in threads:
             t.start()
         deadline = time.monotonic() + 30
-        while httpx.get(s.url + "/health", timeout=10).json()["pending"] < 4:  # all four wait in the batch window
+        while httpx.get(s.url + "/health", timeout=10).json()["pending"] < 2:  # both wait in the batch window
             assert time.monotonic() < deadline, "the requests never arrived"
             time.sleep(0.02)
         assert s.terminate(timeout=120) == 0
         for t in threads:
             t.join(60)
-        assert results == [200, 200, 200, 200]
+        assert results == [200, 200]
         assert any("SIGTERM" in line for line in s.lines)
         with pytest.raises(httpx.TransportError):
             httpx.get(s.url + "/health", timeout=5)
