@@ -139,27 +139,65 @@ def demo_bodies(model: str, n_images: int, max_tokens: int, seed: int = 7) -> li
     return bodies
 
 
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, bool]:
+    """Send one pre-encoded HTTP/1.1 request on a kept-alive connection; ``(status, server closes the connection)``."""
+    writer.write(request)
+    await writer.drain()
+    status = int((await reader.readline()).split()[1])
+    length, close = 0, False
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"connection" and value.strip().lower() == b"close":
+            close = True
+    await reader.readexactly(length)
+    return status, close
+
+
 async def load(url: str, bodies: list[dict], clients: int, total: int, timeout: float,
                on_done=None) -> list[tuple[int | str, float]]:
     """``total`` requests from ``clients`` concurrent clients (each sends its next when answered): ``(status, seconds)``
-    each, the status an exception's name when no HTTP answer came."""
+    each, the status an exception's name when no HTTP answer came.
+
+    Each client is one kept-alive HTTP/1.1 connection sending pre-encoded requests: a load generator
+    far cheaper than a full client library, so that on a small machine the CPU goes to the server.
+    """
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    requests = []
+    for b in bodies:
+        payload = json.dumps(b).encode()
+        requests.append(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
     results: list[tuple[int | str, float]] = []
     counter = iter(range(total))
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
-        async def worker() -> None:
+
+    async def worker() -> None:
+        conn = None
+        try:
             for i in counter:
                 t0 = time.perf_counter()
                 try:
-                    r = await client.post("/v1/chat/completions", json=bodies[i % len(bodies)])
-                    status: int | str = r.status_code
-                except httpx.HTTPError as e:
+                    if conn is None:
+                        conn = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout)
+                    status, close = await asyncio.wait_for(_exchange(*conn, requests[i % len(requests)]), timeout)
+                    if close:
+                        conn[1].close()
+                        conn = None
+                except (OSError, ValueError, IndexError, asyncio.IncompleteReadError, TimeoutError) as e:
                     status = type(e).__name__
+                    if conn is not None:
+                        conn[1].close()
+                        conn = None
                 results.append((status, time.perf_counter() - t0))
                 if on_done is not None:
                     on_done(len(results))
+        finally:
+            if conn is not None:
+                conn[1].close()
 
-        await asyncio.gather(*(worker() for _ in range(clients)))
+    await asyncio.gather(*(worker() for _ in range(clients)))
     return results
 
 
@@ -192,7 +230,7 @@ def summarize(results: list[tuple[int | str, float]], seconds: float) -> dict[st
 
 
 def run(checkpoint: Path, *, clients: int, per_client: int, sequential: int, soak: int, max_batch: int, max_new_tokens: int,
-        request_timeout: float, time_limit: float, extra: list[str], n_images: int = 64) -> dict[str, Any]:
+        request_timeout: float, time_limit: float, extra: list[str], n_images: int = 64, server_log: str | None = None) -> dict[str, Any]:
     """The three phases against a fresh server on ``checkpoint``; the figures and the goals."""
     t_start = time.perf_counter()
     model = "bench"
@@ -222,6 +260,8 @@ def run(checkpoint: Path, *, clients: int, per_client: int, sequential: int, soa
         out["soak"]["rss_mb_half"], out["soak"]["rss_mb_end"] = rss[soak // 2] / 2**20, rss[soak] / 2**20
         out["soak"]["rss_growth_second_half"] = (rss[soak] - rss[soak // 2]) / rss[soak // 2]
         out["exit_status"] = server.terminate()
+        if server_log:
+            Path(server_log).write_text("".join(server.lines))
     seq, con, sk = out["sequential"], out["concurrent"], out["soak"]
     out["speedup"] = con["requests_per_s"] / seq["requests_per_s"]
     lost = sum(p["lost"] for p in (seq, con, sk))
@@ -270,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--request-timeout", type=float, default=300.0)
     p.add_argument("--time-limit", type=float, default=1800.0, help="seconds for the whole run (default: 1800)")
     p.add_argument("--out", default=None, help="write the JSON here (default: stdout, after the table on stderr)")
+    p.add_argument("--server-log", default=None, help="write the server's stderr (one line per batch) here")
     p.add_argument("--server-arg", action="append", default=[], help="extra `flexattn-jax serve` argument (repeatable)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -286,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         result = run(ckpt, clients=args.clients, per_client=args.per_client, sequential=args.sequential, soak=args.soak,
                      max_batch=args.max_batch, max_new_tokens=args.max_new_tokens, request_timeout=args.request_timeout,
-                     time_limit=args.time_limit, extra=args.server_arg, n_images=8 if args.smoke else 64)
+                     time_limit=args.time_limit, extra=args.server_arg, n_images=8 if args.smoke else 64,
+                     server_log=args.server_log)
     print(format_table(result), file=sys.stderr)
     text = json.dumps(result, indent=2)
     if args.out:

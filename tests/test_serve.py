@@ -178,6 +178,7 @@ def _bad_cases(world) -> list[tuple[str, object, int, str]]:
         ("temperature", {**ok, "temperature": -1}, 400, "'temperature' must be a number in [0, 2]"),
         ("prompt too long", _body(_data_url(img), "why " * 200), 400, "the context allows 64"),
         ("empty prompt", _body(_data_url(img), "   "), 400, "empty prompt"),
+        ("too much text", _body(_data_url(img), "x" * 70_000), 400, "70,000 characters of text, more than the limit of 65,536"),
         ("last message not the user's", {"model": "tiny", "messages": [*ok["messages"], {"role": "assistant", "content": "x"}]},
          400, "the last message must be from the user"),
     ]

@@ -72,6 +72,7 @@ class Limits:
     image_root: Path | None = None
     max_image_bytes: int = 20 << 20
     max_messages: int = 64
+    max_text_chars: int = 1 << 16  # all text parts together: refused before tokenizing (the prompt limit is in tokens)
 
 
 def _number(body: dict, key: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
@@ -234,6 +235,10 @@ def render(messages: Any, limits: Limits) -> Request:
                         "to a user message", param="messages")
     if len(images) > 1:
         raise ChatError(f"the request has {len(images)} images; one image per conversation is supported", param="messages")
+    chars = sum(len(t["value"]) for t in turns) + sum(map(len, system))
+    if chars > limits.max_text_chars:
+        raise ChatError(f"the messages hold {chars:,} characters of text, more than the limit of {limits.max_text_chars:,}",
+                        param="messages")
     if not turns or turns[-1]["from"] != "human":
         raise ChatError("the last message must be from the user", param="messages")
     (at, image), = images

@@ -419,7 +419,8 @@ def make_app(scheduler: Scheduler, limits: Limits, metrics: Metrics, *, request_
         fut = loop.create_future()
 
         def deliver(result) -> None:
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
+            with contextlib.suppress(RuntimeError):  # the event loop is closed: the server has stopped, nobody waits
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
 
         job = Job(chat, deliver)
         if not scheduler.submit(job):
@@ -521,7 +522,12 @@ def main(argv: list[str] | None = None) -> int:
     scheduler.on_batch = lambda info: (log_batch(info), metrics.batch(info))
     if args.warmup:
         t0 = time.perf_counter()
-        n = scheduler.warmup()
+        try:
+            n = scheduler.warmup()
+        except KeyboardInterrupt:
+            sock.close()
+            print("\ninterrupted during the warm-up", file=sys.stderr)
+            return 130
         log.info("warm-up: %d buckets ready in %.1f s", n, time.perf_counter() - t0)
     scheduler.start()
     limits = Limits(model=model, max_new_tokens=args.max_new_tokens, image_root=image_root, max_image_bytes=args.max_image_bytes)
