@@ -151,6 +151,16 @@ def test_sixteen_concurrent_requests_each_equal_generate(server, items):
     assert batch_lines and all("bucket 64" in line for line in batch_lines)
 
 
+@pytest.mark.slow
+def test_sampling_requests_with_a_seed(server, items):
+    """temperature > 0 compiles its own program (a static argument); the same seed alone in its batch repeats itself."""
+    client = _client(server)
+    path, question, _ = items[0]
+    message = [{"role": "user", "content": [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": path.name}}]}]
+    a, b = (client.chat.completions.create(model="tiny", messages=message, temperature=1.0, top_p=0.9, seed=5) for _ in range(2))
+    assert a.choices[0].message.content == b.choices[0].message.content and 1 <= a.usage.completion_tokens <= MAX_NEW
+
+
 def _bad_cases(world) -> list[tuple[str, object, int, str]]:
     img = (world["root"] / "img0.png").read_bytes()
     ok = _body(_data_url(img))
