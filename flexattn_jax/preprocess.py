@@ -16,6 +16,7 @@ assistant answers plus their ``</s>``, as LLaVA's ``preprocess_v1`` does.
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -118,27 +119,33 @@ def to_rgb(img: Image.Image, alpha: Literal["drop", "white"] = "drop") -> Image.
 
 
 def load_image(
-    path: str | Path,
+    path: str | Path | bytes,
     alpha: Literal["drop", "white"] = "drop",
     max_pixels: int | None = None,
     max_aspect: float | None = None,
 ) -> Image.Image:
-    """Open an image file as RGB, EXIF orientation applied (see :func:`to_rgb` for modes and alpha).
+    """Open an image file (or an encoded image in memory: ``bytes``) as RGB, EXIF orientation applied
+    (see :func:`to_rgb` for modes and alpha).
 
-    A missing, unreadable or corrupt file raises :class:`PreprocessError` naming the path; so does one
-    beyond the size limits of :func:`check_image_size`, checked from the header before decoding.
+    A missing, unreadable or corrupt file raises :class:`PreprocessError` naming the path ("image
+    data" for bytes); so does one beyond the size limits of :func:`check_image_size`, checked from
+    the header before decoding.
     """
-    path = Path(path)
-    if not path.exists():
-        raise PreprocessError(f"image file not found: {path}")
-    if not path.is_file():
-        raise PreprocessError(f"image path is not a file: {path}")
+    if isinstance(path, bytes):
+        source, name = io.BytesIO(path), "image data"
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise PreprocessError(f"image file not found: {path}")
+        if not path.is_file():
+            raise PreprocessError(f"image path is not a file: {path}")
+        source, name = path, f"image file {path}"
     try:
         with warnings.catch_warnings():  # our own limit below replaces PIL's DecompressionBombWarning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im_ctx = Image.open(path)
+            im_ctx = Image.open(source)
         with im_ctx as im:
-            check_image_size(*im.size, where=f"image file {path}", max_pixels=max_pixels, max_aspect=max_aspect)
+            check_image_size(*im.size, where=name, max_pixels=max_pixels, max_aspect=max_aspect)
             im.load()
             try:
                 oriented = ImageOps.exif_transpose(im)
@@ -149,18 +156,18 @@ def load_image(
             if oriented is im:
                 oriented = im.copy()
     except UnidentifiedImageError as e:
-        reason = _decoder_reason(path)
-        raise PreprocessError(f"cannot read image file {path}: {reason or f'{type(e).__name__}: {e}'}") from e
+        reason = "not an image format this build can read" if isinstance(path, bytes) else _decoder_reason(path)
+        raise PreprocessError(f"cannot read {name}: {reason or f'{type(e).__name__}: {e}'}") from e
     except Image.DecompressionBombError as e:
-        raise PreprocessError(f"image file {path}: {e}") from e
+        raise PreprocessError(f"{name}: {e}") from e
     except PreprocessError:
         raise
     except (OSError, SyntaxError, ValueError) as e:
-        raise PreprocessError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
+        raise PreprocessError(f"cannot read {name}: {type(e).__name__}: {e}") from e
     try:
         return to_rgb(oriented, alpha=alpha)
     except PreprocessError as e:
-        raise PreprocessError(f"{path}: {e}") from e
+        raise PreprocessError(f"{name if isinstance(path, bytes) else path}: {e}") from e
 
 
 def _decoder_reason(path: Path) -> str | None:

@@ -17,6 +17,6 @@ def write_tiny_checkpoint(d: Path, cfg: ModelConfig | None = None, seed: int = 2
     cfg = cfg or tiny_config()
 
     def tokenizer_files(directory: Path) -> list[str]:
-        return list(build_demo_tokenizer().save_pretrained(str(directory)))
+        return [Path(f).name for f in build_demo_tokenizer().save_pretrained(str(directory))]
 
     return write_model(random_params(cfg, seed=seed, std=std), cfg, d, {"source": "tests"}, tokenizer_files)

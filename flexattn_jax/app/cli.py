@@ -18,6 +18,7 @@ commands:
   train      fine-tune on LLaVA-format data over a device mesh (see `flexattn-jax train --help`)
   bench      FLOP and time benchmarks (see `flexattn-jax bench --help`)
   eval       V* Bench, MagnifierBench, TextVQA, VQA in the paper's protocols (see `flexattn-jax eval --help`)
+  serve      an OpenAI-compatible HTTP server batching concurrent requests (see `flexattn-jax serve --help`)
   compile    compile a program for a TPU slice or GPU node from this host: fit, kernels, estimated speed
 
 Run `flexattn-jax COMMAND --help` for each command's options.
@@ -32,6 +33,7 @@ _DELEGATES = {
     "bench": ("bench.cli", "main"),
     "eval": ("flexattn_jax.app.eval.cli", "main"),
     "compile": ("flexattn_jax.app.aot", "main"),
+    "serve": ("flexattn_jax.app.serve", "main"),
 }
 
 

@@ -1,5 +1,6 @@
 """``flexattn-jax generate``: answer questions about images with a converted checkpoint, one image or a
-JSONL batch streamed through the jitted buckets (answers written in input order, resumable)."""
+JSONL batch streamed through the jitted buckets (answers written in input order, resumable). Its
+model options and checks are shared with ``serve``."""
 
 from __future__ import annotations
 
@@ -16,9 +17,35 @@ if TYPE_CHECKING:
     from flexattn_jax.config import ModelConfig
 
 
-def generate_parser(prog: str = "flexattn-jax generate") -> argparse.ArgumentParser:
+def add_compile_cache_args(p: argparse.ArgumentParser) -> None:
+    """``--compile-cache`` / ``--no-compile-cache`` (for :func:`~flexattn_jax.compile_cache.setup_compile_cache`)."""
+    p.add_argument("--compile-cache", metavar="DIR", default=None,
+                   help="JAX persistent compilation cache: a second identical call loads the compiled program instead of "
+                   "compiling (default: $FLEXATTN_JAX_CACHE, else $XDG_CACHE_HOME/flexattn-jax/jax, else ~/.cache/flexattn-jax/jax)")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="compile from scratch, write no cache (also: environment FLEXATTN_JAX_COMPILE_CACHE=0)")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """How a converted checkpoint runs: ``--dtype``, ``--hr-budget``, ``--hr-strategy``, ``--mesh`` (generate, serve)."""
     from flexattn_jax.generate import HRStrategy
 
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute/param dtype (default: as converted)")
+    p.add_argument("--hr-budget", default=None,
+                   help="HR tokens per select row: 'all' (K = M, the release), 'adaptive' (exact as 'all', at the cost of "
+                   "the smallest rung of flex.hr_ladder holding the selection, chosen per layer at run time), or a fixed "
+                   "count or fraction of M (truncates larger selections) (default: the checkpoint's, 'all')")
+    p.add_argument("--hr-strategy", choices=list(get_args(HRStrategy)), default="project",
+                   help="where HR keys/values are projected (all give the same tokens): 'project' the K selected tokens "
+                   "at every step (the release; cheapest prefill), 'cache' all M once at prefill (fewer FLOPs once the "
+                   "answer is longer than about M/K - 1 tokens; Lh x M x Hkv x d x 2 values per sample); see "
+                   "flexattn_jax.generate for the others (default: project)")
+    p.add_argument("--mesh", metavar="SPEC", default=None,
+                   help="data parallel over devices, e.g. 'data=8' or 'data=-1' (all devices): parameters replicated, "
+                   "each batch split over the data axis (default: one device)")
+
+
+def generate_parser(prog: str = "flexattn-jax generate") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Answer questions about images with a converted checkpoint: one --image and --prompt, or a --batch "
@@ -47,30 +74,14 @@ def generate_parser(prog: str = "flexattn-jax generate") -> argparse.ArgumentPar
     p.add_argument("--workers", type=int, default=4, help="threads decoding and resizing images ahead of the device (default: 4)")
     p.add_argument("--window", type=int, default=None,
                    help="items read ahead and grouped into length buckets; bounds host memory (default: max(4 x batch size, 32))")
-    p.add_argument("--compile-cache", metavar="DIR", default=None,
-                   help="JAX persistent compilation cache: a second identical call loads the compiled program instead of "
-                   "compiling (default: $FLEXATTN_JAX_CACHE, else $XDG_CACHE_HOME/flexattn-jax/jax, else ~/.cache/flexattn-jax/jax)")
-    p.add_argument("--no-compile-cache", action="store_true",
-                   help="compile from scratch, write no cache (also: environment FLEXATTN_JAX_COMPILE_CACHE=0)")
+    add_compile_cache_args(p)
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per item, EOS included (default: 64)")
     p.add_argument("--batch-size", type=int, default=8,
                    help="items per jitted batch; a multiple of the mesh's data axis with --mesh (default: 8)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass with --temperature > 0 (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute/param dtype (default: as converted)")
-    p.add_argument("--hr-budget", default=None,
-                   help="HR tokens per select row: 'all' (K = M, the release), 'adaptive' (exact as 'all', at the cost of "
-                   "the smallest rung of flex.hr_ladder holding the selection, chosen per layer at run time), or a fixed "
-                   "count or fraction of M (truncates larger selections) (default: the checkpoint's, 'all')")
-    p.add_argument("--hr-strategy", choices=list(get_args(HRStrategy)), default="project",
-                   help="where HR keys/values are projected (all give the same tokens): 'project' the K selected tokens "
-                   "at every step (the release; cheapest prefill), 'cache' all M once at prefill (fewer FLOPs once the "
-                   "answer is longer than about M/K - 1 tokens; Lh x M x Hkv x d x 2 values per sample); see "
-                   "flexattn_jax.generate for the others (default: project)")
-    p.add_argument("--mesh", metavar="SPEC", default=None,
-                   help="data parallel over devices, e.g. 'data=8' or 'data=-1' (all devices): parameters replicated, "
-                   "each batch split over the data axis (default: one device)")
+    add_model_args(p)
     p.add_argument("--save-attention", metavar="DIR", default=None,
                    help="write one PNG per answered item into DIR (created): the image under a heat map of the last "
                    "prompt token's attention over its LR tokens (with a colour bar), the HR tokens selected for the last "
@@ -206,8 +217,8 @@ def check_context(cfg: ModelConfig, max_new_tokens: int) -> None:
         )
 
 
-def _generate_config(args: argparse.Namespace, cfg: ModelConfig) -> ModelConfig:
-    """``cfg`` with ``--set`` and ``--hr-budget`` applied (validated)."""
+def inference_config(args: argparse.Namespace, cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with ``--set`` and ``--hr-budget`` applied (validated): the config generate and serve run."""
     from flexattn_jax.overrides import apply_overrides, parse_hr_budget
 
     cfg = apply_overrides(cfg, list(args.set))
@@ -225,14 +236,14 @@ def _generate(argv: list[str]) -> int:
     args = generate_parser().parse_args(argv)
     try:  # every check that can fail runs before the parameters are restored
         check_generate_args(args)
-        cfg = _generate_config(args, read_config(args.checkpoint))
+        cfg = inference_config(args, read_config(args.checkpoint))
         check_context(cfg, args.max_new_tokens)
         tokenizer = load_tokenizer(args.checkpoint)
         check_tokenizer_vocab(tokenizer, cfg.text.vocab_size)
         lines = iter([(0, Request(args.image, args.prompt))]) if args.image else read_batch(args.batch)
         log = AnswerLog.scan(args.output) if args.resume else None
         params, cfg, mesh = load_for_inference(args.checkpoint, args.dtype, args.mesh, args.batch_size)
-        cfg = _generate_config(args, cfg)
+        cfg = inference_config(args, cfg)
         if args.save_attention:
             Path(args.save_attention).mkdir(parents=True, exist_ok=True)
     except (ValueError, OSError) as e:  # ConvertError, ShardingError, ConfigError, OutputPathError, ResumeError are ValueErrors

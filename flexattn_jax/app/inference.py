@@ -54,7 +54,7 @@ from flexattn_jax.sharding import batch_sharding, replicated
 
 @dataclass
 class Request:
-    """One question about one image (a path or a PIL image).
+    """One question about one image (a path, an encoded image in memory as ``bytes``, or a PIL image).
 
     ``formatted``: ``prompt`` is the full text to tokenize (conversation template applied, exactly
     one ``<image>`` tag placed by the caller) instead of a question to wrap with
@@ -62,7 +62,7 @@ class Request:
     bad JSONL line); it is answered with this error and never preprocessed.
     """
 
-    image: str | Path | Image.Image | None
+    image: str | Path | bytes | Image.Image | None
     prompt: str | None
     formatted: bool = False
     error: str | None = None
@@ -75,6 +75,7 @@ class Answer:
     error: str | None = None
     hr_masks: np.ndarray | None = None  # (L, M) the prefill's per-layer selected HR tokens
     image_attention: np.ndarray | None = None  # (L, G) the last prompt token's map over the LR image
+    prompt_tokens: int | None = None  # the prompt's length in tokens, image tokens included
 
 
 @dataclass
@@ -85,7 +86,7 @@ class Prepared:
 
 
 def request_image(req: Request) -> Image.Image:
-    """The request's image as RGB (a path is loaded with :func:`flexattn_jax.preprocess.load_image`)."""
+    """The request's image as RGB (a path or bytes are loaded with :func:`flexattn_jax.preprocess.load_image`)."""
     return req.image if isinstance(req.image, Image.Image) else load_image(req.image)
 
 
@@ -131,16 +132,23 @@ def _placer(mesh: Mesh | None, batch_size: int):
 
 
 
+def answer_text(tokenizer, cfg: ModelConfig, tokens: Sequence[int]) -> str:
+    """The text of generated ``tokens``: EOS and special tokens dropped, whitespace stripped."""
+    return tokenizer.decode([t for t in tokens if t != cfg.eos_token_id], skip_special_tokens=True).strip()
+
+
 def default_window(batch_size: int) -> int:
     """Items preprocessed ahead of the device and held for length bucketing: ``max(4 * batch_size, 32)``."""
     return max(4 * batch_size, 32)
 
 
 class _Batch:
-    """A dispatched batch: its items, the (not yet read back) output, when it was dispatched."""
+    """A dispatched batch: its items, the (not yet read back) output, when it was dispatched (``t0``: after the call
+    returned, ``t_start``: before it, compile included), its padded length."""
 
-    def __init__(self, items: list[tuple[int, Prepared]], out: GenerateOutput, t0: float, compiled: bool):
+    def __init__(self, items: list[tuple[int, Prepared]], out: GenerateOutput, t0: float, compiled: bool, t_start: float, length: int):
         self.items, self.out, self.t0, self.compiled = items, out, t0, compiled
+        self.t_start, self.length = t_start, length
 
 
 class _Stats:
@@ -187,6 +195,7 @@ def stream_answers(
     window: int | None = None,
     stats: dict[str, Any] | None = None,
     skip: Callable[[int, Request], bool] | None = None,
+    on_batch: Callable[[dict[str, Any]], None] | None = None,
 ) -> Iterator[tuple[int, Answer]]:
     """Yield ``(input index, Answer)`` as batches finish; host memory bounded by ``window``, not by ``len(requests)``.
 
@@ -199,7 +208,9 @@ def stream_answers(
     True leaves an item out (not preprocessed, not yielded: ``--resume``). ``stats`` (a dict) receives
     counts and timings, also when the consumer stops early: compile time apart from the steady state
     (``steady_items_per_s``, ``steady_tokens_per_s``), batch latency (dispatch to tokens on the host:
-    a batch's tokens arrive together), ``first_answer_s``. Closing the generator cancels the pending
+    a batch's tokens arrive together), ``first_answer_s``. ``on_batch`` is called as each batch's tokens
+    reach the host with ``size`` (items), ``batch_size``, ``bucket`` (padded prompt length), ``compiled``,
+    ``seconds`` (dispatch to tokens, compile included) and ``steps`` (decode steps). Closing the generator cancels the pending
     preprocessing. ``mesh`` makes the batches data parallel; ``batch_size`` must then be a multiple
     of its ``data`` axis.
     """
@@ -277,24 +288,27 @@ def stream_answers(
             st.compiles += 1
             st.compile_s += time.perf_counter() - t0
         st.batches += 1
-        return _Batch(items, out, time.perf_counter(), compiled)
+        return _Batch(items, out, time.perf_counter(), compiled, t0, length)
 
     def finish(batch: _Batch) -> Iterator[tuple[int, Answer]]:
         tokens, lengths = np.asarray(batch.out.tokens), np.asarray(batch.out.lengths)
         if not batch.compiled:
             st.latencies.append(time.perf_counter() - batch.t0)
         st.decode_steps += int(batch.out.steps)
+        if on_batch is not None:
+            on_batch(dict(size=len(batch.items), batch_size=batch_size, bucket=batch.length, compiled=batch.compiled,
+                          seconds=time.perf_counter() - batch.t_start, steps=int(batch.out.steps)))
         maps = batch.out.prefill_maps
         hr_masks = None if maps is None else np.asarray(maps.hr_masks)
         image_attention = None if maps is None else np.asarray(maps.image_attention)
-        for row, (i, _) in enumerate(batch.items):
+        for row, (i, prep) in enumerate(batch.items):
             toks = tokens[row, : lengths[row]].tolist()
             st.tokens += len(toks)
-            text = tokenizer.decode([t for t in toks if t != cfg.eos_token_id], skip_special_tokens=True).strip()
             ans = Answer(
-                text, toks, None,
+                answer_text(tokenizer, cfg, toks), toks, None,
                 None if hr_masks is None else hr_masks[:, row].copy(),
                 None if image_attention is None else image_attention[:, row].copy(),
+                prompt_tokens=len(prep.ids),
             )
             yield from emit(i, ans)
 

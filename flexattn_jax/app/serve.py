@@ -1,0 +1,555 @@
+"""``flexattn-jax serve``: an OpenAI-compatible HTTP server on the jitted generation, with dynamic batching.
+
+A scheduler thread takes requests from a bounded queue: the first one opens a window of
+``--batch-window-ms`` in which up to ``--max-batch`` requests gather (requests already waiting
+are taken along, up to :func:`~flexattn_jax.inference.default_window`, so the length bucketing has
+something to group). That wave goes through :func:`~flexattn_jax.inference.stream_answers`, the
+pipeline of ``generate``: images decoded and resized in its bounded worker pool, prompts grouped
+into the length buckets, one jitted generation per batch padded to ``--max-batch`` rows (so one
+compile per bucket), early stop when every row is done. Each request is answered as its batch
+finishes. This is *dynamic* batching: a request never joins a decode loop already running; it
+waits for the next wave.
+
+Because batches have a fixed shape and a prompt's bucket depends only on its own length, a greedy
+request gets exactly the tokens ``flexattn-jax generate`` gives for the same image and prompt,
+whatever else shares its batch. Sampling requests are batched with those of the same
+``temperature``, ``top_p`` and ``seed`` (static arguments of the jitted program).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import queue
+import random
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from flexattn_jax.app.chat import ChatError, ChatRequest, Limits, completion_body, completion_of, error_body, parse_chat, stream_chunks
+from flexattn_jax.app.inference import Answer, Request, default_window, stream_answers
+from flexattn_jax.preprocess import BUCKETS, bucket_length, format_prompt, tokenize_with_image
+
+log = logging.getLogger("flexattn_jax.serve")
+
+
+def _log_to_stderr() -> None:
+    """This module's INFO lines (one per batch) on stderr, whatever logging an imported library set up."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s serve: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def serve_parser(prog: str = "flexattn-jax serve") -> argparse.ArgumentParser:
+    from flexattn_jax.app.generate_cli import add_compile_cache_args, add_model_args
+
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve a converted checkpoint over HTTP with OpenAI's chat-completions API: POST /v1/chat/completions "
+        "(messages with text and one image_url part as a data: URL or a path under --image-root; max_tokens, temperature, "
+        "top_p, seed, stop, stream), GET /v1/models, GET /health, GET /metrics (Prometheus). Concurrent requests are "
+        "batched dynamically into the length buckets of `generate` (a greedy request gets exactly generate's tokens). "
+        "A full queue answers 503 with Retry-After; a bad request a 4xx naming the problem. SIGTERM (or Ctrl-C) stops "
+        "accepting, answers the requests in flight, then exits with status 0.",
+        epilog="exit status: 0 after a graceful stop; 2 on bad arguments, an unreadable checkpoint or a port that cannot be bound.",
+    )
+    p.add_argument("--checkpoint", required=True, help="a directory written by `flexattn-jax convert` (params + tokenizer)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one, printed at start (default: 8000)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the checkpoint directory's name)")
+    add_model_args(p)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. flex.threshold=48")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="tokens generated per request, EOS included: every batch runs with it (one compile per bucket) and a "
+                   "request's max_tokens may only lower it (default: 64)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt accepted, image tokens included, rounded up to a length bucket; fewer buckets to "
+                   "compile (default: the model's context less --max-new-tokens)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="rows per jitted batch (shorter batches are padded); a multiple of the mesh's data axis (default: 8)")
+    p.add_argument("--batch-window-ms", type=float, default=10.0,
+                   help="how long the first request of a batch waits for others to join (default: 10)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests accepted and not yet answered; beyond it: HTTP 503 with Retry-After (default: 256)")
+    p.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds a request may wait for its answer before an HTTP 504 (default: 300)")
+    p.add_argument("--image-root", metavar="DIR", default=None,
+                   help="image_url parts may name files under DIR (plain or file:// paths; '..' and symbolic links out of DIR "
+                   "are refused); without it only data: URLs are accepted")
+    p.add_argument("--max-image-bytes", type=int, default=20 << 20, help="largest image accepted, encoded (default: 20 MiB)")
+    p.add_argument("--workers", type=int, default=4, help="threads decoding and resizing images (default: 4)")
+    p.add_argument("--warmup", action="store_true",
+                   help="compile (or load from the compile cache) the greedy program of every length bucket before "
+                   "listening, so the first requests do not wait for a compile")
+    add_compile_cache_args(p)
+    return p
+
+
+def check_serve_args(args: argparse.Namespace) -> None:
+    """The flags that need no checkpoint, checked before any work; ValueError names the flag and value."""
+    from flexattn_jax.overrides import parse_hr_budget
+
+    for flag, value, least in (("--max-new-tokens", args.max_new_tokens, 1), ("--max-batch", args.max_batch, 1),
+                               ("--max-queue", args.max_queue, 1), ("--workers", args.workers, 1),
+                               ("--max-image-bytes", args.max_image_bytes, 1), ("--port", args.port, 0)):
+        if value < least:
+            raise ValueError(f"{flag} {value} must be at least {least}")
+    if args.port > 65535:
+        raise ValueError(f"--port {args.port} must be at most 65535")
+    if args.max_prompt_tokens is not None and not 1 <= args.max_prompt_tokens <= max(BUCKETS):
+        raise ValueError(f"--max-prompt-tokens {args.max_prompt_tokens} must be in [1, {max(BUCKETS)}]")
+    if not (math.isfinite(args.batch_window_ms) and args.batch_window_ms >= 0):
+        raise ValueError(f"--batch-window-ms {args.batch_window_ms} must be a finite number >= 0")
+    if not (math.isfinite(args.request_timeout) and args.request_timeout > 0):
+        raise ValueError(f"--request-timeout {args.request_timeout} must be a positive number of seconds")
+    if args.hr_budget is not None:
+        parse_hr_budget(args.hr_budget, name="--hr-budget")
+    if args.image_root is not None and not Path(args.image_root).is_dir():
+        raise ValueError(f"--image-root {args.image_root} is not a directory")
+
+
+def serve_buckets(max_prompt_tokens: int | None) -> tuple[int, ...]:
+    """The length buckets a prompt of at most ``max_prompt_tokens`` can land in (all of them for None)."""
+    if max_prompt_tokens is None:
+        return BUCKETS
+    top = bucket_length(max_prompt_tokens)
+    return tuple(b for b in BUCKETS if b <= top)
+
+
+# ---- the scheduler ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One accepted request: what to run, how to hand back the result (an Answer, or the exception of a failed batch)."""
+
+    chat: ChatRequest
+    deliver: Callable[[Answer | BaseException], None]
+    cancelled: bool = False  # the client left or timed out: skipped if its wave has not started
+    settled: bool = field(default=False, repr=False)
+
+
+class Scheduler:
+    """Dynamic batching on a thread: waves of queued jobs through :func:`stream_answers`, at most ``max_queue`` pending.
+
+    ``on_batch`` receives each batch's summary (see ``stream_answers``) and ``queue`` (jobs pending).
+    """
+
+    def __init__(self, params, cfg, tokenizer, *, mesh=None, max_batch: int = 8, batch_window_s: float = 0.01,
+                 max_queue: int = 256, max_new_tokens: int = 64, hr_strategy: str = "project", buckets=BUCKETS,
+                 workers: int = 4, on_batch: Callable[[dict[str, Any]], None] | None = None):
+        self.params, self.cfg, self.tokenizer, self.mesh = params, cfg, tokenizer, mesh
+        self.max_batch, self.batch_window_s, self.max_queue = max_batch, batch_window_s, max_queue
+        self.max_new_tokens, self.hr_strategy, self.buckets, self.workers = max_new_tokens, hr_strategy, tuple(buckets), workers
+        self.on_batch = on_batch
+        self.pending = 0
+        self.accepting = True
+        self.last_batch_s = 1.0
+        self._queue: queue.Queue[Job] = queue.Queue()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="flexattn-scheduler", daemon=True)
+
+    @property
+    def max_context(self) -> int:
+        """The longest prompt, in tokens, that ``stream_answers`` accepts with these buckets."""
+        return min(max(self.buckets), self.cfg.text.max_position_embeddings - self.max_new_tokens)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> bool:
+        """Queue ``job``; False (nothing queued) when the queue is full or the server is stopping."""
+        with self._lock:
+            if not self.accepting or self.pending >= self.max_queue:
+                return False
+            self.pending += 1
+        self._queue.put(job)
+        return True
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: about the time to work through the queue, 1 to 60."""
+        waves = math.ceil(self.pending / max(1, default_window(self.max_batch)))
+        return int(min(60, max(1, math.ceil(waves * self.last_batch_s))))
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop accepting, answer what is queued, stop the thread."""
+        self.accepting = False
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _settle(self, job: Job, result: Answer | BaseException | None) -> None:
+        if job.settled:
+            return
+        job.settled = True
+        with self._lock:
+            self.pending -= 1
+        if result is not None:
+            job.deliver(result)
+
+    def _collect(self) -> list[Job]:
+        try:
+            jobs = [self._queue.get(timeout=0.1)]
+        except queue.Empty:
+            return []
+        deadline = time.monotonic() + self.batch_window_s
+        while len(jobs) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+            try:
+                jobs.append(self._queue.get(timeout=left))
+            except queue.Empty:
+                break
+        while len(jobs) < default_window(self.max_batch):  # already waiting: bucketed together
+            try:
+                jobs.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return jobs
+
+    def _run(self) -> None:
+        while True:
+            jobs = self._collect()
+            if jobs:
+                self._run_wave(jobs)
+            elif self._stop.is_set():
+                return
+
+    def run_requests(self, requests: list[Request], *, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                     skip: Callable[[int, Request], bool] | None = None):
+        """``stream_answers`` with this server's batch shape, buckets and options: ``(index, Answer)`` as batches finish."""
+        return stream_answers(
+            self.params, self.cfg, self.tokenizer, requests, batch_size=self.max_batch, max_new_tokens=self.max_new_tokens,
+            temperature=temperature, top_p=top_p, seed=seed, hr_strategy=self.hr_strategy, buckets=self.buckets,
+            mesh=self.mesh, progress=False, workers=self.workers, window=max(len(requests), self.max_batch), skip=skip,
+            on_batch=self._batch_done,
+        )
+
+    def _batch_done(self, info: dict[str, Any]) -> None:
+        if not info["compiled"]:
+            self.last_batch_s = info["seconds"]
+        if self.on_batch is not None:
+            self.on_batch({**info, "queue": self.pending})
+
+    def _run_wave(self, jobs: list[Job]) -> None:
+        groups: dict[tuple, list[Job]] = {}
+        for job in jobs:
+            groups.setdefault(job.chat.sampling, []).append(job)
+        for (temperature, top_p, seed), group in groups.items():
+            if seed is None:
+                seed = random.getrandbits(31) if temperature > 0 else 0
+            try:
+                stream = self.run_requests([j.chat.request for j in group], temperature=temperature, top_p=top_p, seed=seed,
+                                           skip=lambda i, _req, group=group: group[i].cancelled)
+                for i, ans in stream:
+                    self._settle(group[i], ans)
+            except Exception as e:  # noqa: BLE001 - the batch failed (e.g. device memory): its requests get a 500
+                log.exception("batch failed")
+                for job in group:
+                    self._settle(job, e)
+            finally:
+                for job in group:  # skipped (cancelled) jobs
+                    self._settle(job, None)
+
+    def warmup(self) -> int:
+        """Run one greedy request in every bucket a prompt can land in (compiles, or loads from the cache); the count."""
+        from PIL import Image
+
+        image = Image.new("RGB", (self.cfg.image_size, self.cfg.image_size))
+        requests = warmup_prompts(self.cfg, self.tokenizer, self.buckets, self.max_context)
+        for _, ans in self.run_requests([Request(image, p) for p in requests]):
+            if ans.error is not None:
+                raise RuntimeError(f"warm-up request failed: {ans.error}")
+        return len(requests)
+
+
+def warmup_prompts(cfg, tokenizer, buckets, max_context: int) -> list[str]:
+    """One question per reachable bucket, as long as the bucket (and ``max_context``) allows: repeated words."""
+    length = lambda k: len(tokenize_with_image(format_prompt(" ".join(["a"] * k)), tokenizer, cfg.image_token_id,  # noqa: E731
+                                               cfg.num_image_tokens, num_images=1))
+    out, below = [], 0
+    for b in sorted(buckets):
+        limit = min(b, max_context)
+        if length(1) <= limit:
+            lo, hi = 1, limit
+            while lo < hi:  # the most words that fit
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if length(mid) <= limit else (lo, mid - 1)
+            if length(lo) > below:
+                out.append(" ".join(["a"] * lo))
+        below = b
+    return out
+
+
+# ---- metrics ------------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """The Prometheus series of one server (its own registry)."""
+
+    def __init__(self, max_batch: int, pending: Callable[[], int]):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("flexattn_requests", "HTTP requests to /v1/chat/completions by status code", ["code"], registry=r)
+        queue_depth = Gauge("flexattn_queue_depth", "requests accepted and not yet answered", registry=r)
+        queue_depth.set_function(pending)
+        self.batch_size = Histogram("flexattn_batch_size", "requests per batch (rows; the rest is padding)",
+                                    buckets=list(range(1, max_batch + 1)), registry=r)
+        self.batches = Counter("flexattn_batches", "batches run, by whether the call compiled (or loaded) a program",
+                               ["compiled"], registry=r)
+        self.batch_latency = Histogram("flexattn_batch_latency_seconds", "dispatch to tokens on the host, compile included",
+                                       registry=r)
+        self.request_latency = Histogram("flexattn_request_latency_seconds", "request received to answer ready (answered "
+                                         "requests)", buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r)
+        self.prompt_tokens = Counter("flexattn_prompt_tokens", "prompt tokens of answered requests", registry=r)
+        self.completion_tokens = Counter("flexattn_completion_tokens", "tokens returned to answered requests", registry=r)
+
+    def batch(self, info: dict[str, Any]) -> None:
+        self.batch_size.observe(info["size"])
+        self.batches.labels(compiled=str(bool(info["compiled"])).lower()).inc()
+        self.batch_latency.observe(info["seconds"])
+
+    def text(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+def log_batch(info: dict[str, Any]) -> None:
+    """The one log line of a batch."""
+    log.info("batch: %d/%d rows, bucket %d, %s, %.3f s, %d decode steps, %d pending", info["size"], info["batch_size"],
+             info["bucket"], "compiled" if info["compiled"] else "cached program", info["seconds"], info["steps"], info["queue"])
+
+
+# ---- the HTTP app ----------------------------------------------------------------------------------------
+
+
+class _Gone(Exception):
+    """The client disconnected while its request waited."""
+
+
+def make_app(scheduler: Scheduler, limits: Limits, metrics: Metrics, *, request_timeout: float = 300.0):
+    """The ASGI app: /v1/chat/completions, /v1/models, /health, /metrics; errors as OpenAI error bodies."""
+    app = FastAPI(title="flexattn-jax", docs_url=None, redoc_url=None, openapi_url=None)
+    max_body = (limits.max_image_bytes + 2) // 3 * 4 + (1 << 20)  # one base64 image and 1 MiB of the rest
+    created = int(time.time())
+
+    def error(status: int, message: str, **kw) -> JSONResponse:
+        return JSONResponse(error_body(message, **kw), status_code=status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request, exc: HTTPException):
+        return error(exc.status_code, str(exc.detail), type="not_found_error" if exc.status_code == 404 else "invalid_request_error")
+
+    @app.get("/health")
+    async def health():
+        ok = scheduler.accepting
+        return JSONResponse({"status": "ok" if ok else "stopping", "pending": scheduler.pending, "max_queue": scheduler.max_queue},
+                            status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": limits.model, "object": "model", "created": created, "owned_by": "flexattn-jax"}]}
+
+    @app.get("/metrics")
+    async def prometheus():
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
+    async def read_body(request: HTTPRequest) -> bytes:
+        size = request.headers.get("content-length", "")
+        if size.isdigit() and int(size) > max_body:
+            raise ChatError(f"the request body is {int(size):,} bytes, more than the limit of {max_body:,}", status=413)
+        chunks, n = [], 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > max_body:
+                raise ChatError(f"the request body is more than the limit of {max_body:,} bytes", status=413)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def wait(fut: asyncio.Future, request: HTTPRequest, job: Job):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + request_timeout
+        while True:
+            done, _ = await asyncio.wait({fut}, timeout=min(0.5, max(0.0, deadline - loop.time())))
+            if done:
+                return fut.result()
+            if await request.is_disconnected():
+                job.cancelled = True
+                raise _Gone
+            if loop.time() >= deadline:
+                job.cancelled = True
+                raise TimeoutError
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest):
+        t0 = time.perf_counter()
+        response = await _answer(request)
+        metrics.requests.labels(code=str(response.status_code)).inc()
+        if response.status_code == 200:
+            metrics.request_latency.observe(time.perf_counter() - t0)
+        return response
+
+    async def _answer(request: HTTPRequest):
+        try:
+            chat = parse_chat(await read_body(request), limits)
+        except ChatError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def deliver(result) -> None:
+            with contextlib.suppress(RuntimeError):  # the event loop is closed: the server has stopped, nobody waits
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
+
+        job = Job(chat, deliver)
+        if not scheduler.submit(job):
+            stopping = not scheduler.accepting
+            resp = error(503, "the server is stopping" if stopping else
+                         f"the server is busy: {scheduler.pending} requests pending (--max-queue {scheduler.max_queue}); retry later",
+                         type="server_error", code="server_stopping" if stopping else "queue_full")
+            resp.headers["Retry-After"] = str(scheduler.retry_after())
+            return resp
+        try:
+            result = await wait(fut, request, job)
+        except TimeoutError:
+            return error(504, f"no answer within --request-timeout {request_timeout:g} s", type="timeout_error", code="timeout")
+        except _Gone:
+            return Response(status_code=499)
+        if isinstance(result, BaseException):
+            return error(500, f"the batch of this request failed: {type(result).__name__}: {result}", type="server_error")
+        if result.error is not None:
+            return error(400, result.error, param="messages", code="invalid_input")
+        c = completion_of(result, chat, scheduler.tokenizer, scheduler.cfg)
+        metrics.prompt_tokens.inc(c.prompt_tokens)
+        metrics.completion_tokens.inc(c.completion_tokens)
+        if not chat.stream:
+            return JSONResponse(completion_body(c, limits.model))
+        events = [f"data: {json.dumps(chunk)}\n\n" for chunk in stream_chunks(c, limits.model, chat.include_usage)]
+        return StreamingResponse(iter([*events, "data: [DONE]\n\n"]), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    return app
+
+
+# ---- the command ------------------------------------------------------------------------------------------
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server; SIGTERM / SIGINT drain (no new connections, requests in flight answered) and ``run``
+        returns, so the process exits with status 0 instead of re-raising the signal as uvicorn does."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+        def handle_exit(self, sig, frame) -> None:
+            if not self.should_exit:
+                log.info("%s: no new connections; answering the requests in flight", signal.Signals(sig).name)
+            super().handle_exit(sig, frame)
+
+    return Server
+
+
+def main(argv: list[str] | None = None) -> int:
+    from convert import read_config
+    from flexattn_jax.app.generate_cli import check_context, inference_config
+    from flexattn_jax.app.inference import load_for_inference
+    from flexattn_jax.tokenizer import check_tokenizer_vocab, load_tokenizer
+
+    args = serve_parser().parse_args(argv)
+    _log_to_stderr()
+    sock = None
+    try:  # every check that can fail runs before the parameters are restored
+        check_serve_args(args)
+        cfg = inference_config(args, read_config(args.checkpoint))
+        check_context(cfg, args.max_new_tokens)
+        tokenizer = load_tokenizer(args.checkpoint)
+        check_tokenizer_vocab(tokenizer, cfg.text.vocab_size)
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((args.host, args.port))
+        except OSError as e:
+            raise ValueError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror or e})") from e
+        params, cfg, mesh = load_for_inference(args.checkpoint, args.dtype, args.mesh, args.max_batch)
+        cfg = inference_config(args, cfg)
+    except (ValueError, OSError) as e:
+        if sock is not None:
+            sock.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from flexattn_jax.app.compile_cache import setup_compile_cache
+
+    setup_compile_cache(args.compile_cache, disabled=args.no_compile_cache)
+    model = args.model_name or Path(args.checkpoint).resolve().name
+    image_root = None if args.image_root is None else Path(args.image_root).resolve()
+    scheduler = Scheduler(params, cfg, tokenizer, mesh=mesh, max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000,
+                          max_queue=args.max_queue, max_new_tokens=args.max_new_tokens, hr_strategy=args.hr_strategy,
+                          buckets=serve_buckets(args.max_prompt_tokens), workers=args.workers)
+    metrics = Metrics(args.max_batch, lambda: scheduler.pending)
+    scheduler.on_batch = lambda info: (log_batch(info), metrics.batch(info))
+    if args.warmup:
+        t0 = time.perf_counter()
+        try:
+            n = scheduler.warmup()
+        except KeyboardInterrupt:
+            sock.close()
+            print("\ninterrupted during the warm-up", file=sys.stderr)
+            return 130
+        log.info("warm-up: %d buckets ready in %.1f s", n, time.perf_counter() - t0)
+    scheduler.start()
+    limits = Limits(model=model, max_new_tokens=args.max_new_tokens, image_root=image_root, max_image_bytes=args.max_image_bytes)
+    app = make_app(scheduler, limits, metrics, request_timeout=args.request_timeout)
+
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=args.request_timeout + 5,
+                            lifespan="off")
+    server = _server_class()(config)
+    host, port = sock.getsockname()[:2]
+    print(f"serving {model!r} on http://{host}:{port}/v1 (max batch {args.max_batch}, window {args.batch_window_ms:g} ms, "
+          f"queue {args.max_queue}, buckets {scheduler.buckets})", file=sys.stderr, flush=True)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        scheduler.close(timeout=args.request_timeout)
+        sock.close()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
