@@ -483,9 +483,9 @@ def _server_class():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from convert import read_config
     from flexattn_jax.app.generate_cli import check_context, inference_config
     from flexattn_jax.app.inference import load_for_inference
+    from flexattn_jax.checkpoint import read_config
     from flexattn_jax.tokenizer import check_tokenizer_vocab, load_tokenizer
 
     args = serve_parser().parse_args(argv)
