@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from bench import flops
 
 
@@ -25,6 +27,7 @@ def test_flop_table_tiny():
     assert flops.format_table(entries).count("\n") == len(entries)
 
 
+@pytest.mark.slow  # a benchmark end to end; its arithmetic is tested fast elsewhere
 def test_layer_extrapolation_matches_full_depth():
     """The few-layer fit (used with method='compiled' at 7B) equals the full-depth count."""
     cfg = flops.smoke_config()

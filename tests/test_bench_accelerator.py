@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench import cli
 
 
+@pytest.mark.slow  # a benchmark end to end; its arithmetic is tested fast elsewhere
 def test_accelerator_smoke(tmp_path, capsys):
     out = tmp_path / "acc.json"
     assert cli.main(["--accelerator", "--smoke", "--batch", "1", "--repeats", "1", "--impl", "xla_chunked",

@@ -13,6 +13,7 @@ def rung_flops():
     return adaptive.rung_flops(common.smoke_config(), strategies=("project",), prompt_len=8, answer_tokens=4)
 
 
+@pytest.mark.slow  # a benchmark end to end; its arithmetic is tested fast elsewhere
 def test_rung_flops_grow_with_k_and_mix(rung_flops):
     rf = rung_flops
     per = rf["per_rung"]["project"]
@@ -31,6 +32,7 @@ def test_rung_flops_grow_with_k_and_mix(rung_flops):
     assert next(e for e in rows if e["fraction"] == 0.25)["rung"] == rf["rungs"][2]  # M/4 holds a quarter of M
 
 
+@pytest.mark.slow  # a benchmark end to end; its arithmetic is tested fast elsewhere
 def test_goals_and_plot(rung_flops, tmp_path):
     from PIL import Image
 

@@ -51,6 +51,7 @@ def test_counting_config_counts_every_layer():
     assert lh > 1 and unrolled == pytest.approx(lh * once, rel=1e-4)  # (the loop counter: a few FLOPs)
 
 
+@pytest.mark.slow  # a benchmark end to end; its arithmetic is tested fast elsewhere
 def test_memory_table_tiny():
     entries = memory.memory_table(common.smoke_config(), prompt_len=8, answer_tokens=4, configs=("flex-0.1M",), progress=False)
     assert [e["config"] for e in entries] == [v.label for v in common.variants(common.smoke_config(), ("flex-0.1M",))]
@@ -62,6 +63,7 @@ def test_memory_table_tiny():
     assert memory.format_table(entries).count("\n") == len(entries) + 1  # one batch size: a row per entry
 
 
+@pytest.mark.slow  # a benchmark end to end; its arithmetic is tested fast elsewhere
 def test_scaling_tiny_and_plot(tmp_path):
     from PIL import Image
 
@@ -124,6 +126,7 @@ def test_goals_say_met_or_not():
     assert cli.marginal_ratio((1, 1), (2, 4), (3, 9)) == pytest.approx((2 + 3) / (1 + 2))  # quadratic
 
 
+@pytest.mark.slow  # a benchmark end to end; its arithmetic is tested fast elsewhere
 def test_cli_quick_json_tiny(capsys, tmp_path):
     assert cli.main(["--quick", "--json", "--tiny", "--no-progress", "--repeats", "1", "--out", str(tmp_path)]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a benchmark end to end; its arithmetic is tested fast elsewhere
 def test_convert_memory_bench_small(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "convert_memory.py"), "--size-gb", "0.02", "--workdir", str(tmp_path)],
