@@ -14,6 +14,7 @@ result per parameter and the fraction of parameters left replicated.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import sys
@@ -243,15 +244,15 @@ def abstract_with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
 
 # ---- tracing for a mesh ---------------------------------------------------------------------------------
 
-def target_mesh(mesh: Mesh):
-    """Context in which programs for ``mesh`` are traced and lowered.
+def target_mesh(mesh: Mesh | None):
+    """Context in which programs for ``mesh`` are traced and lowered (none: a no-op, the default backend).
 
     Makes ``mesh``'s abstract mesh (axis sizes and its devices' platform) ambient, so that kernel
     choices follow the mesh's devices (:func:`flexattn_jax.attention.target_platform`) and Mosaic
     kernels run under ``shard_map``. Only the abstract mesh: trace-time constants stay on the host,
     which compile-only devices (a TPU topology, a deviceless GPU) need.
     """
-    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+    return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 class OnMesh:

@@ -49,7 +49,7 @@ from flexattn_jax.preprocess import (
     tokenize_with_image,
 )
 from flexattn_jax.selection import margin_patches
-from flexattn_jax.sharding import batch_sharding, replicated
+from flexattn_jax.sharding import batch_sharding, replicated, target_mesh
 
 
 @dataclass
@@ -278,11 +278,12 @@ def stream_answers(
             ids, mask, pixels, margin = (np.concatenate([a, np.repeat(a[:1], pad, 0)]) for a in (ids, mask, pixels, margin))
         rng, key = jax.random.split(rng)
         before, t0 = generate._cache_size(), time.perf_counter()
-        out = generate(
-            params, cfg, put(ids), put(pixels), put(mask), put(margin),
-            key if temperature > 0 else None, max_new_tokens=max_new_tokens, max_len=length + max_new_tokens,
-            temperature=temperature, top_p=top_p, hr_strategy=hr_strategy,
-        )
+        with target_mesh(mesh):  # kernels follow the mesh's devices (Mosaic kernels under shard_map)
+            out = generate(
+                params, cfg, put(ids), put(pixels), put(mask), put(margin),
+                key if temperature > 0 else None, max_new_tokens=max_new_tokens, max_len=length + max_new_tokens,
+                temperature=temperature, top_p=top_p, hr_strategy=hr_strategy,
+            )
         compiled = generate._cache_size() > before
         if compiled:
             st.compiles += 1

@@ -27,7 +27,7 @@ from flexattn_jax.flops import abstract, cached, cost_flops, counting_config
 from flexattn_jax.model import forward
 from flexattn_jax.preprocess import BUCKETS, PreprocessError, bucket_length, pad_batch, tokenize_with_image
 from flexattn_jax.selection import learnable_rows, margin_patches
-from flexattn_jax.sharding import batch_sharding, replicated
+from flexattn_jax.sharding import batch_sharding, replicated, target_mesh
 
 Mode = Literal["release", "inference"]
 ROW_BUCKETS: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256, 512)
@@ -153,7 +153,8 @@ class OptionScorer:
         shapes = tuple(None if a is None else (a.shape, str(a.dtype)) for a in batch.arrays)
         self.programs[shapes] = self.programs.get(shapes, 0) + 1
         pixels = args[3].astype(jnp.dtype(self.cfg.dtype))
-        return np.asarray(_option_losses_jit(self.params, self.cfg, *args[:3], pixels, *args[4:]))
+        with target_mesh(self.mesh):  # kernels follow the mesh's devices
+            return np.asarray(_option_losses_jit(self.params, self.cfg, *args[:3], pixels, *args[4:]))
 
     def score(self, questions: Iterable[tuple[int, OptionQuestion]]) -> Iterator[tuple[int, list[float], tuple, int]]:
         """``(input position, option losses, program shapes, real rows of its batch)`` per question, batches as they fill."""
