@@ -98,7 +98,7 @@ def aggregate(task: str, name: str, records: Sequence[dict[str, Any]], metrics: 
     elif name == "pope":
         for k, m in (("accuracy", "pope_accuracy"), ("precision", "pope_precision"), ("recall", "pope_recall"),
                      ("f1", "pope_f1_score"), ("yes_ratio", "pope_yes_ratio")):
-            out[f"{m},none"] = metrics["pope"][k] / 100.0
+            out[f"{m},none"] = round(metrics["pope"][k] / 100.0, 6)
             out[f"{m}_stderr,none"] = "N/A"
     else:
         out["exact_match,none"] = sum(scores) / len(scores) if scores else None
