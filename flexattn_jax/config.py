@@ -97,8 +97,12 @@ class FlexConfig:
     ``hr_mode='release'`` lets only the select rows see HR keys; ``'paper'`` makes every row a
     select row with its own mask. ``selection`` picks how the mask is made: from attention (the
     method), ``'random'`` (the release's ablation) or ``'all'`` (every HR token: LLaVA-XAttn).
-    ``alpha_schedule='release'`` reproduces the released trainer, which never passes ``step`` so
-    alpha = min(1, 1.0 * warmup) = 1; ``'warmup'`` uses alpha = min(1, progress * warmup).
+    In training the learnable rows blend ``(1 - alpha) * ordinary + alpha * select``:
+    ``alpha_schedule='release'`` reproduces the release, whose bundled HF ``Trainer`` passes
+    ``step = state.epoch`` (fractional epochs done, 0 at the first update), so alpha =
+    min(1, epochs done x ``warmup``) ramps from 0 to 1 over the first 1/``warmup`` epoch
+    (``warmup`` defaults to the release's 3.0; its training script passes 10); ``'constant'`` keeps
+    alpha = 1 from the first step. Forward calls outside training (evaluation) use alpha = 1.
     ``hr_step_cells`` sizes the incremental HR K/V cache of generation (``hr_strategy='incremental'``):
     a decode step projects at most that many newly selected pooled cells' tokens on its fast path and
     falls back (``lax.cond``) to projecting all K selected tokens when more are new; exact either way.
@@ -117,12 +121,12 @@ class FlexConfig:
     pool_size: int = 9
     hr_budget: float | int | Literal["adaptive"] | None = None
     hr_ladder: tuple[float, ...] = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
-    warmup: float = 10.0
+    warmup: float = 3.0
     hr_mode: Literal["release", "paper"] = "release"
     selection: Literal["attention", "random", "all"] = "attention"
     random_grid: int = 8
     random_prob: float = 0.1
-    alpha_schedule: Literal["release", "warmup"] = "release"
+    alpha_schedule: Literal["release", "constant"] = "release"
     hr_step_cells: int = 3
     hr_cache_fallback: bool = True
 
@@ -377,8 +381,8 @@ def validate(cfg: ModelConfig) -> None:
         raise ConfigError(f"flex.hr_mode={f.hr_mode!r}: use 'release' or 'paper'")
     if f.selection not in ("attention", "random", "all"):
         raise ConfigError(f"flex.selection={f.selection!r}: use 'attention', 'random' or 'all'")
-    if f.alpha_schedule not in ("release", "warmup"):
-        raise ConfigError(f"flex.alpha_schedule={f.alpha_schedule!r}: use 'release' or 'warmup'")
+    if f.alpha_schedule not in ("release", "constant"):
+        raise ConfigError(f"flex.alpha_schedule={f.alpha_schedule!r}: use 'release' (the release's warm-up) or 'constant' (alpha = 1)")
     b = f.hr_budget
     if isinstance(b, str) and b != ADAPTIVE:
         raise ConfigError(f"flex.hr_budget={b!r}: use None (all), 'adaptive', a fraction in (0, 1] or a positive count")

@@ -45,8 +45,9 @@ def _stable(m):
 def test_vstar_likelihood_and_resume_after_a_kill(env, tmp_path, monkeypatch, capsys):
     rc, records, m = _run(env, "vstar", tmp_path / "full")
     assert rc == 0
-    assert "V* by option likelihood, mode 'release'" in capsys.readouterr().err
+    assert "V* by option likelihood: select rows = each option's learnable rows" in capsys.readouterr().err
     assert (m["items"], m["scored"], m["failed"], m["protocol"], m["mode"]) == (7, 5, 2, "likelihood", "release")
+    _check_lmms(tmp_path / "full", records, m, "likelihood", "learnable")
     assert {f["id"] for f in m["failures"]} == {"direct_attributes/sa_broken", "relative_position/sa_noimage"}
     for r in records:
         assert len(r["losses"]) == (4 if r["category"] == "direct_attributes" else 2)
@@ -76,6 +77,27 @@ def test_vstar_likelihood_and_resume_after_a_kill(env, tmp_path, monkeypatch, ca
     assert _stable(m2) == _stable(m)
 
 
+def _check_lmms(out, records, m, protocol, rows):
+    """results.json / samples_vstar_bench.jsonl in lmms-eval's layout and names, agreeing with metrics.json."""
+    res = json.loads((out / "results.json").read_text())
+    assert {"results", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "config"} <= set(res)
+    r = res["results"]["vstar_bench"]
+    assert r["alias"] == "vstar_bench" and r["vstar_overall_acc,none"] == m["accuracy"] and r["samples"] == m["scored"]
+    assert (r["protocol"], r["select_rows"]) == (protocol, rows) == (res["configs"]["vstar_bench"]["protocol"],
+                                                                     res["configs"]["vstar_bench"]["select_rows"])
+    for cat, v in m["categories"].items():
+        assert r[f"vstar_{cat}_acc,none"] == v["accuracy"]
+    lines = [json.loads(x) for x in (out / "samples_vstar_bench.jsonl").read_text().splitlines()]
+    assert len(lines) == len(records) and [x["id"] for x in lines] == [rec["id"] for rec in records]
+    for x, rec in zip(lines, records, strict=True):
+        entry = x["vstar_overall_acc"]
+        assert entry == x[f"vstar_{rec['category']}_acc"] and entry["score"] == rec["score"]
+        assert (entry["prediction"] == entry["ground_truth"]) == (rec["score"] == 1.0) and {"doc_id", "input", "target",
+                                                                                             "filtered_resps"} <= set(x)
+    # the categories' accuracy recomputed from the samples, as lmms-eval's vstar_aggregate_results does (0-100)
+    assert 100 * np.mean([x["vstar_overall_acc"]["score"] for x in lines]) == pytest.approx(r["vstar_overall_acc,none"], abs=0.01)
+
+
 def test_generation_tasks_score_their_predictions(env, tmp_path, capsys):
     rc, recs, m = _run(env, "magnifier", tmp_path / "mag")
     assert rc == 0 and (m["scored"], m["failed"]) == (3, 1) and m["failures"][0]["id"] == "MagnifierBench_lost"
@@ -86,6 +108,7 @@ def test_generation_tasks_score_their_predictions(env, tmp_path, capsys):
     rc, recs, m = _run(env, "vstar", tmp_path / "letter", "--protocol", "letter")
     assert rc == 0 and m["protocol"] == "letter" and m["scored"] == 5
     assert all(r["prompt"].splitlines()[1].startswith("A. ") and r["truth"] in "ABCD" for r in recs)
+    _check_lmms(tmp_path / "letter", recs, m, "letter", "last")
 
     rc, recs, m = _run(env, "textvqa", tmp_path / "textvqa")
     assert rc == 0 and (m["scored"], m["failed"]) == (3, 1)
@@ -95,6 +118,11 @@ def test_generation_tasks_score_their_predictions(env, tmp_path, capsys):
         if r["error"] is None:
             assert r["score"] == vqa_soft_accuracy(r["prediction"], answers[int(r["id"])]) and "OCR" not in r["prompt"]
     assert m["accuracy"] == pytest.approx(100 * np.mean([r["score"] for r in recs if r["error"] is None]), abs=0.01)
+    res = json.loads((tmp_path / "textvqa" / "results.json").read_text())
+    assert res["results"]["textvqa_val"]["exact_match,none"] == pytest.approx(m["accuracy"] / 100, abs=1e-4)
+    lines = [json.loads(x) for x in (tmp_path / "textvqa" / "samples_textvqa_val.jsonl").read_text().splitlines()]
+    assert [x["exact_match"] for x in lines] == [r["score"] for r in recs if r["error"] is None]
+    assert res["configs"]["textvqa_val"]["ocr_tokens"] is False and res["n-samples"]["textvqa_val"] == {"original": 4, "effective": 3}
 
     rc, recs, m = _run(env, "textvqa", tmp_path / "ocr", "--data", str(env["llava"]), "--annotations", str(env["textvqa"]),
                        "--ocr-tokens")

@@ -1,5 +1,6 @@
 """Checkpoints: restore on other meshes, resume equals an uninterrupted run, a kill during an async save."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from train.loop import train
 from train.step import make_step
 
 CFG = tiny_config()
+WARM = dataclasses.replace(CFG, flex=dataclasses.replace(CFG.flex, warmup=0.25))  # an alpha warm-up over 4 epochs
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -34,27 +36,31 @@ def dataset(tmp_path_factory):
     return root
 
 
-def data_for(root, tokenizer):
+def data_for(root, tokenizer, cfg=CFG):
     dcfg = DataConfig(data=str(root / "data.json"), images=str(root), max_len=TEST_SEQ_LEN, seed=5)
-    return TrainData(CFG, dcfg, tokenizer, TEST_BATCH, num_steps=30), dcfg
+    return TrainData(cfg, dcfg, tokenizer, TEST_BATCH, num_steps=30), dcfg
 
 
 def test_restore_on_other_meshes_and_resume(tmp_path, dataset):
     tok = build_demo_tokenizer()
     mesh8 = make_mesh("data=8,fsdp=1,tensor=1")
-    params = random_params(CFG, seed=2)
+    params = random_params(WARM, seed=2)
     tcfg = small_train_config(save_every=2, stop_at=4)
-    data, dcfg = data_for(dataset, tok)
-    final, recs = train(CFG, params, data, tcfg, mesh8, out_dir=tmp_path / "a", data_config=dcfg, log=False)
+    data, dcfg = data_for(dataset, tok, WARM)
+    final, recs = train(WARM, params, data, tcfg, mesh8, out_dir=tmp_path / "a", data_config=dcfg, log=False)
     losses = [r["loss"] for r in recs]
     assert len(losses) == 4
+    # 16 samples / batch 8 = 2 steps per epoch; warmup 0.25: alpha = (steps done) / 2 x 0.25, across the epoch boundary
+    assert [r["alpha"] for r in recs] == pytest.approx([0.0, 0.125, 0.25, 0.375])
+    assert [r["epoch"] for r in recs] == [0, 0, 1, 1]
 
     # resume from the step-2 checkpoint written while the run went on (state + data position)
     shutil.copytree(tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints")
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "4")
-    data_b, _ = data_for(dataset, tok)
-    _, recs_b = train(CFG, None, data_b, tcfg, mesh8, out_dir=tmp_path / "b", data_config=dcfg, log=False)
+    data_b, _ = data_for(dataset, tok, WARM)
+    _, recs_b = train(WARM, None, data_b, tcfg, mesh8, out_dir=tmp_path / "b", data_config=dcfg, log=False)
     assert [r["step"] for r in recs_b] == [3, 4]
+    assert [r["alpha"] for r in recs_b] == pytest.approx([0.25, 0.375])  # the resumed run continues the warm-up
     np.testing.assert_allclose([r["loss"] for r in recs_b], losses[2:], rtol=0, atol=1e-6)
 
     # the 8-device checkpoint restores on 4 devices and on 1, identically
@@ -62,10 +68,10 @@ def test_restore_on_other_meshes_and_resume(tmp_path, dataset):
     with Checkpointer(tmp_path / "a" / "checkpoints") as ck:
         assert ck.all_steps() == [2, 4]
         meta = ck.read_meta()
-        assert meta["step"] == 4 and ModelConfig.from_dict(meta["model_config"]) == CFG and "converter_version" in meta
+        assert meta["step"] == 4 and ModelConfig.from_dict(meta["model_config"]) == WARM and "converter_version" in meta
         for mesh in (make_mesh("data=1,fsdp=4,tensor=1", devices=jax.devices()[:4]),
                      make_mesh("data=1,fsdp=1,tensor=1", devices=jax.devices()[:1])):
-            state, _ = ck.restore(make_step(CFG, tcfg, mesh, tcfg.steps).abstract_state)
+            state, _ = ck.restore(make_step(WARM, tcfg, mesh, tcfg.steps).abstract_state)
             assert int(state.step) == 4
             leaf = state.params["text"]["layers"]["mlp"]["gate"]["kernel"]
             assert leaf.sharding.mesh.size == mesh.size

@@ -166,6 +166,8 @@ def train(
     to ``out_dir/metrics.jsonl`` and TensorBoard, checkpoints to ``out_dir/checkpoints`` every
     ``save_every`` steps and at the end; with ``resume`` the latest checkpoint there (state and data
     position) is continued, and ``params`` may be None. Raises :class:`TrainingDiverged` on NaN/inf.
+    FlexAttention's alpha warm-up (:func:`train.step.alpha_at`) counts epochs of ``data`` (its
+    ``batches_per_epoch``, or the length of a sequence of batches); an unsized iterable is one epoch.
     """
     mesh = mesh or S.make_mesh()
     cfg = dataclasses.replace(cfg, param_dtype="float32")
@@ -188,7 +190,9 @@ def train(
             f"on several hosts the microbatch ({tcfg.micro_batch} = batch_size / grad_accum) must be a multiple of "
             f"data x fsdp = {batch_devices}"
         )
-    fns = make_step(cfg, tcfg, mesh, total)
+    # the alpha warm-up counts epochs as the release's Trainer does: optimizer steps / steps per pass over the data
+    per_epoch = data.plan.batches_per_epoch if is_grain else (len(data) if hasattr(data, "__len__") else None)  # type: ignore[arg-type]
+    fns = make_step(cfg, tcfg, mesh, total, per_epoch)
     primary = jax.process_index() == 0
     out = Path(out_dir) if out_dir else None
     before = _existing(out) if out is not None else set()

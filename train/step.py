@@ -42,12 +42,20 @@ class TrainState(NamedTuple):
     opt_state: PyTree
 
 
-def alpha_at(cfg: ModelConfig, step: Int[Array, ""] | int, total_steps: int) -> Float[Array, ""]:
-    """FlexAttention's blend weight: 1 ('release'), or ``min(1, step / total_steps * warmup)`` ('warmup')."""
-    if cfg.flex.alpha_schedule == "release":
+def alpha_at(cfg: ModelConfig, step: Int[Array, ""] | int, steps_per_epoch: int) -> Float[Array, ""]:
+    """FlexAttention's blend weight for the optimizer update that follows ``step`` updates.
+
+    ``'release'``: ``min(1, epochs_done * warmup)`` with ``epochs_done = step / steps_per_epoch``, the
+    value the release's bundled HF ``Trainer`` passes as ``inputs["step"] = self.state.epoch``: 0 for
+    every microbatch of the first update, then ``epoch + (batches done in the epoch) / (batches per
+    epoch)`` set after each update, so all microbatches of one accumulated update share it and it keeps
+    growing across epochs (it is a function of the saved step: a resume continues it).
+    ``'constant'``: 1 at every step (the select output alone, as at evaluation).
+    """
+    if cfg.flex.alpha_schedule == "constant":
         return jnp.float32(1.0)
-    progress = jnp.asarray(step, jnp.float32) / jnp.float32(max(total_steps, 1))
-    return jnp.minimum(jnp.float32(1.0), progress * jnp.float32(cfg.flex.warmup))
+    epochs_done = jnp.asarray(step, jnp.float32) / jnp.float32(max(int(steps_per_epoch), 1))
+    return jnp.minimum(jnp.float32(1.0), epochs_done * jnp.float32(cfg.flex.warmup))
 
 
 def token_loss_sums(
@@ -77,6 +85,7 @@ class StepFns:
     tcfg: TrainConfig  # only the step-relevant fields (STEP_FIELDS) are meaningful here
     mesh: Mesh
     total_steps: int
+    steps_per_epoch: int  # optimizer steps per data epoch: the unit of FlexAttention's alpha warm-up
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     mask: PyTree  # Python bools, True = trainable
@@ -110,19 +119,23 @@ STEP_FIELDS: tuple[str, ...] = (
 )
 
 
-def make_step(cfg: ModelConfig, tcfg: TrainConfig, mesh: Mesh, total_steps: int) -> StepFns:
+def make_step(cfg: ModelConfig, tcfg: TrainConfig, mesh: Mesh, total_steps: int, steps_per_epoch: int | None = None) -> StepFns:
     """Build the optimizer, the state shardings and the jitted step for ``cfg`` on ``mesh`` (cached).
 
     Parameters are the tree of :func:`abstract_params` of ``cfg``, fp32 masters when
-    ``cfg.param_dtype`` is float32 (compute in ``cfg.dtype``). Calls with the same model config,
-    step-relevant train settings (:data:`STEP_FIELDS`), mesh and step count share one jitted step.
+    ``cfg.param_dtype`` is float32 (compute in ``cfg.dtype``). ``steps_per_epoch`` (optimizer steps
+    per pass over the data; default ``total_steps``: the run is one epoch) paces the alpha warm-up
+    (:func:`alpha_at`). Calls with the same model config, step-relevant train settings
+    (:data:`STEP_FIELDS`), mesh and step counts share one jitted step.
     """
+    if steps_per_epoch is not None and steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch={steps_per_epoch} must be >= 1")
     key = tuple(getattr(tcfg, f) for f in STEP_FIELDS)
-    return _make_step(cfg, key, mesh, int(total_steps))
+    return _make_step(cfg, key, mesh, int(total_steps), int(steps_per_epoch or total_steps))
 
 
 @functools.lru_cache(maxsize=16)
-def _make_step(cfg: ModelConfig, key: tuple, mesh: Mesh, total_steps: int) -> StepFns:
+def _make_step(cfg: ModelConfig, key: tuple, mesh: Mesh, total_steps: int, steps_per_epoch: int) -> StepFns:
     tcfg = TrainConfig(**dict(zip(STEP_FIELDS, key, strict=True)))
     abstract = abstract_params(cfg)
     tx, schedule = make_optimizer(tcfg, abstract, total_steps)
@@ -146,7 +159,7 @@ def _make_step(cfg: ModelConfig, key: tuple, mesh: Mesh, total_steps: int) -> St
         leaves, treedef = jax.tree.flatten(state.params)
         trainable = [x for x, m in zip(leaves, mask_leaves, strict=True) if m]
         frozen = [jax.lax.stop_gradient(x) for x, m in zip(leaves, mask_leaves, strict=True) if not m]
-        alpha = alpha_at(cfg, state.step, total_steps)
+        alpha = alpha_at(cfg, state.step, steps_per_epoch)
         step_key = jax.random.fold_in(base_key, state.step)
 
         def loss_fn(train_leaves, mb, key):
@@ -198,7 +211,7 @@ def _make_step(cfg: ModelConfig, key: tuple, mesh: Mesh, total_steps: int) -> St
         out_shardings=(state_shardings, repl),
         donate_argnums=(0,),
     ), mesh)
-    return StepFns(cfg, tcfg, mesh, total_steps, tx, schedule, mask, p_shard, state_shardings, abstract_state, step)
+    return StepFns(cfg, tcfg, mesh, total_steps, steps_per_epoch, tx, schedule, mask, p_shard, state_shardings, abstract_state, step)
 
 
 # ---- host batches -> global arrays ------------------------------------------------------------------

@@ -23,8 +23,9 @@ tasks and the protocol each follows:
   vstar      --data the V* Bench folder (direct_attributes/, relative_position/).
              --protocol likelihood (default; the FlexAttention release's scripts/evaluation/eval_vbench.py):
              each option scored by the mean cross-entropy of its tokens after "ASSISTANT:", lowest wins;
-             --mode release (default) runs the model as the release does, in training mode (select rows =
-             the option's learnable rows, alpha 1); --mode inference uses the last row.
+             the model runs as the release runs it, in training mode: select rows = the option's learnable
+             rows, alpha 1. Each option token's row selects from its own attention, as the newest token
+             does in cached decoding, so these losses equal teacher-forced generation's.
              --protocol letter (LLaVA's multiple-choice prompt): options lettered in a per-sample shuffled
              order, "Answer with the option's letter from the given choices directly.", greedy.
   magnifier  --data the MagnifierBench folder (Otter's data_instructions.json + images.json), as the
@@ -40,8 +41,11 @@ tasks and the protocol each follows:
 
 Predictions go to OUT/predictions.jsonl as items finish; re-running with the same --out skips the
 finished items. OUT/metrics.json holds the metrics, the mean TFLOPs per item (XLA cost analysis of the
-programs that ran) and the wall time. --sweep-budget runs the task at several HR budgets (OUT/budget-*/)
-and writes OUT/sweep.json and OUT/sweep.png (accuracy against TFLOPs per item).
+programs that ran) and the wall time. OUT/results.json and OUT/samples_<task>.jsonl hold the same run in
+lmms-eval's layout and names (vstar_bench: vstar_overall_acc, vstar_<category>_acc, 0-100; textvqa_val:
+exact_match, 0-1), each result naming its protocol and select rows. lmms-eval's vstar_bench is the
+letter protocol; the paper's V* figure is the likelihood one. --sweep-budget runs the task at several HR
+budgets (OUT/budget-*/) and writes OUT/sweep.json and OUT/sweep.png (accuracy against TFLOPs per item).
 """
 
 
@@ -63,7 +67,8 @@ def eval_parser(prog: str = "flexattn-jax eval") -> argparse.ArgumentParser:
                    help="run at each of these HR budgets, e.g. 0.05,0.1,0.25,all: a table and OUT/sweep.png")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute/param dtype (default: as converted)")
     p.add_argument("--mode", choices=["release", "inference"], default="release",
-                   help="vstar likelihood select rows: 'release' (training mode, learnable rows) or 'inference' (last row)")
+                   help="vstar likelihood: 'release' (the only select-row mode: each option token's row selects, as in "
+                        "cached decoding); 'inference' is an alias of it, kept for old command lines")
     p.add_argument("--protocol", choices=["likelihood", "letter"], default="likelihood", help="vstar only (default: likelihood)")
     p.add_argument("--ocr-tokens", action="store_true", help="textvqa: LLaVA's prompt with the Reference OCR token line")
     p.add_argument("--max-new-tokens", type=int, default=None,
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     for budget, cfg_b in zip(budgets, cfgs, strict=True):
         extra = {"hr_budget": budget or "checkpoint", "dtype": cfg_b.dtype, "overrides": list(args.set)}
         settings = EvalSettings(
-            args.task, protocol=args.protocol, mode=args.mode, ocr_tokens=args.ocr_tokens, batch_size=args.batch_size,
+            args.task, protocol=args.protocol, mode="release", ocr_tokens=args.ocr_tokens, batch_size=args.batch_size,
             max_new_tokens=max_new, checkpoint=str(Path(args.checkpoint).resolve()), extra=extra,
         )
         run_dir = out / budget_dir(budget) if args.sweep_budget else out

@@ -3,10 +3,11 @@
 The FlexAttention release scores V* Bench this way (``eval_vbench.py``): the prompt with the option
 as the assistant's answer, labels only on the option's tokens (the tokens after ``ASSISTANT:``), the
 model in training mode, so the select rows are the option's learnable rows (row t when token t+1 is
-a label) with alpha 1 (``mode='release'``). ``mode='inference'`` uses the inference select row
-(the last real row) instead. The options of several questions share one forward: rows are
-right-padded to a length bucket and the select rows to a row bucket, each question's image is
-sent once and gathered per row on the device.
+a label) with alpha 1. Each scored row selects from its own attention, as each token does when it is
+the newest one in cached decoding: the losses equal the cross-entropies of teacher-forcing the option
+through generation's prefill and decode steps (``tests/test_eval_likelihood.py``). The options of
+several questions share one forward: rows are right-padded to a length bucket and the select rows to
+a row bucket, each question's image is sent once and gathered per row on the device.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,6 @@ from flexattn_jax.preprocess import BUCKETS, PreprocessError, bucket_length, pad
 from flexattn_jax.selection import learnable_rows, margin_patches
 from flexattn_jax.sharding import batch_sharding, replicated, target_mesh
 
-Mode = Literal["release", "inference"]
 ROW_BUCKETS: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -69,8 +69,8 @@ def option_losses(
     pixels: Float[Array, "Q S S C"],
     question: Int[Array, " B"],
     margin: Int[Array, "B 2"],
-    select_rows: Int[Array, "B R"] | None,
-    select_valid: Bool[Array, "B R"] | None,
+    select_rows: Int[Array, "B R"],
+    select_valid: Bool[Array, "B R"],
 ) -> Float[Array, " B"]:
     """Mean next-token cross-entropy over each row's labelled tokens (fp32); row b shows image ``question[b]``."""
     out = forward(
@@ -97,10 +97,8 @@ class Batch:
     owners: list[tuple[int, int]]  # per question of the batch: (its position in the input, its number of options)
 
 
-def pack(
-    questions: Sequence[tuple[int, OptionQuestion]], cfg: ModelConfig, rows: int, mode: Mode, buckets: Sequence[int] = BUCKETS
-) -> Batch:
-    """Right-pad the options of ``questions`` into ``rows`` rows (padding rows repeat row 0)."""
+def pack(questions: Sequence[tuple[int, OptionQuestion]], cfg: ModelConfig, rows: int, buckets: Sequence[int] = BUCKETS) -> Batch:
+    """Right-pad the options of ``questions`` into ``rows`` rows (padding rows repeat row 0); select rows = learnable rows."""
     ids, labels, qidx, sizes = [], [], [], []
     for q, (_, item) in enumerate(questions):
         ids += item.ids
@@ -116,41 +114,34 @@ def pack(
     margin = margin_patches(np.asarray(sizes, np.int32), cfg.lr_grid)[q]
     pixels = np.zeros((rows, *questions[0][1].pixels.shape), np.float32)
     pixels[: len(questions)] = np.stack([item.pixels for _, item in questions])
-    if mode == "release":
-        n_rows = bucket_length(max(int((x[1:] != IGNORE_INDEX).sum()) for x in labels), ROW_BUCKETS)
-        packed = [learnable_rows(x, True, n_rows) for x in lab]
-        sel, sel_valid = np.stack([r for r, _, _ in packed]), np.stack([v for _, v, _ in packed])
+    n_rows = bucket_length(max(int((x[1:] != IGNORE_INDEX).sum()) for x in labels), ROW_BUCKETS)
+    packed = [learnable_rows(x, True, n_rows) for x in lab]
+    sel, sel_valid = np.stack([r for r, _, _ in packed]), np.stack([v for _, v, _ in packed])
     pad = rows - len(ids)
-    arrays = [tok, lab, mask, q, margin] + ([sel, sel_valid] if mode == "release" else [])
+    arrays = [tok, lab, mask, q, margin, sel, sel_valid]
     if pad:
         arrays = [np.concatenate([a, np.repeat(a[:1], pad, 0)]) for a in arrays]
-    tok, lab, mask, q, margin, *rest = arrays
-    sel, sel_valid = rest if rest else (None, None)
+    tok, lab, mask, q, margin, sel, sel_valid = arrays
     return Batch((tok, lab, mask, pixels, q, margin, sel, sel_valid), [(i, len(item.ids)) for i, item in questions])
 
 
 class OptionScorer:
     """Scores :class:`OptionQuestion` s in packed batches of ``rows`` option rows; records each program's shapes."""
 
-    def __init__(self, params: dict, cfg: ModelConfig, *, rows: int = 8, mode: Mode = "release", mesh: Mesh | None = None,
-                 buckets: Sequence[int] = BUCKETS):
-        if mode not in ("release", "inference"):
-            raise ValueError(f"mode={mode!r}: use 'release' or 'inference'")
+    def __init__(self, params: dict, cfg: ModelConfig, *, rows: int = 8, mesh: Mesh | None = None, buckets: Sequence[int] = BUCKETS):
         if mesh is not None and rows % mesh.shape["data"]:
             raise ValueError(f"batch size {rows} is not a multiple of the mesh's data axis ({mesh.shape['data']})")
-        self.cfg, self.rows, self.mode, self.mesh, self.buckets = cfg, rows, mode, mesh, tuple(buckets)
+        self.cfg, self.rows, self.mesh, self.buckets = cfg, rows, mesh, tuple(buckets)
         self.params = params if mesh is None else jax.device_put(params, replicated(mesh))
         self.programs: dict[tuple, int] = {}  # argument shapes -> batches run
 
-    def _put(self, a: np.ndarray | None):
-        if a is None:
-            return None
+    def _put(self, a: np.ndarray) -> jax.Array:
         return jnp.asarray(a) if self.mesh is None else jax.device_put(a, batch_sharding(self.mesh, a.shape))
 
     def run(self, batch: Batch) -> np.ndarray:
         """The loss of every row of ``batch``."""
         args = tuple(self._put(a) for a in batch.arrays)
-        shapes = tuple(None if a is None else (a.shape, str(a.dtype)) for a in batch.arrays)
+        shapes = tuple((a.shape, str(a.dtype)) for a in batch.arrays)
         self.programs[shapes] = self.programs.get(shapes, 0) + 1
         pixels = args[3].astype(jnp.dtype(self.cfg.dtype))
         with target_mesh(self.mesh):  # kernels follow the mesh's devices
@@ -162,9 +153,9 @@ class OptionScorer:
         n_rows = 0
 
         def flush():
-            batch = pack(pending, self.cfg, self.rows, self.mode, self.buckets)
+            batch = pack(pending, self.cfg, self.rows, self.buckets)
             losses = self.run(batch)
-            shapes = tuple(None if a is None else (a.shape, str(a.dtype)) for a in batch.arrays)
+            shapes = tuple((a.shape, str(a.dtype)) for a in batch.arrays)
             start, real = 0, sum(n for _, n in batch.owners)
             for pos, n in batch.owners:
                 yield pos, losses[start : start + n].tolist(), shapes, real
@@ -185,7 +176,7 @@ class OptionScorer:
 
 def losses_flops(params: dict, cfg: ModelConfig, shapes: tuple) -> float:
     """FLOPs of one packed forward with these argument shapes (XLA cost analysis, layers unrolled)."""
-    args = [None if s is None else jax.ShapeDtypeStruct(s[0], jnp.dtype(s[1])) for s in shapes]
+    args = [jax.ShapeDtypeStruct(s[0], jnp.dtype(s[1])) for s in shapes]
     args[3] = jax.ShapeDtypeStruct(args[3].shape, jnp.dtype(cfg.dtype))
     counted = counting_config(cfg)
     return cached(("likelihood", cfg, shapes),

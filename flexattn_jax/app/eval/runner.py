@@ -4,7 +4,8 @@
 prediction or option losses, its score, its share of the TFLOPs). Re-running with the same ``out``
 skips the items whose key (sample id, image, prompt, options and the run's settings) already has an
 answer, so a killed run finishes where it stopped and ends with the same metrics. A line cut by a
-kill is dropped. ``{out}/metrics.json`` holds the metrics of every current item.
+kill is dropped. ``{out}/metrics.json`` holds the metrics of every current item; ``{out}/results.json`` and
+``{out}/samples_<task>.jsonl`` the same run in lmms-eval's layout (:mod:`flexattn_jax.app.eval.lmms`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from flexattn_jax.app.eval import tasks as K
 from flexattn_jax.app.eval.data import BadSample, Item, Sample
 from flexattn_jax.app.eval.likelihood import OptionQuestion, OptionScorer, losses_flops, option_tokens
+from flexattn_jax.app.eval.lmms import write_lmms
 from flexattn_jax.app.inference import Request, stream_answers
 from flexattn_jax.config import ModelConfig
 from flexattn_jax.flops import generation_flops
@@ -41,7 +43,7 @@ class EvalSettings:
 
     task: str
     protocol: str = "likelihood"  # vstar: 'likelihood' or 'letter'; the other tasks generate
-    mode: str = "release"  # likelihood select rows: 'release' (learnable rows) or 'inference' (last row)
+    mode: str = "release"  # likelihood select rows: the option's learnable rows, as the release (the only mode)
     ocr_tokens: bool = False
     batch_size: int = 8
     max_new_tokens: int = 128
@@ -189,6 +191,11 @@ class Runner:
             metrics["pipeline"] = {k: self.stats[k] for k in ("compile_s", "steady_items_per_s", "decode_steps") if k in self.stats}
         if out is not None:
             (Path(out) / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+            by_key = {p.key: p.sample for p in pending}
+            write_lmms(out, self.s.task, metrics["protocol"], self.cfg,
+                       {**self.s.extra, "checkpoint": self.s.checkpoint, "batch_size": self.s.batch_size,
+                        "max_new_tokens": self.s.max_new_tokens, "ocr_tokens": self.s.ocr_tokens},
+                       records, [by_key[r["key"]] for r in records], [position[by_key[r["key"]].id] for r in records], metrics)
         return metrics
 
     # ---- likelihood (V* release protocol) ----
@@ -200,10 +207,8 @@ class Runner:
         return OptionQuestion([i for i, _ in tok], [lab for _, lab in tok], pixels, ori)
 
     def _likelihood(self, todo: list[Pending]) -> Iterator[dict[str, Any]]:
-        self.log(f"V* by option likelihood, mode '{self.s.mode}': select rows = "
-                 + ("each option's learnable rows (training mode, alpha 1; the release)" if self.s.mode == "release"
-                    else "the last row (inference mode)"))
-        scorer = OptionScorer(self.params, self.cfg, rows=self.s.batch_size, mode=self.s.mode, mesh=self.mesh)
+        self.log("V* by option likelihood: select rows = each option's learnable rows (training mode, alpha 1; the release)")
+        scorer = OptionScorer(self.params, self.cfg, rows=self.s.batch_size, mesh=self.mesh)
         errors: list[dict[str, Any]] = []
 
         def good() -> Iterator[tuple[int, OptionQuestion]]:
