@@ -4,7 +4,7 @@ LLaVA-FlexAttn 7B (1008 px: M = 5184 HR tokens), sequence 2048, R = 2048 select 
 ``max_select_rows`` default), bf16 compute with fp32 master weights, full remat, layers scanned,
 sharded ``fsdp=8`` over 8 (virtual CPU) devices; the whole train step (forward, backward, AdamW
 update of projector + LLM) compiled from abstract shapes, nothing allocated. Per device batch 1 and
-4, for each ``attention_impl`` asked (``xla``: dense (B, H, T, S) logits; ``xla_chunked``: key
+4, for each ``attention_impl`` asked (``xla``: dense (B, H, T, S) and (B, H, R, M) logits; ``xla_chunked``: key
 blocks) and HR budgets K = M and K = 0.1 M.
 
 ``--layers N`` compiles an N-layer decoder instead (faster; arguments then hold N layers' parameters).

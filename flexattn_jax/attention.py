@@ -6,8 +6,9 @@ their log-sum-exp (the split-KV / cascade trick of FlashDecoding and ring attent
 
     o = (e^{lse_main} o_main + e^{lse_hr} o_hr) / (e^{lse_main} + e^{lse_hr})
 
-The main part is ordinary causal attention over N keys for all rows; the HR part is a small dense
-einsum for the R select rows over their K gathered HR keys. Softmax statistics are fp32.
+The main part is ordinary causal attention over N keys for all rows; the HR part is the R select
+rows over their K HR keys (:func:`hr_attention`: a dense einsum, or by key blocks when the logits
+would be large, :func:`hr_chunked`). Softmax statistics are fp32.
 
 The main part of all rows goes through one dispatcher, :func:`attention` (``ModelConfig.attention_impl``):
 ``xla`` (the dense einsum, the reference), ``xla_chunked`` (online softmax over key blocks, a
@@ -70,14 +71,27 @@ def hr_attention(
     k: Float[Array, "B *Rk K Hkv d"],
     v: Float[Array, "B *Rk K Hkv d"],
     valid: Bool[Array, "B R K"],
+    *,
+    chunked: bool = False,
 ) -> tuple[Float[Array, "B R H d"], Float[Array, "B R H"]]:
-    """Dense attention of R select rows over their HR keys.
+    """Attention of R select rows over their HR keys: output and differentiable fp32 LSE.
 
-    ``k``/``v`` are either shared by all rows, ``(B, K, Hkv, d)`` (all M HR tokens, the mask as a
-    bias), or per row, ``(B, R, K, Hkv, d)`` (each row's K gathered tokens). Rows with no valid key
-    get ``lse = NEG_INF`` so that the merge ignores them.
+    ``k``/``v`` are either shared by all rows, ``(B, K, Hkv, d)`` (all M HR tokens, the selection a
+    (B, R, M) mask), or per row, ``(B, R, K, Hkv, d)`` (each row's K gathered tokens). Rows with no
+    valid key get ``lse = NEG_INF`` (the merge then gives them weight 0) and output 0.
+
+    ``chunked`` (shared keys only; :func:`hr_chunked` decides): an online softmax over key blocks
+    (:func:`chunked_attention_with_lse` with the per-row mask), memory O(R x block) instead of the
+    dense (B, H, R, K) fp32 logits, which at 7B training (R = 2048, K = M = 5184) are the largest
+    temporaries of the step; the output is then in ``q``'s dtype (dense: fp32). Otherwise the dense einsum.
     """
     b, r, h, d = q.shape
+    has_key = jnp.any(valid, axis=-1)[..., None]  # (B, R, 1)
+    if chunked:
+        if k.ndim != 4:
+            raise ValueError(f"hr_attention(chunked=True) takes keys shared by the rows, (B, K, Hkv, d), not {k.shape}")
+        out, lse = chunked_attention_with_lse(q, k, v, valid, None)
+        return jnp.where(has_key[..., None], out, 0), jnp.where(has_key, lse, NEG_INF)
     hkv = k.shape[-2]
     qg = _grouped(q, hkv)
     spec = "brkgd,bskd->bkgrs" if k.ndim == 4 else "brkgd,brskd->bkgrs"
@@ -87,8 +101,23 @@ def hr_attention(
     probs = jnp.exp(logits - lse[..., None])
     out_spec = "bkgrs,bskd->brkgd" if v.ndim == 4 else "bkgrs,brskd->brkgd"
     out = jnp.einsum(out_spec, probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    lse = jnp.where(jnp.any(valid, axis=-1)[:, None, None], lse, NEG_INF)
-    return out.reshape(b, r, h, d), lse.reshape(b, h, r).transpose(0, 2, 1)
+    out = jnp.where(has_key[..., None], out.reshape(b, r, h, d), 0)
+    return out, jnp.where(has_key, lse.reshape(b, h, r).transpose(0, 2, 1), NEG_INF)
+
+
+def hr_chunked(impl: str, num_rows: int, num_keys: int) -> bool:
+    """Whether the HR part of ``num_rows`` select rows over ``num_keys`` shared HR keys runs by key blocks.
+
+    The rule: ``attention_impl`` (as configured) ``xla`` never (the dense reference); ``xla_chunked``
+    always; any other (``auto``, ``cudnn``, ``splash``: no fused kernel takes the HR part's per-row
+    mask) when the dense logits would be large, i.e. more than one row and at least
+    :data:`AUTO_CHUNK_MIN_KEYS` keys (the main part's threshold; one row, decode, stays dense).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"attention_impl={impl!r}: use one of {IMPLS}")
+    if impl in ("xla", "xla_chunked"):
+        return impl == "xla_chunked"
+    return num_rows > 1 and num_keys >= AUTO_CHUNK_MIN_KEYS
 
 
 def merge_by_lse(
@@ -296,18 +325,29 @@ def cudnn_attention(
 
 # ---- xla_chunked: online softmax over key blocks, flash-style backward ------------------------------
 
-def _blocks(x: jax.Array, block: int, fill) -> jax.Array:
-    """(B, S, ...) -> (S/block, B, block, ...), padding S with ``fill``."""
-    b, s = x.shape[:2]
+def _blocks(x: jax.Array, block: int, fill, axis: int = 1) -> jax.Array:
+    """Blocks of ``block`` along ``axis`` (padded with ``fill``), stacked first: (B, S, ...) -> (S/block, B, block, ...)."""
+    s = x.shape[axis]
     n = -(-s // block)
-    x = jnp.pad(x, [(0, 0), (0, n * block - s)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-    return jnp.moveaxis(x.reshape(b, n, block, *x.shape[2:]), 1, 0)
+    x = jnp.pad(x, [(0, n * block - s) if i == axis else (0, 0) for i in range(x.ndim)], constant_values=fill)
+    return jnp.moveaxis(x.reshape(*x.shape[:axis], n, block, *x.shape[axis + 1:]), axis, 0)
+
+
+def _key_mask_blocks(key_valid: jax.Array, block: int) -> jax.Array:
+    """The mask's key blocks: (B, S) -> (n, B, blk); a per-row (B, T, S) mask -> (n, B, T, blk)."""
+    return _blocks(key_valid, block, False, axis=key_valid.ndim - 1)
 
 
 def _block_logits(qg, kb, valid_b, slots_b, q_slot, scale):
-    """fp32 masked logits (B, Hkv, G, T, blk) of one key block."""
+    """fp32 masked logits (B, Hkv, G, T, blk) of one key block.
+
+    ``valid_b``: the block of a (B, S) key mask (B, blk) or of a per-row (B, T, S) mask (B, T, blk);
+    ``q_slot`` (B, T) adds causality (row t sees key slots <= q_slot[b, t]); ``None`` adds none.
+    """
     logits = jnp.einsum("btkgd,bskd->bkgts", qg, kb, preferred_element_type=jnp.float32) * scale
-    visible = valid_b[:, None, :] & (slots_b[None, None, :] <= q_slot[:, :, None])  # (B, T, blk)
+    visible = valid_b if valid_b.ndim == 3 else valid_b[:, None, :]  # (B, T or 1, blk)
+    if q_slot is not None:
+        visible = visible & (slots_b[None, None, :] <= q_slot[:, :, None])
     return jnp.where(visible[:, None, None], logits, NEG_INF)
 
 
@@ -320,7 +360,7 @@ def _chunked_fwd(q, k, v, key_valid, q_slot, block):
     b, t, h, d = q.shape
     hkv = k.shape[2]
     qg, scale = _grouped(q, hkv), d**-0.5
-    kb, vb, valid = _blocks(k, block, 0), _blocks(v, block, 0), _blocks(key_valid, block, False)
+    kb, vb, valid = _blocks(k, block, 0), _blocks(v, block, 0), _key_mask_blocks(key_valid, block)
     slots = jnp.arange(kb.shape[0] * block).reshape(-1, block)
 
     def body(carry, xs):
@@ -352,7 +392,7 @@ def _chunked_bwd(block, res, cotangents):
     do = _grouped(g_out, hkv).astype(v.dtype)  # (B, T, Hkv, G, d); matmul operands in the input dtype, fp32 accumulation
     delta = jnp.einsum("btkgd,btkgd->bkgt", do, _grouped(out, hkv), preferred_element_type=jnp.float32)
     delta = delta - g_lse.astype(jnp.float32).transpose(0, 2, 1).reshape(delta.shape)
-    kb, vb, valid = _blocks(k, block, 0), _blocks(v, block, 0), _blocks(key_valid, block, False)
+    kb, vb, valid = _blocks(k, block, 0), _blocks(v, block, 0), _key_mask_blocks(key_valid, block)
     slots = jnp.arange(kb.shape[0] * block).reshape(-1, block)
     f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
 
@@ -378,20 +418,22 @@ def chunked_attention_with_lse(
     q: Float[Array, "B T H d"],
     k: Float[Array, "B S Hkv d"],
     v: Float[Array, "B S Hkv d"],
-    key_valid: Bool[Array, "B S"],
-    q_slot: Int[Array, "B T"],
+    key_valid: Bool[Array, "B S"] | Bool[Array, "B T S"],
+    q_slot: Int[Array, "B T"] | None,
     block: int = CHUNK,
 ) -> tuple[Float[Array, "B T H d"], Float[Array, "B T H"]]:
     """Causal + padding attention by an online softmax over key blocks of ``block`` (pure JAX), and its fp32 LSE.
 
-    Row t sits at cache slot ``q_slot[b, t]`` and sees the valid key slots <= it. Forward and
+    Row t sits at cache slot ``q_slot[b, t]`` and sees the valid key slots <= it. ``key_valid`` may
+    instead be a per-row mask (B, T, S) (the HR part's selection), with ``q_slot=None`` for no
+    causality; a row that sees no key then gets a finite output and ``lse ~ NEG_INF``. Forward and
     backward (a custom VJP, FlashAttention-2's recurrences) hold one (T x block) block of fp32
     logits at a time and save only the output and the LSE: memory O(T x block), not O(T x S). The
     LSE is differentiable (unlike any fused kernel's), so the select rows' merge can use it. Equals
     :func:`attention_with_lse` up to float rounding.
     """
     block = max(1, min(block, k.shape[1]))
-    return _chunked(q, k, v, key_valid, q_slot.astype(jnp.int32), block)
+    return _chunked(q, k, v, key_valid, None if q_slot is None else q_slot.astype(jnp.int32), block)
 
 
 def chunked_attention(

@@ -86,6 +86,47 @@ def test_chunked_rows_with_lse_equal_dense_and_grad():
             _close(a, b)
 
 
+def test_chunked_hr_part_equals_dense_and_grad():
+    """The HR part by key blocks (select rows over shared keys under a (B, R, M) mask) equals the dense one:
+    outputs, LSE and gradients (through both); rows with no valid HR key get lse = NEG_INF, output 0, no NaN."""
+    with jax.default_matmul_precision("highest"):
+        q, k, v = _qkv(t=6, s=300)  # M = 300: two full key blocks of 128 and a partial one
+        valid = jax.random.bernoulli(jax.random.key(5), 0.3, (2, 6, 300))
+        valid = valid.at[0, 2].set(False).at[1, 5].set(False).at[1, 0, 250:].set(True)  # two rows see no HR key
+        has = np.asarray(valid).any(-1)
+        w_o = jax.random.normal(jax.random.key(3), q.shape)
+        w_l = jax.random.normal(jax.random.key(4), q.shape[:3]) * has[..., None]
+        o_main, lse_main = A.attention_with_lse(q, k, v, jnp.ones((2, 6, 300), bool))  # a main part to merge with
+
+        def loss(chunked, q, k, v):
+            o, lse = A.hr_attention(q, k, v, valid, chunked=chunked)
+            merged = A.merge_by_lse(o_main, lse_main, o, lse)
+            return jnp.sum(o * w_o) + jnp.sum(lse * w_l) + jnp.sum(merged * w_o), (o, lse, merged)
+
+        (_, ref), g_ref = jax.value_and_grad(lambda *a: loss(False, *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        (_, out), g = jax.value_and_grad(lambda *a: loss(True, *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        lse, lse_ref = np.asarray(out[1]), np.asarray(ref[1])
+        np.testing.assert_array_equal(lse[~has], np.float32(A.NEG_INF))
+        np.testing.assert_array_equal(lse_ref[~has], np.float32(A.NEG_INF))
+        _close(lse[has], lse_ref[has])
+        np.testing.assert_array_equal(np.asarray(out[0])[~has], 0)
+        for a, b in zip((out[0], out[2], *g), (ref[0], ref[2], *g_ref), strict=True):
+            assert np.isfinite(np.asarray(a)).all()
+            _close(a, b)
+        _close(out[2][~has], o_main[~has])  # no HR key: the merge is the main part's output
+        with pytest.raises(ValueError, match="shared by the rows"):
+            A.hr_attention(q, k[:, None].repeat(6, 1), v[:, None].repeat(6, 1), valid, chunked=True)
+
+
+def test_hr_chunked_rule():
+    assert not A.hr_chunked("xla", 2048, 5184) and A.hr_chunked("xla_chunked", 1, 16)
+    for impl in ("auto", "cudnn", "splash"):
+        assert A.hr_chunked(impl, 2048, 5184) and A.hr_chunked(impl, 2, A.AUTO_CHUNK_MIN_KEYS)
+        assert not A.hr_chunked(impl, 2048, A.AUTO_CHUNK_MIN_KEYS - 1) and not A.hr_chunked(impl, 1, 5184)  # small / decode: dense
+    with pytest.raises(ValueError, match="attention_impl='flash'"):
+        A.hr_chunked("flash", 2, 2)
+
+
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_kernel_decode_row_masks_by_cache_slots(impl):
     """One row at a traced cache index sees the valid slots up to its own (not is_causal's top-left)."""
@@ -257,6 +298,29 @@ def test_train_step_gradients_equal_dense(model, reference, impl):
         rel = np.abs(np.asarray(a) - b).max() / np.abs(b).max()
         assert rel <= 1e-5, f"{impl} {jax.tree_util.keystr(path)}: relative {rel:.3g}"
     assert np.abs(np.asarray(ref["layers"]["attn"]["k_hr"]["kernel"])).max() > 0  # the HR part has gradient
+
+
+def test_model_training_rows_chunked_hr_part_equals_dense(model, monkeypatch):
+    """The model's training rows (alpha < 1, the HR part over all M shared keys) with the HR part by key blocks
+    equal it dense: logits, HR masks and gradients, at K = M (K = 0.25 M, R x K >= M: the xla_chunked tests above)."""
+    import flexattn_jax.hierarchical as hier
+
+    params, cfg, *inputs = model
+    cfg = dataclasses.replace(cfg, attention_impl="xla_chunked", flex=dataclasses.replace(cfg.flex, hr_budget=None))
+    runs = {}
+    for chunked in (False, True):
+        calls = []
+        monkeypatch.setattr(hier, "hr_chunked", lambda impl, r, m, chunked=chunked, calls=calls: calls.append((r, m)) or chunked)
+        runs[chunked] = _prefill(params, cfg, *inputs)[1], _grads(params, cfg, *inputs)
+        assert calls and all(m == cfg.num_hr_tokens for _, m in calls)  # the shared-key HR part ran, as set
+    (train, g), (train_ref, g_ref) = runs[True], runs[False]
+    valid = np.asarray(inputs[1])[..., None]
+    _close(np.where(valid, train.logits, 0), np.where(valid, train_ref.logits, 0))
+    np.testing.assert_array_equal(np.asarray(train.hr_masks), np.asarray(train_ref.hr_masks))
+    for path, a in jax.tree_util.tree_leaves_with_path(g):
+        b = np.asarray(_leaf(g_ref, path))
+        rel = np.abs(np.asarray(a) - b).max() / np.abs(b).max()
+        assert rel <= 1e-5, f"{jax.tree_util.keystr(path)}: relative {rel:.3g}"
 
 
 def _leaf(tree, path):
