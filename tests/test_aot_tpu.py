@@ -164,7 +164,7 @@ def _assert_mosaic(report, want: tuple[str, ...]):
 def test_prefill_compiles_for_v5e_with_the_mosaic_kernel():
     r = _compile("prefill", "fsdp=4", attention_impl="auto")  # auto on a TPU target: splash, not the CPU path
     _assert_mosaic(r, ("splash_mha_fwd",))
-    assert r.optimal_seconds and 0 < r.mfu_estimate < 1
+    assert r.optimal_seconds and 0 < r.mfu_estimate < 1 and r.step_seconds_estimate >= r.optimal_seconds
 
 
 @needs_libtpu
@@ -197,3 +197,13 @@ def test_prefill_compiles_for_h100_with_cudnn():
     r = aot.compile_program("h100x8", tiny_flex_config(), "prefill", mesh="fsdp=8", seq_len=256)
     assert any(k.startswith("__cudnn$fmha") for k in r.kernels), r.kernels
     assert r.optimal_seconds is None and r.fits
+
+
+def test_step_estimate_scales_the_loops_counted_once():
+    """The compiler counted 1/20 of the model's FLOPs in 0.1 s: the step is 2 s, the MFU its counted rate."""
+    from flexattn_jax.app import aot
+
+    step, mfu = aot.step_estimate(0.1, 1e12, 2e13, 459e12)
+    assert step == pytest.approx(2.0) and mfu == pytest.approx(1e12 / (0.1 * 459e12))
+    assert aot.step_estimate(None, 1e12, 2e13, 459e12) == (None, None)
+    assert aot.step_estimate(0.1, 4e13, 2e13, 459e12)[0] == pytest.approx(0.1)  # never scaled down
