@@ -2,9 +2,11 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from flexattn_jax.app.cli import main
+from flexattn_jax.app.demo import square_coverage
 from flexattn_jax.app.demo_data import make_split
 
 
@@ -15,6 +17,8 @@ def _check_outputs(out, n_test):
     assert set(report["modes"]) == {"flexattention", "lr-only", "random-selection"}
     for row in report["modes"].values():
         assert 0.0 <= row["accuracy"] <= 1.0 and row["tokens_per_s"] > 0 and row["flops_per_sample_prefill"] > 0
+        assert 0.0 <= row["square_found"] <= 1.0 and 0.0 <= row["square_covered_mean"] <= 1.0 and row["square_found_by_layer"]
+    assert report["modes"]["lr-only"]["square_found"] == 0.0  # nothing selected
     for stage in ("pretrain", "finetune"):
         s = report["stages"][stage]
         assert s["steps"] > 0 and s["first_loss"] > 0 and (out / stage / "checkpoints").is_dir()
@@ -38,6 +42,16 @@ def test_demo_reduced_budget_writes_report_png_and_model(tmp_path, capsys):
     image.save(tmp_path / "q.png")
     assert main(["generate", "--checkpoint", str(out / "model"), "--image", str(tmp_path / "q.png"), "--prompt", question,
                  "--max-new-tokens", "2"]) == 0
+
+
+def test_square_coverage_maps_pixels_to_hr_tokens():
+    mask = np.zeros((12, 12), bool)  # a 168 px input: 12 x 12 HR tokens of 14 px
+    mask[1, 1] = True
+    assert square_coverage(mask.ravel(), (14, 14, 28, 28), (168, 168)) == 1.0
+    assert square_coverage(mask.ravel(), (7, 14, 21, 28), (168, 168)) == 0.5  # half of it on token (1, 0)
+    wide = np.zeros((12, 12), bool)
+    wide[3, 0] = True  # a 168 x 84 image is padded by 42 px = 3 tokens at the top
+    assert square_coverage(wide.ravel(), (0, 0, 14, 14), (168, 84)) == 1.0
 
 
 def test_demo_rejects_batch_not_divisible_by_devices(tmp_path):

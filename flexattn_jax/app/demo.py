@@ -24,6 +24,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,8 @@ def demo_model_config(vocab_size: int) -> ModelConfig:
             vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
             max_position_embeddings=512,
         ),
-        flex=FlexConfig(enabled=True, zoom_ratio=3, lowres_size=56, highres_size=168, first_select_layer=1, threshold=64.0),
+        flex=FlexConfig(enabled=True, zoom_ratio=3, lowres_size=56, highres_size=168, first_select_layer=1, threshold=64.0,
+                        warmup=10.0),  # the release's training script: alpha reaches 1 after a tenth of an epoch
         image_token_id=IMAGE_ID,
         pad_token_id=3,
         eos_token_id=2,
@@ -136,6 +138,25 @@ def _save_attention_png(path: Path, items, answers, cfg: ModelConfig, n: int = 6
     )
 
 
+COVERED = 0.5  # a test image's square counts as found when selected HR tokens cover at least this share of its pixels
+
+
+def square_coverage(mask: np.ndarray, bbox: Sequence[int], size: Sequence[int]) -> float:
+    """Share of the pattern square's pixels (``bbox`` x0, y0, x1, y1 in the original ``size`` = (w, h) image) that
+    lie inside selected HR tokens; ``mask`` (M,) is row-major over the square HR grid of the image padded
+    (centred, as LLaVA's ``expand2square``) and resized to the model's input."""
+    w, h = size
+    side = max(w, h)
+    ox, oy = ((side - w) // 2, 0) if h > w else (0, (side - h) // 2)
+    grid = int(round(np.sqrt(mask.size)))
+    x0, y0, x1, y1 = bbox
+    ys, xs = np.mgrid[y0:y1, x0:x1]
+    scale = grid / side  # HR tokens per original pixel: the resize maps the padded square onto the HR grid
+    col = np.clip(((xs + 0.5 + ox) * scale).astype(int), 0, grid - 1)
+    row = np.clip(((ys + 0.5 + oy) * scale).astype(int), 0, grid - 1)
+    return float(mask.reshape(grid, grid)[row, col].mean())
+
+
 def environment() -> dict[str, Any]:
     """What the demo's figures depend on beyond the seed: float results (so the trained model and its
     accuracies) change with the device count and the CPU cores XLA may use (reduction order), and with
@@ -216,25 +237,33 @@ def run(
         "stages": {"pretrain": pretrain, "finetune": finetune}, "model": str(model_dir), "modes": {},
     }
     flex_answers = None
+    layer = mask_layer(cfg)
     for name, mode_cfg in modes(cfg).items():
         stats: dict = {}
         answers = answer(params, mode_cfg, tokenizer, requests, batch_size=8, max_new_tokens=3, progress=False, stats=stats)
         correct = sum(a.text is not None and a.text.split()[:1] == [truth] for a, (_, _, truth, _) in zip(answers, test_items, strict=True))
+        used = range(cfg.flex.first_select_layer, cfg.text.num_layers - 1)  # the masks the hierarchical layers attend with
+        cover = {j: [square_coverage(np.asarray(a.hr_masks[j]), meta["bbox"], meta["size"]) if a.hr_masks is not None else 0.0
+                     for a, (_, _, _, meta) in zip(answers, test_items, strict=True)] for j in used}
         report["modes"][name] = {
             "accuracy": correct / len(test_items), "seconds": stats["seconds"], "tokens_per_s": stats["tokens_per_s"],
             "flops_per_sample_prefill": forward_flops(params, mode_cfg, 1, ids_len),
+            # share of test images whose square is at least half covered by the answer's selected HR tokens (layer L-2)
+            "square_found": float(np.mean([c >= COVERED for c in cover[layer]])), "square_covered_mean": float(np.mean(cover[layer])),
+            "square_found_by_layer": {str(j): float(np.mean([c >= COVERED for c in cj])) for j, cj in cover.items()},
         }
         if name == "flexattention":
             flex_answers = answers
-            layer = mask_layer(cfg)
             report["selected_hr_fraction"] = float(np.mean([a.hr_masks[layer].mean() for a in answers if a.hr_masks is not None]))
     _save_attention_png(out / "attention.png", test_items, flex_answers, cfg)
     report["seconds_total"] = time.perf_counter() - t_start
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{'mode':<18} {'accuracy':>8} {'GFLOPs/sample':>14} {'tokens/s':>9}")
+    print(f"\n{'mode':<18} {'accuracy':>8} {'square found':>12} {'GFLOPs/sample':>14} {'tokens/s':>9}")
     for name, row in report["modes"].items():
-        print(f"{name:<18} {row['accuracy']:>8.3f} {row['flops_per_sample_prefill'] / 1e9:>14.3f} {row['tokens_per_s']:>9.1f}")
-    print(f"(chance {report['chance']:.2f}; {len(test_items)} held-out images; total {report['seconds_total']:.0f} s)")
+        print(f"{name:<18} {row['accuracy']:>8.3f} {row['square_found']:>12.3f} {row['flops_per_sample_prefill'] / 1e9:>14.3f} "
+              f"{row['tokens_per_s']:>9.1f}")
+    print(f"(chance {report['chance']:.2f}; {len(test_items)} held-out images; square found: >= {COVERED:.0%} of its pixels "
+          f"under selected HR tokens at layer {layer}; total {report['seconds_total']:.0f} s)")
     print(f"wrote {out / 'attention.png'}, {out / 'report.json'}, the model in {model_dir} "
           f"(try: flexattn-jax generate --checkpoint {model_dir} --image IMAGE --prompt '...'), "
           f"training checkpoints under {out / 'finetune' / 'checkpoints'}")
