@@ -461,13 +461,11 @@ def test_hostile(case: Case, world: World, tmp_path, capsys, monkeypatch):
         def forbidden(*a, **k):
             raise AssertionError("weights were loaded before the input was checked")
 
-        import convert.io
+        import convert.importer
+        import flexattn_jax.checkpoint
 
-        import convert
-
-        monkeypatch.setattr(convert, "load_converted", forbidden)
-        monkeypatch.setattr(convert.io, "load_converted", forbidden)
-        monkeypatch.setattr(convert.io, "read_checkpoint", forbidden)
+        monkeypatch.setattr(flexattn_jax.checkpoint, "load_converted", forbidden)
+        monkeypatch.setattr(convert.importer, "read_checkpoint", forbidden)
     before = {"world": _digest(world.root), "case": _digest(case_dir)}
     capsys.readouterr()
     if callable(case.argv):
