@@ -417,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     """The command's entry point (``argv`` without the command name)."""
     try:
         return _generate(list(sys.argv[1:] if argv is None else argv))
-    except KeyboardInterrupt:  # only from a caller's own code: the signals set a flag (flexattn_jax.interrupt)
+    except KeyboardInterrupt as e:  # before the work starts (the signals then only set a flag: flexattn_jax.interrupt)
+        from flexattn_jax.interrupt import exit_code
+
         print("\ninterrupted", file=sys.stderr)
-        return 130
+        return exit_code(e)
