@@ -56,7 +56,6 @@ def early_signals() -> Any:
     the previous handlers. Call it first thing in a command (main thread only; elsewhere it does nothing)."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    _early.clear()
     old = {signal.SIGINT: signal.signal(signal.SIGINT, _early_int), signal.SIGTERM: signal.signal(signal.SIGTERM, _early_term)}
     old_hook = sys.unraisablehook
 
