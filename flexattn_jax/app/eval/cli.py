@@ -198,7 +198,8 @@ def _eval(args: argparse.Namespace, stop) -> int:
         print(f"  predictions: {where / PREDICTIONS}; metrics: {where / METRICS}")
         rows.append(metrics)
         if not metrics["scored"]:
-            return err(f"no item was scored ({metrics['failed']} of {metrics['items']} failed; see {where / METRICS})")
+            err(f"no item was scored ({metrics['failed']} of {metrics['items']} failed; see {where / METRICS})")
+            return 1
     if args.sweep_budget:
         summary = [{k: m.get(k) for k in ("hr_budget", "hr_budget_tokens", "accuracy", "tflops_per_item", "wall_s", "scored",
                                           "failed")} for m in rows]
