@@ -254,7 +254,7 @@ def _answers(n_ok: int, n_err: int, err: str) -> Callable:
     """Check the --output JSONL: ``n_ok`` answered items and ``n_err`` errors matching ``err``."""
 
     def check(world: World, case: Path, out: str, stderr: str) -> None:
-        rows = [json.loads(line) for line in (case / "out.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (case / "out.jsonl").read_text().splitlines()[1:]]  # after the header
         ok = [r for r in rows if r["error"] is None and r["answer"] is not None]
         bad = [r for r in rows if r["error"] is not None]
         assert len(ok) == n_ok and len(bad) == n_err, rows
