@@ -252,7 +252,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", type=Path, nargs="+", metavar="JSON", help="print the table of saved results (merged; runs nothing)")
     args = ap.parse_args(argv)
     if args.report:
-        saved = [json.loads(p.read_text()) for p in args.report]
+        saved = []
+        for p in args.report:
+            try:
+                saved.append(json.loads(p.read_text()))
+                if not isinstance(saved[-1], dict) or not isinstance(saved[-1].get("entries"), list):
+                    raise ValueError("not a throughput result (no 'entries' list)")
+            except OSError as e:
+                print(f"error: --report {p}: cannot read it ({e.strerror or e})", file=sys.stderr)
+                return 2
+            except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+                print(f"error: --report {p}: {e}", file=sys.stderr)
+                return 2
         results = dict(saved[0], entries=[e for r in saved for e in r["entries"]])
         results["goals"] = goals(results["entries"])
         print(json.dumps(results) if args.json else format_table(results))

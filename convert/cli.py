@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from convert.reader import ConvertError
+from flexattn_jax.checkpoint import CheckpointError
 from flexattn_jax.config import ConfigError
 from flexattn_jax.paths import OutputPathError, check_output_dir
 
@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m convert") -> 
         if a.to_hf:
             _export(str(out), a.to_hf, a.layout, None, a.image_token_id, a.overwrite)
         return 0
-    except (ConvertError, ConfigError, OutputPathError) as e:
+    except (CheckpointError, ConfigError, OutputPathError) as e:  # ConvertError is a CheckpointError
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -89,7 +89,12 @@ class SafetensorsFile(TensorFile):
             for key, meta in header.items():
                 if key == "__metadata__":
                     continue
-                dtype, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+                try:
+                    dtype, shape, (begin, end) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
+                    begin, end = int(begin), int(end)
+                except (KeyError, TypeError, ValueError) as e:
+                    what = f"no {e.args[0]!r} field" if isinstance(e, KeyError) else "dtype, shape or data_offsets malformed"
+                    raise ConvertError(f"{self.path}: corrupt safetensors header: tensor {key!r}: {what} ({meta!r:.120})") from None
                 if dtype not in SAFETENSORS_DTYPES:
                     raise ConvertError(f"{self.path}: tensor {key!r} has unsupported dtype {dtype}")
                 nbytes = int(np.prod(shape, dtype=np.int64)) * SAFETENSORS_DTYPES[dtype].itemsize

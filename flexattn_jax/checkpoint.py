@@ -169,9 +169,71 @@ def load_converted(directory: str | Path, dtype: str | None = None, sharding: An
         raise CheckpointError(f"{directory}: no params directory (a converted checkpoint holds params/ and metadata.json)")
     try:
         with _checkpointer() as ckptr:
+            stored = _stored_shapes(ckptr, params_dir)
+            if stored is not None:  # before restoring: a mismatch is named, and no restore is left half done
+                _check_shapes(directory, cfg, stored, {"/".join(k): tuple(v.shape) for k, v in _flat_paths(abstract)})
             args = ocp.args.PyTreeRestore(target, restore_args=restore_args)
             params = ckptr.restore(params_dir, args=args)
+    except CheckpointError:
+        raise
     except Exception as e:  # orbax / tensorstore raise many kinds for a truncated or corrupt directory
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise CheckpointError(f"{params_dir}: cannot restore the parameters (truncated or corrupt?): {type(e).__name__}: {first}") from e
     return params, cfg
+
+
+def _flat_paths(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
+    return [(tuple(str(getattr(k, "key", k)) for k in p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _stored_shapes(ckptr: Any, params_dir: Path) -> dict[str, tuple[int, ...]] | None:
+    """``{'text/embed/embedding': shape}`` from the orbax metadata of ``params_dir`` (None when unreadable: the
+    restore then reports the damage)."""
+    try:
+        meta = ckptr.metadata(params_dir)
+    except Exception:  # noqa: BLE001 - a damaged directory: left to the restore's error
+        return None
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    return {"/".join(k): tuple(x.shape) for k, x in _flat_paths(tree) if hasattr(x, "shape")}
+
+
+def _check_shapes(directory: str | Path, cfg: ModelConfig, stored: dict[str, tuple], wanted: dict[str, tuple]) -> None:
+    """Raise :class:`CheckpointError` naming the first parameter whose stored shape differs from ``model_config``'s,
+    both shapes and the config settings that give the differing dimension."""
+    where = Path(directory) / "metadata.json"
+    wrong = [(k, stored[k], v) for k, v in wanted.items() if k in stored and stored[k] != v]
+    missing = [k for k in wanted if k not in stored]
+    extra = [k for k in stored if k not in wanted]
+    if wrong:
+        name, there, here = wrong[0]
+        settings = _settings_for(cfg, there, here)
+        why = f"; {where} sets {', '.join(settings)}" if settings else ""
+        more = f" (and {len(wrong) - 1} more parameters)" if len(wrong) > 1 else ""
+        raise CheckpointError(f"{directory}/params: parameter {name} is stored as {list(there)} but the model_config in "
+                              f"{where} makes it {list(here)}{more}{why}: metadata.json does not match the parameters")
+    if missing or extra:
+        what = (f"lacks {', '.join(missing[:3])}" if missing else "") + (" and " if missing and extra else "") + \
+            (f"has {', '.join(extra[:3])} that the model_config does not" if extra else "")
+        raise CheckpointError(f"{directory}/params {what} (model_config in {where}: flex.enabled={cfg.flex.enabled}, "
+                              f"text.num_layers={cfg.text.num_layers}): metadata.json does not match the parameters")
+
+
+def _settings_for(cfg: ModelConfig, there: tuple, here: tuple) -> list[str]:
+    """The model_config fields whose value is a dimension in which the two shapes differ, e.g. ``text.vocab_size=1000
+    (the stored array has 512)``."""
+
+    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    fields = {k: v for k, v in flat(cfg.to_dict()).items() if isinstance(v, int) and not isinstance(v, bool)}
+    if len(there) != len(here):
+        return []
+    out = []
+    for a, b in zip(there, here, strict=True):
+        if a != b:
+            out += [f"{k}={v} (the stored array has {a})" for k, v in fields.items() if v == b]
+    return out[:4]

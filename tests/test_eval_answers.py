@@ -114,9 +114,13 @@ def test_metrics_per_category_pope_and_failures():
     recs = [{"id": str(i), "category": c, "score": float(y == p), "yes_no": p, "label": y, "tflops": 2.0, "error": None}
             for i, (c, y, p) in enumerate([("random", "yes", "yes"), ("random", "no", "yes"), ("adversarial", "no", "no"),
                                            ("adversarial", "yes", "no")])]
-    m = task_metrics("vqa", recs, [{"id": "9", "error": "image file not found: x.jpg"}])
-    assert (m["items"], m["scored"], m["failed"], m["accuracy"]) == (5, 4, 1, 50.0)
+    m = task_metrics("vqa", recs, [{"id": "9", "error": "image file not found: x.jpg", "category": "random"}])
+    # the headline counts the failed item as wrong (2 of 5), beside the accuracy over the 4 scored
+    assert (m["items"], m["scored"], m["failed"], m["accuracy"], m["accuracy_scored"]) == (5, 4, 1, 40.0, 50.0)
     assert m["failures"] == [{"id": "9", "error": "image file not found: x.jpg"}]
-    assert m["categories"]["random"]["accuracy"] == 50.0 and m["tflops_per_item"] == 2.0
+    assert m["categories"]["random"] == {"items": 3, "scored": 2, "accuracy": 33.33, "pope": m["categories"]["random"]["pope"]}
+    assert m["categories"]["adversarial"]["accuracy"] == 50.0 and m["tflops_per_item"] == 2.0
+    nothing = task_metrics("vqa", [], [{"id": "1", "error": "x"}])
+    assert (nothing["accuracy"], nothing["accuracy_scored"], nothing["scored"]) == (0.0, None, 0)
     assert m["pope"] == {"accuracy": 50.0, "precision": 50.0, "recall": 50.0, "f1": 50.0, "yes_ratio": 50.0}
     assert pope_metrics(recs[:1]) == {"accuracy": 100.0, "precision": 100.0, "recall": 100.0, "f1": 100.0, "yes_ratio": 100.0}

@@ -33,7 +33,9 @@ def env(tmp_path_factory):
 
 def _run(env, task, out, *extra):
     rc = main(["eval", task, "--data", str(env[task if task != "vqa" else "pope"]), "--out", str(out), *env["common"], *extra])
-    records = [json.loads(line) for line in (out / R.PREDICTIONS).read_text().splitlines()] if (out / R.PREDICTIONS).exists() else []
+    lines = (out / R.PREDICTIONS).read_text().splitlines() if (out / R.PREDICTIONS).exists() else []
+    assert not lines or json.loads(lines[0])["flexattn_jax"] == "eval predictions"  # the header record first
+    records = [json.loads(line) for line in lines[1:]]
     metrics = json.loads((out / R.METRICS).read_text()) if rc == 0 else None
     return rc, records, metrics
 
@@ -52,7 +54,8 @@ def test_vstar_likelihood_and_resume_after_a_kill(env, tmp_path, monkeypatch, ca
     for r in records:
         assert len(r["losses"]) == (4 if r["category"] == "direct_attributes" else 2)
         assert r["choice"] == int(np.argmin(r["losses"])) and r["score"] == float(r["choice"] == 0) and r["tflops"] > 0
-    assert m["accuracy"] == pytest.approx(100 * np.mean([r["score"] for r in records]), abs=0.01)
+    assert m["accuracy"] == pytest.approx(100 * sum(r["score"] for r in records) / 7, abs=0.01)  # a failure counts as wrong
+    assert m["accuracy_scored"] == pytest.approx(100 * np.mean([r["score"] for r in records]), abs=0.01)
     assert set(m["categories"]) == {"direct_attributes", "relative_position"} and m["tflops_per_item"] > 0
 
     # a kill after two questions (the scorer raises), and a last line cut in the middle of writing
@@ -117,7 +120,8 @@ def test_generation_tasks_score_their_predictions(env, tmp_path, capsys):
     for r in recs:
         if r["error"] is None:
             assert r["score"] == vqa_soft_accuracy(r["prediction"], answers[int(r["id"])]) and "OCR" not in r["prompt"]
-    assert m["accuracy"] == pytest.approx(100 * np.mean([r["score"] for r in recs if r["error"] is None]), abs=0.01)
+    assert m["accuracy_scored"] == pytest.approx(100 * np.mean([r["score"] for r in recs if r["error"] is None]), abs=0.01)
+    assert m["accuracy"] == pytest.approx(100 * sum(r["score"] for r in recs if r["error"] is None) / 4, abs=0.01)
     res = json.loads((tmp_path / "textvqa" / "results.json").read_text())
     assert res["results"]["textvqa_val"]["exact_match,none"] == pytest.approx(m["accuracy"] / 100, abs=1e-4)
     lines = [json.loads(x) for x in (tmp_path / "textvqa" / "samples_textvqa_val.jsonl").read_text().splitlines()]
@@ -180,9 +184,20 @@ def test_bad_arguments_and_layouts(env, tmp_path, capsys):
 
 def test_predictions_file_of_another_kind_is_refused(tmp_path):
     path = tmp_path / R.PREDICTIONS
-    path.write_text('{"key": "a", "error": null}\nnot json\n{"key": "b", "error": null}\n')
-    with pytest.raises(ValueError, match="line 2 is not an eval prediction record"):
-        R.read_predictions(path)
-    path.write_text('{"key": "a", "error": null}\n{"key": "b", "error": "x"}\n{"key": "c", "err')
-    assert list(R.read_predictions(path)) == ["a"]  # failed items are retried; the cut line is removed
-    assert path.read_text() == '{"key": "a", "error": null}\n{"key": "b", "error": "x"}\n'
+    settings = R.EvalSettings("vqa", max_new_tokens=3, checkpoint={"params_digest": "p"})
+    header = R.predictions_header(settings)
+    top = json.dumps(header) + "\n"
+    path.write_text(top + '{"key": "a", "error": null}\nnot json\n{"key": "b", "error": null}\n')
+    with pytest.raises(ValueError, match="line 3 is not a record of this command"):
+        R.read_predictions(path, header)
+    path.write_text(top + '{"key": "a", "error": null}\n{"key": "b", "error": "x"}\n{"key": "c", "err')
+    assert list(R.read_predictions(path, header)) == ["a"]  # failed items are retried; the cut line is removed
+    assert path.read_text() == top + '{"key": "a", "error": null}\n{"key": "b", "error": "x"}\n'
+    other = R.predictions_header(R.EvalSettings("vqa", max_new_tokens=4, checkpoint={"params_digest": "p"}))
+    with pytest.raises(ValueError, match=r"another run; changed: max_new_tokens \(file 3, now 4\)"):
+        R.read_predictions(path, other)
+    for foreign in (b'{"key": "a", "error": null}', b'{"key": "a", "error": null}\n', b"x"):  # not ours, whatever the last byte
+        path.write_bytes(foreign)
+        with pytest.raises(ValueError, match="was not written by this command"):
+            R.read_predictions(path, header)
+        assert path.read_bytes() == foreign

@@ -72,7 +72,7 @@ def test_batch_reports_bad_items_and_answers_the_rest(ckpt, files, tmp_path, cap
     assert main(["generate", "--checkpoint", str(ckpt), "--batch", str(batch), "--output", str(out),
                  "--save-attention", str(pngs), *GEN]) == 0
     assert "6 of 8 items failed" in capsys.readouterr().err
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = [json.loads(line) for line in out.read_text().splitlines()[1:]]  # after the header record
     assert [r["image"] for r in rows] == [str(i) for i, _, _ in cases]
     assert [(r["index"], r["line"]) for r in rows] == [(i, i + 1) for i in range(len(cases))]
     for r, (_, _, err) in zip(rows, cases, strict=True):
@@ -116,7 +116,7 @@ def test_bad_jsonl_lines_get_an_error_in_place_and_the_rest_is_answered(ckpt, fi
     batch.write_bytes(b"\n".join(raw for raw, _ in lines) + b"\n")
     assert main(["generate", "--checkpoint", str(ckpt), "--batch", str(batch), "--output", str(out), *GEN]) == 0
     assert "6 of 8 items failed" in capsys.readouterr().err
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = [json.loads(line) for line in out.read_text().splitlines()[1:]]  # after the header record
     expected = [(n, why) for n, (raw, why) in enumerate(lines, 1) if raw]
     assert [(r["index"], r["line"]) for r in rows] == [(i, n) for i, (n, _) in enumerate(expected)]
     for r, (_, why) in zip(rows, expected, strict=True):
@@ -129,7 +129,7 @@ def test_bad_jsonl_lines_get_an_error_in_place_and_the_rest_is_answered(ckpt, fi
     assert main(["generate", "--checkpoint", str(ckpt), "--batch", str(batch), "--output", str(out), *GEN]) == 1
     err = capsys.readouterr().err
     assert "6 of 6 items failed" in err and "no item was answered" in err
-    assert len(out.read_text().splitlines()) == 6
+    assert len(out.read_text().splitlines()) == 1 + 6
 
 
 def test_bad_arguments_are_refused_before_loading(ckpt, tmp_path, capsys):

@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -241,7 +246,7 @@ def _answers(n_ok: int, n_err: int, err: str) -> Callable:
     """Check the --output JSONL: ``n_ok`` answered items and ``n_err`` errors matching ``err``."""
 
     def check(world: World, case: Path, out: str, stderr: str) -> None:
-        rows = [json.loads(line) for line in (case / "out.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (case / "out.jsonl").read_text().splitlines()[1:]]  # after the header
         ok = [r for r in rows if r["error"] is None and r["answer"] is not None]
         bad = [r for r in rows if r["error"] is not None]
         assert len(ok) == n_ok and len(bad) == n_err, rows
@@ -266,6 +271,99 @@ def _report(text: str) -> Callable:
         (case / "bench.json").write_text(text)
 
     return setup
+
+
+# ---- issue 24: resume, exit codes, the last tracebacks ----------------------------------------------
+
+def _header(world: World, batch: Path, *flags: str, ckpt: Path | None = None) -> str:
+    """The header line generate writes for ``--batch batch`` with ``flags`` (built by the command's own functions)."""
+    from flexattn_jax.app.generate_cli import answer_settings, generate_parser
+    from flexattn_jax.app.resume import checkpoint_fingerprint, input_identity, make_header
+
+    args = generate_parser().parse_args(["--checkpoint", str(ckpt or world.ckpt), "--batch", str(batch), *flags])
+    header = make_header("generate answers", checkpoint=checkpoint_fingerprint(args.checkpoint), settings=answer_settings(args),
+                         input=input_identity(batch))
+    return json.dumps(header, sort_keys=True) + "\n"
+
+
+def _answers_of(world: World, case: Path, batch: Path, n: int, *flags: str, ckpt: Path | None = None) -> None:
+    """``case/out.jsonl``: a header for ``batch`` and ``flags``, then ``n`` answer records."""
+    rows = [json.dumps({"index": i, "line": i + 1, "image": str(world.img), "prompt": f"q{i}", "answer": "a", "error": None,
+                        "image_sha256": "0" * 64}) + "\n" for i in range(n)]
+    (case / "out.jsonl").write_text(_header(world, batch, *flags, ckpt=ckpt) + "".join(rows))
+
+
+def _other_batch(world: World, case: Path) -> None:
+    other = case / "other.jsonl"
+    other.write_text("".join(json.dumps({"image": str(world.img), "prompt": f"q{i}"}) + "\n" for i in range(26)))
+    _answers_of(world, case, other, 26, *GEN)
+
+
+def _other_params(world: World, case: Path) -> None:
+    """A checkpoint copy with other parameter values, and an answers file written with the original."""
+    from flexattn_jax.checkpoint import save_params
+    from tests.fixtures import random_params, tiny_config
+
+    d = _ckpt_copy(world, case)
+    shutil.rmtree(d / "params")
+    save_params(random_params(tiny_config(), seed=3, std=0.3), d / "params")
+    _answers_of(world, case, world.batch, 2, *GEN)
+
+
+def _image_replaced(world: World, case: Path):
+    """Answer a batch, replace its image file at the same path, resume: the item is answered again (its hash changed)."""
+    import contextlib
+    import io
+
+    from flexattn_jax.app.cli import main
+
+    img, batch, out = case / "img.png", case / "in.jsonl", case / "out.jsonl"
+    shutil.copy(world.img, img)
+    batch.write_text(json.dumps({"image": str(img), "prompt": "what is it?"}) + "\n")
+    argv = ["generate", "--checkpoint", str(world.ckpt), "--batch", str(batch), "--output", str(out), *GEN]
+    assert main(argv) == 0
+    first = json.loads(out.read_text().splitlines()[1])
+    Image.fromarray(np.full((30, 40, 3), 200, np.uint8)).save(img)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main([*argv, "--resume"])
+    rows = [json.loads(x) for x in out.read_text().splitlines()[1:]]
+    assert len(rows) == 1 and rows[0]["image_sha256"] == hashlib.sha256(img.read_bytes()).hexdigest() != first["image_sha256"]
+    assert "already done" not in err.getvalue()
+    return code, "", err.getvalue()
+
+
+def _no_data_offsets(world: World, case: Path) -> Path:
+    """A copy of the PyTorch checkpoint whose safetensors header lost one tensor's data_offsets (same header length)."""
+    import struct
+
+    d = case / "src"
+    shutil.copytree(world.src, d)
+    raw = (d / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    del header[sorted(k for k in header if k != "__metadata__")[0]]["data_offsets"]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n
+    (d / "model.safetensors").write_bytes(raw[:8] + text.ljust(n) + raw[8 + n:])
+    return d
+
+
+def _vqa_data(world: World, case: Path) -> None:
+    lines = [json.dumps({"question_id": i, "image": f"img{i}.png", "question": "Is it red?", "answers": ["no"]}) for i in range(2)]
+    (case / "vqa.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _eval_nothing_scored(world: World, case: Path, out: str, err: str) -> None:
+    m = json.loads((case / "eval" / "metrics.json").read_text())
+    assert (m["items"], m["scored"], m["failed"], m["accuracy"], m["accuracy_scored"]) == (2, 0, 2, 0.0, None)
+    assert "accuracy                    0.00 %  over all 2 items, failed ones as wrong (0 scored" in out
+
+
+def _foreign_predictions(world: World, case: Path) -> None:
+    _vqa_data(world, case)
+    (case / "eval").mkdir()
+    (case / "eval" / "predictions.jsonl").write_bytes(b'{"keep": true}')
 
 
 # ---- the table ---------------------------------------------------------------------------------
@@ -439,6 +537,47 @@ CASES: list[Case] = [
          setup=_report("{\"flops_7b\": [")),
     Case("bench --report not a result", "culprit", ("bench", "--report", "{case}/bench.json"), 2,
          r"--report \S*bench\.json: not a bench result \(missing command", setup=_report("{\"x\": 1}")),
+    # issue 24: --resume never destroys or mixes; honest exit codes; the last tracebacks
+    Case("generate --resume into a user file without a final newline", "destroyed",
+         (G, "--checkpoint", "{ckpt}", "--batch", "{batch}", "--output", "{case}/res_user.json", "--resume", *GEN), 2,
+         r"--output \S*res_user\.json was not written by this command .*left as it is",
+         setup=lambda w, c: (c / "res_user.json").write_bytes(b'{"keep": true}')),
+    Case("generate --resume into another batch's answers", "destroyed",
+         (G, "--checkpoint", "{ckpt}", "--batch", "{batch}", "--output", "{case}/out.jsonl", "--resume", *GEN), 2,
+         r"out\.jsonl holds answers of another run; changed: input\.path \(file \S*other\.jsonl\S*, now \S*batch\.jsonl",
+         setup=_other_batch),
+    Case("generate --resume with another --max-new-tokens", "values",
+         (G, "--checkpoint", "{ckpt}", "--batch", "{batch}", "--output", "{case}/out.jsonl", "--resume", "--max-new-tokens", "3",
+          "--batch-size", "4"), 2, r"another run; changed: settings\.max_new_tokens \(file 2, now 3\)",
+         setup=lambda w, c: _answers_of(w, c, w.batch, 2, *GEN)),
+    Case("generate --resume with another --hr-budget and --dtype", "values",
+         (G, "--checkpoint", "{ckpt}", "--batch", "{batch}", "--output", "{case}/out.jsonl", "--resume", *GEN, "--hr-budget", "0.5",
+          "--dtype", "bfloat16"), 2, r"changed: settings\.dtype \(file null, now \"bfloat16\"\); settings\.hr_budget",
+         setup=lambda w, c: _answers_of(w, c, w.batch, 2, *GEN)),
+    Case("generate --resume with another checkpoint", "values",
+         (G, "--checkpoint", "{case}/ckpt", "--batch", "{batch}", "--output", "{case}/out.jsonl", "--resume", *GEN), 2,
+         r"another run; changed: checkpoint\.params_digest", setup=_other_params),
+    Case("generate --resume: an image replaced at the same path is answered again", "values", _image_replaced, 0, None,
+         creates=("{case}/img.png", "{case}/in.jsonl", "{case}/out.jsonl"), loads=True),
+    Case("generate attention_impl=cudnn on CPU", "culprit",
+         (G, "--checkpoint", "{ckpt}", "--batch", "{batch}", "--set", "attention_impl=cudnn"), 2,
+         r"attention_impl='cudnn' needs a GPU, and the backend here is 'cpu'"),
+    Case("generate metadata vocabulary disagrees with the parameters", "culprit",
+         (G, "--checkpoint", "{case}/ckpt", "--batch", "{batch}", "--output", "{case}/out.jsonl"), 2,
+         r"parameter text/embed/embedding is stored as \[512, 32\] but the model_config in \S*metadata\.json makes it \[1000, 32\]"
+         r".*text\.vocab_size=1000 \(the stored array has 512\)", setup=lambda w, c: _ckpt_meta(w, c, vocab_size=1000), loads=True),
+    Case("convert safetensors header without data_offsets", "culprit", (C, "{case}/src", "{case}/out"), 2,
+         r"model\.safetensors: corrupt safetensors header: tensor '\S+': no 'data_offsets' field", setup=_no_data_offsets, loads=True),
+    Case("bench throughput --report missing", "culprit", ("bench", "throughput", "--report", "{case}/nope.json"), 2,
+         r"--report \S*nope\.json: cannot read it \(No such file"),
+    Case("eval: no item scored exits 1", "lost",
+         ("eval", "vqa", "--checkpoint", "{ckpt}", "--data", "{case}/vqa.jsonl", "--images", "{case}/nope", "--out", "{case}/eval",
+          "--max-new-tokens", "2", "--no-compile-cache", "--no-progress"), 1, r"no item was scored \(2 of 2 failed", setup=_vqa_data,
+         creates=("{case}/eval",), loads=True, check=_eval_nothing_scored),
+    Case("eval --out with a predictions file it did not write", "destroyed",
+         ("eval", "vqa", "--checkpoint", "{ckpt}", "--data", "{case}/vqa.jsonl", "--images", "{case}/imgs", "--out", "{case}/eval",
+          "--no-compile-cache", "--no-progress"), 2, r"--out \S*predictions\.jsonl was not written by this command",
+         setup=_foreign_predictions),
 ]
 
 
@@ -453,13 +592,11 @@ def test_hostile(case: Case, world: World, tmp_path, capsys, monkeypatch):
         def forbidden(*a, **k):
             raise AssertionError("weights were loaded before the input was checked")
 
-        import convert.io
+        import convert.importer
+        import flexattn_jax.checkpoint
 
-        import convert
-
-        monkeypatch.setattr(convert, "load_converted", forbidden)
-        monkeypatch.setattr(convert.io, "load_converted", forbidden)
-        monkeypatch.setattr(convert.io, "read_checkpoint", forbidden)
+        monkeypatch.setattr(flexattn_jax.checkpoint, "load_converted", forbidden)
+        monkeypatch.setattr(convert.importer, "read_checkpoint", forbidden)
     before = {"world": _digest(world.root), "case": _digest(case_dir)}
     capsys.readouterr()
     if callable(case.argv):
@@ -494,3 +631,46 @@ def test_table_covers_each_class():
     counts = {k: sum(c.kind == k for c in CASES) for k in KINDS}
     assert all(counts.values()), counts
     assert len({c.name for c in CASES}) == len(CASES)
+
+
+# ---- issue 24: signals, in a subprocess whose dispositions the test sets --------------------------
+
+@pytest.mark.parametrize(("sig", "sigint"), [(signal.SIGINT, "default"), (signal.SIGTERM, "default"), (signal.SIGINT, "ignore")],
+                         ids=["SIGINT", "SIGTERM", "SIGINT-inherited-ignored"])
+def test_signal_stops_generate_waiting_on_its_input(world: World, tmp_path, sig, sigint):
+    """Ctrl-C / SIGTERM while the command waits for more input on a pipe whose writer stays open: it exits 130 / 143 at
+    once with what is done written (a header and the one item read), no traceback, its inputs unchanged."""
+    from tests.signals import with_signals
+
+    fifo, out = tmp_path / "in.fifo", tmp_path / "out.jsonl"
+    os.mkfifo(fifo)
+    before = _digest(world.root)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "XLA_FLAGS": ""}
+    cmd = [sys.executable, "-m", "flexattn_jax.app.cli", "generate", "--checkpoint", str(world.ckpt), "--batch", str(fifo),
+           "--output", str(out), *GEN]
+    proc = subprocess.Popen(with_signals(cmd, sigint), env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+                time.sleep(0.05)
+        os.write(fd, b"not json\n")  # one item (answered with its error: no compile), then the pipe stays open
+        while not (out.exists() and len(out.read_text().splitlines()) == 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+        os.close(fd)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, err
+    assert "Traceback" not in err and "Exception ignored" not in err
+    assert f"interrupted: 1 items written to {out}; run again with --resume to finish" in err, err
+    header, record = (json.loads(x) for x in out.read_text().splitlines())
+    assert header["flexattn_jax"] == "generate answers" and record["index"] == 0 and "not JSON" in record["error"]
+    assert _digest(world.root) == before

@@ -10,6 +10,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -104,6 +108,9 @@ CASES = [
      ["--out", "/proc/flexattn-run", "cannot write"]),
     ("resume after changing --set: shape mismatch", lambda r, o: ["train", *base_args(r, o), "--set", "text.intermediate_size=48"],
      "run", 2, ["checkpoints/3", "text/layers/mlp", "text.intermediate_size (checkpoint 64, now 48)", "--set"]),
+    ("resume after changing --set: only the changed setting named (flex.hr_ladder list vs tuple is no difference)",
+     lambda r, o: ["train", *base_args(r, o), "--set", "text.intermediate_size=48"],
+     "run", 2, ["the model config differs in text.intermediate_size (checkpoint 64, now 48); resume"]),
     ("resume with every checkpoint damaged", lambda r, o: ["train", *base_args(r, o)], "damaged_run", 2,
      ["no usable checkpoint", "damaged_run/checkpoints", "3: bad JSON", "1: bad JSON"]),
     ("demo --out is a file", lambda r, o: ["demo", "--out", str(o)], "a_file", 2, ["--out", "a_file", "not a directory"]),
@@ -251,3 +258,35 @@ def test_hr_init_default_is_copy_and_random_is_normal():
 
 if os.name != "posix":  # the read-only-file-system cases use /proc
     pytestmark = pytest.mark.skip("POSIX only")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_a_checkpoint_and_rerunning_continues(world, tmp_path, sig):
+    """SIGTERM (a scheduler) or Ctrl-C, with SIGINT inherited as ignored: the step in flight finishes, its checkpoint is
+    saved, exit 143 / 130; re-running continues from it with each step logged once."""
+    from tests.signals import with_signals
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "flexattn_jax.app.cli", "train", *base_args(world, out), "--steps", "400", "--save-every", "1000"]
+    before = tree_hash(world / "data", world / "tiny.json")
+    proc = subprocess.Popen(with_signals(cmd, "ignore"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 1):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [steps[-1]] and f"checkpoint of step {steps[-1]} saved" in err, err
+    assert cli_main(["train", *base_args(world, out), "--steps", "400", "--stop-at", str(steps[-1] + 1)]) == 0
+    again = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert again == [*steps, steps[-1] + 1]
+    assert tree_hash(world / "data", world / "tiny.json") == before

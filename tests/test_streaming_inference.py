@@ -33,11 +33,12 @@ from bench.common import smoke_config
 from flexattn_jax.app.cli import main
 from flexattn_jax.app.demo_data import build_demo_tokenizer
 from flexattn_jax.app.inference import Answer, InputOrder, Request, answer, stream_answers
-from flexattn_jax.app.resume import AnswerLog, ResumeError, content_key
+from flexattn_jax.app.resume import AnswerLog, ResumeError, content_key, make_header
 from flexattn_jax.generate import decode_step, generate, prefill, sample_token
 from flexattn_jax.selection import margin_patches
 
 from .checkpoints import write_tiny_checkpoint
+from .signals import with_signals
 
 STEPS = 6
 
@@ -219,24 +220,33 @@ def _record(i, image="a.png", prompt="q", answer="x", error=None):
     return json.dumps({"index": i, "line": i + 1, "image": image, "prompt": prompt, "answer": answer, "error": error}) + "\n"
 
 
+HEADER = make_header("generate answers", checkpoint={"params_digest": "p"}, settings={"max_new_tokens": 2}, input={"path": "b"})
+
+
 def test_answer_log_cuts_a_partial_line_merges_runs_and_refuses_foreign_files(tmp_path):
     out = tmp_path / "out.jsonl"
-    out.write_text(_record(0) + _record(1, error="boom") + _record(3, prompt="old") + _record(5) + '{"index": 6, "ans')
-    log = AnswerLog.scan(out)
-    assert log.truncated and out.read_text().endswith(_record(5)) and log.runs == [(0, out.stat().st_size)]
+    top = json.dumps(HEADER) + "\n"
+    out.write_text(top + _record(0) + _record(1, error="boom") + _record(3, prompt="old") + _record(5) + '{"index": 6, "ans')
+    log = AnswerLog.scan(out, HEADER)
+    assert out.read_text().endswith(_record(5)) and log.runs == [(len(top), out.stat().st_size)]
     assert log.is_done(0, content_key("a.png", "q")) and not log.is_done(1, content_key("a.png", "q"))  # failed: retried
     assert log.is_done(3, content_key("a.png", "old")) and not log.is_done(3, content_key("a.png", "new"))
     with open(out, "a") as f:  # this run: the retried item 1, item 3 whose prompt changed, the missing 2, 4, 6
         f.write(_record(1) + _record(2) + _record(3, prompt="new") + _record(4) + _record(6))
-    assert log.finalize(total=7)
-    assert out.read_text() == "".join([_record(0), _record(1), _record(2), _record(3, prompt="new"), _record(4), _record(5),
-                                       _record(6)])
-    assert AnswerLog.scan(out).runs == [(0, out.stat().st_size)] and not AnswerLog.scan(out).finalize(total=7)
-    assert AnswerLog.scan(out).finalize(total=5) and len(out.read_text().splitlines()) == 5  # the input got shorter
-    out.write_text("image,prompt\na.png,q\n")
-    with pytest.raises(ResumeError, match=r"out.jsonl line 1 is not an answer record"):
-        AnswerLog.scan(out)
-    assert AnswerLog.scan(tmp_path / "none.jsonl").done == {}
+    assert log.finalize()
+    final = top + "".join([_record(0), _record(1), _record(2), _record(3, prompt="new"), _record(4), _record(5), _record(6)])
+    assert out.read_text() == final
+    assert AnswerLog.scan(out, HEADER).runs == [(len(top), out.stat().st_size)] and not AnswerLog.scan(out, HEADER).finalize()
+    other = {**HEADER, "settings": {"max_new_tokens": 3}}
+    with pytest.raises(ResumeError, match=r"another run; changed: settings\.max_new_tokens \(file 2, now 3\)"):
+        AnswerLog.scan(out, other)
+    assert out.read_text() == final  # refused: not edited
+    for foreign in (b"image,prompt\na.png,q\n", b'{"keep": true}', _record(0).encode(), _record(0).encode()[:-1]):
+        out.write_bytes(foreign)  # not written by the command, whatever its last byte: refused, left as it is
+        with pytest.raises(ResumeError, match=r"out\.jsonl was not written by this command"):
+            AnswerLog.scan(out, HEADER)
+        assert out.read_bytes() == foreign
+    assert AnswerLog.scan(tmp_path / "none.jsonl", HEADER).done == {}
 
 
 # ---- the CLI: Ctrl-C, --resume, the compile cache ------------------------------------------------
@@ -271,7 +281,9 @@ def test_sigint_then_resume_equals_an_uninterrupted_run(ckpt_and_images, tmp_pat
     out, cache_home = tmp_path / "out.jsonl", tmp_path / "cache"
     gen = ["--max-new-tokens", "3", "--batch-size", "4", "--window", "8"]
     cmd = [sys.executable, "-m", "flexattn_jax.app.cli", "generate", "--checkpoint", str(ckpt), "--output", str(out), *gen]
-    proc = subprocess.Popen([*cmd, "--batch", str(fifo)], env=_cli_env(cache_home), stderr=subprocess.PIPE, text=True)
+    # the child's SIGINT is ignored, as in a background job or under nohup: the command installs its own handler
+    proc = subprocess.Popen(with_signals([*cmd, "--batch", str(fifo)], sigint="ignore"), env=_cli_env(cache_home),
+                            stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
         while True:  # open the FIFO once the CLI has opened it for reading (a failed CLI must not hang the test)
@@ -294,21 +306,30 @@ def test_sigint_then_resume_equals_an_uninterrupted_run(ckpt_and_images, tmp_pat
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130 and "Traceback" not in err and "--resume to finish" in err, err
-    written = [json.loads(x) for x in out.read_text().splitlines()]
+    written = [json.loads(x) for x in out.read_text().splitlines()[1:]]
     assert 8 <= len(written) < 24 and [r["index"] for r in written] == list(range(len(written)))
     assert list((cache_home / "flexattn-jax" / "jax").iterdir())  # the compiled programs were stored
 
-    resumed = subprocess.run([*cmd, "--batch", str(full), "--resume"], env=_cli_env(cache_home), capture_output=True, text=True,
-                             timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
+    # the same input (the header holds the --batch file's identity: the same pipe), now written in full
+    resumed = subprocess.Popen(with_signals([*cmd, "--batch", str(fifo), "--resume"]), env=_cli_env(cache_home),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with open(fifo, "w") as w:
+            w.write("".join(lines))
+        _, resumed_err = resumed.communicate(timeout=300)
+    finally:
+        if resumed.poll() is None:
+            resumed.kill()
+    assert resumed.returncode == 0, resumed_err
     n_done = sum(r["error"] is None for r in written)  # failed items are retried
-    assert f"{n_done} already done" in resumed.stderr and "resumed:" in resumed.stderr
-    assert "persistent cache:" in resumed.stderr and " 0 misses" in resumed.stderr, resumed.stderr  # loaded, not compiled
+    assert f"{n_done} already done" in resumed_err and "resumed:" in resumed_err
+    assert "persistent cache:" in resumed_err and " 0 misses" in resumed_err, resumed_err  # loaded, not compiled
     reference = tmp_path / "ref.jsonl"
     assert main(["generate", "--checkpoint", str(ckpt), "--batch", str(full), "--output", str(reference), *gen,
                  "--no-compile-cache"]) == 0
-    assert out.read_text() == reference.read_text()
-    rows = [json.loads(x) for x in reference.read_text().splitlines()]
+    # the headers name different inputs, and the bad line's error its file
+    assert out.read_text().replace(str(fifo), str(full)).splitlines()[1:] == reference.read_text().splitlines()[1:]
+    rows = [json.loads(x) for x in reference.read_text().splitlines()[1:]]
     assert [r["index"] for r in rows] == list(range(24)) and rows[5]["error"].startswith(f"{full} line 6: not JSON")
 
 

@@ -224,7 +224,7 @@ def config_diff(saved: dict | None, current: dict | None, limit: int = 4) -> lis
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return out
 
-    a, b = flat(saved), flat(current)
+    a, b = flat(_jsonable(saved)), flat(_jsonable(current))  # as stored: a tuple (flex.hr_ladder) reads back as a list
     diff = [f"{k} (checkpoint {a.get(k)!r}, now {b.get(k)!r})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return diff[:limit] + ([f"{len(diff) - limit} more"] if len(diff) > limit else [])
 

@@ -229,8 +229,15 @@ def _say(msg: str) -> None:
         print(msg, flush=True)
 
 
-def run(a: argparse.Namespace) -> int:
-    """Run training from parsed arguments; returns the exit status."""
+def run(a: argparse.Namespace, stop: Any = None) -> int:
+    """Run training from parsed arguments; returns the exit status. ``stop``: a
+    :class:`~flexattn_jax.interrupt.StopRequests` (SIGINT/SIGTERM end the run after the step in flight, with a
+    checkpoint: 130/143)."""
+    from flexattn_jax.interrupt import StopRequests
+
+    if stop is None:
+        with StopRequests("finishing the step in flight, then saving a checkpoint") as stop:
+            return run(a, stop)
     from train.distributed import describe, maybe_initialize
 
     maybe_initialize(a.distributed, a.coordinator, a.num_processes, a.process_id)
@@ -296,13 +303,18 @@ def run(a: argparse.Namespace) -> int:
         _, frac = S.sharding_table(abstract, mesh)
         _say(f"model: {count_params(abstract):,} parameters, {frac:.3%} unsharded on this mesh; recipe {recipe}")
     extra = {"source_checkpoint": a.checkpoint, "recipe": recipe}
-    from train.loop import TrainingDiverged
+    from train.loop import TrainingDiverged, TrainingStopped
 
     try:
-        _, records = train(cfg, params, data, tcfg, mesh, out_dir=a.out, resume=a.resume, data_config=dcfg, extra_meta=extra)
+        _, records = train(cfg, params, data, tcfg, mesh, out_dir=a.out, resume=a.resume, data_config=dcfg, extra_meta=extra,
+                           stop=lambda: stop.requested)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except TrainingStopped as e:
+        again = "; run the same command again to continue" if e.saved is not None else ""
+        print(f"interrupted: {e}{f' in {a.out}' if e.saved is not None else ''}{again}", file=sys.stderr)
+        return stop.exit_code
     summary = summarize(records)
     summary["data"] = data.stats()
     _say("summary: " + json.dumps(summary, default=str))
@@ -321,11 +333,18 @@ def _load_tokenizer(path: str | None) -> Any:
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m train") -> int:
     """Run the train CLI; returns the exit status (2 on a config/data error, with the message on stderr)."""
+    from flexattn_jax.interrupt import early_signals, exit_code
     from train.data import DataError
 
-    a = build_parser(prog).parse_args(list(sys.argv[1:] if argv is None else argv))
+    restore = early_signals()  # `python -m train` too: Ctrl-C / SIGTERM even when SIGINT was inherited as ignored
     try:
+        a = build_parser(prog).parse_args(list(sys.argv[1:] if argv is None else argv))
         return run(a)
     except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # before the run started (Terminated: SIGTERM)
+        print("\ninterrupted", file=sys.stderr)
+        return exit_code(e)
+    finally:
+        restore()

@@ -13,7 +13,7 @@ import itertools
 import shutil
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,15 @@ class TrainingDiverged(RuntimeError):
             f"non-finite loss/grad norm at step {step} (loss={record.get('loss')}, grad_norm={record.get('grad_norm')}); "
             f"stopped; last good checkpoint: {last_checkpoint if last_checkpoint is not None else 'none'}"
         )
+
+
+class TrainingStopped(Exception):  # noqa: N818 - a stop request, not an error
+    """Training stopped at a stop request (Ctrl-C, SIGTERM) after the step in flight; its checkpoint was saved."""
+
+    def __init__(self, step: int, saved: int | None):
+        self.step, self.saved = step, saved
+        where = f"checkpoint of step {saved} saved" if saved is not None else "no checkpoint (no output directory)"
+        super().__init__(f"stopped after step {step}; {where}")
 
 
 # ---- host batch helpers ------------------------------------------------------------------------------
@@ -158,6 +167,7 @@ def train(
     data_config: DataConfig | None = None,
     extra_meta: dict[str, Any] | None = None,
     log: bool = True,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[PyTree, list[dict[str, Any]]]:
     """Train ``params`` on ``data``; return ``(params, per-step metric records)``.
 
@@ -168,6 +178,8 @@ def train(
     position) is continued, and ``params`` may be None. Raises :class:`TrainingDiverged` on NaN/inf.
     FlexAttention's alpha warm-up (:func:`train.step.alpha_at`) counts epochs of ``data`` (its
     ``batches_per_epoch``, or the length of a sequence of batches); an unsized iterable is one epoch.
+    ``stop()`` True (a Ctrl-C / SIGTERM flag, polled before each step) ends the run after the step in
+    flight: its checkpoint is saved (with ``out_dir``) and :class:`TrainingStopped` is raised.
     """
     mesh = mesh or S.make_mesh()
     cfg = dataclasses.replace(cfg, param_dtype="float32")
@@ -218,7 +230,8 @@ def train(
                                enabled=log and primary, start_step=start)
         if start and not is_grain and isinstance(data, Sequence):  # a list of batches: continue where we stopped
             iterator = itertools.islice(iterator, start, None)
-        result = _run(cfg, tcfg, fns, state, start, total, data, iterator, is_grain, ckpt, logger, data_config, extra_meta, log)
+        result = _run(cfg, tcfg, fns, state, start, total, data, iterator, is_grain, ckpt, logger, data_config, extra_meta, log,
+                      stop or (lambda: False))
         finished = True
         return result
     finally:
@@ -235,7 +248,8 @@ def train(
             _remove_created(out, before)
 
 
-def _run(cfg, tcfg, fns: StepFns, state, start, total, data, iterator, is_grain, ckpt, logger, data_config, extra_meta, log):
+def _run(cfg, tcfg, fns: StepFns, state, start, total, data, iterator, is_grain, ckpt, logger, data_config, extra_meta, log,
+         stop: Callable[[], bool]):
     from tqdm.auto import tqdm
 
     mesh = fns.mesh
@@ -288,8 +302,12 @@ def _run(cfg, tcfg, fns: StepFns, state, start, total, data, iterator, is_grain,
     end = min(total, tcfg.stop_at) if tcfg.stop_at is not None else total
     # several hosts must pad to one length: needed with buckets, or for batches we did not make
     agree = jax.process_count() > 1 and (not is_grain or bool(data_config and data_config.buckets))
+    stopped = False
     try:
         for s in range(start, end):
+            if stop():
+                stopped = True
+                break
             try:
                 raw = next(iterator)
             except StopIteration:
@@ -332,8 +350,13 @@ def _run(cfg, tcfg, fns: StepFns, state, start, total, data, iterator, is_grain,
         if pending is not None:
             check(finish(pending))
             pending = None
-        if ckpt is not None and tcfg.save_final and records and last_saved != records[-1]["step"]:
+        if ckpt is not None and (tcfg.save_final or stopped) and records and last_saved != records[-1]["step"]:
             ckpt.save(records[-1]["step"], state, meta_for(records[-1]["step"]), iterator if is_grain else None)
+            last_saved = records[-1]["step"]
+        if stopped:
+            if ckpt is not None:
+                ckpt.wait()
+            raise TrainingStopped(records[-1]["step"] if records else start, last_saved if ckpt is not None else None)
     finally:
         bar.close()
     return state.params, records

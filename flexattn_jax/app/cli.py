@@ -47,12 +47,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     module, func = _DELEGATES[command]
+    from flexattn_jax.interrupt import early_signals, exit_code
+
+    restore = early_signals()  # Ctrl-C and SIGTERM stop the command even when SIGINT was inherited as ignored
     try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        print(f"`flexattn-jax {command}` is not available in this build ({e})", file=sys.stderr)
-        return 2
-    return int(getattr(mod, func)(rest) or 0)
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            print(f"`flexattn-jax {command}` is not available in this build ({e})", file=sys.stderr)
+            return 2
+        return int(getattr(mod, func)(rest) or 0)
+    except KeyboardInterrupt as e:  # before the command reached its work (Terminated: SIGTERM)
+        print("\ninterrupted", file=sys.stderr)
+        return exit_code(e)
+    finally:
+        restore()
 
 
 if __name__ == "__main__":

@@ -53,11 +53,14 @@ def generate_parser(prog: str = "flexattn-jax generate") -> argparse.ArgumentPar
         "into length buckets (one compile per bucket) and each answer is written to --output as soon as its batch is "
         "done, in input order, so memory does not grow with the number of items. A bad item (an unreadable JSONL line, "
         "a missing, corrupt or undecodable image, an empty or too long prompt, more than one <image>) gets an 'error' "
-        "in its place and the other items are still answered. Ctrl-C writes what is done and exits with status 130; "
-        "--resume then finishes the run.",
+        "in its place and the other items are still answered. Ctrl-C or SIGTERM (however the process was started) "
+        "finishes the batch in flight, writes what is done and exits with status 130 or 143; --resume then finishes the run. "
+        "The --output file starts with a header record (the checkpoint's fingerprint, the settings that change an answer, "
+        "the --batch file's identity); --resume refuses a file whose header differs (naming what changed) or that this "
+        "command did not write, and leaves it as it is.",
         epilog="exit status: 0 when at least one item was answered (or all were answered before, with --resume); "
         "1 when every item failed (single --image: it failed); 2 on bad arguments, an unreadable --batch file or "
-        "checkpoint; 130 when interrupted (Ctrl-C).",
+        "checkpoint, or a --resume refused; 130 when interrupted (Ctrl-C, SIGINT), 143 when stopped by SIGTERM.",
     )
     p.add_argument("--checkpoint", required=True, help="a directory written by `flexattn-jax convert` (params + tokenizer)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -66,11 +69,15 @@ def generate_parser(prog: str = "flexattn-jax generate") -> argparse.ArgumentPar
                      "a line that is not UTF-8 JSON of that shape gets an error naming the file and line)")
     p.add_argument("--prompt", help="the question about --image (an optional <image> tag is moved to the front)")
     p.add_argument("--output", help="JSONL of answers for --batch, one per input item, in input order, each written when "
-                   "its batch is done: index (0-based item number), line (in --batch), image, prompt, answer, error (null "
-                   "when fine) and, with --save-attention, attention (the PNG) (default: stdout)")
+                   "its batch is done, after a header record: index (0-based item number), line (in --batch), image, "
+                   "image_sha256, prompt, answer, error (null when fine) and, with --save-attention, attention (the PNG) "
+                   "(default: stdout, records only)")
     p.add_argument("--resume", action="store_true",
-                   help="keep the answers already in --output (matched by index, image and prompt; failed items are "
-                   "retried), answer the rest, then sort the file: it ends equal to an uninterrupted run's (greedy decoding)")
+                   help="keep the answers already in --output (matched by index, image path, image content hash and prompt; "
+                   "failed items are retried), answer the rest, then sort the file: it ends equal to an uninterrupted run's "
+                   "(greedy decoding). Refused, and the file left as it is, when the file's header differs from this run "
+                   "(another checkpoint, --batch file, --max-new-tokens, sampling, --hr-budget, --hr-strategy, --dtype or "
+                   "--set) or when this command did not write it")
     p.add_argument("--workers", type=int, default=4, help="threads decoding and resizing images ahead of the device (default: 4)")
     p.add_argument("--window", type=int, default=None,
                    help="items read ahead and grouped into length buckets; bounds host memory (default: max(4 x batch size, 32))")
@@ -227,71 +234,130 @@ def inference_config(args: argparse.Namespace, cfg: ModelConfig) -> ModelConfig:
     return cfg
 
 
+def check_backend(cfg: ModelConfig) -> None:
+    """Refuse a kernel the backend cannot run (``attention_impl='cudnn'`` off a GPU) before anything is loaded."""
+    import jax
+
+    backend = jax.default_backend()
+    if cfg.attention_impl == "cudnn" and backend != "gpu":
+        raise ValueError(f"attention_impl='cudnn' needs a GPU, and the backend here is {backend!r}: "
+                         "use --set attention_impl=auto (or xla, xla_chunked)")
+
+
+def answer_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that change an answer (an answer file's header): with sampling also the seed and the batching."""
+    out: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "dtype": args.dtype,
+                           "hr_budget": args.hr_budget, "hr_strategy": args.hr_strategy, "set": list(args.set)}
+    if args.temperature > 0:  # the random keys follow the batches
+        out.update(top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, window=args.window)
+    return out
+
+
 def _generate(argv: list[str]) -> int:
     from flexattn_jax.app.inference import Request, load_for_inference
-    from flexattn_jax.app.resume import AnswerLog, ResumeError
+    from flexattn_jax.app.resume import AnswerLog, checkpoint_fingerprint, input_identity, make_header
     from flexattn_jax.checkpoint import read_config
+    from flexattn_jax.interrupt import StopRequests
     from flexattn_jax.tokenizer import check_tokenizer_vocab, load_tokenizer
 
     args = generate_parser().parse_args(argv)
-    try:  # every check that can fail runs before the parameters are restored
-        check_generate_args(args)
-        cfg = inference_config(args, read_config(args.checkpoint))
-        check_context(cfg, args.max_new_tokens)
-        tokenizer = load_tokenizer(args.checkpoint)
-        check_tokenizer_vocab(tokenizer, cfg.text.vocab_size)
-        lines = iter([(0, Request(args.image, args.prompt))]) if args.image else read_batch(args.batch)
-        log = AnswerLog.scan(args.output) if args.resume else None
-        params, cfg, mesh = load_for_inference(args.checkpoint, args.dtype, args.mesh, args.batch_size)
-        cfg = inference_config(args, cfg)
-        if args.save_attention:
-            Path(args.save_attention).mkdir(parents=True, exist_ok=True)
-    except (ValueError, OSError) as e:  # ConvertError, ShardingError, ConfigError, OutputPathError, ResumeError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from flexattn_jax.app.compile_cache import setup_compile_cache
+    with StopRequests() as stop:
+        try:  # every check that can fail runs before the parameters are restored
+            check_generate_args(args)
+            cfg = inference_config(args, read_config(args.checkpoint))
+            check_backend(cfg)
+            check_context(cfg, args.max_new_tokens)
+            tokenizer = load_tokenizer(args.checkpoint)
+            check_tokenizer_vocab(tokenizer, cfg.text.vocab_size)
+            lines = iter([(0, Request(args.image, args.prompt))]) if args.image else read_batch(args.batch)
+            header = None
+            if args.batch and args.output:
+                header = make_header("generate answers", checkpoint=checkpoint_fingerprint(args.checkpoint),
+                                     settings=answer_settings(args), input=input_identity(args.batch))
+            log = AnswerLog.scan(args.output, header) if args.resume else None
+            if stop.requested:
+                return _stopped(stop, "before loading the checkpoint; nothing written")
+            params, cfg, mesh = load_for_inference(args.checkpoint, args.dtype, args.mesh, args.batch_size)
+            cfg = inference_config(args, cfg)
+            if args.save_attention:
+                Path(args.save_attention).mkdir(parents=True, exist_ok=True)
+        except (ValueError, OSError) as e:  # ConvertError, ShardingError, ConfigError, OutputPathError, ResumeError are ValueErrors
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if stop.requested:
+            return _stopped(stop, "after loading the checkpoint; nothing written")
+        from flexattn_jax.app.compile_cache import setup_compile_cache
 
-    cache = setup_compile_cache(args.compile_cache, disabled=args.no_compile_cache)
-    if args.save_attention and not cfg.flex.enabled:
-        print("warning: --save-attention: FlexAttention is off in this checkpoint, no attention maps to draw", file=sys.stderr)
-    try:
-        return _answer_all(args, params, cfg, tokenizer, mesh, lines, log, cache)
-    except ResumeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        cache = setup_compile_cache(args.compile_cache, disabled=args.no_compile_cache)
+        if args.save_attention and not cfg.flex.enabled:
+            print("warning: --save-attention: FlexAttention is off in this checkpoint, no attention maps to draw", file=sys.stderr)
+        return _answer_all(args, params, cfg, tokenizer, mesh, lines, log, header, cache, stop)
 
 
-def _answer_all(args, params, cfg, tokenizer, mesh, lines, log, cache) -> int:
-    """Stream the answers to --output (or stdout) in input order; Ctrl-C writes what is done and returns 130."""
+def _stopped(stop, when: str) -> int:
+    print(f"stopped {when}", file=sys.stderr)
+    return stop.exit_code
+
+
+class _Output:
+    """--output opened at the first record (an interrupted or failed run before any answer leaves no file), the
+    header written first into a new or empty file; appended to with --resume."""
+
+    def __init__(self, path: str, header: dict | None, log) -> None:
+        self.path, self.header, self.log = path, header, log
+        self.f = None
+
+    def write(self, line: str) -> None:
+        from flexattn_jax.app.resume import write_header
+
+        if self.f is None:
+            appending = self.log is not None and self.log.has_header
+            self.f = open(self.path, "a" if appending else "w", encoding="utf-8")
+            if not appending and self.header is not None:
+                write_header(self.f, self.header)
+        if line:
+            self.f.write(line)
+            self.f.flush()
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+
+
+def _answer_all(args, params, cfg, tokenizer, mesh, lines, log, header, cache, stop) -> int:
+    """Stream the answers to --output (or stdout) in input order; a stop request writes what is done and returns 130/143."""
     from flexattn_jax.app.inference import InputOrder, stream_answers
-    from flexattn_jax.app.resume import request_key
+    from flexattn_jax.app.resume import content_key, image_sha256
 
-    meta: dict[int, tuple[int, object]] = {}  # index -> (line, request) for items read and not yet written
+    meta: dict[int, tuple[int, object, str | None]] = {}  # index -> (line, request, image hash), read and not yet written
     order = InputOrder()
-    n_items = 0
+    single = args.image is not None
+    resumable = args.batch is not None and args.output is not None
 
-    def requests():
-        nonlocal n_items
+    def requests():  # runs on the pipeline's reader thread: the image hashes are computed ahead of the device
         for i, (n, req) in enumerate(lines):
-            meta[i] = (n, req)
-            n_items = i + 1
+            digest = image_sha256(req.image) if resumable and req.error is None else None
+            meta[i] = (n, req, digest)
             yield req
 
+    def key(i: int, req) -> str:
+        image = None if req.image is None else str(req.image)
+        return content_key(image, req.prompt, req.error, meta[i][2])
+
     def skip(i: int, req) -> bool:
-        if log is not None and req.error is None and log.is_done(i, request_key(req)):
+        if log is not None and req.error is None and log.is_done(i, key(i, req)):
             meta.pop(i, None)
             order.skip(i)
             return True
         return False
 
-    single = args.image is not None
-    out = sys.stdout if single or not args.output else open(args.output, "a" if args.resume else "w", encoding="utf-8")
+    out = None if single or not args.output else _Output(args.output, header, log)
     stats: dict = {}
     first_error: str | None = None
 
     def write(i: int, ans) -> None:
         nonlocal first_error
-        n, req = meta.pop(i)
+        n, req, digest = meta.pop(i)
         if ans.error is not None and first_error is None:
             first_error = ans.error
         png = save_attention_png(args.save_attention, i, req, ans, cfg) if args.save_attention else None
@@ -301,33 +367,50 @@ def _answer_all(args, params, cfg, tokenizer, mesh, lines, log, cache) -> int:
             return
         record = {"index": i, "line": n, "image": None if req.image is None else str(req.image), "prompt": req.prompt,
                   "answer": ans.text, "error": ans.error}
+        if resumable:
+            record["image_sha256"] = digest
         if args.save_attention:
             record["attention"] = png
-        out.write(json.dumps(record) + "\n")
-        out.flush()
+        line = json.dumps(record) + "\n"
+        if out is None:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        else:
+            out.write(line)
 
     stream = stream_answers(
         params, cfg, tokenizer, requests(), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, hr_strategy=args.hr_strategy, mesh=mesh,
         progress=args.batch is not None, workers=args.workers, window=args.window, stats=stats, skip=skip,
+        stop=lambda: stop.requested,
     )
+    interrupted = None
     try:
-        for i, ans in stream:
-            for j, a in order.push(i, ans):
+        try:
+            for i, ans in stream:
+                for j, a in order.push(i, ans):
+                    write(j, a)
+        except KeyboardInterrupt:
+            interrupted = 130
+        if stop.requested:
+            interrupted = stop.exit_code
+        if interrupted is not None:
+            for j, a in order.drain():  # the answers done so far, sorted
                 write(j, a)
-    except KeyboardInterrupt:
+            done = stats.get("answered", 0) + stats.get("failed", 0)
+            where = ""
+            if args.output:
+                where = (f" to {args.output}; run again with --resume to finish" if out is not None and out.f is not None
+                         else f"; {args.output} was not touched")
+            print(f"interrupted: {done} items written{where}", file=sys.stderr)
+            return interrupted
+        if out is not None:
+            out.write("")  # an input without items still gets its (header-only) file
+    finally:
         stream.close()
-        for j, a in order.drain():
-            write(j, a)
-        if out is not sys.stdout:
+        if out is not None:
             out.close()
-        done = stats.get("answered", 0) + stats.get("failed", 0)
-        print(f"\ninterrupted: {done} items written" + (f" to {args.output}; run again with --resume to finish" if args.output else ""),
-              file=sys.stderr)
-        return 130
-    if out is not sys.stdout:
-        out.close()
-    if log is not None and log.finalize(n_items):
+    if log is not None and log.finalize():
         print(f"resumed: {args.output} merged into input order", file=sys.stderr)
     print(_stats_line(stats, cache), file=sys.stderr)
     if single and first_error is not None:
@@ -345,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     """The command's entry point (``argv`` without the command name)."""
     try:
         return _generate(list(sys.argv[1:] if argv is None else argv))
-    except KeyboardInterrupt:  # while loading: nothing written yet
+    except KeyboardInterrupt as e:  # before the work starts (the signals then only set a flag: flexattn_jax.interrupt)
+        from flexattn_jax.interrupt import exit_code
+
         print("\ninterrupted", file=sys.stderr)
-        return 130
+        return exit_code(e)

@@ -196,6 +196,7 @@ def stream_answers(
     stats: dict[str, Any] | None = None,
     skip: Callable[[int, Request], bool] | None = None,
     on_batch: Callable[[dict[str, Any]], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> Iterator[tuple[int, Answer]]:
     """Yield ``(input index, Answer)`` as batches finish; host memory bounded by ``window``, not by ``len(requests)``.
 
@@ -212,7 +213,9 @@ def stream_answers(
     reach the host with ``size`` (items), ``batch_size``, ``bucket`` (padded prompt length), ``compiled``,
     ``seconds`` (dispatch to tokens, compile included) and ``steps`` (decode steps). Closing the generator cancels the pending
     preprocessing. ``mesh`` makes the batches data parallel; ``batch_size`` must then be a multiple
-    of its ``data`` axis.
+    of its ``data`` axis. ``stop()`` True (polled between batches and while waiting for input, e.g. a
+    Ctrl-C flag set by :class:`~flexattn_jax.interrupt.StopRequests`) dispatches no further batch: the batches
+    in flight are finished and yielded, then the generator returns.
     """
     put = _placer(mesh, batch_size)
     window = default_window(batch_size) if window is None else window
@@ -232,6 +235,7 @@ def stream_answers(
     n_waiting = 0
     exhausted = False
     rng = jax.random.key(seed)
+    stopping = stop if stop is not None else (lambda: False)
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flexattn-prepare")
 
     def fill(block: bool = False) -> None:
@@ -239,7 +243,7 @@ def stream_answers(
         nonlocal exhausted
         while not exhausted and len(inflight) + n_waiting < window:
             try:
-                got = reader.get(block)
+                got = reader.get(block, stopping)
             except queue.Empty:
                 return
             block = False
@@ -327,7 +331,7 @@ def stream_answers(
     try:
         while True:
             items = None
-            while items is None:
+            while items is None and not stopping():
                 fill()
                 if inflight:
                     i, fut = inflight.popleft()
@@ -352,7 +356,7 @@ def stream_answers(
                     items = take(oldest_bucket())
                 else:
                     break
-            if items is None:
+            if items is None or stopping():  # a stop abandons the batch not yet dispatched
                 break
             batch = dispatch(items)  # runs on the device while the previous batch is read back and the pool works
             if pending is not None:
@@ -362,7 +366,7 @@ def stream_answers(
             yield from finish(pending)
     finally:
         reader.stop()
-        executor.shutdown(wait=False, cancel_futures=True)
+        executor.shutdown(wait=True, cancel_futures=True)  # no thread left decoding images while the process exits
         bar.close()
         if stats is not None:
             stats.update(st.as_dict())
@@ -407,8 +411,16 @@ class _Reader:
             return
         self._put(_END)
 
-    def get(self, block: bool):
-        return self._queue.get(block)
+    def get(self, block: bool, stop: Callable[[], bool] = lambda: False):
+        """The next item; ``block``: wait for it, polling ``stop`` (True: raise queue.Empty), so a signal is seen."""
+        if not block:
+            return self._queue.get(False)
+        while True:
+            try:
+                return self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if stop():
+                    raise
 
     def stop(self) -> None:
         self._stop.set()

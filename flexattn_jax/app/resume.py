@@ -1,120 +1,285 @@
-"""A resumable JSONL answer file: one record per item, each carrying its input ``index``.
+"""Resumable JSONL answer files for ``generate --batch`` and ``eval``: one mechanism, nothing lost, nothing mixed.
 
-A run writes its records in input order and flushes each one, so an interrupted run leaves a
-sorted prefix (plus, after Ctrl-C, the answers that were done, still sorted). ``--resume`` scans the
-file (:meth:`AnswerLog.scan`), skips the items whose record matches by index and content
-(:func:`request_key`: image path + prompt; failed items are retried), appends the rest, and at the end
-(:meth:`AnswerLog.finalize`) merges the sorted runs of the file into one, keeping the newest record
-of each index: the file then equals an uninterrupted run's. The merge streams the runs (memory
-independent of the number of records); the scan keeps one short hash per answered item.
+A file starts with a **header record** (:func:`make_header`) naming the command and everything that
+changes an answer: a fingerprint of the checkpoint (:func:`checkpoint_fingerprint`: its metadata, a
+digest of the parameter directory and of the tokenizer files, computed from file names, sizes and
+the small metadata files, never from the gigabytes of array data), the settings (sampling, budget,
+strategy, dtype, overrides, ...) and, for ``generate``, the identity of the input file. Each record
+then carries its item's content key, which includes its image's content hash. Resuming:
+
+* a file that does not start with a header of this command is refused, whatever its last byte, and
+  never edited (:class:`ResumeError`);
+* a header that differs from this run's is refused, naming each field that changed (another
+  checkpoint, ``--max-new-tokens``, another batch file, ...), and the file is not edited;
+* only then is a last line cut short by a kill removed (the only edit of an existing file besides
+  appending), and items whose record matches by content are skipped.
+
+``generate`` writes its records in input order and flushes each one, so an interrupted run leaves a
+sorted prefix. :meth:`AnswerLog.finalize` merges the sorted runs of the file into one, keeping the
+newest record of each index (a retried failure or an item whose image changed); no index is ever
+dropped, so the file of a resumed run equals an uninterrupted run's. The merge streams the runs;
+the scan keeps one short hash per answered item.
 """
 
 from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import json
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+HEADER_KEY = "flexattn_jax"
+HEADER_VERSION = 1
+SMALL_FILE = 1 << 16  # parameter-directory files up to this size (orbax metadata, manifests) are hashed whole
 
 
 class ResumeError(ValueError):
-    """The output file cannot be resumed into (not written by this command, or unreadable)."""
+    """The output file cannot be resumed into (not written by this command, another run's, or unreadable)."""
 
 
-def content_key(image: str | None, prompt: str | None, error: str | None = None) -> str:
-    """A short hash of an item's content: its image path and prompt (an unreadable input line: its error)."""
-    what = [image, prompt] if image is not None or prompt is not None else [None, None, error]
+# ---- fingerprints ------------------------------------------------------------------------------------
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The sha256 of a file's bytes (hex), read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def image_sha256(image: Any) -> str | None:
+    """The content hash of a request's image: a path's bytes (None when unreadable), a PIL image's pixels."""
+    if image is None:
+        return None
+    if isinstance(image, str | Path):
+        try:
+            return file_sha256(image)
+        except OSError:
+            return None
+    if isinstance(image, bytes):
+        return hashlib.sha256(image).hexdigest()
+    try:  # a PIL image: mode, size and pixels
+        return hashlib.sha256(repr((image.mode, image.size)).encode() + image.tobytes()).hexdigest()
+    except Exception:  # noqa: BLE001 - a lazily decoded image that cannot be decoded: its item fails anyway
+        return None
+
+
+def checkpoint_fingerprint(directory: str | Path) -> dict[str, str]:
+    """What identifies a converted checkpoint's answers: sha256 of ``metadata.json``, of the parameter directory's
+    file names and sizes with the content of its small files (orbax ``_METADATA``, manifests), and of the tokenizer files.
+
+    Cheap (no array data is read) and independent of where the directory lies or when it was copied.
+    """
+    from flexattn_jax.tokenizer import TOKENIZER_FILES
+
+    d = Path(directory)
+    params = hashlib.sha256()
+    root = d / "params"
+    for p in sorted(root.rglob("*")) if root.is_dir() else []:
+        if p.is_file():
+            size = p.stat().st_size
+            params.update(f"{p.relative_to(root)}\0{size}\0".encode())
+            if size <= SMALL_FILE and p.name != "_CHECKPOINT_METADATA":  # that one holds the save time only
+                params.update(p.read_bytes())
+    tok = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        if (d / name).is_file():
+            tok.update(name.encode() + b"\0" + (d / name).read_bytes())
+    meta = d / "metadata.json"
+    return {"metadata_sha256": file_sha256(meta) if meta.is_file() else "", "params_digest": params.hexdigest(),
+            "tokenizer_sha256": tok.hexdigest()}
+
+
+def input_identity(path: str | Path) -> dict[str, Any]:
+    """An input file's identity: its path and, for a regular file, its size and sha256 (a pipe: its path only)."""
+    p = Path(path)
+    out: dict[str, Any] = {"path": str(p.resolve())}
+    try:
+        if stat.S_ISREG(p.stat().st_mode):
+            out.update(size=p.stat().st_size, sha256=file_sha256(p))
+        else:
+            out["kind"] = "stream"
+    except OSError:
+        pass  # unreadable: the command's own check names it
+    return out
+
+
+def make_header(kind: str, **fields: Any) -> dict[str, Any]:
+    """The first record of an answer file: ``{"flexattn_jax": kind, "version": 1, **fields}`` (JSON-normalised)."""
+    return json.loads(json.dumps({HEADER_KEY: kind, "version": HEADER_VERSION, **fields}, sort_keys=True, default=str))
+
+
+def header_diff(old: dict[str, Any], new: dict[str, Any], limit: int = 6) -> list[str]:
+    """``['settings.max_new_tokens (file 2, now 3)', ...]``: the header fields that differ."""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix.rstrip("."): d}
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(old), flat(new)
+    diff = [f"{k} (file {_short(a.get(k))}, now {_short(b.get(k))})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return diff[:limit] + ([f"{len(diff) - limit} more"] if len(diff) > limit else [])
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= 40 else text[:16] + "..." + text[-16:]
+
+
+# ---- reading an answer file ----------------------------------------------------------------------
+
+def read_records(path: str | Path, header: dict[str, Any], flag: str, is_record) -> Iterator[tuple[int, bytes, dict]]:
+    """``(line number, raw line, record)`` of the records after the header of an existing answer file.
+
+    Refuses (:class:`ResumeError`, naming ``flag``, the file and what differs) a file whose first line
+    is not ``header``'s kind, or whose header differs from ``header``, or with a complete line that
+    is not a record (``is_record(obj)``); the file is then left as it is. A missing or empty file
+    yields nothing. A last line without its newline (a kill mid-write) is cut off the file, which is
+    then known to be this command's.
+    """
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    kind = header[HEADER_KEY]
+    with open(path, "rb") as f:
+        first = f.readline()
+        try:
+            found = json.loads(first)
+        except ValueError:
+            found = None
+        if not (isinstance(found, dict) and found.get(HEADER_KEY) == kind and first.endswith(b"\n")):
+            raise ResumeError(f"{flag} {path} was not written by this command (its first line is not a {kind!r} header "
+                              "record); it was left as it is: use another output, or delete it")
+        if found != header:
+            changed = header_diff(found, header)
+            raise ResumeError(f"{flag} {path} holds answers of another run; changed: {'; '.join(changed)}; it was left as "
+                              "it is: rerun with the settings it was written with, or use another output")
+        good_end = len(first)
+        for n, raw in enumerate(f, 2):
+            try:
+                record = json.loads(raw)
+                ok = isinstance(record, dict) and is_record(record)
+            except ValueError:
+                ok = False
+            if not raw.endswith(b"\n"):  # cut by a kill mid-write (whatever it parses to): ours, drop it
+                break
+            if not ok:
+                raise ResumeError(f"{flag} {path} line {n} is not a record of this command; it was left as it is: "
+                                  "use another output, or delete it")
+            good_end += len(raw)
+            yield n, raw, record
+    if good_end < path.stat().st_size:
+        os.truncate(path, good_end)
+
+
+def write_header(f, header: dict[str, Any]) -> None:
+    """Write ``header`` as the first line of a new answer file (one write, flushed)."""
+    f.write(json.dumps(header, sort_keys=True) + "\n")
+    f.flush()
+
+
+# ---- generate's answer file ---------------------------------------------------------------------
+
+def content_key(image: str | None, prompt: str | None, error: str | None = None, image_sha256: str | None = None) -> str:
+    """A short hash of an item's content: its image (path and content hash) and prompt (an unreadable line: its error)."""
+    what = [image, prompt, image_sha256] if image is not None or prompt is not None else [None, None, error]
     return hashlib.sha1(json.dumps(what).encode()).hexdigest()[:16]
 
 
-def request_key(req) -> str:
-    """:func:`content_key` of an :class:`~flexattn_jax.app.inference.Request` (a path image is keyed by its string)."""
-    image = None if req.image is None else str(req.image)
-    return content_key(image, req.prompt, req.error)
-
-
 def record_key(record: dict) -> str:
-    """:func:`content_key` of an answer record (the ``image``, ``prompt`` and ``error`` fields)."""
-    return content_key(record.get("image"), record.get("prompt"), record.get("error"))
+    """:func:`content_key` of an answer record (its ``image``, ``image_sha256``, ``prompt`` and ``error`` fields)."""
+    return content_key(record.get("image"), record.get("prompt"), record.get("error"), record.get("image_sha256"))
+
+
+def _is_answer(record: dict) -> bool:
+    return isinstance(record.get("index"), int) and record["index"] >= 0 and HEADER_KEY not in record
 
 
 @dataclass
 class AnswerLog:
-    """What an existing answer file holds: the items answered (index -> content key) and its sorted runs."""
+    """What an existing answer file holds: the items answered (index -> content key), its sorted runs, its header."""
 
     path: Path
+    header: dict[str, Any]
     done: dict[int, str] = field(default_factory=dict)
     runs: list[tuple[int, int]] = field(default_factory=list)  # byte ranges, each with strictly increasing indices
     records: int = 0
-    truncated: bool = False  # a partial last line was cut off (the process was killed mid-write)
+    start: int = 0  # the first record's byte offset (after the header)
 
     @classmethod
-    def scan(cls, path: str | Path) -> AnswerLog:
-        """Read ``path`` (missing: empty); cut a partial last line; raise :class:`ResumeError` on a foreign line."""
-        log = cls(Path(path))
-        if not log.path.exists():
-            return log
-        good_end, start, last = 0, 0, None
-        with open(log.path, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                try:
-                    record = json.loads(raw)
-                    index = record["index"]
-                    ok = raw.endswith(b"\n") and isinstance(record, dict) and isinstance(index, int) and index >= 0
-                except (ValueError, KeyError, TypeError):
-                    ok = False
-                if not ok:
-                    if raw.endswith(b"\n"):  # a complete line that is not ours: do not touch the file
-                        raise ResumeError(f"--resume: {log.path} line {n} is not an answer record of this command; "
-                                          "use another --output or delete it")
-                    log.truncated = True
-                    break
-                if last is not None and index <= last:
-                    log.runs.append((start, good_end))
-                    start = good_end
-                last = index
-                good_end += len(raw)
-                log.records += 1
-                if record.get("error") is None:
-                    log.done[index] = record_key(record)
-                else:
-                    log.done.pop(index, None)  # a failed item is retried
-        if good_end > start:
-            log.runs.append((start, good_end))
-        if log.truncated:
-            os.truncate(log.path, good_end)
+    def scan(cls, path: str | Path, header: dict[str, Any], flag: str = "--output") -> AnswerLog:
+        """Read ``path`` (missing or empty: nothing done) after checking it is this run's (see :func:`read_records`)."""
+        log = cls(Path(path), header)
+        records = read_records(log.path, header, flag, _is_answer)
+        first = next(records, None)  # the header is checked here
+        if log.path.exists() and log.path.stat().st_size:
+            log.start = _header_length(log.path)
+        start = offset = log.start
+        last = None
+        for _, raw, record in itertools.chain([first], records) if first is not None else ():
+            index = record["index"]
+            if last is not None and index <= last:
+                log.runs.append((start, offset))
+                start = offset
+            last = index
+            offset += len(raw)
+            log.records += 1
+            if record.get("error") is None:
+                log.done[index] = record_key(record)
+            else:
+                log.done.pop(index, None)  # a failed item is retried
+        if offset > start:
+            log.runs.append((start, offset))
         return log
+
+    @property
+    def has_header(self) -> bool:
+        return self.start > 0
 
     def is_done(self, index: int, key: str) -> bool:
         """Whether item ``index`` with content ``key`` has an answer in the file."""
         return self.done.get(index) == key
 
     def end(self) -> int:
-        return self.runs[-1][1] if self.runs else 0
+        return self.runs[-1][1] if self.runs else self.start
 
-    def finalize(self, total: int) -> bool:
+    def finalize(self) -> bool:
         """Merge the file's runs (those scanned and what was appended since) into one sorted by index.
 
-        The newest record of each index wins; records of indices ``>= total`` (the input got
-        shorter) are dropped. Returns whether the file was rewritten (a single clean run is left as is).
+        The newest record of each index wins (a retried item, an item whose content changed); no
+        index is dropped. Returns whether the file was rewritten (a single clean run is left as is).
         """
         size = self.path.stat().st_size
         runs = [*self.runs, (self.end(), size)] if size > self.end() else list(self.runs)
-        if len(runs) <= 1 and self.records == len(self.done) and all(i < total for i in self.done):
+        if len(runs) <= 1 and self.records == len(self.done):
             return False
         tmp = self.path.with_name(self.path.name + ".merging")
-        with open(tmp, "wb") as out:
+        with open(tmp, "wb") as out, open(self.path, "rb") as src:
+            out.write(src.read(self.start))  # the header
             streams = [_records(self.path, a, b, -r) for r, (a, b) in enumerate(runs)]
             last = None
             for index, _, raw in heapq.merge(*streams):
-                if index != last and index < total:
+                if index != last:
                     out.write(raw)
                 last = index
         os.replace(tmp, self.path)
         return True
+
+
+def _header_length(path: Path) -> int:
+    with open(path, "rb") as f:
+        return len(f.readline())
 
 
 def _records(path: Path, start: int, end: int, order: int) -> Iterator[tuple[int, int, bytes]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from flexattn_jax.app.eval.data import TASKS, EvalDataError, read_task
-from flexattn_jax.app.eval.runner import METRICS, PREDICTIONS, EvalSettings, Runner
+from flexattn_jax.app.eval.runner import METRICS, PREDICTIONS, EvalSettings, Interrupted, Runner
 from flexattn_jax.app.eval.sweep import budget_dir, parse_budgets, plot_sweep, sweep_table
 
 # the release's scripts generate up to 512 tokens; LLaVA's model_vqa_loader (letter / generic VQA) 128
@@ -39,13 +39,18 @@ tasks and the protocol each follows:
   vqa        --data JSONL of {"image", "question", "answers"} (POPE, GQA-style): exact match after
              normalisation; LLaVA's POPE accuracy / precision / recall / F1 when the answers are yes/no.
 
-Predictions go to OUT/predictions.jsonl as items finish; re-running with the same --out skips the
-finished items. OUT/metrics.json holds the metrics, the mean TFLOPs per item (XLA cost analysis of the
+Predictions go to OUT/predictions.jsonl as items finish, after a header record (the checkpoint's
+fingerprint and every setting that changes a prediction); re-running with the same --out skips the
+finished items, and refuses (leaving the file as it is) a predictions file with another header or one
+this command did not write. Ctrl-C or SIGTERM finishes the batch in flight and exits with 130 or 143;
+re-running resumes. The headline accuracy counts every item, a failed one as wrong, beside the number
+scored; exit status 1 when no item was scored, 2 on bad arguments.
+OUT/metrics.json holds the metrics, the mean TFLOPs per item (XLA cost analysis of the
 programs that ran) and the wall time. OUT/results.json and OUT/samples_<task>.jsonl hold the same run in
 lmms-eval's layout and names (vstar_bench: vstar_overall_acc, vstar_<category>_acc, 0-100; textvqa_val:
 exact_match, 0-1), each result naming its protocol and select rows. lmms-eval's vstar_bench is the
-letter protocol; the paper's V* figure is the likelihood one. --sweep-budget runs the task at several HR
-budgets (OUT/budget-*/) and writes OUT/sweep.json and OUT/sweep.png (accuracy against TFLOPs per item).
+letter protocol; the paper's V* figure is the likelihood one. --sweep-budget runs the task at several HR budgets (OUT/budget-*/)
+and writes OUT/sweep.json and OUT/sweep.png (accuracy against TFLOPs per item).
 """
 
 
@@ -93,9 +98,11 @@ def metrics_table(m: dict[str, Any]) -> str:
     if m["failed"] > 10:
         lines.append(f"    ... and {m['failed'] - 10} more (see metrics.json)")
     for c, v in (m.get("categories") or {}).items():
-        lines.append(f"  {c:<24} {v['accuracy']:7.2f} %  ({v['items']} items)")
+        lines.append(f"  {c:<24} {v['accuracy']:7.2f} %  ({v['items']} items, {v.get('scored', v['items'])} scored)")
     acc = "-" if m["accuracy"] is None else f"{m['accuracy']:7.2f} %"
-    lines.append(f"  {'accuracy' if m['task'] != 'textvqa' else 'VQA accuracy':<24} {acc}")
+    scored = "-" if m.get("accuracy_scored") is None else f"{m['accuracy_scored']:.2f} %"
+    lines.append(f"  {'accuracy' if m['task'] != 'textvqa' else 'VQA accuracy':<24} {acc}  over all {m['items']} items, "
+                 f"failed ones as wrong ({m['scored']} scored: {scored} of those)")
     if "pope" in m:
         lines.append("  POPE " + ", ".join(f"{k} {v:.2f}" for k, v in m["pope"].items()))
     tf = m.get("tflops_per_item")
@@ -104,7 +111,14 @@ def metrics_table(m: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from flexattn_jax.interrupt import StopRequests
+
     args = eval_parser().parse_args(argv)
+    with StopRequests() as stop:
+        return _eval(args, stop)
+
+
+def _eval(args: argparse.Namespace, stop) -> int:
     err = lambda msg: print(f"error: {msg}", file=sys.stderr) or 2  # noqa: E731
     if args.task != "vstar" and (args.protocol != "likelihood" or args.mode != "release"):
         return err("--protocol and --mode apply to vstar only")
@@ -133,10 +147,32 @@ def main(argv: list[str] | None = None) -> int:
     except (EvalDataError, ValueError) as e:
         return err(str(e))
     from flexattn_jax.app.compile_cache import setup_compile_cache
+    from flexattn_jax.app.eval.runner import predictions_header, read_predictions
+    from flexattn_jax.app.generate_cli import check_backend
     from flexattn_jax.app.inference import load_for_inference
+    from flexattn_jax.app.resume import checkpoint_fingerprint
+    from flexattn_jax.checkpoint import read_config
     from flexattn_jax.overrides import apply_overrides
     from flexattn_jax.tokenizer import check_tokenizer_vocab, load_tokenizer
 
+    def run_dir(budget: str | None) -> Path:
+        return out / budget_dir(budget) if args.sweep_budget else out
+
+    try:  # before loading: the kernel fits the backend, each run's predictions file is this run's (else refused)
+        base = apply_overrides(read_config(args.checkpoint), list(args.set))
+        check_backend(base)
+        fingerprint = checkpoint_fingerprint(args.checkpoint)
+        settings = [EvalSettings(
+            args.task, protocol=args.protocol, mode="release", ocr_tokens=args.ocr_tokens, batch_size=args.batch_size,
+            max_new_tokens=max_new, checkpoint=fingerprint,
+            extra={"hr_budget": b or "checkpoint", "dtype": args.dtype or base.dtype, "overrides": list(args.set)},
+        ) for b in budgets]
+        for b, st in zip(budgets, settings, strict=True):
+            read_predictions(run_dir(b) / PREDICTIONS, predictions_header(st))
+    except (ValueError, OSError) as e:
+        return err(str(e))
+    if stop.requested:
+        return stop.exit_code
     setup_compile_cache(args.compile_cache, disabled=args.no_compile_cache)
     try:
         params, cfg, mesh = load_for_inference(args.checkpoint, args.dtype, args.mesh, args.batch_size)
@@ -151,24 +187,24 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     t0 = time.perf_counter()
     rows = []
-    for budget, cfg_b in zip(budgets, cfgs, strict=True):
-        extra = {"hr_budget": budget or "checkpoint", "dtype": cfg_b.dtype, "overrides": list(args.set)}
-        settings = EvalSettings(
-            args.task, protocol=args.protocol, mode="release", ocr_tokens=args.ocr_tokens, batch_size=args.batch_size,
-            max_new_tokens=max_new, checkpoint=str(Path(args.checkpoint).resolve()), extra=extra,
-        )
-        run_dir = out / budget_dir(budget) if args.sweep_budget else out
-        runner = Runner(params, cfg_b, tokenizer, settings, mesh=mesh, progress=not args.no_progress, log=log)
+    for budget, cfg_b, st in zip(budgets, cfgs, settings, strict=True):
+        where = run_dir(budget)
+        runner = Runner(params, cfg_b, tokenizer, st, mesh=mesh, progress=not args.no_progress, log=log)
+        if stop.requested:
+            return stop.exit_code
         try:
-            metrics = runner.run(items, run_dir)
-        except KeyboardInterrupt:
-            log(f"interrupted: finished items are in {run_dir / PREDICTIONS}; re-run the same command to resume")
-            return 130
-        except ValueError as e:
+            metrics = runner.run(items, where, stop=lambda: stop.requested)
+        except (KeyboardInterrupt, Interrupted):
+            log(f"interrupted: finished items are in {where / PREDICTIONS}; re-run the same command to resume")
+            return stop.exit_code
+        except ValueError as e:  # ResumeError: another run's predictions file
             return err(str(e))
         print(metrics_table(metrics))
-        print(f"  predictions: {run_dir / PREDICTIONS}; metrics: {run_dir / METRICS}")
+        print(f"  predictions: {where / PREDICTIONS}; metrics: {where / METRICS}")
         rows.append(metrics)
+        if not metrics["scored"]:
+            err(f"no item was scored ({metrics['failed']} of {metrics['items']} failed; see {where / METRICS})")
+            return 1
     if args.sweep_budget:
         summary = [{k: m.get(k) for k in ("hr_budget", "hr_budget_tokens", "accuracy", "tflops_per_item", "wall_s", "scored",
                                           "failed")} for m in rows]

@@ -66,33 +66,25 @@ class EvalSettings:
 
 # ---- predictions file --------------------------------------------------------------------------
 
-def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
-    """Finished records by key; a last line cut short by a kill is removed from the file.
+def predictions_header(settings: EvalSettings) -> dict[str, Any]:
+    """The header record of ``predictions.jsonl`` (:mod:`flexattn_jax.app.resume`): the task and every setting
+    that changes a prediction, the checkpoint's fingerprint among them."""
+    from flexattn_jax.app.resume import make_header
 
-    A complete line that is not a record raises ValueError naming the file and line (not ours: use another ``--out``).
+    return make_header("eval predictions", **settings.key_fields())
+
+
+def read_predictions(path: Path, header: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Finished records by key, after checking the file is this run's (:func:`flexattn_jax.app.resume.read_records`:
+    a file without this header, with another run's header or with a complete line that is not a record is refused
+    with a :class:`~flexattn_jax.app.resume.ResumeError` and left as it is; a last line cut short by a kill is removed).
     """
-    if not path.is_file():
-        return {}
-    raw = path.read_bytes()
-    lines = raw.splitlines(keepends=True)
+    from flexattn_jax.app.resume import read_records
+
     done: dict[str, dict[str, Any]] = {}
-    good = 0
-    for n, line in enumerate(lines, 1):
-        try:
-            rec = json.loads(line)
-            ok = isinstance(rec, dict) and isinstance(rec.get("key"), str) and line.endswith(b"\n")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            ok = False
-        if not ok:
-            if n == len(lines) and not line.endswith(b"\n"):
-                break  # cut by a kill mid-write
-            raise ValueError(f"{path} line {n} is not an eval prediction record; use another --out or delete the file")
-        good += len(line)
+    for _, _, rec in read_records(path, header, "--out", lambda r: isinstance(r.get("key"), str)):
         if rec.get("error") is None:
             done[rec["key"]] = rec
-    if good < len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(good)
     return done
 
 
@@ -111,6 +103,11 @@ def _bounded(fn: Callable, items: Iterable, workers: int, depth: int) -> Iterato
 
 
 # ---- the run --------------------------------------------------------------------------------------
+
+class Interrupted(Exception):  # noqa: N818 - a stop request, not an error
+    """The run stopped at a stop request (Ctrl-C, SIGTERM) after the batch in flight; the message says where the
+    finished items are."""
+
 
 @dataclass
 class Pending:
@@ -133,8 +130,13 @@ class Runner:
         self.mesh, self.progress, self.log = mesh, progress, log
         self.stats: dict[str, Any] = {}
 
-    def run(self, items: Iterable[Item], out: str | Path | None = None) -> dict[str, Any]:
-        """Score every item (skipping finished ones in ``out``), write ``out``'s files, return the metrics."""
+    def run(self, items: Iterable[Item], out: str | Path | None = None, stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """Score every item (skipping finished ones in ``out``), write ``out``'s files, return the metrics.
+
+        ``stop()`` True (a Ctrl-C / SIGTERM flag) ends the run after the batch in flight: the finished items
+        are in ``predictions.jsonl`` and :class:`Interrupted` is raised (no metrics are written).
+        """
+        stopping = stop if stop is not None else (lambda: False)
         t0 = time.perf_counter()
         failures: list[dict[str, Any]] = []
         pending: list[Pending] = []
@@ -151,18 +153,27 @@ class Runner:
                 continue
             pending.append(Pending(item, user, K.item_key(item, user, self.s.key_fields())))
         path = None if out is None else Path(out) / PREDICTIONS
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        done = read_predictions(path) if path is not None else {}
+        header = predictions_header(self.s)
+        done = read_predictions(path, header) if path is not None else {}
         answered = {p.key: done[p.key] for p in pending if p.key in done}
         todo = [p for p in pending if p.key not in done]
         if answered:
             self.log(f"resuming: {len(answered)} of {len(pending)} items already answered in {path}")
-        sink = open(path, "a") if path is not None else None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        sink = None
+        if path is not None:
+            fresh = not path.exists() or path.stat().st_size == 0
+            sink = open(path, "a")
+            if fresh:
+                from flexattn_jax.app.resume import write_header
+
+                write_header(sink, header)
+        run = self._likelihood if not self.s.generates else self._generate
+        records = run(todo, stopping)
         try:
             bar = tqdm(total=len(todo), desc=self.s.task, unit="item", disable=not self.progress)
-            run = self._likelihood if not self.s.generates else self._generate
-            for rec in run(todo):
+            for rec in records:
                 if rec.get("error") is not None:
                     failures.append({"id": rec["id"], "error": rec["error"], "category": rec.get("category", "")})
                 else:
@@ -171,10 +182,15 @@ class Runner:
                     sink.write(json.dumps(rec) + "\n")
                     sink.flush()
                 bar.update(1)
+                if stopping():
+                    break
             bar.close()
         finally:
+            records.close()  # the pipeline's threads stop before anything else happens
             if sink is not None:
                 sink.close()
+        if stopping():
+            raise Interrupted(f"finished items are in {path}" if path is not None else "stopped")
         order = {p.key: n for n, p in enumerate(pending)}  # input order, however the run was split
         records = sorted(answered.values(), key=lambda r: order[r["key"]])
         failures.sort(key=lambda f: position.get(f["id"], 0))
@@ -206,7 +222,7 @@ class Runner:
         pixels, ori = preprocess_image(p.sample.load_image(), self.cfg.image_size)
         return OptionQuestion([i for i, _ in tok], [lab for _, lab in tok], pixels, ori)
 
-    def _likelihood(self, todo: list[Pending]) -> Iterator[dict[str, Any]]:
+    def _likelihood(self, todo: list[Pending], stop: Callable[[], bool]) -> Iterator[dict[str, Any]]:
         self.log("V* by option likelihood: select rows = each option's learnable rows (training mode, alpha 1; the release)")
         scorer = OptionScorer(self.params, self.cfg, rows=self.s.batch_size, mesh=self.mesh)
         errors: list[dict[str, Any]] = []
@@ -237,7 +253,7 @@ class Runner:
                 return Request(None, None, error=f"cannot decode the image of sample {p.sample.id!r}: {e}")
         return Request(image, prompt, formatted=True)
 
-    def _generate(self, todo: list[Pending]) -> Iterator[dict[str, Any]]:
+    def _generate(self, todo: list[Pending], stop: Callable[[], bool]) -> Iterator[dict[str, Any]]:
         prompts = [format_prompt(p.user, has_image=True) for p in todo]
         self.log(f"{self.s.task}: greedy generation, up to {self.s.max_new_tokens} new tokens per item"
                  + (f" ({self.s.protocol} protocol)" if self.s.task == "vstar" else ""))
@@ -245,7 +261,7 @@ class Runner:
         answers = stream_answers(
             self.params, self.cfg, self.tokenizer, requests, batch_size=self.s.batch_size,
             max_new_tokens=self.s.max_new_tokens, hr_strategy=self.s.hr_strategy, mesh=self.mesh, progress=False,
-            stats=self.stats,
+            stats=self.stats, stop=stop,
         )
         for index, answer in answers:
             p = todo[index]

@@ -68,10 +68,14 @@ def user_text(task: str, sample: Sample, protocol: str = "likelihood", ocr_token
 
 
 def item_key(sample: Sample, prompt: str, settings: dict[str, Any]) -> str:
-    """Content hash of one item under one run's settings: resume re-runs an item whose inputs changed."""
+    """Content hash of one item under one run's settings: resume re-runs an item whose inputs (its image's bytes
+    included) changed."""
+    from flexattn_jax.app.resume import image_sha256
+
     h = hashlib.sha1()
-    image = hashlib.sha1(sample.image).hexdigest() if isinstance(sample.image, bytes) else sample.image
-    h.update(json.dumps([sample.id, image, prompt, list(sample.options), settings], sort_keys=True).encode())
+    path = None if isinstance(sample.image, bytes) else sample.image
+    h.update(json.dumps([sample.id, path, image_sha256(sample.image), prompt, list(sample.options), settings],
+                        sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
@@ -122,25 +126,34 @@ def pope_metrics(records: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 
 def task_metrics(task: str, records: Sequence[dict[str, Any]], failures: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy (percent, over the scored items) overall and per category; failed items counted and named."""
+    """Accuracy (percent) over all items, a failed item counting as wrong, overall and per category, beside the
+    accuracy over the scored items only (``accuracy_scored``); failed items counted and named."""
     scored = [r for r in records if r.get("error") is None]
+    items = len(scored) + len(failures)
+    total = sum(r["score"] for r in scored)
     out: dict[str, Any] = {
-        "task": task, "items": len(scored) + len(failures), "scored": len(scored), "failed": len(failures),
+        "task": task, "items": items, "scored": len(scored), "failed": len(failures),
         "failures": [{"id": f["id"], "error": f["error"]} for f in failures],
-        "accuracy": _pct(sum(r["score"] for r in scored) / len(scored)) if scored else None,
+        "accuracy": _pct(total / items) if items else None,
+        "accuracy_scored": _pct(total / len(scored)) if scored else None,
     }
     by_cat: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    failed_in: dict[str, int] = defaultdict(int)
     for r in scored:
         if r.get("category"):
             by_cat[r["category"]].append(r)
-    if by_cat:
-        out["categories"] = {c: {"items": len(rs), "accuracy": _pct(sum(r["score"] for r in rs) / len(rs))}
-                             for c, rs in sorted(by_cat.items())}
+    for f in failures:
+        if f.get("category"):
+            failed_in[f["category"]] += 1
+    if by_cat or failed_in:
+        out["categories"] = {
+            c: {"items": len(by_cat[c]) + failed_in[c], "scored": len(by_cat[c]),
+                "accuracy": _pct(sum(r["score"] for r in by_cat[c]) / (len(by_cat[c]) + failed_in[c]))}
+            for c in sorted(set(by_cat) | set(failed_in))}
     if task == "vqa" and scored and all("yes_no" in r for r in scored):
         out["pope"] = pope_metrics(scored)
-        if by_cat:
-            for c, rs in by_cat.items():
-                out["categories"][c]["pope"] = pope_metrics(rs)
+        for c, rs in by_cat.items():
+            out["categories"][c]["pope"] = pope_metrics(rs)
     flops = [r["tflops"] for r in scored if r.get("tflops") is not None]
     out["tflops_per_item"] = float(f"{sum(flops) / len(flops):.5g}") if flops else None
     return out
