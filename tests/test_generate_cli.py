@@ -35,7 +35,7 @@ def _two_channel_16bit_tiff(w: int = 4, h: int = 4) -> bytes:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """A converted-format directory (orbax params + metadata.json + tokenizer) of train.testing's tiny FlexAttention model."""
+    """A converted-format directory (orbax params + metadata.json + tokenizer) of tests.fixtures' tiny FlexAttention model."""
     return write_tiny_checkpoint(tmp_path_factory.mktemp("generate-cli") / "ckpt")
 
 

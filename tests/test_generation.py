@@ -88,7 +88,7 @@ def test_sample_does_not_depend_on_batch_or_bucket(flex_tiny):
 # ---- inference.answer: compiles per bucket, data parallel ---------------------------------------
 
 def _tiny_answer_setup(threshold: float, std: float = 0.3):
-    """train.testing's tiny model (28 px LR, M = 36), its tokenizer and random parameters."""
+    """tests.fixtures' tiny model (28 px LR, M = 36), its tokenizer and random parameters."""
     from tests.fixtures import random_params, tiny_config
 
     cfg = tiny_config()

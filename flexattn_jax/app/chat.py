@@ -1,5 +1,5 @@
-"""OpenAI chat completions <-> the inference pipeline: a request body to a :class:`~flexattn_jax.inference.Request`,
-an :class:`~flexattn_jax.inference.Answer` to a completion body.
+"""OpenAI chat completions <-> the inference pipeline: a request body to a :class:`~flexattn_jax.app.inference.Request`,
+an :class:`~flexattn_jax.app.inference.Answer` to a completion body.
 
 Conversation turns are rendered with the checkpoint's LLaVA template: one user turn is exactly what
 ``flexattn-jax generate --image ... --prompt ...`` answers (the question wrapped by

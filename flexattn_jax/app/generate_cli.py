@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 def add_compile_cache_args(p: argparse.ArgumentParser) -> None:
-    """``--compile-cache`` / ``--no-compile-cache`` (for :func:`~flexattn_jax.compile_cache.setup_compile_cache`)."""
+    """``--compile-cache`` / ``--no-compile-cache`` (for :func:`~flexattn_jax.app.compile_cache.setup_compile_cache`)."""
     p.add_argument("--compile-cache", metavar="DIR", default=None,
                    help="JAX persistent compilation cache: a second identical call loads the compiled program instead of "
                    "compiling (default: $FLEXATTN_JAX_CACHE, else $XDG_CACHE_HOME/flexattn-jax/jax, else ~/.cache/flexattn-jax/jax)")

@@ -2,8 +2,8 @@
 
 A scheduler thread takes requests from a bounded queue: the first one opens a window of
 ``--batch-window-ms`` in which up to ``--max-batch`` requests gather (requests already waiting
-are taken along, up to :func:`~flexattn_jax.inference.default_window`, so the length bucketing has
-something to group). That wave goes through :func:`~flexattn_jax.inference.stream_answers`, the
+are taken along, up to :func:`~flexattn_jax.app.inference.default_window`, so the length bucketing has
+something to group). That wave goes through :func:`~flexattn_jax.app.inference.stream_answers`, the
 pipeline of ``generate``: images decoded and resized in its bounded worker pool, prompts grouped
 into the length buckets, one jitted generation per batch padded to ``--max-batch`` rows (so one
 compile per bucket), early stop when every row is done. Each request is answered as its batch
