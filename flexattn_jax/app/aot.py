@@ -423,7 +423,13 @@ def compile_program(
     batch = per_device_batch * shards
     rows = min(seq_len, select_rows if select_rows is not None else seq_len)
     t0 = time.perf_counter()
-    compiled = lower_program(cfg, m, program, batch, seq_len, rows).compile()
+    try:
+        compiled = lower_program(cfg, m, program, batch, seq_len, rows).compile()
+    except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program whose buffers exceed HBM
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        first = str(e).strip().splitlines()[0][:300]
+        raise AotError(f"{name} {program} at batch {per_device_batch}/device does not fit {tgt.name}: {first}") from None
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     args, temps, outs, alias = (int(getattr(mem, f, 0) or 0) for f in (
