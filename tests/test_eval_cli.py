@@ -85,11 +85,11 @@ def _check_lmms(out, records, m, protocol, rows):
     res = json.loads((out / "results.json").read_text())
     assert {"results", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "config"} <= set(res)
     r = res["results"]["vstar_bench"]
-    assert r["alias"] == "vstar_bench" and r["vstar_overall_acc,none"] == m["accuracy"] and r["samples"] == m["scored"]
+    assert r["alias"] == "vstar_bench" and r["vstar_overall_acc,none"] == m["accuracy_scored"] and r["samples"] == m["scored"]
     assert (r["protocol"], r["select_rows"]) == (protocol, rows) == (res["configs"]["vstar_bench"]["protocol"],
                                                                      res["configs"]["vstar_bench"]["select_rows"])
     for cat, v in m["categories"].items():
-        assert r[f"vstar_{cat}_acc,none"] == v["accuracy"]
+        assert r[f"vstar_{cat}_acc,none"] == v.get("accuracy_scored", v["accuracy"])
     lines = [json.loads(x) for x in (out / "samples_vstar_bench.jsonl").read_text().splitlines()]
     assert len(lines) == len(records) and [x["id"] for x in lines] == [rec["id"] for rec in records]
     for x, rec in zip(lines, records, strict=True):
@@ -123,7 +123,7 @@ def test_generation_tasks_score_their_predictions(env, tmp_path, capsys):
     assert m["accuracy_scored"] == pytest.approx(100 * np.mean([r["score"] for r in recs if r["error"] is None]), abs=0.01)
     assert m["accuracy"] == pytest.approx(100 * sum(r["score"] for r in recs if r["error"] is None) / 4, abs=0.01)
     res = json.loads((tmp_path / "textvqa" / "results.json").read_text())
-    assert res["results"]["textvqa_val"]["exact_match,none"] == pytest.approx(m["accuracy"] / 100, abs=1e-4)
+    assert res["results"]["textvqa_val"]["exact_match,none"] == pytest.approx(m["accuracy_scored"] / 100, abs=1e-4)
     lines = [json.loads(x) for x in (tmp_path / "textvqa" / "samples_textvqa_val.jsonl").read_text().splitlines()]
     assert [x["exact_match"] for x in lines] == [r["score"] for r in recs if r["error"] is None]
     assert res["configs"]["textvqa_val"]["ocr_tokens"] is False and res["n-samples"]["textvqa_val"] == {"original": 4, "effective": 3}

@@ -89,11 +89,12 @@ def aggregate(task: str, name: str, records: Sequence[dict[str, Any]], metrics: 
     out: dict[str, Any] = {"alias": name}
     if name == "vstar_bench" or name == "magnifierbench":
         key = "vstar_overall_acc" if name == "vstar_bench" else "magnifier_acc"
-        out[f"{key},none"] = metrics["accuracy"]
+        # lmms-eval aggregates the samples it wrote: the scored items (eval's headline also counts failures as wrong)
+        out[f"{key},none"] = metrics.get("accuracy_scored", metrics["accuracy"])
         out[f"{key}_stderr,none"] = "N/A"
         if name == "vstar_bench":
             for cat, m in (metrics.get("categories") or {}).items():
-                out[f"vstar_{cat}_acc,none"] = m["accuracy"]
+                out[f"vstar_{cat}_acc,none"] = m.get("accuracy_scored", m["accuracy"])
                 out[f"vstar_{cat}_acc_stderr,none"] = "N/A"
     elif name == "pope":
         for k, m in (("accuracy", "pope_accuracy"), ("precision", "pope_precision"), ("recall", "pope_recall"),
