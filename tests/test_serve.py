@@ -97,7 +97,8 @@ def items(world):
     subprocess.run([sys.executable, "-m", "flexattn_jax.app.cli", "generate", "--checkpoint", str(world["ckpt"]), "--batch", str(batch),
                     "--output", str(out), "--max-new-tokens", str(MAX_NEW), "--batch-size", "8"],
                    env=_env(world["cache"]), check=True, capture_output=True, timeout=300)
-    answers = [json.loads(line)["answer"] for line in out.read_text().splitlines()]
+    records = [json.loads(line) for line in out.read_text().splitlines()][1:]  # after the header record
+    answers = [r["answer"] for r in records]
     return [(p, q, a) for (p, q), a in zip(pairs, answers, strict=True)]
 
 
