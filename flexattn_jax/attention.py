@@ -209,6 +209,14 @@ def _log_once(message: str, level: int) -> None:
 AUTO_KERNEL_HEAD_DIMS = (128,)
 
 
+def require_platform(impl: str, platform: str) -> None:
+    """Raise ValueError if ``impl`` cannot run on ``platform`` at all (cuDNN off a GPU): the one rule, checked by
+    :func:`resolve_impl` at trace time and by the commands before anything is loaded."""
+    if impl == "cudnn" and platform != "gpu":
+        raise ValueError(f"attention_impl='cudnn' needs a GPU, and the backend here is {platform!r}: "
+                         "use --set attention_impl=auto (or xla, xla_chunked)")
+
+
 def resolve_impl(
     impl: str, *, backend: str, dtype, head_dim: int, num_rows: int, num_keys: int, static_start: int | None
 ) -> tuple[str, str]:
@@ -224,8 +232,7 @@ def resolve_impl(
         raise ValueError(f"attention_impl={impl!r}: use one of {IMPLS}")
     if impl in ("xla", "xla_chunked"):
         return impl, ""
-    if impl == "cudnn" and backend != "gpu":
-        raise ValueError(f"attention_impl='cudnn' needs a GPU; the target is {backend!r} (use 'auto', 'xla' or 'xla_chunked')")
+    require_platform(impl, backend)
     dense = num_rows == 1 or num_keys < AUTO_CHUNK_MIN_KEYS
     if impl == "auto" and num_rows == 1:
         return "xla", ""  # decode: one row against the cache is O(S) dense; a kernel buys nothing

@@ -238,10 +238,9 @@ def check_backend(cfg: ModelConfig) -> None:
     """Refuse a kernel the backend cannot run (``attention_impl='cudnn'`` off a GPU) before anything is loaded."""
     import jax
 
-    backend = jax.default_backend()
-    if cfg.attention_impl == "cudnn" and backend != "gpu":
-        raise ValueError(f"attention_impl='cudnn' needs a GPU, and the backend here is {backend!r}: "
-                         "use --set attention_impl=auto (or xla, xla_chunked)")
+    from flexattn_jax.attention import require_platform
+
+    require_platform(cfg.attention_impl, jax.default_backend())
 
 
 def answer_settings(args: argparse.Namespace) -> dict[str, Any]:
