@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from flexattn_jax.app import aot
 
 TRAIN_TARGETS = ("v5e-256", "v5p-64", "v6e-64", "v4-32", "h100x8")
 TRAIN_MODELS = ("llava-flexattn-7b", "llava-flexattn-13b", "llava-1.5-7b")
-INFER = (("v5e-8", "data=8"), ("h200x1", "fsdp=1"))
+INFER = (("v5e-8", "tensor=8"), ("h200x1", "fsdp=1"))  # 7B bf16 weights (16 GB) only fit a v5e chip sharded
 SEQ, ROWS = 2048, 2048
 MAX_BATCH = 64
 
@@ -80,13 +81,55 @@ def jobs(quick: bool) -> list[tuple]:
     return first + infer + depth + rest
 
 
-def run(quick: bool, log, save=lambda res: None) -> dict[str, Any]:
-    """All the table's compiles, in :func:`jobs` order; ``save(res)`` after each (a long run keeps what it has)."""
-    settings = {"seq_len": SEQ, "select_rows": ROWS, "image_px": 1008, "remat": "full", "compute": "bf16", "masters": "fp32 + AdamW",
-                "frozen": "CLIP"}
-    out: dict[str, Any] = {"settings": settings, "train": [], "inference": [], "depth": [], "skipped": []}
+SETTINGS = {"seq_len": SEQ, "select_rows": ROWS, "image_px": 1008, "remat": "full", "compute": "bf16", "masters": "fp32 + AdamW",
+            "frozen": "CLIP"}
+
+
+def done_jobs(res: dict[str, Any]) -> set[tuple]:
+    """The jobs an earlier (interrupted) run's JSON already holds; skipped ones are tried again."""
+    return ({("train", e["model"], e["target"]) for e in res["train"]}
+            | {("infer", r["target"], r["mesh"], r["program"]) for r in res["inference"] if "mesh" in r}
+            | {("depth", d["layers"]) for d in res["depth"]})
+
+
+def _target_of(job: tuple) -> str:
+    return {"train": lambda: job[2], "infer": lambda: job[1], "depth": lambda: "v5p-64"}[job[0]]()
+
+
+def rederive_estimate(row: dict[str, Any]) -> dict[str, Any]:
+    """Step time and MFU of a stored row from its own compiler figures (:func:`aot.step_estimate`).
+
+    Rows written before the estimate scaled ``optimal_seconds`` for the scanned loops carry no
+    ``step_seconds_estimate`` and an MFU that counted the loop bodies once; the fields they do carry
+    (``optimal_seconds``, compiler and model FLOPs per chip) give the current estimate without a recompile."""
+    if row.get("step_seconds_estimate") is None and row.get("optimal_seconds") is not None:
+        peak = aot.parse_target(row["target"]).chip.peak_flops
+        row["step_seconds_estimate"], row["mfu_estimate"] = aot.step_estimate(
+            row["optimal_seconds"], row["flops_per_chip"], row["model_flops_per_chip"], peak)
+    return row
+
+
+def run(quick: bool, log, save=lambda res: None, previous: dict[str, Any] | None = None,
+        only: str | None = None, targets: Sequence[str] | None = None) -> dict[str, Any]:
+    """The table's compiles, in :func:`jobs` order; ``save(res)`` after each (a long run keeps what it has).
+
+    ``previous``: an earlier run's JSON with the same settings; its rows are kept and its jobs not compiled again.
+    ``only``: run just the jobs of this kind (``train``, ``infer`` or ``depth``); ``targets``: just these targets.
+    """
+    out: dict[str, Any] = {"settings": SETTINGS, "train": [], "inference": [], "depth": [], "skipped": []}
+    if previous is not None:
+        if previous.get("settings") != SETTINGS:
+            raise SystemExit(f"--resume: the earlier results were made with other settings ({previous.get('settings')}), not {SETTINGS}")
+        out.update({k: list(previous.get(k, [])) for k in ("train", "inference", "depth")})
+        for e in out["train"]:
+            for r in [e["largest"], *e["tried"]]:
+                if r is not None:
+                    rederive_estimate(r)
+    done = done_jobs(out)
     configs = {m: aot.load_model_config(m) for m in TRAIN_MODELS}
     for job in jobs(quick):
+        if job in done or (only is not None and job[0] != only) or (targets and _target_of(job) not in targets):
+            continue
         log(" ".join(str(x) for x in job))
         try:
             if job[0] == "train":
@@ -98,11 +141,11 @@ def run(quick: bool, log, save=lambda res: None) -> dict[str, Any]:
             elif job[0] == "infer":
                 _, target, mesh, program = job
                 t = aot.parse_target(target)
-                per = 32 // (t.chips if mesh.startswith("data") else 1)
+                per = 32 // (t.chips if mesh.startswith(("data", "fsdp")) else 1)  # global batch 32
                 r = aot.compile_program(t, configs["llava-flexattn-7b"], program, mesh=mesh, per_device_batch=per, seq_len=SEQ,
                                         model_name="llava-flexattn-7b")
                 log(f"    peak {r.per_chip_bytes['peak'] / 2**30:.2f} GiB, {r.compile_seconds:.0f} s")
-                out["inference"].append(_row(r))
+                out["inference"].append({**_row(r), "mesh": mesh})
             else:
                 r = aot.compile_program("v5p-64", configs["llava-flexattn-7b"], "train", per_device_batch=1, seq_len=SEQ, select_rows=ROWS,
                                         layers=job[1], model_name="llava-flexattn-7b")
@@ -145,11 +188,17 @@ def table(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fit", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="7B FlexAttention on v5p-64, the inference rows and two depths only")
-    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--out", default=None, help="also write the JSON here (after every compile, so an interrupted run keeps its rows)")
+    p.add_argument("--resume", action="store_true", help="keep the rows already in --out and compile only the missing ones")
+    p.add_argument("--only", choices=("train", "infer", "depth"), help="compile only the jobs of this kind")
+    p.add_argument("--target", action="append", dest="targets", help="compile only for this target (repeatable), e.g. v5e-256")
     args = p.parse_args(argv)
+    if args.resume and not args.out:
+        p.error("--resume needs --out (the earlier run's JSON)")
+    previous = json.loads(Path(args.out).read_text()) if args.resume and Path(args.out).is_file() else None
     t0 = time.time()
     save = (lambda res: Path(args.out).write_text(json.dumps(res, indent=1) + "\n")) if args.out else (lambda res: None)
-    res = run(args.quick, lambda m: print(m, file=sys.stderr, flush=True), save)
+    res = run(args.quick, lambda m: print(m, file=sys.stderr, flush=True), save, previous, args.only, args.targets)
     res["seconds"] = round(time.time() - t0, 1)
     text = json.dumps(res, indent=1)
     if args.out:

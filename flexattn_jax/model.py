@@ -17,6 +17,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from flexattn_jax import hierarchical as H
+from flexattn_jax import sharding as S
 from flexattn_jax import text as T
 from flexattn_jax.attention import CausalPadding
 from flexattn_jax.config import ModelConfig
@@ -152,7 +153,7 @@ def hr_context(
     cos, sin = T.image_rope(cfg.text, img_pos, cfg.lr_grid, cfg.hr_grid)
     if margin is None:
         margin = jnp.zeros((input_ids.shape[0], 2), jnp.int32)
-    return HRContext(hr_features, cos, sin, begin, margin, jnp.any(is_img, axis=1))
+    return HRContext(S.constrain_batch(hr_features), cos, sin, begin, margin, jnp.any(is_img, axis=1))
 
 
 # ---- the decoder --------------------------------------------------------------------------------
@@ -243,6 +244,7 @@ def run_decoder(
             *(None if a is None else jax.lax.dynamic_index_in_dim(a, hr_slot(i), keepdims=False) for a in hkv)
         )
         layer_ctx = ctx if ctx.rng is None else ctx._replace(rng=jax.random.fold_in(ctx.rng, i))  # a new draw per layer
+        x = S.constrain_batch(x)  # the residual stream stays batch-sharded under a mesh (no replicated activations)
         args = (layer_ctx, x, sel, p, ck_i, cv_i, hkv_i)
         if kind is not None:
             x, sel, k, v, att, msk, upd = run_layer(kind, *args)
@@ -305,15 +307,16 @@ def encode(params: dict, cfg: ModelConfig, pixel_values: jax.Array) -> tuple[jax
             if pixel_values.shape[1] != 1:
                 raise ValueError(f"FlexAttention takes one image per sample; pixel_values has {pixel_values.shape[1]}")
             pixel_values = pixel_values[:, 0]
-        return dual_path(params, cfg, pixel_values)
+        lr, hr = dual_path(params, cfg, S.constrain_batch(pixel_values))
+        return S.constrain_batch(lr), S.constrain_batch(hr)
     if pixel_values.ndim == 4:
         pixel_values = pixel_values[:, None]
     b, i, h, w, c = pixel_values.shape
     s = cfg.vision.image_size
     if (h, w) != (s, s):
         raise ValueError(f"pixel_values are {h}x{w}; the vision tower takes {s}x{s}")
-    feats = encode_images(params, cfg, pixel_values.reshape(b * i, h, w, c))
-    return feats.reshape(b, i * feats.shape[1], -1), None
+    feats = encode_images(params, cfg, S.constrain_batch(pixel_values.reshape(b * i, h, w, c)))
+    return S.constrain_batch(feats.reshape(b, i * feats.shape[1], -1)), None
 
 
 def embed_inputs(

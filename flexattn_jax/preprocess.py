@@ -17,6 +17,7 @@ assistant answers plus their ``</s>``, as LLaVA's ``preprocess_v1`` does.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -170,6 +171,9 @@ def load_image(
         raise PreprocessError(f"{name if isinstance(path, bytes) else path}: {e}") from e
 
 
+_PROBE_LOCK = threading.Lock()
+
+
 def _decoder_reason(path: Path) -> str | None:
     """Why PIL's plugin for the file's extension could not open it (e.g. TIFF: unknown pixel mode).
 
@@ -177,17 +181,18 @@ def _decoder_reason(path: Path) -> str | None:
     emitted as a warning when ``Image.WARN_POSSIBLE_FORMATS`` is set, so open once more with it.
     """
     fmt = Image.registered_extensions().get(path.suffix.lower())
-    old = Image.WARN_POSSIBLE_FORMATS
-    Image.WARN_POSSIBLE_FORMATS = True
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                Image.open(path).close()
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-                pass
-    finally:
-        Image.WARN_POSSIBLE_FORMATS = old
+    with _PROBE_LOCK:  # the warnings filters and PIL's flag are process-wide; image readers run in threads
+        old = Image.WARN_POSSIBLE_FORMATS
+        Image.WARN_POSSIBLE_FORMATS = True
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    Image.open(path).close()
+                except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+                    pass
+        finally:
+            Image.WARN_POSSIBLE_FORMATS = old
     for w in caught:
         name, _, why = str(w.message).partition(" opening failed. ")
         if why and name == fmt:  # the plugin of the file's extension (others just say "not a ... file")

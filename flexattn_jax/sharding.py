@@ -255,6 +255,25 @@ def target_mesh(mesh: Mesh | None):
     return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
+def constrain_batch(x: jax.Array, batch_dim: int = 0) -> jax.Array:
+    """Pin ``x``'s batch dimension over (data, fsdp) when a mesh is ambient (:func:`target_mesh`); else ``x``.
+
+    Without it, XLA's propagation may resolve the fsdp conflict (activations want the batch on fsdp,
+    weights their embed dim) by replicating the activations: every chip then computes the whole
+    global batch, and memory grows with the slice (a 7B FlexAttention train step needed 110 GB of
+    temporaries per v5e chip at one sample per chip on 256 chips). MaxText pins activations the same way.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(LOGICAL_RULES["batch"]) <= set(mesh.axis_names):
+        return x  # no mesh, or a foreign one
+    if any(t == AxisType.Manual for t in mesh.axis_types):
+        return x  # inside shard_map: per-shard values
+    spec = batch_spec(mesh, x.shape, batch_dim)
+    if all(s is None for s in spec):
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
 class OnMesh:
     """A jitted function whose calls and ``lower`` trace under :func:`target_mesh` of ``mesh``."""
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from flexattn_jax import sharding as S
 from flexattn_jax.attention import attention_with_lse
 from flexattn_jax.config import ModelConfig
 
@@ -133,13 +134,13 @@ _STEM_KEYS = ("patch_embed", "class_embed", "pos_embed", "pre_norm")
 
 def clip_features(vision_params: dict, cfg: ModelConfig, pixels: Float[Array, "N S S C"]) -> Float[Array, "N P Dv"]:
     """CLIP hidden state at ``vision_feature_layer`` (CLS dropped for the 'default' strategy)."""
-    x = VisionStem(cfg).apply({"params": {k: vision_params[k] for k in _STEM_KEYS}}, pixels)
+    x = VisionStem(cfg).apply({"params": {k: vision_params[k] for k in _STEM_KEYS}}, S.constrain_batch(pixels))
     n = cfg.vision_layers_used
     layers = jax.tree.map(lambda a: a[:n], vision_params["layers"])
     layer = VisionLayer(cfg)
 
-    def body(x, p):
-        return layer.apply({"params": p}, x), None
+    def body(x, p):  # the views stay batch-sharded under a mesh (sharding.constrain_batch)
+        return S.constrain_batch(layer.apply({"params": p}, S.constrain_batch(x))), None
 
     if cfg.scan_layers:
         x, _ = jax.lax.scan(body, x, layers)
@@ -180,8 +181,12 @@ def dual_path(
     if z == 1:
         lr = encode_images(params, cfg, lowres)
         return lr, jax.lax.stop_gradient(lr)
-    tiles = images.reshape(b, z, s, z, s, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b * z * z, s, s, -1)
-    feats = encode_images(params, cfg, jnp.concatenate([lowres, tiles], axis=0))
-    lr, hr = feats[:b], feats[b:]
-    hr = hr.reshape(b, z, z, g, g, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, z * g * z * g, -1)
+    tiles = images.reshape(b, z, s, z, s, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, z * z, s, s, -1)
+    # each sample's views side by side (LR, then its tiles row-major): a batch-sharded CLIP call keeps a
+    # sample's views on the device that holds the sample
+    views = jnp.concatenate([lowres[:, None].astype(tiles.dtype), tiles], axis=1).reshape(b * (1 + z * z), s, s, -1)
+    feats = encode_images(params, cfg, views)
+    feats = feats.reshape(b, 1 + z * z, *feats.shape[1:])
+    lr = feats[:, 0]
+    hr = feats[:, 1:].reshape(b, z, z, g, g, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, z * g * z * g, -1)
     return lr, jax.lax.stop_gradient(hr)

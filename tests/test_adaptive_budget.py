@@ -71,7 +71,8 @@ def _all_masks(out) -> np.ndarray:
     return np.concatenate([np.asarray(out.prefill_maps.hr_masks)[None], np.asarray(out.step_maps.hr_masks)])
 
 
-@pytest.mark.parametrize("strategy", ["project", "cache", "incremental"])
+@pytest.mark.parametrize("strategy", [pytest.param("project", marks=pytest.mark.slow), pytest.param("cache", marks=pytest.mark.slow),
+                                      "incremental"])  # the fast twin: the strategy with the most state (its cache)
 def test_adaptive_equals_k_equals_m_in_every_rung_one_compile(setup, strategy):
     """Left-padded batches landing in every rung: tokens, per-step logits and per-layer masks of K = M, one compile."""
     cfg = _budget(setup.cfg, "adaptive")

@@ -207,3 +207,20 @@ def test_step_estimate_scales_the_loops_counted_once():
     assert step == pytest.approx(2.0) and mfu == pytest.approx(1e12 / (0.1 * 459e12))
     assert aot.step_estimate(None, 1e12, 2e13, 459e12) == (None, None)
     assert aot.step_estimate(0.1, 4e13, 2e13, 459e12)[0] == pytest.approx(0.1)  # never scaled down
+
+
+def test_decode_state_shards_the_kv_heads_over_tensor():
+    """The decode program's K/V caches (layers, B, slots, kv heads, d) come in as prefill leaves them: the batch
+    over data and the heads over tensor (replicated heads made a 7B decode at batch 32 need 1.1 GiB per layer
+    per v5e chip under tensor=8: it did not fit; sharded, 8.5 GiB in all)."""
+    from flexattn_jax.app import aot
+    from flexattn_jax.sharding import make_mesh
+
+    mesh = make_mesh("data=2,tensor=4")
+    sds = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    state = {"cache": {"k": sds(3, 4, 16, 8, 2), "v": sds(3, 4, 16, 8, 2), "lengths": sds(4)}, "step": sds()}
+    out = aot._state_shardings(state, mesh, batch=4)
+    for name in ("k", "v"):
+        spec = tuple(out["cache"][name].sharding.spec) + (None,) * 5
+        assert spec[:5] == (None, "data", None, "tensor", None), spec
+    assert out["cache"]["lengths"].sharding.spec == P("data") and out["step"].sharding.spec == P()

@@ -300,6 +300,7 @@ def test_train_step_gradients_equal_dense(model, reference, impl):
     assert np.abs(np.asarray(ref["layers"]["attn"]["k_hr"]["kernel"])).max() > 0  # the HR part has gradient
 
 
+@pytest.mark.slow  # fast twin: test_chunked_hr_part_equals_dense_and_grad (the kernel, outputs, LSE and gradients)
 def test_model_training_rows_chunked_hr_part_equals_dense(model, monkeypatch):
     """The model's training rows (alpha < 1, the HR part over all M shared keys) with the HR part by key blocks
     equal it dense: logits, HR masks and gradients, at K = M (K = 0.25 M, R x K >= M: the xla_chunked tests above)."""

@@ -41,7 +41,7 @@ def test_demo_reduced_budget_writes_report_png_and_model(tmp_path, capsys):
     image, question, _, _ = make_split(5, 1, hr_size=168, obj_px=(18, 24))[0]
     image.save(tmp_path / "q.png")
     assert main(["generate", "--checkpoint", str(out / "model"), "--image", str(tmp_path / "q.png"), "--prompt", question,
-                 "--max-new-tokens", "2"]) == 0
+                 "--max-new-tokens", "3", "--batch-size", "8"]) == 0  # the demo's answer shapes: its compiled program
 
 
 def test_square_coverage_maps_pixels_to_hr_tokens():
@@ -67,3 +67,29 @@ def test_full_demo_flexattention_beats_lr_only_and_random(tmp_path):
     flex, lr_only, rand = (modes[m]["accuracy"] for m in ("flexattention", "lr-only", "random-selection"))
     assert flex >= 0.75 and flex >= lr_only + 0.4 and flex >= rand + 0.2, modes
     assert lr_only <= 0.45, modes  # near chance (0.25): the LR view has no pattern
+
+
+def test_cli_keeps_jax_off_libtpu_on_a_host_without_tpu_chips(tmp_path, monkeypatch):
+    """With the tpu extra on a CPU host, the commands run on CPU (no libtpu hostname errors); a TPU host, the
+    user's own JAX_PLATFORMS and a host with the CUDA plugin are left alone."""
+    import importlib.util
+
+    from flexattn_jax.app.cli import skip_absent_tpu
+
+    installed = {"libtpu"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in installed else None)
+    for i, vendor in enumerate(("0x8086", "0x1af4")):
+        (tmp_path / f"cpu{i}").mkdir()
+        (tmp_path / f"cpu{i}" / "vendor").write_text(vendor + "\n")
+    env = {}
+    assert skip_absent_tpu(env, tmp_path) and env == {"JAX_PLATFORMS": "cpu"}
+    env = {"JAX_PLATFORMS": "tpu"}
+    assert not skip_absent_tpu(env, tmp_path) and env == {"JAX_PLATFORMS": "tpu"}
+    installed.add("jax_cuda13_plugin")
+    assert not skip_absent_tpu(env := {}, tmp_path) and env == {}
+    installed.discard("jax_cuda13_plugin")
+    (tmp_path / "tpu0").mkdir()
+    (tmp_path / "tpu0" / "vendor").write_text("0x1ae0\n")
+    assert not skip_absent_tpu(env := {}, tmp_path) and env == {}
+    installed.clear()  # no tpu extra: nothing to keep JAX off
+    assert not skip_absent_tpu(env := {}, tmp_path / "nothing") and env == {}

@@ -45,7 +45,7 @@ def _new_tokens_per_step(out, cfg) -> np.ndarray:
     return np.array(counts)
 
 
-@pytest.mark.parametrize("budget", [None, 0.25])
+@pytest.mark.parametrize("budget", [pytest.param(None, marks=pytest.mark.slow), 0.25])  # the fast twin: K < M
 def test_incremental_equals_per_step_projection(flex_model, budget):
     params, cfg, inputs = flex_model
     cfg = dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, hr_budget=budget, hr_step_cells=1))

@@ -39,7 +39,8 @@ QUESTIONS = ["what is it?", "which colour?", "describe the picture.", "is there 
 
 def _env(cache: Path) -> dict[str, str]:
     """Subprocesses share one persistent compile cache: the server compiles, `generate` and later servers load."""
-    return {**os.environ, "PYTHONPATH": str(ROOT), "FLEXATTN_JAX_COMPILE_CACHE": "1", "FLEXATTN_JAX_CACHE": str(cache)}
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # not the session's (conftest): their own
+    return {**env, "PYTHONPATH": str(ROOT), "FLEXATTN_JAX_COMPILE_CACHE": "1", "FLEXATTN_JAX_CACHE": str(cache)}
 
 
 def _png(arr: np.ndarray) -> bytes:

@@ -73,3 +73,37 @@ def test_7b_unsharded_fraction_and_table(mesh181):
     out = buf.getvalue()
     assert "text/layers/attn/q/kernel" in out and "(layers, embed, heads)" in out and "(-, fsdp)" in out
     assert "unsharded (replicated on every device)" in out
+
+
+
+def test_constrain_batch_pins_the_batch_under_a_mesh_only():
+    """Under a mesh the residual stream is batch-sharded over (data, fsdp) whatever XLA would pick; without
+    one (single-device inference) the function is the identity."""
+    import jax.numpy as jnp
+
+    x = jnp.ones((8, 4, 2))
+    assert S.constrain_batch(x) is x
+    mesh = S.make_mesh("data=2,fsdp=4")
+    with jax.set_mesh(mesh):
+        y = jax.jit(lambda a: S.constrain_batch(a * 2))(x)
+        odd = jax.jit(lambda a: S.constrain_batch(a))(jnp.ones((3, 4)))  # 3 rows: no axis divides, left alone
+    assert y.sharding.spec[0] == ("data", "fsdp") and float(y.sum()) == 128.0
+    assert all(s is None for s in odd.sharding.spec)
+
+
+@pytest.mark.slow
+def test_train_step_memory_does_not_grow_with_the_mesh():
+    """One sample per device: per-device temporaries on fsdp=8 stay near those of one device (the activations
+    are batch-sharded, :func:`sharding.constrain_batch`): 2.81 against 2.31 MB. Without the constraints XLA
+    replicated them (5.65 MB here; 110 GB per chip for the 7B FlexAttention step on a 256-chip v5e slice)."""
+    from flexattn_jax.app import aot
+    from tests.fixtures import tiny_config
+
+    cfg = tiny_config()
+    temps = {}
+    for spec in ("fsdp=1", "fsdp=8"):
+        mesh = S.make_mesh(spec)
+        with jax.set_mesh(mesh):
+            low = aot.lower_program(cfg, mesh, "train", batch=mesh.shape["fsdp"], seq_len=64, rows=16)
+            temps[spec] = low.compile().memory_analysis().temp_size_in_bytes
+    assert temps["fsdp=8"] < 1.5 * temps["fsdp=1"], temps

@@ -103,7 +103,8 @@ def scan_reference():
     return cfg, params, inputs, none_cfg, free
 
 
-@pytest.mark.parametrize("strategy", ["project", "cache", "incremental"])
+@pytest.mark.parametrize("strategy", [pytest.param("project", marks=pytest.mark.slow), pytest.param("cache", marks=pytest.mark.slow),
+                                      "incremental"])  # the fast twin: the strategy with the most state (its cache)
 def test_while_loop_tokens_equal_the_scan(scan_reference, strategy):
     """Every strategy's while_loop against the scan (strategies give the same tokens: test_hr_cache), with an EOS that
     rows emit at different steps (some never) and with one that no row emits."""
@@ -265,6 +266,7 @@ def ckpt_and_images(tmp_path_factory):
 def _cli_env(cache_home: Path) -> dict:
     env = {**os.environ, "XDG_CACHE_HOME": str(cache_home), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     env.pop("FLEXATTN_JAX_CACHE", None)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the test session's shared cache (conftest): this test checks the CLI's own
     env["FLEXATTN_JAX_COMPILE_CACHE"] = "1"  # conftest turns it off for in-process calls
     env["XLA_FLAGS"] = ""  # one CPU device, as users run it
     return env

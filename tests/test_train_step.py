@@ -52,7 +52,9 @@ def _max_diff(a, b):
                zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
-@pytest.mark.parametrize("spec", ["data=8,fsdp=1,tensor=1", "data=1,fsdp=8,tensor=1", "data=2,fsdp=2,tensor=2"])
+@pytest.mark.parametrize("spec", [pytest.param("data=8,fsdp=1,tensor=1", marks=pytest.mark.slow),
+                                  pytest.param("data=1,fsdp=8,tensor=1", marks=pytest.mark.slow),
+                                  "data=2,fsdp=2,tensor=2"])  # the fast twin shards over all three axes
 def test_step_is_mesh_invariant(spec, params, host_batch, reference):
     ref_state, ref_m = reference
     state, (m,), fns = run_steps(make_mesh(spec), params, [host_batch])

@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from flexattn_jax import sharding as S
 from flexattn_jax.config import ATTENTION_IMPLS, ModelConfig
@@ -292,14 +292,19 @@ def _abstract_inference_params(cfg: ModelConfig, mesh: Mesh):
 
 
 def _state_shardings(state, mesh: Mesh, batch: int):
-    """Decode state: the batch over (data, fsdp) on the axis that holds it (dim 1 of the stacked caches), scalars replicated."""
+    """Decode state as prefill leaves it: the batch over (data, fsdp); the stacked K/V caches (layers, B, slots,
+    kv heads, head dim) also their heads over tensor, as the k/v projections shard them; scalars replicated."""
     def one(path, leaf):
         name = jax.tree_util.keystr(path, simple=True, separator="/")
         if leaf.ndim == 0:
             return _sds(leaf.shape, leaf.dtype, S.replicated(mesh))
-        dim = 1 if re.match(r"^cache/(k|v)$|^hr_kv/", name) else 0
+        stacked_kv = re.match(r"^cache/(k|v)$|^hr_kv/", name) is not None
+        dim = 1 if stacked_kv else 0
         if leaf.shape[dim] != batch:
             raise AotError(f"decode state {name} {leaf.shape}: no batch axis of {batch} at dim {dim}")
+        if stacked_kv and leaf.ndim == 5:
+            spec = S.logical_to_spec((None, "batch", None, "kv_heads", None), leaf.shape, mesh)
+            return _sds(leaf.shape, leaf.dtype, NamedSharding(mesh, spec))
         return _sds(leaf.shape, leaf.dtype, S.batch_sharding(mesh, leaf.shape, batch_dim=dim))
 
     return jax.tree_util.tree_map_with_path(one, state)

@@ -77,9 +77,13 @@ QUICK = Budget(pretrain_steps=150, finetune_steps=250, pretrain_samples=1024, fi
 
 
 def splits(cfg: ModelConfig, budget: Budget, seed: int) -> tuple[list, list, list]:
-    """The demo's data: 56 px close-ups (pretraining), 168 px fine-tuning and held-out test items."""
-    close_ups = make_split(1000 + seed, budget.pretrain_samples, hr_size=cfg.vision.image_size, obj_px=OBJECT_PX)
-    train_items = make_split(2000 + seed, budget.finetune_samples, hr_size=cfg.image_size, obj_px=OBJECT_PX)
+    """The demo's data: 56 px close-ups (pretraining), 168 px fine-tuning and held-out test items.
+
+    A stage draws no more samples than its steps can show (``steps x batch``): a short run makes a short split."""
+    pretrain_n = min(budget.pretrain_samples, budget.pretrain_steps * budget.batch_size)
+    finetune_n = min(budget.finetune_samples, budget.finetune_steps * budget.batch_size)
+    close_ups = make_split(1000 + seed, pretrain_n, hr_size=cfg.vision.image_size, obj_px=OBJECT_PX)
+    train_items = make_split(2000 + seed, finetune_n, hr_size=cfg.image_size, obj_px=OBJECT_PX)
     test_items = make_split(3000 + seed, budget.test_samples, hr_size=cfg.image_size, obj_px=OBJECT_PX)
     return close_ups, train_items, test_items
 

@@ -1,0 +1,81 @@
+"""bench.fit's bookkeeping, with a stand-in compiler: the largest-batch search and --resume / --only.
+
+(The real compiles are minutes each at 7B: bench.fit runs them; tests/test_aot_tpu.py compiles tiny models.)"""
+
+import json
+
+import pytest
+
+import bench.fit as fit
+from flexattn_jax.app import aot
+
+GIB = 2**30
+
+
+def _fake_compile(calls):
+    """Peak = 10 GiB + 7 GiB per sample per chip against 95 GiB usable: batch 12 is the largest that fits."""
+
+    def compile_program(target, model, program="train", *, per_device_batch=1, mesh=None, layers=None, model_name=None, **_):
+        calls.append((program, getattr(target, "name", target), model_name, per_device_batch))
+        peak = (10 + 7 * per_device_batch) * GIB
+        return aot.CompileReport(
+            target=str(getattr(target, "name", target)), topology="fake", chips=8, mesh={"data": 8}, model=model_name or "m",
+            program=program, layers=layers or 32, global_batch=8 * per_device_batch, per_device_batch=per_device_batch,
+            seq_len=fit.SEQ, select_rows=fit.ROWS, attention_impl="auto", remat="full",
+            per_chip_bytes={"arguments": GIB, "temporaries": peak - GIB, "outputs": 0, "peak": peak}, capacity_bytes=100 * GIB,
+            usable_bytes=95 * GIB, fits=peak <= 95 * GIB, kernels={}, compile_seconds=1.0, flops_per_chip=1e12,
+            model_flops_per_chip=1e12)
+
+    return compile_program
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    made = []
+    monkeypatch.setattr(aot, "compile_program", _fake_compile(made))
+    monkeypatch.setattr(aot, "load_model_config", lambda name: name)
+    return made
+
+
+def test_largest_batch_finds_the_boundary(calls):
+    best, tried = fit.largest_batch(lambda b: aot.compile_program("v5p-64", "m", per_device_batch=b), lambda m: None)
+    assert best.per_device_batch == 12 and best.fits
+    assert [r["per_device_batch"] for r in tried] == [1, 2, 12, 13] and not tried[-1]["fits"]
+
+
+def test_resume_compiles_only_the_missing_jobs(calls, tmp_path, capsys):
+    out = tmp_path / "fit.json"
+    assert fit.main(["--quick", "--only", "infer", "--out", str(out)]) == 0
+    first = json.loads(out.read_text())
+    assert len(first["inference"]) == 4 and not first["train"] and {c[0] for c in calls} == {"prefill", "decode"}
+    calls.clear()
+    assert fit.main(["--only", "train", "--target", "v4-32", "--resume", "--out", str(out)]) == 0
+    assert {(c[1], c[2]) for c in calls} == {("v4-32", m) for m in fit.TRAIN_MODELS}  # one target, its three models
+    out.write_text(json.dumps(first))
+    calls.clear()
+    assert fit.main(["--quick", "--resume", "--out", str(out)]) == 0  # the train and depth jobs, not the inference again
+    second = json.loads(out.read_text())
+    assert second["inference"] == first["inference"] and {c[0] for c in calls} == {"train"}
+    assert [e["largest"]["per_device_batch"] for e in second["train"]] == [12, 12] and len(second["depth"]) == 2
+    calls.clear()
+    assert fit.main(["--quick", "--resume", "--out", str(out)]) == 0 and calls == []  # nothing left to compile
+    assert "llava-flexattn-7b" in capsys.readouterr().out
+
+
+def test_resume_refuses_results_made_with_other_settings(calls, tmp_path):
+    out = tmp_path / "fit.json"
+    out.write_text(json.dumps({"settings": {**fit.SETTINGS, "seq_len": 4096}, "train": [], "inference": [], "depth": []}))
+    with pytest.raises(SystemExit, match="other settings"):
+        fit.main(["--quick", "--resume", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        fit.main(["--resume"])  # --resume needs --out
+
+
+def test_rows_from_before_the_loop_scaling_get_the_current_estimate():
+    """A stored v5p row without step_seconds_estimate: re-derived from its own optimal_seconds and FLOPs."""
+    row = {"target": "v5p-64", "optimal_seconds": 0.5, "flops_per_chip": 1e14, "model_flops_per_chip": 4e14, "mfu_estimate": 4.4}
+    fit.rederive_estimate(row)
+    assert row["step_seconds_estimate"] == pytest.approx(2.0)  # 0.5 s x (model / compiler FLOPs)
+    assert row["mfu_estimate"] == pytest.approx(4e14 / (2.0 * 459e12))
+    kept = {"target": "v5p-64", "optimal_seconds": 0.5, "step_seconds_estimate": 3.0, "mfu_estimate": 0.3}
+    assert fit.rederive_estimate(dict(kept)) == kept  # a current row is left as it is
