@@ -307,16 +307,15 @@ def encode(params: dict, cfg: ModelConfig, pixel_values: jax.Array) -> tuple[jax
             if pixel_values.shape[1] != 1:
                 raise ValueError(f"FlexAttention takes one image per sample; pixel_values has {pixel_values.shape[1]}")
             pixel_values = pixel_values[:, 0]
-        lr, hr = dual_path(params, cfg, S.constrain_batch(pixel_values))
-        return S.constrain_batch(lr), S.constrain_batch(hr)
+        return dual_path(params, cfg, S.constrain_batch(pixel_values))  # (the tiling before CLIP stays sharded)
     if pixel_values.ndim == 4:
         pixel_values = pixel_values[:, None]
     b, i, h, w, c = pixel_values.shape
     s = cfg.vision.image_size
     if (h, w) != (s, s):
         raise ValueError(f"pixel_values are {h}x{w}; the vision tower takes {s}x{s}")
-    feats = encode_images(params, cfg, S.constrain_batch(pixel_values.reshape(b * i, h, w, c)))
-    return S.constrain_batch(feats.reshape(b, i * feats.shape[1], -1)), None
+    feats = encode_images(params, cfg, pixel_values.reshape(b * i, h, w, c))
+    return feats.reshape(b, i * feats.shape[1], -1), None
 
 
 def embed_inputs(

@@ -139,8 +139,8 @@ def clip_features(vision_params: dict, cfg: ModelConfig, pixels: Float[Array, "N
     layers = jax.tree.map(lambda a: a[:n], vision_params["layers"])
     layer = VisionLayer(cfg)
 
-    def body(x, p):  # the views stay batch-sharded under a mesh (sharding.constrain_batch)
-        return S.constrain_batch(layer.apply({"params": p}, S.constrain_batch(x))), None
+    def body(x, p):  # each layer's input stays batch-sharded under a mesh (sharding.constrain_batch)
+        return layer.apply({"params": p}, S.constrain_batch(x)), None
 
     if cfg.scan_layers:
         x, _ = jax.lax.scan(body, x, layers)
