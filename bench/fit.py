@@ -92,8 +92,12 @@ def done_jobs(res: dict[str, Any]) -> set[tuple]:
             | {("depth", d["layers"]) for d in res["depth"]})
 
 
+DEPTH_TARGET = "v5p-64"  # the compile-seconds-by-depth jobs
+
+
 def _target_of(job: tuple) -> str:
-    return {"train": lambda: job[2], "infer": lambda: job[1], "depth": lambda: "v5p-64"}[job[0]]()
+    """A job's target: ('train', model, target), ('infer', target, mesh, program), ('depth', layers)."""
+    return job[2] if job[0] == "train" else job[1] if job[0] == "infer" else DEPTH_TARGET
 
 
 def rederive_estimate(row: dict[str, Any]) -> dict[str, Any]:
@@ -147,8 +151,8 @@ def run(quick: bool, log, save=lambda res: None, previous: dict[str, Any] | None
                 log(f"    peak {r.per_chip_bytes['peak'] / 2**30:.2f} GiB, {r.compile_seconds:.0f} s")
                 out["inference"].append({**_row(r), "mesh": mesh})
             else:
-                r = aot.compile_program("v5p-64", configs["llava-flexattn-7b"], "train", per_device_batch=1, seq_len=SEQ, select_rows=ROWS,
-                                        layers=job[1], model_name="llava-flexattn-7b")
+                r = aot.compile_program(DEPTH_TARGET, configs["llava-flexattn-7b"], "train", per_device_batch=1, seq_len=SEQ,
+                                        select_rows=ROWS, layers=job[1], model_name="llava-flexattn-7b")
                 log(f"    {r.compile_seconds:.0f} s")
                 out["depth"].append({"layers": job[1], "compile_seconds": r.compile_seconds, "peak": r.per_chip_bytes["peak"]})
         except aot.AotError as e:
@@ -178,7 +182,7 @@ def table(res: dict[str, Any]) -> str:
         lines.append(f"{r['model'] + ' ' + r['program']:<20} {r['target']:<9} {r['chips']:>5} {r['global_batch']:>10} "
                      f"{peak:>9.1f} {r['capacity_bytes'] / 2**30:>6.0f} {step:>12} {'':>6} {kern}")
     if res["depth"]:
-        lines.append("compile seconds by depth (7B FlexAttention train, v5p-64): "
+        lines.append(f"compile seconds by depth (7B FlexAttention train, {DEPTH_TARGET}): "
                      + ", ".join(f"{d['layers']} layers {d['compile_seconds']:.0f} s" for d in res["depth"]))
     for s in res["skipped"]:
         lines.append(f"skipped {s}")

@@ -16,6 +16,21 @@ def with_signals(cmd: list[str], sigint: str = "default") -> list[str]:
     return [sys.executable, "-m", "tests.signals", sigint, *cmd]
 
 
+def open_fifo_for_writing(fifo, proc, timeout: float) -> int:
+    """A non-blocking write end of ``fifo`` once the CLI ``proc`` has opened it for reading (``os.open`` fails
+    until then); a CLI that exits or takes longer than ``timeout`` seconds fails the test with its stderr
+    instead of hanging it."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+            time.sleep(0.05)
+
+
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN if sys.argv[1] == "ignore" else signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -640,7 +640,7 @@ def test_table_covers_each_class():
 def test_signal_stops_generate_waiting_on_its_input(world: World, tmp_path, sig, sigint):
     """Ctrl-C / SIGTERM while the command waits for more input on a pipe whose writer stays open: it exits 130 / 143 at
     once with what is done written (a header and the one item read), no traceback, its inputs unchanged."""
-    from tests.signals import with_signals
+    from tests.signals import open_fifo_for_writing, with_signals
 
     fifo, out = tmp_path / "in.fifo", tmp_path / "out.jsonl"
     os.mkfifo(fifo)
@@ -650,14 +650,8 @@ def test_signal_stops_generate_waiting_on_its_input(world: World, tmp_path, sig,
            "--output", str(out), *GEN]
     proc = subprocess.Popen(with_signals(cmd, sigint), env=env, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
-                time.sleep(0.05)
+        deadline = time.monotonic() + 120  # for opening the FIFO and for the first answer
+        fd = open_fifo_for_writing(fifo, proc, timeout=120)
         os.write(fd, b"not json\n")  # one item (answered with its error: no compile), then the pipe stays open
         while not (out.exists() and len(out.read_text().splitlines()) == 2):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]

@@ -38,7 +38,7 @@ from flexattn_jax.generate import decode_step, generate, prefill, sample_token
 from flexattn_jax.selection import margin_patches
 
 from .checkpoints import write_tiny_checkpoint
-from .signals import with_signals
+from .signals import open_fifo_for_writing, with_signals
 
 STEPS = 6
 
@@ -287,14 +287,8 @@ def test_sigint_then_resume_equals_an_uninterrupted_run(ckpt_and_images, tmp_pat
     proc = subprocess.Popen(with_signals([*cmd, "--batch", str(fifo)], sigint="ignore"), env=_cli_env(cache_home),
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 240
-        while True:  # open the FIFO once the CLI has opened it for reading (a failed CLI must not hang the test)
-            try:
-                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
-                time.sleep(0.1)
+        deadline = time.monotonic() + 240  # for opening the FIFO and for the first answers
+        fd = open_fifo_for_writing(fifo, proc, timeout=240)
         os.set_blocking(fd, True)
         with os.fdopen(fd, "w") as w:  # the first 16 lines now; the reader then waits for more, mid-run
             w.write("".join(lines[:16]))
