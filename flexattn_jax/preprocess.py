@@ -17,6 +17,7 @@ assistant answers plus their ``</s>``, as LLaVA's ``preprocess_v1`` does.
 from __future__ import annotations
 
 import io
+import struct
 import threading
 import warnings
 from collections.abc import Sequence
@@ -142,7 +143,7 @@ def load_image(
             raise PreprocessError(f"image path is not a file: {path}")
         source, name = path, f"image file {path}"
     try:
-        with warnings.catch_warnings():  # our own limit below replaces PIL's DecompressionBombWarning
+        with _WARNINGS_LOCK, warnings.catch_warnings():  # our own limit below replaces PIL's bomb warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im_ctx = Image.open(source)
         with im_ctx as im:
@@ -171,32 +172,30 @@ def load_image(
         raise PreprocessError(f"{name if isinstance(path, bytes) else path}: {e}") from e
 
 
-_PROBE_LOCK = threading.Lock()
+_WARNINGS_LOCK = threading.Lock()  # warnings' filters are process-wide and image readers run in threads
 
 
 def _decoder_reason(path: Path) -> str | None:
     """Why PIL's plugin for the file's extension could not open it (e.g. TIFF: unknown pixel mode).
 
-    PIL only reports "cannot identify image file"; the recognising plugin's own message is
-    emitted as a warning when ``Image.WARN_POSSIBLE_FORMATS`` is set, so open once more with it.
+    PIL only reports "cannot identify image file"; run that one plugin on the file to get its own
+    message. No process-wide state is touched, so reader threads may call this concurrently.
     """
     fmt = Image.registered_extensions().get(path.suffix.lower())
-    with _PROBE_LOCK:  # the warnings filters and PIL's flag are process-wide; image readers run in threads
-        old = Image.WARN_POSSIBLE_FORMATS
-        Image.WARN_POSSIBLE_FORMATS = True
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    Image.open(path).close()
-                except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-                    pass
-        finally:
-            Image.WARN_POSSIBLE_FORMATS = old
-    for w in caught:
-        name, _, why = str(w.message).partition(" opening failed. ")
-        if why and name == fmt:  # the plugin of the file's extension (others just say "not a ... file")
-            return f"unsupported {name} image ({why})"
+    if fmt is None or fmt not in Image.OPEN:
+        return None
+    factory, accept = Image.OPEN[fmt]
+    try:
+        with open(path, "rb") as fp:
+            accepted = accept is None or accept(fp.read(16))
+            if not accepted or isinstance(accepted, str):  # a str is PIL's "looks like it, but ..." hint
+                return None  # not this format's signature: the generic message is the right one
+            fp.seek(0)
+            factory(fp, str(path)).close()
+    except (SyntaxError, IndexError, TypeError, struct.error) as e:  # what PIL's open swallows per plugin
+        return f"unsupported {fmt} image ({e})"
+    except (OSError, ValueError):
+        return None
     return None
 
 

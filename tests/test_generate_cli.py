@@ -64,6 +64,44 @@ def _cases(files):
     ]
 
 
+def test_decoder_reason_holds_under_reader_threads(files):
+    """The plugin's own reason comes back from many reader threads at once, while others juggle warnings.
+
+    (The reason once came from PIL's warnings: another thread's ``catch_warnings`` could swallow it.)"""
+    import threading
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flexattn_jax.preprocess import PreprocessError, load_image
+
+    stop = threading.Event()
+
+    def juggle():
+        while not stop.is_set():
+            with warnings.catch_warnings(record=True):
+                warnings.simplefilter("always")
+                warnings.warn("noise", stacklevel=1)
+
+    def read(_):
+        try:
+            load_image(files / "two_channel.tif")
+        except PreprocessError as e:
+            return str(e)
+        return "opened"
+
+    jugglers = [threading.Thread(target=juggle) for _ in range(4)]
+    for t in jugglers:
+        t.start()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            messages = list(pool.map(read, range(64)))
+    finally:
+        stop.set()
+        for t in jugglers:
+            t.join()
+    assert all("unsupported TIFF image (unknown pixel mode)" in m for m in messages), set(messages)
+
+
 def test_batch_reports_bad_items_and_answers_the_rest(ckpt, files, tmp_path, capsys):
     cases = _cases(files)
     batch = tmp_path / "in.jsonl"
