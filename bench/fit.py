@@ -9,8 +9,9 @@ v5e-8 and 1 x H200: prefill at batch 32 and one decode step. And compile seconds
 (one ``lax.scan`` over the layers). Every figure comes from :func:`flexattn_jax.app.aot.compile_program`;
 a target whose compiler is not installed (libtpu, the CUDA plugin) is reported as skipped, with why.
 
-The largest batch: compile at per-chip batch 1 and 2, extrapolate the peak linearly, then compile at
-the prediction and step down (or up) until the boundary is found: a few compiles per row.
+The largest batch: compile at per-chip batch 1 and 2, then where the peak, interpolated linearly between
+the nearest batches that fit and fail, meets the usable HBM, until the boundary is found: a few compiles
+per row. Then plain LLaVA-1.5-7B at the FlexAttention-7B row's batch, for the same-batch step ratio.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ def _row(r: aot.CompileReport) -> dict[str, Any]:
 
 
 def largest_batch(compile_at, log) -> tuple[aot.CompileReport | None, list[dict]]:
-    """Largest fitting per-chip batch by linear extrapolation of the peak from batches 1 and 2, then stepping."""
+    """Largest fitting per-chip batch: compile at 1 and 2, then at the batch where the peak, interpolated
+    linearly (secant through the nearest fitting and failing batches, or the two largest fitting ones),
+    meets the usable HBM, until a fitting batch and the next one that does not are both known."""
     seen: dict[int, aot.CompileReport] = {}
 
     def at(b: int) -> aot.CompileReport:
@@ -50,35 +53,37 @@ def largest_batch(compile_at, log) -> tuple[aot.CompileReport | None, list[dict]
             log(f"    batch {b}: peak {r.per_chip_bytes['peak'] / 2**30:.2f} GiB ({'fits' if r.fits else 'no'}), {r.compile_seconds:.0f} s")
         return seen[b]
 
-    one = at(1)
-    if not one.fits:
+    if not at(1).fits:
         return None, [_row(r) for r in seen.values()]
-    two = at(2)
-    slope = max(1, two.per_chip_bytes["peak"] - one.per_chip_bytes["peak"])
-    guess = int(1 + (one.usable_bytes - one.per_chip_bytes["peak"]) // slope)
-    b = max(1, min(MAX_BATCH, guess))
-    if at(b).fits:
-        while b < MAX_BATCH and at(b + 1).fits:
-            b += 1
-    else:
-        while b > 1 and not at(b).fits:
-            b -= 1
-    return at(b), [_row(r) for _, r in sorted(seen.items())]
+    lo, hi = (2, MAX_BATCH + 1) if at(2).fits else (1, 2)
+    while hi - lo > 1:
+        a = hi if hi in seen else max(b for b in seen if seen[b].fits and b < lo)
+        peak = lambda b: seen[b].per_chip_bytes["peak"]  # noqa: E731
+        slope = max(1.0, (peak(a) - peak(lo)) / (a - lo))
+        guess = lo + int((seen[lo].usable_bytes - peak(lo)) // slope)
+        b = min(max(guess, lo + 1), hi - 1)
+        if at(b).fits:
+            lo = b
+        else:
+            hi = b
+    return at(lo), [_row(r) for _, r in sorted(seen.items())]
 
 
 def jobs(quick: bool) -> list[tuple]:
     """The compiles in priority order, the goals' rows first.
 
-    Jobs: ('train', model, target), ('infer', target, mesh, program), ('depth', layers).
+    Jobs: ('train', model, target), ('same_batch', target) (plain LLaVA-1.5-7B at the FlexAttention-7B row's
+    batch, for the step-time ratio), ('infer', target, mesh, program), ('depth', layers).
     """
-    first = [("train", "llava-flexattn-7b", "v5p-64"), ("train", "llava-1.5-7b", "v5p-64"), ("train", "llava-flexattn-7b", "h100x8"),
-             ("train", "llava-flexattn-7b", "v5e-256")]
+    first = [("train", "llava-flexattn-7b", "v5p-64"), ("train", "llava-1.5-7b", "v5p-64"), ("same_batch", "v5p-64"),
+             ("train", "llava-flexattn-7b", "h100x8"), ("train", "llava-flexattn-7b", "v5e-256")]
     infer = [("infer", t, m, prog) for t, m in INFER for prog in ("prefill", "decode")]
     depth = [("depth", n) for n in (4, 8, 16)]
     if quick:
-        return first[:2] + infer + depth[:2]
+        return first[:3] + infer + depth[:2]
     rest = [("train", m, t) for m in TRAIN_MODELS for t in TRAIN_TARGETS if ("train", m, t) not in first]
-    return first + infer + depth + rest
+    same = [("same_batch", t) for t in TRAIN_TARGETS if ("same_batch", t) not in first]
+    return first + infer + depth + rest + same
 
 
 SETTINGS = {"seq_len": SEQ, "select_rows": ROWS, "image_px": 1008, "remat": "full", "compute": "bf16", "masters": "fp32 + AdamW",
@@ -88,6 +93,7 @@ SETTINGS = {"seq_len": SEQ, "select_rows": ROWS, "image_px": 1008, "remat": "ful
 def done_jobs(res: dict[str, Any]) -> set[tuple]:
     """The jobs an earlier (interrupted) run's JSON already holds; skipped ones are tried again."""
     return ({("train", e["model"], e["target"]) for e in res["train"]}
+            | {("same_batch", e["target"]) for e in res["same_batch"]}
             | {("infer", r["target"], r["mesh"], r["program"]) for r in res["inference"] if "mesh" in r}
             | {("depth", d["layers"]) for d in res["depth"]})
 
@@ -97,7 +103,34 @@ DEPTH_TARGET = "v5p-64"  # the compile-seconds-by-depth jobs
 
 def _target_of(job: tuple) -> str:
     """A job's target: ('train', model, target), ('infer', target, mesh, program), ('depth', layers)."""
-    return job[2] if job[0] == "train" else job[1] if job[0] == "infer" else DEPTH_TARGET
+    return job[2] if job[0] == "train" else job[1] if job[0] in ("infer", "same_batch") else DEPTH_TARGET
+
+
+def _kind(job: tuple) -> str:
+    """A job's --only kind: the same-batch comparison is a training job."""
+    return "train" if job[0] == "same_batch" else job[0]
+
+
+def same_batch(res: dict[str, Any], target: str, compile_at, log) -> dict[str, Any]:
+    """FlexAttention-7B's and plain LLaVA-1.5-7B's estimated train steps at one per-chip batch on ``target``.
+
+    The batch is the largest that fits FlexAttention; LLaVA-1.5 is compiled there unless its own search
+    already did. Raises :class:`aot.AotError` when the FlexAttention row is missing or fits no batch."""
+    rows = {e["model"]: e for e in res["train"] if e["target"] == target}
+    flex = rows.get("llava-flexattn-7b", {}).get("largest")
+    if flex is None:
+        raise aot.AotError(f"no llava-flexattn-7b row that fits on {target} to compare against")
+    if flex.get("step_seconds_estimate") is None:
+        raise aot.AotError(f"the {target} compiler gives no step-time estimate to compare")
+    b = flex["per_device_batch"]
+    plain = next((r for r in rows.get("llava-1.5-7b", {}).get("tried", []) if r["per_device_batch"] == b), None)
+    if plain is None:
+        plain = _row(compile_at(b))
+        log(f"    llava-1.5-7b at batch {b}: peak {plain['per_chip_bytes']['peak'] / 2**30:.2f} GiB, {plain['compile_seconds']:.0f} s")
+    steps = (flex.get("step_seconds_estimate"), plain.get("step_seconds_estimate"))
+    ratio = None if None in steps else steps[0] / steps[1]
+    return {"target": target, "per_device_batch": b, "flexattention_step_seconds": steps[0], "llava_step_seconds": steps[1],
+            "step_ratio": ratio, "llava": plain}
 
 
 def rederive_estimate(row: dict[str, Any]) -> dict[str, Any]:
@@ -120,11 +153,11 @@ def run(quick: bool, log, save=lambda res: None, previous: dict[str, Any] | None
     ``previous``: an earlier run's JSON with the same settings; its rows are kept and its jobs not compiled again.
     ``only``: run just the jobs of this kind (``train``, ``infer`` or ``depth``); ``targets``: just these targets.
     """
-    out: dict[str, Any] = {"settings": SETTINGS, "train": [], "inference": [], "depth": [], "skipped": []}
+    out: dict[str, Any] = {"settings": SETTINGS, "train": [], "same_batch": [], "inference": [], "depth": [], "skipped": []}
     if previous is not None:
         if previous.get("settings") != SETTINGS:
             raise SystemExit(f"--resume: the earlier results were made with other settings ({previous.get('settings')}), not {SETTINGS}")
-        out.update({k: list(previous.get(k, [])) for k in ("train", "inference", "depth")})
+        out.update({k: list(previous.get(k, [])) for k in ("train", "same_batch", "inference", "depth")})
         for e in out["train"]:
             for r in [e["largest"], *e["tried"]]:
                 if r is not None:
@@ -132,7 +165,7 @@ def run(quick: bool, log, save=lambda res: None, previous: dict[str, Any] | None
     done = done_jobs(out)
     configs = {m: aot.load_model_config(m) for m in TRAIN_MODELS}
     for job in jobs(quick):
-        if job in done or (only is not None and job[0] != only) or (targets and _target_of(job) not in targets):
+        if job in done or (only is not None and _kind(job) != only) or (targets and _target_of(job) not in targets):
             continue
         log(" ".join(str(x) for x in job))
         try:
@@ -142,6 +175,11 @@ def run(quick: bool, log, save=lambda res: None, previous: dict[str, Any] | None
                 best, tried = largest_batch(lambda b, t=t, model=model: aot.compile_program(
                     t, configs[model], "train", per_device_batch=b, seq_len=SEQ, select_rows=ROWS, remat="full", model_name=model), log)
                 out["train"].append({"model": model, "target": target, "largest": None if best is None else _row(best), "tried": tried})
+            elif job[0] == "same_batch":
+                t = aot.parse_target(job[1])
+                out["same_batch"].append(same_batch(out, job[1], lambda b, t=t: aot.compile_program(
+                    t, configs["llava-1.5-7b"], "train", per_device_batch=b, seq_len=SEQ, select_rows=ROWS, remat="full",
+                    model_name="llava-1.5-7b"), log))
             elif job[0] == "infer":
                 _, target, mesh, program = job
                 t = aot.parse_target(target)
@@ -176,6 +214,9 @@ def table(res: dict[str, Any]) -> str:
         peak = r["per_chip_bytes"]["peak"] / 2**30
         lines.append(f"{e['model']:<20} {e['target']:<9} {r['chips']:>5} {r['per_device_batch']:>10} {peak:>9.1f} "
                      f"{r['capacity_bytes'] / 2**30:>6.0f} {step:>12} {mfu:>6} {kern}")
+    for c in res.get("same_batch", []):
+        ratio = "" if c["step_ratio"] is None else f"{c['step_ratio']:.2f}x"
+        lines.append(f"FlexAttention-7B / LLaVA-1.5-7B step at batch {c['per_device_batch']}/chip on {c['target']}: {ratio}")
     for r in res["inference"]:
         step = "" if r.get("step_seconds_estimate") is None else f"{r['step_seconds_estimate']:.4f}"
         peak, kern = r["per_chip_bytes"]["peak"] / 2**30, sum(r["kernels"].values())
@@ -191,7 +232,8 @@ def table(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fit", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="7B FlexAttention on v5p-64, the inference rows and two depths only")
+    p.add_argument("--quick", action="store_true", help="7B FlexAttention and LLaVA-1.5 on v5p-64 (and their same-batch step ratio), "
+                   "the inference rows and two depths only")
     p.add_argument("--out", default=None, help="also write the JSON here (after every compile, so an interrupted run keeps its rows)")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --out and compile only the missing ones")
     p.add_argument("--only", choices=("train", "infer", "depth"), help="compile only the jobs of this kind")

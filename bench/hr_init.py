@@ -1,4 +1,5 @@
-"""Fine-tuning a plain LLaVA into LLaVA-FlexAttn: ``k_hr``/``v_hr`` copied from ``k``/``v`` vs random N(0, 0.02).
+"""Fine-tuning a plain LLaVA into LLaVA-FlexAttn: ``k_hr``/``v_hr`` copied from ``k``/``v`` (as they are, or with the
+input norm folded in: ``copy-normed``, the demo's) vs random N(0, 0.02).
 
 On the demo's task (:mod:`flexattn_jax.app.demo`: a tiny LLaVA pretrained on 56 px close-ups, then
 fine-tuned with FlexAttention on 168 px images where only the HR tokens show the pattern) one
@@ -31,7 +32,7 @@ import numpy as np
 
 from flexattn_jax.app import demo
 from flexattn_jax.app.demo_data import build_demo_tokenizer
-from flexattn_jax.params import HR_INITS, add_hr_projections, init_params
+from flexattn_jax.params import HR_INITS, init_params
 
 TARGETS = (1.0, 0.7, 0.5, 0.3, 0.2)
 
@@ -55,7 +56,7 @@ def run_seed(seed: int, budget: demo.Budget, lr: float, window: int, targets: tu
              progress: bool, inits: tuple[str, ...] = HR_INITS) -> dict[str, Any]:
     """Pretrain once, fine-tune with each HR init; per init the loss curve and steps to each target."""
     tok = build_demo_tokenizer()
-    cfg = demo.smoke_config(len(tok))
+    cfg = demo.demo_model_config(len(tok))
     lr_cfg = dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, enabled=False))
     close_ups, train_items, _ = demo.splits(cfg, budget, seed)
     t0 = time.perf_counter()
@@ -64,7 +65,7 @@ def run_seed(seed: int, budget: demo.Budget, lr: float, window: int, targets: tu
     plain = jax.device_get(plain)
     out: dict[str, Any] = {"seed": seed, "pretrain_last_loss": pre["last_loss"], "pretrain_seconds": time.perf_counter() - t0}
     for init in inits:
-        params = add_hr_projections(plain, init, key=jax.random.key(seed + 7919))
+        params, _ = demo.hr_projections(plain, cfg, train_items, init, seed)
         t0 = time.perf_counter()
         _, summary, records = demo.train_stage(f"finetune-{init}", cfg, params, train_items, budget.finetune_steps, lr,
                                                "projector,llm", tok, budget, scratch / f"s{seed}", progress)
@@ -80,19 +81,17 @@ def run_seed(seed: int, budget: demo.Budget, lr: float, window: int, targets: tu
 
 
 def table(results: dict[str, Any]) -> str:
-    """Per seed and target: steps to reach it with copy and with random init, and the ratio."""
+    """Per seed and target: steps to reach it with each init that ran, and each init's final smoothed loss."""
     targets = results["targets"]
-    lines = [f"{'seed':>4} {'target':>7} {'copy':>6} {'random':>7} {'random/copy':>12}"]
+    lines = []
     for r in results["seeds"]:
-        if not all(i in r for i in HR_INITS):
-            continue
+        inits = [i for i in HR_INITS if i in r]
+        if not lines:
+            lines.append(f"{'seed':>4} {'target':>7} " + " ".join(f"{i:>12}" for i in inits))
         for t in targets:
-            c, x = r["copy"]["steps_to"][str(t)], r["random"]["steps_to"][str(t)]
-            ratio = f"{x / c:.2f}" if c and x else ("copy only" if c else "-")
-            lines.append(f"{r['seed']:>4} {t:>7.2f} {c if c else '-':>6} {x if x else '-':>7} {ratio:>12}")
-        last = str(len(r["copy"]["losses"]))
-        lines.append(f"{r['seed']:>4} final smoothed loss: copy {r['copy']['smoothed_at'][last]:.4f}, "
-                     f"random {r['random']['smoothed_at'][last]:.4f}")
+            lines.append(f"{r['seed']:>4} {t:>7.2f} " + " ".join(f"{r[i]['steps_to'][str(t)] or '-':>12}" for i in inits))
+        lines.append(f"{r['seed']:>4} final smoothed loss: " + ", ".join(
+            f"{i} {r[i]['smoothed_at'][str(len(r[i]['losses']))]:.4f}" for i in inits))
     return "\n".join(lines)
 
 
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=10, help="smoothing window in steps (default 10)")
     p.add_argument("--targets", help=f"comma list of target losses (default {','.join(map(str, TARGETS))})")
     p.add_argument("--inits", default=",".join(HR_INITS),
-                   help="comma list of HR inits to fine-tune with (default copy,random; one each in two processes runs them "
+                   help="comma list of HR inits to fine-tune with (default all three; one each in two processes runs them "
                    "in parallel: the pretraining is deterministic, so both start from the same model)")
     p.add_argument("--scratch", help="directory for the stages' checkpoints (default: a temporary one, removed)")
     p.add_argument("--progress", action="store_true", help="print the train loop's metric lines")

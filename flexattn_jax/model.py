@@ -318,6 +318,17 @@ def encode(params: dict, cfg: ModelConfig, pixel_values: jax.Array) -> tuple[jax
     return feats.reshape(b, i * feats.shape[1], -1), None
 
 
+def hr_feature_rms(params: dict, cfg: ModelConfig, pixel_values: Float[Array, "B H W C"]) -> float:
+    """Root mean square of the HR features (the projector's output for the tiles) of a batch of images.
+
+    The scale :func:`flexattn_jax.params.add_hr_projections` (``init='copy-normed'``) folds into the HR kernels.
+    ``params`` may be a plain LLaVA tree: the dual path only uses the vision tower and the projector."""
+    if not cfg.flex.enabled:
+        raise ValueError("hr_feature_rms needs a FlexAttention config (cfg.flex.enabled): a plain model has no HR features")
+    _, hr = jax.jit(encode, static_argnums=1)(params, cfg, jnp.asarray(pixel_values))
+    return float(jnp.sqrt(jnp.mean(jnp.square(hr.astype(jnp.float32)))))
+
+
 def embed_inputs(
     params: dict,
     cfg: ModelConfig,

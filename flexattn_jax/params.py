@@ -111,18 +111,24 @@ def count_params(params: Params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-HR_INITS = ("copy", "random")
+HR_INITS = ("copy", "copy-normed", "random")
 
 
-def add_hr_projections(params: Params, init: str = "copy", key: jax.Array | None = None, std: float = 0.02) -> Params:
+def add_hr_projections(params: Params, init: str = "copy", key: jax.Array | None = None, std: float = 0.02,
+                       feature_rms: float | None = None) -> Params:
     """A FlexAttention tree from a plain LLaVA one: adds ``k_hr`` / ``v_hr`` (FlexAttention's ``k_proj_hd`` / ``v_proj_hd``).
 
     ``init='copy'`` (default) starts them as copies of ``k`` / ``v``: the HR keys and values then begin as
     what the pretrained layers would compute for those image tokens in the sequence, so fine-tuning
     starts from a model that can already read them (the release's dropped preparation script did this;
-    ``bench/hr_init.py`` measures the difference). ``init='random'`` draws N(0, ``std``) from ``key``, the
-    release's HF loader init. Returns a new tree; existing ``k_hr`` / ``v_hr`` are an error rather than
-    silently overwritten. Jittable (``init`` static), e.g. with ``out_shardings`` for a sharded tree.
+    ``bench/hr_init.py`` measures the difference). ``init='copy-normed'`` also folds each layer's input
+    RMSNorm in, at the HR features' RMS ``feature_rms`` (:func:`flexattn_jax.model.hr_feature_rms`):
+    ``k_hr = diag(norm scale / feature_rms) k``. The hierarchical attention applies ``k_hr`` to the
+    projector's output without that norm, so plain copies give HR keys and values at the features' scale
+    (RMS 0.06 in the demo's model, against ~1 for the normed rows: the HR path starts mute).
+    ``init='random'`` draws N(0, ``std``) from ``key``, the release's HF loader init. Returns a new tree;
+    existing ``k_hr`` / ``v_hr`` are an error rather than silently overwritten. Jittable (``init``
+    static), e.g. with ``out_shardings`` for a sharded tree.
     """
     if init not in HR_INITS:
         raise ValueError(f"unknown HR projection init {init!r}; choose one of {', '.join(HR_INITS)}")
@@ -132,6 +138,11 @@ def add_hr_projections(params: Params, init: str = "copy", key: jax.Array | None
     k, v = attn["k"]["kernel"], attn["v"]["kernel"]
     if init == "copy":
         k_hr, v_hr = jnp.array(k), jnp.array(v)
+    elif init == "copy-normed":
+        if feature_rms is None or not feature_rms > 0:
+            raise ValueError(f"init='copy-normed' needs the HR features' RMS (feature_rms > 0), got {feature_rms}")
+        fold = params["text"]["layers"]["input_norm"]["scale"][:, :, None].astype(jnp.float32) / feature_rms  # (L, D, 1)
+        k_hr, v_hr = (k * fold).astype(k.dtype), (v * fold).astype(v.dtype)
     else:
         if key is None:
             raise ValueError("init='random' needs a key")

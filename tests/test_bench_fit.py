@@ -2,6 +2,7 @@
 
 (The real compiles are minutes each at 7B: bench.fit runs them; tests/test_aot_tpu.py compiles tiny models.)"""
 
+import dataclasses
 import json
 
 import pytest
@@ -13,18 +14,20 @@ GIB = 2**30
 
 
 def _fake_compile(calls):
-    """Peak = 10 GiB + 7 GiB per sample per chip against 95 GiB usable: batch 12 is the largest that fits."""
+    """Peak = 10 GiB + 7 GiB per sample per chip (plain LLaVA: 5 GiB) against 95 GiB usable: batch 12 is the
+    largest that fits (plain: 17); the step is 2 s per sample per chip (plain: 1 s)."""
 
     def compile_program(target, model, program="train", *, per_device_batch=1, mesh=None, layers=None, model_name=None, **_):
         calls.append((program, getattr(target, "name", target), model_name, per_device_batch))
-        peak = (10 + 7 * per_device_batch) * GIB
+        plain = model_name == "llava-1.5-7b"
+        peak = (10 + (5 if plain else 7) * per_device_batch) * GIB
         return aot.CompileReport(
             target=str(getattr(target, "name", target)), topology="fake", chips=8, mesh={"data": 8}, model=model_name or "m",
             program=program, layers=layers or 32, global_batch=8 * per_device_batch, per_device_batch=per_device_batch,
             seq_len=fit.SEQ, select_rows=fit.ROWS, attention_impl="auto", remat="full",
             per_chip_bytes={"arguments": GIB, "temporaries": peak - GIB, "outputs": 0, "peak": peak}, capacity_bytes=100 * GIB,
             usable_bytes=95 * GIB, fits=peak <= 95 * GIB, kernels={}, compile_seconds=1.0, flops_per_chip=1e12,
-            model_flops_per_chip=1e12)
+            model_flops_per_chip=1e12, step_seconds_estimate=(1.0 if plain else 2.0) * per_device_batch)
 
     return compile_program
 
@@ -43,6 +46,23 @@ def test_largest_batch_finds_the_boundary(calls):
     assert [r["per_device_batch"] for r in tried] == [1, 2, 12, 13] and not tried[-1]["fits"]
 
 
+def test_largest_batch_converges_on_a_curved_peak_in_few_compiles(calls):
+    """A peak that grows faster than linearly (5 + 1.2 b + 0.012 b^2 GiB, 90 GiB usable): the boundary, not
+    one compile per batch above the first guess (the plain 7B's search once stepped 57, 58, ... 64)."""
+    usable, peak = 90 * GIB, lambda b: (5 + 1.2 * b + 0.012 * b * b) * GIB
+    made = []
+
+    def compile_at(b):
+        made.append(b)
+        r = aot.compile_program("v5p-64", "m", per_device_batch=b)
+        return dataclasses.replace(r, per_chip_bytes={**r.per_chip_bytes, "peak": peak(b)}, usable_bytes=usable, fits=peak(b) <= usable)
+
+    best, tried = fit.largest_batch(compile_at, lambda m: None)
+    want = max(b for b in range(1, fit.MAX_BATCH + 1) if peak(b) <= usable)
+    assert best.per_device_batch == want and want + 1 in made and not [r for r in tried if r["per_device_batch"] == want + 1][0]["fits"]
+    assert len(made) <= 6, made  # 1, 2, 64, 43, 47, 48 (stepping down from 64 took 19)
+
+
 def test_resume_compiles_only_the_missing_jobs(calls, tmp_path, capsys):
     out = tmp_path / "fit.json"
     assert fit.main(["--quick", "--only", "infer", "--out", str(out)]) == 0
@@ -51,12 +71,17 @@ def test_resume_compiles_only_the_missing_jobs(calls, tmp_path, capsys):
     calls.clear()
     assert fit.main(["--only", "train", "--target", "v4-32", "--resume", "--out", str(out)]) == 0
     assert {(c[1], c[2]) for c in calls} == {("v4-32", m) for m in fit.TRAIN_MODELS}  # one target, its three models
+    same = json.loads(out.read_text())["same_batch"]  # plain LLaVA compiled again at FlexAttention's largest batch
+    assert calls[-1] == ("train", "v4-32", "llava-1.5-7b", 12)
+    assert same == [{"target": "v4-32", "per_device_batch": 12, "flexattention_step_seconds": 24.0, "llava_step_seconds": 12.0,
+                     "step_ratio": 2.0, "llava": same[0]["llava"]}] and same[0]["llava"]["per_device_batch"] == 12
     out.write_text(json.dumps(first))
     calls.clear()
     assert fit.main(["--quick", "--resume", "--out", str(out)]) == 0  # the train and depth jobs, not the inference again
     second = json.loads(out.read_text())
     assert second["inference"] == first["inference"] and {c[0] for c in calls} == {"train"}
-    assert [e["largest"]["per_device_batch"] for e in second["train"]] == [12, 12] and len(second["depth"]) == 2
+    assert [e["largest"]["per_device_batch"] for e in second["train"]] == [12, 17] and len(second["depth"]) == 2
+    assert [c["step_ratio"] for c in second["same_batch"]] == [2.0]
     calls.clear()
     assert fit.main(["--quick", "--resume", "--out", str(out)]) == 0 and calls == []  # nothing left to compile
     assert "llava-flexattn-7b" in capsys.readouterr().out

@@ -256,6 +256,24 @@ def test_hr_init_default_is_copy_and_random_is_normal():
         add_hr_projections(plain, "zero")
 
 
+def test_hr_init_copy_normed_reads_a_feature_as_the_normed_row_would():
+    """k_hr(h) = k(input_norm(h)) for an HR feature h whose RMS is feature_rms, in every layer; v likewise."""
+    plain = random_params(PLAIN, seed=1)
+    layers = plain["text"]["layers"]
+    scale = np.asarray(layers["input_norm"]["scale"]) + np.linspace(0.5, 1.5, layers["input_norm"]["scale"].shape[-1])
+    plain = {**plain, "text": {**plain["text"], "layers": {**layers, "input_norm": {"scale": scale}}}}  # not all ones
+    h = np.random.default_rng(0).normal(size=(5, scale.shape[-1])).astype(np.float32)
+    normed = h / np.sqrt(np.mean(h**2, axis=-1, keepdims=True))  # what the layer's RMSNorm makes of a row
+    h = 0.06 * normed  # features of RMS 0.06, as the demo model's projector gives
+    grown = add_hr_projections(plain, "copy-normed", feature_rms=0.06)["text"]["layers"]["attn"]
+    for hr, name in (("k_hr", "k"), ("v_hr", "v")):
+        for i in range(scale.shape[0]):
+            want = (normed * scale[i]) @ np.asarray(layers["attn"][name]["kernel"][i])
+            np.testing.assert_allclose(h @ np.asarray(grown[hr]["kernel"][i]), want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="feature_rms"):
+        add_hr_projections(plain, "copy-normed")
+
+
 if os.name != "posix":  # the read-only-file-system cases use /proc
     pytestmark = pytest.mark.skip("POSIX only")
 

@@ -8,7 +8,8 @@ train step (:func:`train.loop.train`, all devices, orbax checkpoints):
 1. **pretrain** a plain LLaVA (CLIP 56 px + 4-layer Llama, FlexAttention off) on 56 px close-ups,
    where the patterns are visible: the stand-in for a pretrained LLaVA-1.5;
 2. **fine-tune** it as LLaVA-FlexAttn on 168 px images (a 56 px LR view in the sequence, 3 x 3 HR
-   tiles on the side): ``k_hr``/``v_hr`` start from ``k``/``v``, the vision tower is frozen;
+   tiles on the side): ``k_hr``/``v_hr`` start from ``k``/``v`` with the input norm folded in
+   (:func:`hr_projections`), the vision tower is frozen;
 3. **evaluate** held-out images with the batched jitted generation in three modes: FlexAttention,
    LR only (nothing selected) and random selection (the paper's ablation);
 4. write ``attention.png`` (where the last token looked and which HR tokens it selected),
@@ -36,8 +37,9 @@ from flexattn_jax.app.inference import Request, answer
 from flexattn_jax.app.visualize import answer_maps, mask_layer, save_grid
 from flexattn_jax.config import FlexConfig, ModelConfig, TextConfig, VisionConfig
 from flexattn_jax.flops import forward_flops
+from flexattn_jax.model import hr_feature_rms
 from flexattn_jax.params import add_hr_projections, init_params
-from flexattn_jax.preprocess import SYSTEM_PROMPT
+from flexattn_jax.preprocess import SYSTEM_PROMPT, preprocess_image
 from flexattn_jax.tokenizer import IMAGE_ID
 
 OBJECT_PX = (18, 24)  # the patterned square's side at 168 px: one to four HR tokens, a blur at 56 px
@@ -45,15 +47,20 @@ MARKER = ".flexattn-jax-demo"  # written into --out: a directory the demo may re
 
 
 def demo_model_config(vocab_size: int) -> ModelConfig:
-    """A CLIP (56 px, 14 px patches) + 4-layer Llama; FlexAttention at 168 px, selection at layer 1."""
+    """A CLIP (56 px, 14 px patches) + 4-layer Llama; FlexAttention at 168 px, selection from layer 0.
+
+    Hierarchical attention in layers 1-3: a tiny decoder needs the HR tokens early to learn to read them
+    (selecting at layer 1, the release's depth fraction, left seed 1 on the LR-only plateau)."""
     return ModelConfig(
         vision=VisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, image_size=56, patch_size=14),
         text=TextConfig(
             vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
             max_position_embeddings=512,
         ),
-        flex=FlexConfig(enabled=True, zoom_ratio=3, lowres_size=56, highres_size=168, first_select_layer=1, threshold=64.0,
-                        warmup=10.0),  # the release's training script: alpha reaches 1 after a tenth of an epoch
+        # selection from layer 0 (the release: 8 of 32); the warm-up of the release's training script: alpha reaches 1
+        # after a tenth of an epoch
+        flex=FlexConfig(enabled=True, zoom_ratio=3, lowres_size=56, highres_size=168, first_select_layer=0, threshold=64.0,
+                        warmup=10.0),
         image_token_id=IMAGE_ID,
         pad_token_id=3,
         eos_token_id=2,
@@ -96,6 +103,23 @@ def modes(cfg: ModelConfig) -> dict[str, ModelConfig]:
         "lr-only": dataclasses.replace(cfg, flex=dataclasses.replace(flex, threshold=256.0)),  # nothing passes 255
         "random-selection": dataclasses.replace(cfg, flex=dataclasses.replace(flex, selection="random")),
     }
+
+
+HR_INIT = "copy-normed"  # the fine-tune's k_hr/v_hr: copies of k/v with the input norm folded in (see hr_projections)
+
+
+def hr_projections(plain: dict, cfg: ModelConfig, items, init: str = HR_INIT, seed: int = 0) -> tuple[dict, float | None]:
+    """The pretrained plain LLaVA with FlexAttention's ``k_hr``/``v_hr`` added (:func:`params.add_hr_projections`).
+
+    ``copy-normed`` (the demo's default; a departure from the release, which copies ``k``/``v`` as they are)
+    measures the HR features' RMS on the first fine-tuning batch: in this tiny model the projector's output
+    has RMS ~0.06 against ~1 for the normed rows that ``k``/``v`` were trained on, so plain copies start the HR
+    path mute and seed 1 never left the LR-only plateau. Returns ``(params, feature_rms or None)``."""
+    rms = None
+    if init == "copy-normed":
+        pixels = np.stack([preprocess_image(img, cfg.image_size)[0] for img, *_ in items[:32]])
+        rms = hr_feature_rms(plain, cfg, pixels)
+    return add_hr_projections(plain, init, key=jax.random.key(seed + 7919), feature_rms=rms), rms
 
 
 def _records(items) -> list[dict[str, Any]]:
@@ -222,7 +246,7 @@ def run(
     params = init_params(lr_cfg, jax.random.key(seed))
     params, pretrain, _ = train_stage("pretrain", lr_cfg, params, close_ups, budget.pretrain_steps, 1e-3, "all",
                                     tokenizer, budget, out, progress)
-    params = add_hr_projections(jax.device_get(params))
+    params, feature_rms = hr_projections(jax.device_get(params), cfg, train_items, seed=seed)
     params, finetune, _ = train_stage("finetune", cfg, params, train_items, budget.finetune_steps, 2e-3, "projector,llm",
                                     tokenizer, budget, out, progress)
 
@@ -238,7 +262,8 @@ def run(
         "trained": True, "classes": list(CLASSES), "chance": 1 / len(CLASSES), "n_test": len(test_items),
         "devices": jax.device_count(), "environment": environment(), "budget": dataclasses.asdict(budget),
         "data_seconds": data_seconds,
-        "stages": {"pretrain": pretrain, "finetune": finetune}, "model": str(model_dir), "modes": {},
+        "stages": {"pretrain": pretrain, "finetune": finetune}, "hr_init": {"init": HR_INIT, "feature_rms": feature_rms},
+        "model": str(model_dir), "modes": {},
     }
     flex_answers = None
     layer = mask_layer(cfg)
