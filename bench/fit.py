@@ -55,10 +55,12 @@ def largest_batch(compile_at, log) -> tuple[aot.CompileReport | None, list[dict]
 
     if not at(1).fits:
         return None, [_row(r) for r in seen.values()]
+    def peak(b: int) -> int:
+        return seen[b].per_chip_bytes["peak"]
+
     lo, hi = (2, MAX_BATCH + 1) if at(2).fits else (1, 2)
     while hi - lo > 1:
         a = hi if hi in seen else max(b for b in seen if seen[b].fits and b < lo)
-        peak = lambda b: seen[b].per_chip_bytes["peak"]  # noqa: E731
         slope = max(1.0, (peak(a) - peak(lo)) / (a - lo))
         guess = lo + int((seen[lo].usable_bytes - peak(lo)) // slope)
         b = min(max(guess, lo + 1), hi - 1)

@@ -112,7 +112,7 @@ def hr_projections(plain: dict, cfg: ModelConfig, items, init: str = HR_INIT, se
     """The pretrained plain LLaVA with FlexAttention's ``k_hr``/``v_hr`` added (:func:`params.add_hr_projections`).
 
     ``copy-normed`` (the demo's default; a departure from the release, which copies ``k``/``v`` as they are)
-    measures the HR features' RMS on the first fine-tuning batch: in this tiny model the projector's output
+    measures the HR features' RMS on the first 32 fine-tuning images: in this tiny model the projector's output
     has RMS ~0.06 against ~1 for the normed rows that ``k``/``v`` were trained on, so plain copies start the HR
     path mute and seed 1 never left the LR-only plateau. Returns ``(params, feature_rms or None)``."""
     rms = None
