@@ -85,7 +85,8 @@ def jobs(quick: bool) -> list[tuple]:
         return first[:3] + infer + depth[:2]
     rest = [("train", m, t) for m in TRAIN_MODELS for t in TRAIN_TARGETS if ("train", m, t) not in first]
     same = [("same_batch", t) for t in TRAIN_TARGETS if ("same_batch", t) not in first]
-    return first + infer + depth + rest + same
+    big = [j for j in rest if "13b" in j[1]]  # last: a 13B TPU compile takes far longer than a 7B one here
+    return first + infer + depth + [j for j in rest if j not in big] + same + big
 
 
 SETTINGS = {"seq_len": SEQ, "select_rows": ROWS, "image_px": 1008, "remat": "full", "compute": "bf16", "masters": "fp32 + AdamW",

@@ -106,6 +106,19 @@ def test_mesh_must_cover_the_slice_and_cli_errors(capsys):
     assert "unknown --target 'v9-8'" in capsys.readouterr().err
 
 
+@needs_libtpu
+@pytest.mark.parametrize("name,chips", [("v4-32", 16), ("v5p-8", 4), ("v6e-8", 8)])
+def test_tpu_slices_give_one_device_per_chip(name, chips):
+    """v4 and v5p chips have two TensorCores; libtpu's default v4 topology has a device per core, which jax's
+    TPU meshes refuse ("requires one device per chip"): the targets ask for megacore devices."""
+    from flexattn_jax.app import aot
+
+    target = aot.parse_target(name)
+    mesh = aot.target_mesh_for(target, None)
+    assert mesh.devices.size == chips == target.chips
+    assert {getattr(d, "core_on_chip", 0) for d in mesh.devices.flat} == {0}
+
+
 def test_cuda_target_without_plugin_names_the_extra():
     from flexattn_jax.app import aot
 

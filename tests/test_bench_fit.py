@@ -72,7 +72,8 @@ def test_resume_compiles_only_the_missing_jobs(calls, tmp_path, capsys):
     assert fit.main(["--only", "train", "--target", "v4-32", "--resume", "--out", str(out)]) == 0
     assert {(c[1], c[2]) for c in calls} == {("v4-32", m) for m in fit.TRAIN_MODELS}  # one target, its three models
     same = json.loads(out.read_text())["same_batch"]  # plain LLaVA compiled again at FlexAttention's largest batch
-    assert calls[-1] == ("train", "v4-32", "llava-1.5-7b", 12)
+    first_13b = next(i for i, c in enumerate(calls) if c[2] == "llava-flexattn-13b")  # the slow 13B search comes last
+    assert calls[first_13b - 1] == ("train", "v4-32", "llava-1.5-7b", 12) and all("13b" in c[2] for c in calls[first_13b:])
     assert same == [{"target": "v4-32", "per_device_batch": 12, "flexattention_step_seconds": 24.0, "llava_step_seconds": 12.0,
                      "step_ratio": 2.0, "llava": same[0]["llava"]}] and same[0]["llava"]["per_device_batch"] == 12
     out.write_text(json.dumps(first))

@@ -144,11 +144,17 @@ def target_devices(target: Target) -> list:
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         if importlib.util.find_spec("libtpu") is None:
             raise AotError(f"--target {target.name} needs libtpu: pip install 'flexattn-jax[tpu]' (jax[tpu]>=0.10,<0.11)")
+        # one device per chip: libtpu's default for v4 is a device per TensorCore, which jax's TPU meshes refuse;
+        # "megacore" fuses a chip's two cores into one device, as v4/v5p slices run (and as MaxText's AOT compiles)
+        options = {"chip_config_name": "megacore"} if target.chip.cores_per_chip > 1 else {}
         try:
-            topo = topologies.get_topology_desc(topology_name=target.topology, platform="tpu")
+            topo = topologies.get_topology_desc(topology_name=target.topology, platform="tpu", **options)
         except Exception as e:  # libtpu rejects shapes it does not know: say which one
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise AotError(f"--target {target.name}: libtpu could not describe the topology {target.topology!r} ({first})") from e
+        if len(topo.devices) != target.chips:
+            raise AotError(f"--target {target.name}: libtpu described {len(topo.devices)} devices for {target.topology!r}, "
+                           f"not one per chip ({target.chips})")
         return list(topo.devices)
     if not any(importlib.util.find_spec(p) for p in ("jax_cuda13_plugin", "jax_cuda12_plugin")):
         raise AotError(f"--target {target.name} needs the CUDA plugin: pip install 'flexattn-jax[cuda]' (jax[cuda13]>=0.10,<0.11)")
