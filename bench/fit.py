@@ -150,11 +150,12 @@ def rederive_estimate(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(quick: bool, log, save=lambda res: None, previous: dict[str, Any] | None = None,
-        only: str | None = None, targets: Sequence[str] | None = None) -> dict[str, Any]:
+        only: str | None = None, targets: Sequence[str] | None = None, models: Sequence[str] | None = None) -> dict[str, Any]:
     """The table's compiles, in :func:`jobs` order; ``save(res)`` after each (a long run keeps what it has).
 
     ``previous``: an earlier run's JSON with the same settings; its rows are kept and its jobs not compiled again.
-    ``only``: run just the jobs of this kind (``train``, ``infer`` or ``depth``); ``targets``: just these targets.
+    ``only``: run just the jobs of this kind (``train``, ``infer`` or ``depth``); ``targets``: just these targets;
+    ``models``: just the training searches of these models (the other kinds of job are not filtered by model).
     """
     out: dict[str, Any] = {"settings": SETTINGS, "train": [], "same_batch": [], "inference": [], "depth": [], "skipped": []}
     if previous is not None:
@@ -168,7 +169,8 @@ def run(quick: bool, log, save=lambda res: None, previous: dict[str, Any] | None
     done = done_jobs(out)
     configs = {m: aot.load_model_config(m) for m in TRAIN_MODELS}
     for job in jobs(quick):
-        if job in done or (only is not None and _kind(job) != only) or (targets and _target_of(job) not in targets):
+        if (job in done or (only is not None and _kind(job) != only) or (targets and _target_of(job) not in targets)
+                or (models and job[0] == "train" and job[1] not in models)):
             continue
         log(" ".join(str(x) for x in job))
         try:
@@ -241,13 +243,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="keep the rows already in --out and compile only the missing ones")
     p.add_argument("--only", choices=("train", "infer", "depth"), help="compile only the jobs of this kind")
     p.add_argument("--target", action="append", dest="targets", help="compile only for this target (repeatable), e.g. v5e-256")
+    p.add_argument("--model", action="append", dest="models", choices=TRAIN_MODELS,
+                   help="search the largest batch only for this model (repeatable); other jobs are not filtered by model")
     args = p.parse_args(argv)
     if args.resume and not args.out:
         p.error("--resume needs --out (the earlier run's JSON)")
     previous = json.loads(Path(args.out).read_text()) if args.resume and Path(args.out).is_file() else None
     t0 = time.time()
     save = (lambda res: Path(args.out).write_text(json.dumps(res, indent=1) + "\n")) if args.out else (lambda res: None)
-    res = run(args.quick, lambda m: print(m, file=sys.stderr, flush=True), save, previous, args.only, args.targets)
+    res = run(args.quick, lambda m: print(m, file=sys.stderr, flush=True), save, previous, args.only, args.targets, args.models)
     res["seconds"] = round(time.time() - t0, 1)
     text = json.dumps(res, indent=1)
     if args.out:

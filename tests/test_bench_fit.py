@@ -78,6 +78,10 @@ def test_resume_compiles_only_the_missing_jobs(calls, tmp_path, capsys):
                      "step_ratio": 2.0, "llava": same[0]["llava"]}] and same[0]["llava"]["per_device_batch"] == 12
     out.write_text(json.dumps(first))
     calls.clear()
+    assert fit.main(["--only", "train", "--target", "v4-32", "--model", "llava-1.5-7b", "--resume", "--out", str(out)]) == 0
+    assert {c[2] for c in calls} == {"llava-1.5-7b"}  # the search of one model (and no same-batch: no FlexAttention row)
+    out.write_text(json.dumps(first))
+    calls.clear()
     assert fit.main(["--quick", "--resume", "--out", str(out)]) == 0  # the train and depth jobs, not the inference again
     second = json.loads(out.read_text())
     assert second["inference"] == first["inference"] and {c[0] for c in calls} == {"train"}
