@@ -168,6 +168,12 @@ def run(quick: bool, log, save=lambda res: None, previous: dict[str, Any] | None
                     rederive_estimate(r)
     done = done_jobs(out)
     configs = {m: aot.load_model_config(m) for m in TRAIN_MODELS}
+
+    def train_at(target: aot.Target, model: str):
+        """The table's train step of ``model`` on ``target`` at a per-chip batch: ``b -> CompileReport``."""
+        return lambda b: aot.compile_program(target, configs[model], "train", per_device_batch=b, seq_len=SEQ, select_rows=ROWS,
+                                             remat="full", model_name=model)
+
     for job in jobs(quick):
         if (job in done or (only is not None and _kind(job) != only) or (targets and _target_of(job) not in targets)
                 or (models and job[0] == "train" and job[1] not in models)):
@@ -176,15 +182,10 @@ def run(quick: bool, log, save=lambda res: None, previous: dict[str, Any] | None
         try:
             if job[0] == "train":
                 _, model, target = job
-                t = aot.parse_target(target)
-                best, tried = largest_batch(lambda b, t=t, model=model: aot.compile_program(
-                    t, configs[model], "train", per_device_batch=b, seq_len=SEQ, select_rows=ROWS, remat="full", model_name=model), log)
+                best, tried = largest_batch(train_at(aot.parse_target(target), model), log)
                 out["train"].append({"model": model, "target": target, "largest": None if best is None else _row(best), "tried": tried})
             elif job[0] == "same_batch":
-                t = aot.parse_target(job[1])
-                out["same_batch"].append(same_batch(out, job[1], lambda b, t=t: aot.compile_program(
-                    t, configs["llava-1.5-7b"], "train", per_device_batch=b, seq_len=SEQ, select_rows=ROWS, remat="full",
-                    model_name="llava-1.5-7b"), log))
+                out["same_batch"].append(same_batch(out, job[1], train_at(aot.parse_target(job[1]), "llava-1.5-7b"), log))
             elif job[0] == "infer":
                 _, target, mesh, program = job
                 t = aot.parse_target(target)
