@@ -32,7 +32,7 @@ import numpy as np
 
 from flexattn_jax.app import demo
 from flexattn_jax.app.demo_data import build_demo_tokenizer
-from flexattn_jax.params import HR_INITS, init_params
+from flexattn_jax.params import HR_INITS
 
 TARGETS = (1.0, 0.7, 0.5, 0.3, 0.2)
 
@@ -60,15 +60,14 @@ def run_seed(seed: int, budget: demo.Budget, lr: float, window: int, targets: tu
     lr_cfg = dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, enabled=False))
     close_ups, train_items, _ = demo.splits(cfg, budget, seed)
     t0 = time.perf_counter()
-    plain, pre, _ = demo.train_stage("pretrain", lr_cfg, init_params(lr_cfg, jax.random.key(seed)), close_ups,
-                                     budget.pretrain_steps, 1e-3, "all", tok, budget, scratch / f"s{seed}", progress)
+    plain, pre, _ = demo.pretrain_stage(lr_cfg, close_ups, seed, tok, budget, scratch / f"s{seed}", progress)
     plain = jax.device_get(plain)
     out: dict[str, Any] = {"seed": seed, "pretrain_last_loss": pre["last_loss"], "pretrain_seconds": time.perf_counter() - t0}
     for init in inits:
         params, _ = demo.hr_projections(plain, cfg, train_items, init, seed)
         t0 = time.perf_counter()
         _, summary, records = demo.train_stage(f"finetune-{init}", cfg, params, train_items, budget.finetune_steps, lr,
-                                               "projector,llm", tok, budget, scratch / f"s{seed}", progress)
+                                               demo.FINETUNE_TRAINABLE, tok, budget, scratch / f"s{seed}", progress)
         losses = [r["loss"] for r in records]
         curve = smoothed(losses, window)
         marks = sorted({max(1, len(losses) // 4), max(1, len(losses) // 2), len(losses)})
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrain-steps", type=int)
     p.add_argument("--steps", type=int, help="fine-tuning steps per init")
     p.add_argument("--samples", type=int, help="pretraining and fine-tuning samples")
-    p.add_argument("--lr", type=float, default=2e-3, help="fine-tuning peak lr (the demo's, default 2e-3)")
+    p.add_argument("--lr", type=float, default=demo.FINETUNE_LR, help=f"fine-tuning peak lr (the demo's, default {demo.FINETUNE_LR:g})")
     p.add_argument("--window", type=int, default=10, help="smoothing window in steps (default 10)")
     p.add_argument("--targets", help=f"comma list of target losses (default {','.join(map(str, TARGETS))})")
     p.add_argument("--inits", default=",".join(HR_INITS),

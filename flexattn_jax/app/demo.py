@@ -6,7 +6,7 @@ low-resolution view) and retraces the paper's recipe at toy scale, with the proj
 train step (:func:`train.loop.train`, all devices, orbax checkpoints):
 
 1. **pretrain** a plain LLaVA (CLIP 56 px + 4-layer Llama, FlexAttention off) on 56 px close-ups,
-   where the patterns are visible: the stand-in for a pretrained LLaVA-1.5;
+   where the patterns are visible: the stand-in for a pretrained LLaVA-1.5 (:func:`pretrain_stage`);
 2. **fine-tune** it as LLaVA-FlexAttn on 168 px images (a 56 px LR view in the sequence, 3 x 3 HR
    tiles on the side): ``k_hr``/``v_hr`` start from ``k``/``v`` with the input norm folded in
    (:func:`hr_projections`), the vision tower is frozen;
@@ -154,6 +154,20 @@ def train_stage(name, cfg, params, items, steps, lr, trainable, tokenizer, budge
     return params, summary, records
 
 
+PRETRAIN_LR, FINETUNE_LR = 1e-3, 2e-3
+PRETRAIN_TRAINABLE, FINETUNE_TRAINABLE = "all", "projector,llm"  # the fine-tune freezes the vision tower, as the release
+
+
+def pretrain_stage(lr_cfg: ModelConfig, close_ups, seed: int, tokenizer, budget: Budget, out: Path, progress: bool):
+    """Stage 1, the stand-in for LLaVA-1.5: a plain LLaVA from ``init_params(seed)`` trained on the 56 px close-ups.
+
+    The vision tower trains too: this stand-in has no pretrained CLIP to keep frozen (a tower frozen at its random
+    init, as LLaVA-1.5 keeps CLIP, measured worse after the fine-tune: see the README). Returns :func:`train_stage`'s."""
+    params = init_params(lr_cfg, jax.random.key(seed))
+    return train_stage("pretrain", lr_cfg, params, close_ups, budget.pretrain_steps, PRETRAIN_LR, PRETRAIN_TRAINABLE,
+                       tokenizer, budget, out, progress)
+
+
 def _save_attention_png(path: Path, items, answers, cfg: ModelConfig, n: int = 6) -> None:
     """The first ``n`` test images: last-token map (top) and selected HR tokens (bottom)."""
     layer = mask_layer(cfg)
@@ -243,12 +257,10 @@ def run(
     close_ups, train_items, test_items = splits(cfg, budget, seed)
     data_seconds = time.perf_counter() - t0
 
-    params = init_params(lr_cfg, jax.random.key(seed))
-    params, pretrain, _ = train_stage("pretrain", lr_cfg, params, close_ups, budget.pretrain_steps, 1e-3, "all",
-                                    tokenizer, budget, out, progress)
+    params, pretrain, _ = pretrain_stage(lr_cfg, close_ups, seed, tokenizer, budget, out, progress)
     params, feature_rms = hr_projections(jax.device_get(params), cfg, train_items, seed=seed)
-    params, finetune, _ = train_stage("finetune", cfg, params, train_items, budget.finetune_steps, 2e-3, "projector,llm",
-                                    tokenizer, budget, out, progress)
+    params, finetune, _ = train_stage("finetune", cfg, params, train_items, budget.finetune_steps, FINETUNE_LR,
+                                      FINETUNE_TRAINABLE, tokenizer, budget, out, progress)
 
     from flexattn_jax.checkpoint import write_model
 
