@@ -57,10 +57,9 @@ def run_seed(seed: int, budget: demo.Budget, lr: float, window: int, targets: tu
     """Pretrain once, fine-tune with each HR init; per init the loss curve and steps to each target."""
     tok = build_demo_tokenizer()
     cfg = demo.demo_model_config(len(tok))
-    lr_cfg = dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, enabled=False))
     close_ups, train_items, _ = demo.splits(cfg, budget, seed)
     t0 = time.perf_counter()
-    plain, pre, _ = demo.pretrain_stage(lr_cfg, close_ups, seed, tok, budget, scratch / f"s{seed}", progress)
+    plain, pre, _ = demo.pretrain_stage(cfg, close_ups, seed, tok, budget, scratch / f"s{seed}", progress)
     plain = jax.device_get(plain)
     out: dict[str, Any] = {"seed": seed, "pretrain_last_loss": pre["last_loss"], "pretrain_seconds": time.perf_counter() - t0}
     for init in inits:

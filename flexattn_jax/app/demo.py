@@ -158,11 +158,13 @@ PRETRAIN_LR, FINETUNE_LR = 1e-3, 2e-3
 PRETRAIN_TRAINABLE, FINETUNE_TRAINABLE = "all", "projector,llm"  # the fine-tune freezes the vision tower, as the release
 
 
-def pretrain_stage(lr_cfg: ModelConfig, close_ups, seed: int, tokenizer, budget: Budget, out: Path, progress: bool):
-    """Stage 1, the stand-in for LLaVA-1.5: a plain LLaVA from ``init_params(seed)`` trained on the 56 px close-ups.
+def pretrain_stage(cfg: ModelConfig, close_ups, seed: int, tokenizer, budget: Budget, out: Path, progress: bool):
+    """Stage 1, the stand-in for LLaVA-1.5: ``cfg`` with FlexAttention off (a plain LLaVA at 56 px), from
+    ``init_params(seed)``, trained on the 56 px close-ups.
 
     The vision tower trains too: this stand-in has no pretrained CLIP to keep frozen (a tower frozen at its random
     init, as LLaVA-1.5 keeps CLIP, measured worse after the fine-tune: see the README). Returns :func:`train_stage`'s."""
+    lr_cfg = dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, enabled=False))
     params = init_params(lr_cfg, jax.random.key(seed))
     return train_stage("pretrain", lr_cfg, params, close_ups, budget.pretrain_steps, PRETRAIN_LR, PRETRAIN_TRAINABLE,
                        tokenizer, budget, out, progress)
@@ -251,13 +253,12 @@ def run(
     (out / MARKER).write_text("written by flexattn-jax demo; it may replace pretrain/, finetune/ and model/ here\n")
     tokenizer = build_demo_tokenizer()
     cfg = demo_model_config(len(tokenizer))
-    lr_cfg = dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, enabled=False))  # plain LLaVA at 56 px
 
     t0 = time.perf_counter()
     close_ups, train_items, test_items = splits(cfg, budget, seed)
     data_seconds = time.perf_counter() - t0
 
-    params, pretrain, _ = pretrain_stage(lr_cfg, close_ups, seed, tokenizer, budget, out, progress)
+    params, pretrain, _ = pretrain_stage(cfg, close_ups, seed, tokenizer, budget, out, progress)
     params, feature_rms = hr_projections(jax.device_get(params), cfg, train_items, seed=seed)
     params, finetune, _ = train_stage("finetune", cfg, params, train_items, budget.finetune_steps, FINETUNE_LR,
                                       FINETUNE_TRAINABLE, tokenizer, budget, out, progress)
