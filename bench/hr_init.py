@@ -4,7 +4,8 @@ input norm folded in: ``copy-normed``, the demo's) vs random N(0, 0.02).
 On the demo's task (:mod:`flexattn_jax.app.demo`: a tiny LLaVA pretrained on 56 px close-ups, then
 fine-tuned with FlexAttention on 168 px images where only the HR tokens show the pattern) one
 pretrained model per seed is fine-tuned twice, identically except for the init of the new HR
-projections (``params.add_hr_projections(init=...)``, what ``train --hr-init`` uses). Reported per
+projections (``params.add_hr_projections(init=...)``, what ``train --hr-init`` uses), and without the demo's
+grounding term (``demo.FINETUNE_GROUNDING``), so that the loss curves show the init alone. Reported per
 seed and init: the loss curve's smoothed value (mean over a trailing window) at a few points, and the
 steps until it first reaches each target loss (``null``: not within the budget).
 

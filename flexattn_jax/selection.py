@@ -68,6 +68,50 @@ def margin_patches(ori_size: np.ndarray, grid: int) -> np.ndarray:
     return out
 
 
+def box_cell_counts(box: np.ndarray, size: tuple[int, int], grid: int) -> np.ndarray:
+    """(grid, grid) int: how many of the box's pixels fall in each cell of a square token grid.
+
+    ``box`` is (x0, y0, x1, y1), half-open, in pixels of the original ``size`` = (w, h) image; the grid
+    spans the image padded to a square (centred, as LLaVA's ``expand2square``) and resized to the
+    model's input, so a pixel's cell follows from its centre. One geometry for every box-to-grid use:
+    the selection's coverage of an object (HR grid) and the grounding target (LR grid).
+    """
+    w, h = (int(v) for v in size)
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+        raise ValueError(f"box {[x0, y0, x1, y1]} is empty or outside the {w}x{h} image (want 0 <= x0 < x1 <= w, "
+                         "0 <= y0 < y1 <= h)")
+    side = max(w, h)
+    ox, oy = (side - w) // 2, (side - h) // 2
+    scale = grid / side  # cells per original pixel
+    cols = np.clip(((np.arange(x0, x1) + 0.5 + ox) * scale).astype(int), 0, grid - 1)
+    rows = np.clip(((np.arange(y0, y1) + 0.5 + oy) * scale).astype(int), 0, grid - 1)
+    return np.outer(np.bincount(rows, minlength=grid), np.bincount(cols, minlength=grid))
+
+
+def grounding_target(box: np.ndarray, size: tuple[int, int], grid: int) -> np.ndarray:
+    """(grid * grid,) float32 summing to 1: the share of the box's pixels in each LR cell (row-major)."""
+    counts = box_cell_counts(box, size, grid).astype(np.float64)
+    return (counts / counts.sum()).reshape(-1).astype(np.float32)
+
+
+def grounding_cross_entropy(
+    image_attention: Float[Array, "L B R G"], target: Float[Array, "B G"], row_valid: Bool[Array, "B R"]
+) -> tuple[Float[Array, ""], Int[Array, ""]]:
+    """``(sum, count)`` of the cross-entropy between ``target`` and each select row's map, normalised over
+    the image cells, over the given layers' maps; rows count when valid and their sample has a target.
+
+    The selection itself passes no gradient (a threshold); this term trains the maps it thresholds
+    directly, for data that marks where the detail is (a departure from the release, which has none).
+    """
+    att = image_attention.astype(jnp.float32)
+    p = att / jnp.maximum(jnp.sum(att, axis=-1, keepdims=True), 1e-9)
+    ce = -jnp.sum(target[None, :, None, :] * jnp.log(p + 1e-9), axis=-1)  # (L, B, R)
+    has = jnp.sum(target, axis=-1) > 0
+    counted = jnp.broadcast_to((row_valid & has[:, None])[None], ce.shape)
+    return jnp.sum(jnp.where(counted, ce, 0.0)), jnp.sum(counted.astype(jnp.int32))
+
+
 # ---- the selection chain ------------------------------------------------------------------
 
 def _zero_margins(a: jax.Array, margin: jax.Array) -> jax.Array:

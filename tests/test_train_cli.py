@@ -28,7 +28,7 @@ def test_every_config_field_has_a_flag():
         "--warmup-ratio", "0.1", "--warmup-steps", "4", "--end-lr-ratio", "0.1", "--weight-decay", "0.1", "--adam-b1", "0.8",
         "--adam-b2", "0.9", "--adam-eps", "1e-6", "--clip-norm", "0.5", "--trainable", "hr", "--seed", "1", "--no-nan-check",
         "--log-every", "2", "--save-every", "3", "--keep", "1", "--no-async-save", "--no-save-final", "--peak-tflops", "1.5",
-        "--no-progress", "--no-tensorboard",
+        "--no-progress", "--no-tensorboard", "--grounding-weight", "0.5",
     ]
     a = build_parser().parse_args(argv)
     tc, dc = train_config_from_args(a), data_config_from_args(a, a.tokenizer)

@@ -119,6 +119,10 @@ def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     o.add_argument("--trainable", default="projector,llm",
                    help="comma list of projector, llm (decoder incl. *_hr), hr (only *_hr kernels), vision, all "
                    "(default projector,llm)")
+    o.add_argument("--grounding-weight", type=float, default=0.0,
+                   help="weight of the grounding term: cross-entropy between the select rows' LR attention maps and each "
+                   "record's 'box' [x0, y0, x1, y1] (pixels of its image); FlexAttention only, not in the release "
+                   "(default 0: off)")
     o.add_argument("--seed", type=int, default=0, help="seed for random init, data order, random selection (default 0)")
     o.add_argument("--no-nan-check", dest="nan_check", action="store_false", help="do not stop on NaN/inf")
     par = p.add_argument_group("parallelism")
@@ -157,6 +161,7 @@ def train_config_from_args(a: argparse.Namespace) -> Any:
         adam_b2=a.adam_b2, adam_eps=a.adam_eps, clip_norm=a.clip_norm or None, trainable=a.trainable, seed=a.seed,
         log_every=a.log_every, save_every=a.save_every, keep=a.keep, async_save=a.async_save, save_final=a.save_final,
         peak_tflops=a.peak_tflops, progress=a.progress, tensorboard=a.tensorboard, nan_check=a.nan_check,
+        grounding_weight=a.grounding_weight,
     )
 
 

@@ -26,6 +26,9 @@ class TrainConfig:
     that step (the schedule still spans the whole run: time-limited jobs, resumed later).
     ``trainable`` is a comma list of ``projector``, ``llm``
     (the decoder, ``*_hr`` kernels included), ``hr`` (only the ``*_hr`` kernels), ``vision``, ``all``.
+    ``grounding_weight`` > 0 (FlexAttention only) adds that weight x the cross-entropy between the select
+    rows' LR maps and the records' ``box`` (:func:`train.step.loss_sums`): a departure from the release,
+    whose maps get no training signal of their own (the selection's threshold passes no gradient).
     """
 
     steps: int | None = None
@@ -53,6 +56,7 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     nan_check: bool = True
+    grounding_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -63,6 +67,8 @@ class TrainConfig:
             raise ValueError(f"steps={self.steps} must be >= 1")
         if not 0 <= self.warmup_ratio <= 1:
             raise ValueError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1]")
+        if not self.grounding_weight >= 0:
+            raise ValueError(f"grounding_weight={self.grounding_weight} must be >= 0")
         groups = [g.strip() for g in self.trainable.split(",") if g.strip()]
         bad = sorted(set(groups) - set(TRAINABLE_GROUPS))
         if not groups or bad:
@@ -87,7 +93,9 @@ class DataConfig:
     ``max_len``). Bad samples (missing/unreadable image, ``<image>`` tag mismatch, malformed turns,
     too long with ``truncation='drop'``) are counted and skipped with ``on_error='skip'`` or raise a
     :class:`train.data.DataError` with ``'raise'``. ``add_image_tag`` prepends ``<image>`` to the
-    first human turn of an image sample that lacks it (else it is a bad sample).
+    first human turn of an image sample that lacks it (else it is a bad sample). A record may carry
+    ``box``: [x0, y0, x1, y1], the pixels of its original image where the answer's detail lies, which
+    ``TrainConfig.grounding_weight`` trains the selection maps towards.
     """
 
     data: str = ""

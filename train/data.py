@@ -29,7 +29,7 @@ from PIL import Image
 
 from flexattn_jax.config import IGNORE_INDEX, ModelConfig
 from flexattn_jax.preprocess import IMAGE_PLACEHOLDER, PreprocessError, bucket_length, load_image, pad_batch, preprocess_image
-from flexattn_jax.selection import learnable_rows, margin_patches
+from flexattn_jax.selection import grounding_target, learnable_rows, margin_patches
 from flexattn_jax.tokenizer import check_tokenizer_vocab
 from train.config import DataConfig
 
@@ -93,7 +93,7 @@ def approx_length(record: Any, num_image_tokens: int) -> int:
 # ---- one sample ---------------------------------------------------------------------------------------
 
 class SampleLoader:
-    """Record index -> ``{input_ids, labels, pixel_values, ori_size, has_image}`` or a :class:`BadSample`.
+    """Record index -> ``{input_ids, labels, pixel_values, ori_size, has_image, grounding}`` or a :class:`BadSample`.
 
     ``image`` is a path (relative to the image folder) or an in-memory ``PIL.Image``. Picklable (it
     runs in grain worker processes).
@@ -178,7 +178,23 @@ class SampleLoader:
             "pixel_values": pixels,
             "ori_size": np.asarray(ori, np.int32),
             "has_image": has_image,
+            "grounding": self._grounding(record.get("box"), ori, has_image),
         }
+
+    def _grounding(self, box: Any, ori: tuple[int, int], has_image: bool) -> np.ndarray:
+        """The record's optional ``box`` [x0, y0, x1, y1] (pixels of the original image, half-open) as the share of
+        its pixels per LR cell (:func:`flexattn_jax.selection.grounding_target`); zeros without one."""
+        g = self.cfg.lr_grid
+        if box is None:
+            return np.zeros(g * g, np.float32)
+        if not has_image:
+            raise _err("bad_box", f"'box' {box!r} given for a sample without an image")
+        if not (isinstance(box, list | tuple) and len(box) == 4 and all(isinstance(v, int | float) for v in box)):
+            raise _err("bad_box", f"'box' must be [x0, y0, x1, y1] in pixels, got {box!r}")
+        try:
+            return grounding_target(np.asarray(box), ori, g)
+        except ValueError as e:
+            raise _err("bad_box", f"'box': {e}") from e
 
     def _tokenize(self, turns: list[dict], truncation: str) -> tuple[np.ndarray, np.ndarray]:
         from flexattn_jax.preprocess import tokenize_conversation
@@ -230,6 +246,7 @@ class Collator:
             "margin": margin,
             "select_rows": np.stack([p[0] for p in packed]),
             "select_valid": np.stack([p[1] for p in packed]),
+            "grounding": np.stack([e["grounding"] for e in examples]),
             "_rows_dropped": np.asarray(sum(max(0, p[2] - r) for p in packed), np.int64),
             "_epoch": np.asarray(max(e["epoch"] for e in examples), np.int64),
             "_index": np.asarray([e["index"] for e in examples], np.int64),

@@ -56,8 +56,8 @@ class TrainingStopped(Exception):  # noqa: N818 - a stop request, not an error
 # ---- host batch helpers ------------------------------------------------------------------------------
 
 def complete_batch(batch: Mapping[str, Any], cfg: ModelConfig, max_rows: int | None = None) -> dict[str, np.ndarray]:
-    """Fill what a user batch may omit: attention mask (all ones), pixels (zeros), margin (zeros) and the
-    learnable rows (from the labels, samples with image tokens only)."""
+    """Fill what a user batch may omit: attention mask (all ones), pixels (zeros), margin (zeros), the
+    learnable rows (from the labels, samples with image tokens only) and grounding targets (zeros: none)."""
     out = {k: np.asarray(v) for k, v in batch.items() if not str(k).startswith("_")}
     if "input_ids" not in out or "labels" not in out:
         raise ValueError("a training batch needs at least 'input_ids' and 'labels'")
@@ -74,6 +74,7 @@ def complete_batch(batch: Mapping[str, Any], cfg: ModelConfig, max_rows: int | N
         out["select_rows"] = np.stack([p[0] for p in packed])
         out["select_valid"] = np.stack([p[1] for p in packed])
     out.setdefault("select_valid", np.ones(out["select_rows"].shape, bool))
+    out.setdefault("grounding", np.zeros((b, cfg.lr_grid**2), np.float32))
     return {k: out[k] for k in BATCH_KEYS}
 
 
@@ -284,6 +285,8 @@ def _run(cfg, tcfg, fns: StepFns, state, start, total, data, iterator, is_grain,
             "tflops_per_s_per_device": p.flops / dt / n_dev / 1e12, "flops_per_step": p.flops, "compiled": p.compiled,
         }
         rec["mfu"] = rec["tflops_per_s_per_device"] / peak if peak else None
+        if "grounding" in m:
+            rec["grounding"] = float(m["grounding"])
         rec.update(p.extra)
         if is_grain:
             rec["skipped"] = sum(data.stats()["skipped"].values())
@@ -367,7 +370,7 @@ def _paths(tree: PyTree) -> list[str]:
 
 
 def summarize(records: Sequence[dict[str, Any]], skip_compiled: bool = True) -> dict[str, Any]:
-    """Mean throughput over steady-state steps (compile steps excluded) and first/last loss."""
+    """Mean throughput over steady-state steps (compile steps excluded), first/last loss (and grounding term)."""
     steady = [r for r in records if not (skip_compiled and r.get("compiled"))] or list(records)
     if not steady:
         return {}
@@ -381,4 +384,6 @@ def summarize(records: Sequence[dict[str, Any]], skip_compiled: bool = True) -> 
         "step_time_s": mean("step_time_s"), "tokens_per_s": mean("tokens_per_s"),
         "tokens_per_s_per_device": mean("tokens_per_s_per_device"),
         "tflops_per_s_per_device": mean("tflops_per_s_per_device"), "mfu": mean("mfu"),
+        **({"first_grounding": records[0]["grounding"], "last_grounding": records[-1]["grounding"]}
+           if "grounding" in records[0] else {}),
     }

@@ -1,5 +1,7 @@
 """The sharded train step: state, loss, gradient accumulation, one jitted update with explicit shardings.
 
+A record's optional ``box`` adds a grounding term (``grounding_weight``; see :func:`loss_sums`), normalised
+by the batch's grounded rows counted up front, so accumulation stays exact with it too.
 A step takes a batch laid out ``(A, Bm, ...)``: A microbatches (``grad_accum``) of Bm samples
 (global), the Bm axis sharded over ``('data', 'fsdp')``. Gradients of the summed token
 cross-entropy are accumulated in fp32 by a ``lax.scan`` over the microbatches and divided by the
@@ -20,17 +22,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
-from jaxtyping import Array, Float, Int, PyTree
+from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from flexattn_jax import sharding as S
 from flexattn_jax.config import IGNORE_INDEX, ModelConfig
 from flexattn_jax.model import forward
 from flexattn_jax.params import abstract_params
+from flexattn_jax.selection import grounding_cross_entropy
 from train.config import TrainConfig
 from train.optim import make_optimizer, opt_state_shardings, trainable_mask
 
 BATCH_KEYS: tuple[str, ...] = (
-    "input_ids", "labels", "attention_mask", "pixel_values", "margin", "select_rows", "select_valid",
+    "input_ids", "labels", "attention_mask", "pixel_values", "margin", "select_rows", "select_valid", "grounding",
 )
 
 
@@ -58,23 +61,56 @@ def alpha_at(cfg: ModelConfig, step: Int[Array, ""] | int, steps_per_epoch: int)
     return jnp.minimum(jnp.float32(1.0), epochs_done * jnp.float32(cfg.flex.warmup))
 
 
-def token_loss_sums(
-    params: PyTree, cfg: ModelConfig, batch: Mapping[str, jax.Array], alpha: Float[Array, ""], rng: jax.Array | None = None
-) -> tuple[Float[Array, ""], Int[Array, ""]]:
-    """``(sum of next-token cross-entropy over answer tokens, number of answer tokens)`` for one batch.
+class LossSums(NamedTuple):
+    """One microbatch's sums: answer-token cross-entropy and, with grounding, the maps' cross-entropy."""
+
+    ce: Float[Array, ""]
+    tokens: Int[Array, ""]
+    grounding: Float[Array, ""]
+    grounding_rows: Int[Array, ""]
+
+
+def loss_sums(
+    params: PyTree, cfg: ModelConfig, batch: Mapping[str, jax.Array], alpha: Float[Array, ""], rng: jax.Array | None = None,
+    grounding: bool = False,
+) -> LossSums:
+    """The training objective's sums for one batch (:class:`LossSums`).
 
     Row t predicts token t+1; a target counts when ``labels[t+1] != IGNORE_INDEX``. Logits are fp32.
+    With ``grounding`` (FlexAttention only), the select rows' maps of every layer whose mask a later
+    layer uses (``first_select_layer`` .. L-2) are scored against ``batch['grounding']``
+    (:func:`flexattn_jax.selection.grounding_cross_entropy`); samples without a box add nothing.
     """
     out = forward(
         params, cfg, batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"],
         margin=batch.get("margin"), select_rows=batch.get("select_rows"), select_valid=batch.get("select_valid"),
-        alpha=alpha, rng=rng,
+        alpha=alpha, rng=rng, return_maps=grounding,
     )
     logits = out.logits[:, :-1].astype(jnp.float32)
     targets = batch["labels"][:, 1:]
     valid = targets != IGNORE_INDEX
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, targets, 0))
-    return jnp.sum(jnp.where(valid, ce, 0.0)), jnp.sum(valid.astype(jnp.int32))
+    g_sum, g_rows = jnp.float32(0.0), jnp.int32(0)
+    if grounding:
+        maps = out.image_attention[cfg.flex.first_select_layer : cfg.text.num_layers - 1]
+        g_sum, g_rows = grounding_cross_entropy(maps, batch["grounding"], batch["select_valid"])
+    return LossSums(jnp.sum(jnp.where(valid, ce, 0.0)), jnp.sum(valid.astype(jnp.int32)), g_sum, g_rows)
+
+
+def grounded_rows(cfg: ModelConfig, target: Float[Array, "*B G"], row_valid: Bool[Array, "*B R"]) -> Float[Array, ""]:
+    """How many (layer, row) maps :func:`loss_sums` scores: valid select rows of samples with a box, times the
+    selecting layers (``first_select_layer`` .. L-2)."""
+    layers = cfg.text.num_layers - 1 - cfg.flex.first_select_layer
+    has = jnp.sum(target, axis=-1) > 0
+    return jnp.float32(layers) * jnp.sum((row_valid & has[..., None]).astype(jnp.float32))
+
+
+def token_loss_sums(
+    params: PyTree, cfg: ModelConfig, batch: Mapping[str, jax.Array], alpha: Float[Array, ""], rng: jax.Array | None = None
+) -> tuple[Float[Array, ""], Int[Array, ""]]:
+    """``(sum of next-token cross-entropy over answer tokens, number of answer tokens)`` for one batch."""
+    sums = loss_sums(params, cfg, batch, alpha, rng)
+    return sums.ce, sums.tokens
 
 
 @dataclasses.dataclass
@@ -115,7 +151,7 @@ class StepFns:
 # TrainConfig fields the step depends on (the rest are loop settings): the cache key of make_step.
 STEP_FIELDS: tuple[str, ...] = (
     "lr", "warmup_ratio", "warmup_steps", "end_lr_ratio", "weight_decay", "adam_b1", "adam_b2", "adam_eps",
-    "clip_norm", "trainable", "seed", "nan_check",
+    "clip_norm", "trainable", "seed", "nan_check", "grounding_weight",
 )
 
 
@@ -153,6 +189,10 @@ def _make_step(cfg: ModelConfig, key: tuple, mesh: Mesh, total_steps: int, steps
     mask_leaves = jax.tree.leaves(mask)
     train_shardings = [s for s, m in zip(jax.tree.leaves(p_shard), mask_leaves, strict=True) if m]
     use_rng = cfg.flex.enabled and cfg.flex.selection == "random"
+    grounding = tcfg.grounding_weight > 0
+    if grounding and not cfg.flex.enabled:
+        raise ValueError(f"grounding_weight={tcfg.grounding_weight} trains the selection maps: it needs FlexAttention "
+                         "(flex.enabled)")
     base_key = jax.random.key(tcfg.seed)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -162,30 +202,40 @@ def _make_step(cfg: ModelConfig, key: tuple, mesh: Mesh, total_steps: int, steps
         alpha = alpha_at(cfg, state.step, steps_per_epoch)
         step_key = jax.random.fold_in(base_key, state.step)
 
+        # the objective is  CE sum / answer tokens + weight x grounding sum / grounded rows,  both counted over the
+        # whole batch up front, so that gradients summed over microbatches and divided by the answer tokens give it
+        # exactly for any grad_accum
+        g_scale = jnp.float32(0.0)
+        if grounding:
+            tokens = jnp.sum((batch["labels"][..., 1:] != IGNORE_INDEX).astype(jnp.float32))
+            rows = grounded_rows(cfg, batch["grounding"], batch["select_valid"])
+            g_scale = tcfg.grounding_weight * tokens / jnp.maximum(rows, 1.0)
+
         def loss_fn(train_leaves, mb, key):
             it_t, it_f = iter(train_leaves), iter(frozen)
             full = [next(it_t) if m else next(it_f) for m in mask_leaves]
             params = jax.tree.unflatten(treedef, full)
-            return token_loss_sums(params, cfg, mb, alpha, key if use_rng else None)
+            sums = loss_sums(params, cfg, mb, alpha, key if use_rng else None, grounding=grounding)
+            return sums.ce + g_scale * sums.grounding, (sums.ce, sums.tokens, sums.grounding, sums.grounding_rows)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         n_micro = batch["input_ids"].shape[0]
         if n_micro == 1:
-            (loss_sum, count), grads = grad_fn(trainable, jax.tree.map(lambda x: x[0], batch), step_key)
+            (_, (loss_sum, count, g_sum, g_rows)), grads = grad_fn(trainable, jax.tree.map(lambda x: x[0], batch), step_key)
             grads = [g.astype(jnp.float32) for g in grads]
         else:
 
             def body(carry, xs):
-                g_acc, s_acc, n_acc = carry
+                g_acc, *sums = carry
                 mb, i = xs
-                (s, n), g = grad_fn(trainable, mb, jax.random.fold_in(step_key, i))
+                (_, mb_sums), g = grad_fn(trainable, mb, jax.random.fold_in(step_key, i))
                 g_acc = [a + b.astype(jnp.float32) for a, b in zip(g_acc, g, strict=True)]
                 g_acc = [jax.lax.with_sharding_constraint(a, sh) for a, sh in zip(g_acc, train_shardings, strict=True)]
-                return (g_acc, s_acc + s, n_acc + n), None
+                return (g_acc, *(a + b for a, b in zip(sums, mb_sums, strict=True))), None
 
             zeros = [jnp.zeros(x.shape, jnp.float32) for x in trainable]
-            init = (zeros, jnp.float32(0.0), jnp.int32(0))
-            (grads, loss_sum, count), _ = jax.lax.scan(body, init, (batch, jnp.arange(n_micro)))
+            init = (zeros, jnp.float32(0.0), jnp.int32(0), jnp.float32(0.0), jnp.int32(0))
+            (grads, loss_sum, count, g_sum, g_rows), _ = jax.lax.scan(body, init, (batch, jnp.arange(n_micro)))
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         grads = [g / denom for g in grads]
         loss = loss_sum / denom
@@ -203,6 +253,8 @@ def _make_step(cfg: ModelConfig, key: tuple, mesh: Mesh, total_steps: int, steps
             "loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(schedule(state.step), jnp.float32),
             "alpha": alpha, "answer_tokens": count, "finite": finite,
         }
+        if grounding:
+            metrics["grounding"] = g_sum / jnp.maximum(g_rows, 1).astype(jnp.float32)  # the maps' mean cross-entropy
         return new_state, metrics
 
     step = S.OnMesh(jax.jit(  # traced with the mesh ambient: kernels for its devices, under shard_map
@@ -255,12 +307,13 @@ def make_example_batch(cfg: ModelConfig, batch: int, seq_len: int, rows: int, gr
             "margin": np.zeros((b, 2), np.int32),
             "select_rows": np.zeros((b, rows), np.int32),
             "select_valid": np.zeros((b, rows), bool),
+            "grounding": np.zeros((b, cfg.lr_grid**2), np.float32),
         },
         grad_accum,
     )
 
 
 __all__ = [
-    "BATCH_KEYS", "StepFns", "TrainState", "alpha_at", "global_batch", "make_step",
+    "BATCH_KEYS", "LossSums", "StepFns", "TrainState", "alpha_at", "global_batch", "loss_sums", "make_step",
     "split_microbatches", "token_loss_sums",
 ]

@@ -9,7 +9,8 @@ train step (:func:`train.loop.train`, all devices, orbax checkpoints):
    where the patterns are visible: the stand-in for a pretrained LLaVA-1.5 (:func:`pretrain_stage`);
 2. **fine-tune** it as LLaVA-FlexAttn on 168 px images (a 56 px LR view in the sequence, 3 x 3 HR
    tiles on the side): ``k_hr``/``v_hr`` start from ``k``/``v`` with the input norm folded in
-   (:func:`hr_projections`), the vision tower is frozen;
+   (:func:`hr_projections`), the vision tower is frozen, and a grounding term trains the answer row's
+   LR maps towards the square (:data:`FINETUNE_GROUNDING`; not in the release: see the README);
 3. **evaluate** held-out images with the batched jitted generation in three modes: FlexAttention,
    LR only (nothing selected) and random selection (the paper's ablation);
 4. write ``attention.png`` (where the last token looked and which HR tokens it selected),
@@ -40,6 +41,7 @@ from flexattn_jax.flops import forward_flops
 from flexattn_jax.model import hr_feature_rms
 from flexattn_jax.params import add_hr_projections, init_params
 from flexattn_jax.preprocess import SYSTEM_PROMPT, preprocess_image
+from flexattn_jax.selection import box_cell_counts
 from flexattn_jax.tokenizer import IMAGE_ID
 
 OBJECT_PX = (18, 24)  # the patterned square's side at 168 px: one to four HR tokens, a blur at 56 px
@@ -122,17 +124,21 @@ def hr_projections(plain: dict, cfg: ModelConfig, items, init: str = HR_INIT, se
     return add_hr_projections(plain, init, key=jax.random.key(seed + 7919), feature_rms=rms), rms
 
 
-def _records(items) -> list[dict[str, Any]]:
+def _records(items, boxes: bool = False) -> list[dict[str, Any]]:
+    """LLaVA-format records; with ``boxes`` each carries the pattern square's ``box`` (for grounding)."""
     return [
-        {"id": str(i), "image": img, "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]}
-        for i, (img, q, a, _) in enumerate(items)
+        {"id": str(i), "image": img, "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}],
+         **({"box": meta["bbox"]} if boxes else {})}
+        for i, (img, q, a, meta) in enumerate(items)
     ]
 
 
-def train_stage(name, cfg, params, items, steps, lr, trainable, tokenizer, budget, out, progress):
+def train_stage(name, cfg, params, items, steps, lr, trainable, tokenizer, budget, out, progress, grounding_weight=0.0):
     """One stage with the project's train loop; checkpoints and metrics under ``out/name``.
 
-    Returns ``(params, summary, records)`` (the per-step metric records of :func:`train.loop.train`)."""
+    ``grounding_weight`` > 0 gives each record its square's box and trains the selection maps towards it
+    (:class:`train.config.TrainConfig`). Returns ``(params, summary, records)`` (the per-step metric records of
+    :func:`train.loop.train`)."""
     from train.config import DataConfig, TrainConfig
     from train.data import TrainData
     from train.loop import summarize, train
@@ -140,10 +146,10 @@ def train_stage(name, cfg, params, items, steps, lr, trainable, tokenizer, budge
     stage_dir = out / name
     shutil.rmtree(stage_dir, ignore_errors=True)  # a fresh run, not a resume of an older demo
     dcfg = DataConfig(max_len=64, system_prompt=SYSTEM_PROMPT, threads=1)
-    data = TrainData(cfg, dcfg, tokenizer, budget.batch_size, records=_records(items), num_steps=steps)
+    data = TrainData(cfg, dcfg, tokenizer, budget.batch_size, records=_records(items, grounding_weight > 0), num_steps=steps)
     tcfg = TrainConfig(
         steps=steps, batch_size=budget.batch_size, lr=lr, warmup_ratio=0.05, trainable=trainable, save_every=steps,
-        log_every=max(1, steps // 4), tensorboard=False, progress=progress,
+        log_every=max(1, steps // 4), tensorboard=False, progress=progress, grounding_weight=grounding_weight,
     )
     if progress:
         print(f"[{name}] {steps} steps, batch {budget.batch_size}, {len(items)} samples, {cfg.image_size} px, "
@@ -156,6 +162,10 @@ def train_stage(name, cfg, params, items, steps, lr, trainable, tokenizer, budge
 
 PRETRAIN_LR, FINETUNE_LR = 1e-3, 2e-3
 PRETRAIN_TRAINABLE, FINETUNE_TRAINABLE = "all", "projector,llm"  # the fine-tune freezes the vision tower, as the release
+# The fine-tune's grounding term (a departure from the release; see the README): the answer rows' LR maps in layers
+# 0-2 are trained towards the square's cells, as the release's maps come localised from LLaVA-1.5's pretraining and
+# this 45-second stand-in's do not (the selection passes no gradient, so nothing else trains them).
+FINETUNE_GROUNDING = 0.5
 
 
 def pretrain_stage(cfg: ModelConfig, close_ups, seed: int, tokenizer, budget: Budget, out: Path, progress: bool):
@@ -189,16 +199,9 @@ def square_coverage(mask: np.ndarray, bbox: Sequence[int], size: Sequence[int]) 
     """Share of the pattern square's pixels (``bbox`` x0, y0, x1, y1 in the original ``size`` = (w, h) image) that
     lie inside selected HR tokens; ``mask`` (M,) is row-major over the square HR grid of the image padded
     (centred, as LLaVA's ``expand2square``) and resized to the model's input."""
-    w, h = size
-    side = max(w, h)
-    ox, oy = ((side - w) // 2, 0) if h > w else (0, (side - h) // 2)
     grid = int(round(np.sqrt(mask.size)))
-    x0, y0, x1, y1 = bbox
-    ys, xs = np.mgrid[y0:y1, x0:x1]
-    scale = grid / side  # HR tokens per original pixel: the resize maps the padded square onto the HR grid
-    col = np.clip(((xs + 0.5 + ox) * scale).astype(int), 0, grid - 1)
-    row = np.clip(((ys + 0.5 + oy) * scale).astype(int), 0, grid - 1)
-    return float(mask.reshape(grid, grid)[row, col].mean())
+    counts = box_cell_counts(np.asarray(bbox), tuple(size), grid)
+    return float((counts * mask.reshape(grid, grid)).sum() / counts.sum())
 
 
 def environment() -> dict[str, Any]:
@@ -261,7 +264,7 @@ def run(
     params, pretrain, _ = pretrain_stage(cfg, close_ups, seed, tokenizer, budget, out, progress)
     params, feature_rms = hr_projections(jax.device_get(params), cfg, train_items, seed=seed)
     params, finetune, _ = train_stage("finetune", cfg, params, train_items, budget.finetune_steps, FINETUNE_LR,
-                                      FINETUNE_TRAINABLE, tokenizer, budget, out, progress)
+                                      FINETUNE_TRAINABLE, tokenizer, budget, out, progress, FINETUNE_GROUNDING)
 
     from flexattn_jax.checkpoint import write_model
 
