@@ -200,6 +200,11 @@ class ModelConfig:
         return self.hr_grid**2
 
     @property
+    def mask_layers(self) -> range:
+        """Layers whose selection mask a later (hierarchical) layer attends with: ``first_select_layer`` .. L-2."""
+        return range(self.flex.first_select_layer, self.text.num_layers - 1)
+
+    @property
     def hr_cell_tokens(self) -> int:
         """HR tokens in the largest pooled selection cell (64 at 7B: a 72-grid over 9 x 9 cells)."""
         return math.ceil(self.hr_grid / self.flex.pool_size) ** 2

@@ -95,6 +95,11 @@ def grounding_target(box: np.ndarray, size: tuple[int, int], grid: int) -> np.nd
     return (counts / counts.sum()).reshape(-1).astype(np.float32)
 
 
+def grounded_rows(target: Float[Array, "*B G"], row_valid: Bool[Array, "*B R"]) -> Bool[Array, "*B R"]:
+    """The select rows the grounding term scores: valid rows of samples that have a target (a box)."""
+    return row_valid & (jnp.sum(target, axis=-1) > 0)[..., None]
+
+
 def grounding_cross_entropy(
     image_attention: Float[Array, "L B R G"], target: Float[Array, "B G"], row_valid: Bool[Array, "B R"]
 ) -> tuple[Float[Array, ""], Int[Array, ""]]:
@@ -107,8 +112,7 @@ def grounding_cross_entropy(
     att = image_attention.astype(jnp.float32)
     p = att / jnp.maximum(jnp.sum(att, axis=-1, keepdims=True), 1e-9)
     ce = -jnp.sum(target[None, :, None, :] * jnp.log(p + 1e-9), axis=-1)  # (L, B, R)
-    has = jnp.sum(target, axis=-1) > 0
-    counted = jnp.broadcast_to((row_valid & has[:, None])[None], ce.shape)
+    counted = jnp.broadcast_to(grounded_rows(target, row_valid)[None], ce.shape)
     return jnp.sum(jnp.where(counted, ce, 0.0)), jnp.sum(counted.astype(jnp.int32))
 
 

@@ -28,7 +28,7 @@ from flexattn_jax import sharding as S
 from flexattn_jax.config import IGNORE_INDEX, ModelConfig
 from flexattn_jax.model import forward
 from flexattn_jax.params import abstract_params
-from flexattn_jax.selection import grounding_cross_entropy
+from flexattn_jax.selection import grounded_rows, grounding_cross_entropy
 from train.config import TrainConfig
 from train.optim import make_optimizer, opt_state_shardings, trainable_mask
 
@@ -88,21 +88,19 @@ def loss_sums(
     )
     logits = out.logits[:, :-1].astype(jnp.float32)
     targets = batch["labels"][:, 1:]
-    valid = targets != IGNORE_INDEX
+    valid = answer_targets(batch["labels"])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, targets, 0))
     g_sum, g_rows = jnp.float32(0.0), jnp.int32(0)
     if grounding:
-        maps = out.image_attention[cfg.flex.first_select_layer : cfg.text.num_layers - 1]
+        layers = cfg.mask_layers
+        maps = out.image_attention[layers.start : layers.stop]
         g_sum, g_rows = grounding_cross_entropy(maps, batch["grounding"], batch["select_valid"])
     return LossSums(jnp.sum(jnp.where(valid, ce, 0.0)), jnp.sum(valid.astype(jnp.int32)), g_sum, g_rows)
 
 
-def grounded_rows(cfg: ModelConfig, target: Float[Array, "*B G"], row_valid: Bool[Array, "*B R"]) -> Float[Array, ""]:
-    """How many (layer, row) maps :func:`loss_sums` scores: valid select rows of samples with a box, times the
-    selecting layers (``first_select_layer`` .. L-2)."""
-    layers = cfg.text.num_layers - 1 - cfg.flex.first_select_layer
-    has = jnp.sum(target, axis=-1) > 0
-    return jnp.float32(layers) * jnp.sum((row_valid & has[..., None]).astype(jnp.float32))
+def answer_targets(labels: Int[Array, "*B T"]) -> Bool[Array, "*B T-1"]:
+    """Which next-token targets count: row t predicts token t+1, counted when ``labels[t+1] != IGNORE_INDEX``."""
+    return labels[..., 1:] != IGNORE_INDEX
 
 
 def token_loss_sums(
@@ -207,9 +205,9 @@ def _make_step(cfg: ModelConfig, key: tuple, mesh: Mesh, total_steps: int, steps
         # exactly for any grad_accum
         g_scale = jnp.float32(0.0)
         if grounding:
-            tokens = jnp.sum((batch["labels"][..., 1:] != IGNORE_INDEX).astype(jnp.float32))
-            rows = grounded_rows(cfg, batch["grounding"], batch["select_valid"])
-            g_scale = tcfg.grounding_weight * tokens / jnp.maximum(rows, 1.0)
+            tokens = jnp.sum(answer_targets(batch["labels"]).astype(jnp.float32))
+            maps = len(cfg.mask_layers) * jnp.sum(grounded_rows(batch["grounding"], batch["select_valid"]).astype(jnp.float32))
+            g_scale = tcfg.grounding_weight * tokens / jnp.maximum(maps, 1.0)
 
         def loss_fn(train_leaves, mb, key):
             it_t, it_f = iter(train_leaves), iter(frozen)

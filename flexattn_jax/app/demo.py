@@ -287,9 +287,9 @@ def run(
         stats: dict = {}
         answers = answer(params, mode_cfg, tokenizer, requests, batch_size=8, max_new_tokens=3, progress=False, stats=stats)
         correct = sum(a.text is not None and a.text.split()[:1] == [truth] for a, (_, _, truth, _) in zip(answers, test_items, strict=True))
-        used = range(cfg.flex.first_select_layer, cfg.text.num_layers - 1)  # the masks the hierarchical layers attend with
         cover = {j: [square_coverage(np.asarray(a.hr_masks[j]), meta["bbox"], meta["size"]) if a.hr_masks is not None else 0.0
-                     for a, (_, _, _, meta) in zip(answers, test_items, strict=True)] for j in used}
+                     for a, (_, _, _, meta) in zip(answers, test_items, strict=True)]
+                 for j in cfg.mask_layers}  # the masks the hierarchical layers attend with
         report["modes"][name] = {
             "accuracy": correct / len(test_items), "seconds": stats["seconds"], "tokens_per_s": stats["tokens_per_s"],
             "flops_per_sample_prefill": forward_flops(params, mode_cfg, 1, ids_len),
