@@ -55,7 +55,7 @@ def test_recipe_and_errors(tmp_path, capsys):
     assert "unknown config field 'nope'" in capsys.readouterr().err
 
 
-def test_train_from_converted_llava_gets_hr_kernels(tmp_path, capsys):
+def test_train_from_converted_llava_gets_hr_kernels(tmp_path, caplog):
     """A converted plain LLaVA checkpoint + --recipe release: FlexAttention on, new *_hr kernels (copies of k/v by
     default), one step."""
     import json
@@ -72,8 +72,9 @@ def test_train_from_converted_llava_gets_hr_kernels(tmp_path, capsys):
     argv = ["--checkpoint", str(ckpt), "--data", str(tmp_path / "data" / "data.json"), "--images", str(tmp_path / "data"),
             "--max-len", "64", "--batch-size", "8", "--steps", "30", "--stop-at", "1", "--lr", "1e-2", "--adam-eps", "1e-3",
             "--warmup-steps", "0", "--mesh", "data=8", "--out", str(out), "--no-progress", "--no-tensorboard"]
+    caplog.set_level("INFO", logger="train")
     assert main(argv) == 0
-    assert "initialised 2 FlexAttention kernels as copies of k/v (--hr-init copy)" in capsys.readouterr().out
+    assert "initialised 2 FlexAttention kernels as copies of k/v (--hr-init copy)" in caplog.text
     with Checkpointer(out / "checkpoints") as ck:
         meta = ck.read_meta()
     assert meta["recipe"] == "release" and meta["model_config"]["flex"]["enabled"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,8 @@ from flexattn_jax.overrides import replace_settings, split_override
 from flexattn_jax.preprocess import SYSTEM_PROMPT, SYSTEM_PROMPT_VICUNA_V1
 from flexattn_jax.settings import SettingsArgs
 from train.config import DataConfig, TrainConfig
+
+_log = logging.getLogger(__name__)
 
 _DESCRIPTION = """\
 Fine-tune LLaVA-1.5 with FlexAttention on LLaVA-format data with a sharded, jitted train step.
@@ -187,10 +190,11 @@ def add_missing_hr_kernels(params: dict, cfg: ModelConfig, init: str, seed: int,
 
 
 def _say(msg: str) -> None:
+    """Log ``msg`` (info) on the first process only."""
     import jax
 
     if jax.process_index() == 0:
-        print(msg, flush=True)
+        _log.info(msg)
 
 
 def run(a: argparse.Namespace, stop: Any = None) -> int:
@@ -262,7 +266,7 @@ def run(a: argparse.Namespace, stop: Any = None) -> int:
             params = jax.jit(init_params, static_argnums=0, out_shardings=shardings)(cfg, jax.random.key(tcfg.seed))
     abstract = abstract_params(cfg)
     if a.print_sharding and jax.process_index() == 0:
-        S.print_sharding_table(abstract, mesh)
+        print(S.format_sharding_table(abstract, mesh)[0], flush=True)
     else:
         _, frac = S.sharding_table(abstract, mesh)
         _say(f"model: {count_params(abstract):,} parameters, {frac:.3%} unsharded on this mesh; recipe {recipe}")
@@ -281,7 +285,8 @@ def run(a: argparse.Namespace, stop: Any = None) -> int:
         return stop.exit_code
     summary = summarize(records)
     summary["data"] = data.stats()
-    _say("summary: " + json.dumps(summary, default=str))
+    if jax.process_index() == 0:  # the command's result: stdout
+        print("summary: " + json.dumps(summary, default=str), flush=True)
     return 0
 
 
