@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from flexattn_jax.logs import LOG_ENV, configure_logging, progress
+from flexattn_jax.logs import LOG_ENV, PACKAGES, configure_logging, progress
 from tests.fixtures import TEST_BATCH, TEST_SEQ_LEN, tiny_config, write_llava_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +62,26 @@ def test_configure_logging_level_env_and_one_handler(monkeypatch):
         assert re.fullmatch(r"\d\d:\d\d:\d\d DEBUG train\.cli: a debug record\n", buf.getvalue()), buf.getvalue()
         with pytest.raises(ValueError, match="--log-level 'loud': use one of debug, info, warning, error"):
             configure_logging("loud")
+    finally:
+        for h in list(root.handlers):
+            if h not in before:
+                root.removeHandler(h)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def test_cli_log_level_flag(capsys):
+    from flexattn_jax.app.cli import main
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    levels = {name: logging.getLogger(name).level for name in PACKAGES}
+    try:
+        assert main(["--log-level", "loud", "train"]) == 2
+        assert capsys.readouterr().err.strip() == "error: --log-level 'loud': use one of debug, info, warning, error"
+        assert main(["--log-level"]) == 2 and "--log-level needs a level" in capsys.readouterr().err
+        assert main(["--log-level=warning", "--help"]) == 0 and logging.getLogger("train").level == logging.WARNING
+        assert "--log-level" in capsys.readouterr().out
     finally:
         for h in list(root.handlers):
             if h not in before:
