@@ -47,47 +47,42 @@ def test_progress_off_a_terminal_is_plain_lines():
     assert "\r" in live.getvalue()  # a terminal keeps tqdm's live bar
 
 
-def test_configure_logging_level_env_and_one_handler(monkeypatch):
-    root = logging.getLogger()
-    before = list(root.handlers)
-    levels = {name: logging.getLogger(name).level for name in ("flexattn_jax", "train")}
-    try:
-        buf = io.StringIO()
-        monkeypatch.setenv(LOG_ENV, "warning")
-        assert configure_logging(stream=buf) == logging.WARNING
-        assert configure_logging("debug", stream=buf) == logging.DEBUG  # again: replaces its handler
-        assert len(root.handlers) == len(before) + 1
-        logging.getLogger("train.cli").debug("a %s record", "debug")
-        logging.getLogger("some.other.library").info("not shown")  # other libraries stay at warning
-        assert re.fullmatch(r"\d\d:\d\d:\d\d DEBUG train\.cli: a debug record\n", buf.getvalue()), buf.getvalue()
-        with pytest.raises(ValueError, match="--log-level 'loud': use one of debug, info, warning, error"):
-            configure_logging("loud")
-    finally:
-        for h in list(root.handlers):
-            if h not in before:
-                root.removeHandler(h)
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
-
-
-def test_cli_log_level_flag(capsys):
-    from flexattn_jax.app.cli import main
-
+@pytest.fixture
+def restore_logging():
+    """The root handlers and this project's logger levels as they were before the test."""
     root = logging.getLogger()
     before = list(root.handlers)
     levels = {name: logging.getLogger(name).level for name in PACKAGES}
-    try:
-        assert main(["--log-level", "loud", "train"]) == 2
-        assert capsys.readouterr().err.strip() == "error: --log-level 'loud': use one of debug, info, warning, error"
-        assert main(["--log-level"]) == 2 and "--log-level needs a level" in capsys.readouterr().err
-        assert main(["--log-level=warning", "--help"]) == 0 and logging.getLogger("train").level == logging.WARNING
-        assert "--log-level" in capsys.readouterr().out
-    finally:
-        for h in list(root.handlers):
-            if h not in before:
-                root.removeHandler(h)
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
+    yield root, before
+    for h in list(root.handlers):
+        if h not in before:
+            root.removeHandler(h)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def test_configure_logging_level_env_and_one_handler(monkeypatch, restore_logging):
+    root, before = restore_logging
+    buf = io.StringIO()
+    monkeypatch.setenv(LOG_ENV, "warning")
+    assert configure_logging(stream=buf) == logging.WARNING
+    assert configure_logging("debug", stream=buf) == logging.DEBUG  # again: replaces its handler
+    assert len(root.handlers) == len(before) + 1
+    logging.getLogger("train.cli").debug("a %s record", "debug")
+    logging.getLogger("some.other.library").info("not shown")  # other libraries stay at warning
+    assert re.fullmatch(r"\d\d:\d\d:\d\d DEBUG train\.cli: a debug record\n", buf.getvalue()), buf.getvalue()
+    with pytest.raises(ValueError, match="--log-level 'loud': use one of debug, info, warning, error"):
+        configure_logging("loud")
+
+
+def test_cli_log_level_flag(capsys, restore_logging):
+    from flexattn_jax.app.cli import main
+
+    assert main(["--log-level", "loud", "train"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --log-level 'loud': use one of debug, info, warning, error"
+    assert main(["--log-level"]) == 2 and "--log-level needs a level" in capsys.readouterr().err
+    assert main(["--log-level=warning", "--help"]) == 0 and logging.getLogger("train").level == logging.WARNING
+    assert "--log-level" in capsys.readouterr().out
 
 
 @pytest.mark.slow
