@@ -4,29 +4,19 @@ The names a user types (``demo_out/model`` is the model ``flexattn-jax demo`` wr
 written by ``flexattn-jax convert`` works the same):
 
 ```python
-import numpy as np
-from PIL import Image
-
 import flexattn_jax as fx
-from flexattn_jax.preprocess import format_prompt, preprocess_image, tokenize_with_image
-from flexattn_jax.selection import margin_patches
 
-params, cfg = fx.load_checkpoint("demo_out/model")           # parameters + the config they were converted with
+params, cfg = fx.load_checkpoint("demo_out/model")     # parameters + the config they were converted with
 tokenizer = fx.load_tokenizer("demo_out/model")
-answers = fx.answer(params, cfg, tokenizer, [fx.Request("image.png", "What pattern is the small square?")])
-
-pixels, ori_size = preprocess_image(Image.open("image.png"), cfg.image_size)   # LLaVA's pad-to-square + resize
-ids = tokenize_with_image(format_prompt("What pattern is the small square?"), tokenizer,
-                          cfg.image_token_id, cfg.num_image_tokens)[None]     # <image> expanded on the host
-mask, margin = np.ones(ids.shape, bool), margin_patches(np.array([ori_size]), cfg.lr_grid)
-logits = fx.forward(params, cfg, ids, pixels[None], mask, margin=margin).logits   # training-mode forward
-gen = fx.generate.generate(params, cfg, ids, pixels[None], mask, margin, max_new_tokens=8)
-print(answers[0].text, tokenizer.decode(np.asarray(gen.tokens[0, : int(gen.lengths[0])])))
+answers = fx.answer(params, cfg, tokenizer, [fx.Request("image.png", "What pattern is the small square?")], max_new_tokens=8)
+print(answers[0].text, answers[0].error)
 ```
 
-Submodules (``fx.generate``: ``prefill``, ``decode_step``, ``generate``; ``fx.model``, ``fx.selection``, ...)
-and the exported names are imported on first use, so ``import flexattn_jax`` stays light and loads nothing
-of the application layer (:mod:`flexattn_jax.app`) until a name from it is used.
+Underneath are pure functions of pytrees: ``fx.forward(params, cfg, input_ids, pixel_values, ...)`` and the
+generation module ``fx.generate`` (``prefill``, ``decode_step``, ``generate``); docs/inference.md goes from
+an image to logits and tokens with them. Submodules (``fx.generate``, ``fx.model``, ``fx.selection``, ...) and
+the exported names are imported on first use, so ``import flexattn_jax`` stays light and loads nothing of
+the application layer (:mod:`flexattn_jax.app`) until a name from it is used.
 """
 
 from __future__ import annotations
