@@ -1,5 +1,6 @@
 """The README and the manual in docs/: every relative link resolves (file and anchor), every path under docs/ that
-the code names exists, and every Python snippet runs as written in a fresh interpreter on a tiny checkpoint."""
+the code names exists, the README's quick start parses, and every Python snippet of the README, docs/inference.md and
+the package docstring runs as written in a fresh interpreter on a tiny checkpoint."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ CODE_DIRS = ("flexattn_jax", "convert", "train", "bench", "tests")
 _LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 _FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 _SNIPPET = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
-_SERVER_CLIENT = "OpenAI("  # a client of a running `flexattn-jax serve` (tests/test_serve*.py start real servers)
+SNIPPET_PAGES = [ROOT / "README.md", ROOT / "docs" / "inference.md"]  # the API's pages (others may quote fragments)
 
 
 def _slug(heading: str) -> str:
@@ -82,21 +83,21 @@ def test_docs_paths_named_in_the_code_exist():
 
 
 def _snippets() -> list[tuple[str, str]]:
-    out = [(f"{p.relative_to(ROOT)}[{i}]", code) for p in PAGES for i, code in enumerate(_SNIPPET.findall(p.read_text()))]
+    out = [(f"{p.relative_to(ROOT)}[{i}]", code) for p in SNIPPET_PAGES for i, code in enumerate(_SNIPPET.findall(p.read_text()))]
     out += [(f"flexattn_jax/__init__.py[{i}]", code) for i, code in enumerate(_SNIPPET.findall(flexattn_jax.__doc__))]
     return out
 
 
 def test_every_python_snippet_runs(tmp_path):
-    """Each ```python block of the README, the manual and the package docstring, run as written in its own fresh
-    interpreter, in a directory where ``demo_out/model`` is a tiny checkpoint and ``image.png`` an image."""
+    """Each ```python block of the README, docs/inference.md and the package docstring, run as written in its own
+    fresh interpreter, in a directory where ``demo_out/model`` is a tiny checkpoint and ``image.png`` an image."""
     from PIL import Image
 
     from tests.checkpoints import write_tiny_checkpoint
 
-    snippets = [(name, code) for name, code in _snippets() if _SERVER_CLIENT not in code]
+    snippets = _snippets()
     names = [name for name, _ in snippets]
-    assert any(n.startswith("README.md") for n in names) and any(n.startswith("flexattn_jax/") for n in names), names
+    assert {n.split("[")[0] for n in names} == {"README.md", "docs/inference.md", "flexattn_jax/__init__.py"}, names
     write_tiny_checkpoint(tmp_path / "demo_out" / "model")
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "image.png")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "JAX_PLATFORMS": "cpu",
