@@ -3,7 +3,7 @@
 Every benchmark module (``flops``, ``walltime``, ``scaling``, ``memory``, ``torch_compare``) builds
 its models and programs here, so that "``flex-0.1M/project``" means the same computation in each.
 
-Configurations (docs ``benchmarks.md``): ``lr`` (plain LLaVA on the LR view), ``hd-seq`` (plain
+Configurations (``docs/benchmarks.md``): ``lr`` (plain LLaVA on the LR view), ``hd-seq`` (plain
 LLaVA with the LR view and all zoom^2 HR tiles as images in the sequence), ``xattn`` (every row
 attends to all M HR keys in the hierarchical layers: ``hr_mode='paper'``, ``selection='all'``, HR
 K/V projected once at prefill and cached) and ``flex-K`` (release semantics, budget K, each HR

@@ -112,7 +112,7 @@ def _extrapolate(v: Variant, measure: Callable[[Variant], float], vis_per_layer:
 
 def analytic(cfg: ModelConfig, config: str, workload: str, strategy: str, prompt: int, answer: int) -> float | None:
     """Matmuls as 2 x (weights) x (tokens), attention as dense 4 x rows x keys x width (masked
-    causal attention is computed in full), per the benchmarks.md table (which halves causal).
+    causal attention is computed in full, as XLA counts it; a budget that halves causal attention reads lower).
     None for an HR strategy without a closed form here (e.g. one whose cost depends on the data)."""
     v, t = cfg.vision, cfg.text
     g, m, z2 = cfg.num_image_tokens, cfg.num_hr_tokens, cfg.zoom**2

@@ -1,22 +1,28 @@
 """flexattn-jax: FlexAttention (Li et al., ECCV 2024) for LLaVA-1.5 in JAX/Flax.
 
-The names a user types::
+The names a user types (``demo_out/model`` is the model ``flexattn-jax demo`` writes; any directory
+written by ``flexattn-jax convert`` works the same):
 
-    import flexattn_jax as fx
+```python
+import flexattn_jax as fx
 
-    params, cfg = fx.load_checkpoint("ckpt/")                       # a converted model directory
-    answers = fx.answer(params, cfg, tokenizer, [fx.Request("cat.jpg", "What is on the mat?")])
-    out = fx.forward(params, cfg, input_ids, pixel_values)          # logits (training-mode forward)
-    gen = fx.generate.generate(params, cfg, input_ids, pixel_values, mask, margin, max_new_tokens=32)
+params, cfg = fx.load_checkpoint("demo_out/model")     # parameters + the config they were converted with
+tokenizer = fx.load_tokenizer("demo_out/model")
+answers = fx.answer(params, cfg, tokenizer, [fx.Request("image.png", "What pattern is the small square?")], max_new_tokens=8)
+print(answers[0].text, answers[0].error)
+```
 
-(``fx.generate`` is the generation module: ``prefill``, ``decode_step``, ``generate``.) Everything is
-imported on first use, so ``import flexattn_jax.model`` stays light and loads nothing
-of the application layer (:mod:`flexattn_jax.app`).
+Underneath are pure functions of pytrees: ``fx.forward(params, cfg, input_ids, pixel_values, ...)`` and the
+generation module ``fx.generate`` (``prefill``, ``decode_step``, ``generate``); docs/inference.md goes from
+an image to logits and tokens with them. Submodules (``fx.generate``, ``fx.model``, ``fx.selection``, ...) and
+the exported names are imported on first use, so ``import flexattn_jax`` stays light and loads nothing of
+the application layer (:mod:`flexattn_jax.app`) until a name from it is used.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 _EXPORTS = {
@@ -47,6 +53,8 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f"{__name__}.{name}")  # a submodule, e.g. fx.generate (binds itself)
         raise AttributeError(f"module 'flexattn_jax' has no attribute {name!r}")
     value = getattr(importlib.import_module(_EXPORTS[name]), _RENAMED.get(name, name))
     globals()[name] = value

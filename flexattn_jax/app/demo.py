@@ -10,7 +10,7 @@ train step (:func:`train.loop.train`, all devices, orbax checkpoints):
 2. **fine-tune** it as LLaVA-FlexAttn on 168 px images (a 56 px LR view in the sequence, 3 x 3 HR
    tiles on the side): ``k_hr``/``v_hr`` start from ``k``/``v`` with the input norm folded in
    (:func:`hr_projections`), the vision tower is frozen, and a grounding term trains the answer row's
-   LR maps towards the square (:data:`FINETUNE_GROUNDING`; not in the release: see the README);
+   LR maps towards the square (:data:`FINETUNE_GROUNDING`; not in the release: see docs/demo.md);
 3. **evaluate** held-out images with the batched jitted generation in three modes: FlexAttention,
    LR only (nothing selected) and random selection (the paper's ablation);
 4. write ``attention.png`` (where the last token looked and which HR tokens it selected),
@@ -165,7 +165,7 @@ def train_stage(name, cfg, params, items, steps, lr, trainable, tokenizer, budge
 
 PRETRAIN_LR, FINETUNE_LR = 1e-3, 2e-3
 PRETRAIN_TRAINABLE, FINETUNE_TRAINABLE = "all", "projector,llm"  # the fine-tune freezes the vision tower, as the release
-# The fine-tune's grounding term (a departure from the release; see the README): the answer rows' LR maps in layers
+# The fine-tune's grounding term (a departure from the release; see docs/demo.md): the answer rows' LR maps in layers
 # 0-2 are trained towards the square's cells, as the release's maps come localised from LLaVA-1.5's pretraining and
 # this 45-second stand-in's do not (the selection passes no gradient, so nothing else trains them).
 FINETUNE_GROUNDING = 0.5
@@ -176,7 +176,7 @@ def pretrain_stage(cfg: ModelConfig, close_ups, seed: int, tokenizer, budget: Bu
     ``init_params(seed)``, trained on the 56 px close-ups.
 
     The vision tower trains too: this stand-in has no pretrained CLIP to keep frozen (a tower frozen at its random
-    init, as LLaVA-1.5 keeps CLIP, measured worse after the fine-tune: see the README). Returns :func:`train_stage`'s."""
+    init, as LLaVA-1.5 keeps CLIP, measured worse after the fine-tune: see docs/demo.md). Returns :func:`train_stage`'s."""
     lr_cfg = dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, enabled=False))
     params = init_params(lr_cfg, jax.random.key(seed))
     return train_stage("pretrain", lr_cfg, params, close_ups, budget.pretrain_steps, PRETRAIN_LR, PRETRAIN_TRAINABLE,
