@@ -1,8 +1,10 @@
 """FLOP counting from XLA's cost analysis: one reader for the benchmarks, the evaluation and the demo.
 
-XLA counts a loop body once, so a program is counted on :func:`counting_config` (``scan_layers=False``:
-the layer loops unrolled, the same arithmetic, including the 'cache' strategy's projection of all
-M HR tokens per hierarchical layer) and read by :func:`cost_flops`.
+XLA counts a loop body once, so a program is counted on :func:`counting_config`, which has no loop left:
+``scan_layers=False`` unrolls the layer loops (the same arithmetic, including the 'cache' strategy's
+projection of all M HR tokens per hierarchical layer) and ``attention_impl='xla'`` computes every attention
+densely (the chunked kernel's scan over key blocks would be counted for one block; a fused kernel is a
+custom call XLA does not count at all). It is read by :func:`cost_flops`.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ Phase = Literal["prefill", "step"]
 
 
 def counting_config(cfg: ModelConfig, phase: Phase = "prefill") -> ModelConfig:
-    """The config whose compile is counted for ``phase``: layers unrolled, and for a decode ``'step'``
-    the incremental strategy's fast path alone.
+    """The config whose compile is counted for ``phase``: layers unrolled, attention dense (the same
+    products as any kernel, none in a loop), and for a decode ``'step'`` the incremental strategy's fast path alone.
 
     XLA's cost analysis takes a ``lax.cond`` as its most expensive branch. The incremental
     strategy's decode step has one: the fast path (project the few newly selected cells) or the
@@ -33,7 +35,7 @@ def counting_config(cfg: ModelConfig, phase: Phase = "prefill") -> ModelConfig:
     """
     if phase not in ("prefill", "step"):
         raise ValueError(f"phase={phase!r}: use 'prefill' or 'step'")
-    cfg = dataclasses.replace(cfg, scan_layers=False)
+    cfg = dataclasses.replace(cfg, scan_layers=False, attention_impl="xla")
     if phase == "step":
         cfg = dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, hr_cache_fallback=False))
     return cfg
