@@ -12,6 +12,7 @@ from typing import Any
 
 from flexattn_jax.config import ConfigError, ModelConfig
 from flexattn_jax.preprocess import SYSTEM_PROMPT, SYSTEM_PROMPT_VICUNA_V1
+from flexattn_jax.presets import with_release_recipe
 
 _DESCRIPTION = """\
 Fine-tune LLaVA-1.5 with FlexAttention on LLaVA-format data with a sharded, jitted train step.
@@ -181,13 +182,8 @@ def data_config_from_args(a: argparse.Namespace, tokenizer_dir: str | None) -> A
 
 
 def apply_recipe(cfg: ModelConfig, recipe: str) -> ModelConfig:
-    """The release's FlexAttention settings: zoom 3 (highres = 3 x lowres), threshold 48, warmup 10."""
-    if recipe != "release":
-        return cfg
-    f = cfg.flex
-    flex = dataclasses.replace(f, enabled=True, zoom_ratio=3, lowres_size=cfg.vision.image_size,
-                               highres_size=3 * cfg.vision.image_size, threshold=48.0, warmup=10.0)
-    return dataclasses.replace(cfg, flex=flex)
+    """``recipe`` 'release': :func:`flexattn_jax.presets.with_release_recipe`; otherwise ``cfg`` as is."""
+    return with_release_recipe(cfg) if recipe == "release" else cfg
 
 
 def read_model_config(path: str) -> ModelConfig:

@@ -34,6 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from flexattn_jax import flops as F
+from flexattn_jax import presets
 from flexattn_jax import sharding as S
 from flexattn_jax.chips import CHIPS, Chip, GiB
 from flexattn_jax.config import ATTENTION_IMPLS, ModelConfig
@@ -159,32 +160,13 @@ def target_mesh_for(target: Target, spec: str | None) -> Mesh:
 
 # ---- models --------------------------------------------------------------------------------------
 
-# The release's configs (no weights needed): LLaVA-1.5 = Vicuna v1.5 (Llama 2) + CLIP ViT-L/14-336 + a 2-layer
-# GELU MLP projector (liuhaotian/llava-v1.5-{7b,13b} config.json); FlexAttention adds its `extra` field as
-# in UMass-Foundation-Model/FlexAttention scripts/train/llava-v1.5-7b-flexattn.sh.
-_LLAVA_15 = {
-    "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", "mm_vision_tower": "openai/clip-vit-large-patch14-336",
-    "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 1024, "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
-    "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "hidden_act": "silu",
-}
-_SIZES = {
-    "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32},
-    "13b": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40},
-}
-FLEX_EXTRA = "zoom_ratio:3#warmup:10#lowres_size:336#highres_size:1008#threshold:48"
-PRESETS: dict[str, dict[str, Any]] = {
-    "llava-flexattn-7b": {**_LLAVA_15, **_SIZES["7b"], "extra": FLEX_EXTRA},
-    "llava-flexattn-13b": {**_LLAVA_15, **_SIZES["13b"], "extra": FLEX_EXTRA},
-    "llava-1.5-7b": {**_LLAVA_15, **_SIZES["7b"]},
-    "llava-1.5-13b": {**_LLAVA_15, **_SIZES["13b"]},
-}
+PRESETS = presets.HF_CONFIGS  # the release's models (flexattn_jax.presets), compiled without weights
 
 
 def load_model_config(model: str) -> ModelConfig:
     """A preset name, a ``config.json`` (or a directory holding one), or a converted checkpoint directory -> ModelConfig."""
     if model in PRESETS:
-        return from_hf_config(PRESETS[model])
+        return presets.preset(model)
     path = Path(model)
     if (path / "metadata.json").is_file():
         from flexattn_jax.checkpoint import read_config
