@@ -419,26 +419,38 @@ def step_estimate(optimal: float | None, compiler_flops: float | None, model_flo
     return optimal * scale, F.mfu(model_flops, optimal * scale, 1, peak_flops)
 
 
-def find_batch(compile_at: Callable[[int], CompileReport], limit: int = 256) -> tuple[CompileReport | None, list[CompileReport]]:
-    """The largest per-device batch whose program fits (doubling, then bisecting); every compile's report."""
-    tried: list[CompileReport] = []
-    best, lo, hi = None, 0, None
-    b = 1
-    while b <= limit:
-        r = compile_at(b)
-        tried.append(r)
-        if not r.fits:
+def find_batch(compile_at: Callable[[int], CompileReport], limit: int = 256,
+               log: Callable[[CompileReport], None] | None = None) -> tuple[CompileReport | None, list[CompileReport]]:
+    """The largest per-device batch up to ``limit`` whose program fits, and every compile's report (by batch).
+
+    Compiles at 1 and 2, then at the batch where the peak, interpolated linearly (secant through the nearest
+    fitting and failing batches, or the two largest fitting ones), meets the usable HBM, until a fitting batch
+    and the next one that does not are both known. ``log`` sees each report as it is compiled."""
+    seen: dict[int, CompileReport] = {}
+
+    def at(b: int) -> CompileReport:
+        if b not in seen:
+            seen[b] = compile_at(b)
+            if log is not None:
+                log(seen[b])
+        return seen[b]
+
+    def peak(b: int) -> int:
+        return seen[b].per_chip_bytes["peak"]
+
+    if not at(1).fits or limit < 2:
+        return (seen[1] if seen[1].fits else None), [r for _, r in sorted(seen.items())]
+    lo, hi = (2, limit + 1) if at(2).fits else (1, 2)
+    while hi - lo > 1:
+        a = hi if hi in seen else max(b for b in seen if seen[b].fits and b < lo)
+        slope = max(1.0, (peak(a) - peak(lo)) / (a - lo))
+        guess = lo + int((seen[lo].usable_bytes - peak(lo)) // slope)
+        b = min(max(guess, lo + 1), hi - 1)
+        if at(b).fits:
+            lo = b
+        else:
             hi = b
-            break
-        best, lo = r, b
-        b *= 2
-    if hi is not None:
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            r = compile_at(mid)
-            tried.append(r)
-            best, lo, hi = (r, mid, hi) if r.fits else (best, lo, mid)
-    return best, tried
+    return at(lo), [r for _, r in sorted(seen.items())]
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -462,7 +474,8 @@ def compile_parser(prog: str = "flexattn-jax compile") -> argparse.ArgumentParse
     p.add_argument("--attention-impl", default="auto", choices=ATTENTION_IMPLS)
     p.add_argument("--remat", default="full", choices=("none", "full", "dots_saveable"), help="training's remat policy per layer")
     p.add_argument("--layers", type=int, default=None, help="compile a decoder cut to N layers (quick checks)")
-    p.add_argument("--find-batch", action="store_true", help="find the largest per-device batch that fits (doubling, then bisecting)")
+    p.add_argument("--find-batch", action="store_true",
+                   help="find the largest per-device batch that fits (peak memory interpolated between compiles)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
 
