@@ -60,7 +60,7 @@ examples:
       --max-len 64 --batch-size 8 --steps 50 --lr 1e-3 --out runs/tiny"""
 
 
-def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
+def build_parser(prog: str = "flexattn-jax train") -> argparse.ArgumentParser:
     """The ``train`` argument parser (every TrainConfig / DataConfig field has a flag; model fields via --set)."""
     p = argparse.ArgumentParser(prog=prog, description=_DESCRIPTION, epilog=_EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -332,7 +332,7 @@ def _load_tokenizer(path: str | None) -> Any:
     return load_tokenizer(path)
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m train") -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "flexattn-jax train") -> int:
     """Run the train CLI; returns the exit status (2 on a config/data error, with the message on stderr)."""
     from flexattn_jax.interrupt import early_signals, exit_code
     from train.data import DataError
