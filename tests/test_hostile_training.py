@@ -212,7 +212,7 @@ def test_resume_past_damaged_checkpoint_logs_each_step_once(world, tmp_path, cap
     (run / "metrics.jsonl").write_text("\n".join(old) + '\n{"step": 4, "loss": 1.0')  # a line cut by the kill
     _damage_truncate(run / "checkpoints" / "3")
     assert cli_main(["train", *base_args(world, run), "--stop-at", "3"]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # a warning of the log, on stderr
     assert f"skipped damaged checkpoint {run / 'checkpoints' / '3'}" in out and "resuming from step 2" in out, out
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3]

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-USAGE = """flexattn-jax COMMAND [options]
+USAGE = """flexattn-jax [--log-level LEVEL] COMMAND [options]
 
 commands:
   demo       run the built-in demo (tiny model, synthetic high-resolution task; no downloads)
@@ -21,6 +21,8 @@ commands:
   compile    compile a program for a TPU slice or GPU node from this host: fit, kernels, estimated speed
 
 Run `flexattn-jax COMMAND --help` for each command's options.
+--log-level debug|info|warning|error (or the FLEXATTN_JAX_LOG environment variable; default info): the log
+records on stderr; results (answers, tables, JSON summaries) go to stdout.
 """
 
 # command -> (module, entry point taking argv)
@@ -83,6 +85,19 @@ def skip_absent_tpu(environ=os.environ, pci_root: Path = Path("/sys/bus/pci/devi
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     skip_absent_tpu()  # before any command imports jax
+    from flexattn_jax.logs import configure_logging
+
+    level = None
+    if argv[:1] == ["--log-level"] or argv[:1] and argv[0].startswith("--log-level="):
+        level = argv[0].partition("=")[2] if "=" in argv[0] else (argv[1] if len(argv) > 1 else "")
+        argv = argv[1:] if "=" in argv[0] else argv[2:]
+    try:
+        if level == "":
+            raise ValueError("--log-level needs a level: debug, info, warning or error")
+        configure_logging(level)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import shutil
 import sys
 import time
@@ -43,6 +44,8 @@ from flexattn_jax.model import hr_feature_rms
 from flexattn_jax.params import add_hr_projections, init_params
 from flexattn_jax.preprocess import SYSTEM_PROMPT, preprocess_image
 from flexattn_jax.selection import box_cell_counts
+
+_log = logging.getLogger(__name__)
 
 OBJECT_PX = (18, 24)  # the patterned square's side at 168 px: one to four HR tokens, a blur at 56 px
 MARKER = ".flexattn-jax-demo"  # written into --out: a directory the demo may rewrite (its stages, model/)
@@ -134,8 +137,8 @@ def train_stage(name, cfg, params, items, steps, lr, trainable, tokenizer, budge
         log_every=max(1, steps // 4), tensorboard=False, progress=progress, grounding_weight=grounding_weight,
     )
     if progress:
-        print(f"[{name}] {steps} steps, batch {budget.batch_size}, {len(items)} samples, {cfg.image_size} px, "
-              f"training {trainable}, on {jax.device_count()} device(s)", flush=True)
+        _log.info(f"[{name}] {steps} steps, batch {budget.batch_size}, {len(items)} samples, {cfg.image_size} px, "
+                  f"training {trainable}, on {jax.device_count()} device(s)")
     t0 = time.perf_counter()
     params, records = train(cfg, params, data, tcfg, out_dir=stage_dir, resume=False, data_config=dcfg, log=progress)
     summary = {**summarize(records), "seconds": time.perf_counter() - t0, "checkpoint": str(stage_dir / "checkpoints")}

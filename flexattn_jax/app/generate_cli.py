@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import re
 import sys
@@ -289,7 +290,7 @@ def _generate(argv: list[str]) -> int:
 
         cache = setup_compile_cache(args.compile_cache, disabled=args.no_compile_cache)
         if args.save_attention and not cfg.flex.enabled:
-            print("warning: --save-attention: FlexAttention is off in this checkpoint, no attention maps to draw", file=sys.stderr)
+            logging.getLogger(__name__).warning("--save-attention: FlexAttention is off in this checkpoint, no attention maps to draw")
         return _answer_all(args, params, cfg, tokenizer, mesh, lines, log, header, cache, stop)
 
 

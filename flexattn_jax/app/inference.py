@@ -33,10 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from PIL import Image
-from tqdm import tqdm
 
 from flexattn_jax.config import ModelConfig
 from flexattn_jax.generate import GenerateOutput, generate
+from flexattn_jax.logs import progress as progress_bar
 from flexattn_jax.preprocess import (
     BUCKETS,
     IMAGE_PLACEHOLDER,
@@ -229,7 +229,7 @@ def stream_answers(
     max_context = longest_prompt(cfg.text.max_position_embeddings, max_new_tokens, buckets)
     st = _Stats()
     total = len(requests) if isinstance(requests, Sized) else None
-    bar = tqdm(total=total, desc="answering", unit="item", disable=not progress)
+    bar = progress_bar(total=total, desc="answering", unit="item", disable=not progress)
     reader = _Reader(requests, batch_size)
     inflight: deque[tuple[int, Future]] = deque()  # submitted to the pool, in input order
     waiting: dict[int, list[tuple[int, Prepared]]] = {}  # bucket -> prepared items, in input order

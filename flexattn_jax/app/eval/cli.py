@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -184,7 +185,7 @@ def _eval(args: argparse.Namespace, stop) -> int:
         check_tokenizer_vocab(tokenizer, cfg.text.vocab_size)
     except (ValueError, OSError) as e:
         return err(str(e))
-    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    log = logging.getLogger(__name__).info
     t0 = time.perf_counter()
     rows = []
     for budget, cfg_b, st in zip(budgets, cfgs, settings, strict=True):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -22,7 +23,6 @@ from typing import Any
 
 from jax.sharding import Mesh
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from flexattn_jax.app.eval import tasks as K
 from flexattn_jax.app.eval.data import BadSample, Item, Sample
@@ -31,8 +31,10 @@ from flexattn_jax.app.eval.lmms import write_lmms
 from flexattn_jax.app.inference import Request, stream_answers
 from flexattn_jax.config import ModelConfig
 from flexattn_jax.flops import generation_flops
+from flexattn_jax.logs import progress
 from flexattn_jax.preprocess import BUCKETS, PreprocessError, bucket_length, format_prompt, preprocess_image, tokenize_with_image
 
+_log = logging.getLogger(__name__)
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
 
@@ -125,7 +127,7 @@ class Runner:
     """
 
     def __init__(self, params: dict, cfg: ModelConfig, tokenizer: Any, settings: EvalSettings, *, mesh: Mesh | None = None,
-                 progress: bool = True, log: Callable[[str], None] = print):
+                 progress: bool = True, log: Callable[[str], None] = _log.info):
         self.params, self.cfg, self.tokenizer, self.s = params, cfg, tokenizer, settings
         self.mesh, self.progress, self.log = mesh, progress, log
         self.stats: dict[str, Any] = {}
@@ -172,7 +174,7 @@ class Runner:
         run = self._likelihood if not self.s.generates else self._generate
         records = run(todo, stopping)
         try:
-            bar = tqdm(total=len(todo), desc=self.s.task, unit="item", disable=not self.progress)
+            bar = progress(total=len(todo), desc=self.s.task, unit="item", disable=not self.progress)
             for rec in records:
                 if rec.get("error") is not None:
                     failures.append({"id": rec["id"], "error": rec["error"], "category": rec.get("category", "")})
