@@ -474,6 +474,12 @@ def bucket_length(n: int, buckets: Sequence[int] = BUCKETS) -> int:
     raise PreprocessError(f"sequence length {n} exceeds the largest bucket {max(buckets)} (buckets {tuple(buckets)})")
 
 
+def longest_prompt(context: int, max_new_tokens: int, buckets: Sequence[int] = BUCKETS) -> int:
+    """The longest prompt, in tokens (image tokens included), that generation accepts: it fits the largest
+    bucket and leaves ``max_new_tokens`` of the model's ``context`` (``max_position_embeddings``) for the answer."""
+    return min(max(buckets), context - max_new_tokens)
+
+
 def pad_batch(
     seqs: Sequence[np.ndarray | Sequence[int]],
     length: int | None = None,

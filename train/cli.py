@@ -14,6 +14,7 @@ from typing import Any
 from flexattn_jax.config import ConfigError, ModelConfig
 from flexattn_jax.overrides import replace_settings, split_override
 from flexattn_jax.preprocess import SYSTEM_PROMPT, SYSTEM_PROMPT_VICUNA_V1
+from flexattn_jax.presets import with_release_recipe
 from flexattn_jax.settings import SettingsArgs
 from train.config import DataConfig, TrainConfig
 
@@ -75,7 +76,7 @@ SETTINGS = {"train": TRAIN_ARGS, "data": DATA_ARGS}
 SYSTEM_PROMPTS = {"vicuna_v1": SYSTEM_PROMPT_VICUNA_V1, "llava_v1": SYSTEM_PROMPT}
 
 
-def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
+def build_parser(prog: str = "flexattn-jax train") -> argparse.ArgumentParser:
     """The ``train`` argument parser: a flag per TrainConfig / DataConfig field (generated, see
     :mod:`flexattn_jax.settings`), the model's source and ``--set``, parallelism and output options."""
     p = argparse.ArgumentParser(prog=prog, description=_DESCRIPTION, epilog=_EXAMPLES,
@@ -143,13 +144,8 @@ def data_config_from_args(a: argparse.Namespace, tokenizer_dir: str | None) -> D
 
 
 def apply_recipe(cfg: ModelConfig, recipe: str) -> ModelConfig:
-    """The release's FlexAttention settings: zoom 3 (highres = 3 x lowres), threshold 48, warmup 10."""
-    if recipe != "release":
-        return cfg
-    f = cfg.flex
-    flex = dataclasses.replace(f, enabled=True, zoom_ratio=3, lowres_size=cfg.vision.image_size,
-                               highres_size=3 * cfg.vision.image_size, threshold=48.0, warmup=10.0)
-    return dataclasses.replace(cfg, flex=flex)
+    """``recipe`` 'release': :func:`flexattn_jax.presets.with_release_recipe`; otherwise ``cfg`` as is."""
+    return with_release_recipe(cfg) if recipe == "release" else cfg
 
 
 def read_model_config(path: str) -> ModelConfig:
@@ -300,7 +296,7 @@ def _load_tokenizer(path: str | None) -> Any:
     return load_tokenizer(path)
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m train") -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "flexattn-jax train") -> int:
     """Run the train CLI; returns the exit status (2 on a config/data error, with the message on stderr)."""
     from flexattn_jax.interrupt import early_signals, exit_code
     from train.data import DataError

@@ -38,6 +38,25 @@ _DELEGATES = {
 }
 
 
+# Commands whose package is not installed (pyproject's packages.find leaves it out: no top-level `bench` in
+# site-packages): they run from a source checkout, the tree an editable install (`pip install -e .`) points at.
+SOURCE_ONLY = {"bench": "bench"}
+SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the checkout holding flexattn_jax/ (site-packages when installed)
+
+
+def source_package(command: str, root: Path | None = None) -> str | None:
+    """Put the source checkout on ``sys.path`` for a :data:`SOURCE_ONLY` command's package; the one-line reason
+    when there is none (an installed wheel), else None."""
+    package = SOURCE_ONLY[command]
+    root = SOURCE_ROOT if root is None else root
+    if not (root / package / "__init__.py").is_file():
+        return (f"`flexattn-jax {command}` runs from a source checkout (git clone, then pip install -e .): "
+                f"the {package}/ package is not installed with flexattn-jax, and {root} has none")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return None
+
+
 GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips show up as PCI devices of this vendor
 
 
@@ -87,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     module, func = _DELEGATES[command]
+    if command in SOURCE_ONLY and (why := source_package(command)) is not None:
+        print(why, file=sys.stderr)
+        return 2
     from flexattn_jax.interrupt import early_signals, exit_code
 
     restore = early_signals()  # Ctrl-C and SIGTERM stop the command even when SIGINT was inherited as ignored

@@ -34,16 +34,16 @@ from typing import Any
 import jax
 import numpy as np
 
+from flexattn_jax import presets
 from flexattn_jax.app.demo_data import CLASSES, build_demo_tokenizer, make_split
 from flexattn_jax.app.inference import Request, answer
 from flexattn_jax.app.visualize import answer_maps, mask_layer, save_grid
-from flexattn_jax.config import FlexConfig, ModelConfig, TextConfig, VisionConfig
+from flexattn_jax.config import ModelConfig
 from flexattn_jax.flops import forward_flops
 from flexattn_jax.model import hr_feature_rms
 from flexattn_jax.params import add_hr_projections, init_params
 from flexattn_jax.preprocess import SYSTEM_PROMPT, preprocess_image
 from flexattn_jax.selection import box_cell_counts
-from flexattn_jax.tokenizer import IMAGE_ID
 
 _log = logging.getLogger(__name__)
 
@@ -51,25 +51,7 @@ OBJECT_PX = (18, 24)  # the patterned square's side at 168 px: one to four HR to
 MARKER = ".flexattn-jax-demo"  # written into --out: a directory the demo may rewrite (its stages, model/)
 
 
-def demo_model_config(vocab_size: int) -> ModelConfig:
-    """A CLIP (56 px, 14 px patches) + 4-layer Llama; FlexAttention at 168 px, selection from layer 0.
-
-    Hierarchical attention in layers 1-3: a tiny decoder needs the HR tokens early to learn to read them
-    (selecting at layer 1, the release's depth fraction, left seed 1 on the LR-only plateau)."""
-    return ModelConfig(
-        vision=VisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, image_size=56, patch_size=14),
-        text=TextConfig(
-            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
-            max_position_embeddings=512,
-        ),
-        # selection from layer 0 (the release: 8 of 32); the warm-up of the release's training script: alpha reaches 1
-        # after a tenth of an epoch
-        flex=FlexConfig(enabled=True, zoom_ratio=3, lowres_size=56, highres_size=168, first_select_layer=0, threshold=64.0,
-                        warmup=10.0),
-        image_token_id=IMAGE_ID,
-        pad_token_id=3,
-        eos_token_id=2,
-    )
+demo_model_config = presets.demo  # the demo's model (flexattn_jax.presets)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -213,10 +213,10 @@ def check_generate_args(args: argparse.Namespace) -> None:
 
 def check_context(cfg: ModelConfig, max_new_tokens: int) -> None:
     """``--max-new-tokens`` must leave room for a prompt with its image in the model's context."""
-    from flexattn_jax.preprocess import BUCKETS
+    from flexattn_jax.preprocess import longest_prompt
 
     least = cfg.num_image_tokens + 2  # BOS, the image, one token of prompt
-    room = min(max(BUCKETS), cfg.text.max_position_embeddings - max_new_tokens)
+    room = longest_prompt(cfg.text.max_position_embeddings, max_new_tokens)
     if room < least:
         most = cfg.text.max_position_embeddings - least
         raise ValueError(

@@ -44,6 +44,7 @@ from flexattn_jax.preprocess import (
     bucket_length,
     format_prompt,
     load_image,
+    longest_prompt,
     pad_batch,
     preprocess_image,
     tokenize_with_image,
@@ -225,7 +226,7 @@ def stream_answers(
         raise ValueError(f"workers={workers} must be at least 1")
     if mesh is not None:
         params = jax.device_put(params, replicated(mesh))
-    max_context = min(max(buckets), cfg.text.max_position_embeddings - max_new_tokens)
+    max_context = longest_prompt(cfg.text.max_position_embeddings, max_new_tokens, buckets)
     st = _Stats()
     total = len(requests) if isinstance(requests, Sized) else None
     bar = progress_bar(total=total, desc="answering", unit="item", disable=not progress)
