@@ -28,10 +28,18 @@ from flexattn_jax.app.eval import tasks as K
 from flexattn_jax.app.eval.data import BadSample, Item, Sample
 from flexattn_jax.app.eval.likelihood import OptionQuestion, OptionScorer, losses_flops, option_tokens
 from flexattn_jax.app.eval.lmms import write_lmms
-from flexattn_jax.app.inference import Request, stream_answers
+from flexattn_jax.app.inference import Request, item_error, stream_answers
 from flexattn_jax.config import ModelConfig
 from flexattn_jax.flops import generation_flops
-from flexattn_jax.preprocess import BUCKETS, PreprocessError, bucket_length, format_prompt, preprocess_image, tokenize_with_image
+from flexattn_jax.preprocess import (
+    BUCKETS,
+    PreprocessError,
+    bucket_length,
+    format_prompt,
+    preprocess_image,
+    text_problem,
+    tokenize_with_image,
+)
 
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
@@ -146,12 +154,13 @@ class Runner:
             if isinstance(item, BadSample):
                 failures.append({"id": item.id, "error": item.error, "category": item.category})
                 continue
-            try:
+            try:  # any failure of one sample is its own (a question that is not UTF-8 text among them)
                 user = K.user_text(self.s.task, item, self.s.protocol, self.s.ocr_tokens)
-            except ValueError as e:
-                failures.append({"id": item.id, "error": str(e), "category": item.category})
-                continue
-            pending.append(Pending(item, user, K.item_key(item, user, self.s.key_fields())))
+                if (bad := text_problem(user)) is not None:
+                    raise PreprocessError(f"sample {item.id!r}: its question is {bad}")
+                pending.append(Pending(item, user, K.item_key(item, user, self.s.key_fields())))
+            except Exception as e:  # noqa: BLE001
+                failures.append({"id": item.id, "error": item_error(e), "category": item.category})
         path = None if out is None else Path(out) / PREDICTIONS
         header = predictions_header(self.s)
         done = read_predictions(path, header) if path is not None else {}
@@ -232,7 +241,7 @@ class Runner:
                 if err is None:
                     yield pos, item
                 else:
-                    errors.append(self._record(p, error=_message(err)))
+                    errors.append(self._record(p, error=item_error(err)))
 
         for pos, losses, shapes, real_rows in scorer.score(good()):
             yield from _drain(errors)
@@ -289,7 +298,3 @@ class Runner:
 def _drain(errors: list) -> Iterator:
     while errors:
         yield errors.pop(0)
-
-
-def _message(e: BaseException) -> str:
-    return str(e) if isinstance(e, PreprocessError | ValueError | OSError) else f"{type(e).__name__}: {e}"
