@@ -10,6 +10,7 @@ kill is dropped. ``{out}/metrics.json`` holds the metrics of every current item;
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import time
@@ -112,6 +113,10 @@ def _bounded(fn: Callable, items: Iterable, workers: int, depth: int) -> Iterato
 
 # ---- the run --------------------------------------------------------------------------------------
 
+class OutputWriteError(Exception):
+    """``predictions.jsonl`` cannot be written (a full disk); the message says what was kept and how to resume."""
+
+
 class Interrupted(Exception):  # noqa: N818 - a stop request, not an error
     """The run stopped at a stop request (Ctrl-C, SIGTERM) after the batch in flight; the message says where the
     finished items are."""
@@ -188,8 +193,12 @@ class Runner:
                 else:
                     answered[rec["key"]] = rec
                 if sink is not None:
-                    sink.write(json.dumps(rec) + "\n")
-                    sink.flush()
+                    try:
+                        sink.write(json.dumps(rec) + "\n")
+                        sink.flush()
+                    except OSError as e:  # a full disk: what was flushed stays, the run stops
+                        raise OutputWriteError(f"cannot write {path} ({e.strerror or e}); the finished items written before "
+                                               "are kept: free space, then re-run the same command to resume") from e
                 bar.update(1)
                 if stopping():
                     break
@@ -197,7 +206,8 @@ class Runner:
         finally:
             records.close()  # the pipeline's threads stop before anything else happens
             if sink is not None:
-                sink.close()
+                with contextlib.suppress(OSError):  # a full disk: reported above
+                    sink.close()
         if stopping():
             raise Interrupted(f"finished items are in {path}" if path is not None else "stopped")
         order = {p.key: n for n, p in enumerate(pending)}  # input order, however the run was split
