@@ -434,6 +434,7 @@ def _answer_all(args, params, cfg, tokenizer, mesh, lines, log, header, cache, s
         except KeyboardInterrupt:
             interrupted = 130
         except _WriteFailed as e:
+            stream.close()  # its progress bar ends its line first
             print(f"error: {e}; the {out.written} answers written before it are kept there: free space, then run the same "
                   "command with --resume to finish", file=sys.stderr)
             return 1
