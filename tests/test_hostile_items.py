@@ -76,6 +76,12 @@ def world(tmp_path_factory) -> World:
     return make_world(tmp_path_factory.mktemp("hostile-items"))
 
 
+def _eval_full_disk(world: World, case: Path) -> None:
+    _vqa_surrogate(world, case)
+    (case / "eval").mkdir()
+    (case / "eval" / "predictions.jsonl").symlink_to("/dev/full")
+
+
 G = "generate"
 CASES: list[Case] = [
     Case("generate --batch: an unpaired surrogate in one line, its neighbours answered", "culprit",
@@ -86,6 +92,11 @@ CASES: list[Case] = [
          ("eval", "vqa", "--checkpoint", "{ckpt}", "--data", "{case}/vqa.jsonl", "--images", "{case}/imgs", "--out", "{case}/eval",
           "--max-new-tokens", "2", "--no-compile-cache", "--no-progress"), 0, None, setup=_vqa_surrogate,
          creates=("{case}/eval",), loads=True, check=_eval_two_scored),
+    Case("eval: predictions.jsonl on a full disk", "lost",
+         ("eval", "vqa", "--checkpoint", "{ckpt}", "--data", "{case}/vqa.jsonl", "--images", "{case}/imgs", "--out", "{case}/eval",
+          "--max-new-tokens", "2", "--no-compile-cache", "--no-progress"), 1,
+         r"cannot write \S*eval/predictions\.jsonl \(No space left on device\); the finished items written before are kept: free "
+         r"space, then re-run the same command to resume", setup=_eval_full_disk, loads=True),
     Case("generate: an existing --output without --resume or --overwrite", "lost",
          (G, "--checkpoint", "{ckpt}", "--batch", "{batch}", "--output", "{case}/out.jsonl", *GEN), 2,
          r"--output \S*out\.jsonl already exists \(\d+ bytes of answers\); it was left as it is: pass --resume to finish it, "

@@ -117,6 +117,11 @@ class OutputWriteError(Exception):
     """``predictions.jsonl`` cannot be written (a full disk); the message says what was kept and how to resume."""
 
 
+def _write_failed(path: Path, e: OSError) -> OutputWriteError:
+    return OutputWriteError(f"cannot write {path} ({e.strerror or e}); the finished items written before are kept: free "
+                            "space, then re-run the same command to resume")
+
+
 class Interrupted(Exception):  # noqa: N818 - a stop request, not an error
     """The run stopped at a stop request (Ctrl-C, SIGTERM) after the batch in flight; the message says where the
     finished items are."""
@@ -177,12 +182,18 @@ class Runner:
             path.parent.mkdir(parents=True, exist_ok=True)
         sink = None
         if path is not None:
-            fresh = not path.exists() or path.stat().st_size == 0
-            sink = open(path, "a")
-            if fresh:
-                from flexattn_jax.app.resume import write_header
+            from flexattn_jax.app.resume import write_header
 
-                write_header(sink, header)
+            fresh = not path.exists() or path.stat().st_size == 0
+            try:
+                sink = open(path, "a")
+                if fresh:
+                    write_header(sink, header)
+            except OSError as e:
+                if sink is not None:
+                    with contextlib.suppress(OSError):
+                        sink.close()
+                raise _write_failed(path, e) from e
         run = self._likelihood if not self.s.generates else self._generate
         records = run(todo, stopping)
         try:
@@ -197,8 +208,7 @@ class Runner:
                         sink.write(json.dumps(rec) + "\n")
                         sink.flush()
                     except OSError as e:  # a full disk: what was flushed stays, the run stops
-                        raise OutputWriteError(f"cannot write {path} ({e.strerror or e}); the finished items written before "
-                                               "are kept: free space, then re-run the same command to resume") from e
+                        raise _write_failed(path, e) from e
                 bar.update(1)
                 if stopping():
                     break
