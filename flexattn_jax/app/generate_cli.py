@@ -63,8 +63,9 @@ def generate_parser(prog: str = "flexattn-jax generate") -> argparse.ArgumentPar
         "second run on the same path is refused at once, naming that PID; a lock left by a killed run is taken over.",
         epilog="exit status: 0 when at least one item was answered (or all were answered before, with --resume); "
         "1 when every item failed (single --image: it failed), or when --output cannot be written (a full disk: the "
-        "answers written stay, --resume finishes); 2 on bad arguments, an unreadable --batch file or "
-        "checkpoint, a --resume refused, an --output in use by another run or existing without --resume/--overwrite; 130 when interrupted (Ctrl-C, SIGINT), 143 when stopped by SIGTERM.",
+        "answers written stay, --resume finishes); 2 on bad arguments, an unreadable --batch file or checkpoint, a --resume "
+        "refused, an --output in use by another run or existing without --resume/--overwrite; 130 when interrupted (Ctrl-C, "
+        "SIGINT), 143 when stopped by SIGTERM.",
     )
     p.add_argument("--checkpoint", required=True, help="a directory written by `flexattn-jax convert` (params + tokenizer)")
     src = p.add_mutually_exclusive_group(required=True)
