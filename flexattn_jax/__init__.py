@@ -23,7 +23,47 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import sys
+from pathlib import Path
 from typing import Any
+
+GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips show up as PCI devices of this vendor
+
+
+def tpu_chips_present(pci_root: Path = Path("/sys/bus/pci/devices")) -> bool | None:
+    """Whether this host has TPU chips (PCI devices of Google's vendor id); None when it cannot tell (no sysfs)."""
+    try:
+        return GOOGLE_PCI_VENDOR in [(d / "vendor").read_text().strip() for d in pci_root.iterdir() if (d / "vendor").is_file()]
+    except OSError:
+        return None
+
+
+def skip_absent_tpu(environ=os.environ, pci_root: Path = Path("/sys/bus/pci/devices")) -> bool:
+    """Keep JAX off libtpu on a host without TPU chips (sets ``JAX_PLATFORMS=cpu``); True when it did.
+
+    The ``tpu`` extra installs libtpu for compile-only TPU targets (``flexattn-jax compile``, which works
+    with ``JAX_PLATFORMS=cpu``). On a CPU host JAX would otherwise initialise libtpu as a runtime backend
+    and print a dozen hostname errors before every command. A user's own ``JAX_PLATFORMS`` wins, and a host
+    with the CUDA plugin too is left alone (its GPU must stay visible). Runs at ``import flexattn_jax`` (and
+    so before every command); when jax was imported first, its ``jax_platforms`` setting is updated too.
+    """
+    if "JAX_PLATFORMS" in environ or importlib.util.find_spec("libtpu") is None:
+        return False
+    if any(importlib.util.find_spec(name) is not None for name in ("jax_cuda13_plugin", "jax_cuda12_plugin")):
+        return False
+    if tpu_chips_present(pci_root) is not False:  # chips, or no sysfs (not Linux): let JAX decide
+        return False
+    environ["JAX_PLATFORMS"] = "cpu"
+    if environ is os.environ and "jax" in sys.modules:  # jax read the variable at its import
+        try:
+            sys.modules["jax"].config.update("jax_platforms", "cpu")
+        except Exception:  # noqa: BLE001 - its backends are up already: nothing left to keep quiet
+            pass
+    return True
+
+
+skip_absent_tpu()
 
 _EXPORTS = {
     "ModelConfig": "flexattn_jax.config",

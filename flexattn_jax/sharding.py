@@ -129,8 +129,11 @@ def parse_mesh_spec(spec: str | Mapping[str, int] | Sequence[int] | None, num_de
             raise ShardingError(f"mesh spec {spec!r}: {num_devices} devices are not a multiple of {known}")
         out[fills[0]] = num_devices // known
     total = math.prod(out.values())
-    if total > num_devices or num_devices % total:
-        raise ShardingError(f"mesh {out} needs {total} devices; {num_devices} are available")
+    if total > num_devices:
+        raise ShardingError(f"mesh {out} needs {total} devices; only {num_devices} are available")
+    if num_devices % total:
+        raise ShardingError(f"mesh {out} uses {total} devices, which does not divide the {num_devices} available; "
+                            f"make the product of the sizes divide {num_devices}")
     return out
 
 

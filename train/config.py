@@ -8,6 +8,7 @@ global batch 128, 1008 px images (zoom 3), selection threshold 48 and alpha warm
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -94,8 +95,8 @@ class TrainConfig:
             raise ValueError(f"steps={self.steps} must be >= 1")
         if not 0 <= self.warmup_ratio <= 1:
             raise ValueError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1]")
-        if not self.grounding_weight >= 0:
-            raise ValueError(f"grounding_weight={self.grounding_weight} must be >= 0")
+        if not (math.isfinite(self.grounding_weight) and self.grounding_weight >= 0):
+            raise ValueError(f"grounding_weight={self.grounding_weight} must be a finite number >= 0")
         groups = [g.strip() for g in self.trainable.split(",") if g.strip()]
         bad = sorted(set(groups) - set(TRAINABLE_GROUPS))
         if not groups or bad:

@@ -28,7 +28,7 @@ from flexattn_jax.config import IGNORE_INDEX, ModelConfig
 from flexattn_jax.selection import learnable_rows
 from train.checkpoint import Checkpointer, make_meta
 from train.config import DataConfig, TrainConfig
-from train.data import DataError, TrainData
+from train.data import DataError, TrainData, grounding_note
 from train.metrics import MetricsLogger, device_peak_tflops, train_flops
 from train.optim import total_steps as count_steps
 from train.step import BATCH_KEYS, StepFns, TrainState, global_batch, make_step, split_microbatches
@@ -189,6 +189,8 @@ def train(
     cfg = dataclasses.replace(cfg, param_dtype="float32")
     is_grain = isinstance(data, TrainData)
     if is_grain:
+        if log and (note := grounding_note(tcfg.grounding_weight, data.records)) is not None:
+            warnings.warn(note, stacklevel=2)
         total = count_steps(tcfg, data.num_samples)
         if data.batch_size != tcfg.batch_size or data.grad_accum != tcfg.grad_accum:
             raise ValueError(

@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 from flexattn_jax import flops as F
 from flexattn_jax import presets
 from flexattn_jax import sharding as S
+from flexattn_jax import tpu_chips_present
 from flexattn_jax.chips import CHIPS, Chip, GiB
 from flexattn_jax.config import ATTENTION_IMPLS, ModelConfig
 from flexattn_jax.hf_config import from_hf_config
@@ -121,6 +122,9 @@ def target_devices(target: Target) -> list:
     if target.platform == "tpu":
         # compile-only: no chip is claimed, so processes need not take turns at libtpu's lockfile
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        if tpu_chips_present() is False:  # no TPU here: libtpu need not look for its hosts (five lines of hostname errors)
+            os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+            os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
         if importlib.util.find_spec("libtpu") is None:
             raise AotError(f"--target {target.name} needs libtpu: pip install 'flexattn-jax[tpu]' (jax[tpu]>=0.10,<0.11)")
         # one device per chip: libtpu's default for v4 is a device per TensorCore, which jax's TPU meshes refuse;
@@ -364,9 +368,14 @@ def compile_program(
         raise AotError(f"--attention-impl {attention_impl!r}: use one of {ATTENTION_IMPLS}")
     if per_device_batch < 1 or seq_len < 1:
         raise AotError(f"--per-device-batch {per_device_batch} and --seq-len {seq_len} must be positive")
+    if select_rows is not None and select_rows < 1:
+        raise AotError(f"--select-rows {select_rows} must be at least 1")
     base = load_model_config(model) if isinstance(model, str) else model
     name = model_name or (model if isinstance(model, str) else "config")
     cfg = program_config(base, program=program, attention_impl=attention_impl, remat=remat, hr_budget=hr_budget, layers=layers)
+    if seq_len < cfg.num_image_tokens + 1:  # a sample holds the image's tokens and at least one text token
+        raise AotError(f"--seq-len {seq_len} is shorter than a sample: the image alone is {cfg.num_image_tokens} tokens; "
+                       f"use at least {cfg.num_image_tokens + 1}")
     m = target_mesh_for(tgt, mesh)
     shards = m.shape["data"] * m.shape["fsdp"]
     batch = per_device_batch * shards

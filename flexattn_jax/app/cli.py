@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 from pathlib import Path
+
+from flexattn_jax import GOOGLE_PCI_VENDOR, skip_absent_tpu  # noqa: F401 - in the library: it runs at its import
 
 USAGE = """flexattn-jax [--log-level LEVEL] COMMAND [options]
 
@@ -55,31 +56,6 @@ def source_package(command: str, root: Path | None = None) -> str | None:
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     return None
-
-
-GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips show up as PCI devices of this vendor
-
-
-def skip_absent_tpu(environ=os.environ, pci_root: Path = Path("/sys/bus/pci/devices")) -> bool:
-    """Keep JAX off libtpu on a host without TPU chips (sets ``JAX_PLATFORMS=cpu``); True when it did.
-
-    The ``tpu`` extra installs libtpu for compile-only TPU targets (``flexattn-jax compile``, which works
-    with ``JAX_PLATFORMS=cpu``). On a CPU host JAX would otherwise initialise libtpu as a runtime backend
-    and print a dozen hostname errors before every command. A user's own ``JAX_PLATFORMS`` wins, and a host
-    with the CUDA plugin too is left alone (its GPU must stay visible).
-    """
-    if "JAX_PLATFORMS" in environ or importlib.util.find_spec("libtpu") is None:
-        return False
-    if any(importlib.util.find_spec(name) is not None for name in ("jax_cuda13_plugin", "jax_cuda12_plugin")):
-        return False
-    try:
-        vendors = [(d / "vendor").read_text().strip() for d in pci_root.iterdir() if (d / "vendor").is_file()]
-    except OSError:  # no sysfs (not Linux): let JAX decide
-        return False
-    if GOOGLE_PCI_VENDOR in vendors:
-        return False
-    environ["JAX_PLATFORMS"] = "cpu"
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,7 @@ from flexattn_jax.preprocess import (
     longest_prompt,
     pad_batch,
     preprocess_image,
+    text_problem,
     tokenize_with_image,
 )
 from flexattn_jax.selection import margin_patches
@@ -97,6 +98,8 @@ def prepare(req: Request, cfg: ModelConfig, tokenizer, max_context: int) -> Prep
         raise PreprocessError(req.error)
     if not isinstance(req.prompt, str) or not req.prompt.strip():
         raise PreprocessError(f"empty prompt (got {req.prompt!r})")
+    if (bad := text_problem(req.prompt)) is not None:
+        raise PreprocessError(f"the prompt is {bad}")
     n_tags = req.prompt.count(IMAGE_PLACEHOLDER)
     if n_tags > 1 or (req.formatted and n_tags != 1):
         raise PreprocessError(f"the prompt has {n_tags} {IMAGE_PLACEHOLDER} tags; one image per prompt is supported"
@@ -109,6 +112,15 @@ def prepare(req: Request, cfg: ModelConfig, tokenizer, max_context: int) -> Prep
     if len(ids) > max_context:
         raise PreprocessError(f"prompt is {len(ids)} tokens with the image; the context allows {max_context}")
     return Prepared(ids, pixels.astype(jnp.dtype(cfg.dtype)), ori)
+
+
+def item_error(e: BaseException) -> str:
+    """One item's error message: the message of an input error, else the exception's type and message.
+
+    Any exception while preparing one item (a tokenizer's ``TypeError`` on odd text included) is that
+    item's error; its neighbours are still answered.
+    """
+    return str(e) if isinstance(e, PreprocessError | ValueError | OSError) else f"{type(e).__name__}: {e}"
 
 
 def check_batch_size(mesh: Mesh | None, batch_size: int) -> None:
@@ -338,8 +350,8 @@ def stream_answers(
                     i, fut = inflight.popleft()
                     try:
                         prep = fut.result()
-                    except (PreprocessError, ValueError, OSError) as e:
-                        yield from emit(i, Answer(None, error=str(e)))
+                    except Exception as e:  # noqa: BLE001 - one bad item never sinks the others
+                        yield from emit(i, Answer(None, error=item_error(e)))
                         continue
                     bucket = bucket_length(len(prep.ids), buckets)
                     waiting.setdefault(bucket, []).append((i, prep))
