@@ -34,9 +34,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from flexattn_jax import flops as F
-from flexattn_jax import presets
+from flexattn_jax import presets, tpu_chips_present
 from flexattn_jax import sharding as S
-from flexattn_jax import tpu_chips_present
 from flexattn_jax.chips import CHIPS, Chip, GiB
 from flexattn_jax.config import ATTENTION_IMPLS, ModelConfig
 from flexattn_jax.hf_config import from_hf_config
