@@ -148,12 +148,14 @@ def _eval(args: argparse.Namespace, stop, held: contextlib.ExitStack) -> int:
             if b is not None:
                 parse_hr_budget(b, name="--sweep-budget" if args.sweep_budget else "--hr-budget")
         check_output_dir(out, sources=[args.checkpoint, args.data, args.images, args.annotations], exist_ok=True, flag="--out")
-        lock = held.enter_context(lock_output(out, "--out"))  # one run writes a run directory at a time
-        if lock.stale_pid is not None:
-            print(f"note: took over the lock of {out} left by PID {lock.stale_pid} (no longer running)", file=sys.stderr)
         items = list(read_task(args.task, args.data, args.images, args.annotations, args.limit))
         if not items:
             raise EvalDataError(f"{args.data}: no {args.task} samples found")
+        if not Path(args.checkpoint).is_dir():  # before the lock, which makes --out's parent directory
+            raise EvalDataError(f"--checkpoint {args.checkpoint}: no such model directory")
+        lock = held.enter_context(lock_output(out, "--out"))  # one run writes a run directory at a time
+        if lock.stale_pid is not None:
+            print(f"note: took over the lock of {out} left by PID {lock.stale_pid} (no longer running)", file=sys.stderr)
     except (EvalDataError, ValueError) as e:
         return err(str(e))
     from flexattn_jax.app.compile_cache import setup_compile_cache
