@@ -81,6 +81,8 @@ def test_two_processes_match_one_and_resume_on_one(setup):
     assert single.returncode == 0, single.stdout + single.stderr
     ref, got = _losses(root / "single"), _losses(root / "multi")
     assert sorted(ref) == sorted(got) == [1, 2, 3, 4]
+    print(json.dumps({"two_processes_then_one": got, "one_process": ref,  # the figures of docs/multihost.md (pytest -s)
+                      "max_abs_diff": max(abs(got[s] - ref[s]) for s in ref)}))
     assert [got[s] for s in (1, 2, 3, 4)] == pytest.approx([ref[s] for s in (1, 2, 3, 4)], abs=1e-5)
     summary = json.loads(single.stdout.split("summary: ")[-1])
     assert summary["data"]["skipped"]["missing_image"] == len(MISSING) and summary["data"]["skipped"]["too_long"] > 0

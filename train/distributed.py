@@ -10,6 +10,8 @@ global batch (``jax.make_array_from_process_local_data`` in :mod:`train.step`).
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from typing import Literal
 
 import jax
@@ -51,7 +53,14 @@ def maybe_initialize(
         kwargs["process_id"] = process_id
     elif os.environ.get("JAX_PROCESS_ID"):
         kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+    # jax.distributed installs a C++ SIGTERM handler (its preemption notifier) over the process's own; keep ours,
+    # which asks the training loop to stop after the step in flight, and StepAgreement makes every process stop
+    kept = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} \
+        if threading.current_thread() is threading.main_thread() else {}
     jax.distributed.initialize(**kwargs)
+    for s, handler in kept.items():
+        if handler is not None:
+            signal.signal(s, handler)
     return True
 
 
