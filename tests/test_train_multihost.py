@@ -53,7 +53,7 @@ def _start_two(args: list[str]) -> list[subprocess.Popen]:
             for i in range(2)]
 
 
-def _finish(procs: list[subprocess.Popen], timeout: float = 500) -> list[str]:
+def _finish(procs: list[subprocess.Popen], timeout: float = 900) -> list[str]:
     try:
         return [p.communicate(timeout=timeout)[0] for p in procs]
     finally:
@@ -74,10 +74,10 @@ def test_two_processes_match_one_and_resume_on_one(setup):
     assert "too_long" in logs[0] and "missing_image" in logs[0], logs[0]
     assert all("steps" in x for x in logs[:1]), logs
     resumed = subprocess.run([*args, "--steps", "4", "--save-every", "1", "--out", str(root / "multi")], cwd=REPO,
-                             capture_output=True, text=True, timeout=500, env=_env(8))
+                             capture_output=True, text=True, timeout=900, env=_env(8))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     single = subprocess.run([*args, "--steps", "4", "--save-every", "0", "--out", str(root / "single")], cwd=REPO,
-                            capture_output=True, text=True, timeout=500, env=_env(8))
+                            capture_output=True, text=True, timeout=900, env=_env(8))
     assert single.returncode == 0, single.stdout + single.stderr
     ref, got = _losses(root / "single"), _losses(root / "multi")
     assert sorted(ref) == sorted(got) == [1, 2, 3, 4]
