@@ -12,13 +12,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from convert.mapping import BY_OURS, Rule, Target, canonical, export_name, is_ignored, lookup, to_ours, torch_shape
 from convert.reader import FLOATING_DTYPES, ConvertError, TensorInfo, checkpoint_files, open_file
 from flexattn_jax.checkpoint import place, write_model
 from flexattn_jax.config import ConfigError, ModelConfig
 from flexattn_jax.hf_config import detect_layout, from_hf_config
+from flexattn_jax.logs import progress as progress_bar
 from flexattn_jax.params import abstract_params, flatten, unflatten
 from flexattn_jax.paths import OutputPathError, check_output_dir
 from flexattn_jax.sharding import make_mesh
@@ -226,7 +226,7 @@ def fill(
     by_file: dict[Path, list[tuple[str, str, int | None, Rule]]] = {}
     for (leaf, idx), (path, key, rule) in found.items():
         by_file.setdefault(path, []).append((key, leaf, idx, rule))
-    with tqdm(total=len(found), desc="converting", unit="tensor", disable=not progress) as bar:
+    with progress_bar(total=len(found), desc="converting", unit="tensor", disable=not progress) as bar:
         for path, items in by_file.items():
             with open_file(path) as f:
                 for key, leaf, idx, rule in items:

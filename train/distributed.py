@@ -132,7 +132,7 @@ class StepAgreement:
                 got = self.client.blocking_key_value_get(self._key(step, p), self.timeout_ms)
             except Exception as e:  # noqa: BLE001 - the client raises a bare XlaRuntimeError on a deadline
                 raise HostLost(f"process {p} of {self.count} did not reach step {step + 1} within "
-                               f"{self.timeout_ms / 1000:g} s (dead or stuck; TrainConfig.sync_timeout_s): "
+                               f"{self.timeout_ms / 1000:g} s (dead or stuck; --sync-timeout-s): "
                                f"{str(e).splitlines()[0][:200]}") from None
             if got.startswith("fail"):
                 raise HostLost(f"process {p} of {self.count} stopped before step {step + 1}: {got[5:].strip()}")
