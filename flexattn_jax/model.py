@@ -86,10 +86,15 @@ def embed_tokens(text_params: dict, cfg: ModelConfig, input_ids: Int[Array, "B T
 
     An in-vocabulary image token id embeds its own row, as transformers does: the prompt's placeholders
     are overwritten by image features afterwards, and a generated one is an ordinary token.
+
+    Under a mesh the table's embed dim is gathered first (FSDP's all-gather of a weight), so the lookup and
+    its gradient's scatter-add stay batch-sharded (the scatter's result is reduced to the table's shards).
+    Gathering from the embed-sharded table instead made XLA replicate the batch's whole cotangent ("[SPMD]
+    Involuntary full rematerialization ... to {devices=[1,1,4,2] ...}" on data=2,fsdp=4).
     """
-    table = text_params["embed"]["embedding"]
+    table = S.constrain_logical(text_params["embed"]["embedding"], ("vocab", None))
     ids = jnp.where((input_ids < 0) | (input_ids >= table.shape[0]), 0, input_ids)
-    return jnp.take(table, ids, axis=0).astype(jnp.dtype(cfg.dtype))
+    return S.constrain_batch(jnp.take(table, ids, axis=0).astype(jnp.dtype(cfg.dtype)))
 
 
 def merge_image_features(

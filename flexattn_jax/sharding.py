@@ -265,13 +265,22 @@ def constrain_batch(x: jax.Array, batch_dim: int = 0) -> jax.Array:
     global batch, and memory grows with the slice (a 7B FlexAttention train step needed 110 GB of
     temporaries per v5e chip at one sample per chip on 256 chips). MaxText pins activations the same way.
     """
+    logical: list[str | None] = [None] * x.ndim
+    logical[batch_dim] = "batch"
+    return constrain_logical(x, logical, keep_unsharded=False)
+
+
+def constrain_logical(x: jax.Array, logical: Sequence[str | None], keep_unsharded: bool = True) -> jax.Array:
+    """Pin ``x`` to the mesh axes of its ``logical`` axis names (:data:`LOGICAL_RULES`; ``None``: not sharded) when
+    a mesh is ambient (:func:`target_mesh`); else ``x``. ``keep_unsharded=False`` leaves ``x`` to propagation
+    when the names shard nothing on this mesh."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(LOGICAL_RULES["batch"]) <= set(mesh.axis_names):
         return x  # no mesh, or a foreign one
     if any(t == AxisType.Manual for t in mesh.axis_types):
         return x  # inside shard_map: per-shard values
-    spec = batch_spec(mesh, x.shape, batch_dim)
-    if all(s is None for s in spec):
+    spec = logical_to_spec(logical, x.shape, mesh)
+    if not keep_unsharded and all(s is None for s in spec):
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 

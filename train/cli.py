@@ -300,6 +300,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "flexattn-jax train") ->
     """Run the train CLI; returns the exit status (2 on a config/data error, with the message on stderr)."""
     from flexattn_jax.interrupt import early_signals, exit_code
     from train.data import DataError
+    from train.distributed import HostLost
 
     restore = early_signals()  # `python -m train` too: Ctrl-C / SIGTERM even when SIGINT was inherited as ignored
     try:
@@ -308,6 +309,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "flexattn-jax train") ->
     except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except HostLost as e:  # another process of a multi-host run failed or went silent
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:  # before the run started (Terminated: SIGTERM)
         print("\ninterrupted", file=sys.stderr)
         return exit_code(e)

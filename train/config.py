@@ -30,6 +30,9 @@ class TrainConfig:
     ``grounding_weight`` > 0 (FlexAttention only) adds that weight x the cross-entropy between the select
     rows' LR maps and the records' ``box`` (:func:`train.step.loss_sums`): a departure from the release,
     whose maps get no training signal of their own (the selection's threshold passes no gradient).
+    ``sync_timeout_s`` bounds how long a process of a multi-process run waits for the others' word before a
+    step (:class:`train.distributed.StepAgreement`) before it stops with an error naming the missing one;
+    it must exceed the spread of the processes' compile and checkpoint times.
     """
 
     steps: int | None = None
@@ -85,6 +88,8 @@ class TrainConfig:
     grounding_weight: float = 0.0
     """Weight of the grounding term (cross-entropy between the select rows' LR maps and each record's 'box');
     FlexAttention only, not in the release; 0: off."""
+    sync_timeout_s: float = 600.0
+    """Multi-host: seconds a process waits for the others' word before a step, then an error naming the missing one."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -95,6 +100,8 @@ class TrainConfig:
             raise ValueError(f"steps={self.steps} must be >= 1")
         if not 0 <= self.warmup_ratio <= 1:
             raise ValueError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1]")
+        if not (math.isfinite(self.sync_timeout_s) and self.sync_timeout_s > 0):
+            raise ValueError(f"sync_timeout_s={self.sync_timeout_s} must be a finite number > 0")
         if not (math.isfinite(self.grounding_weight) and self.grounding_weight >= 0):
             raise ValueError(f"grounding_weight={self.grounding_weight} must be a finite number >= 0")
         groups = [g.strip() for g in self.trainable.split(",") if g.strip()]
