@@ -8,9 +8,10 @@ global batch 128, 1008 px images (zoom 3), selection threshold 48 and alpha warm
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from flexattn_jax.lora import LoraConfig
 from flexattn_jax.preprocess import SYSTEM_PROMPT_VICUNA_V1
 
 TRAINABLE_GROUPS: tuple[str, ...] = ("projector", "llm", "hr", "vision", "all")
@@ -29,6 +30,9 @@ class TrainConfig:
     ``grounding_weight`` > 0 (FlexAttention only) adds that weight x the cross-entropy between the select
     rows' LR maps and the records' ``box`` (:func:`train.step.loss_sums`): a departure from the release,
     whose maps get no training signal of their own (the selection's threshold passes no gradient).
+    ``lora`` (:class:`flexattn_jax.lora.LoraConfig`, ``enabled``) trains rank-r adapters on the decoder's linears
+    instead of the decoder itself, plus the groups of ``trainable`` (``projector``, ``hr``); the frozen base stays in
+    the compute dtype (``base_quant``: int8 / int4, QLoRA) and checkpoints hold only what trains.
     """
 
     steps: int | None = None
@@ -57,6 +61,7 @@ class TrainConfig:
     tensorboard: bool = True
     nan_check: bool = True
     grounding_weight: float = 0.0
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -73,6 +78,16 @@ class TrainConfig:
         bad = sorted(set(groups) - set(TRAINABLE_GROUPS))
         if not groups or bad:
             raise ValueError(f"trainable={self.trainable!r}: use a comma list of {TRAINABLE_GROUPS}")
+        if isinstance(self.lora, dict):  # from to_dict / JSON
+            object.__setattr__(self, "lora", LoraConfig(**self.lora))
+        if self.lora.enabled and {"llm", "all"} & set(groups):
+            raise ValueError(f"trainable={self.trainable!r} with LoRA: the decoder trains through its adapters; name only "
+                             "projector, hr or vision (e.g. --trainable projector)")
+        if self.lora.base_quant != "none" and not self.lora.enabled:
+            raise ValueError(f"base_quant={self.lora.base_quant!r} is QLoRA: it needs LoRA enabled (--lora)")
+        if self.lora.base_quant != "none" and "hr" in groups and "k_hr" in self.lora.targets:
+            raise ValueError("trainable 'hr' with a quantised base: the k_hr/v_hr kernels would be quantised; train them "
+                             "through their adapters instead (drop 'hr' from --trainable)")
 
     @property
     def micro_batch(self) -> int:

@@ -104,10 +104,12 @@ def _agree_length(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.nda
     return pad_to_length(batch, int(np.max(lengths)), pad_id)
 
 
-def _restore(ckpt: Checkpointer, fns: StepFns, iterator: Any, cfg: ModelConfig, say: Any) -> tuple[TrainState, dict[str, Any]]:
+def _restore(ckpt: Checkpointer, fns: StepFns, iterator: Any, cfg: ModelConfig, say: Any,
+             params: PyTree | None = None) -> tuple[TrainState, dict[str, Any]]:
     """The newest restorable state (on this run's mesh), past damaged steps; the data position too when it
-    was saved with as many processes."""
-    state, meta = ckpt.restore_latest(fns.abstract_state, iterator, cfg, say=say)
+    was saved with as many processes. A LoRA run's checkpoint holds the trainables only: the base is ``params``."""
+    saved, meta = ckpt.restore_latest(fns.abstract_saved, iterator, cfg, say=say)
+    state = fns.from_saved(saved, params)
     saved = meta.get("process_count", 1)
     if iterator is not None and saved != jax.process_count():
         warnings.warn(f"checkpoint written by {saved} processes, running {jax.process_count()}: the data order restarts",
@@ -181,6 +183,8 @@ def train(
     ``batches_per_epoch``, or the length of a sequence of batches); an unsized iterable is one epoch.
     ``stop()`` True (a Ctrl-C / SIGTERM flag, polled before each step) ends the run after the step in
     flight: its checkpoint is saved (with ``out_dir``) and :class:`TrainingStopped` is raised.
+    With ``tcfg.lora`` enabled the checkpoints hold the adapters and the other trainables only, and a resume
+    needs ``params`` (the base; :meth:`train.step.StepFns.from_saved`).
     """
     mesh = mesh or S.make_mesh()
     cfg = dataclasses.replace(cfg, param_dtype="float32")
@@ -217,7 +221,7 @@ def train(
         state: TrainState | None = None
         if ckpt is not None and resume and ckpt.latest_step() is not None:
             say = (lambda m: print(f"warning: {m}", flush=True)) if log and primary else None
-            state, meta = _restore(ckpt, fns, iterator if is_grain else None, cfg, say)
+            state, meta = _restore(ckpt, fns, iterator if is_grain else None, cfg, say, params)
             if is_grain and meta.get("data_state"):
                 data.counter.load_state(meta["data_state"])
             if log and primary:
@@ -348,13 +352,13 @@ def _run(cfg, tcfg, fns: StepFns, state, start, total, data, iterator, is_grain,
                 pending = None
                 check(rec)
                 if save_now:
-                    ckpt.save(step_no, state, meta_for(step_no), iterator if is_grain else None)
+                    ckpt.save(step_no, fns.saved_state(state), meta_for(step_no), iterator if is_grain else None)
                     last_saved = step_no
         if pending is not None:
             check(finish(pending))
             pending = None
         if ckpt is not None and (tcfg.save_final or stopped) and records and last_saved != records[-1]["step"]:
-            ckpt.save(records[-1]["step"], state, meta_for(records[-1]["step"]), iterator if is_grain else None)
+            ckpt.save(records[-1]["step"], fns.saved_state(state), meta_for(records[-1]["step"]), iterator if is_grain else None)
             last_saved = records[-1]["step"]
         if stopped:
             if ckpt is not None:
