@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from flexattn_jax.config import ConfigError, ModelConfig
+from flexattn_jax.lora import DEFAULT_TARGETS as L_DEFAULT_TARGETS
 from flexattn_jax.preprocess import SYSTEM_PROMPT, SYSTEM_PROMPT_VICUNA_V1
 
 _DESCRIPTION = """\
@@ -35,6 +36,12 @@ global batch (--batch-size) is split into --grad-accum microbatches inside the s
 hosts start one process per host; jax.distributed is initialised from the environment (TPU pods,
 SLURM, Open MPI) or --coordinator/--num-processes/--process-id.
 
+LoRA (--lora, the release's lora_enable): rank --lora-rank adapters (default 64, alpha 16, dropout 0.05)
+on every decoder linear train instead of the decoder; --trainable then names the other groups
+(default projector). The frozen base stays in the compute dtype (--base-quant int8|int4: QLoRA),
+checkpoints hold the adapters and the trained groups only (the base is loaded again on resume), and
+`flexattn-jax convert merge-lora --base CKPT --lora OUT MERGED` writes the merged model (docs/lora.md).
+
 Training rows: every answer row is a FlexAttention select row (R = --max-len slots per sample);
 at 7B scale cap them with --max-select-rows (the count beyond the cap is logged per step).
 
@@ -56,7 +63,9 @@ examples:
       --mesh data=1,fsdp=-1 --batch-size 128 --grad-accum 4 --out runs/flexattn --set dtype=bfloat16 \\
       --set remat_policy=full
   python -m train --init random --config-json tiny.json --data demo/data.json --images demo \\
-      --max-len 64 --batch-size 8 --steps 50 --lr 1e-3 --out runs/tiny"""
+      --max-len 64 --batch-size 8 --steps 50 --lr 1e-3 --out runs/tiny
+  python -m train --checkpoint ckpt/llava-v1.5-7b-jax --data mix665k.json --images data/ --lora \
+      --lr 2e-4 --base-quant int4 --out runs/qlora"""
 
 
 def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
@@ -116,13 +125,24 @@ def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     o.add_argument("--adam-b2", type=float, default=0.999)
     o.add_argument("--adam-eps", type=float, default=1e-8)
     o.add_argument("--clip-norm", type=float, default=1.0, help="global-norm gradient clipping; 0 disables (default 1.0)")
-    o.add_argument("--trainable", default="projector,llm",
+    o.add_argument("--trainable", default=None,
                    help="comma list of projector, llm (decoder incl. *_hr), hr (only *_hr kernels), vision, all "
-                   "(default projector,llm)")
+                   "(default projector,llm; with --lora projector)")
     o.add_argument("--grounding-weight", type=float, default=0.0,
                    help="weight of the grounding term: cross-entropy between the select rows' LR attention maps and each "
                    "record's 'box' [x0, y0, x1, y1] (pixels of its image); FlexAttention only, not in the release "
                    "(default 0: off)")
+    # LoRA / QLoRA (TrainConfig.lora: flexattn_jax.lora.LoraConfig); the release's lora_enable, lora_r, lora_alpha, lora_dropout
+    lo = p.add_argument_group("LoRA")
+    lo.add_argument("--lora", action="store_true", help="train LoRA adapters on the decoder's linears instead of the decoder "
+                    "(with --trainable naming only projector/hr/vision; default then: projector)")
+    lo.add_argument("--lora-rank", type=int, default=64, help="adapter rank r (default 64)")
+    lo.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale alpha; the output is scaled by alpha / r (default 16)")
+    lo.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input (default 0.05)")
+    lo.add_argument("--lora-targets", default=L_DEFAULT_TARGETS, metavar="REGEX",
+                    help="module paths that get adapters (default: every decoder linear, k_hr/v_hr included)")
+    lo.add_argument("--base-quant", choices=("none", "int8", "int4"), default="none",
+                    help="QLoRA: keep the frozen base's decoder linears weight-only quantised (default none)")
     o.add_argument("--seed", type=int, default=0, help="seed for random init, data order, random selection (default 0)")
     o.add_argument("--no-nan-check", dest="nan_check", action="store_false", help="do not stop on NaN/inf")
     par = p.add_argument_group("parallelism")
@@ -158,11 +178,20 @@ def train_config_from_args(a: argparse.Namespace) -> Any:
         steps=a.steps, stop_at=a.stop_at, epochs=a.epochs, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
         warmup_ratio=a.warmup_ratio,
         warmup_steps=a.warmup_steps, end_lr_ratio=a.end_lr_ratio, weight_decay=a.weight_decay, adam_b1=a.adam_b1,
-        adam_b2=a.adam_b2, adam_eps=a.adam_eps, clip_norm=a.clip_norm or None, trainable=a.trainable, seed=a.seed,
+        adam_b2=a.adam_b2, adam_eps=a.adam_eps, clip_norm=a.clip_norm or None,
+        trainable=a.trainable or ("projector" if a.lora else "projector,llm"), seed=a.seed,
         log_every=a.log_every, save_every=a.save_every, keep=a.keep, async_save=a.async_save, save_final=a.save_final,
         peak_tflops=a.peak_tflops, progress=a.progress, tensorboard=a.tensorboard, nan_check=a.nan_check,
-        grounding_weight=a.grounding_weight,
+        grounding_weight=a.grounding_weight, lora=lora_config_from_args(a),
     )
+
+
+def lora_config_from_args(a: argparse.Namespace) -> Any:
+    """LoraConfig from the LoRA flags."""
+    from flexattn_jax.lora import LoraConfig
+
+    return LoraConfig(enabled=a.lora, rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout, targets=a.lora_targets,
+                      base_quant=a.base_quant)
 
 
 def data_config_from_args(a: argparse.Namespace, tokenizer_dir: str | None) -> Any:
@@ -291,7 +320,7 @@ def run(a: argparse.Namespace, stop: Any = None) -> int:
         with Checkpointer(Path(a.out) / "checkpoints") as ck:
             resuming = ck.latest_step() is not None
     params = None
-    if not resuming:
+    if not resuming or tcfg.lora.enabled:  # a LoRA run's checkpoints hold the adapters only: the base is loaded every time
         shardings = S.param_shardings(abstract_params(cfg), mesh)
         if a.checkpoint:
             params, _ = load_converted(a.checkpoint, sharding=S.param_shardings(abstract_params(base_cfg), mesh))
