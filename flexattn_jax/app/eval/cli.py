@@ -166,7 +166,8 @@ def _eval(args: argparse.Namespace, stop) -> int:
         settings = [EvalSettings(
             args.task, protocol=args.protocol, mode="release", ocr_tokens=args.ocr_tokens, batch_size=args.batch_size,
             max_new_tokens=max_new, checkpoint=fingerprint,
-            extra={"hr_budget": b or "checkpoint", "dtype": args.dtype or base.dtype, "quantize": args.quantize, "overrides": list(args.set)},
+            extra={"hr_budget": b or "checkpoint", "dtype": args.dtype or base.dtype, "quantize": args.quantize,
+                   "overrides": list(args.set)},
         ) for b in budgets]
         for b, st in zip(budgets, settings, strict=True):
             read_predictions(run_dir(b) / PREDICTIONS, predictions_header(st))
