@@ -14,11 +14,11 @@ import torch
 from flexattn_jax import lora as L
 from flexattn_jax.model import forward
 from flexattn_jax.params import flatten
-from flexattn_jax.sharding import make_mesh
 from tests.fixtures import TEST_BATCH, TEST_SEQ_LEN, random_params, small_train_config, synthetic_batch, tiny_config, to_host
 from train.loop import train
-from train.step import global_batch, make_step, split_microbatches
+from train.step import make_step
 
+from . import test_train_step as TS
 from .jax_models import convert_torch_model
 from .torch_models import make_tiny_llava
 
@@ -112,28 +112,11 @@ LORA = L.LoraConfig(enabled=True, rank=4, alpha=32.0, dropout=0.0)
 TC = small_train_config(trainable="projector", lora=LORA, lr=1e-2)
 
 
-def one_device():
-    return make_mesh("data=1,fsdp=1,tensor=1", devices=jax.devices()[:1])
+params, host_batch, one_device = TS.params, TS.host_batch, TS.one_device  # the full fine-tuning tests' model, batch, mesh
 
 
-@pytest.fixture(scope="module")
-def params():
-    return random_params(CFG, seed=0)
-
-
-@pytest.fixture(scope="module")
-def host_batch():
-    return synthetic_batch(CFG, TEST_BATCH, TEST_SEQ_LEN, seed=1, text_only=2)
-
-
-def _steps(params, batches, tcfg=TC, grad_accum=1, mesh=None):
-    fns = make_step(CFG, tcfg, mesh or one_device(), tcfg.steps)
-    state = fns.init_state(params)
-    metrics = []
-    for b in batches:
-        state, m = fns.step(state, global_batch(fns, split_microbatches(b, grad_accum)))
-        metrics.append(jax.device_get(m))
-    return state, metrics, fns
+def _steps(params, batches, tcfg=TC, grad_accum=1):
+    return TS.run_steps(one_device(), params, batches, tcfg, grad_accum)
 
 
 @pytest.mark.parametrize("steps", [30, pytest.param(100, marks=pytest.mark.slow)])
