@@ -102,6 +102,7 @@ def _load_base(base: str):
 def merge_lora(base: str, lora_dir: str, out: str, keep_adapters: bool = False, quantize: str | None = None,
                overwrite: bool = False) -> str:
     """Apply a LoRA run (ours or a PEFT directory) to ``base`` and write a model directory; every check before writing."""
+    import dataclasses
     from pathlib import Path
 
     import numpy as np
@@ -111,7 +112,7 @@ def merge_lora(base: str, lora_dir: str, out: str, keep_adapters: bool = False, 
     from flexattn_jax import lora as L
     from flexattn_jax import quant as Q
     from flexattn_jax.checkpoint import write_model
-    from flexattn_jax.params import flatten, unflatten
+    from flexattn_jax.params import abstract_params, flatten, unflatten
     from flexattn_jax.tokenizer import copy_tokenizer
 
     check_output_dir(out, sources=[base, lora_dir], overwrite=overwrite, flag="OUT")
@@ -120,7 +121,12 @@ def merge_lora(base: str, lora_dir: str, out: str, keep_adapters: bool = False, 
         flat, lcfg = apply_release_run(lora_dir, params, cfg, merge=not keep_adapters)
     else:
         trained, lcfg, run_cfg, step = read_run(lora_dir)
+        cfg = dataclasses.replace(run_cfg, dtype=cfg.dtype, param_dtype=cfg.param_dtype)  # the run's model, the base's dtypes
         flat = {k: np.array(v) for k, v in flatten(params).items()}
+        lacking = sorted(set(flatten(abstract_params(cfg))) - set(flat) - set(trained))
+        if lacking:
+            raise ConvertError(f"{lora_dir}: the run's model_config needs {lacking[0]}, which neither the base {base} nor the "
+                               "run's checkpoint holds (kernels added at training are saved only when they train: --trainable hr)")
         for name, x in trained.items():
             if not L.is_adapter(name) and (name not in flat or flat[name].shape != x.shape):
                 raise ConvertError(f"{lora_dir}: step {step} trained {name} {list(x.shape)}, which the base {base} "
