@@ -100,11 +100,14 @@ def pad_to_length(batch: dict[str, np.ndarray], length: int, pad_id: int) -> dic
     return out
 
 
-def _restore(ckpt: Checkpointer, fns: StepFns, cfg: ModelConfig, say: Any) -> tuple[TrainState, dict[str, Any]]:
+def _restore(ckpt: Checkpointer, fns: StepFns, cfg: ModelConfig, say: Any,
+             params: PyTree | None = None) -> tuple[TrainState, dict[str, Any]]:
     """The newest restorable state (on this run's mesh), past damaged steps. The data position is the step
     (:class:`train.data.TrainData` reads step s's global batch on any process count); this process's counters
-    of late bad samples continue only when the step was saved with as many processes."""
-    state, meta = ckpt.restore_latest(fns.abstract_state, None, cfg, say=say)
+    of late bad samples continue only when the step was saved with as many processes. A LoRA run's checkpoint
+    holds the trainables only: the base is ``params``."""
+    saved, meta = ckpt.restore_latest(fns.abstract_saved, None, cfg, say=say)
+    state = fns.from_saved(saved, params)
     if meta.get("process_count", 1) != jax.process_count():
         meta.pop("data_state", None)
     return state, meta
@@ -175,6 +178,8 @@ def train(
     ``batches_per_epoch``, or the length of a sequence of batches); an unsized iterable is one epoch.
     ``stop()`` True (a Ctrl-C / SIGTERM flag, polled before each step) ends the run after the step in
     flight: its checkpoint is saved (with ``out_dir``) and :class:`TrainingStopped` is raised.
+    With ``tcfg.lora`` enabled the checkpoints hold the adapters and the other trainables only, and a resume
+    needs ``params`` (the base; :meth:`train.step.StepFns.from_saved`).
     """
     mesh = mesh or S.make_mesh()
     cfg = dataclasses.replace(cfg, param_dtype="float32")
@@ -213,7 +218,7 @@ def train(
         state: TrainState | None = None
         if ckpt is not None and resume and ckpt.latest_step() is not None:
             say = _log.warning if log and primary else None
-            state, meta = _restore(ckpt, fns, cfg, say)
+            state, meta = _restore(ckpt, fns, cfg, say, params)
             if is_grain and meta.get("data_state"):
                 data.counter.load_state(meta["data_state"])
             if log and primary:
@@ -351,13 +356,13 @@ def _run(cfg, tcfg, fns: StepFns, state, start, total, data, iterator, is_grain,
                 pending = None
                 check(rec)
                 if save_now:
-                    ckpt.save(step_no, state, meta_for(step_no))
+                    ckpt.save(step_no, fns.saved_state(state), meta_for(step_no))
                     last_saved = step_no
         if pending is not None:
             check(finish(pending))
             pending = None
         if ckpt is not None and (tcfg.save_final or stopped) and records and last_saved != records[-1]["step"]:
-            ckpt.save(records[-1]["step"], state, meta_for(records[-1]["step"]))
+            ckpt.save(records[-1]["step"], fns.saved_state(state), meta_for(records[-1]["step"]))
             last_saved = records[-1]["step"]
         if stopped:
             if ckpt is not None:
