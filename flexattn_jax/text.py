@@ -41,7 +41,7 @@ class RMSNorm(nn.Module):
 # ---- RoPE -----------------------------------------------------------------------------------
 
 def rope_inv_freq(t: TextConfig, positions: Int[Array, "B T"] | None = None) -> Float[Array, " half"]:
-    """Inverse frequencies, with the linear / dynamic-NTK scaling transformers implements."""
+    """Inverse frequencies, with the linear / dynamic-NTK / Llama-3 scaling transformers implements."""
     d = t.head_dim
     base = jnp.float32(t.rope_theta)
     if t.rope_scaling_type == "dynamic" and positions is not None:
@@ -52,6 +52,14 @@ def rope_inv_freq(t: TextConfig, positions: Int[Array, "B T"] | None = None) -> 
     inv = 1.0 / (base ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
     if t.rope_scaling_type == "linear":
         inv = inv / t.rope_scaling_factor
+    if t.rope_scaling_type == "llama3":  # long wavelengths slowed by the factor, short ones kept, a smooth blend between
+        factor, low, high, old = t.rope_scaling_factor, t.rope_low_freq_factor, t.rope_high_freq_factor, t.rope_original_max_position_embeddings
+        wavelen = 2 * np.pi / inv
+        scaled = jnp.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / high) & (wavelen <= old / low)
+        inv = jnp.where(medium, blended, scaled)
     return inv
 
 
@@ -112,7 +120,10 @@ def image_rope(
 
 
 class AttentionWeights(nn.Module):
-    """q/k/v/o projections, plus FlexAttention's k_proj_hd / v_proj_hd when enabled."""
+    """q/k/v/o projections, plus FlexAttention's k_proj_hd / v_proj_hd when enabled.
+
+    ``text.attention_bias`` (Qwen2) puts biases on q/k/v and on the HR k/v projections (which then start
+    as copies of k/v's, bias included); o has none in every family."""
 
     cfg: ModelConfig
 
@@ -121,13 +132,14 @@ class AttentionWeights(nn.Module):
         dense = functools.partial(
             nn.Dense, use_bias=False, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), kernel_init=_init(c)
         )
-        self.q = dense(t.num_heads * t.head_dim)
-        self.k = dense(t.num_kv_heads * t.head_dim)
-        self.v = dense(t.num_kv_heads * t.head_dim)
+        biased = functools.partial(dense, use_bias=t.attention_bias)
+        self.q = biased(t.num_heads * t.head_dim)
+        self.k = biased(t.num_kv_heads * t.head_dim)
+        self.v = biased(t.num_kv_heads * t.head_dim)
         self.o = dense(t.hidden_size)
         if c.flex.enabled:
-            self.k_hr = dense(t.num_kv_heads * t.head_dim)
-            self.v_hr = dense(t.num_kv_heads * t.head_dim)
+            self.k_hr = biased(t.num_kv_heads * t.head_dim)
+            self.v_hr = biased(t.num_kv_heads * t.head_dim)
 
     def qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         t = self.cfg.text
