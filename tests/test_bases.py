@@ -29,7 +29,7 @@ ALL = [*FAST, pytest.param("llama3-siglip", marks=pytest.mark.slow)]
 assert set(BASES) == set(FAST) | {"llama3-siglip"}
 
 
-@pytest.fixture(scope="module", params=BASES)
+@pytest.fixture(scope="module", params=ALL)
 def base(request):
     """(name, torch model, our params, cfg) of one base, converted through a llava-hf save."""
     model = make_tiny_base(request.param)
@@ -103,7 +103,7 @@ def _flex(base, **oracle_kwargs):
     hd = {}
     for i, layer in enumerate(layers):
         k, v = layer.self_attn.k_proj, layer.self_attn.v_proj
-        hd[i] = (k.weight, v.weight) + (() if k.bias is None else (k.bias, v.bias))
+        hd[i] = tuple(w.detach() for w in (k.weight, v.weight) + (() if k.bias is None else (k.bias, v.bias)))
     flex_params, flex_cfg = with_flex(params, cfg, hd, oc)
     for name in ("k_hr", "v_hr"):  # add_hr_projections made exactly what the oracle is given
         for leaf, x in copied["text"]["layers"]["attn"][name].items():
@@ -294,7 +294,8 @@ def test_llama3_rope_matches_transformers():
     ours = from_hf_config({"model_type": "llava", "text_config": {**hf.to_dict(), "vocab_size": 8, "intermediate_size": 8,
                                                                   "num_hidden_layers": 1},
                            "vision_config": {"hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
-                                             "num_attention_heads": 1, "image_size": 28, "patch_size": 14}}).text
+                                             "num_attention_heads": 1, "image_size": 28, "patch_size": 14},
+                           "vision_feature_layer": -1}).text
     assert isinstance(ours, TextConfig) and ours.rope_original_max_position_embeddings == 64
     pos = np.arange(0, 400, 7)[None]
     cos, sin = LlamaRotaryEmbedding(hf)(torch.zeros(1, pos.shape[1], 256), torch.tensor(pos))
