@@ -53,7 +53,8 @@ def rope_inv_freq(t: TextConfig, positions: Int[Array, "B T"] | None = None) -> 
     if t.rope_scaling_type == "linear":
         inv = inv / t.rope_scaling_factor
     if t.rope_scaling_type == "llama3":  # long wavelengths slowed by the factor, short ones kept, a smooth blend between
-        factor, low, high, old = t.rope_scaling_factor, t.rope_low_freq_factor, t.rope_high_freq_factor, t.rope_original_max_position_embeddings
+        factor, low, high = t.rope_scaling_factor, t.rope_low_freq_factor, t.rope_high_freq_factor
+        old = t.rope_original_max_position_embeddings
         wavelen = 2 * np.pi / inv
         scaled = jnp.where(wavelen > old / low, inv / factor, inv)
         smooth = (old / wavelen - low) / (high - low)
