@@ -28,7 +28,15 @@ import numpy as np
 from PIL import Image
 
 from flexattn_jax.config import IGNORE_INDEX, ModelConfig
-from flexattn_jax.preprocess import IMAGE_PLACEHOLDER, PreprocessError, bucket_length, load_image, pad_batch, preprocess_image
+from flexattn_jax.preprocess import (
+    IMAGE_PLACEHOLDER,
+    PreprocessError,
+    bucket_length,
+    image_normalization,
+    load_image,
+    pad_batch,
+    preprocess_image,
+)
 from flexattn_jax.selection import grounding_target, learnable_rows, margin_patches
 from flexattn_jax.tokenizer import check_tokenizer_vocab
 from train.config import DataConfig
@@ -153,13 +161,13 @@ class SampleLoader:
             raise _err("image_tag", f"{n_tags} {IMAGE_PLACEHOLDER} tags; one image per sample is supported")
         s = cfg.image_size
         if isinstance(image, Image.Image):  # in-memory samples (demo, tests)
-            pixels, ori = preprocess_image(image, s)
+            pixels, ori = preprocess_image(image, s, *image_normalization(cfg.vision))
         elif has_image:
             if self.image_root is None and not Path(str(image)).is_absolute():
                 raise _err("missing_image", f"image {image!r} is relative but no image folder was given")
             path = (self.image_root / str(image)) if self.image_root is not None else Path(str(image))
             try:
-                pixels, ori = preprocess_image(load_image(path), s)
+                pixels, ori = preprocess_image(load_image(path), s, *image_normalization(cfg.vision))
             except PreprocessError as e:
                 raise _err("missing_image" if "not found" in str(e) else "bad_image", str(e)) from e
         else:

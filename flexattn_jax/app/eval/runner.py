@@ -31,7 +31,15 @@ from flexattn_jax.app.eval.lmms import write_lmms
 from flexattn_jax.app.inference import Request, stream_answers
 from flexattn_jax.config import ModelConfig
 from flexattn_jax.flops import generation_flops
-from flexattn_jax.preprocess import BUCKETS, PreprocessError, bucket_length, format_prompt, preprocess_image, tokenize_with_image
+from flexattn_jax.preprocess import (
+    BUCKETS,
+    PreprocessError,
+    bucket_length,
+    format_prompt,
+    image_normalization,
+    preprocess_image,
+    tokenize_with_image,
+)
 
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
@@ -219,7 +227,7 @@ class Runner:
     def _prepare_options(self, p: Pending) -> OptionQuestion:
         prompt = format_prompt(p.user, has_image=True)
         tok = [option_tokens(prompt, o, self.tokenizer, self.cfg) for o in p.sample.options]
-        pixels, ori = preprocess_image(p.sample.load_image(), self.cfg.image_size)
+        pixels, ori = preprocess_image(p.sample.load_image(), self.cfg.image_size, *image_normalization(self.cfg.vision))
         return OptionQuestion([i for i, _ in tok], [lab for _, lab in tok], pixels, ori)
 
     def _likelihood(self, todo: list[Pending], stop: Callable[[], bool]) -> Iterator[dict[str, Any]]:
