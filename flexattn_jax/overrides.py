@@ -80,6 +80,15 @@ def apply_overrides(cfg: ModelConfig, overrides: list[str] | dict[str, Any]) -> 
     return ModelConfig.from_dict(override_dict(cfg.to_dict(), overrides))
 
 
+def release_recipe(cfg: ModelConfig, overrides: list[str] | dict[str, Any] | None = None) -> ModelConfig:
+    """FlexAttention on, with the release's training settings: zoom 3 (highres = 3 x lowres), threshold 48, warmup 10;
+    then ``overrides``, validated together (so e.g. ``flex.first_select_layer`` fits a decoder shallower than 9 layers)."""
+    d = cfg.to_dict()
+    v = cfg.vision.image_size
+    d["flex"].update(enabled=True, zoom_ratio=3, lowres_size=v, highres_size=3 * v, threshold=48.0, warmup=10.0)
+    return ModelConfig.from_dict(override_dict(d, overrides) if overrides else d)
+
+
 def override_dict(d: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
     """``ModelConfig.to_dict()`` form with the overrides applied (string values parsed by the field's type)."""
     items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
