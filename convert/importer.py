@@ -284,17 +284,26 @@ def convert_checkpoint(
         raise ConvertError(str(e)) from None
     if isinstance(mesh, str):
         mesh = _mesh(mesh)
+    def with_flex(cfg: ModelConfig) -> ModelConfig:
+        if cfg.flex.enabled:
+            raise ConvertError(f"--add-flex: {src} already has FlexAttention (k_proj_hd/v_proj_hd and extra in config.json)")
+        try:
+            return release_recipe(cfg, overrides)
+        except ConfigError as e:
+            raise ConvertError(f"--add-flex: {e} (fix it with --set)") from None
+
+    def checks(cfg: ModelConfig) -> None:  # before any tensor is read
+        if add_flex:
+            with_flex(cfg)
+        if check is not None:
+            check(cfg)
+
     converted = read_checkpoint(src, vision_tower=vision_tower, dtype=dtype, overrides=overrides, progress=progress,
-                                allow_nonfinite=allow_nonfinite, check=check)
+                                allow_nonfinite=allow_nonfinite, check=checks)
     params, converted.params = converted.params, {}
     flex_from = "checkpoint" if converted.cfg.flex.enabled else None
     if add_flex:
-        if converted.cfg.flex.enabled:
-            raise ConvertError(f"--add-flex: {src} already has FlexAttention (k_proj_hd/v_proj_hd and extra in config.json)")
-        try:
-            converted.cfg = release_recipe(converted.cfg, overrides)
-        except ConfigError as e:
-            raise ConvertError(f"--add-flex: {e} (fix it with --set)") from None
+        converted.cfg = with_flex(converted.cfg)
         params = jax.tree.map(np.asarray, add_hr_projections(params, "copy"))
         flex_from = "added: k_hr/v_hr copied from k/v (convert --add-flex)"
     if mesh is not None:

@@ -310,3 +310,84 @@ def test_llama3_rope_matches_transformers():
     np.testing.assert_allclose(np.asarray(s), sin.numpy(), atol=2e-5)
     plain = rope_cos_sin(dataclasses.replace(ours, rope_scaling_type="default"), jnp.asarray(pos))[0]
     assert np.abs(np.asarray(plain) - cos.numpy()).max() > 0.1  # the scaling changes the table
+
+
+# ---- adding FlexAttention to a base --------------------------------------------------------------
+
+def test_convert_add_flex_copies_k_v_and_records_the_base(tmp_path, capsys):
+    """``convert --add-flex``: FlexAttention on (release recipe, --set applied first), k_hr/v_hr and their biases = k/v's;
+    the metadata names the base; the model answers like the oracle with those copies (test above); a second add is refused."""
+    from convert.cli import main
+    from flexattn_jax.checkpoint import load_converted, read_metadata
+
+    model = make_tiny_base("qwen2-siglip")
+    model.save_pretrained(tmp_path / "hf")
+    capsys.readouterr()
+    assert main([str(tmp_path / "hf"), str(tmp_path / "plain-fails"), "--add-flex", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--add-flex: flex.first_select_layer=8 is not a layer of a 3-layer decoder" in err and err.count("\n") == 1
+    assert not (tmp_path / "plain-fails").exists()
+    out = tmp_path / "flex"
+    assert main([str(tmp_path / "hf"), str(out), "--add-flex", "--set", "flex.first_select_layer=1", "--no-progress"]) == 0
+    meta = read_metadata(out)
+    assert meta["base"] == {"decoder": "qwen2", "tower": "siglip", "flexattention": "added: k_hr/v_hr copied from k/v (convert --add-flex)"}
+    params, cfg = load_converted(out)
+    f = cfg.flex
+    assert f.enabled and (f.zoom_ratio, f.highres_size, f.threshold, f.first_select_layer) == (3, 210, 48.0, 1)
+    attn = params["text"]["layers"]["attn"]
+    for hr, plain in (("k_hr", "k"), ("v_hr", "v")):
+        for leaf in ("kernel", "bias"):
+            np.testing.assert_array_equal(np.asarray(attn[hr][leaf]), np.asarray(attn[plain][leaf]))
+    assert main([str(tmp_path / "hf"), str(tmp_path / "plain"), "--no-progress"]) == 0
+    assert read_metadata(tmp_path / "plain")["base"]["flexattention"] is None
+    from convert.export import export_hf
+
+    export_hf(params, cfg, tmp_path / "flex-hf", image_token_id=cfg.image_token_id)
+    capsys.readouterr()
+    assert main([str(tmp_path / "flex-hf"), str(tmp_path / "again"), "--add-flex", "--set", "flex.first_select_layer=1",
+                 "--no-progress"]) == 2
+    assert "already has FlexAttention" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a train step's compile (~60 s on CPU); test_train_step_on_an_fsdp_mesh is the fast twin of the step
+def test_train_hr_init_copy_normed_on_a_converted_base(tmp_path, capsys):
+    """``train --hr-init copy-normed`` on a converted plain Qwen2 + SigLIP checkpoint: FlexAttention added with the
+    biases (4 leaves), the RMS measured on the training images, one finite step."""
+    import json
+
+    from convert.cli import main as convert_main
+    from tests.fixtures import write_llava_dataset
+    from train.cli import main
+
+    model = make_tiny_base("qwen2-siglip", vocab=512)  # the demo tokenizer's 484 tokens fit
+    model.save_pretrained(tmp_path / "hf")
+    assert convert_main([str(tmp_path / "hf"), str(tmp_path / "plain"), "--no-progress"]) == 0
+    from flexattn_jax.app.demo_data import build_demo_tokenizer
+
+    build_demo_tokenizer().save_pretrained(str(tmp_path / "tok"))
+    write_llava_dataset(tmp_path / "data", seed=0, n=8, hr_size=210, obj_px=12)
+    out = tmp_path / "run"
+    argv = ["--checkpoint", str(tmp_path / "plain"), "--tokenizer", str(tmp_path / "tok"), "--data",
+            str(tmp_path / "data" / "data.json"), "--images", str(tmp_path / "data"), "--max-len", "128", "--batch-size", "8",
+            "--steps", "2", "--stop-at", "1", "--mesh", "fsdp=8", "--hr-init", "copy-normed", "--set", "flex.first_select_layer=1",
+            "--out", str(out), "--no-progress", "--no-tensorboard"]
+    assert main(argv) == 0, capsys.readouterr().err
+    said = capsys.readouterr().out
+    assert "initialised 4 FlexAttention kernels as copies of k/v with the input norm folded in at the HR features' RMS" in said
+    rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["step"] == 1 and np.isfinite(rec["loss"])
+
+
+def test_siglip_images_are_normalised_as_its_processor_does():
+    from PIL import Image
+    from transformers import SiglipImageProcessor
+
+    from flexattn_jax.config import VisionConfig
+    from flexattn_jax.preprocess import image_normalization, preprocess_image
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 70, 3), dtype=np.uint8))
+    want = SiglipImageProcessor(size={"height": 70, "width": 70})(img, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+    got, _ = preprocess_image(img, 70, *image_normalization(VisionConfig(model_type="siglip")))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    clip, _ = preprocess_image(img, 70, *image_normalization(VisionConfig()))
+    assert np.abs(clip - want).max() > 0.1

@@ -126,18 +126,20 @@ def make_images(batch: int, size: int, seed: int = 0) -> torch.Tensor:
 BASES = ("llama3-clip", "mistral-clip", "qwen2-siglip", "llama3-siglip")
 
 
-def make_tiny_base(base: str, layers: int = 3, seed: int = 0, image_size: int | None = None) -> LlavaForConditionalGeneration:
+def make_tiny_base(base: str, layers: int = 3, seed: int = 0, image_size: int | None = None,
+                   vocab: int = 128) -> LlavaForConditionalGeneration:
     """Tiny fp32 eager `LlavaForConditionalGeneration` of a base (``BASES``: decoder-tower), GQA everywhere.
 
     Llama-3: theta 500000 and the ``llama3`` rope scaling (original context 16, so that the scaled, kept and
     blended frequencies all occur at head dim 16). Mistral: a sliding window (64) above the tests' contexts.
     Qwen2: q/k/v biases, RMSNorm eps 1e-6, tied embeddings. CLIP: 56 px (a 4 x 4 grid). SigLIP: 70 px (a
     5 x 5 grid, no class token, no head, 'full' features from the last layer, as llava-interleave does).
+    The image token is the last id of the vocabulary.
     """
     from transformers import MistralConfig, Qwen2Config, SiglipVisionConfig
 
     decoder, tower = base.split("-")
-    vocab, hidden = 128, 64
+    hidden = 64
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     if decoder == "llama3":
