@@ -385,7 +385,7 @@ def validate(cfg: ModelConfig) -> None:
         raise ConfigError(f"text.num_heads={t.num_heads} is not a multiple of text.num_kv_heads={t.num_kv_heads}")
     if v.hidden_size % v.num_heads:
         raise ConfigError(f"vision.hidden_size={v.hidden_size} is not divisible by vision.num_heads={v.num_heads}")
-    if v.image_size % v.patch_size:
+    if v.image_size % v.patch_size and v.class_token:  # SigLIP-so400m is 384 px in 14 px patches: its conv drops the 6 px left
         raise ConfigError(f"vision.image_size={v.image_size} is not a multiple of vision.patch_size={v.patch_size}")
     if not -(v.num_layers + 1) <= cfg.vision_feature_layer <= v.num_layers or cfg.vision_feature_layer % (v.num_layers + 1) == 0:
         raise ConfigError(f"vision_feature_layer={cfg.vision_feature_layer} is out of range for {v.num_layers} CLIP layers")

@@ -201,6 +201,27 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llava-1.5-7b": {**_LLAVA_15, **_SIZES["7b"]},
     "llava-1.5-13b": {**_LLAVA_15, **_SIZES["13b"]},
 }
+# FlexAttention on today's bases (docs/bases.md), llava-hf configs. Llama-3-8B (GQA 32/8, theta 500000) + CLIP-L/14-336,
+# the shape of xtuner/llava-llama-3-8b-v1_1-transformers; Qwen2-7B (GQA 28/4, q/k/v biases) + SigLIP-so400m-384/14 without
+# its last layer and head ('full' features of the last kept layer: 27 x 27 = 729 tokens), llava-onevision's pairing.
+# FlexAttention's extra without sizes: lowres = the tower's input, highres = 3x (1008 px: M = 5184; 1152 px: M = 6561).
+_CLIP_L_336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+               "num_attention_heads": 16, "image_size": 336, "patch_size": 14, "hidden_act": "quick_gelu"}
+_SIGLIP_384 = {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 26,
+               "num_attention_heads": 16, "image_size": 384, "patch_size": 14, "vision_use_head": False}
+_LLAMA3_8B = {"model_type": "llama", "vocab_size": 128320, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+              "max_position_embeddings": 8192, "bos_token_id": 128000, "eos_token_id": 128001, "pad_token_id": 128256}
+_QWEN2_7B = {"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+             "num_attention_heads": 28, "num_key_value_heads": 4, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+             "max_position_embeddings": 32768, "use_sliding_window": False, "bos_token_id": 151643, "eos_token_id": 151645,
+             "pad_token_id": 151643}
+PRESETS["llava-flexattn-llama3-8b"] = {"model_type": "llava", "text_config": _LLAMA3_8B, "vision_config": _CLIP_L_336,
+                                       "image_token_index": 128257, "vision_feature_layer": -2,
+                                       "vision_feature_select_strategy": "default", "extra": "zoom_ratio:3#warmup:10#threshold:48"}
+PRESETS["llava-flexattn-qwen2-7b"] = {"model_type": "llava", "text_config": _QWEN2_7B, "vision_config": _SIGLIP_384,
+                                      "image_token_index": 151646, "vision_feature_layer": -1,
+                                      "vision_feature_select_strategy": "full", "extra": "zoom_ratio:3#warmup:10#threshold:48"}
 
 
 def load_model_config(model: str) -> ModelConfig:
