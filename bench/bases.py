@@ -1,6 +1,6 @@
 """What each base's FlexAttention costs in its HR side path, from the configs alone: ``python -m bench.bases [--json FILE]``.
 
-Per preset of :data:`flexattn_jax.app.aot.PRESETS` with FlexAttention: parameters, LR image tokens G, HR tokens M,
+Per preset of :data:`flexattn_jax.presets.HF_CONFIGS` with FlexAttention: parameters, LR image tokens G, HR tokens M,
 the width of one HR key or value (Hkv x d: grouped-query attention shrinks it), the hierarchical layers, the HR
 projections' parameters (``k_proj_hd`` + ``v_proj_hd``, all layers) and the bytes of every HR key and value of one
 image in bf16 (what ``hr_strategy='cache'`` holds per sample), each also as a ratio to LLaVA-FlexAttn-7B (Vicuna).
@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from flexattn_jax.app import aot
+from flexattn_jax import presets
 from flexattn_jax.config import ModelConfig
 from flexattn_jax.params import abstract_params, count_params
 
@@ -40,8 +40,8 @@ def hr_side(cfg: ModelConfig) -> dict[str, Any]:
 def rows() -> list[dict[str, Any]]:
     """One row per FlexAttention preset, with ratios to the Vicuna-7B one."""
     out = []
-    for name in aot.PRESETS:
-        cfg = aot.load_model_config(name)
+    for name in presets.HF_CONFIGS:
+        cfg = presets.preset(name)
         if cfg.flex.enabled:
             out.append({"model": name, **hr_side(cfg)})
     ref = next(r for r in out if r["model"] == REFERENCE)

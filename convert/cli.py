@@ -1,4 +1,4 @@
-"""Command line: ``python -m convert SRC OUT ...`` (PyTorch -> ours) and ``python -m convert export CONVERTED OUT_HF``."""
+"""Command line: ``flexattn-jax convert SRC OUT ...`` (PyTorch -> ours) and ``flexattn-jax convert export CONVERTED OUT_HF``."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ directory is left behind.
 The reverse direction: `%(prog)s export CONVERTED OUT_HF [--layout hf5|hf4|original]`."""
 
 
-def build_parser(prog: str = "python -m convert") -> argparse.ArgumentParser:
+def build_parser(prog: str = "flexattn-jax convert") -> argparse.ArgumentParser:
     """The parser of the import command (``SRC OUT``)."""
     p = argparse.ArgumentParser(prog=prog, description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", metavar="SRC", help="PyTorch checkpoint directory (config.json + weights)")
@@ -50,7 +50,7 @@ def build_parser(prog: str = "python -m convert") -> argparse.ArgumentParser:
     return p
 
 
-def build_export_parser(prog: str = "python -m convert export") -> argparse.ArgumentParser:
+def build_export_parser(prog: str = "flexattn-jax convert export") -> argparse.ArgumentParser:
     """The parser of the export command (``CONVERTED OUT_HF``)."""
     p = argparse.ArgumentParser(
         prog=prog,
@@ -77,7 +77,7 @@ def _export(converted: str, out: str, layout: str, dtype: str | None, image_toke
     print(f"wrote {out} (layout {layout}, {cfg.param_dtype})")
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m convert") -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "flexattn-jax convert") -> int:
     """Run the converter CLI; returns the exit status (2 on a conversion error, with the message on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -12,16 +12,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from convert.mapping import BY_OURS, Rule, Target, canonical, export_name, is_ignored, lookup, to_ours, torch_shape
 from convert.reader import FLOATING_DTYPES, ConvertError, TensorInfo, checkpoint_files, open_file
 from flexattn_jax.checkpoint import place, write_model
 from flexattn_jax.config import ConfigError, ModelConfig
 from flexattn_jax.hf_config import detect_layout, from_hf_config
-from flexattn_jax.overrides import release_recipe
+from flexattn_jax.logs import progress as progress_bar
 from flexattn_jax.params import abstract_params, add_hr_projections, flatten, unflatten
 from flexattn_jax.paths import OutputPathError, check_output_dir
+from flexattn_jax.presets import with_release_recipe
 from flexattn_jax.sharding import make_mesh
 from flexattn_jax.tokenizer import copy_tokenizer
 
@@ -227,7 +227,7 @@ def fill(
     by_file: dict[Path, list[tuple[str, str, int | None, Rule]]] = {}
     for (leaf, idx), (path, key, rule) in found.items():
         by_file.setdefault(path, []).append((key, leaf, idx, rule))
-    with tqdm(total=len(found), desc="converting", unit="tensor", disable=not progress) as bar:
+    with progress_bar(total=len(found), desc="converting", unit="tensor", disable=not progress) as bar:
         for path, items in by_file.items():
             with open_file(path) as f:
                 for key, leaf, idx, rule in items:
@@ -269,7 +269,7 @@ def convert_checkpoint(
     """Convert a PyTorch checkpoint directory into ``out`` (orbax params + metadata.json + tokenizer).
 
     ``add_flex`` turns FlexAttention on in a plain LLaVA of any supported base (the release's recipe,
-    :func:`flexattn_jax.config.release_recipe`) with ``k_hr``/``v_hr`` (and their biases) copied from ``k``/``v``
+    :func:`flexattn_jax.presets.with_release_recipe`) with ``k_hr``/``v_hr`` (and their biases) copied from ``k``/``v``
     (:func:`flexattn_jax.params.add_hr_projections`). The metadata's ``base`` records the decoder, the tower and
     how FlexAttention came in.
 
@@ -288,7 +288,7 @@ def convert_checkpoint(
         if cfg.flex.enabled:
             raise ConvertError(f"--add-flex: {src} already has FlexAttention (k_proj_hd/v_proj_hd and extra in config.json)")
         try:
-            return release_recipe(cfg, overrides)
+            return with_release_recipe(cfg, overrides)
         except ConfigError as e:
             raise ConvertError(f"--add-flex: {e} (fix it with --set)") from None
 

@@ -8,7 +8,7 @@ Parameters are placed in two steps, MaxText style:
    ``embed -> fsdp``, ``heads|kv_heads|mlp|vocab -> tensor``, ``batch -> (data, fsdp)``.
 
 A mesh axis that does not divide its dimension (or that an earlier dimension of the same tensor
-already uses) is dropped for that tensor, never an error. :func:`print_sharding_table` shows the
+already uses) is dropped for that tensor, never an error. :func:`format_sharding_table` shows the
 result per parameter and the fraction of parameters left replicated.
 """
 
@@ -17,9 +17,8 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, TextIO
+from typing import Any
 
 import jax
 import numpy as np
@@ -133,8 +132,11 @@ def parse_mesh_spec(spec: str | Mapping[str, int] | Sequence[int] | None, num_de
             raise ShardingError(f"mesh spec {spec!r}: {num_devices} devices are not a multiple of {known}")
         out[fills[0]] = num_devices // known
     total = math.prod(out.values())
-    if total > num_devices or num_devices % total:
-        raise ShardingError(f"mesh {out} needs {total} devices; {num_devices} are available")
+    if total > num_devices:
+        raise ShardingError(f"mesh {out} needs {total} devices; only {num_devices} are available")
+    if num_devices % total:
+        raise ShardingError(f"mesh {out} uses {total} devices, which does not divide the {num_devices} available; "
+                            f"make the product of the sizes divide {num_devices}")
     return out
 
 
@@ -321,17 +323,15 @@ def sharding_table(params: PyTree, mesh: Mesh) -> tuple[list[dict[str, Any]], fl
     return rows, (unsharded / total if total else 0.0)
 
 
-def print_sharding_table(params: PyTree, mesh: Mesh, file: TextIO | None = None) -> float:
-    """Print logical -> physical axes per parameter and the fraction left unsharded; return that fraction."""
-    file = file or sys.stdout
+def format_sharding_table(params: PyTree, mesh: Mesh) -> tuple[str, float]:
+    """Logical -> physical axes per parameter and the fraction left unsharded, as text (the caller prints it); and that fraction."""
     rows, frac = sharding_table(params, mesh)
     w = max([len(r["path"]) for r in rows] + [9])
-    print(f"mesh {mesh_summary(mesh)}", file=file)
-    print(f"{'parameter':<{w}}  {'shape':<22} {'logical':<34} {'mesh':<28} shards", file=file)
+    lines = [f"mesh {mesh_summary(mesh)}", f"{'parameter':<{w}}  {'shape':<22} {'logical':<34} {'mesh':<28} shards"]
     for r in rows:
         logical = "(" + ", ".join("-" if a is None else a for a in r["logical"]) + ")"
         spec = "(" + ", ".join("-" if p is None else p if isinstance(p, str) else "+".join(p) for p in r["spec"]) + ")"
-        print(f"{r['path']:<{w}}  {str(r['shape']):<22} {logical:<34} {spec:<28} {r['shards']}", file=file)
+        lines.append(f"{r['path']:<{w}}  {str(r['shape']):<22} {logical:<34} {spec:<28} {r['shards']}")
     total = sum(r["size"] for r in rows)
-    print(f"{len(rows)} tensors, {total:,} parameters; unsharded (replicated on every device): {frac:.4%}", file=file)
-    return frac
+    lines.append(f"{len(rows)} tensors, {total:,} parameters; unsharded (replicated on every device): {frac:.4%}")
+    return "\n".join(lines), frac

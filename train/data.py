@@ -41,6 +41,16 @@ from flexattn_jax.selection import grounding_target, learnable_rows, margin_patc
 from flexattn_jax.tokenizer import check_tokenizer_vocab
 from train.config import DataConfig
 
+BOX_FORMATS: tuple[Any, ...] = (None, "pixels", "normalized")  # a record's 'box_format' (None: pixels)
+NORMALIZED_GUESS_PX = 4  # a pixel box with every coordinate in [0, 1] on a larger image is refused as normalised
+
+
+def grounding_note(weight: float, records: Sequence[Any]) -> str | None:
+    """The warning for a grounding weight given to records none of which has a ``box`` (naming the count); else None."""
+    if not weight > 0 or any(isinstance(r, dict) and r.get("box") is not None for r in records):
+        return None
+    return f"grounding weight {weight:g}, but none of the {len(records):,} records has a 'box': the grounding term does nothing"
+
 
 class DataError(ValueError):
     """The data file or a sample is unusable; the message names the file, sample and reason."""
@@ -186,19 +196,35 @@ class SampleLoader:
             "pixel_values": pixels,
             "ori_size": np.asarray(ori, np.int32),
             "has_image": has_image,
-            "grounding": self._grounding(record.get("box"), ori, has_image),
+            "grounding": self._grounding(record.get("box"), ori, has_image, record.get("box_format")),
         }
 
-    def _grounding(self, box: Any, ori: tuple[int, int], has_image: bool) -> np.ndarray:
+    def _grounding(self, box: Any, ori: tuple[int, int], has_image: bool, box_format: Any = None) -> np.ndarray:
         """The record's optional ``box`` [x0, y0, x1, y1] (pixels of the original image, half-open) as the share of
-        its pixels per LR cell (:func:`flexattn_jax.selection.grounding_target`); zeros without one."""
+        its pixels per LR cell (:func:`flexattn_jax.selection.grounding_target`); zeros without one.
+
+        ``box_format`` ``"normalized"`` reads the box as fractions of the image's width and height (LLaVA-style
+        [0, 1] data), widened to whole pixels. Without it a box whose coordinates all lie in [0, 1] on an image
+        larger than :data:`NORMALIZED_GUESS_PX` pixels a side is refused: pixels are expected.
+        """
         g = self.cfg.lr_grid
         if box is None:
             return np.zeros(g * g, np.float32)
         if not has_image:
             raise _err("bad_box", f"'box' {box!r} given for a sample without an image")
-        if not (isinstance(box, list | tuple) and len(box) == 4 and all(isinstance(v, int | float) for v in box)):
-            raise _err("bad_box", f"'box' must be [x0, y0, x1, y1] in pixels, got {box!r}")
+        if box_format not in BOX_FORMATS:
+            raise _err("bad_box", f"'box_format' {box_format!r}: use one of {', '.join(map(repr, BOX_FORMATS[1:]))} (default 'pixels')")
+        if not (isinstance(box, list | tuple) and len(box) == 4
+                and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+            raise _err("bad_box", f"'box' must be [x0, y0, x1, y1], four finite numbers (pixels), got {box!r}")
+        w, h = ori
+        if box_format == "normalized":
+            if not all(0 <= v <= 1 for v in box):
+                raise _err("bad_box", f"'box' {box!r} with 'box_format' 'normalized' must lie in [0, 1]")
+            box = [math.floor(box[0] * w), math.floor(box[1] * h), math.ceil(box[2] * w), math.ceil(box[3] * h)]
+        elif all(0 <= v <= 1 for v in box) and min(w, h) > NORMALIZED_GUESS_PX:
+            raise _err("bad_box", f"'box' {box!r} lies in [0, 1] on a {w}x{h} image: boxes are in pixels; for [0, 1] "
+                       "coordinates set \"box_format\": \"normalized\" in the record")
         try:
             return grounding_target(np.asarray(box), ori, g)
         except ValueError as e:

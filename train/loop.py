@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import shutil
 import time
 import warnings
@@ -27,10 +28,12 @@ from flexattn_jax.config import IGNORE_INDEX, ModelConfig
 from flexattn_jax.selection import learnable_rows
 from train.checkpoint import Checkpointer, make_meta
 from train.config import DataConfig, TrainConfig
-from train.data import DataError, TrainData
+from train.data import DataError, TrainData, grounding_note
 from train.metrics import MetricsLogger, device_peak_tflops, train_flops
 from train.optim import total_steps as count_steps
 from train.step import BATCH_KEYS, StepFns, TrainState, global_batch, make_step, split_microbatches
+
+_log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
@@ -186,6 +189,8 @@ def train(
     cfg = dataclasses.replace(cfg, param_dtype="float32")
     is_grain = isinstance(data, TrainData)
     if is_grain:
+        if log and (note := grounding_note(tcfg.grounding_weight, data.records)) is not None:
+            warnings.warn(note, stacklevel=2)
         total = count_steps(tcfg, data.num_samples)
         if data.batch_size != tcfg.batch_size or data.grad_accum != tcfg.grad_accum:
             raise ValueError(
@@ -216,12 +221,12 @@ def train(
     try:
         state: TrainState | None = None
         if ckpt is not None and resume and ckpt.latest_step() is not None:
-            say = (lambda m: print(f"warning: {m}", flush=True)) if log and primary else None
+            say = _log.warning if log and primary else None
             state, meta = _restore(ckpt, fns, iterator if is_grain else None, cfg, say)
             if is_grain and meta.get("data_state"):
                 data.counter.load_state(meta["data_state"])
             if log and primary:
-                print(f"resumed from {ckpt.directory} step {int(state.step)}", flush=True)
+                _log.info("resumed from %s step %d", ckpt.directory, int(state.step))
         if state is None:
             if params is None:
                 raise ValueError("no parameters and no checkpoint to resume from")
@@ -251,14 +256,14 @@ def train(
 
 def _run(cfg, tcfg, fns: StepFns, state, start, total, data, iterator, is_grain, ckpt, logger, data_config, extra_meta, log,
          stop: Callable[[], bool]):
-    from tqdm.auto import tqdm
+    from flexattn_jax.logs import progress
 
     mesh = fns.mesh
     n_dev = mesh.size
     peak = tcfg.peak_tflops if tcfg.peak_tflops is not None else device_peak_tflops()
     vision_trains = any(m for p, m in zip(_paths(fns.mask), jax.tree.leaves(fns.mask), strict=True) if p.startswith("vision/"))
     primary = jax.process_index() == 0
-    bar = tqdm(total=total, initial=start, disable=not (tcfg.progress and log and primary), dynamic_ncols=True, unit="step")
+    bar = progress(total=total, initial=start, disable=not (tcfg.progress and log and primary), unit="step")
     write = bar.write if not bar.disable else None
     records: list[dict[str, Any]] = []
     seen_shapes: set[tuple] = set()

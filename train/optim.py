@@ -79,7 +79,7 @@ def make_optimizer(tcfg: TrainConfig, params: PyTree, steps: int) -> tuple[optax
     """``(tx, schedule)``: clipped AdamW on trainable leaves, ``set_to_zero`` (no state) on frozen ones."""
     schedule = make_schedule(tcfg, steps)
     parts = []
-    if tcfg.clip_norm is not None:
+    if tcfg.clip_norm:  # none or 0: no clipping
         parts.append(optax.clip_by_global_norm(tcfg.clip_norm))
     parts.append(optax.adamw(schedule, b1=tcfg.adam_b1, b2=tcfg.adam_b2, eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay))
     tx = optax.partition({TRAIN: optax.chain(*parts), FROZEN: optax.set_to_zero()}, param_labels(params, tcfg.trainable))

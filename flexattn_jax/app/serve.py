@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException
 
 from flexattn_jax.app.chat import ChatError, ChatRequest, Limits, completion_body, completion_of, error_body, parse_chat, stream_chunks
 from flexattn_jax.app.inference import Answer, Request, default_window, stream_answers
-from flexattn_jax.preprocess import BUCKETS, bucket_length, format_prompt, tokenize_with_image
+from flexattn_jax.preprocess import BUCKETS, bucket_length, format_prompt, longest_prompt, tokenize_with_image
 
 log = logging.getLogger("flexattn_jax.serve")
 
@@ -171,7 +171,7 @@ class Scheduler:
     @property
     def max_context(self) -> int:
         """The longest prompt, in tokens, that ``stream_answers`` accepts with these buckets."""
-        return min(max(self.buckets), self.cfg.text.max_position_embeddings - self.max_new_tokens)
+        return longest_prompt(self.cfg.text.max_position_embeddings, self.max_new_tokens, self.buckets)
 
     def start(self) -> None:
         self._thread.start()
