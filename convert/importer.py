@@ -264,6 +264,7 @@ def convert_checkpoint(
     progress: bool = True,
     allow_nonfinite: bool = False,
     check: Any = None,
+    quantize: str | None = None,
     add_flex: bool = False,
 ) -> Path:
     """Convert a PyTorch checkpoint directory into ``out`` (orbax params + metadata.json + tokenizer).
@@ -276,7 +277,8 @@ def convert_checkpoint(
     Before anything is read: ``out`` is checked (:func:`flexattn_jax.paths.check_output_dir`: not the
     source, not containing or inside it, replaceable, writable) and ``mesh`` parsed. ``check(cfg)``
     runs once the config is known, before the tensors are read; ``allow_nonfinite`` skips the
-    finiteness check of the weights.
+    finiteness check of the weights. ``quantize`` (``int8`` / ``int4``) stores the decoder linears weight-only
+    quantised (:func:`flexattn_jax.quant.quantize_params`).
     """
     try:
         out = check_output_dir(out, sources=[src, vision_tower], overwrite=overwrite, flag="OUT")
@@ -306,12 +308,17 @@ def convert_checkpoint(
         converted.cfg = with_flex(converted.cfg)
         params = jax.tree.map(np.asarray, add_hr_projections(params, "copy"))
         flex_from = "added: k_hr/v_hr copied from k/v (convert --add-flex)"
+    if quantize:
+        from flexattn_jax.quant import quantize_params
+
+        params = quantize_params(params, quantize)
     if mesh is not None:
         params = place(params, mesh)
     source = {
         "source_layout": converted.layout,
         "source": str(Path(src).resolve()),
         "vision_source": None if converted.vision_source is None else str(converted.vision_source.resolve()),
+        "quantization": quantize,
         "base": {"decoder": converted.cfg.text.model_type, "tower": converted.cfg.vision.model_type, "flexattention": flex_from},
     }
     return write_model(params, converted.cfg, out, source, lambda d: copy_tokenizer(Path(src), d), overwrite=True)

@@ -77,6 +77,16 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"^text/layers/attn/o/kernel$", (*_LAYER, "heads", "embed")),
     (r"^text/layers/mlp/(gate|up)/kernel$", (*_LAYER, "embed", "mlp")),
     (r"^text/layers/mlp/down/kernel$", (*_LAYER, "mlp", "embed")),
+    # LoRA adapters (flexattn_jax.lora: A (L, in, r), B (L, r, out)) and quantisation scales (flexattn_jax.quant:
+    # (L, groups, out)): sharded along the kernel's in / out axis, the rank and group axes replicated
+    (r"^text/layers/attn/q/(lora_b|kernel_scale)$", (*_LAYER, None, "heads")),
+    (r"^text/layers/attn/(k|v|k_hr|v_hr)/(lora_b|kernel_scale)$", (*_LAYER, None, "kv_heads")),
+    (r"^text/layers/attn/o/(lora_b|kernel_scale)$", (*_LAYER, None, "embed")),
+    (r"^text/layers/mlp/(gate|up)/(lora_b|kernel_scale)$", (*_LAYER, None, "mlp")),
+    (r"^text/layers/mlp/down/(lora_b|kernel_scale)$", (*_LAYER, None, "embed")),
+    (r"^text/layers/(attn/(q|k|v|k_hr|v_hr)|mlp/(gate|up))/lora_a$", (*_LAYER, "embed", None)),
+    (r"^text/layers/attn/o/lora_a$", (*_LAYER, "heads", None)),
+    (r"^text/layers/mlp/down/lora_a$", (*_LAYER, "mlp", None)),
 )
 _COMPILED = tuple((re.compile(rx), axes) for rx, axes in PARAM_RULES)
 
@@ -268,13 +278,22 @@ def constrain_batch(x: jax.Array, batch_dim: int = 0) -> jax.Array:
     global batch, and memory grows with the slice (a 7B FlexAttention train step needed 110 GB of
     temporaries per v5e chip at one sample per chip on 256 chips). MaxText pins activations the same way.
     """
+    logical: list[str | None] = [None] * x.ndim
+    logical[batch_dim] = "batch"
+    return constrain_logical(x, logical, keep_unsharded=False)
+
+
+def constrain_logical(x: jax.Array, logical: Sequence[str | None], keep_unsharded: bool = True) -> jax.Array:
+    """Pin ``x`` to the mesh axes of its ``logical`` axis names (:data:`LOGICAL_RULES`; ``None``: not sharded) when
+    a mesh is ambient (:func:`target_mesh`); else ``x``. ``keep_unsharded=False`` leaves ``x`` to propagation
+    when the names shard nothing on this mesh."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(LOGICAL_RULES["batch"]) <= set(mesh.axis_names):
         return x  # no mesh, or a foreign one
     if any(t == AxisType.Manual for t in mesh.axis_types):
         return x  # inside shard_map: per-shard values
-    spec = batch_spec(mesh, x.shape, batch_dim)
-    if all(s is None for s in spec):
+    spec = logical_to_spec(logical, x.shape, mesh)
+    if not keep_unsharded and all(s is None for s in spec):
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 

@@ -106,6 +106,10 @@ def lock_output(output: str | Path, flag: str) -> OutputLock:
     if out.exists() and not (out.is_file() or out.is_dir()):
         return OutputLock(None)
     path = lock_path(out)
+    try:  # the output's parent may not exist yet (`--out runs/vstar`): the run would make it anyway
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputBusyError(f"{flag} {out}: cannot create its directory {path.parent} ({e.strerror or e})") from e
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
