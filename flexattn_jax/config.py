@@ -138,7 +138,7 @@ class FlexConfig:
 ADAPTIVE = "adaptive"
 
 
-ATTENTION_IMPLS = ("xla", "xla_chunked", "cudnn", "splash", "auto")
+ATTENTION_IMPLS = ("xla", "xla_chunked", "cudnn", "splash", "splash_hr", "auto")
 
 
 @dataclass(frozen=True)
@@ -150,6 +150,8 @@ class ModelConfig:
     (used for XLA cost analysis, which counts a loop body once). ``attention_impl`` picks the kernel
     of the decoder's main causal attention (:func:`flexattn_jax.attention.attention`): ``auto`` takes
     cuDNN on GPU, splash on TPU, the XLA paths on CPU (dense for short sequences: the reference).
+    ``splash_hr`` is splash for the main part and the Pallas HR kernel
+    (:mod:`flexattn_jax.kernels.hr_attention`) for the select rows' HR part.
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -166,7 +168,7 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     scan_layers: bool = True
     remat_policy: Literal["none", "full", "dots_saveable"] = "none"
-    attention_impl: Literal["xla", "xla_chunked", "cudnn", "splash", "auto"] = "auto"
+    attention_impl: Literal["xla", "xla_chunked", "cudnn", "splash", "splash_hr", "auto"] = "auto"
 
     def __post_init__(self) -> None:
         validate(self)

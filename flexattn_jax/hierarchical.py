@@ -25,6 +25,8 @@ from flexattn_jax.attention import (
     choose_impl,
     hr_attention,
     hr_chunked,
+    hr_kernel,
+    hr_kernel_attention,
     merge_by_lse,
     row_probabilities,
     rows_attention_with_lse,
@@ -209,8 +211,9 @@ class DecoderLayer(nn.Module):
         them: (B, M) keys and (B, H, R, M) logits instead of (B, R, K) per-row keys, which at 7B
         with R = 2048 and K = 0.1 M is the smaller by far (``bench/adaptive.py`` measures it).
         Otherwise each row's K tokens are projected (or gathered from ``hr_kv``). The shared-key
-        attention runs by key blocks where :func:`~flexattn_jax.attention.hr_chunked` says (training at
-        7B: memory O(R x block), not the (B, H, R, M) fp32 logits and their gradient).
+        attention runs by the Pallas kernel where :func:`~flexattn_jax.attention.hr_kernel` says (``splash_hr``), else
+        by key blocks where :func:`~flexattn_jax.attention.hr_chunked` says (training at 7B: memory O(R x block), not
+        the (B, H, R, M) fp32 logits and their gradient).
         """
         m = self.cfg.num_hr_tokens
         b, r, k = sel.index.shape
@@ -220,6 +223,8 @@ class DecoderLayer(nn.Module):
             else:
                 k_hr, v_hr = self.attn.hr_kv(ctx.hr_features, ctx.hr_cos, ctx.hr_sin)
             valid = sel.valid if k >= m else selection_mask(sel, m)
+            if hr_kernel(self.cfg.attention_impl, r):
+                return hr_kernel_attention(q_sel, k_hr, v_hr, valid)
             return hr_attention(q_sel, k_hr, v_hr, valid, chunked=hr_chunked(self.cfg.attention_impl, r, m))
         if hr_kv is not None:
             k_hr, v_hr, valid = _take(hr_kv.k, sel.index), _take(hr_kv.v, sel.index), sel.valid

@@ -1,0 +1,177 @@
+"""The HR part by the Pallas kernel (interpret mode on CPU) against the XLA HR path, and in the model.
+
+The kernel alone: outputs, LSE and the gradients of q, k, v (through the output, the LSE and the LSE merge with a
+causal part) within 1e-5 of scale, for rows with no selected key, rows with every key, a padded M, several heads,
+GQA and MHA; its block tables (skipped blocks, the DMA redirect). In the model: ``attention_impl='splash_hr'``
+against ``xla`` in the full train step on a 1-device and an fsdp mesh (loss, gradient norm, updated parameters),
+and the release's torch oracle (training rows, paper mode: the cases with more than one select row).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from flexattn_jax import attention as A
+from flexattn_jax.kernels.hr_attention import active_block_fraction, block_tables, hr_flash_attention, padded_mask
+from flexattn_jax.sharding import make_mesh
+from tests.fixtures import TEST_BATCH, TEST_SEQ_LEN, random_params, small_train_config, synthetic_batch, tiny_config, to_host
+from train.step import global_batch, make_step, split_microbatches
+
+from .oracle import OracleFlexConfig
+from .test_flex_parity import _check, _run, tiny  # noqa: F401  (tiny: the oracle's module fixture)
+from .torch_models import make_images, make_prompt
+
+
+def _close(a, b, tol=1e-5):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(np.abs(b).max(), 1e-30)
+    assert np.abs(a - b).max() <= tol * scale, f"max |diff| {np.abs(a - b).max():.3g} > {tol} x scale {scale:.3g}"
+
+
+def _inputs(b, r, h, hkv, d, m, case):
+    ks = jax.random.split(jax.random.key(len(case) + m), 4)
+    q = jax.random.normal(ks[0], (b, r, h, d))
+    k, v = jax.random.normal(ks[1], (b, m, hkv, d)), jax.random.normal(ks[2], (b, m, hkv, d))
+    if case == "all":
+        valid = jnp.ones((b, r, m), bool)
+    else:  # a random selection, one row with no key, one with every key, and a key range no row selects (skipped blocks)
+        valid = jax.random.bernoulli(ks[3], 0.3, (b, r, m)).at[0, 2].set(False).at[1, 1].set(True)
+        valid = valid.at[:, :, m // 3: 2 * m // 3].set(False).at[1, 1].set(True)
+    return q, k, v, valid
+
+
+CASES = [  # (b, r, h, hkv, d, m, block_q, block_k, mask)
+    pytest.param(2, 12, 4, 2, 16, 300, 8, 64, "mixed", id="gqa-padded-M-and-R"),
+    pytest.param(1, 8, 2, 2, 8, 128, 8, 32, "all", id="mha-all-keys"),
+    pytest.param(2, 6, 4, 1, 16, 96, 8, 32, "mixed", id="mqa-rows-without-keys"),
+]
+
+
+@pytest.mark.parametrize("b,r,h,hkv,d,m,bq,bk,case", CASES)
+def test_kernel_equals_xla_hr_part_with_gradients(b, r, h, hkv, d, m, bq, bk, case):
+    with jax.default_matmul_precision("highest"):
+        q, k, v, valid = _inputs(b, r, h, hkv, d, m, case)
+        has = np.asarray(valid).any(-1)
+        w_o = jax.random.normal(jax.random.key(3), q.shape)
+        w_l = jax.random.normal(jax.random.key(4), q.shape[:3]) * has[..., None]
+        km, vm = jax.random.normal(jax.random.key(5), (b, 7, hkv, d)), jax.random.normal(jax.random.key(6), (b, 7, hkv, d))
+        o_main, lse_main = A.attention_with_lse(q, km, vm, jnp.ones((b, r, 7), bool))  # a causal part to merge with
+
+        def loss(kernel, q, k, v):
+            if kernel:
+                o, lse = hr_flash_attention(q, k, v, valid, block_q=bq, block_k=bk, interpret=True)
+            else:
+                o, lse = A.hr_attention(q, k, v, valid)
+            merged = A.merge_by_lse(o_main, lse_main, o, lse)
+            return jnp.sum(o * w_o) + jnp.sum(jnp.where(has[..., None], lse, 0) * w_l) + jnp.sum(merged * w_o), (o, lse, merged)
+
+        (_, ref), g_ref = jax.value_and_grad(lambda *a: loss(False, *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        (_, out), g = jax.value_and_grad(lambda *a: loss(True, *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    lse, lse_ref = np.asarray(out[1]), np.asarray(ref[1])
+    np.testing.assert_array_equal(lse[~has], np.float32(A.NEG_INF))
+    np.testing.assert_array_equal(np.asarray(out[0])[~has], 0)
+    _close(lse[has], lse_ref[has])
+    for a, b_ in zip((out[0], out[2], *g), (ref[0], ref[2], *g_ref), strict=True):
+        assert np.isfinite(np.asarray(a)).all()
+        _close(a, b_)
+    if case == "mixed":  # the unselected key range is whole skipped blocks
+        assert active_block_fraction(valid, bq, bk) < 1
+
+
+def test_masked_keys_do_not_leak():
+    """Keys outside the selection change nothing (a mask silently turned all-True would fail here)."""
+    q, k, v, valid = _inputs(2, 12, 4, 2, 16, 300, "mixed")
+    run = lambda k, v: hr_flash_attention(q, k, v, valid, block_q=8, block_k=64, interpret=True)
+    noise = jnp.where(jnp.any(valid, axis=1)[..., None, None], 0.0, 100.0)  # keys no row of the sample selects
+    for a, b in zip(run(k, v), run(k + noise, v + noise), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_block_tables_skip_and_redirect():
+    valid = np.zeros((1, 16, 32), bool)  # 2 query blocks x 4 key blocks of 8
+    valid[0, 0, 9] = True  # (q0, k1)
+    valid[0, 15, 30] = True  # (q1, k3)
+    valid[0, 3, 25] = True  # (q0, k3)
+    active, fetch_k, fetch_q = (np.asarray(t) for t in block_tables(padded_mask(valid, 8, 8), 8, 8))
+    np.testing.assert_array_equal(active.reshape(2, 4), [[0, 1, 0, 1], [0, 0, 0, 1]])
+    np.testing.assert_array_equal(fetch_k.reshape(2, 4), [[1, 1, 1, 3], [3, 3, 3, 3]])  # a skipped step re-uses a fetched block
+    np.testing.assert_array_equal(fetch_q.reshape(4, 2), [[0, 0], [0, 0], [0, 0], [0, 1]])
+    assert active_block_fraction(valid, 8, 8) == 3 / 8
+
+
+def test_bad_shapes_one_line_error():
+    q, k, v, valid = _inputs(1, 4, 3, 2, 8, 32, "all")
+    with pytest.raises(ValueError, match=r"hr_flash_attention: q \(1, 4, 3, 8\)"):
+        hr_flash_attention(q, k, v, valid, interpret=True)
+
+
+def test_rule():
+    assert A.hr_kernel("splash_hr", 2) and not A.hr_kernel("splash_hr", 1)  # one row (decode): dense
+    assert not any(A.hr_kernel(i, 2048) for i in ("xla", "xla_chunked", "splash", "auto", "cudnn"))
+    tpu = dict(backend="tpu", dtype=jnp.bfloat16, head_dim=128, num_rows=2048, num_keys=2048, static_start=0)
+    assert A.resolve_impl("splash_hr", **tpu) == ("splash", "")  # the main part of splash_hr is splash
+
+
+# ---- the train step ------------------------------------------------------------------------------
+
+CFG = tiny_config()
+
+
+def _step(impl, spec, params, batch):
+    mesh = make_mesh(spec, devices=jax.devices()[: 1 if spec.startswith("data=1,fsdp=1") else 8])
+    tc = small_train_config()
+    with jax.default_matmul_precision("highest"):
+        fns = make_step(dataclasses.replace(CFG, attention_impl=impl), tc, mesh, tc.steps)
+        state, metrics = fns.step(fns.init_state(params), global_batch(fns, split_microbatches(batch, 1)))
+    return to_host(state), jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("spec", ["data=1,fsdp=1,tensor=1", "data=1,fsdp=8,tensor=1"])
+def test_train_step_with_kernel_equals_xla(spec):
+    """The full step: loss, gradient norm and the updated parameters (Adam with eps 1e-3: a smooth function of
+    the gradients) with the HR part by the kernel equal the dense XLA path's."""
+    params = random_params(CFG, seed=0)
+    batch = synthetic_batch(CFG, TEST_BATCH, TEST_SEQ_LEN, seed=1, text_only=2)
+    ref_state, ref_m = _step("xla", spec, params, batch)
+    state, m = _step("splash_hr", spec, params, batch)
+    for key in ("loss", "grad_norm"):
+        _close(m[key], ref_m[key])
+    delta = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), state.params, params)
+    delta_ref = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), ref_state.params, params)
+    hr = delta_ref["text"]["layers"]["attn"]["k_hr"]["kernel"]
+    assert np.abs(hr).max() > 0  # the HR projections were trained
+    for a, b in zip(jax.tree.leaves(delta), jax.tree.leaves(delta_ref), strict=True):
+        if np.abs(b).max() > 0:
+            _close(a, b)
+
+
+# ---- the release's oracle with the kernel ----------------------------------------------------------
+
+def _kernel(tiny):  # noqa: F811
+    model, hd, params, cfg = tiny
+    return model, hd, params, dataclasses.replace(cfg, attention_impl="splash_hr")
+
+
+def test_training_rows_match_oracle_with_kernel(tiny):  # noqa: F811
+    oc = OracleFlexConfig(lowres_size=56, highres_size=168, first_select_layer=1)
+    ids = make_prompt(tiny[0], 4, 10)
+    labels = torch.full_like(ids, -100)
+    labels[0, -8:-5] = ids[0, -8:-5]
+    labels[0, -3:] = ids[0, -3:]
+    ref, out, cfg = _run(_kernel(tiny), oc, ids, make_images(1, 168), [(400, 260)], labels=labels, alpha=0.3)
+    assert cfg.attention_impl == "splash_hr"
+    _check(ref, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("selection", ["attention", "all"])
+def test_paper_mode_matches_oracle_with_kernel(tiny, selection):  # noqa: F811
+    oc = OracleFlexConfig(lowres_size=56, highres_size=168, first_select_layer=1, hr_mode="paper", selection=selection)
+    ref, out, _ = _run(_kernel(tiny), oc, make_prompt(tiny[0]), make_images(1, 168), [(400, 260)])
+    _check(ref, out)
