@@ -32,7 +32,7 @@ from flexattn_jax.attention import (
     rows_attention_with_lse,
 )
 from flexattn_jax.config import ModelConfig
-from flexattn_jax.selection import Selection, compact, select_hr_tokens, selection_mask
+from flexattn_jax.selection import Selection, cell_order, compact, select_hr_tokens, selection_mask
 from flexattn_jax.text import MLP, AttentionWeights, RMSNorm, apply_rope
 
 PLAIN, SELECT, HIERARCHICAL = 0, 1, 2  # layer kinds
@@ -211,7 +211,8 @@ class DecoderLayer(nn.Module):
         them: (B, M) keys and (B, H, R, M) logits instead of (B, R, K) per-row keys, which at 7B
         with R = 2048 and K = 0.1 M is the smaller by far (``bench/adaptive.py`` measures it).
         Otherwise each row's K tokens are projected (or gathered from ``hr_kv``). The shared-key
-        attention runs by the Pallas kernel where :func:`~flexattn_jax.attention.hr_kernel` says (``splash_hr``), else
+        attention runs by the Pallas kernel where :func:`~flexattn_jax.attention.hr_kernel` says (``splash_hr``; its keys
+        and mask columns cell by cell, :func:`~flexattn_jax.selection.cell_order`: exact), else
         by key blocks where :func:`~flexattn_jax.attention.hr_chunked` says (training at 7B: memory O(R x block), not
         the (B, H, R, M) fp32 logits and their gradient).
         """
@@ -223,8 +224,9 @@ class DecoderLayer(nn.Module):
             else:
                 k_hr, v_hr = self.attn.hr_kv(ctx.hr_features, ctx.hr_cos, ctx.hr_sin)
             valid = sel.valid if k >= m else selection_mask(sel, m)
-            if hr_kernel(self.cfg.attention_impl, r):
-                return hr_kernel_attention(q_sel, k_hr, v_hr, valid)
+            if hr_kernel(self.cfg.attention_impl, r):  # keys cell by cell: a masked cell is a run of keys, skipped whole
+                order = cell_order(self.cfg.hr_grid, self.cfg.flex.pool_size)
+                return hr_kernel_attention(q_sel, k_hr[:, order], v_hr[:, order], valid[..., order])
             return hr_attention(q_sel, k_hr, v_hr, valid, chunked=hr_chunked(self.cfg.attention_impl, r, m))
         if hr_kv is not None:
             k_hr, v_hr, valid = _take(hr_kv.k, sel.index), _take(hr_kv.v, sel.index), sel.valid

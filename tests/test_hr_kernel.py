@@ -19,6 +19,7 @@ import torch
 
 from flexattn_jax import attention as A
 from flexattn_jax.kernels.hr_attention import active_block_fraction, block_tables, hr_flash_attention, padded_mask
+from flexattn_jax.selection import _upsample_nearest, cell_order
 from flexattn_jax.sharding import make_mesh
 from tests.fixtures import TEST_BATCH, TEST_SEQ_LEN, random_params, small_train_config, synthetic_batch, tiny_config, to_host
 from train.step import global_batch, make_step, split_microbatches
@@ -106,6 +107,31 @@ def test_block_tables_skip_and_redirect():
     assert active_block_fraction(valid, 8, 8) == 3 / 8
 
 
+@pytest.mark.parametrize("hr,pool", [(72, 9), (12, 9), (6, 9)])
+def test_cell_order_makes_each_cell_a_run(hr, pool):
+    """Cell order is a permutation under which every pooled cell's tokens are one contiguous run; at 1008 px
+    (72 x 72, 9 x 9) runs of 64, so 128-key blocks are whole cells and fewer blocks are active than row-major."""
+    order = cell_order(hr, pool)
+    np.testing.assert_array_equal(np.sort(order), np.arange(hr * hr))
+    for c in range(pool * pool):
+        one = np.asarray(_upsample_nearest(jnp.zeros((pool, pool), bool).at[c // pool, c % pool].set(True), hr)).ravel()
+        where = np.flatnonzero(one[order])
+        assert where.size == 0 or where[-1] - where[0] + 1 == where.size, f"cell {c} is not contiguous"
+    if hr == 72:
+        cells = jax.random.bernoulli(jax.random.key(0), 0.2, (1, 1, pool, pool))  # one selection of ~20% for 128 rows
+        mask = np.asarray(_upsample_nearest(jnp.broadcast_to(cells, (1, 128, pool, pool)), hr)).reshape(1, 128, hr * hr)
+        assert active_block_fraction(mask[..., order]) < 0.6 * active_block_fraction(mask)
+
+
+def test_cell_ordered_keys_equal_row_major():
+    """Permuting keys, values and mask columns together (each key keeps its RoPE) changes nothing but float order."""
+    q, k, v, valid = _inputs(2, 12, 4, 2, 16, 144, "mixed")
+    order = cell_order(12, 9)
+    run = jax.jit(lambda k, v, m: hr_flash_attention(q, k, v, m, block_q=8, block_k=32, interpret=True))
+    for a, b in zip(run(k[:, order], v[:, order], valid[..., order]), A.hr_attention(q, k, v, valid), strict=True):
+        _close(jnp.where(b > -1e29, a, 0) if b.ndim == 3 else a, jnp.where(b > -1e29, b, 0) if b.ndim == 3 else b)
+
+
 def test_bad_shapes_one_line_error():
     q, k, v, valid = _inputs(1, 4, 3, 2, 8, 32, "all")
     with pytest.raises(ValueError, match=r"hr_flash_attention: q \(1, 4, 3, 8\)"):
@@ -121,7 +147,7 @@ def test_rule():
 
 # ---- the train step ------------------------------------------------------------------------------
 
-CFG = tiny_config()
+CFG = tiny_config(flex=dataclasses.replace(tiny_config().flex, alpha_schedule="constant"))  # alpha 1: the HR part has gradients
 
 
 def _step(impl, spec, params, batch):

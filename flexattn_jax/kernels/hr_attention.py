@@ -15,10 +15,11 @@ over splash / tokamax (``shared/docs/hr-kernel.md``):
   128); rows with no selected key get output 0 and ``lse = NEG_INF`` (the merge weighs them 0);
 * GQA: K/V keep their ``Hkv`` heads; query head h reads KV head ``h // (H / Hkv)``.
 
-Cost estimate: ``pl.CostEstimate`` is static, and which blocks are skipped is known only at run
-time, so each call reports the FLOPs, exponentials and bytes of **every** block (the upper bound,
-what the kernel executes when nothing is skipped). The executed figure is that times the active
-block fraction (``bench`` measures it on real masks; ``docs/hr-kernel.md`` gives the roofline).
+Cost estimate (:func:`cost_estimates`): ``pl.CostEstimate`` is static, and which blocks are skipped
+is known only at run time, so each call reports the FLOPs, exponentials and bytes of **every** block
+(the upper bound, what the kernel executes when nothing is skipped). The executed figure is about
+that times the active block fraction (``bench/hr_kernel.py`` measures it on selection masks and
+gives the roofline; ``docs/hr-kernel.md``).
 """
 
 from __future__ import annotations
@@ -141,14 +142,35 @@ def _dkv_kernel(active, fetch_k, fetch_q, q_ref, k_ref, v_ref, mask_ref, do_ref,
         dv_ref[0, 0] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _cost(q, k, block_q: int, matmuls: int, extra_bytes: int) -> pl.CostEstimate:
-    """Every block's FLOPs, exponentials and bytes: the static upper bound (which blocks are skipped is known only at run time)."""
+def cost_estimates(
+    b: int, h: int, groups: int, rp: int, mp: int, d: int, itemsize: int, block_q: int = BLOCK, block_k: int = BLOCK
+) -> dict[str, pl.CostEstimate]:
+    """The static cost estimates of the three kernels (``fwd``, ``dq``, ``dkv``) for padded shapes: every block's
+    FLOPs, exponentials and HBM bytes, the upper bound (which blocks are skipped is known only at run time; the
+    executed cost is about this times :func:`active_block_fraction`). Bytes of the forward and dq kernels: the query
+    side once, K and V once per query block of each query head; of the dK/dV kernel: K and V once per KV head, the
+    query side (q, dO and the lane-replicated fp32 LSE and di) once per key block; the int8 mask once per head in each."""
+    rows = b * h * rp
+    kv = b * h * (rp // block_q) * mp * d * itemsize * 2
+    mask = b * h * rp * mp
+    stats = rows * LANES * 4
+
+    def est(matmuls: int, row_bytes: int) -> pl.CostEstimate:
+        return pl.CostEstimate(flops=2 * matmuls * rows * mp * d, transcendentals=rows * mp, bytes_accessed=int(row_bytes + kv + mask))
+
+    nk = mp // block_k
+    kv_once = b * (h // groups) * mp * d * itemsize * 2
+    # K, V read and dK, dV written once per KV head; the query side once per key block
+    dkv = pl.CostEstimate(flops=2 * 4 * rows * mp * d, transcendentals=rows * mp,
+                          bytes_accessed=int(2 * kv_once + mask + nk * (rows * d * itemsize * 2 + 2 * stats)))
+    return {"fwd": est(2, rows * d * itemsize * 2 + stats),  # q in, o out, lse out
+            "dq": est(3, rows * d * itemsize * 3 + 2 * stats),  # q, dO in, dq out, lse and di in
+            "dkv": dkv}
+
+
+def _costs(q, k, block_q, block_k):
     b, h, rp, d = q.shape
-    mp = k.shape[2]
-    kv_bytes = b * h * (rp // block_q) * mp * d * k.dtype.itemsize * 2  # K and V re-read for every query block of every query head
-    mask_bytes = b * h * rp * mp  # int8, read per head
-    return pl.CostEstimate(flops=2 * matmuls * b * h * rp * mp * d, transcendentals=b * h * rp * mp,
-                           bytes_accessed=int(b * h * rp * d * q.dtype.itemsize * 2 + kv_bytes + mask_bytes + extra_bytes))
+    return cost_estimates(b, h, h // k.shape[1], rp, k.shape[2], d, q.dtype.itemsize, block_q, block_k)
 
 
 def _specs(block_q: int, block_k: int, d: int, groups: int, nq: int, nk: int):
@@ -166,7 +188,6 @@ def _forward(q, k, v, mask, tables, block_q, block_k, interpret):
     hkv, mp = k.shape[1], k.shape[2]
     nq, nk, groups = rp // block_q, mp // block_k, h // hkv
     q_spec, kv_spec, mask_spec, row_spec = _specs(block_q, block_k, d, groups, nq, nk)
-    cost = _cost(q, k, block_q, 2, b * h * rp * LANES * 4)
     kernel = functools.partial(_fwd_kernel, scale=d**-0.5, nq=nq, nk=nk)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3, grid=(b, h, nq, nk), in_specs=[q_spec, kv_spec, kv_spec, mask_spec],
@@ -178,7 +199,7 @@ def _forward(q, k, v, mask, tables, block_q, block_k, interpret):
         kernel, grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, rp, LANES), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-        cost_estimate=cost, interpret=interpret, name="flex_hr_attention_fwd",
+        cost_estimate=_costs(q, k, block_q, block_k)["fwd"], interpret=interpret, name="flex_hr_attention_fwd",
     )(*tables, q, k, v, mask)
 
 
@@ -187,7 +208,6 @@ def _backward(q, k, v, mask, tables, do, lse, di, block_q, block_k, interpret):
     hkv, mp = k.shape[1], k.shape[2]
     nq, nk, groups = rp // block_q, mp // block_k, h // hkv
     q_spec, kv_spec, mask_spec, row_spec = _specs(block_q, block_k, d, groups, nq, nk)
-    rows_bytes = b * h * rp * (d * do.dtype.itemsize + 2 * LANES * 4)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=d**-0.5, nq=nq, nk=nk),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -195,7 +215,7 @@ def _backward(q, k, v, mask, tables, do, lse, di, block_q, block_k, interpret):
             out_specs=q_spec, scratch_shapes=[pltpu.VMEM((block_q, d), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-        cost_estimate=_cost(q, k, block_q, 3, rows_bytes), interpret=interpret, name="flex_hr_attention_dq",
+        cost_estimate=_costs(q, k, block_q, block_k)["dq"], interpret=interpret, name="flex_hr_attention_dq",
     )(*tables, q, k, v, mask, do, lse, di)
 
     # dK/dV grid (b, kv head, key block, group member, query block): the query side follows fetch_q
@@ -211,7 +231,7 @@ def _backward(q, k, v, mask, tables, do, lse, di, block_q, block_k, interpret):
             out_specs=[ks, ks], scratch_shapes=[pltpu.VMEM((block_k, d), jnp.float32), pltpu.VMEM((block_k, d), jnp.float32)]),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
-        cost_estimate=_cost(q, k, block_q, 4, rows_bytes), interpret=interpret, name="flex_hr_attention_dkv",
+        cost_estimate=_costs(q, k, block_q, block_k)["dkv"], interpret=interpret, name="flex_hr_attention_dkv",
     )(*tables, q, k, v, mask, do, lse, di)
     return dq, dk, dv
 
