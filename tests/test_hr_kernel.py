@@ -10,12 +10,15 @@ and the release's torch oracle (training rows, paper mode: the cases with more t
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from flexattn_jax import attention as A
 from flexattn_jax import sharding as S
@@ -28,6 +31,8 @@ from train.step import BATCH_KEYS, global_batch, make_step, split_microbatches, 
 from .oracle import OracleFlexConfig
 from .test_flex_parity import _check, _run, tiny  # noqa: F401  (tiny: the oracle's module fixture)
 from .torch_models import make_images, make_prompt
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
 
 
 def _close(a, b, tol=1e-5):
@@ -229,31 +234,27 @@ def test_paper_mode_matches_oracle_with_kernel(tiny, selection):  # noqa: F811
 SPARSE = dict(pool_size=4, threshold=180.0, hr_budget=None)  # unions of 72..117 of M = 144 tokens on the test model
 
 
-@pytest.mark.parametrize("impl", ["xla", pytest.param("splash_hr", marks=pytest.mark.slow)])
-def test_selected_only_training_equals_all_m(monkeypatch, impl):
-    """Projecting only the union of the rows' selections (U slots) gives the all-M logits and gradients when every
-    union fits (the packed branch forced), and when one does not (U below the union: the all-M fallback)."""
+@pytest.mark.parametrize("impl,fits", [("xla", True), pytest.param("xla", False, marks=pytest.mark.slow),
+                                       pytest.param("splash_hr", True, marks=pytest.mark.slow)])
+def test_selected_only_training_equals_all_m(monkeypatch, impl, fits):
+    """Projecting only the union of the rows' selections (U slots) gives the all-M gradients of the training loss
+    when every union fits (the packed branch forced) and when one does not (U below a union: the all-M fallback)."""
     from .test_attention_impl import _grads, _model, _prefill
 
     params, cfg, *inputs = _model()
     cfg = dataclasses.replace(cfg, attention_impl=impl, flex=dataclasses.replace(cfg.flex, **SPARSE))
-    ref, g_ref = _prefill(params, cfg, *inputs)[1], _grads(params, cfg, *inputs)
     layers = cfg.mask_layers
-    union = np.asarray(ref.hr_masks)[layers.start:layers.stop].any(axis=2).sum(axis=-1)  # (layers, B) tokens per sample
-    u = int(union.max())
+    union = np.asarray(_prefill(params, cfg, *inputs)[1].hr_masks)[layers.start:layers.stop].any(axis=2).sum(axis=-1)
+    u = int(union.max())  # (layers, B) tokens per sample's union
     assert 0 < u < cfg.num_hr_tokens and union.min() < u, union  # a real union, smaller than M, varying
-    for budget, force in ((u, True), (u - 1, False)):
-        c = dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, train_hr_budget=budget))
-        assert c.train_hr_tokens == budget
-        with monkeypatch.context() as mp:
-            if force:  # every lax.cond takes its first branch: the packed U-slot path (the batch has images: encode runs)
-                mp.setattr(jax.lax, "cond", lambda pred, a, b, *ops: a(*ops))
-            out, g = _prefill(params, c, *inputs)[1], _grads(params, c, *inputs)
-        valid = np.asarray(inputs[1])[..., None]
-        _close(np.where(valid, out.logits, 0), np.where(valid, ref.logits, 0))
-        np.testing.assert_array_equal(np.asarray(out.hr_masks), np.asarray(ref.hr_masks))
-        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
-            _close(a, b)
+    c = dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, train_hr_budget=u if fits else u - 1))
+    assert c.train_hr_tokens == (u if fits else u - 1)
+    with monkeypatch.context() as mp:
+        if fits:  # every lax.cond takes its first branch: the packed U-slot path (the batch has images: encode runs)
+            mp.setattr(jax.lax, "cond", lambda pred, a, b, *ops: a(*ops))
+        g = _grads(params, c, *inputs)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(_grads(params, cfg, *inputs)), strict=True):
+        _close(a, b)
 
 
 def test_train_hr_budget_config():
@@ -264,3 +265,41 @@ def test_train_hr_budget_config():
     assert dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, train_hr_budget=0.25)).train_hr_tokens == 9  # M = 36
     with pytest.raises(ConfigError, match="flex.train_hr_budget=0"):
         dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, train_hr_budget=0))
+
+
+# ---- Mosaic: compiled by libtpu for compile-only TPU chips ---------------------------------------------
+
+@needs_libtpu
+def test_kernel_and_gradient_lower_to_mosaic_for_v5e():
+    """The kernel's forward, dq and dK/dV compile for v5e (bf16, head dim 128, M = 1296 padded to 1408, fsdp=4 under
+    shard_map): three Mosaic custom calls, and the compiler's FLOPs are the cost estimates' (every block)."""
+    from flexattn_jax.app import aot
+    from flexattn_jax.kernels.hr_attention import cost_estimates
+
+    mesh = aot.target_mesh_for(aot.parse_target("v5e:2x2"), "fsdp=4")
+    b, r, h, d, m = 4, 256, 2, 128, 1296
+    sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, P("fsdp")))
+    q, k, valid = sds((b, r, h, d), jnp.bfloat16), sds((b, m, h, d), jnp.bfloat16), sds((b, r, m), jnp.bool_)
+
+    def loss(q, k, v, valid):
+        o, lse = A.hr_kernel_attention(q, k, v, valid)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(jnp.where(lse > -1e29, lse, 0))
+
+    with S.target_mesh(mesh):
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, k, valid)
+        compiled = lowered.compile()
+    text = lowered.as_text()
+    assert text.count("tpu_custom_call") == 3 and all(f"flex_hr_attention_{n}" in text for n in ("fwd", "dq", "dkv"))
+    est = cost_estimates(1, h, 1, 256, 1408, d, 2)  # one sample per chip
+    kernel_flops = sum(e.flops for e in est.values())
+    assert kernel_flops <= compiled.cost_analysis()["flops"] <= 1.01 * kernel_flops
+
+
+@needs_libtpu
+@pytest.mark.slow  # ~5 min: the whole train program
+def test_train_program_compiles_for_tpu_with_the_hr_kernel():
+    from .test_aot_tpu import _compile
+
+    r = _compile("train", "fsdp=4", "splash_hr")
+    assert {f"mosaic:flex_hr_attention_{n}" for n in ("fwd", "dq", "dkv")} <= set(r.kernels), r.kernels
+    assert r.fits
