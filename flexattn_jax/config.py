@@ -142,6 +142,10 @@ class FlexConfig:
     conditional as its most expensive branch), not exact when more cells are new. The default of 3
     cells minimises the mean expected projections per step over the sources ``bench/stability.py``
     measures (random-weight scaled model at K = M and 0.1 M, the demo model).
+    ``train_hr_budget`` (off: ``None``, the release projects all M): with many select rows (training), project
+    and attend only the union of the HR tokens the sample's select rows selected, packed (cell by cell) into
+    that static number U of slots (a fraction of M or a count); exact whenever every sample's union fits, and
+    when one does not the layer takes the all-M path instead (``lax.cond``, both compiled): never truncated.
     """
 
     enabled: bool = False
@@ -161,6 +165,7 @@ class FlexConfig:
     alpha_schedule: Literal["release", "constant"] = "release"
     hr_step_cells: int = 3
     hr_cache_fallback: bool = True
+    train_hr_budget: float | int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.hr_ladder, list):  # from JSON / to_dict round trips: keep the config hashable (a jit static)
@@ -170,7 +175,12 @@ class FlexConfig:
 ADAPTIVE = "adaptive"
 
 
-ATTENTION_IMPLS = ("xla", "xla_chunked", "cudnn", "splash", "auto")
+def _budget_tokens(budget: float | int, m: int) -> int:
+    """A budget in HR tokens: a float is a fraction of M (rounded up), an int a count; clipped to [1, M]."""
+    return max(1, min(m, math.ceil(budget * m) if isinstance(budget, float) else int(budget)))
+
+
+ATTENTION_IMPLS = ("xla", "xla_chunked", "cudnn", "splash", "splash_hr", "auto")
 
 
 @dataclass(frozen=True)
@@ -182,6 +192,8 @@ class ModelConfig:
     (used for XLA cost analysis, which counts a loop body once). ``attention_impl`` picks the kernel
     of the decoder's main causal attention (:func:`flexattn_jax.attention.attention`): ``auto`` takes
     cuDNN on GPU, splash on TPU, the XLA paths on CPU (dense for short sequences: the reference).
+    ``splash_hr`` is splash for the main part and the Pallas HR kernel
+    (:mod:`flexattn_jax.kernels.hr_attention`) for the select rows' HR part.
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -198,7 +210,7 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     scan_layers: bool = True
     remat_policy: Literal["none", "full", "dots_saveable"] = "none"
-    attention_impl: Literal["xla", "xla_chunked", "cudnn", "splash", "auto"] = "auto"
+    attention_impl: Literal["xla", "xla_chunked", "cudnn", "splash", "splash_hr", "auto"] = "auto"
     lora_dropout: float = 0.0  # LoRA dropout on the adapters' input, applied only under a 'lora_dropout' rng (training)
 
     def __post_init__(self) -> None:
@@ -263,15 +275,19 @@ class ModelConfig:
         return tuple(sorted(ks | {m}))
 
     @property
+    def train_hr_tokens(self) -> int | None:
+        """``flex.train_hr_budget`` in HR tokens, U (``None``: off, every layer projects all M)."""
+        u = self.flex.train_hr_budget
+        return None if u is None else _budget_tokens(u, self.num_hr_tokens)
+
+    @property
     def hr_budget_tokens(self) -> int:
         """K: the static number of HR keys a select row attends to ('adaptive': M, the width of the
         selection carried between layers; each layer attends to its rung's K <= M)."""
         budget, m = self.flex.hr_budget, self.num_hr_tokens
         if budget is None or budget == ADAPTIVE:
             return m
-        if isinstance(budget, float):
-            return max(1, min(m, math.ceil(budget * m)))
-        return max(1, min(m, int(budget)))
+        return _budget_tokens(budget, m)
 
     @property
     def image_size(self) -> int:
@@ -442,6 +458,9 @@ def validate(cfg: ModelConfig) -> None:
         isinstance(b, bool) or (isinstance(b, float) and not 0 < b <= 1) or (isinstance(b, int) and b < 1)
     ):
         raise ConfigError(f"flex.hr_budget={b!r}: use None (all), 'adaptive', a fraction in (0, 1] or a positive count")
+    u = f.train_hr_budget
+    if u is not None and (isinstance(u, (bool, str)) or (isinstance(u, float) and not 0 < u <= 1) or (isinstance(u, int) and u < 1)):
+        raise ConfigError(f"flex.train_hr_budget={u!r}: use None (off: all M), a fraction of M in (0, 1] or a positive count")
     ladder = f.hr_ladder
     if (not isinstance(ladder, tuple) or not ladder
             or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x <= 1 for x in ladder)):
