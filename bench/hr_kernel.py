@@ -11,7 +11,7 @@ active (query block, key block) share, which depends on the masks. Measured here
   (:func:`flexattn_jax.selection.cell_order`), and the selected share of (row, key) pairs (the floor);
 * **roofline** of one hierarchical layer's HR part, forward + backward, at 7B shapes (one sample: R = 2048,
   M = 5184, 32 heads of 128 (MHA, as Llama-2-7B), bf16): :func:`flexattn_jax.kernels.hr_attention.cost_estimates` scaled by the
-  active share, against the chip's peak (``flexattn_jax.app.aot.CHIPS``) and HBM bandwidth
+  active share, against the chip's peak (``flexattn_jax.chips.CHIPS``) and HBM bandwidth
   (v5p 2.76 TB/s, v5e 0.82 TB/s).
 
 ``python -m bench.hr_kernel`` prints JSON, then a table.
@@ -28,13 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import make_inputs, scaled_config, variant
-from flexattn_jax.app.aot import CHIPS
+from flexattn_jax.chips import CHIPS
 from flexattn_jax.kernels.hr_attention import BLOCK, active_block_fraction, cost_estimates
 from flexattn_jax.model import forward
 from flexattn_jax.params import init_params
 from flexattn_jax.selection import cell_order
 
-HBM_BYTES_PER_S = {"v5p": 2.76e12, "v5e": 0.82e12}  # Cloud TPU system architecture pages
+ROOFLINE_CHIPS = ("v5p", "v5e")  # the TPUs the kernel targets; peak and bandwidth from flexattn_jax.chips
 HR_7B, POOL = 72, 9  # 1008 px: a 72 x 72 HR grid, 9 x 9 pooled cells of 8 x 8 tokens
 SHAPE_7B = dict(b=1, h=32, r=2048, m=HR_7B**2, d=128, itemsize=2)
 
@@ -77,7 +77,7 @@ def roofline(share: float, chip: str) -> dict:
     est = cost_estimates(s["b"], s["h"], 1, rp, mp, s["d"], s["itemsize"])
     flops = share * sum(e.flops for e in est.values())
     nbytes = share * sum(e.bytes_accessed for e in est.values())
-    peak, bw = CHIPS[chip].peak_flops, HBM_BYTES_PER_S[chip]
+    peak, bw = CHIPS[chip].peak_flops, CHIPS[chip].hbm_bytes_per_s
     return {"chip": chip, "share": share, "tflops": flops / 1e12, "gbytes": nbytes / 1e9, "compute_s": flops / peak,
             "memory_s": nbytes / bw, "seconds": max(flops / peak, nbytes / bw)}
 
@@ -90,8 +90,8 @@ def run(rows: int, cells: float, seed: int) -> dict:
     lines = []
     for name, sh in shares.items():
         for order in ("row_major", "cell_order"):
-            lines += [{"masks": name, "order": order, **roofline(sh[order], chip)} for chip in HBM_BYTES_PER_S]
-    dense = [{"masks": "all blocks", "order": "-", **roofline(1.0, chip)} for chip in HBM_BYTES_PER_S]
+            lines += [{"masks": name, "order": order, **roofline(sh[order], chip)} for chip in ROOFLINE_CHIPS]
+    dense = [{"masks": "all blocks", "order": "-", **roofline(1.0, chip)} for chip in ROOFLINE_CHIPS]
     return {"rows": rows, "shares": shares, "roofline": dense + lines}
 
 
