@@ -9,6 +9,7 @@ the next layer). The stack of layers runs in :mod:`flexattn_jax.model`; the Llam
 
 from __future__ import annotations
 
+import enum
 import functools
 from typing import NamedTuple
 
@@ -32,10 +33,20 @@ from flexattn_jax.attention import (
     rows_attention_with_lse,
 )
 from flexattn_jax.config import ModelConfig
+from flexattn_jax.hr_cache import HRKV, incremental_hr_kv, take_rows
 from flexattn_jax.selection import Selection, cell_order, compact, select_hr_tokens, selection_mask
 from flexattn_jax.text import MLP, AttentionWeights, RMSNorm, apply_rope
 
-PLAIN, SELECT, HIERARCHICAL = 0, 1, 2  # layer kinds
+
+class LayerKind(enum.IntEnum):
+    """What a decoder layer computes besides ordinary causal attention (static; its value indexes ``lax.switch``)."""
+
+    PLAIN = 0  # ordinary causal attention only
+    SELECT = 1  # and the HR selection for the next layer (the release's first selection layer)
+    HIERARCHICAL = 2  # and the select rows' attention over their selected HR keys, merged by LSE; selects too
+
+
+PLAIN, SELECT, HIERARCHICAL = LayerKind.PLAIN, LayerKind.SELECT, LayerKind.HIERARCHICAL
 
 
 class LayerContext(NamedTuple):
@@ -56,19 +67,6 @@ class LayerContext(NamedTuple):
     rng: jax.Array | None  # for the random-selection ablation
 
 
-class HRKV(NamedTuple):
-    """Projected HR keys (image RoPE applied) and values of all M tokens, cached for generation.
-
-    Stacked over the hierarchical layers, ``(Lh, B, M, Hkv, d)``, or one layer's slice ``(B, M, Hkv, d)``.
-    ``projected`` ``(Lh, B, M)`` marks the tokens projected so far (the incremental cache, filled as
-    tokens get selected); ``None`` means every token is (all M projected at prefill).
-    """
-
-    k: jax.Array
-    v: jax.Array
-    projected: jax.Array | None
-
-
 class LayerOutput(NamedTuple):
     x: jax.Array  # (B, T, D)
     k: jax.Array  # (B, T, Hkv, d) this layer's new keys (post-RoPE), for the cache
@@ -77,11 +75,6 @@ class LayerOutput(NamedTuple):
     image_attention: jax.Array | None  # (B, R, G) heads-summed map of the select rows
     hr_mask: jax.Array | None  # (B, R, M) the release's boolean mask
     hr_update: tuple[jax.Array, jax.Array, jax.Array] | None  # incremental cache: (token (B, S), k, v), M = no write
-
-
-def _take(x: jax.Array, index: jax.Array) -> jax.Array:
-    """Per sample, ``x[b][index[b]]``: x (B, N, ...) at index (B, ...) -> (B, ..., ...)."""
-    return jax.vmap(lambda a, i: a[i])(x, index)
 
 
 def _scatter_rows(x: jax.Array, rows: jax.Array, valid: jax.Array, values: jax.Array) -> jax.Array:
@@ -127,7 +120,7 @@ class DecoderLayer(nn.Module):
         selection: Selection | None,
         cache_kv: tuple[jax.Array, jax.Array] | None,
         hr_kv: HRKV | None,
-        kind: int,
+        kind: LayerKind,
     ) -> LayerOutput:
         cfg = self.cfg
         h = self.input_norm(x)
@@ -150,9 +143,9 @@ class DecoderLayer(nn.Module):
         new_sel = image_attention = hr_mask = hr_update = None
         if kind != PLAIN:
             rows, valid = ctx.select_rows, ctx.select_valid
-            q_sel = _take(q, rows)
+            q_sel = take_rows(q, rows)
             if dense:
-                o_sel, lse_sel = _take(o, rows), _take(lse, rows)
+                o_sel, lse_sel = take_rows(o, rows), take_rows(lse, rows)
             else:  # kernels give no differentiable LSE: recompute the R select rows, O(R N d), exact
                 chunked = impl == "xla_chunked" or keys.shape[1] >= AUTO_CHUNK_MIN_KEYS  # memory O(R x block)
                 o_sel, lse_sel = rows_attention_with_lse(q_sel, keys, values, ctx.mask, rows, chunked=chunked)
@@ -183,12 +176,12 @@ class DecoderLayer(nn.Module):
         rung's program packs each row's tokens into K_r slots and projects / gathers and attends
         K_r keys; nothing is truncated, so it computes what K = M computes. Rungs with R x K_r >= M
         cost the all-M path anyway (:meth:`_attend`), so they are not separate branches. The
-        incremental cache (:meth:`_incremental_hr_kv`) keeps its M slots and the rung sizes the
+        incremental cache (:func:`flexattn_jax.hr_cache.incremental_hr_kv`) keeps its M slots and the rung sizes the
         projections of its fallback.
         """
         cfg = self.cfg
         if hr_kv is not None and hr_kv.projected is not None:  # adaptive: the fallback's projections follow the rung
-            k_hr, v_hr, update = self._incremental_hr_kv(sel, ctx, hr_kv)
+            k_hr, v_hr, update = incremental_hr_kv(cfg, sel, hr_kv, lambda index: self._project(index, ctx))
             o, lse = hr_attention(q_sel, k_hr, v_hr, sel.valid)
             return o, lse, update
         if not cfg.hr_adaptive:
@@ -228,7 +221,7 @@ class DecoderLayer(nn.Module):
                 k_hr, v_hr = self.attn.hr_kv(ctx.hr_features, ctx.hr_cos, ctx.hr_sin)
             return self._shared(q_sel, k_hr, v_hr, valid)
         if hr_kv is not None:
-            k_hr, v_hr, valid = _take(hr_kv.k, sel.index), _take(hr_kv.v, sel.index), sel.valid
+            k_hr, v_hr, valid = take_rows(hr_kv.k, sel.index), take_rows(hr_kv.v, sel.index), sel.valid
         else:
             (k_hr, v_hr), valid = self._project(sel.index, ctx), sel.valid
         return hr_attention(q_sel, k_hr, v_hr, valid)
@@ -270,79 +263,17 @@ class DecoderLayer(nn.Module):
 
     def _project(self, index: jax.Array, ctx: LayerContext) -> tuple[jax.Array, jax.Array]:
         """HR keys/values of the tokens ``index`` (B, ...) only."""
-        return self.attn.hr_kv(_take(ctx.hr_features, index), _take(ctx.hr_cos, index), _take(ctx.hr_sin, index))
-
-    def _incremental_hr_kv(self, sel: Selection, ctx: LayerContext, cache: HRKV):
-        """The selected HR keys/values from this layer's cache, projecting only tokens it has not seen.
-
-        Fast path: at most ``cfg.hr_step_tokens`` newly selected tokens are projected and the rest are
-        read from the cache; when more are new (any sample of the batch), ``lax.cond`` takes the
-        exact fallback that projects all K selected tokens (the 'project' strategy; with the adaptive
-        budget, where the slots are the M tokens, only the selected ones, packed into the rung that
-        holds them). Rows > 1 (a prefill where every row selects) always take the fallback. Returns
-        the keys, the values and the update (token index per slot, M where nothing is written; the
-        slot's key and value).
-        """
-        cfg = self.cfg
-        b, r, k = sel.index.shape
-        s = r * k
-        flat, ok = sel.index.reshape(b, s), sel.valid.reshape(b, s)
-        need = ok & ~_take(cache.projected, flat)  # selected, not yet projected here
-        fast = min(cfg.hr_step_tokens, s)
-        dtype = cache.k.dtype
-
-        def project_all():
-            if cfg.hr_adaptive and r == 1:
-                return project_rung()
-            k_all, v_all = self._project(flat, ctx)
-            return k_all.astype(dtype), v_all.astype(dtype)
-
-        def project_rung():
-            """Adaptive (slots = the M tokens in order): project the selected tokens, packed into the smallest
-            rung that holds them (``lax.switch``), over the cache; unselected slots keep what the cache has
-            (masked out of the attention, never written back: only ``need`` slots are)."""
-            m = cfg.num_hr_tokens
-            rungs = cfg.hr_rungs
-
-            def branch(kr: int):
-                if kr >= m:
-                    k_all, v_all = self._project(flat, ctx)
-                    return k_all.astype(dtype), v_all.astype(dtype)
-                packed = compact(ok[:, None], kr)
-                index, valid = packed.index[:, 0], packed.valid[:, 0]
-                k_new, v_new = self._project(index, ctx)
-                target = jnp.where(valid, index, m)  # out of range: dropped
-                b_idx = jnp.arange(b)[:, None]
-                return (cache.k.at[b_idx, target].set(k_new.astype(dtype), mode="drop"),
-                        cache.v.at[b_idx, target].set(v_new.astype(dtype), mode="drop"))
-
-            rung = jnp.sum(jnp.asarray(rungs[:-1]) < jnp.max(jnp.sum(ok, axis=1)))
-            return jax.lax.switch(rung, [functools.partial(branch, kr) for kr in rungs])
-
-        def project_new():
-            old_k, old_v = _take(cache.k, flat), _take(cache.v, flat)
-            if fast == 0:
-                return old_k, old_v
-            top, slot = jax.lax.top_k(need.astype(jnp.float32), fast)  # needed slots first
-            k_new, v_new = self._project(_take(flat, slot), ctx)
-            slot = jnp.where(top > 0, slot, s)  # out of range: not written
-            b_idx = jnp.arange(b)[:, None]
-            return (old_k.at[b_idx, slot].set(k_new.astype(dtype), mode="drop"),
-                    old_v.at[b_idx, slot].set(v_new.astype(dtype), mode="drop"))
-
-        if r > 1 or fast >= s:
-            k_flat, v_flat = project_all()
-        elif not cfg.flex.hr_cache_fallback:
-            k_flat, v_flat = project_new()
-        else:
-            k_flat, v_flat = jax.lax.cond(jnp.any(need.sum(axis=1) > fast), project_all, project_new)
-        update = (jnp.where(need, flat, cfg.num_hr_tokens), k_flat, v_flat)
-        shape = (b, r, k, *k_flat.shape[2:])
-        return k_flat.reshape(shape), v_flat.reshape(shape), update
+        return self.attn.hr_kv(take_rows(ctx.hr_features, index), take_rows(ctx.hr_cos, index), take_rows(ctx.hr_sin, index))
 
 
-def layer_kind(cfg: ModelConfig, layer: int) -> int:
+def layer_kind(cfg: ModelConfig, layer: int) -> LayerKind:
     """PLAIN below the first selection layer, SELECT at it, HIERARCHICAL above (FlexAttention on)."""
     if not cfg.flex.enabled or layer < cfg.flex.first_select_layer:
-        return PLAIN
-    return SELECT if layer == cfg.flex.first_select_layer else HIERARCHICAL
+        return LayerKind.PLAIN
+    return LayerKind.SELECT if layer == cfg.flex.first_select_layer else LayerKind.HIERARCHICAL
+
+
+def traced_layer_kind(cfg: ModelConfig, layer: jax.Array) -> jax.Array:
+    """:func:`layer_kind` of a traced layer index (FlexAttention on): the ``lax.switch`` index of its kind."""
+    first = cfg.flex.first_select_layer
+    return jnp.where(layer < first, int(LayerKind.PLAIN), jnp.where(layer == first, int(LayerKind.SELECT), int(LayerKind.HIERARCHICAL)))

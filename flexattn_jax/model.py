@@ -227,7 +227,7 @@ def run_decoder(
         zeros = jnp.zeros((b, slots, *hr_kv.k.shape[-2:]), hr_kv.k.dtype)
         return jnp.full((b, slots), cfg.num_hr_tokens, jnp.int32), zeros, zeros
 
-    def run_layer(kind: int, ctx, x, sel, p, ck_i, cv_i, hkv_i):
+    def run_layer(kind: H.LayerKind, ctx, x, sel, p, ck_i, cv_i, hkv_i):
         lora_rngs = {"lora_dropout": jax.random.fold_in(ctx.rng, 1)} if ctx.rng is not None and cfg.lora_dropout > 0 else None
         out = layer.apply({"params": p}, x, ctx, sel, None if ck_i is None else (ck_i, cv_i), hkv_i, kind, rngs=lora_rngs)
         r_shape = (b, ctx.select_rows.shape[1])
@@ -256,8 +256,8 @@ def run_decoder(
         if kind is not None:
             x, sel, k, v, att, msk, upd = run_layer(kind, *args)
         else:
-            kind_index = jnp.where(i < cfg.flex.first_select_layer, 0, jnp.where(i == cfg.flex.first_select_layer, 1, 2))
-            branches = [lambda *a, kd=kd: run_layer(kd, *a) for kd in (H.PLAIN, H.SELECT, H.HIERARCHICAL)]
+            kind_index = H.traced_layer_kind(cfg, i)
+            branches = [lambda *a, kd=kd: run_layer(kd, *a) for kd in H.LayerKind]
             x, sel, k, v, att, msk, upd = jax.lax.switch(kind_index, branches, *args)
         if ck is not None:
             start = (i, 0, write_index, 0, 0)
@@ -282,7 +282,7 @@ def run_decoder(
         def body(carry, xs):
             x, sel, ck, cv, hkv = carry
             p, i = xs
-            x, sel, ck, cv, hkv, att, msk = layer_step(i, None if flex else H.PLAIN, x, sel, ck, cv, hkv, p)
+            x, sel, ck, cv, hkv, att, msk = layer_step(i, None if flex else H.LayerKind.PLAIN, x, sel, ck, cv, hkv, p)
             ys = (x if collect_hidden else None, att if collect_maps and flex else None, msk if collect_maps and flex else None)
             return (x, sel, ck, cv, hkv), ys
 
@@ -293,7 +293,7 @@ def run_decoder(
         sel = sel0
         for i in range(num_layers):
             p = jax.tree.map(lambda a, i=i: a[i], text_params["layers"])
-            kind = H.layer_kind(cfg, i) if flex else H.PLAIN
+            kind = H.layer_kind(cfg, i) if flex else H.LayerKind.PLAIN
             x, sel, ck, cv, hkv, a_i, m_i = layer_step(i, kind, x, sel, ck, cv, hkv, p)
             hiddens.append(x)
             atts.append(a_i)
