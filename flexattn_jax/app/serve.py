@@ -346,7 +346,10 @@ class Metrics:
             Gauge("flexattn_slots", "decode slots", registry=r).set(engine.slots)
             Gauge("flexattn_slots_in_use", "decode slots holding a request", registry=r).set_function(lambda: engine.slots_in_use)
             Gauge("flexattn_image_cache_bytes", "image features held by the cache", registry=r).set_function(lambda: engine.cache.bytes)
-            r.register(_CacheCounters(engine))
+            r.register(_EngineCounters(engine))
+        else:
+            self.decode_steps = Counter("flexattn_decode_steps", "decode steps run (each advances every row by one token)",
+                                        registry=r)
 
     def observe(self, name: str, seconds: float) -> None:
         """One of the engine's latencies: ``ttft``, ``inter_token`` or ``queue_wait``."""
@@ -356,6 +359,7 @@ class Metrics:
         self.batch_size.observe(info["size"])
         self.batches.labels(compiled=str(bool(info["compiled"])).lower()).inc()
         self.batch_latency.observe(info["seconds"])
+        self.decode_steps.inc(info["steps"])
 
     def text(self) -> bytes:
         from prometheus_client import generate_latest
@@ -363,8 +367,8 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class _CacheCounters:
-    """The image cache's hits and misses as Prometheus counters (read from the engine at each scrape)."""
+class _EngineCounters:
+    """The engine's decode steps and image cache hits and misses as Prometheus counters (read at each scrape)."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -374,6 +378,8 @@ class _CacheCounters:
 
         yield CounterMetricFamily("flexattn_image_cache_hits", "images whose features came from the cache", value=self.engine.cache.hits)
         yield CounterMetricFamily("flexattn_image_cache_misses", "images encoded (not in the cache)", value=self.engine.cache.misses)
+        yield CounterMetricFamily("flexattn_decode_steps", "decode steps run (each advances every slot by one token)",
+                                  value=self.engine.steps)
 
 
 def log_batch(info: dict[str, Any]) -> None:
