@@ -118,6 +118,7 @@ def smoke_checkpoint(directory: Path, stop: bool = False) -> Path:
     ``stop``, its LM head's end-of-sequence column is zero (a logit of 0 against a vocabulary of random ones: the
     answers run to ``max_tokens``)."""
     import jax
+    import numpy as np
 
     from flexattn_jax.app.demo import demo_model_config
     from flexattn_jax.app.demo_data import build_demo_tokenizer
@@ -128,7 +129,8 @@ def smoke_checkpoint(directory: Path, stop: bool = False) -> Path:
     cfg = demo_model_config(len(tokenizer))
     params = jax.device_get(init_params(cfg, jax.random.key(0)))
     if not stop:
-        params["text"]["lm_head"]["kernel"][:, cfg.eos_token_id] = 0
+        head = params["text"]["lm_head"]["kernel"] = np.array(params["text"]["lm_head"]["kernel"])
+        head[:, cfg.eos_token_id] = 0
     return write_model(params, cfg, directory / "model", {"source": "bench.serve --smoke", "source_layout": "demo"},
                        lambda d: [Path(f).name for f in tokenizer.save_pretrained(str(d))])
 
