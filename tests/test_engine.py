@@ -90,7 +90,7 @@ def test_per_slot_sampling_is_one_program_and_reproducible_from_the_seed(model):
     reqs = _requests(5)
     sampling = [(0.3, 1.0, 11), (0.7, 0.9, 12), (1.0, 0.5, 13), (1.3, 1.0, 14), (2.0, 0.8, 15)]
     chats = [ChatRequest(reqs[i], MAX_NEW, t, p, s) for i, (t, p, s) in enumerate(sampling)]
-    engine = _engine(model, slots=8, prefill_batch=4)
+    engine = _engine(model, slots=8, prefill_batch=4, decode_steps=1)  # one token per call (the others: 4)
     try:
         before = decode_slots._cache_size()
         first = _Run(engine, chats).wait()

@@ -8,8 +8,8 @@
    together (up to ``--prefill-batch``; a lone one alone), from image features taken from the
    cache (keyed by the preprocessed image's hash, bounded in bytes, LRU) or encoded once; their
    states are inserted into free slots and their first tokens streamed;
-2. one jitted step advances every slot by one token (one host sync per step); each active slot's
-   token is detokenised (UTF-8 safe, stop sequences held back) and streamed;
+2. one jitted program advances every slot by ``--decode-steps`` tokens (one host sync per call);
+   each active slot's tokens are detokenised (UTF-8 safe, stop sequences held back) and streamed;
 3. a slot whose request ends (EOS, a stop sequence, ``max_tokens``, the client gone) is freed and
    the next request takes it at the next step, without waiting for the others.
 
@@ -64,17 +64,12 @@ class TextStream:
         self.sent = ""
         self.stopped = False  # a stop sequence appeared: the answer ends here
 
-    def text(self) -> str:
-        """The answer so far, cut at the first stop sequence."""
-        text = answer_text(self.tokenizer, self.cfg, self.tokens)
-        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        return text[: min(cuts)] if cuts else text
-
     def push(self, token: int) -> str:
         self.tokens.append(int(token))
         full = answer_text(self.tokenizer, self.cfg, self.tokens)
-        text = self.text()
-        self.stopped = len(text) < len(full)
+        cuts = [i for i in (full.find(s) for s in self.stop) if i >= 0]
+        text = full[: min(cuts)] if cuts else full
+        self.stopped = bool(cuts)
         safe = text if self.stopped else text.rstrip("\ufffd")
         if not self.stopped:
             hold = max((k for s in self.stop for k in range(1, len(s)) if safe.endswith(s[:k])), default=0)
@@ -166,10 +161,11 @@ class Engine(QueueLimit):
 
     def __init__(self, params, cfg, tokenizer, *, slots: int = 8, prefill_batch: int = 4, max_queue: int = 256,
                  max_new_tokens: int = 64, hr_strategy: str = "project", buckets=BUCKETS, workers: int = 4,
-                 image_cache_bytes: int = 256 << 20, observe: Callable[[str, float], None] | None = None):
+                 image_cache_bytes: int = 256 << 20, decode_steps: int = 4, observe: Callable[[str, float], None] | None = None):
         super().__init__(max_queue)
-        if slots < 1 or prefill_batch < 1:
-            raise ValueError(f"slots={slots} and prefill_batch={prefill_batch} must be at least 1")
+        if min(slots, prefill_batch, decode_steps) < 1:
+            raise ValueError(f"slots={slots}, prefill_batch={prefill_batch} and decode_steps={decode_steps} must be at least 1")
+        self.decode_steps = decode_steps
         self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
         self.slots, self.prefill_batch = slots, min(prefill_batch, slots)
         self.max_new_tokens, self.hr_strategy, self.buckets = max_new_tokens, hr_strategy, tuple(buckets)
@@ -309,7 +305,7 @@ class Engine(QueueLimit):
         for r, (slot, (job, prep)) in enumerate(zip(slots, group, strict=True)):
             self._observe("queue_wait", now - job.submitted)
             self.active[slot] = _Live(job, prep, TextStream(self.tokenizer, self.cfg, job.chat.stop))
-            self._token(slot, int(first[r]), now)
+            self._tokens(slot, [int(first[r])], now)
 
     @staticmethod
     def _sampling(job: Job) -> tuple[float, float, int]:
@@ -325,23 +321,34 @@ class Engine(QueueLimit):
             self._settle(live.job, None)
         if not self.active:
             return
-        self.state, tokens = decode_slots(self.params, self.cfg, self.state)
+        self.state, tokens = decode_slots(self.params, self.cfg, self.state, self.decode_steps)
         tokens = np.asarray(tokens)
-        self.steps += 1
+        self.steps += self.decode_steps
         now = time.perf_counter()
         for slot in list(self.active):
-            self._token(slot, int(tokens[slot]), now)
+            self._tokens(slot, tokens[:, slot].tolist(), now)
 
-    def _token(self, slot: int, token: int, now: float) -> None:
+    def _tokens(self, slot: int, tokens: list[int], now: float) -> None:
+        """The slot's new tokens, arrived at ``now``: streamed as one piece of text; the slot freed at the request's end
+        (the tokens after it are dropped)."""
         live = self.active[slot]
         first = not live.tokens
-        live.tokens.append(token)
-        self._observe("ttft" if first else "inter_token", now - (live.job.submitted if first else live.t_last))
+        if first:
+            self._observe("ttft", now - live.job.submitted)
+        else:  # the tokens of one call arrive together: each counts the mean gap since the slot's previous tokens
+            for _ in tokens:
+                self._observe("inter_token", (now - live.t_last) / len(tokens))
         live.t_last = now
-        delta = live.stream.push(token)
+        delta, end = "", False
+        for token in tokens:
+            live.tokens.append(token)
+            delta += live.stream.push(token)
+            end = token == self.cfg.eos_token_id or len(live.tokens) >= live.job.chat.max_tokens or live.stream.stopped
+            if end:
+                break
         if (delta or first) and live.job.on_text is not None:
             live.job.on_text(delta)
-        if token == self.cfg.eos_token_id or len(live.tokens) >= live.job.chat.max_tokens or live.stream.stopped:
+        if end:
             del self.active[slot]
             self.free.append(slot)
             self.request_s = 0.9 * self.request_s + 0.1 * (now - live.job.submitted)
@@ -375,7 +382,7 @@ class Engine(QueueLimit):
                                                vec(0, np.float32), vec(1, np.float32), vec(0, np.int32),
                                                max_len=self.max_len, hr_strategy=self.hr_strategy)
                 self.state = insert_rows(self.state, state, np.full(rows, self.slots, np.int32))  # dropped: slots stay free
-        self.state, tokens = decode_slots(self.params, cfg, self.state)
+        self.state, tokens = decode_slots(self.params, cfg, self.state, self.decode_steps)
         tokens.block_until_ready()
         return len(prompts)
 

@@ -96,6 +96,9 @@ def serve_parser(prog: str = "flexattn-jax serve") -> argparse.ArgumentParser:
                    help="decode slots (--scheduler slots): requests decoded together, one step program compiled (default: 8)")
     p.add_argument("--prefill-batch", type=int, default=4,
                    help="requests of one length bucket prefilled together when several wait (--scheduler slots; default: 4)")
+    p.add_argument("--decode-steps", type=int, default=4,
+                   help="tokens each slot decodes per call of the step program (--scheduler slots): one host round trip for "
+                   "several tokens; a request waits at most this many steps for a free slot's turn (default: 4)")
     p.add_argument("--image-cache-mb", type=float, default=256.0,
                    help="image features (vision encodings) kept by image content, least recently used dropped first "
                    "(--scheduler slots; 0: no cache; default: 256)")
@@ -126,6 +129,7 @@ def check_serve_args(args: argparse.Namespace) -> None:
 
     for flag, value, least in (("--max-new-tokens", args.max_new_tokens, 1), ("--max-batch", args.max_batch, 1),
                                ("--slots", args.slots, 1), ("--prefill-batch", args.prefill_batch, 1),
+                               ("--decode-steps", args.decode_steps, 1),
                                ("--max-queue", args.max_queue, 1), ("--workers", args.workers, 1),
                                ("--max-image-bytes", args.max_image_bytes, 1), ("--port", args.port, 0)):
         if value < least:
@@ -522,10 +526,15 @@ def make_app(scheduler: Engine | Scheduler, limits: Limits, metrics: Metrics, *,
         try:
             yield sse(writer.role())
             while kind == "text":
-                if value:
-                    sent += value
-                    yield sse(writer.text(value))
-                kind, value = await events.get()
+                text = value
+                while kind == "text" and not events.empty():  # what arrived meanwhile goes out as one chunk
+                    kind, value = events.get_nowait()
+                    text += value if kind == "text" else ""
+                if text:
+                    sent += text
+                    yield sse(writer.text(text))
+                if kind == "text":
+                    kind, value = await events.get()
             if isinstance(value, BaseException) or value.error is not None:  # failed after the first token: the status is sent
                 yield sse(error_body(value.error if isinstance(value, Answer) else f"{type(value).__name__}: {value}",
                                      type="server_error"))
@@ -611,11 +620,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.scheduler == "slots":
         scheduler = Engine(params, cfg, tokenizer, slots=args.slots, prefill_batch=args.prefill_batch, max_queue=args.max_queue,
                            max_new_tokens=args.max_new_tokens, hr_strategy=args.hr_strategy, buckets=buckets, workers=args.workers,
-                           image_cache_bytes=int(args.image_cache_mb * 2**20))
+                           image_cache_bytes=int(args.image_cache_mb * 2**20), decode_steps=args.decode_steps)
         metrics = Metrics(args.max_batch, lambda: scheduler.pending, scheduler)
         scheduler.observe = metrics.observe
         shape = (f"{args.slots} slots of {scheduler.max_len} tokens ({scheduler.slot_bytes / 2**20:.1f} MiB each), "
-                 f"prefill batch {scheduler.prefill_batch}, image cache {args.image_cache_mb:g} MiB")
+                 f"prefill batch {scheduler.prefill_batch}, {args.decode_steps} tokens per step call, image cache "
+                 f"{args.image_cache_mb:g} MiB")
     else:
         scheduler = Scheduler(params, cfg, tokenizer, mesh=mesh, max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000,
                               max_queue=args.max_queue, max_new_tokens=args.max_new_tokens, hr_strategy=args.hr_strategy,
