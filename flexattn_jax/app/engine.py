@@ -127,7 +127,14 @@ class _Live:
 
 
 class QueueLimit:
-    """What both schedulers share: at most ``max_queue`` requests accepted and not yet answered, each settled once."""
+    """What both schedulers share: a thread (``_thread``), at most ``max_queue`` requests accepted and not yet answered
+    (``_enqueue`` hands one to the scheduler), each settled once; ``cfg``, ``buckets`` and ``max_new_tokens`` set by the
+    subclass."""
+
+    cfg: Any
+    buckets: tuple[int, ...]
+    max_new_tokens: int
+    _thread: threading.Thread
 
     def __init__(self, max_queue: int):
         self.max_queue = max_queue
@@ -135,12 +142,26 @@ class QueueLimit:
         self.accepting = True
         self._lock = threading.Lock()
 
-    def _reserve(self) -> bool:
+    @property
+    def max_context(self) -> int:
+        """The longest prompt, in tokens, that the buckets and the model's context leave room for."""
+        return min(max(self.buckets), self.cfg.text.max_position_embeddings - self.max_new_tokens)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> bool:
+        """Queue ``job``; False (nothing queued) when the queue is full or the server is stopping."""
         with self._lock:
             if not self.accepting or self.pending >= self.max_queue:
                 return False
             self.pending += 1
-            return True
+        job.submitted = time.perf_counter()
+        self._enqueue(job)
+        return True
+
+    def _enqueue(self, job: Job) -> None:
+        raise NotImplementedError
 
     def _settle(self, job: Job, result: Answer | BaseException | None) -> None:
         if job.settled:
@@ -185,24 +206,11 @@ class Engine(QueueLimit):
         self._thread = threading.Thread(target=self._run, name="flexattn-engine", daemon=True)
 
     @property
-    def max_context(self) -> int:
-        """The longest prompt, in tokens, that fits a slot."""
-        return min(max(self.buckets), self.cfg.text.max_position_embeddings - self.max_new_tokens)
-
-    @property
     def slots_in_use(self) -> int:
         return len(self.active)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def submit(self, job: Job) -> bool:
-        """Queue ``job`` (its preprocessing starts now); False (nothing queued) when full or stopping."""
-        if not self._reserve():
-            return False
-        job.submitted = time.perf_counter()
+    def _enqueue(self, job: Job) -> None:  # its preprocessing starts now
         self._incoming.put((job, self._executor.submit(prepare, job.chat.request, self.cfg, self.tokenizer, self.max_context)))
-        return True
 
     def retry_after(self) -> int:
         """Seconds a refused client should wait: about the time for the slots to work through the queue, 1 to 60."""

@@ -194,21 +194,8 @@ class Scheduler(QueueLimit):
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="flexattn-scheduler", daemon=True)
 
-    @property
-    def max_context(self) -> int:
-        """The longest prompt, in tokens, that ``stream_answers`` accepts with these buckets."""
-        return min(max(self.buckets), self.cfg.text.max_position_embeddings - self.max_new_tokens)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def submit(self, job: Job) -> bool:
-        """Queue ``job``; False (nothing queued) when the queue is full or the server is stopping."""
-        if not self._reserve():
-            return False
-        job.submitted = time.perf_counter()
+    def _enqueue(self, job: Job) -> None:
         self._queue.put(job)
-        return True
 
     def retry_after(self) -> int:
         """Seconds a refused client should wait: about the time to work through the queue, 1 to 60."""
