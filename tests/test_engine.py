@@ -167,3 +167,27 @@ def test_feature_cache_is_an_lru_bounded_in_bytes():
     assert (cache.hits, cache.misses) == (2, 1)
     cache.put(FeatureCache.key(np.zeros(9)), (np.zeros(1000, np.float32), None))  # larger than the whole cache: not kept
     assert cache.bytes == 3000 and len(cache) == 3
+
+
+def test_a_failed_prefill_answers_its_requests_with_the_error_and_the_engine_goes_on(model, monkeypatch):
+    """A program that raises (e.g. device memory) settles the requests it held with the exception; the next request is
+    answered as usual."""
+    import flexattn_jax.app.engine as engine_module
+
+    real = engine_module.prefill_rows
+
+    def failing(*a, **k):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+
+    engine = _engine(model, slots=4)
+    try:
+        monkeypatch.setattr(engine_module, "prefill_rows", failing)
+        run = _Run(engine, [ChatRequest(r, 3) for r in _requests(2)])
+        for d in run.done:
+            assert d.wait(60)
+        assert all(isinstance(r, RuntimeError) and "RESOURCE_EXHAUSTED" in str(r) for r in run.results)
+        monkeypatch.setattr(engine_module, "prefill_rows", real)
+        (ok,) = _Run(engine, [ChatRequest(_requests(1)[0], 3)]).wait()
+        assert len(ok.tokens) >= 1 and engine.pending == 0
+    finally:
+        engine.close(60)

@@ -274,7 +274,12 @@ class Engine(QueueLimit):
             bucket = bucket_length(len(ready[0][1].ids), self.buckets)
             group = [r for r in ready if bucket_length(len(r[1].ids), self.buckets) == bucket][: min(len(self.free), self.prefill_batch)]
             ready = [r for r in ready if all(r is not g for g in group)]
-            self._prefill(group, bucket)
+            try:
+                self._prefill(group, bucket)
+            except Exception as e:  # their own failure (the loop resets the slots): answered with it, not left waiting
+                for job, _ in group:
+                    self._settle(job, e)
+                raise
         for job, prep in reversed(ready):  # no slot for them yet: back to the front, in order
             done: Future = Future()
             done.set_result(prep)
