@@ -9,7 +9,7 @@
 * training: one train step of a 1B-class Llama (2048 hidden, 16 layers, 32 heads of 64, 8 KV heads)
   under CLIP-L/14 at 1008 px with FlexAttention at K = 0.1 M, sequence 2048, bf16 compute with
   fp32 masters and full remat, per implementation: seconds, FLOPs (XLA cost analysis of the step
-  with its layers unrolled) and MFU against the device's bf16 peak (:data:`PEAK_BF16`; none on CPU).
+  with its layers unrolled) and MFU against the device's bf16 peak (:data:`flexattn_jax.chips.CHIPS`; none on CPU).
 
 One JSON document (``--out``, default ``accelerator.json``) and a table. ``--smoke`` runs the same
 code on the tests' tiny shapes (seconds on a CPU). Parameters are drawn on the device from the
@@ -33,6 +33,7 @@ import numpy as np
 from bench.common import default_config, smoke_config, variant, with_layers
 from bench.walltime import compile_program, run_once
 from flexattn_jax import sharding as S
+from flexattn_jax.chips import peak_flops
 from flexattn_jax.config import ModelConfig, TextConfig
 from flexattn_jax.params import init_params
 from train.config import TrainConfig
@@ -40,22 +41,12 @@ from train.step import make_step, split_microbatches
 
 CONFIGS = ("lr", "xattn", "flex-0.1M", "hd-seq")
 FLEX_STRATEGY = "project"
-PEAK_BF16 = {  # dense bf16 FLOP/s per chip (vendor figures)
-    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-}
 
 
 def backend_impls(backend: str | None = None) -> tuple[str, ...]:
     """The attention implementations that run natively on ``backend`` (splash's interpret mode does not count)."""
     backend = backend or jax.default_backend()
     return ("xla", "xla_chunked") + {"gpu": ("cudnn",), "tpu": ("splash",)}.get(backend, ())
-
-
-def peak_flops(device_kind: str) -> float | None:
-    """bf16 peak of the device, by the longest matching name; None when unknown (CPU)."""
-    hits = [k for k in PEAK_BF16 if k.lower() in device_kind.lower()]
-    return PEAK_BF16[max(hits, key=len)] if hits else None
 
 
 def _random_params(cfg: ModelConfig, seed: int = 0) -> dict:

@@ -6,7 +6,7 @@ machine's attention implementations at 7B shapes, and a train-step MFU).
 Full form: FLOPs at 7B shapes (every configuration and HR strategy), wall time at the scaled
 config (batch 1 and 8, workloads A and B), the PyTorch comparisons, scaling with the image size
 (and its plot), peak memory at 7B shapes, the adaptive HR budget's cost against the selected
-fraction (and its plot, :mod:`bench.adaptive`); then the goals of ``benchmarks.md`` with the measured
+fraction (and its plot, :mod:`bench.adaptive`); then the targets of ``docs/benchmarks.md`` with the measured
 figure and whether each is met. ``--quick`` (a few minutes on 2 cores): the 7B FLOP ratios of the
 main configurations plus a reduced wall-time table (batch 1, xattn and flex-0.1M).
 
@@ -51,7 +51,7 @@ def _best(entries: list[dict], config: str, workload: str, key: str, batch: int 
 
 
 def goals(results: dict) -> list[dict]:
-    """The goals of benchmarks.md (and of the adaptive budget), each with the measured figure and whether it is met."""
+    """The targets of docs/benchmarks.md (and of the adaptive budget), each with the measured figure and whether it is met."""
     from bench.adaptive import NAME
 
     out = []

@@ -3,7 +3,7 @@
 Every benchmark module (``flops``, ``walltime``, ``scaling``, ``memory``, ``torch_compare``) builds
 its models and programs here, so that "``flex-0.1M/project``" means the same computation in each.
 
-Configurations (docs ``benchmarks.md``): ``lr`` (plain LLaVA on the LR view), ``hd-seq`` (plain
+Configurations (``docs/benchmarks.md``): ``lr`` (plain LLaVA on the LR view), ``hd-seq`` (plain
 LLaVA with the LR view and all zoom^2 HR tiles as images in the sequence), ``xattn`` (every row
 attends to all M HR keys in the hierarchical layers: ``hr_mode='paper'``, ``selection='all'``, HR
 K/V projected once at prefill and cached) and ``flex-K`` (release semantics, budget K, each HR
@@ -27,7 +27,8 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from flexattn_jax import generate as G
-from flexattn_jax.config import FlexConfig, ModelConfig, TextConfig, VisionConfig
+from flexattn_jax import presets
+from flexattn_jax.config import ModelConfig
 from flexattn_jax.flops import counting_config
 
 SDS = jax.ShapeDtypeStruct
@@ -45,40 +46,8 @@ def hr_strategies() -> tuple[str, ...]:
 
 # ---- model shapes ------------------------------------------------------------------------------
 
-def default_config() -> ModelConfig:
-    """LLaVA-1.5 7B shapes with FlexAttention at 1008 px (bf16; flex switched per configuration)."""
-    return ModelConfig(
-        flex=FlexConfig(enabled=True, highres_size=1008, lowres_size=336, zoom_ratio=3, first_select_layer=8),
-        dtype="bfloat16", param_dtype="bfloat16", scan_layers=False,
-    )
-
-
-def scaled_config() -> ModelConfig:
-    """A CPU-sized LLaVA-FlexAttn, fp32, with the 7B model's proportions where they matter for ratios.
-
-    Text: hidden 512, 8 layers (first selection layer 2, so 5 of 8 hierarchical; 7B: 23 of 32),
-    8 heads of 64, SwiGLU 1376 (7B's 2.69 x hidden), vocab 4096. CLIP: hidden 256, 3 layers (2 run),
-    patch 14 at 168 px: a 12 x 12 LR grid (G = 144), zoom 3: M = 1296 HR tokens on a 36 x 36 grid,
-    pooled to 9 x 9 cells as in the release. With a 16-token prompt N = 160 and M / N = 8.1
-    (7B at 1008 px: 5184 / 636 = 8.2).
-    """
-    return ModelConfig(
-        vision=VisionConfig(hidden_size=256, intermediate_size=1024, num_layers=3, num_heads=4, image_size=168, patch_size=14),
-        text=TextConfig(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8, num_kv_heads=8,
-                        head_dim=64),
-        flex=FlexConfig(enabled=True, highres_size=504, lowres_size=168, zoom_ratio=3, first_select_layer=2),
-        image_token_id=4095, dtype="float32", param_dtype="float32", scan_layers=False,
-    )
-
-
-def smoke_config(dtype: str = "bfloat16") -> ModelConfig:
-    """A small config for the benchmarks' smoke runs (``--tiny``/``--smoke``: fast compiles)."""
-    return ModelConfig(
-        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2, image_size=28, patch_size=7),
-        text=TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16),
-        flex=FlexConfig(enabled=True, highres_size=84, lowres_size=28, zoom_ratio=3, first_select_layer=1, pool_size=2),
-        image_token_id=100, dtype=dtype, param_dtype=dtype, scan_layers=False,
-    )
+# the benchmarks' models, from the one registry of presets
+default_config, scaled_config, smoke_config = presets.bench_7b, presets.bench_scaled, presets.bench_smoke
 
 
 def with_layers(cfg: ModelConfig, text_layers: int | None = None, vision_layers: int | None = None, **flex: Any) -> ModelConfig:

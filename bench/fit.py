@@ -41,34 +41,13 @@ def _row(r: aot.CompileReport) -> dict[str, Any]:
 
 
 def largest_batch(compile_at, log) -> tuple[aot.CompileReport | None, list[dict]]:
-    """Largest fitting per-chip batch: compile at 1 and 2, then at the batch where the peak, interpolated
-    linearly (secant through the nearest fitting and failing batches, or the two largest fitting ones),
-    meets the usable HBM, until a fitting batch and the next one that does not are both known."""
-    seen: dict[int, aot.CompileReport] = {}
+    """Largest fitting per-chip batch up to :data:`MAX_BATCH` (:func:`flexattn_jax.app.aot.find_batch`) and each compile's row."""
+    def said(r: aot.CompileReport) -> None:
+        log(f"    batch {r.per_device_batch}: peak {r.per_chip_bytes['peak'] / 2**30:.2f} GiB ({'fits' if r.fits else 'no'}), "
+            f"{r.compile_seconds:.0f} s")
 
-    def at(b: int) -> aot.CompileReport:
-        if b not in seen:
-            seen[b] = compile_at(b)
-            r = seen[b]
-            log(f"    batch {b}: peak {r.per_chip_bytes['peak'] / 2**30:.2f} GiB ({'fits' if r.fits else 'no'}), {r.compile_seconds:.0f} s")
-        return seen[b]
-
-    if not at(1).fits:
-        return None, [_row(r) for r in seen.values()]
-    def peak(b: int) -> int:
-        return seen[b].per_chip_bytes["peak"]
-
-    lo, hi = (2, MAX_BATCH + 1) if at(2).fits else (1, 2)
-    while hi - lo > 1:
-        a = hi if hi in seen else max(b for b in seen if seen[b].fits and b < lo)
-        slope = max(1.0, (peak(a) - peak(lo)) / (a - lo))
-        guess = lo + int((seen[lo].usable_bytes - peak(lo)) // slope)
-        b = min(max(guess, lo + 1), hi - 1)
-        if at(b).fits:
-            lo = b
-        else:
-            hi = b
-    return at(lo), [_row(r) for _, r in sorted(seen.items())]
+    best, tried = aot.find_batch(compile_at, MAX_BATCH, log=said)
+    return best, [_row(r) for r in tried]
 
 
 def jobs(quick: bool) -> list[tuple]:

@@ -51,6 +51,7 @@ from bench.common import (
     variants,
     with_layers,
 )
+from flexattn_jax import flops as F
 from flexattn_jax.config import ModelConfig
 from flexattn_jax.flops import cost_flops
 from flexattn_jax.params import abstract_params
@@ -111,47 +112,36 @@ def _extrapolate(v: Variant, measure: Callable[[Variant], float], vis_per_layer:
 # ---- analytic counts ----------------------------------------------------------------------------
 
 def analytic(cfg: ModelConfig, config: str, workload: str, strategy: str, prompt: int, answer: int) -> float | None:
-    """Matmuls as 2 x (weights) x (tokens), attention as dense 4 x rows x keys x width (masked
-    causal attention is computed in full), per the benchmarks.md table (which halves causal).
-    None for an HR strategy without a closed form here (e.g. one whose cost depends on the data)."""
-    v, t = cfg.vision, cfg.text
-    g, m, z2 = cfg.num_image_tokens, cfg.num_hr_tokens, cfg.zoom**2
-    lv, L = cfg.vision_layers_used, t.num_layers
-    lh = L - cfg.flex.first_select_layer - 1
-    p1 = v.num_patches + 1
-    vis_view = (2 * v.num_patches * v.patch_size**2 * v.num_channels * v.hidden_size
-                + lv * (2 * p1 * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size) + 4 * p1 * p1 * v.hidden_size)
-                + 2 * g * (v.hidden_size * t.hidden_size + t.hidden_size**2))
-    d, qd, kvd = t.hidden_size, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
-    w_layer = d * qd * 2 + d * kvd * 2 + 3 * d * t.intermediate_size  # q, o, k, v, mlp
-    head = 2 * d * t.vocab_size
-
-    def llm(rows: int, keys: int) -> float:
-        return L * (2 * rows * w_layer + 4 * rows * keys * qd)
-
-    kv_proj = 2 * d * 2 * kvd  # per HR token per hierarchical layer
+    """The dense count of :mod:`flexattn_jax.flops`' analytic model (``causal=False``: masked causal attention
+    is computed in full, as XLA runs it); docs/benchmarks.md's table halves causal. None for an HR strategy
+    without a closed form here (e.g. one whose cost depends on the data)."""
+    g, m, nv = cfg.num_image_tokens, cfg.num_hr_tokens, F.views(cfg)
+    lh = F.hierarchical_layers(cfg)
+    vis_view = F.vision_tower_flops(cfg) + F.projector_flops(cfg)
+    head = F.head_flops(cfg, 1)
+    llm = lambda rows, keys: F.decoder_flops(cfg, rows, keys)
     n = prompt + g
     max_len = n + answer
-    k = m if config == REFERENCE else (m if config in ("hd-seq", "lr") else _budget(cfg, config))
+    k = m if config in (REFERENCE, "hd-seq", "lr") else _budget(cfg, config)
     if config == "lr":
         pre, step = vis_view + llm(n, n) + head, llm(1, max_len) + head
     elif config == "hd-seq":
         nh = n + m
-        pre, step = (1 + z2) * vis_view + llm(nh, nh) + head, llm(1, nh + answer) + head
+        pre, step = nv * vis_view + llm(nh, nh) + head, llm(1, nh + answer) + head
     elif config == REFERENCE:
-        pre = (1 + z2) * vis_view + llm(n, n) + head + lh * (m * kv_proj + 4 * n * m * qd)
-        step = llm(1, max_len) + head + lh * 4 * m * qd
+        pre = nv * vis_view + llm(n, n) + head + lh * (F.hr_kv_flops(cfg, m) + F.hr_attention_flops(cfg, n, m))
+        step = llm(1, max_len) + head + lh * F.hr_attention_flops(cfg, 1, m)
     else:
-        base = (1 + z2) * vis_view + llm(n, n) + head
+        base = nv * vis_view + llm(n, n) + head
         if strategy == "cache":
-            pre = base + lh * m * kv_proj + lh * 4 * k * qd
-            step = llm(1, max_len) + head + lh * 4 * k * qd
+            pre = base + lh * (F.hr_kv_flops(cfg, m) + F.hr_attention_flops(cfg, 1, k))
+            step = llm(1, max_len) + head + lh * F.hr_attention_flops(cfg, 1, k)
         elif strategy in ("project", "incremental"):
-            pre = base + lh * (k * kv_proj + 4 * k * qd)
+            pre = base + lh * (F.hr_kv_flops(cfg, k) + F.hr_attention_flops(cfg, 1, k))
             new = k if strategy == "project" else _step_tokens(cfg, config)  # incremental: its fast path
             if new is None:
                 return None
-            step = llm(1, max_len) + head + lh * (new * kv_proj + 4 * k * qd)
+            step = llm(1, max_len) + head + lh * (F.hr_kv_flops(cfg, new) + F.hr_attention_flops(cfg, 1, k))
         else:
             return None
     return pre if workload == "A" else pre + (answer - 1) * step

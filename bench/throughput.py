@@ -11,7 +11,7 @@ Items: JPEG files (640 x 480, decoded and resized to 504 px per item), each a fo
 
 The path measured: :func:`flexattn_jax.app.inference.stream_answers` (lazy requests, thread-pool
 preprocessing, windowed buckets, the ``while_loop`` that stops when every row has its EOS). (The
-pre-streaming baseline it was compared with once is in the README's history, not kept as code.)
+baseline path it was compared with once is described in docs/benchmarks.md, not kept as code.)
 
 Each run is a fresh process (sharing a persistent compile cache): it warms up on 8 items (compiling,
 or loading the cached program), then the timed run is steady state (compile time reported apart).

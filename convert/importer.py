@@ -12,13 +12,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from convert.mapping import BY_OURS, Rule, Target, canonical, export_name, is_ignored, lookup, to_ours, torch_shape
 from convert.reader import FLOATING_DTYPES, ConvertError, TensorInfo, checkpoint_files, open_file
 from flexattn_jax.checkpoint import place, write_model
 from flexattn_jax.config import ConfigError, ModelConfig
 from flexattn_jax.hf_config import detect_layout, from_hf_config
+from flexattn_jax.logs import progress as progress_bar
 from flexattn_jax.params import abstract_params, flatten, unflatten
 from flexattn_jax.paths import OutputPathError, check_output_dir
 from flexattn_jax.sharding import make_mesh
@@ -226,7 +226,7 @@ def fill(
     by_file: dict[Path, list[tuple[str, str, int | None, Rule]]] = {}
     for (leaf, idx), (path, key, rule) in found.items():
         by_file.setdefault(path, []).append((key, leaf, idx, rule))
-    with tqdm(total=len(found), desc="converting", unit="tensor", disable=not progress) as bar:
+    with progress_bar(total=len(found), desc="converting", unit="tensor", disable=not progress) as bar:
         for path, items in by_file.items():
             with open_file(path) as f:
                 for key, leaf, idx, rule in items:
@@ -263,13 +263,15 @@ def convert_checkpoint(
     progress: bool = True,
     allow_nonfinite: bool = False,
     check: Any = None,
+    quantize: str | None = None,
 ) -> Path:
     """Convert a PyTorch checkpoint directory into ``out`` (orbax params + metadata.json + tokenizer).
 
     Before anything is read: ``out`` is checked (:func:`flexattn_jax.paths.check_output_dir`: not the
     source, not containing or inside it, replaceable, writable) and ``mesh`` parsed. ``check(cfg)``
     runs once the config is known, before the tensors are read; ``allow_nonfinite`` skips the
-    finiteness check of the weights.
+    finiteness check of the weights. ``quantize`` (``int8`` / ``int4``) stores the decoder linears weight-only
+    quantised (:func:`flexattn_jax.quant.quantize_params`).
     """
     try:
         out = check_output_dir(out, sources=[src, vision_tower], overwrite=overwrite, flag="OUT")
@@ -280,11 +282,16 @@ def convert_checkpoint(
     converted = read_checkpoint(src, vision_tower=vision_tower, dtype=dtype, overrides=overrides, progress=progress,
                                 allow_nonfinite=allow_nonfinite, check=check)
     params, converted.params = converted.params, {}
+    if quantize:
+        from flexattn_jax.quant import quantize_params
+
+        params = quantize_params(params, quantize)
     if mesh is not None:
         params = place(params, mesh)
     source = {
         "source_layout": converted.layout,
         "source": str(Path(src).resolve()),
         "vision_source": None if converted.vision_source is None else str(converted.vision_source.resolve()),
+        "quantization": quantize,
     }
     return write_model(params, converted.cfg, out, source, lambda d: copy_tokenizer(Path(src), d), overwrite=True)

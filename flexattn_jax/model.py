@@ -86,10 +86,15 @@ def embed_tokens(text_params: dict, cfg: ModelConfig, input_ids: Int[Array, "B T
 
     An in-vocabulary image token id embeds its own row, as transformers does: the prompt's placeholders
     are overwritten by image features afterwards, and a generated one is an ordinary token.
+
+    Under a mesh the table's embed dim is gathered first (FSDP's all-gather of a weight), so the lookup and
+    its gradient's scatter-add stay batch-sharded (the scatter's result is reduced to the table's shards).
+    Gathering from the embed-sharded table instead made XLA replicate the batch's whole cotangent ("[SPMD]
+    Involuntary full rematerialization ... to {devices=[1,1,4,2] ...}" on data=2,fsdp=4).
     """
-    table = text_params["embed"]["embedding"]
+    table = S.constrain_logical(text_params["embed"]["embedding"], ("vocab", None))
     ids = jnp.where((input_ids < 0) | (input_ids >= table.shape[0]), 0, input_ids)
-    return jnp.take(table, ids, axis=0).astype(jnp.dtype(cfg.dtype))
+    return S.constrain_batch(jnp.take(table, ids, axis=0).astype(jnp.dtype(cfg.dtype)))
 
 
 def merge_image_features(
@@ -207,7 +212,7 @@ def run_decoder(
         dummy = jnp.zeros((b, 1), jnp.int32)
         ctx = H.LayerContext(
             cos, sin, mask, write_index, dummy, dummy > 0,
-            dummy[:, 0], jnp.zeros((b, 2), jnp.int32), jnp.float32(0), None, None, None, None,
+            dummy[:, 0], jnp.zeros((b, 2), jnp.int32), jnp.float32(0), None, None, None, rng,
         )
         sel0 = None
     layer = H.DecoderLayer(cfg)
@@ -222,7 +227,8 @@ def run_decoder(
         return jnp.full((b, slots), cfg.num_hr_tokens, jnp.int32), zeros, zeros
 
     def run_layer(kind: int, ctx, x, sel, p, ck_i, cv_i, hkv_i):
-        out = layer.apply({"params": p}, x, ctx, sel, None if ck_i is None else (ck_i, cv_i), hkv_i, kind)
+        lora_rngs = {"lora_dropout": jax.random.fold_in(ctx.rng, 1)} if ctx.rng is not None and cfg.lora_dropout > 0 else None
+        out = layer.apply({"params": p}, x, ctx, sel, None if ck_i is None else (ck_i, cv_i), hkv_i, kind, rngs=lora_rngs)
         r_shape = (b, ctx.select_rows.shape[1])
         sel_out = out.selection if out.selection is not None else sel
         att = out.image_attention if out.image_attention is not None else jnp.zeros((*r_shape, cfg.lr_grid**2), jnp.float32)
@@ -401,7 +407,8 @@ def forward(
     FlexAttention S is ``highres_size``) or ``(B, I, S, S, 3)`` for I images per sample (plain
     LLaVA). ``margin`` is :func:`flexattn_jax.selection.margin_patches` of the original sizes.
     ``select_rows``/``select_valid`` default to the inference rows (:func:`default_select_rows`);
-    training passes the learnable rows and ``alpha``.
+    training passes the learnable rows and ``alpha``. ``rng`` drives the random-selection ablation and, with
+    ``cfg.lora_dropout`` > 0, the LoRA dropout (:class:`flexattn_jax.text.Linear`); without it nothing is random.
     """
     b, t = input_ids.shape
     if attention_mask is None:

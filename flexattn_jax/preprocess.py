@@ -55,6 +55,19 @@ class PreprocessError(ValueError):
     """An input (image file, prompt, conversation, batch) cannot be preprocessed; the message says why."""
 
 
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be encoded as UTF-8 (an unpaired surrogate, e.g. the JSON escape ``\\ud800``), or None.
+
+    Such text makes the tokenizer raise (a ``TypeError``); readers call this where requests and lines are
+    read, so the item is refused with the field named instead of failing a batch.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"not valid UTF-8 text (an unpaired surrogate U+{ord(text[e.start]):04X} at character {e.start})"
+    return None
+
+
 # Images beyond these are refused per item, before their pixels are decoded (None: no limit). The pixel
 # limit is PIL's own decompression-bomb threshold; PIL still refuses above twice ``Image.MAX_IMAGE_PIXELS``.
 MAX_IMAGE_PIXELS: int | None = 89_478_485
@@ -472,6 +485,12 @@ def bucket_length(n: int, buckets: Sequence[int] = BUCKETS) -> int:
         if n <= b:
             return int(b)
     raise PreprocessError(f"sequence length {n} exceeds the largest bucket {max(buckets)} (buckets {tuple(buckets)})")
+
+
+def longest_prompt(context: int, max_new_tokens: int, buckets: Sequence[int] = BUCKETS) -> int:
+    """The longest prompt, in tokens (image tokens included), that generation accepts: it fits the largest
+    bucket and leaves ``max_new_tokens`` of the model's ``context`` (``max_position_embeddings``) for the answer."""
+    return min(max(buckets), context - max_new_tokens)
 
 
 def pad_batch(

@@ -8,7 +8,7 @@ Parameters are placed in two steps, MaxText style:
    ``embed -> fsdp``, ``heads|kv_heads|mlp|vocab -> tensor``, ``batch -> (data, fsdp)``.
 
 A mesh axis that does not divide its dimension (or that an earlier dimension of the same tensor
-already uses) is dropped for that tensor, never an error. :func:`print_sharding_table` shows the
+already uses) is dropped for that tensor, never an error. :func:`format_sharding_table` shows the
 result per parameter and the fraction of parameters left replicated.
 """
 
@@ -17,9 +17,8 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, TextIO
+from typing import Any
 
 import jax
 import numpy as np
@@ -75,6 +74,16 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"^text/layers/attn/o/kernel$", (*_LAYER, "heads", "embed")),
     (r"^text/layers/mlp/(gate|up)/kernel$", (*_LAYER, "embed", "mlp")),
     (r"^text/layers/mlp/down/kernel$", (*_LAYER, "mlp", "embed")),
+    # LoRA adapters (flexattn_jax.lora: A (L, in, r), B (L, r, out)) and quantisation scales (flexattn_jax.quant:
+    # (L, groups, out)): sharded along the kernel's in / out axis, the rank and group axes replicated
+    (r"^text/layers/attn/q/(lora_b|kernel_scale)$", (*_LAYER, None, "heads")),
+    (r"^text/layers/attn/(k|v|k_hr|v_hr)/(lora_b|kernel_scale)$", (*_LAYER, None, "kv_heads")),
+    (r"^text/layers/attn/o/(lora_b|kernel_scale)$", (*_LAYER, None, "embed")),
+    (r"^text/layers/mlp/(gate|up)/(lora_b|kernel_scale)$", (*_LAYER, None, "mlp")),
+    (r"^text/layers/mlp/down/(lora_b|kernel_scale)$", (*_LAYER, None, "embed")),
+    (r"^text/layers/(attn/(q|k|v|k_hr|v_hr)|mlp/(gate|up))/lora_a$", (*_LAYER, "embed", None)),
+    (r"^text/layers/attn/o/lora_a$", (*_LAYER, "heads", None)),
+    (r"^text/layers/mlp/down/lora_a$", (*_LAYER, "mlp", None)),
 )
 _COMPILED = tuple((re.compile(rx), axes) for rx, axes in PARAM_RULES)
 
@@ -130,8 +139,11 @@ def parse_mesh_spec(spec: str | Mapping[str, int] | Sequence[int] | None, num_de
             raise ShardingError(f"mesh spec {spec!r}: {num_devices} devices are not a multiple of {known}")
         out[fills[0]] = num_devices // known
     total = math.prod(out.values())
-    if total > num_devices or num_devices % total:
-        raise ShardingError(f"mesh {out} needs {total} devices; {num_devices} are available")
+    if total > num_devices:
+        raise ShardingError(f"mesh {out} needs {total} devices; only {num_devices} are available")
+    if num_devices % total:
+        raise ShardingError(f"mesh {out} uses {total} devices, which does not divide the {num_devices} available; "
+                            f"make the product of the sizes divide {num_devices}")
     return out
 
 
@@ -263,13 +275,22 @@ def constrain_batch(x: jax.Array, batch_dim: int = 0) -> jax.Array:
     global batch, and memory grows with the slice (a 7B FlexAttention train step needed 110 GB of
     temporaries per v5e chip at one sample per chip on 256 chips). MaxText pins activations the same way.
     """
+    logical: list[str | None] = [None] * x.ndim
+    logical[batch_dim] = "batch"
+    return constrain_logical(x, logical, keep_unsharded=False)
+
+
+def constrain_logical(x: jax.Array, logical: Sequence[str | None], keep_unsharded: bool = True) -> jax.Array:
+    """Pin ``x`` to the mesh axes of its ``logical`` axis names (:data:`LOGICAL_RULES`; ``None``: not sharded) when
+    a mesh is ambient (:func:`target_mesh`); else ``x``. ``keep_unsharded=False`` leaves ``x`` to propagation
+    when the names shard nothing on this mesh."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(LOGICAL_RULES["batch"]) <= set(mesh.axis_names):
         return x  # no mesh, or a foreign one
     if any(t == AxisType.Manual for t in mesh.axis_types):
         return x  # inside shard_map: per-shard values
-    spec = batch_spec(mesh, x.shape, batch_dim)
-    if all(s is None for s in spec):
+    spec = logical_to_spec(logical, x.shape, mesh)
+    if not keep_unsharded and all(s is None for s in spec):
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
@@ -318,17 +339,15 @@ def sharding_table(params: PyTree, mesh: Mesh) -> tuple[list[dict[str, Any]], fl
     return rows, (unsharded / total if total else 0.0)
 
 
-def print_sharding_table(params: PyTree, mesh: Mesh, file: TextIO | None = None) -> float:
-    """Print logical -> physical axes per parameter and the fraction left unsharded; return that fraction."""
-    file = file or sys.stdout
+def format_sharding_table(params: PyTree, mesh: Mesh) -> tuple[str, float]:
+    """Logical -> physical axes per parameter and the fraction left unsharded, as text (the caller prints it); and that fraction."""
     rows, frac = sharding_table(params, mesh)
     w = max([len(r["path"]) for r in rows] + [9])
-    print(f"mesh {mesh_summary(mesh)}", file=file)
-    print(f"{'parameter':<{w}}  {'shape':<22} {'logical':<34} {'mesh':<28} shards", file=file)
+    lines = [f"mesh {mesh_summary(mesh)}", f"{'parameter':<{w}}  {'shape':<22} {'logical':<34} {'mesh':<28} shards"]
     for r in rows:
         logical = "(" + ", ".join("-" if a is None else a for a in r["logical"]) + ")"
         spec = "(" + ", ".join("-" if p is None else p if isinstance(p, str) else "+".join(p) for p in r["spec"]) + ")"
-        print(f"{r['path']:<{w}}  {str(r['shape']):<22} {logical:<34} {spec:<28} {r['shards']}", file=file)
+        lines.append(f"{r['path']:<{w}}  {str(r['shape']):<22} {logical:<34} {spec:<28} {r['shards']}")
     total = sum(r["size"] for r in rows)
-    print(f"{len(rows)} tensors, {total:,} parameters; unsharded (replicated on every device): {frac:.4%}", file=file)
-    return frac
+    lines.append(f"{len(rows)} tensors, {total:,} parameters; unsharded (replicated on every device): {frac:.4%}")
+    return "\n".join(lines), frac

@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flexattn_jax import attention as A
+from flexattn_jax import presets
 from flexattn_jax import sharding as S
 from flexattn_jax.config import FlexConfig, TextConfig, VisionConfig
 
@@ -148,7 +149,7 @@ def test_presets_have_the_release_parameter_counts(size, vicuna):
     """LLaVA-1.5 = Vicuna v1.5 + CLIP ViT-L/14-336 + the MLP projector; FlexAttention adds k/v_proj_hd to every layer."""
     from flexattn_jax.app import aot
 
-    text = aot.PRESETS[f"llava-1.5-{size}"]
+    text = presets.HF_CONFIGS[f"llava-1.5-{size}"]
     d, layers = text["hidden_size"], text["num_hidden_layers"]
     llava = vicuna + 303_507_456 + (1024 * d + d + d * d + d)
     assert aot.param_counts(aot.load_model_config(f"llava-1.5-{size}"))["total"] == llava == _hf_count(text)

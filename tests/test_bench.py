@@ -43,3 +43,19 @@ def test_compiled_method_runs():
     entries = flops.flop_table(True, config=flops.smoke_config(), prompt_len=8, answer_tokens=4, configs=("xattn",), method="compiled")
     assert {e["workload"] for e in entries} == {"A", "B"}
     assert all(e["flops"] > 0 and e["flops_ratio"] == 1.0 for e in entries)
+
+
+@pytest.mark.slow  # lowers 7B-wide programs for every configuration (~40 s)
+def test_every_configuration_counts_its_analytic_flops():
+    """Measured (XLA cost analysis of the counted program) within 1% of the analytic count for every configuration
+    of the quick table, at 7B widths and the 1008 px view, where hd-seq's and xattn's attention span more than
+    AUTO_CHUNK_MIN_KEYS keys: a loop left in the counted program (the chunked kernel's key blocks) counts its body once."""
+    from flexattn_jax.attention import AUTO_CHUNK_MIN_KEYS
+
+    cfg = flops.with_layers(flops.default_config(), text_layers=3, vision_layers=2, first_select_layer=1)
+    assert cfg.num_hr_tokens >= AUTO_CHUNK_MIN_KEYS
+    entries = flops.flop_table(True, config=cfg, prompt_len=60, answer_tokens=4)
+    assert {e["config"].split("/")[0] for e in entries} >= {"lr", "hd-seq", "xattn", "flex-M", "flex-0.1M"}
+    for e in entries:
+        assert e["analytic_flops"] is not None, e["config"]
+        assert abs(e["analytic_ratio"] - 1) <= 0.01, (e["config"], e["workload"], e["flops"], e["analytic_flops"])

@@ -109,3 +109,14 @@ def test_rows_from_before_the_loop_scaling_get_the_current_estimate():
     assert row["mfu_estimate"] == pytest.approx(4e14 / (2.0 * 459e12))
     kept = {"target": "v5p-64", "optimal_seconds": 0.5, "step_seconds_estimate": 3.0, "mfu_estimate": 0.3}
     assert fit.rederive_estimate(dict(kept)) == kept  # a current row is left as it is
+
+
+def test_compile_find_batch_is_the_one_search(calls):
+    """`flexattn-jax compile --find-batch` runs the same search as the fit table: the boundary, a limit, none fitting."""
+    at = lambda b: aot.compile_program("v5p-64", "m", per_device_batch=b)
+    best, tried = aot.find_batch(at)
+    assert best.per_device_batch == 12 and [r.per_device_batch for r in tried] == [1, 2, 12, 13]
+    best, tried = aot.find_batch(at, limit=8)
+    assert best.per_device_batch == 8 and all(r.fits for r in tried)
+    tiny = lambda b: dataclasses.replace(at(b), fits=False)
+    assert aot.find_batch(tiny) == (None, [tiny(1)])

@@ -22,13 +22,14 @@ from flexattn_jax.checkpoint import load_converted, read_metadata
 from flexattn_jax.config import FlexConfig, ModelConfig
 from flexattn_jax.model import forward
 from flexattn_jax.params import abstract_params, flatten
+from flexattn_jax.presets import release_extra
 from tests.oracle import OracleFlexConfig, oracle_forward
 from tests.torch_models import make_hd_weights, make_images, make_prompt, make_tiny_llava
 
 LAYOUTS = ("hf4", "hf5", "original", "flexattn")
 FORMATS = ("safetensors", "sharded", "bin")
 FLEX_LAYERS = 10  # FlexConfig.first_select_layer defaults to 8; layer 9 is then hierarchical
-EXTRA = "zoom_ratio:3#warmup:10#lowres_size:56#highres_size:168#threshold:48"
+EXTRA = release_extra(56)  # the release recipe at the tiny CLIP input
 V, P, T = "model.vision_tower.", "model.multi_modal_projector.", "model.language_model."
 
 

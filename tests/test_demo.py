@@ -67,7 +67,7 @@ def test_full_demo_flexattention_beats_lr_only_and_random(tmp_path):
     assert main(["demo", "--out", str(out)]) == 0
     modes = _check_outputs(out, 64)["modes"]
     flex, lr_only, rand = (modes[m]["accuracy"] for m in ("flexattention", "lr-only", "random-selection"))
-    assert flex >= 0.9 and flex >= lr_only + 0.5 and flex >= rand + 0.3, modes  # seed 0 measured 0.984 (README)
+    assert flex >= 0.9 and flex >= lr_only + 0.5 and flex >= rand + 0.3, modes  # seed 0 measured 0.984 (docs/demo.md)
     assert abs(lr_only - 0.25) <= 0.05, modes  # near chance (0.25): the LR view has no pattern
     # the selection finds the square: seed 0 measured 0.906 at layer 2 (0.844 without the grounding term)
     assert modes["flexattention"]["square_found"] >= 0.88, modes

@@ -162,9 +162,9 @@ def test_bad_jsonl_lines_get_an_error_in_place_and_the_rest_is_answered(ckpt, fi
             assert r["error"] is None and isinstance(r["answer"], str), r
         else:
             assert r["error"].startswith(f"{batch} {why}") and r["answer"] is None, r
-    # every item failed: nothing answered, exit status 1
+    # every item failed: nothing answered, exit status 1 (the finished file is replaced only with --overwrite)
     batch.write_bytes(b"\n".join(raw for raw, why in lines if why) + b"\n")
-    assert main(["generate", "--checkpoint", str(ckpt), "--batch", str(batch), "--output", str(out), *GEN]) == 1
+    assert main(["generate", "--checkpoint", str(ckpt), "--batch", str(batch), "--output", str(out), *GEN, "--overwrite"]) == 1
     err = capsys.readouterr().err
     assert "6 of 6 items failed" in err and "no item was answered" in err
     assert len(out.read_text().splitlines()) == 1 + 6

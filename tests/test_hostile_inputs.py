@@ -70,12 +70,16 @@ class Case:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
+    return make_world(tmp_path_factory.mktemp("hostile"))
+
+
+def make_world(root: Path) -> World:
+    """The shared inputs in ``root``: tiny PyTorch and converted checkpoints, an image, a batch of two good items."""
     import safetensors.torch
 
     from tests.checkpoints import write_tiny_checkpoint
     from tests.torch_models import make_tiny_llava
 
-    root = tmp_path_factory.mktemp("hostile")
     model = make_tiny_llava(layers=2, seed=0)
     src = root / "src"
     src.mkdir()
@@ -583,6 +587,11 @@ CASES: list[Case] = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_hostile(case: Case, world: World, tmp_path, capsys, monkeypatch):
+    run_case(case, world, tmp_path, capsys, monkeypatch)
+
+
+def run_case(case: Case, world: World, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Run one row of a hostile-input table and assert what it must not destroy (see the module docstring)."""
     assert case.kind in KINDS
     case_dir = tmp_path / "case"
     case_dir.mkdir()

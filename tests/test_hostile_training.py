@@ -93,6 +93,10 @@ CASES = [
      ["malformed.json", "malformed JSON at line 1"]),
     ("--data a JSON object", lambda r, o: ["train", *base_args(r, o, "object.json")], None, 2, ["object.json", "expected a JSON list"]),
     ("--data an empty list", lambda r, o: ["train", *base_args(r, o, "empty.json")], None, 2, ["empty.json", "no samples"]),
+    ("--grounding-weight inf: refused before any work", lambda r, o: ["train", *base_args(r, o), "--grounding-weight", "inf"],
+     None, 2, ["grounding_weight=inf must be a finite number >= 0"]),
+    ("--grounding-weight nan", lambda r, o: ["train", *base_args(r, o), "--grounding-weight", "nan"],
+     None, 2, ["grounding_weight=nan must be a finite number >= 0"]),
     ("--config-json missing", lambda r, o: ["train", *base_args(r, o), "--config-json", str(r / "nope.json")], None, 2,
      ["nope.json"]),
     ("--out is the --images directory", lambda r, o: ["train", *base_args(r, o)], "data", 2, ["--out", "is the input"]),
@@ -212,7 +216,7 @@ def test_resume_past_damaged_checkpoint_logs_each_step_once(world, tmp_path, cap
     (run / "metrics.jsonl").write_text("\n".join(old) + '\n{"step": 4, "loss": 1.0')  # a line cut by the kill
     _damage_truncate(run / "checkpoints" / "3")
     assert cli_main(["train", *base_args(world, run), "--stop-at", "3"]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # a warning of the log, on stderr
     assert f"skipped damaged checkpoint {run / 'checkpoints' / '3'}" in out and "resuming from step 2" in out, out
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3]

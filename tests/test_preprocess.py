@@ -423,3 +423,20 @@ def test_image_size_limits(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert load_image(path, max_aspect=2000).size == (3000, 2)
+
+
+def test_longest_prompt_is_the_one_rule():
+    """The largest bucket, or less when the answer's room in the model's context is smaller; the generate CLI's
+    check and the server's limit read it."""
+    from flexattn_jax.app.generate_cli import check_context
+    from flexattn_jax.preprocess import BUCKETS, longest_prompt
+    from tests.fixtures import tiny_config
+
+    assert longest_prompt(4096, 128) == max(BUCKETS)
+    assert longest_prompt(600, 100) == 500
+    assert longest_prompt(600, 100, (64, 128)) == 128
+    cfg = tiny_config()
+    context = cfg.text.max_position_embeddings
+    check_context(cfg, context - cfg.num_image_tokens - 2)  # room for the image, BOS and one prompt token
+    with pytest.raises(ValueError, match="--max-new-tokens"):
+        check_context(cfg, context - cfg.num_image_tokens - 1)

@@ -202,6 +202,11 @@ def _bad_cases(world) -> list[tuple[str, object, int, str]]:
         ("too much text", _body(_data_url(img), "x" * 70_000), 400, "70,000 characters of text, more than the limit of 65,536"),
         ("last message not the user's", {"model": "tiny", "messages": [*ok["messages"], {"role": "assistant", "content": "x"}]},
          400, "the last message must be from the user"),
+        # issue 33: what once answered 500 (and failed the other requests of its wave)
+        ("unpaired surrogate", json.dumps(_body(_data_url(img), "what \ud800 is it?")).encode(), 400,
+         "messages[0].content[1].text is not valid UTF-8 text (an unpaired surrogate U+D800"),
+        ("200 KB nested body", b"[" * 100_000 + b"]" * 100_000, 400, "nests lists/objects more than 16 levels deep"),
+        ("seed 2**64", {**ok, "seed": 2**64}, 400, "'seed' must be a 64-bit integer"),
     ]
 
 

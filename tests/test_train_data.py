@@ -75,12 +75,16 @@ def test_deterministic_resumable_and_process_sliced(dataset, tokenizer):
     single = BatchPlan(a.lengths, 4, 2, 0, 1, 1, seed=3)
     got = [plans[p][j][0] for j in range(2) for p in range(2)]  # micro 0: p0, p1; micro 1: p0, p1
     assert got == [single[j][0] for j in range(4)]
-    # every epoch is a fresh permutation; the plan covers the requested epochs (+1 spare for skips)
+    # every epoch is a fresh permutation; the plan covers exactly the requested epochs (the scan left no skips to cover)
     plan = BatchPlan(a.lengths, 4, 1, 0, 1, 2, seed=3)
     e0, e1 = ([plan[j][0] for j in range(16 * e, 16 * e + 16)] for e in (0, 1))
     assert sorted(e0) == sorted(e1) == list(range(16)) and e0 != e1 and plan[16][1] == 1
-    assert make_data(dataset, tokenizer).plan.num_epochs == 2 and TrainData(
-        CFG, a.dcfg, tokenizer, 4, epochs=3).plan.num_epochs == 4
+    assert make_data(dataset, tokenizer).plan.num_epochs == 1 and TrainData(
+        CFG, a.dcfg, tokenizer, 4, epochs=3).plan.num_epochs == 3
+    # a plan over the usable records only: each epoch permutes exactly them
+    usable = np.array([0, 2, 3, 5, 7, 8, 11, 12])
+    plan = BatchPlan(a.lengths, 4, 1, 0, 1, 1, seed=3, usable=usable)
+    assert sorted(plan[j][0] for j in range(len(plan))) == usable.tolist()
 
 
 def test_bad_inputs_are_counted_and_skipped(dataset, tokenizer):

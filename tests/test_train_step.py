@@ -114,3 +114,13 @@ def test_schedule_and_alpha():
     assert float(sched(0)) == 0.0 and float(sched(3)) == pytest.approx(2e-5)  # ceil(0.03 * 100) = 3 warm-up steps
     assert float(sched(100)) == pytest.approx(0.0, abs=1e-12)
     assert float(alpha_at(CFG, 5, 100)) == pytest.approx(0.15)  # 'release': min(1, 5/100 epochs x warmup 3); tests/test_alpha_warmup.py
+
+
+@pytest.mark.slow
+def test_no_involuntary_rematerialization_on_data_x_fsdp(params, host_batch, capfd):
+    """The train step on data=2,fsdp=4 compiles without XLA's "[SPMD] Involuntary full rematerialization" (the
+    token embeddings took the table's embed-over-fsdp sharding and the image merge's backward had to replicate)."""
+    capfd.readouterr()
+    _, (m,), _ = run_steps(make_mesh("data=2,fsdp=4,tensor=1"), params, [host_batch])
+    err = capfd.readouterr().err
+    assert m["finite"] and "Involuntary full rematerialization" not in err, err[-2000:]

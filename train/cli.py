@@ -5,13 +5,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from flexattn_jax.config import ConfigError, ModelConfig
+from flexattn_jax.overrides import replace_settings, split_override
 from flexattn_jax.preprocess import SYSTEM_PROMPT, SYSTEM_PROMPT_VICUNA_V1
+from flexattn_jax.presets import with_release_recipe
+from flexattn_jax.settings import SettingsArgs
+from train.config import DataConfig, TrainConfig
+
+_log = logging.getLogger(__name__)
 
 _DESCRIPTION = """\
 Fine-tune LLaVA-1.5 with FlexAttention on LLaVA-format data with a sharded, jitted train step.
@@ -35,6 +42,12 @@ global batch (--batch-size) is split into --grad-accum microbatches inside the s
 hosts start one process per host; jax.distributed is initialised from the environment (TPU pods,
 SLURM, Open MPI) or --coordinator/--num-processes/--process-id.
 
+LoRA (--lora, the release's lora_enable): rank --lora-rank adapters (default 64, alpha 16, dropout 0.05)
+on every decoder linear train instead of the decoder; --trainable then names the other groups
+(default projector). The frozen base stays in the compute dtype (--base-quant int8|int4: QLoRA),
+checkpoints hold the adapters and the trained groups only (the base is loaded again on resume), and
+`flexattn-jax convert merge-lora --base CKPT --lora OUT MERGED` writes the merged model (docs/lora.md).
+
 Training rows: every answer row is a FlexAttention select row (R = --max-len slots per sample);
 at 7B scale cap them with --max-select-rows (the count beyond the cap is logged per step).
 
@@ -56,11 +69,26 @@ examples:
       --mesh data=1,fsdp=-1 --batch-size 128 --grad-accum 4 --out runs/flexattn --set dtype=bfloat16 \\
       --set remat_policy=full
   python -m train --init random --config-json tiny.json --data demo/data.json --images demo \\
-      --max-len 64 --batch-size 8 --steps 50 --lr 1e-3 --out runs/tiny"""
+      --max-len 64 --batch-size 8 --steps 50 --lr 1e-3 --out runs/tiny
+  python -m train --checkpoint ckpt/llava-v1.5-7b-jax --data mix665k.json --images data/ --lora \
+      --lr 2e-4 --base-quant int4 --out runs/qlora"""
 
 
-def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
-    """The ``train`` argument parser (every TrainConfig / DataConfig field has a flag; model fields via --set)."""
+TRAIN_ARGS = SettingsArgs(TrainConfig, flags={"lora.enabled": "--lora", "lora.base_quant": "--base-quant"},
+                          defaults={"trainable": (None, "projector,llm; with --lora: projector")})
+"""The TrainConfig flags, one per field (``--lr``, ``--no-nan-check``, ``--lora-rank``, ...); ``--trainable``'s default
+depends on ``--lora``."""
+DATA_ARGS = SettingsArgs(DataConfig, flags={"seed": "--data-seed"},
+                         defaults={"seed": (None, "--seed"), "system_prompt": ("vicuna_v1", "vicuna_v1")})
+"""The DataConfig flags; its shuffle seed is ``--data-seed`` (default: ``--seed``)."""
+SETTINGS = {"train": TRAIN_ARGS, "data": DATA_ARGS}
+"""``--set train.KEY=VALUE`` / ``--set data.KEY=VALUE``: the prefixes of the settings that ``--set`` reaches besides the model's."""
+SYSTEM_PROMPTS = {"vicuna_v1": SYSTEM_PROMPT_VICUNA_V1, "llava_v1": SYSTEM_PROMPT}
+
+
+def build_parser(prog: str = "flexattn-jax train") -> argparse.ArgumentParser:
+    """The ``train`` argument parser: a flag per TrainConfig / DataConfig field (generated, see
+    :mod:`flexattn_jax.settings`), the model's source and ``--set``, parallelism and output options."""
     p = argparse.ArgumentParser(prog=prog, description=_DESCRIPTION, epilog=_EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model")
@@ -77,54 +105,10 @@ def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
                    help="a plain LLaVA checkpoint's new FlexAttention k_hr/v_hr kernels: copies of k/v (default) or N(0, 0.02)")
     m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model config field, e.g. --set dtype=bfloat16 --set remat_policy=full "
-                   "--set flex.hr_budget=0.25 (repeatable; applied after --recipe)")
-    d = p.add_argument_group("data")
-    d.add_argument("--data", metavar="FILE", help="LLaVA-format JSON list or JSONL")
-    d.add_argument("--images", metavar="DIR", default="", help="folder the samples' 'image' paths are relative to")
-    d.add_argument("--tokenizer", metavar="DIR",
-                   help="HF tokenizer directory (default: --checkpoint's; the tiny test tokenizer with --init random)")
-    d.add_argument("--max-len", type=int, default=2048, help="max tokens per sample, image tokens included (default 2048)")
-    d.add_argument("--max-select-rows", type=int, help="cap on learnable (select) rows per sample (default: --max-len)")
-    d.add_argument("--buckets", metavar="L1,L2,...",
-                   help="pad each batch to the smallest of these lengths (default: always --max-len)")
-    d.add_argument("--no-group-by-length", dest="group_by_length", action="store_false", help="plain shuffled batches")
-    d.add_argument("--group-size", type=int, default=16, help="length grouping window, in global batches (default 16)")
-    d.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep the file order")
-    d.add_argument("--data-seed", type=int, help="shuffle seed (default: --seed)")
-    d.add_argument("--workers", type=int, default=0, help="grain worker processes for loading (default 0: in-process threads)")
-    d.add_argument("--threads", type=int, default=2, help="grain read threads (default 2)")
-    d.add_argument("--prefetch", type=int, default=4, help="grain prefetch buffer, in samples (default 4)")
-    d.add_argument("--on-error", choices=("skip", "raise"), default="skip", help="bad samples: count and skip (default) or stop")
-    d.add_argument("--truncation", choices=("drop", "truncate"), default="drop",
-                   help="over-long samples: a bad sample (default) or cut to --max-len")
-    d.add_argument("--add-image-tag", action="store_true", help="insert <image> into image samples whose text lacks it")
-    d.add_argument("--system-prompt", default="vicuna_v1",
-                   help="'vicuna_v1' (LLaVA's training template, default), 'llava_v1', or a literal system text")
-    d.add_argument("--max-logged-errors", type=int, default=20, help="bad samples to warn about individually (default 20)")
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--steps", type=int, help="optimizer steps (wins over --epochs)")
-    o.add_argument("--stop-at", type=int, help="end this run at this step (the schedule still spans --steps/--epochs)")
-    o.add_argument("--epochs", type=float, default=1.0, help="epochs over the data (default 1)")
-    o.add_argument("--batch-size", type=int, default=128, help="global batch per optimizer step, all hosts (default 128)")
-    o.add_argument("--grad-accum", type=int, default=1, help="microbatches per step (default 1)")
-    o.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default 2e-5)")
-    o.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warm-up fraction of the steps (default 0.03)")
-    o.add_argument("--warmup-steps", type=int, help="warm-up steps (overrides --warmup-ratio)")
-    o.add_argument("--end-lr-ratio", type=float, default=0.0, help="final lr as a fraction of --lr (default 0)")
-    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    o.add_argument("--adam-b1", type=float, default=0.9)
-    o.add_argument("--adam-b2", type=float, default=0.999)
-    o.add_argument("--adam-eps", type=float, default=1e-8)
-    o.add_argument("--clip-norm", type=float, default=1.0, help="global-norm gradient clipping; 0 disables (default 1.0)")
-    o.add_argument("--trainable", default="projector,llm",
-                   help="comma list of projector, llm (decoder incl. *_hr), hr (only *_hr kernels), vision, all "
-                   "(default projector,llm)")
-    o.add_argument("--grounding-weight", type=float, default=0.0,
-                   help="weight of the grounding term: cross-entropy between the select rows' LR attention maps and each "
-                   "record's 'box' [x0, y0, x1, y1] (pixels of its image); FlexAttention only, not in the release "
-                   "(default 0: off)")
-    o.add_argument("--seed", type=int, default=0, help="seed for random init, data order, random selection (default 0)")
-    o.add_argument("--no-nan-check", dest="nan_check", action="store_false", help="do not stop on NaN/inf")
+                   "--set flex.hr_budget=0.25 (applied after --recipe), or a training / data setting: --set train.lr=1e-4 "
+                   "--set data.max_len=1024 (applied after the flags); repeatable")
+    DATA_ARGS.add(p.add_argument_group("data (DataConfig)"))
+    TRAIN_ARGS.add(p.add_argument_group("optimisation and loop (TrainConfig)"))
     par = p.add_argument_group("parallelism")
     par.add_argument("--mesh", default=None, help="mesh sizes, e.g. data=2,fsdp=4,tensor=1 (default fsdp=-1: all devices)")
     par.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
@@ -135,59 +119,44 @@ def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     out = p.add_argument_group("output")
     out.add_argument("--out", metavar="DIR",
                      help="run directory (metrics, TensorBoard, checkpoints); resumed when it has checkpoints")
-    out.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (default 500)")
-    out.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
-    out.add_argument("--no-async-save", dest="async_save", action="store_false", help="blocking checkpoint writes")
-    out.add_argument("--no-save-final", dest="save_final", action="store_false", help="no checkpoint at the last step")
     out.add_argument("--no-resume", dest="resume", action="store_false", help="ignore checkpoints already in --out/checkpoints")
-    out.add_argument("--log-every", type=int, default=1, help="print a metrics line every N steps (default 1)")
-    out.add_argument("--peak-tflops", type=float, help="per-device peak TFLOP/s for MFU (default: known GPUs/TPUs)")
-    out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    out.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard event files")
     out.add_argument("--print-sharding", action="store_true", help="print the per-parameter sharding table")
     return p
 
 
 # ---- pieces -------------------------------------------------------------------------------------------
 
-def train_config_from_args(a: argparse.Namespace) -> Any:
-    """TrainConfig from parsed arguments."""
-    from train.config import TrainConfig
+def settings_overrides(a: argparse.Namespace) -> tuple[list[str], dict[str, list[tuple[str, str]]]]:
+    """Split ``--set`` into the model's overrides and those of each settings prefix (``train.``, ``data.``)."""
+    model: list[str] = []
+    settings: dict[str, list[tuple[str, str]]] = {k: [] for k in SETTINGS}
+    for text in a.overrides:
+        key, value = split_override(text)
+        head, _, rest = key.partition(".")
+        if head in SETTINGS and rest:
+            settings[head].append((rest, value))
+        else:
+            model.append(text)
+    return model, settings
 
-    return TrainConfig(
-        steps=a.steps, stop_at=a.stop_at, epochs=a.epochs, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
-        warmup_ratio=a.warmup_ratio,
-        warmup_steps=a.warmup_steps, end_lr_ratio=a.end_lr_ratio, weight_decay=a.weight_decay, adam_b1=a.adam_b1,
-        adam_b2=a.adam_b2, adam_eps=a.adam_eps, clip_norm=a.clip_norm or None, trainable=a.trainable, seed=a.seed,
-        log_every=a.log_every, save_every=a.save_every, keep=a.keep, async_save=a.async_save, save_final=a.save_final,
-        peak_tflops=a.peak_tflops, progress=a.progress, tensorboard=a.tensorboard, nan_check=a.nan_check,
-        grounding_weight=a.grounding_weight,
-    )
+
+def train_config_from_args(a: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from parsed arguments: the flags, then ``--set train.KEY=VALUE``."""
+    trainable = a.trainable or ("projector" if a.lora else TrainConfig.trainable)
+    return replace_settings(TRAIN_ARGS.build(a, trainable=trainable), settings_overrides(a)[1]["train"], "train")
 
 
-def data_config_from_args(a: argparse.Namespace, tokenizer_dir: str | None) -> Any:
-    """DataConfig from parsed arguments."""
-    from train.config import DataConfig
-
-    system = {"vicuna_v1": SYSTEM_PROMPT_VICUNA_V1, "llava_v1": SYSTEM_PROMPT}.get(a.system_prompt, a.system_prompt)
-    buckets = tuple(int(x) for x in a.buckets.split(",")) if a.buckets else None
-    return DataConfig(
-        data=a.data, images=a.images, max_len=a.max_len, max_select_rows=a.max_select_rows, buckets=buckets,
-        group_by_length=a.group_by_length, group_size=a.group_size, shuffle=a.shuffle,
-        seed=a.seed if a.data_seed is None else a.data_seed, workers=a.workers, threads=a.threads, prefetch=a.prefetch,
-        on_error=a.on_error, truncation=a.truncation, add_image_tag=a.add_image_tag, system_prompt=system,
-        tokenizer=tokenizer_dir, max_logged_errors=a.max_logged_errors,
-    )
+def data_config_from_args(a: argparse.Namespace, tokenizer_dir: str | None) -> DataConfig:
+    """DataConfig from parsed arguments (shuffle seed: ``--data-seed``, else ``--seed``), then ``--set data.KEY=VALUE``;
+    ``system_prompt`` may name a template (``vicuna_v1``, ``llava_v1``)."""
+    seed = train_config_from_args(a).seed if a.data_seed is None else a.data_seed
+    dcfg = replace_settings(DATA_ARGS.build(a, seed=seed, tokenizer=tokenizer_dir), settings_overrides(a)[1]["data"], "data")
+    return dataclasses.replace(dcfg, system_prompt=SYSTEM_PROMPTS.get(dcfg.system_prompt, dcfg.system_prompt))
 
 
 def apply_recipe(cfg: ModelConfig, recipe: str) -> ModelConfig:
-    """The release's FlexAttention settings: zoom 3 (highres = 3 x lowres), threshold 48, warmup 10."""
-    if recipe != "release":
-        return cfg
-    f = cfg.flex
-    flex = dataclasses.replace(f, enabled=True, zoom_ratio=3, lowres_size=cfg.vision.image_size,
-                               highres_size=3 * cfg.vision.image_size, threshold=48.0, warmup=10.0)
-    return dataclasses.replace(cfg, flex=flex)
+    """``recipe`` 'release': :func:`flexattn_jax.presets.with_release_recipe`; otherwise ``cfg`` as is."""
+    return with_release_recipe(cfg) if recipe == "release" else cfg
 
 
 def read_model_config(path: str) -> ModelConfig:
@@ -228,10 +197,11 @@ def add_missing_hr_kernels(params: dict, cfg: ModelConfig, init: str, seed: int,
 
 
 def _say(msg: str) -> None:
+    """Log ``msg`` (info) on the first process only."""
     import jax
 
     if jax.process_index() == 0:
-        print(msg, flush=True)
+        _log.info(msg)
 
 
 def run(a: argparse.Namespace, stop: Any = None) -> int:
@@ -257,12 +227,15 @@ def run(a: argparse.Namespace, stop: Any = None) -> int:
 
     if not a.checkpoint and not a.init:
         raise ConfigError("give --checkpoint CONVERTED or --init random --config-json FILE")
-    if not a.data:
+    tokenizer_dir = a.tokenizer or (a.checkpoint if a.checkpoint else None)
+    tcfg = train_config_from_args(a)
+    dcfg = data_config_from_args(a, tokenizer_dir)
+    if not dcfg.data:
         raise ConfigError("--data is required")
     if a.out:  # before any work: never write into an input, and fail now rather than after loading
         from flexattn_jax.paths import check_output_dir
 
-        check_output_dir(a.out, sources=(a.checkpoint, a.images or None, a.tokenizer, a.config_json, a.data),
+        check_output_dir(a.out, sources=(a.checkpoint, dcfg.images or None, a.tokenizer, a.config_json, dcfg.data),
                          exist_ok=True, flag="--out")
     try:
         mesh = S.make_mesh(a.mesh)
@@ -278,32 +251,29 @@ def run(a: argparse.Namespace, stop: Any = None) -> int:
         if not a.config_json:
             raise ConfigError("--init random needs --config-json FILE")
         base_cfg = read_model_config(a.config_json)
-    cfg = apply_overrides(apply_recipe(base_cfg, recipe), a.overrides)
+    cfg = apply_overrides(apply_recipe(base_cfg, recipe), settings_overrides(a)[0])
     cfg = dataclasses.replace(cfg, param_dtype="float32")
-    tokenizer_dir = a.tokenizer or (a.checkpoint if a.checkpoint else None)
     tokenizer = _load_tokenizer(tokenizer_dir)
-    tcfg = train_config_from_args(a)
-    dcfg = data_config_from_args(a, tokenizer_dir)
     data = TrainData(cfg, dcfg, tokenizer, tcfg.batch_size, tcfg.grad_accum, num_steps=tcfg.steps, epochs=tcfg.epochs)
-    _say(f"data: {data.num_samples:,} samples from {a.data}")
+    _say(f"data: {data.num_samples:,} samples from {dcfg.data}")
     resuming = False
     if a.out and a.resume and (Path(a.out) / "checkpoints").is_dir():
         with Checkpointer(Path(a.out) / "checkpoints") as ck:
             resuming = ck.latest_step() is not None
     params = None
-    if not resuming:
+    if not resuming or tcfg.lora.enabled:  # a LoRA run's checkpoints hold the adapters only: the base is loaded every time
         shardings = S.param_shardings(abstract_params(cfg), mesh)
         if a.checkpoint:
             params, _ = load_converted(a.checkpoint, sharding=S.param_shardings(abstract_params(base_cfg), mesh))
-            params, added = add_missing_hr_kernels(params, cfg, a.hr_init, a.seed, shardings)
+            params, added = add_missing_hr_kernels(params, cfg, a.hr_init, tcfg.seed, shardings)
             if added:
                 how = "as copies of k/v" if a.hr_init == "copy" else "N(0, 0.02)"
                 _say(f"initialised {len(added)} FlexAttention kernels {how} (--hr-init {a.hr_init}): {', '.join(added)}")
         else:
-            params = jax.jit(init_params, static_argnums=0, out_shardings=shardings)(cfg, jax.random.key(a.seed))
+            params = jax.jit(init_params, static_argnums=0, out_shardings=shardings)(cfg, jax.random.key(tcfg.seed))
     abstract = abstract_params(cfg)
     if a.print_sharding and jax.process_index() == 0:
-        S.print_sharding_table(abstract, mesh)
+        print(S.format_sharding_table(abstract, mesh)[0], flush=True)
     else:
         _, frac = S.sharding_table(abstract, mesh)
         _say(f"model: {count_params(abstract):,} parameters, {frac:.3%} unsharded on this mesh; recipe {recipe}")
@@ -322,7 +292,8 @@ def run(a: argparse.Namespace, stop: Any = None) -> int:
         return stop.exit_code
     summary = summarize(records)
     summary["data"] = data.stats()
-    _say("summary: " + json.dumps(summary, default=str))
+    if jax.process_index() == 0:  # the command's result: stdout
+        print("summary: " + json.dumps(summary, default=str), flush=True)
     return 0
 
 
@@ -336,10 +307,11 @@ def _load_tokenizer(path: str | None) -> Any:
     return load_tokenizer(path)
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m train") -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "flexattn-jax train") -> int:
     """Run the train CLI; returns the exit status (2 on a config/data error, with the message on stderr)."""
     from flexattn_jax.interrupt import early_signals, exit_code
     from train.data import DataError
+    from train.distributed import HostLost
 
     restore = early_signals()  # `python -m train` too: Ctrl-C / SIGTERM even when SIGINT was inherited as ignored
     try:
@@ -348,6 +320,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m train") -> in
     except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except HostLost as e:  # another process of a multi-host run failed or went silent
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:  # before the run started (Terminated: SIGTERM)
         print("\ninterrupted", file=sys.stderr)
         return exit_code(e)

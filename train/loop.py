@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import shutil
 import time
 import warnings
@@ -27,10 +28,13 @@ from flexattn_jax.config import IGNORE_INDEX, ModelConfig
 from flexattn_jax.selection import learnable_rows
 from train.checkpoint import Checkpointer, make_meta
 from train.config import DataConfig, TrainConfig
-from train.data import DataError, TrainData
+from train.data import TrainData, grounding_note
+from train.distributed import StepAgreement
 from train.metrics import MetricsLogger, device_peak_tflops, train_flops
 from train.optim import total_steps as count_steps
 from train.step import BATCH_KEYS, StepFns, TrainState, global_batch, make_step, split_microbatches
+
+_log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
@@ -47,10 +51,11 @@ class TrainingDiverged(RuntimeError):
 class TrainingStopped(Exception):  # noqa: N818 - a stop request, not an error
     """Training stopped at a stop request (Ctrl-C, SIGTERM) after the step in flight; its checkpoint was saved."""
 
-    def __init__(self, step: int, saved: int | None):
+    def __init__(self, step: int, saved: int | None, by_other: bool = False):
         self.step, self.saved = step, saved
         where = f"checkpoint of step {saved} saved" if saved is not None else "no checkpoint (no output directory)"
-        super().__init__(f"stopped after step {step}; {where}")
+        who = " (another process of the run was asked to stop)" if by_other else ""
+        super().__init__(f"stopped after step {step}{who}; {where}")
 
 
 # ---- host batch helpers ------------------------------------------------------------------------------
@@ -95,23 +100,15 @@ def pad_to_length(batch: dict[str, np.ndarray], length: int, pad_id: int) -> dic
     return out
 
 
-def _agree_length(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
-    if jax.process_count() == 1:
-        return batch
-    from jax.experimental import multihost_utils
-
-    lengths = multihost_utils.process_allgather(np.int32(batch["input_ids"].shape[1]))
-    return pad_to_length(batch, int(np.max(lengths)), pad_id)
-
-
-def _restore(ckpt: Checkpointer, fns: StepFns, iterator: Any, cfg: ModelConfig, say: Any) -> tuple[TrainState, dict[str, Any]]:
-    """The newest restorable state (on this run's mesh), past damaged steps; the data position too when it
-    was saved with as many processes."""
-    state, meta = ckpt.restore_latest(fns.abstract_state, iterator, cfg, say=say)
-    saved = meta.get("process_count", 1)
-    if iterator is not None and saved != jax.process_count():
-        warnings.warn(f"checkpoint written by {saved} processes, running {jax.process_count()}: the data order restarts",
-                      stacklevel=3)
+def _restore(ckpt: Checkpointer, fns: StepFns, cfg: ModelConfig, say: Any,
+             params: PyTree | None = None) -> tuple[TrainState, dict[str, Any]]:
+    """The newest restorable state (on this run's mesh), past damaged steps. The data position is the step
+    (:class:`train.data.TrainData` reads step s's global batch on any process count); this process's counters
+    of late bad samples continue only when the step was saved with as many processes. A LoRA run's checkpoint
+    holds the trainables only: the base is ``params``."""
+    saved, meta = ckpt.restore_latest(fns.abstract_saved, None, cfg, say=say)
+    state = fns.from_saved(saved, params)
+    if meta.get("process_count", 1) != jax.process_count():
         meta.pop("data_state", None)
     return state, meta
 
@@ -181,12 +178,16 @@ def train(
     ``batches_per_epoch``, or the length of a sequence of batches); an unsized iterable is one epoch.
     ``stop()`` True (a Ctrl-C / SIGTERM flag, polled before each step) ends the run after the step in
     flight: its checkpoint is saved (with ``out_dir``) and :class:`TrainingStopped` is raised.
+    With ``tcfg.lora`` enabled the checkpoints hold the adapters and the other trainables only, and a resume
+    needs ``params`` (the base; :meth:`train.step.StepFns.from_saved`).
     """
     mesh = mesh or S.make_mesh()
     cfg = dataclasses.replace(cfg, param_dtype="float32")
     is_grain = isinstance(data, TrainData)
     if is_grain:
-        total = count_steps(tcfg, data.num_samples)
+        if log and (note := grounding_note(tcfg.grounding_weight, data.records)) is not None:
+            warnings.warn(note, stacklevel=2)
+        total = count_steps(tcfg, data.num_usable)  # the scan: the same usable samples on every process
         if data.batch_size != tcfg.batch_size or data.grad_accum != tcfg.grad_accum:
             raise ValueError(
                 f"TrainData batch {data.batch_size}/{data.grad_accum} != TrainConfig {tcfg.batch_size}/{tcfg.grad_accum}"
@@ -211,17 +212,17 @@ def train(
     before = _existing(out) if out is not None else set()
     ckpt = Checkpointer(out / "checkpoints", keep=tcfg.keep, async_save=tcfg.async_save) if out is not None else None
     logger: MetricsLogger | None = None
-    iterator = data.iterator() if is_grain else _cycle(data)
+    iterator = None if is_grain else _cycle(data)
     finished = False
     try:
         state: TrainState | None = None
         if ckpt is not None and resume and ckpt.latest_step() is not None:
-            say = (lambda m: print(f"warning: {m}", flush=True)) if log and primary else None
-            state, meta = _restore(ckpt, fns, iterator if is_grain else None, cfg, say)
+            say = _log.warning if log and primary else None
+            state, meta = _restore(ckpt, fns, cfg, say, params)
             if is_grain and meta.get("data_state"):
                 data.counter.load_state(meta["data_state"])
             if log and primary:
-                print(f"resumed from {ckpt.directory} step {int(state.step)}", flush=True)
+                _log.info("resumed from %s step %d", ckpt.directory, int(state.step))
         if state is None:
             if params is None:
                 raise ValueError("no parameters and no checkpoint to resume from")
@@ -229,7 +230,9 @@ def train(
         start = int(jax.device_get(state.step))
         logger = MetricsLogger(out_dir if primary else None, log_every=tcfg.log_every, tensorboard=tcfg.tensorboard,
                                enabled=log and primary, start_step=start)
-        if start and not is_grain and isinstance(data, Sequence):  # a list of batches: continue where we stopped
+        if is_grain:  # the data position is the step, on any process count
+            iterator = data.iterator(start)
+        elif start and isinstance(data, Sequence):  # a list of batches: continue where we stopped
             iterator = itertools.islice(iterator, start, None)
         result = _run(cfg, tcfg, fns, state, start, total, data, iterator, is_grain, ckpt, logger, data_config, extra_meta, log,
                       stop or (lambda: False))
@@ -251,14 +254,14 @@ def train(
 
 def _run(cfg, tcfg, fns: StepFns, state, start, total, data, iterator, is_grain, ckpt, logger, data_config, extra_meta, log,
          stop: Callable[[], bool]):
-    from tqdm.auto import tqdm
+    from flexattn_jax.logs import progress
 
     mesh = fns.mesh
     n_dev = mesh.size
     peak = tcfg.peak_tflops if tcfg.peak_tflops is not None else device_peak_tflops()
     vision_trains = any(m for p, m in zip(_paths(fns.mask), jax.tree.leaves(fns.mask), strict=True) if p.startswith("vision/"))
     primary = jax.process_index() == 0
-    bar = tqdm(total=total, initial=start, disable=not (tcfg.progress and log and primary), dynamic_ncols=True, unit="step")
+    bar = progress(total=total, initial=start, disable=not (tcfg.progress and log and primary), unit="step")
     write = bar.write if not bar.disable else None
     records: list[dict[str, Any]] = []
     seen_shapes: set[tuple] = set()
@@ -304,30 +307,35 @@ def _run(cfg, tcfg, fns: StepFns, state, start, total, data, iterator, is_grain,
 
     end = min(total, tcfg.stop_at) if tcfg.stop_at is not None else total
     # several hosts must pad to one length: needed with buckets, or for batches we did not make
-    agree = jax.process_count() > 1 and (not is_grain or bool(data_config and data_config.buckets))
+    pad_to_max = jax.process_count() > 1 and (not is_grain or bool(data_config and data_config.buckets))
+    sync = StepAgreement(tcfg.sync_timeout_s)
+    said = start  # the first step whose word this process has not given
     stopped = False
     try:
         for s in range(start, end):
-            if stop():
-                stopped = True
-                break
             try:
                 raw = next(iterator)
-            except StopIteration:
-                if s == 0 and is_grain:  # not one good batch in the whole plan
-                    st = data.stats()
-                    why = ", ".join(f"{k} {v}" for k, v in st["skipped"].items()) or "none skipped"
-                    first = f"; first: {data.counter.first}" if data.counter.first else ""
-                    raise DataError(f"{data_config.data if data_config and data_config.data else 'the data'} gave no "
-                                    f"batch of {data.local_batch} good samples ({st['seen']} read, bad: {why}){first}") from None
+            except StopIteration:  # a user iterable ran dry (a TrainData plan covers the run)
+                raw = None
+            host, extra = None, {}
+            if raw is not None:
+                extra = {"epoch": int(raw["_epoch"])} if "_epoch" in raw else {}
+                if "_rows_dropped" in raw:
+                    extra["select_rows_dropped"] = int(raw["_rows_dropped"])  # learnable rows beyond max_select_rows
+                host = complete_batch(raw, cfg, data_config.max_select_rows if data_config else None)
+            # every process's word before the step: all stop together, or all run the step with one batch length
+            asked = stop()
+            word = "stop" if asked else ("end" if host is None else "go")
+            verdict, length = sync.agree(s, word, 0 if host is None else host["input_ids"].shape[1])
+            said = s + 1
+            if verdict == "end":
                 warnings.warn(f"the data ran out after {s} steps (of {total}); stopping", stacklevel=2)
                 break
-            extra = {"epoch": int(raw["_epoch"])} if "_epoch" in raw else {}
-            if "_rows_dropped" in raw:
-                extra["select_rows_dropped"] = int(raw["_rows_dropped"])  # learnable rows beyond max_select_rows
-            host = complete_batch(raw, cfg, data_config.max_select_rows if data_config else None)
-            if agree:
-                host = _agree_length(host, cfg.pad_token_id)
+            if verdict == "stop":
+                stopped = True
+                break
+            if pad_to_max:
+                host = pad_to_length(host, length, cfg.pad_token_id)
             local = split_microbatches(host, tcfg.grad_accum)
             batch = global_batch(fns, local)
             shape = tuple((k, v.shape) for k, v in batch.items())
@@ -348,18 +356,23 @@ def _run(cfg, tcfg, fns: StepFns, state, start, total, data, iterator, is_grain,
                 pending = None
                 check(rec)
                 if save_now:
-                    ckpt.save(step_no, state, meta_for(step_no), iterator if is_grain else None)
+                    ckpt.save(step_no, fns.saved_state(state), meta_for(step_no))
                     last_saved = step_no
         if pending is not None:
             check(finish(pending))
             pending = None
         if ckpt is not None and (tcfg.save_final or stopped) and records and last_saved != records[-1]["step"]:
-            ckpt.save(records[-1]["step"], state, meta_for(records[-1]["step"]), iterator if is_grain else None)
+            ckpt.save(records[-1]["step"], fns.saved_state(state), meta_for(records[-1]["step"]))
             last_saved = records[-1]["step"]
         if stopped:
             if ckpt is not None:
                 ckpt.wait()
-            raise TrainingStopped(records[-1]["step"] if records else start, last_saved if ckpt is not None else None)
+            raise TrainingStopped(records[-1]["step"] if records else start, last_saved if ckpt is not None else None, not asked)
+    except (TrainingStopped, TrainingDiverged):
+        raise  # every process reaches these by itself (the same stop word, the same global loss)
+    except BaseException as e:
+        sync.fail(said, f"{type(e).__name__}: {e}")  # the others stop at their next step instead of waiting
+        raise
     finally:
         bar.close()
     return state.params, records

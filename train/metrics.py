@@ -1,16 +1,8 @@
-"""Throughput accounting (analytic FLOPs, MFU) and metric sinks (stdout, JSONL, TensorBoard).
+"""Throughput accounting and metric sinks (stdout, JSONL, TensorBoard).
 
-FLOP model (matmul FLOPs, 2 per multiply-add; softmax, norms and activations ignored):
-
-* decoder, per padded token: ``2 * L * (D*(2*H*d + 2*Hkv*d) + 3*D*F) + 2*D*V`` plus causal attention
-  ``2 * L * T * H * d`` (QK^T and PV over on average T/2 keys);
-* FlexAttention, per image sample and hierarchical layer: HR K/V projections ``4*M*D*Hkv*d`` and the
-  select rows' HR attention ``4*R*K*H*d``;
-* vision: per image, ``1 + zoom^2`` CLIP passes of ``P+1`` tokens through the used layers
-  (``8*Dv^2 + 4*Dv*Fv`` per token and layer, plus ``4*(P+1)*Dv`` attention) and the projector;
-* training = 3x forward (forward + backward) for the decoder, HR path and projector, 1x for the
-  frozen vision tower (3x when it trains). Remat recomputation is not counted (model FLOPs, not
-  hardware FLOPs), so MFU is the standard "model FLOPs utilisation".
+A step's model FLOPs are :func:`flexattn_jax.flops.train_flops` (the project's one FLOP model, the same one
+``flexattn-jax compile`` reports) and the device's peak is :func:`flexattn_jax.chips.device_peak_tflops`;
+both are re-exported here for the training loop.
 """
 
 from __future__ import annotations
@@ -21,66 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-import jax
-
-from flexattn_jax.config import ModelConfig
-
-# dense bf16 peak TFLOP/s per device (vendor numbers); CPU has none: pass --peak-tflops.
-PEAK_TFLOPS: dict[str, float] = {
-    "TPU v4": 275.0,
-    "TPU v5 lite": 197.0,
-    "TPU v5e": 197.0,
-    "TPU v5p": 459.0,
-    "TPU v6 lite": 918.0,
-    "TPU v6e": 918.0,
-    "NVIDIA H100": 989.0,
-    "NVIDIA H200": 989.0,
-    "NVIDIA A100": 312.0,
-    "NVIDIA B200": 2250.0,
-}
-
-
-def device_peak_tflops(device: jax.Device | None = None) -> float | None:
-    """Vendor dense bf16 peak of ``device`` (default the first), or None when unknown (CPU)."""
-    device = device or jax.devices()[0]
-    kind = getattr(device, "device_kind", "")
-    for name, peak in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
-        if kind.startswith(name) or name in kind:
-            return peak
-    return None
-
-
-def forward_flops(cfg: ModelConfig, batch: int, seq_len: int, select_rows: int, images: int | None = None) -> dict[str, float]:
-    """Forward FLOPs of one batch by part: ``{'text', 'hr', 'vision', 'projector'}`` (see the module docstring)."""
-    t, v = cfg.text, cfg.vision
-    d_model, hd = t.hidden_size, t.head_dim
-    q_dim, kv_dim = t.num_heads * hd, t.num_kv_heads * hd
-    images = batch if images is None else images
-    per_token = 2 * t.num_layers * (d_model * (2 * q_dim + 2 * kv_dim) + 3 * d_model * t.intermediate_size)
-    per_token += 2 * d_model * t.vocab_size
-    attn = 2 * t.num_layers * seq_len * q_dim  # causal: 4 * T/2 * H*d per token and layer
-    text = batch * seq_len * (per_token + attn)
-    hr = 0.0
-    views = 1
-    if cfg.flex.enabled:
-        n_hier = max(0, t.num_layers - cfg.flex.first_select_layer - 1)
-        m, k = cfg.num_hr_tokens, cfg.hr_budget_tokens
-        hr = images * n_hier * (4 * m * d_model * kv_dim + 4 * select_rows * k * q_dim)
-        views = 1 + cfg.zoom**2
-    p1 = v.num_patches + 1
-    per_vtok = 8 * v.hidden_size**2 + 4 * v.hidden_size * v.intermediate_size + 4 * p1 * v.hidden_size
-    patch_embed = 2 * v.num_patches * v.patch_size**2 * v.num_channels * v.hidden_size
-    vision = images * views * (p1 * cfg.vision_layers_used * per_vtok + patch_embed)
-    proj = 2 * v.hidden_size * d_model + (2 * d_model * d_model if cfg.projector.type == "mlp2x_gelu" else 0)
-    projector = images * views * v.num_patches * proj
-    return {"text": float(text), "hr": float(hr), "vision": float(vision), "projector": float(projector)}
-
-
-def train_flops(cfg: ModelConfig, batch: int, seq_len: int, select_rows: int, vision_trains: bool = False,
-                images: int | None = None) -> float:
-    """Model FLOPs of one training step over ``batch`` samples (3x forward, frozen vision 1x)."""
-    f = forward_flops(cfg, batch, seq_len, select_rows, images)
-    return 3.0 * (f["text"] + f["hr"] + f["projector"]) + (3.0 if vision_trains else 1.0) * f["vision"]
+from flexattn_jax.chips import device_peak_tflops  # noqa: F401  (the training loop reads both from here)
+from flexattn_jax.flops import train_flops  # noqa: F401
 
 
 class MetricsLogger:

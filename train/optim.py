@@ -13,6 +13,7 @@ import jax
 import optax
 from jaxtyping import PyTree
 
+from flexattn_jax.lora import is_adapter
 from train.config import TrainConfig
 
 TRAIN, FROZEN = "train", "frozen"
@@ -20,7 +21,11 @@ _HR = re.compile(r"/(k_hr|v_hr)/")
 
 
 def is_trainable(path: str, trainable: str) -> bool:
-    """Whether the parameter at ``path`` (``flatten``'s slash-joined name) trains under ``trainable``."""
+    """Whether the parameter at ``path`` (``flatten``'s slash-joined name) trains under ``trainable`` (LoRA adapters always)."""
+    if is_adapter(path):  # LoRA adapters exist only to train
+        return True
+    if path.endswith("/kernel_scale"):  # a quantised kernel's scales: the frozen base
+        return False
     groups = {g.strip() for g in trainable.split(",") if g.strip()}
     if "all" in groups:
         return True
@@ -79,7 +84,7 @@ def make_optimizer(tcfg: TrainConfig, params: PyTree, steps: int) -> tuple[optax
     """``(tx, schedule)``: clipped AdamW on trainable leaves, ``set_to_zero`` (no state) on frozen ones."""
     schedule = make_schedule(tcfg, steps)
     parts = []
-    if tcfg.clip_norm is not None:
+    if tcfg.clip_norm:  # none or 0: no clipping
         parts.append(optax.clip_by_global_norm(tcfg.clip_norm))
     parts.append(optax.adamw(schedule, b1=tcfg.adam_b1, b2=tcfg.adam_b2, eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay))
     tx = optax.partition({TRAIN: optax.chain(*parts), FROZEN: optax.set_to_zero()}, param_labels(params, tcfg.trainable))

@@ -33,13 +33,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from flexattn_jax import flops as F
+from flexattn_jax import presets, tpu_chips_present
 from flexattn_jax import sharding as S
+from flexattn_jax.chips import CHIPS, Chip, GiB
 from flexattn_jax.config import ATTENTION_IMPLS, ModelConfig
 from flexattn_jax.hf_config import from_hf_config
 from flexattn_jax.overrides import parse_hr_budget
 from flexattn_jax.params import abstract_params
 
-GiB = 2**30
 PROGRAMS = ("train", "prefill", "decode", "likelihood")
 ANSWER_ROOM = 128  # cache slots after the prompt for the answer (prefill / decode programs)
 # Fraction of a chip's memory a program may take: the TPU runtime keeps a little for itself; on GPU,
@@ -53,29 +55,6 @@ class AotError(ValueError):
 
 # ---- targets ---------------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """One accelerator kind: memory per chip, bf16 dense peak FLOP/s, and (TPU) the topology's geometry."""
-
-    family: str  # v4, v5e, v5p, v6e, h100, h200
-    platform: str  # tpu or gpu
-    hbm_bytes: int
-    peak_flops: float  # bf16, dense, vendor sheet
-    cores_per_chip: int = 1  # the '-N' spelling counts TensorCores on v4 / v5p
-    dims: int = 2  # TPU torus dimensions
-    spec_file: str | None = None  # GPU: the shipped device description
-
-
-# Vendor sheets: Cloud TPU system architecture pages (v4 32 GiB / 275, v5e 16 / 197, v5p 95 / 459, v6e 32 / 918
-# TFLOP/s bf16); NVIDIA H100 SXM and H200 data sheets (989 TFLOP/s dense bf16); GPU memory from the device files.
-CHIPS: dict[str, Chip] = {
-    "v4": Chip("v4", "tpu", 32 * GiB, 275e12, cores_per_chip=2, dims=3),
-    "v5e": Chip("v5e", "tpu", 16 * GiB, 197e12),
-    "v5p": Chip("v5p", "tpu", 95 * GiB, 459e12, cores_per_chip=2, dims=3),
-    "v6e": Chip("v6e", "tpu", 32 * GiB, 918e12),
-    "h100": Chip("h100", "gpu", 84942979072, 989e12, spec_file="h100_sxm.txtpb"),
-    "h200": Chip("h200", "gpu", 151397597184, 989e12, spec_file="h200.txtpb"),
-}
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
 GPU_TARGETS_DIR = Path(__file__).with_name("gpu_targets")
 
@@ -142,6 +121,9 @@ def target_devices(target: Target) -> list:
     if target.platform == "tpu":
         # compile-only: no chip is claimed, so processes need not take turns at libtpu's lockfile
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        if tpu_chips_present() is False:  # no TPU here: libtpu need not look for its hosts (five lines of hostname errors)
+            os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+            os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
         if importlib.util.find_spec("libtpu") is None:
             raise AotError(f"--target {target.name} needs libtpu: pip install 'flexattn-jax[tpu]' (jax[tpu]>=0.10,<0.11)")
         # one device per chip: libtpu's default for v4 is a device per TensorCore, which jax's TPU meshes refuse;
@@ -181,32 +163,13 @@ def target_mesh_for(target: Target, spec: str | None) -> Mesh:
 
 # ---- models --------------------------------------------------------------------------------------
 
-# The release's configs (no weights needed): LLaVA-1.5 = Vicuna v1.5 (Llama 2) + CLIP ViT-L/14-336 + a 2-layer
-# GELU MLP projector (liuhaotian/llava-v1.5-{7b,13b} config.json); FlexAttention adds its `extra` field as
-# in UMass-Foundation-Model/FlexAttention scripts/train/llava-v1.5-7b-flexattn.sh.
-_LLAVA_15 = {
-    "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", "mm_vision_tower": "openai/clip-vit-large-patch14-336",
-    "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 1024, "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
-    "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "hidden_act": "silu",
-}
-_SIZES = {
-    "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32},
-    "13b": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40},
-}
-FLEX_EXTRA = "zoom_ratio:3#warmup:10#lowres_size:336#highres_size:1008#threshold:48"
-PRESETS: dict[str, dict[str, Any]] = {
-    "llava-flexattn-7b": {**_LLAVA_15, **_SIZES["7b"], "extra": FLEX_EXTRA},
-    "llava-flexattn-13b": {**_LLAVA_15, **_SIZES["13b"], "extra": FLEX_EXTRA},
-    "llava-1.5-7b": {**_LLAVA_15, **_SIZES["7b"]},
-    "llava-1.5-13b": {**_LLAVA_15, **_SIZES["13b"]},
-}
+PRESETS = presets.HF_CONFIGS  # the release's models (flexattn_jax.presets), compiled without weights
 
 
 def load_model_config(model: str) -> ModelConfig:
     """A preset name, a ``config.json`` (or a directory holding one), or a converted checkpoint directory -> ModelConfig."""
     if model in PRESETS:
-        return from_hf_config(PRESETS[model])
+        return presets.preset(model)
     path = Path(model)
     if (path / "metadata.json").is_file():
         from flexattn_jax.checkpoint import read_config
@@ -247,36 +210,14 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
 
 
 def model_flops(cfg: ModelConfig, program: str, batch: int, seq_len: int, rows: int) -> float:
-    """The program's model FLOPs for the global batch (the MFU convention: no remat recompute, causal halves).
-
-    Matmuls 2 x params x tokens forward (x3 with the backward for trained weights); causal attention
-    2 T^2 D per layer forward; frozen CLIP forward only, over the LR view and the zoom^2 HR tiles;
-    FlexAttention's select rows: the recompute over the N keys (R x T), the HR part over the M HR
-    tokens (R x M, all M projected once), per hierarchical layer.
-    """
-    t, v = cfg.text, cfg.vision
-    d, hkv = t.hidden_size, t.num_kv_heads * t.head_dim
-    per_layer = d * t.num_heads * t.head_dim * 2 + d * hkv * 2 + 3 * d * t.intermediate_size
-    train = program == "train"
-    fb = 3.0 if train else 1.0  # forward + backward
+    """The program's model FLOPs for the global batch, by :mod:`flexattn_jax.flops`' one model (training's MFU
+    counts the same): ``train`` a training step with ``rows`` select rows; ``prefill`` / ``likelihood`` a forward
+    with one select row; ``decode`` one step over the prompt's cache and :data:`ANSWER_ROOM` answer slots."""
+    if program == "train":
+        return F.train_flops(cfg, batch, seq_len, rows)
     if program == "decode":
-        s = seq_len + ANSWER_ROOM
-        return batch * (2 * (per_layer * t.num_layers + d * t.vocab_size) + 4 * s * d * t.num_layers)
-    text = fb * batch * seq_len * (2 * (per_layer * t.num_layers + d * t.vocab_size) + 2 * seq_len * d * t.num_layers)
-    images = 1 + (cfg.zoom**2 if cfg.flex.enabled else 0)
-    n_tok = (v.image_size // v.patch_size) ** 2 + 1
-    clip_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
-    clip = batch * images * v.num_layers * (2 * clip_layer * n_tok + 4 * n_tok**2 * v.hidden_size)
-    proj = 2 * (v.hidden_size * d + d * d) * batch * images * cfg.lr_grid**2 * (1 + (2 if train else 0) / images)
-    flex = 0.0
-    if cfg.flex.enabled:
-        r = rows if train else 1
-        hier = max(0, t.num_layers - cfg.flex.first_select_layer - 1)
-        m = cfg.num_hr_tokens
-        per_hier = 2 * 2 * m * d * hkv + 4 * r * m * t.num_heads * t.head_dim  # HR K/V projections + the HR attention
-        recompute = 4 * r * seq_len * t.num_heads * t.head_dim * (hier + 1)
-        flex = fb * batch * (per_hier * hier + recompute)
-    return float(text + clip + proj + flex)
+        return F.decode_step_model_flops(cfg, batch, seq_len + ANSWER_ROOM)
+    return F.model_flops(cfg, batch, seq_len, 1)
 
 
 # ---- programs ------------------------------------------------------------------------------------
@@ -426,9 +367,14 @@ def compile_program(
         raise AotError(f"--attention-impl {attention_impl!r}: use one of {ATTENTION_IMPLS}")
     if per_device_batch < 1 or seq_len < 1:
         raise AotError(f"--per-device-batch {per_device_batch} and --seq-len {seq_len} must be positive")
+    if select_rows is not None and select_rows < 1:
+        raise AotError(f"--select-rows {select_rows} must be at least 1")
     base = load_model_config(model) if isinstance(model, str) else model
     name = model_name or (model if isinstance(model, str) else "config")
     cfg = program_config(base, program=program, attention_impl=attention_impl, remat=remat, hr_budget=hr_budget, layers=layers)
+    if seq_len < cfg.num_image_tokens + 1:  # a sample holds the image's tokens and at least one text token
+        raise AotError(f"--seq-len {seq_len} is shorter than a sample: the image alone is {cfg.num_image_tokens} tokens; "
+                       f"use at least {cfg.num_image_tokens + 1}")
     m = target_mesh_for(tgt, mesh)
     shards = m.shape["data"] * m.shape["fsdp"]
     batch = per_device_batch * shards
@@ -478,29 +424,41 @@ def step_estimate(optimal: float | None, compiler_flops: float | None, model_flo
     if optimal is None or not compiler_flops:
         return None, None
     scale = max(1.0, model_flops / compiler_flops)
-    return optimal * scale, model_flops / (optimal * scale * peak_flops)
+    return optimal * scale, F.mfu(model_flops, optimal * scale, 1, peak_flops)
 
 
-def find_batch(compile_at: Callable[[int], CompileReport], limit: int = 256) -> tuple[CompileReport | None, list[CompileReport]]:
-    """The largest per-device batch whose program fits (doubling, then bisecting); every compile's report."""
-    tried: list[CompileReport] = []
-    best, lo, hi = None, 0, None
-    b = 1
-    while b <= limit:
-        r = compile_at(b)
-        tried.append(r)
-        if not r.fits:
+def find_batch(compile_at: Callable[[int], CompileReport], limit: int = 256,
+               log: Callable[[CompileReport], None] | None = None) -> tuple[CompileReport | None, list[CompileReport]]:
+    """The largest per-device batch up to ``limit`` whose program fits, and every compile's report (by batch).
+
+    Compiles at 1 and 2, then at the batch where the peak, interpolated linearly (secant through the nearest
+    fitting and failing batches, or the two largest fitting ones), meets the usable HBM, until a fitting batch
+    and the next one that does not are both known. ``log`` sees each report as it is compiled."""
+    seen: dict[int, CompileReport] = {}
+
+    def at(b: int) -> CompileReport:
+        if b not in seen:
+            seen[b] = compile_at(b)
+            if log is not None:
+                log(seen[b])
+        return seen[b]
+
+    def peak(b: int) -> int:
+        return seen[b].per_chip_bytes["peak"]
+
+    if not at(1).fits or limit < 2:
+        return (seen[1] if seen[1].fits else None), [r for _, r in sorted(seen.items())]
+    lo, hi = (2, limit + 1) if at(2).fits else (1, 2)
+    while hi - lo > 1:
+        a = hi if hi in seen else max(b for b in seen if seen[b].fits and b < lo)
+        slope = max(1.0, (peak(a) - peak(lo)) / (a - lo))
+        guess = lo + int((seen[lo].usable_bytes - peak(lo)) // slope)
+        b = min(max(guess, lo + 1), hi - 1)
+        if at(b).fits:
+            lo = b
+        else:
             hi = b
-            break
-        best, lo = r, b
-        b *= 2
-    if hi is not None:
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            r = compile_at(mid)
-            tried.append(r)
-            best, lo, hi = (r, mid, hi) if r.fits else (best, lo, mid)
-    return best, tried
+    return at(lo), [r for _, r in sorted(seen.items())]
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -524,7 +482,8 @@ def compile_parser(prog: str = "flexattn-jax compile") -> argparse.ArgumentParse
     p.add_argument("--attention-impl", default="auto", choices=ATTENTION_IMPLS)
     p.add_argument("--remat", default="full", choices=("none", "full", "dots_saveable"), help="training's remat policy per layer")
     p.add_argument("--layers", type=int, default=None, help="compile a decoder cut to N layers (quick checks)")
-    p.add_argument("--find-batch", action="store_true", help="find the largest per-device batch that fits (doubling, then bisecting)")
+    p.add_argument("--find-batch", action="store_true",
+                   help="find the largest per-device batch that fits (peak memory interpolated between compiles)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
 

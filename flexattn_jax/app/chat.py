@@ -22,9 +22,11 @@ from typing import Any
 
 from flexattn_jax.app.inference import Answer, Request, answer_text
 from flexattn_jax.paths import is_within
-from flexattn_jax.preprocess import IMAGE_PLACEHOLDER, SYSTEM_PROMPT, PreprocessError, format_conversation
+from flexattn_jax.preprocess import IMAGE_PLACEHOLDER, SYSTEM_PROMPT, PreprocessError, format_conversation, text_problem
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_JSON_DEPTH = 16  # a chat body nests 6 deep (body, messages, message, content, part, image_url)
+INT64 = (-(2**63), 2**63 - 1)  # OpenAI's range of integer fields (the seed); a larger one would overflow the PRNG key
 
 
 class ChatError(ValueError):
@@ -87,7 +89,27 @@ def _number(body: dict, key: str, default: float, lo: float, hi: float, lo_open:
 def _integer(v: Any, key: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise ChatError(f"'{key}' must be an integer, got {v!r}", param=key)
+    if not INT64[0] <= v <= INT64[1]:
+        raise ChatError(f"'{key}' must be a 64-bit integer (from -2**63 to 2**63 - 1), got {v}", param=key)
     return v
+
+
+def _text(v: str, where: str) -> str:
+    """``v`` unless it cannot be encoded as UTF-8 (an unpaired surrogate escape), refused naming ``where``."""
+    if (bad := text_problem(v)) is not None:
+        raise ChatError(f"{where} is {bad}", param=where)
+    return v
+
+
+def json_depth(obj: Any) -> int:
+    """How deeply ``obj`` (parsed JSON) nests lists and objects (a scalar: 0), without recursion."""
+    depth, stack = 0, [(obj, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            depth = max(depth, d)
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return depth
 
 
 def image_bytes_of(url: Any, limits: Limits, param: str) -> bytes | str:
@@ -143,7 +165,7 @@ def _content(msg: dict, j: int, limits: Limits, images: list[tuple[int, bytes | 
     """A message's text (its text parts joined by newlines); its image parts are appended to ``images``."""
     content = msg.get("content")
     if isinstance(content, str):
-        return content
+        return _text(content, f"messages[{j}].content")
     if not isinstance(content, list):
         raise ChatError(f"messages[{j}].content must be a string or a list of parts, got {type(content).__name__}",
                         param=f"messages[{j}].content")
@@ -154,7 +176,7 @@ def _content(msg: dict, j: int, limits: Limits, images: list[tuple[int, bytes | 
         if kind == "text":
             if not isinstance(part.get("text"), str):
                 raise ChatError(f"{where}.text must be a string", param=where)
-            texts.append(part["text"])
+            texts.append(_text(part["text"], f"{where}.text"))
         elif kind == "image_url":
             if msg.get("role") != "user":
                 raise ChatError(f"{where}: images are accepted in user messages only", param=where)
@@ -172,6 +194,10 @@ def parse_chat(raw: bytes, limits: Limits) -> ChatRequest:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ChatError(f"the request body is not valid JSON: {e}") from e
+    except RecursionError as e:  # the parser's own limit, far beyond ours
+        raise ChatError(f"the request body nests lists/objects more than {MAX_JSON_DEPTH} levels deep") from e
+    if (depth := json_depth(body)) > MAX_JSON_DEPTH:
+        raise ChatError(f"the request body nests lists/objects {depth} levels deep, more than the limit of {MAX_JSON_DEPTH}")
     if not isinstance(body, dict):
         raise ChatError(f"the request body must be a JSON object, got {type(body).__name__}")
     model = body.get("model")
@@ -195,6 +221,7 @@ def parse_chat(raw: bytes, limits: Limits) -> ChatRequest:
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
         raise ChatError(f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them", param="stop")
+    stop = [_text(s, "stop") for s in stop]
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ChatError(f"'stream' must be a boolean, got {stream!r}", param="stream")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
-USAGE = """flexattn-jax COMMAND [options]
+from flexattn_jax import GOOGLE_PCI_VENDOR, skip_absent_tpu  # noqa: F401 - in the library: it runs at its import
+
+USAGE = """flexattn-jax [--log-level LEVEL] COMMAND [options]
 
 commands:
   demo       run the built-in demo (tiny model, synthetic high-resolution task; no downloads)
@@ -21,6 +22,8 @@ commands:
   compile    compile a program for a TPU slice or GPU node from this host: fit, kernels, estimated speed
 
 Run `flexattn-jax COMMAND --help` for each command's options.
+--log-level debug|info|warning|error (or the FLEXATTN_JAX_LOG environment variable; default info): the log
+records on stderr; results (answers, tables, JSON summaries) go to stdout.
 """
 
 # command -> (module, entry point taking argv)
@@ -36,34 +39,41 @@ _DELEGATES = {
 }
 
 
-GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips show up as PCI devices of this vendor
+# Commands whose package is not installed (pyproject's packages.find leaves it out: no top-level `bench` in
+# site-packages): they run from a source checkout, the tree an editable install (`pip install -e .`) points at.
+SOURCE_ONLY = {"bench": "bench"}
+SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the checkout holding flexattn_jax/ (site-packages when installed)
 
 
-def skip_absent_tpu(environ=os.environ, pci_root: Path = Path("/sys/bus/pci/devices")) -> bool:
-    """Keep JAX off libtpu on a host without TPU chips (sets ``JAX_PLATFORMS=cpu``); True when it did.
-
-    The ``tpu`` extra installs libtpu for compile-only TPU targets (``flexattn-jax compile``, which works
-    with ``JAX_PLATFORMS=cpu``). On a CPU host JAX would otherwise initialise libtpu as a runtime backend
-    and print a dozen hostname errors before every command. A user's own ``JAX_PLATFORMS`` wins, and a host
-    with the CUDA plugin too is left alone (its GPU must stay visible).
-    """
-    if "JAX_PLATFORMS" in environ or importlib.util.find_spec("libtpu") is None:
-        return False
-    if any(importlib.util.find_spec(name) is not None for name in ("jax_cuda13_plugin", "jax_cuda12_plugin")):
-        return False
-    try:
-        vendors = [(d / "vendor").read_text().strip() for d in pci_root.iterdir() if (d / "vendor").is_file()]
-    except OSError:  # no sysfs (not Linux): let JAX decide
-        return False
-    if GOOGLE_PCI_VENDOR in vendors:
-        return False
-    environ["JAX_PLATFORMS"] = "cpu"
-    return True
+def source_package(command: str, root: Path | None = None) -> str | None:
+    """Put the source checkout on ``sys.path`` for a :data:`SOURCE_ONLY` command's package; the one-line reason
+    when there is none (an installed wheel), else None."""
+    package = SOURCE_ONLY[command]
+    root = SOURCE_ROOT if root is None else root
+    if not (root / package / "__init__.py").is_file():
+        return (f"`flexattn-jax {command}` runs from a source checkout (git clone, then pip install -e .): "
+                f"the {package}/ package is not installed with flexattn-jax, and {root} has none")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     skip_absent_tpu()  # before any command imports jax
+    from flexattn_jax.logs import configure_logging
+
+    level = None
+    if argv[:1] == ["--log-level"] or argv[:1] and argv[0].startswith("--log-level="):
+        level = argv[0].partition("=")[2] if "=" in argv[0] else (argv[1] if len(argv) > 1 else "")
+        argv = argv[1:] if "=" in argv[0] else argv[2:]
+    try:
+        if level == "":
+            raise ValueError("--log-level needs a level: debug, info, warning or error")
+        configure_logging(level)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
@@ -72,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     module, func = _DELEGATES[command]
+    if command in SOURCE_ONLY and (why := source_package(command)) is not None:
+        print(why, file=sys.stderr)
+        return 2
     from flexattn_jax.interrupt import early_signals, exit_code
 
     restore = early_signals()  # Ctrl-C and SIGTERM stop the command even when SIGINT was inherited as ignored

@@ -7,11 +7,13 @@ Each CLI call is a new process, so without a cache every call compiles ``generat
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from pathlib import Path
 
 import jax
+
+_log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -61,6 +63,6 @@ def setup_compile_cache(path: str | Path | None, *, disabled: bool = False) -> C
     try:
         enable_compile_cache(path)
     except OSError as e:
-        print(f"warning: compile cache off ({e})", file=sys.stderr)
+        _log.warning("compile cache off (%s)", e)
         return None
     return CacheCounter()

@@ -10,7 +10,7 @@ train step (:func:`train.loop.train`, all devices, orbax checkpoints):
 2. **fine-tune** it as LLaVA-FlexAttn on 168 px images (a 56 px LR view in the sequence, 3 x 3 HR
    tiles on the side): ``k_hr``/``v_hr`` start from ``k``/``v`` with the input norm folded in
    (:func:`hr_projections`), the vision tower is frozen, and a grounding term trains the answer row's
-   LR maps towards the square (:data:`FINETUNE_GROUNDING`; not in the release: see the README);
+   LR maps towards the square (:data:`FINETUNE_GROUNDING`; not in the release: see docs/demo.md);
 3. **evaluate** held-out images with the batched jitted generation in three modes: FlexAttention,
    LR only (nothing selected) and random selection (the paper's ablation);
 4. write ``attention.png`` (where the last token looked and which HR tokens it selected),
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import shutil
 import sys
 import time
@@ -33,40 +34,24 @@ from typing import Any
 import jax
 import numpy as np
 
+from flexattn_jax import presets
 from flexattn_jax.app.demo_data import CLASSES, build_demo_tokenizer, make_split
 from flexattn_jax.app.inference import Request, answer
 from flexattn_jax.app.visualize import answer_maps, mask_layer, save_grid
-from flexattn_jax.config import FlexConfig, ModelConfig, TextConfig, VisionConfig
+from flexattn_jax.config import ModelConfig
 from flexattn_jax.flops import forward_flops
 from flexattn_jax.model import hr_feature_rms
 from flexattn_jax.params import add_hr_projections, init_params
 from flexattn_jax.preprocess import SYSTEM_PROMPT, preprocess_image
 from flexattn_jax.selection import box_cell_counts
-from flexattn_jax.tokenizer import IMAGE_ID
+
+_log = logging.getLogger(__name__)
 
 OBJECT_PX = (18, 24)  # the patterned square's side at 168 px: one to four HR tokens, a blur at 56 px
 MARKER = ".flexattn-jax-demo"  # written into --out: a directory the demo may rewrite (its stages, model/)
 
 
-def demo_model_config(vocab_size: int) -> ModelConfig:
-    """A CLIP (56 px, 14 px patches) + 4-layer Llama; FlexAttention at 168 px, selection from layer 0.
-
-    Hierarchical attention in layers 1-3: a tiny decoder needs the HR tokens early to learn to read them
-    (selecting at layer 1, the release's depth fraction, left seed 1 on the LR-only plateau)."""
-    return ModelConfig(
-        vision=VisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, image_size=56, patch_size=14),
-        text=TextConfig(
-            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
-            max_position_embeddings=512,
-        ),
-        # selection from layer 0 (the release: 8 of 32); the warm-up of the release's training script: alpha reaches 1
-        # after a tenth of an epoch
-        flex=FlexConfig(enabled=True, zoom_ratio=3, lowres_size=56, highres_size=168, first_select_layer=0, threshold=64.0,
-                        warmup=10.0),
-        image_token_id=IMAGE_ID,
-        pad_token_id=3,
-        eos_token_id=2,
-    )
+demo_model_config = presets.demo  # the demo's model (flexattn_jax.presets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,8 +137,8 @@ def train_stage(name, cfg, params, items, steps, lr, trainable, tokenizer, budge
         log_every=max(1, steps // 4), tensorboard=False, progress=progress, grounding_weight=grounding_weight,
     )
     if progress:
-        print(f"[{name}] {steps} steps, batch {budget.batch_size}, {len(items)} samples, {cfg.image_size} px, "
-              f"training {trainable}, on {jax.device_count()} device(s)", flush=True)
+        _log.info(f"[{name}] {steps} steps, batch {budget.batch_size}, {len(items)} samples, {cfg.image_size} px, "
+                  f"training {trainable}, on {jax.device_count()} device(s)")
     t0 = time.perf_counter()
     params, records = train(cfg, params, data, tcfg, out_dir=stage_dir, resume=False, data_config=dcfg, log=progress)
     summary = {**summarize(records), "seconds": time.perf_counter() - t0, "checkpoint": str(stage_dir / "checkpoints")}
@@ -162,7 +147,7 @@ def train_stage(name, cfg, params, items, steps, lr, trainable, tokenizer, budge
 
 PRETRAIN_LR, FINETUNE_LR = 1e-3, 2e-3
 PRETRAIN_TRAINABLE, FINETUNE_TRAINABLE = "all", "projector,llm"  # the fine-tune freezes the vision tower, as the release
-# The fine-tune's grounding term (a departure from the release; see the README): the answer rows' LR maps in layers
+# The fine-tune's grounding term (a departure from the release; see docs/demo.md): the answer rows' LR maps in layers
 # 0-2 are trained towards the square's cells, as the release's maps come localised from LLaVA-1.5's pretraining and
 # this 45-second stand-in's do not (the selection passes no gradient, so nothing else trains them).
 FINETUNE_GROUNDING = 0.5
@@ -173,7 +158,7 @@ def pretrain_stage(cfg: ModelConfig, close_ups, seed: int, tokenizer, budget: Bu
     ``init_params(seed)``, trained on the 56 px close-ups.
 
     The vision tower trains too: this stand-in has no pretrained CLIP to keep frozen (a tower frozen at its random
-    init, as LLaVA-1.5 keeps CLIP, measured worse after the fine-tune: see the README). Returns :func:`train_stage`'s."""
+    init, as LLaVA-1.5 keeps CLIP, measured worse after the fine-tune: see docs/demo.md). Returns :func:`train_stage`'s."""
     lr_cfg = dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, enabled=False))
     params = init_params(lr_cfg, jax.random.key(seed))
     return train_stage("pretrain", lr_cfg, params, close_ups, budget.pretrain_steps, PRETRAIN_LR, PRETRAIN_TRAINABLE,

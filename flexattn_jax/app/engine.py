@@ -38,8 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexattn_jax.app.inference import Answer, Prepared, answer_text, prepare
-from flexattn_jax.preprocess import BUCKETS, PreprocessError, bucket_length, pad_batch
+from flexattn_jax.app.inference import Answer, Prepared, answer_text, item_error, prepare
+from flexattn_jax.preprocess import BUCKETS, bucket_length, longest_prompt, pad_batch
 from flexattn_jax.selection import margin_patches
 from flexattn_jax.slots import decode_slots, empty_slots, encode_images, insert_rows, prefill_rows, slot_bytes
 
@@ -145,7 +145,7 @@ class QueueLimit:
     @property
     def max_context(self) -> int:
         """The longest prompt, in tokens, that the buckets and the model's context leave room for."""
-        return min(max(self.buckets), self.cfg.text.max_position_embeddings - self.max_new_tokens)
+        return longest_prompt(self.cfg.text.max_position_embeddings, self.max_new_tokens, self.buckets)
 
     def start(self) -> None:
         self._thread.start()
@@ -259,8 +259,8 @@ class Engine(QueueLimit):
                 self._settle(job, None)
             elif not fut.done():
                 keep.append((job, fut))
-            elif (e := fut.exception()) is not None:
-                self._settle(job, Answer(None, error=str(e)) if isinstance(e, PreprocessError | ValueError | OSError) else e)
+            elif (e := fut.exception()) is not None:  # one bad request never fails the others (nor gets a 500)
+                self._settle(job, Answer(None, error=item_error(e)))
             else:
                 ready.append((job, fut.result()))
         self._waiting = keep
@@ -325,7 +325,8 @@ class Engine(QueueLimit):
         temperature, top_p, seed = job.chat.sampling
         if seed is None:
             seed = random.getrandbits(31) if temperature > 0 else 0
-        return temperature, top_p, seed
+        seed = (seed ^ (seed >> 32)) & 0xFFFFFFFF  # a 64-bit seed folded into the slot's int32
+        return temperature, top_p, seed - (1 << 32) if seed >= 1 << 31 else seed
 
     def _step(self) -> None:
         for slot in [s for s, live in self.active.items() if live.job.cancelled]:  # the client left: free its slot

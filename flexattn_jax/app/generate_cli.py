@@ -5,7 +5,9 @@ model options and checks are shared with ``serve``."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import re
 import sys
@@ -31,6 +33,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     from flexattn_jax.generate import HRStrategy
 
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute/param dtype (default: as converted)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="weight-only quantise the decoder linears at load (int8 per channel, int4 per group; docs/lora.md)")
     p.add_argument("--hr-budget", default=None,
                    help="HR tokens per select row: 'all' (K = M, the release), 'adaptive' (exact as 'all', at the cost of "
                    "the smallest rung of flex.hr_ladder holding the selection, chosen per layer at run time), or a fixed "
@@ -58,10 +62,14 @@ def generate_parser(prog: str = "flexattn-jax generate") -> argparse.ArgumentPar
         "finishes the batch in flight, writes what is done and exits with status 130 or 143; --resume then finishes the run. "
         "The --output file starts with a header record (the checkpoint's fingerprint, the settings that change an answer, "
         "the --batch file's identity); --resume refuses a file whose header differs (naming what changed) or that this "
-        "command did not write, and leaves it as it is.",
+        "command did not write, and leaves it as it is. An existing --output is refused without --resume or --overwrite. "
+        "One run writes an --output at a time: it holds a lock (OUTPUT.lock, with its PID) for the whole run, and a "
+        "second run on the same path is refused at once, naming that PID; a lock left by a killed run is taken over.",
         epilog="exit status: 0 when at least one item was answered (or all were answered before, with --resume); "
-        "1 when every item failed (single --image: it failed); 2 on bad arguments, an unreadable --batch file or "
-        "checkpoint, or a --resume refused; 130 when interrupted (Ctrl-C, SIGINT), 143 when stopped by SIGTERM.",
+        "1 when every item failed (single --image: it failed), or when --output cannot be written (a full disk: the "
+        "answers written stay, --resume finishes); 2 on bad arguments, an unreadable --batch file or checkpoint, a --resume "
+        "refused, an --output in use by another run or existing without --resume/--overwrite; 130 when interrupted (Ctrl-C, "
+        "SIGINT), 143 when stopped by SIGTERM.",
     )
     p.add_argument("--checkpoint", required=True, help="a directory written by `flexattn-jax convert` (params + tokenizer)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -79,6 +87,9 @@ def generate_parser(prog: str = "flexattn-jax generate") -> argparse.ArgumentPar
                    "(greedy decoding). Refused, and the file left as it is, when the file's header differs from this run "
                    "(another checkpoint, --batch file, --max-new-tokens, sampling, --hr-budget, --hr-strategy, --dtype or "
                    "--set) or when this command did not write it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output (without it, or --resume, a non-empty --output is refused and left "
+                   "as it is); the old answers are replaced when the first new record is written")
     p.add_argument("--workers", type=int, default=4, help="threads decoding and resizing images ahead of the device (default: 4)")
     p.add_argument("--window", type=int, default=None,
                    help="items read ahead and grouped into length buckets; bounds host memory (default: max(4 x batch size, 32))")
@@ -102,7 +113,8 @@ def read_batch(path: str | Path) -> Iterator[tuple[int, Any]]:
     """``(line number, Request)`` for each non-blank line of a JSONL file, read lazily.
 
     The file is opened at once (an unreadable file raises ValueError). A line that is not UTF-8, not
-    JSON, starts with a byte-order mark or lacks a string ``image`` / ``prompt`` becomes a Request
+    JSON, starts with a byte-order mark, lacks a string ``image`` / ``prompt`` or holds one that is not valid
+    UTF-8 text (an unpaired surrogate escape such as ``\\ud800``) becomes a Request
     carrying an ``error`` that names the file and the line: it is answered with that error in place.
     """
     try:
@@ -114,6 +126,7 @@ def read_batch(path: str | Path) -> Iterator[tuple[int, Any]]:
 
 def _batch_lines(path: Path, f) -> Iterator[tuple[int, Any]]:
     from flexattn_jax.app.inference import Request
+    from flexattn_jax.preprocess import text_problem
 
     with f:
         for n, raw in enumerate(f, 1):
@@ -140,6 +153,7 @@ def _batch_lines(path: Path, f) -> Iterator[tuple[int, Any]]:
                 continue
             bad = next((f"missing field {k!r}" if k not in item else f"field {k!r} must be a string, got {type(item[k]).__name__}"
                         for k in ("image", "prompt") if not isinstance(item.get(k), str)), None)
+            bad = bad or next((f"field {k!r} is {p}" for k in ("image", "prompt") if (p := text_problem(item[k])) is not None), None)
             if bad:
                 yield n, Request(None, None, error=f"{where}: {bad}")
                 continue
@@ -196,6 +210,10 @@ def check_generate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch-size {args.batch_size} must be at least 1")
     if args.resume and not (args.batch and args.output):
         raise ValueError("--resume needs --batch and --output (the file to finish)")
+    if args.overwrite and (args.resume or not (args.batch and args.output)):
+        raise ValueError("--overwrite needs --batch and --output, and not --resume")
+    if not -(2**63) <= args.seed < 2**63:
+        raise ValueError(f"--seed {args.seed} must be a 64-bit integer (from -2**63 to 2**63 - 1)")
     if args.workers < 1 or (args.window is not None and args.window < args.batch_size):
         raise ValueError(f"--workers must be >= 1 and --window >= --batch-size (got {args.workers}, {args.window})")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
@@ -211,12 +229,22 @@ def check_generate_args(args: argparse.Namespace) -> None:
         check_output_dir(args.save_attention, sources=inputs, exist_ok=True, flag="--save-attention")
 
 
+def check_replace(args: argparse.Namespace) -> None:
+    """Finished answers are never replaced silently: an existing non-empty regular ``--output`` needs ``--resume``
+    (finish it) or ``--overwrite`` (replace it); ValueError naming both otherwise."""
+    out = Path(args.output) if args.batch and args.output else None
+    if out is None or args.resume or args.overwrite or not out.is_file() or out.stat().st_size == 0:
+        return
+    raise ValueError(f"--output {out} already exists ({out.stat().st_size:,} bytes of answers); it was left as it is: "
+                     "pass --resume to finish it, --overwrite to replace it, or use another --output")
+
+
 def check_context(cfg: ModelConfig, max_new_tokens: int) -> None:
     """``--max-new-tokens`` must leave room for a prompt with its image in the model's context."""
-    from flexattn_jax.preprocess import BUCKETS
+    from flexattn_jax.preprocess import longest_prompt
 
     least = cfg.num_image_tokens + 2  # BOS, the image, one token of prompt
-    room = min(max(BUCKETS), cfg.text.max_position_embeddings - max_new_tokens)
+    room = longest_prompt(cfg.text.max_position_embeddings, max_new_tokens)
     if room < least:
         most = cfg.text.max_position_embeddings - least
         raise ValueError(
@@ -247,7 +275,7 @@ def check_backend(cfg: ModelConfig) -> None:
 def answer_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The flags that change an answer (an answer file's header): with sampling also the seed and the batching."""
     out: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "dtype": args.dtype,
-                           "hr_budget": args.hr_budget, "hr_strategy": args.hr_strategy, "set": list(args.set)}
+                           "quantize": args.quantize, "hr_budget": args.hr_budget, "hr_strategy": args.hr_strategy, "set": list(args.set)}
     if args.temperature > 0:  # the random keys follow the batches
         out.update(top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, window=args.window)
     return out
@@ -255,15 +283,22 @@ def answer_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def _generate(argv: list[str]) -> int:
     from flexattn_jax.app.inference import Request, load_for_inference
-    from flexattn_jax.app.resume import AnswerLog, checkpoint_fingerprint, input_identity, make_header
+    from flexattn_jax.app.resume import AnswerLog, OutputLock, checkpoint_fingerprint, input_identity, lock_output, make_header
     from flexattn_jax.checkpoint import read_config
     from flexattn_jax.interrupt import StopRequests
     from flexattn_jax.tokenizer import check_tokenizer_vocab, load_tokenizer
 
     args = generate_parser().parse_args(argv)
-    with StopRequests() as stop:
+    lock = OutputLock(None)
+    with StopRequests() as stop, contextlib.ExitStack() as held:
         try:  # every check that can fail runs before the parameters are restored
             check_generate_args(args)
+            if args.batch and args.output:  # one writer per answers file, for the whole run
+                lock = held.enter_context(lock_output(args.output, "--output"))
+                if lock.stale_pid is not None:
+                    print(f"note: took over the lock of {args.output} left by PID {lock.stale_pid} (no longer running)",
+                          file=sys.stderr)
+            check_replace(args)
             cfg = inference_config(args, read_config(args.checkpoint))
             check_backend(cfg)
             check_context(cfg, args.max_new_tokens)
@@ -277,7 +312,7 @@ def _generate(argv: list[str]) -> int:
             log = AnswerLog.scan(args.output, header) if args.resume else None
             if stop.requested:
                 return _stopped(stop, "before loading the checkpoint; nothing written")
-            params, cfg, mesh = load_for_inference(args.checkpoint, args.dtype, args.mesh, args.batch_size)
+            params, cfg, mesh = load_for_inference(args.checkpoint, args.dtype, args.mesh, args.batch_size, args.quantize)
             cfg = inference_config(args, cfg)
             if args.save_attention:
                 Path(args.save_attention).mkdir(parents=True, exist_ok=True)
@@ -290,7 +325,7 @@ def _generate(argv: list[str]) -> int:
 
         cache = setup_compile_cache(args.compile_cache, disabled=args.no_compile_cache)
         if args.save_attention and not cfg.flex.enabled:
-            print("warning: --save-attention: FlexAttention is off in this checkpoint, no attention maps to draw", file=sys.stderr)
+            logging.getLogger(__name__).warning("--save-attention: FlexAttention is off in this checkpoint, no attention maps to draw")
         return _answer_all(args, params, cfg, tokenizer, mesh, lines, log, header, cache, stop)
 
 
@@ -306,22 +341,33 @@ class _Output:
     def __init__(self, path: str, header: dict | None, log) -> None:
         self.path, self.header, self.log = path, header, log
         self.f = None
+        self.written = 0  # records flushed to the file by this run
 
     def write(self, line: str) -> None:
+        """Append one record (flushed); a write that fails (a full disk) raises :class:`_WriteFailed`."""
         from flexattn_jax.app.resume import write_header
 
-        if self.f is None:
-            appending = self.log is not None and self.log.has_header
-            self.f = open(self.path, "a" if appending else "w", encoding="utf-8")
-            if not appending and self.header is not None:
-                write_header(self.f, self.header)
-        if line:
-            self.f.write(line)
-            self.f.flush()
+        try:
+            if self.f is None:
+                appending = self.log is not None and self.log.has_header
+                self.f = open(self.path, "a" if appending else "w", encoding="utf-8")
+                if not appending and self.header is not None:
+                    write_header(self.f, self.header)
+            if line:
+                self.f.write(line)
+                self.f.flush()
+                self.written += 1
+        except OSError as e:
+            raise _WriteFailed(f"cannot write --output {self.path} ({e.strerror or e})") from e
 
     def close(self) -> None:
         if self.f is not None:
-            self.f.close()
+            with contextlib.suppress(OSError):  # a full disk: already reported by write
+                self.f.close()
+
+
+class _WriteFailed(Exception):
+    """The answers file cannot be written (a full disk): the run stops, what was flushed stays."""
 
 
 def _answer_all(args, params, cfg, tokenizer, mesh, lines, log, header, cache, stop) -> int:
@@ -392,6 +438,11 @@ def _answer_all(args, params, cfg, tokenizer, mesh, lines, log, header, cache, s
                     write(j, a)
         except KeyboardInterrupt:
             interrupted = 130
+        except _WriteFailed as e:
+            stream.close()  # its progress bar ends its line first
+            print(f"error: {e}; the {out.written} answers written before it are kept there: free space, then run the same "
+                  "command with --resume to finish", file=sys.stderr)
+            return 1
         if stop.requested:
             interrupted = stop.exit_code
         if interrupted is not None:

@@ -34,10 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from PIL import Image
-from tqdm import tqdm
 
 from flexattn_jax.config import ModelConfig
 from flexattn_jax.generate import GenerateOutput, generate
+from flexattn_jax.logs import progress as progress_bar
 from flexattn_jax.preprocess import (
     BUCKETS,
     IMAGE_PLACEHOLDER,
@@ -45,8 +45,10 @@ from flexattn_jax.preprocess import (
     bucket_length,
     format_prompt,
     load_image,
+    longest_prompt,
     pad_batch,
     preprocess_image,
+    text_problem,
     tokenize_with_image,
 )
 from flexattn_jax.selection import margin_patches
@@ -97,6 +99,8 @@ def prepare(req: Request, cfg: ModelConfig, tokenizer, max_context: int) -> Prep
         raise PreprocessError(req.error)
     if not isinstance(req.prompt, str) or not req.prompt.strip():
         raise PreprocessError(f"empty prompt (got {req.prompt!r})")
+    if (bad := text_problem(req.prompt)) is not None:
+        raise PreprocessError(f"the prompt is {bad}")
     n_tags = req.prompt.count(IMAGE_PLACEHOLDER)
     if n_tags > 1 or (req.formatted and n_tags != 1):
         raise PreprocessError(f"the prompt has {n_tags} {IMAGE_PLACEHOLDER} tags; one image per prompt is supported"
@@ -109,6 +113,15 @@ def prepare(req: Request, cfg: ModelConfig, tokenizer, max_context: int) -> Prep
     if len(ids) > max_context:
         raise PreprocessError(f"prompt is {len(ids)} tokens with the image; the context allows {max_context}")
     return Prepared(ids, pixels.astype(jnp.dtype(cfg.dtype)), ori)
+
+
+def item_error(e: BaseException) -> str:
+    """One item's error message: the message of an input error, else the exception's type and message.
+
+    Any exception while preparing one item (a tokenizer's ``TypeError`` on odd text included) is that
+    item's error; its neighbours are still answered.
+    """
+    return str(e) if isinstance(e, PreprocessError | ValueError | OSError) else f"{type(e).__name__}: {e}"
 
 
 def check_batch_size(mesh: Mesh | None, batch_size: int) -> None:
@@ -226,10 +239,10 @@ def stream_answers(
         raise ValueError(f"workers={workers} must be at least 1")
     if mesh is not None:
         params = jax.device_put(params, param_shardings(params, mesh))
-    max_context = min(max(buckets), cfg.text.max_position_embeddings - max_new_tokens)
+    max_context = longest_prompt(cfg.text.max_position_embeddings, max_new_tokens, buckets)
     st = _Stats()
     total = len(requests) if isinstance(requests, Sized) else None
-    bar = tqdm(total=total, desc="answering", unit="item", disable=not progress)
+    bar = progress_bar(total=total, desc="answering", unit="item", disable=not progress)
     reader = _Reader(requests, batch_size)
     inflight: deque[tuple[int, Future]] = deque()  # submitted to the pool, in input order
     waiting: dict[int, list[tuple[int, Prepared]]] = {}  # bucket -> prepared items, in input order
@@ -338,8 +351,8 @@ def stream_answers(
                     i, fut = inflight.popleft()
                     try:
                         prep = fut.result()
-                    except (PreprocessError, ValueError, OSError) as e:
-                        yield from emit(i, Answer(None, error=str(e)))
+                    except Exception as e:  # noqa: BLE001 - one bad item never sinks the others
+                        yield from emit(i, Answer(None, error=item_error(e)))
                         continue
                     bucket = bucket_length(len(prep.ids), buckets)
                     waiting.setdefault(bucket, []).append((i, prep))
@@ -503,9 +516,11 @@ def answer(
     return [a for a in out if a is not None]
 
 
-def load_for_inference(checkpoint: str, dtype: str | None, mesh_spec: str | None, batch_size: int):
+def load_for_inference(checkpoint: str, dtype: str | None, mesh_spec: str | None, batch_size: int, quantize: str | None = None):
     """``(params, cfg, mesh)`` of a converted checkpoint for ``generate`` / ``eval``: the ``--mesh`` (errors name the
-    flag), the batch size checked against its data axis, the parameters sharded over it by the rules table."""
+    flag), the batch size checked against its data axis, the parameters sharded over it by the rules table; ``--quantize``
+    int8 / int4 quantises the decoder linears as they load (:mod:`flexattn_jax.quant`; a quantised model directory loads as
+    is)."""
     from flexattn_jax.checkpoint import load_converted
     from flexattn_jax.sharding import make_mesh
 
@@ -515,4 +530,12 @@ def load_for_inference(checkpoint: str, dtype: str | None, mesh_spec: str | None
         raise ValueError(f"--mesh {mesh_spec!r}: {e}") from e
     check_batch_size(mesh, batch_size)
     params, cfg = load_converted(checkpoint, dtype=dtype, sharding=mesh)
+    if quantize:
+        from flexattn_jax.quant import check_mode, quant_mode, quantize_params
+
+        have = quant_mode(params)
+        if have is None:
+            params = jax.jit(quantize_params, static_argnums=1)(params, check_mode(quantize))
+        elif have != quantize:
+            raise ValueError(f"--quantize {quantize}: {checkpoint} is stored quantised as {have}")
     return params, cfg, mesh

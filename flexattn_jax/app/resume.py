@@ -23,6 +23,7 @@ the scan keeps one short hash per answered item.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import heapq
 import itertools
@@ -41,6 +42,99 @@ SMALL_FILE = 1 << 16  # parameter-directory files up to this size (orbax metadat
 
 class ResumeError(ValueError):
     """The output file cannot be resumed into (not written by this command, another run's, or unreadable)."""
+
+
+class OutputBusyError(ValueError):
+    """Another live run holds the lock of this output (its PID is in the message); nothing was written."""
+
+
+# ---- one writer per output ---------------------------------------------------------------------------
+
+LOCK_SUFFIX = ".lock"
+
+
+def lock_path(output: str | Path) -> Path:
+    """The lock file of an answers file or run directory: its path plus ``.lock``, next to it."""
+    p = Path(output)
+    return p.with_name(p.name + LOCK_SUFFIX)
+
+
+@dataclass
+class OutputLock:
+    """An exclusive ``flock`` on :func:`lock_path` of an output, held for a whole run (:func:`lock_output`).
+
+    The lock file holds the holder's PID. The kernel drops the lock when its process dies, so a lock
+    file left by a killed run is taken over (``stale_pid`` is that run's PID); :meth:`release` removes it.
+    """
+
+    path: Path | None  # None: an output that is not a regular file (a pipe, /dev/full): nothing to lock
+    fd: int | None = None
+    stale_pid: int | None = None
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (a waiting run then sees the file gone and retries)."""
+        if self.fd is None:
+            return
+        try:
+            if self.path is not None and os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> OutputLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _lock_pid(fd: int) -> int | None:
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return int(text) if text.isdigit() else None
+
+
+def lock_output(output: str | Path, flag: str) -> OutputLock:
+    """Take the exclusive lock of ``output`` (an answers file or a run directory) for this process, at once.
+
+    Raises :class:`OutputBusyError` naming ``flag``, the output and the holder's PID when a live run holds
+    it; nothing is written then. An output that exists and is neither a regular file nor a directory
+    (``/dev/full``, a pipe) gets no lock. A stale lock file (its run was killed) is taken over.
+    """
+    out = Path(output)
+    if out.exists() and not (out.is_file() or out.is_dir()):
+        return OutputLock(None)
+    path = lock_path(out)
+    try:  # the output's parent may not exist yet (`--out runs/vstar`): the run would make it anyway
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputBusyError(f"{flag} {out}: cannot create its directory {path.parent} ({e.strerror or e})") from e
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputBusyError(f"{flag} {out}: cannot create its lock file {path} ({e.strerror or e})") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _lock_pid(fd)
+            os.close(fd)
+            if isinstance(e, BlockingIOError):
+                raise OutputBusyError(f"{flag} {out} is being written by another run (PID {holder or 'unknown'}, lock file "
+                                      f"{path}); nothing was written: wait for it to finish, or use another {flag}") from e
+            raise OutputBusyError(f"{flag} {out}: cannot lock {path} ({e.strerror or e})") from e
+        try:  # the file locked must still be the one at the path (a finishing holder removes it)
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    stale = _lock_pid(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return OutputLock(path, fd, stale if stale != os.getpid() else None)
 
 
 # ---- fingerprints ------------------------------------------------------------------------------------

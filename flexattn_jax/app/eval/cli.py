@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from flexattn_jax.app.eval.data import TASKS, EvalDataError, read_task
-from flexattn_jax.app.eval.runner import METRICS, PREDICTIONS, EvalSettings, Interrupted, Runner
+from flexattn_jax.app.eval.runner import METRICS, PREDICTIONS, EvalSettings, Interrupted, OutputWriteError, Runner
 from flexattn_jax.app.eval.sweep import budget_dir, parse_budgets, plot_sweep, sweep_table
 
 # the release's scripts generate up to 512 tokens; LLaVA's model_vqa_loader (letter / generic VQA) 128
@@ -42,9 +44,12 @@ tasks and the protocol each follows:
 Predictions go to OUT/predictions.jsonl as items finish, after a header record (the checkpoint's
 fingerprint and every setting that changes a prediction); re-running with the same --out skips the
 finished items, and refuses (leaving the file as it is) a predictions file with another header or one
-this command did not write. Ctrl-C or SIGTERM finishes the batch in flight and exits with 130 or 143;
+this command did not write. One run writes an --out at a time: it holds OUT.lock (with its PID) for the whole
+run; a second run on the same --out is refused at once, naming that PID (a lock left by a killed run is taken
+over). Ctrl-C or SIGTERM finishes the batch in flight and exits with 130 or 143;
 re-running resumes. The headline accuracy counts every item, a failed one as wrong, beside the number
-scored; exit status 1 when no item was scored, 2 on bad arguments.
+scored; exit status 1 when no item was scored or predictions.jsonl cannot be written (a full disk),
+2 on bad arguments or an --out in use by another run.
 OUT/metrics.json holds the metrics, the mean TFLOPs per item (XLA cost analysis of the
 programs that ran) and the wall time. OUT/results.json and OUT/samples_<task>.jsonl hold the same run in
 lmms-eval's layout and names (vstar_bench: vstar_overall_acc, vstar_<category>_acc, 0-100; textvqa_val:
@@ -73,6 +78,7 @@ def eval_parser(prog: str = "flexattn-jax eval") -> argparse.ArgumentParser:
     p.add_argument("--sweep-budget", default=None, metavar="B1,B2,...",
                    help="run at each of these HR budgets, e.g. 0.05,0.1,0.25,all: a table and OUT/sweep.png")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute/param dtype (default: as converted)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantise the decoder linears at load")
     p.add_argument("--mode", choices=["release", "inference"], default="release",
                    help="vstar likelihood: 'release' (the only select-row mode: each option token's row selects, as in "
                         "cached decoding); 'inference' is an alias of it, kept for old command lines")
@@ -116,11 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     from flexattn_jax.interrupt import StopRequests
 
     args = eval_parser().parse_args(argv)
-    with StopRequests() as stop:
-        return _eval(args, stop)
+    with StopRequests() as stop, contextlib.ExitStack() as held:
+        return _eval(args, stop, held)
 
 
-def _eval(args: argparse.Namespace, stop) -> int:
+def _eval(args: argparse.Namespace, stop, held: contextlib.ExitStack) -> int:
+    """The command after parsing; ``held`` keeps the --out lock until the command returns."""
     err = lambda msg: print(f"error: {msg}", file=sys.stderr) or 2  # noqa: E731
     if args.task != "vstar" and (args.protocol != "likelihood" or args.mode != "release"):
         return err("--protocol and --mode apply to vstar only")
@@ -133,6 +140,7 @@ def _eval(args: argparse.Namespace, stop) -> int:
     max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[args.task]
     if max_new < 1:
         return err(f"--max-new-tokens {max_new} must be at least 1")
+    from flexattn_jax.app.resume import lock_output
     from flexattn_jax.overrides import parse_hr_budget
     from flexattn_jax.paths import check_output_dir
 
@@ -146,6 +154,11 @@ def _eval(args: argparse.Namespace, stop) -> int:
         items = list(read_task(args.task, args.data, args.images, args.annotations, args.limit))
         if not items:
             raise EvalDataError(f"{args.data}: no {args.task} samples found")
+        if not Path(args.checkpoint).is_dir():  # before the lock, which makes --out's parent directory
+            raise EvalDataError(f"--checkpoint {args.checkpoint}: no such model directory")
+        lock = held.enter_context(lock_output(out, "--out"))  # one run writes a run directory at a time
+        if lock.stale_pid is not None:
+            print(f"note: took over the lock of {out} left by PID {lock.stale_pid} (no longer running)", file=sys.stderr)
     except (EvalDataError, ValueError) as e:
         return err(str(e))
     from flexattn_jax.app.compile_cache import setup_compile_cache
@@ -167,7 +180,8 @@ def _eval(args: argparse.Namespace, stop) -> int:
         settings = [EvalSettings(
             args.task, protocol=args.protocol, mode="release", ocr_tokens=args.ocr_tokens, batch_size=args.batch_size,
             max_new_tokens=max_new, checkpoint=fingerprint,
-            extra={"hr_budget": b or "checkpoint", "dtype": args.dtype or base.dtype, "overrides": list(args.set)},
+            extra={"hr_budget": b or "checkpoint", "dtype": args.dtype or base.dtype, "quantize": args.quantize,
+                   "overrides": list(args.set)},
         ) for b in budgets]
         for b, st in zip(budgets, settings, strict=True):
             read_predictions(run_dir(b) / PREDICTIONS, predictions_header(st))
@@ -177,7 +191,7 @@ def _eval(args: argparse.Namespace, stop) -> int:
         return stop.exit_code
     setup_compile_cache(args.compile_cache, disabled=args.no_compile_cache)
     try:
-        params, cfg, mesh = load_for_inference(args.checkpoint, args.dtype, args.mesh, args.batch_size)
+        params, cfg, mesh = load_for_inference(args.checkpoint, args.dtype, args.mesh, args.batch_size, args.quantize)
         cfg = apply_overrides(cfg, list(args.set))
         if args.sweep_budget and not cfg.flex.enabled:
             raise ValueError("--sweep-budget: FlexAttention is off in this checkpoint (no HR budget to sweep)")
@@ -186,7 +200,7 @@ def _eval(args: argparse.Namespace, stop) -> int:
         check_tokenizer_vocab(tokenizer, cfg.text.vocab_size)
     except (ValueError, OSError) as e:
         return err(str(e))
-    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    log = logging.getLogger(__name__).info
     t0 = time.perf_counter()
     rows = []
     for budget, cfg_b, st in zip(budgets, cfgs, settings, strict=True):
@@ -201,6 +215,9 @@ def _eval(args: argparse.Namespace, stop) -> int:
             return stop.exit_code
         except ValueError as e:  # ResumeError: another run's predictions file
             return err(str(e))
+        except OutputWriteError as e:  # a full disk
+            err(str(e))
+            return 1
         print(metrics_table(metrics))
         print(f"  predictions: {where / PREDICTIONS}; metrics: {where / METRICS}")
         rows.append(metrics)

@@ -104,18 +104,31 @@ def _str_field(record: dict, key: str, where: str) -> str:
 # ---- V* Bench --------------------------------------------------------------------------------------
 
 def read_vstar(root: str | Path) -> Iterator[Item]:
-    """V* Bench samples, category by category (``direct_attributes`` then ``relative_position``), ids sorted."""
+    """V* Bench samples, category by category (``direct_attributes`` then ``relative_position``), ids sorted.
+
+    An annotation that cannot be read (malformed, a directory, no permission) or an image without its
+    annotation is a :class:`BadSample` naming the file: counted as failed, never skipped silently.
+    """
     root = Path(root)
     present = [c for c in VSTAR_CATEGORIES if (root / c).is_dir()]
     if not present:
         raise EvalDataError(f"{root}: not a V* Bench folder (expected the subfolders {' and '.join(VSTAR_CATEGORIES)})")
     for category in present:
-        for anno in sorted((root / category).glob("*.json")):
-            sid = f"{category}/{anno.stem}"
+        folder = root / category
+        annotated = {p.stem for p in folder.glob("*.json")}
+        images = {p.stem: p for s in VSTAR_IMAGE_SUFFIXES for p in folder.glob("*." + s) if p.is_file()}
+        for stem in sorted(annotated | set(images)):
+            anno, sid = folder / f"{stem}.json", f"{category}/{stem}"
+            if stem not in annotated:  # an image of the benchmark without its question: reported, not skipped
+                yield BadSample(sid, f"image {images[stem]} has no annotation {anno.name} next to it", category)
+                continue
             try:
                 data = json.loads(anno.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 yield BadSample(sid, f"{anno}: malformed JSON: {e}", category)
+                continue
+            except OSError as e:  # a directory, an unreadable file: this sample's failure
+                yield BadSample(sid, f"{anno}: cannot read the annotation ({e.strerror or e})", category)
                 continue
             try:
                 if not isinstance(data, dict):

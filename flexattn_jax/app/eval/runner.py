@@ -10,8 +10,10 @@ kill is dropped. ``{out}/metrics.json`` holds the metrics of every current item;
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -22,17 +24,26 @@ from typing import Any
 
 from jax.sharding import Mesh
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from flexattn_jax.app.eval import tasks as K
 from flexattn_jax.app.eval.data import BadSample, Item, Sample
 from flexattn_jax.app.eval.likelihood import OptionQuestion, OptionScorer, losses_flops, option_tokens
 from flexattn_jax.app.eval.lmms import write_lmms
-from flexattn_jax.app.inference import Request, stream_answers
+from flexattn_jax.app.inference import Request, item_error, stream_answers
 from flexattn_jax.config import ModelConfig
 from flexattn_jax.flops import generation_flops
-from flexattn_jax.preprocess import BUCKETS, PreprocessError, bucket_length, format_prompt, preprocess_image, tokenize_with_image
+from flexattn_jax.logs import progress
+from flexattn_jax.preprocess import (
+    BUCKETS,
+    PreprocessError,
+    bucket_length,
+    format_prompt,
+    preprocess_image,
+    text_problem,
+    tokenize_with_image,
+)
 
+_log = logging.getLogger(__name__)
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
 
@@ -104,6 +115,15 @@ def _bounded(fn: Callable, items: Iterable, workers: int, depth: int) -> Iterato
 
 # ---- the run --------------------------------------------------------------------------------------
 
+class OutputWriteError(Exception):
+    """``predictions.jsonl`` cannot be written (a full disk); the message says what was kept and how to resume."""
+
+
+def _write_failed(path: Path, e: OSError) -> OutputWriteError:
+    return OutputWriteError(f"cannot write {path} ({e.strerror or e}); the finished items written before are kept: free "
+                            "space, then re-run the same command to resume")
+
+
 class Interrupted(Exception):  # noqa: N818 - a stop request, not an error
     """The run stopped at a stop request (Ctrl-C, SIGTERM) after the batch in flight; the message says where the
     finished items are."""
@@ -125,7 +145,7 @@ class Runner:
     """
 
     def __init__(self, params: dict, cfg: ModelConfig, tokenizer: Any, settings: EvalSettings, *, mesh: Mesh | None = None,
-                 progress: bool = True, log: Callable[[str], None] = print):
+                 progress: bool = True, log: Callable[[str], None] = _log.info):
         self.params, self.cfg, self.tokenizer, self.s = params, cfg, tokenizer, settings
         self.mesh, self.progress, self.log = mesh, progress, log
         self.stats: dict[str, Any] = {}
@@ -146,12 +166,13 @@ class Runner:
             if isinstance(item, BadSample):
                 failures.append({"id": item.id, "error": item.error, "category": item.category})
                 continue
-            try:
+            try:  # any failure of one sample is its own (a question that is not UTF-8 text among them)
                 user = K.user_text(self.s.task, item, self.s.protocol, self.s.ocr_tokens)
-            except ValueError as e:
-                failures.append({"id": item.id, "error": str(e), "category": item.category})
-                continue
-            pending.append(Pending(item, user, K.item_key(item, user, self.s.key_fields())))
+                if (bad := text_problem(user)) is not None:
+                    raise PreprocessError(f"sample {item.id!r}: its question is {bad}")
+                pending.append(Pending(item, user, K.item_key(item, user, self.s.key_fields())))
+            except Exception as e:  # noqa: BLE001
+                failures.append({"id": item.id, "error": item_error(e), "category": item.category})
         path = None if out is None else Path(out) / PREDICTIONS
         header = predictions_header(self.s)
         done = read_predictions(path, header) if path is not None else {}
@@ -163,24 +184,33 @@ class Runner:
             path.parent.mkdir(parents=True, exist_ok=True)
         sink = None
         if path is not None:
-            fresh = not path.exists() or path.stat().st_size == 0
-            sink = open(path, "a")
-            if fresh:
-                from flexattn_jax.app.resume import write_header
+            from flexattn_jax.app.resume import write_header
 
-                write_header(sink, header)
+            fresh = not path.exists() or path.stat().st_size == 0
+            try:
+                sink = open(path, "a")
+                if fresh:
+                    write_header(sink, header)
+            except OSError as e:
+                if sink is not None:
+                    with contextlib.suppress(OSError):
+                        sink.close()
+                raise _write_failed(path, e) from e
         run = self._likelihood if not self.s.generates else self._generate
         records = run(todo, stopping)
         try:
-            bar = tqdm(total=len(todo), desc=self.s.task, unit="item", disable=not self.progress)
+            bar = progress(total=len(todo), desc=self.s.task, unit="item", disable=not self.progress)
             for rec in records:
                 if rec.get("error") is not None:
                     failures.append({"id": rec["id"], "error": rec["error"], "category": rec.get("category", "")})
                 else:
                     answered[rec["key"]] = rec
                 if sink is not None:
-                    sink.write(json.dumps(rec) + "\n")
-                    sink.flush()
+                    try:
+                        sink.write(json.dumps(rec) + "\n")
+                        sink.flush()
+                    except OSError as e:  # a full disk: what was flushed stays, the run stops
+                        raise _write_failed(path, e) from e
                 bar.update(1)
                 if stopping():
                     break
@@ -188,7 +218,8 @@ class Runner:
         finally:
             records.close()  # the pipeline's threads stop before anything else happens
             if sink is not None:
-                sink.close()
+                with contextlib.suppress(OSError):  # a full disk: reported above
+                    sink.close()
         if stopping():
             raise Interrupted(f"finished items are in {path}" if path is not None else "stopped")
         order = {p.key: n for n, p in enumerate(pending)}  # input order, however the run was split
@@ -232,7 +263,7 @@ class Runner:
                 if err is None:
                     yield pos, item
                 else:
-                    errors.append(self._record(p, error=_message(err)))
+                    errors.append(self._record(p, error=item_error(err)))
 
         for pos, losses, shapes, real_rows in scorer.score(good()):
             yield from _drain(errors)
@@ -289,7 +320,3 @@ class Runner:
 def _drain(errors: list) -> Iterator:
     while errors:
         yield errors.pop(0)
-
-
-def _message(e: BaseException) -> str:
-    return str(e) if isinstance(e, PreprocessError | ValueError | OSError) else f"{type(e).__name__}: {e}"
