@@ -191,3 +191,20 @@ def test_a_failed_prefill_answers_its_requests_with_the_error_and_the_engine_goe
         assert len(ok.tokens) >= 1 and engine.pending == 0
     finally:
         engine.close(60)
+
+
+def test_a_bad_request_gets_its_error_and_any_64_bit_seed_samples(model, monkeypatch):
+    """A request whose preparation raises (any exception) is answered with its error, not a 500, beside a sampled
+    request whose seed is the largest 64-bit integer the API accepts (folded into the slot's int32)."""
+    engine = _engine(model, slots=4)
+    try:
+        good, bad = _requests(2)
+        big = ChatRequest(good, 3, temperature=1.0, seed=2**63 - 1)
+        run = _Run(engine, [big, ChatRequest(Request(bad.image, "   "), 3), ChatRequest(Request(b"not an image", "what?"), 3)])
+        for d in run.done:
+            assert d.wait(120)
+        again = _Run(engine, [big]).wait()
+    finally:
+        engine.close(60)
+    assert run.results[0].error is None and run.results[0].tokens == again[0].tokens
+    assert "empty prompt" in run.results[1].error and run.results[2].error
