@@ -238,6 +238,9 @@ def test_wave_disconnect_full_queue_503_then_sigterm_answers_the_requests_in_fli
             with pytest.raises(httpx.ReadTimeout):
                 httpx.post(s.url + "/v1/chat/completions", json=body, timeout=0.5)
             assert other.result().status_code == 200
+        deadline = time.monotonic() + 30  # the stderr reader thread may lag the answer on a loaded machine
+        while not any("serve: batch:" in line for line in s.lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert [line.split("batch: ")[1].split(",")[0] for line in s.lines if "serve: batch:" in line] == ["1/8 rows"]
 
         with ThreadPoolExecutor(10) as pool:
