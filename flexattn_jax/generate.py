@@ -124,10 +124,26 @@ def prefill(
     rng: jax.Array | None = None,
 ) -> tuple[DecodeState, Float[Array, "B V"], StepMaps | None]:
     """Run the (left-padded) prompt, fill the cache; return the state and the last row's logits."""
-    b, t = input_ids.shape
     attention_mask = attention_mask.astype(bool)
     positions = positions_from_mask(attention_mask)
     x, hr = embed_inputs(params, cfg, input_ids, pixel_values, positions, margin)
+    return prefill_embedded(params, cfg, x, hr, attention_mask, positions, max_len=max_len, hr_strategy=hr_strategy, rng=rng)
+
+
+def prefill_embedded(
+    params: dict,
+    cfg: ModelConfig,
+    x: Float[Array, "B T D"],
+    hr: HRContext | None,
+    attention_mask: Bool[Array, "B T"],
+    positions: Int[Array, "B T"],
+    *,
+    max_len: int,
+    hr_strategy: HRStrategy = "project",
+    rng: jax.Array | None = None,
+) -> tuple[DecodeState, Float[Array, "B V"], StepMaps | None]:
+    """:func:`prefill` from the embedded prompt (image features merged in) and its HR context."""
+    b, t = attention_mask.shape
     cache = empty_cache(cfg, b, max_len)
     cache = cache._replace(valid=cache.valid.at[:, :t].set(attention_mask))
     hr_kv = _initial_hr_kv(params, cfg, hr, hr_strategy, b)
@@ -168,13 +184,26 @@ def sample_token(
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
     if top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        keep_sorted = jnp.cumsum(probs, axis=-1) - probs < top_p  # always keeps the top token
-        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-        logits = jnp.where(keep, logits, -jnp.inf)
+        logits = nucleus_filter(logits, jnp.float32(top_p))
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def nucleus_filter(logits: Float[Array, "B V"], top_p: Float[Array, "*B"]) -> Float[Array, "B V"]:
+    """``-inf`` outside each row's nucleus: the most probable tokens whose probabilities sum to ``top_p`` (a scalar or
+    one per row; the top token is always kept, ``top_p >= 1`` keeps every token)."""
+    top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), logits.shape[:1])[:, None]
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    keep_sorted = (jnp.cumsum(probs, axis=-1) - probs < top_p) | (top_p >= 1.0)  # always keeps the top token
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    return jnp.where(keep, logits, -jnp.inf)
+
+
+def selection_rng(rng: jax.Array | None) -> jax.Array:
+    """The key of the random-selection ablation's masks: derived from the sampling key (default key 0); decode step
+    ``i`` (the one predicting token ``i``) folds in ``i``."""
+    return jax.random.fold_in(rng if rng is not None else jax.random.key(0), 1 << 20)
 
 
 class GenerateOutput(NamedTuple):
@@ -224,7 +253,7 @@ def generate(
         raise ValueError(f"max_len={max_len} < prompt {t} + max_new_tokens {n}")
     sel_rng = None
     if cfg.flex.enabled and cfg.flex.selection == "random":  # the ablation draws its masks from rng (default key 0)
-        sel_rng = jax.random.fold_in(rng if rng is not None else jax.random.key(0), 1 << 20)
+        sel_rng = selection_rng(rng)
     state, logits, maps0 = prefill(
         params, cfg, input_ids, pixel_values, attention_mask, margin, max_len=max_len, hr_strategy=hr_strategy, rng=sel_rng
     )

@@ -360,8 +360,24 @@ def embed_inputs(
         lambda p: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
         pixel_values,
     )
-    x = merge_image_features(x, input_ids, feats, cfg.image_token_id)
-    hr = None if hr_feats is None else hr_context(cfg, hr_feats.astype(x.dtype), input_ids, positions, margin)
+    return embed_with_features(params, cfg, input_ids, feats, hr_feats, positions, margin, x)
+
+
+def embed_with_features(
+    params: dict,
+    cfg: ModelConfig,
+    input_ids: Int[Array, "B T"],
+    features: Float[Array, "B P D"],
+    hr_features: Float[Array, "B M D"] | None,
+    positions: Int[Array, "B T"],
+    margin: Int[Array, "B 2"] | None,
+    x: Float[Array, "B T D"] | None = None,
+) -> tuple[Float[Array, "B T D"], HRContext | None]:
+    """:func:`embed_inputs` from already encoded images (:func:`encode`'s two outputs): the decode slots' image cache
+    runs the vision tower once per image and prefills from its features."""
+    x = embed_tokens(params["text"], cfg, input_ids) if x is None else x
+    x = merge_image_features(x, input_ids, features, cfg.image_token_id)
+    hr = None if hr_features is None else hr_context(cfg, hr_features.astype(x.dtype), input_ids, positions, margin)
     return x, hr
 
 

@@ -133,3 +133,21 @@ def test_data_parallel_answers_equal_single_device():
     assert any(a.hr_masks.any() for a in single)
     with pytest.raises(ValueError, match=r"batch_size=6 is not a multiple of the mesh's data axis \(8\)"):
         answer(params, cfg, tokenizer, requests, mesh=mesh, batch_size=6, max_new_tokens=4, progress=False)
+
+
+def test_tensor_and_data_parallel_answers_equal_single_device():
+    """8 host devices, data=2 x tensor=4: the parameters sharded by the rules table (heads, MLP, vocabulary over tensor),
+    batches over data; the same tokens as one device, for each HR strategy."""
+    from flexattn_jax.sharding import param_shardings
+
+    cfg, tokenizer, params = _tiny_answer_setup(threshold=48.0)
+    requests = _requests([0, 5, 9, 14, 2, 20, 17, 11, 7], seed=1)
+    mesh = make_mesh("data=2,tensor=4")
+    specs = [s.spec for s in jax.tree.leaves(param_shardings(params, mesh))]
+    assert sum("tensor" in str(s) for s in specs) >= 5  # really sharded, not replicated
+    for strategy in ("project", "incremental"):
+        kw = dict(batch_size=4, max_new_tokens=4, progress=False, hr_strategy=strategy)
+        single = answer(params, cfg, tokenizer, requests, **kw)
+        sharded = answer(params, cfg, tokenizer, requests, mesh=mesh, **kw)
+        assert [a.tokens for a in sharded] == [a.tokens for a in single], strategy
+        assert all(np.array_equal(a.hr_masks, b.hr_masks) for a, b in zip(single, sharded, strict=True))

@@ -1,9 +1,11 @@
-"""`flexattn-jax serve` (issue 23): a real server in a subprocess on localhost, the real `openai` client, raw HTTP.
+"""`flexattn-jax serve` (issues 23, 35): a real server in a subprocess on localhost, the real `openai` client, raw HTTP.
 
-One module-scoped server (tiny checkpoint, --warmup, the compile cache shared with the `generate`
-reference run) answers the chat, streaming, concurrency and bad-input cases; two short-lived
-servers show a full queue (503 with Retry-After) and SIGTERM draining the requests in flight
-(exit status 0). `bench.serve --smoke` runs the benchmark end to end at small counts.
+One module-scoped server (tiny checkpoint, the decode slots engine, --warmup, the compile cache
+shared with the `generate` reference run) answers the chat, streaming, concurrency and bad-input
+cases; a second one with 64-token answers shows real streaming, a short request overtaking a long
+one and the image feature cache. Short-lived servers show a full queue (503 with Retry-After) and
+SIGTERM draining the requests in flight (exit status 0), for the engine and for the wave
+scheduler. `bench.serve --smoke` runs the benchmark end to end at small counts.
 """
 
 from __future__ import annotations
@@ -146,16 +148,23 @@ def test_sixteen_concurrent_requests_each_equal_generate(server, items):
     with ThreadPoolExecutor(16) as pool:
         got = list(pool.map(ask, range(16)))
     assert got == [a for _, _, a in items]
-    metrics = httpx.get(server.url + "/metrics", timeout=10).text
-    assert 'flexattn_requests_total{code="200"}' in metrics and "flexattn_batch_size_bucket" in metrics
-    assert "flexattn_queue_depth 0.0" in metrics and "flexattn_request_latency_seconds_count" in metrics
-    batch_lines = [line for line in server.lines if "serve: batch:" in line]
-    assert batch_lines and all("bucket 64" in line for line in batch_lines)
+    metrics = _metrics(server)
+    assert metrics['flexattn_requests_total{code="200"}'] >= 16 and metrics["flexattn_queue_depth"] == 0
+    assert metrics["flexattn_slots"] == 8 and metrics["flexattn_slots_in_use"] == 0
+    assert metrics["flexattn_time_to_first_token_seconds_count"] >= 16 and metrics["flexattn_queue_wait_seconds_count"] >= 16
+    assert metrics["flexattn_inter_token_latency_seconds_count"] >= 1 and metrics["flexattn_request_latency_seconds_count"] >= 16
+    assert metrics["flexattn_image_cache_hits_total"] >= 12  # 16 requests about 4 images
+
+
+def _metrics(server) -> dict[str, float]:
+    """The server's /metrics samples by name (labels included, as Prometheus prints them)."""
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
 
 
 @pytest.mark.slow
 def test_sampling_requests_with_a_seed(server, items):
-    """temperature > 0 compiles its own program (a static argument); the same seed alone in its batch repeats itself."""
+    """A sampled request with a seed repeats itself (its own key in its slot)."""
     client = _client(server)
     path, question, _ = items[0]
     message = [{"role": "user", "content": [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": path.name}}]}]
@@ -214,12 +223,13 @@ def test_bad_requests_get_a_named_4xx_and_the_server_keeps_serving(server, world
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == expected
 
 
-def test_disconnect_full_queue_503_then_sigterm_answers_the_requests_in_flight_and_exits_0(world):
-    """One short-lived server, --max-queue 2 and a 3 s batch window. A client that disconnects while waiting is left
+def test_wave_disconnect_full_queue_503_then_sigterm_answers_the_requests_in_flight_and_exits_0(world):
+    """One short-lived server with the wave scheduler, --max-queue 2 and a 3 s batch window. A client that disconnects while waiting is left
     out of the batch; the other request is answered. Of 10 requests sent at once, two wait in the window and eight
     get 503 with Retry-After. Then SIGTERM with two requests waiting: both are
     answered, the process exits with status 0 and no longer listens."""
-    args = ["--checkpoint", str(world["ckpt"]), "--model-name", "tiny", *SERVE, "--max-queue", "2", "--batch-window-ms", "3000"]
+    args = ["--checkpoint", str(world["ckpt"]), "--model-name", "tiny", *SERVE, "--max-queue", "2", "--batch-window-ms", "3000",
+            "--scheduler", "wave"]
     body = _body(_data_url((world["root"] / "img0.png").read_bytes()))
     post = lambda _=None: httpx.post(s.url + "/v1/chat/completions", json=body, timeout=120)  # noqa: E731
     with ServerProcess(args, env=_env(world["cache"]), ready_timeout=300) as s:
@@ -228,6 +238,9 @@ def test_disconnect_full_queue_503_then_sigterm_answers_the_requests_in_flight_a
             with pytest.raises(httpx.ReadTimeout):
                 httpx.post(s.url + "/v1/chat/completions", json=body, timeout=0.5)
             assert other.result().status_code == 200
+        deadline = time.monotonic() + 30  # the stderr reader thread may lag the answer on a loaded machine
+        while not any("serve: batch:" in line for line in s.lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert [line.split("batch: ")[1].split(",")[0] for line in s.lines if "serve: batch:" in line] == ["1/8 rows"]
 
         with ThreadPoolExecutor(10) as pool:
@@ -253,6 +266,129 @@ def test_disconnect_full_queue_503_then_sigterm_answers_the_requests_in_flight_a
         assert any("SIGTERM" in line for line in s.lines)
         with pytest.raises(httpx.TransportError):
             httpx.get(s.url + "/health", timeout=5)
+
+
+LONG = 64
+
+
+@pytest.fixture(scope="module")
+def long_server(world):
+    """The engine with 4 slots and answers of up to 64 tokens."""
+    args = ["--checkpoint", str(world["ckpt"]), "--model-name", "tiny", "--max-new-tokens", str(LONG), "--max-prompt-tokens", "64",
+            "--slots", "4", "--warmup", "--image-root", str(world["root"])]
+    with ServerProcess(args, env=_env(world["cache"]), ready_timeout=300) as s:
+        yield s
+
+
+def _ask(client, image: str, question: str, history: list | None = None, **kw):
+    first = {"role": "user", "content": [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": image}}]}
+    return client.chat.completions.create(model="tiny", messages=[first, *(history or [])], **kw)
+
+
+@pytest.fixture(scope="module")
+def long_item(long_server):
+    """An (image, question) whose greedy answer runs all 64 tokens (the model does not stop early), and that answer."""
+    client = _client(long_server)
+    for i in range(4):
+        for q in QUESTIONS:
+            r = _ask(client, f"img{i}.png", q)
+            if r.usage.completion_tokens == LONG:
+                return f"img{i}.png", q, r.choices[0].message.content
+    pytest.fail("every question stopped before 64 tokens")
+
+
+def test_streaming_sends_the_tokens_as_they_are_decoded(long_server, long_item):
+    """The first chunk comes right after the prefill, the text chunks spread over the decoding; together they are the
+    non-streamed answer, and the usage comes last."""
+    image, question, expected = long_item
+    t0 = time.perf_counter()
+    arrivals, texts, chunks = [], [], []
+    for chunk in _ask(_client(long_server), image, question, stream=True, stream_options={"include_usage": True}):
+        arrivals.append(time.perf_counter() - t0)
+        texts.append(chunk.choices[0].delta.content if chunk.choices else None)
+        chunks.append(chunk)
+    assert "".join(t or "" for t in texts) == expected
+    assert chunks[-1].usage.completion_tokens == LONG and [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    content = [a for a, t in zip(arrivals, texts, strict=True) if t]
+    assert len(content) >= 8, texts  # token by token, not one block
+    assert arrivals[0] < arrivals[-1] and content[-1] - content[0] > 0.25 * arrivals[-1], (arrivals[0], content[0], arrivals[-1])
+
+
+def test_a_short_request_sent_while_a_long_one_decodes_finishes_first(long_server, long_item):
+    """Continuous batching: a 1-token request sent after the 64-token one's first chunk takes a free slot at once."""
+    image, question, expected = long_item
+    chunks = iter(_ask(_client(long_server), image, question, stream=True))
+    text = next(chunks).choices[0].delta.content or ""  # the long request is in its slot, decoding
+    finished: dict[str, float] = {}
+
+    def short():
+        r = _ask(_client(long_server), "img1.png", "which colour?", max_tokens=1)
+        finished["short"] = time.perf_counter()
+        return r
+
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(short)
+        text += "".join(c.choices[0].delta.content or "" for c in chunks)
+        finished["long"] = time.perf_counter()
+        assert fut.result().usage.completion_tokens == 1
+    assert text == expected
+    assert finished["short"] < finished["long"], finished
+
+
+def test_a_repeated_image_is_encoded_once(long_server):
+    """The second question about an image (and a follow-up turn) take its features from the cache: same answer, a hit."""
+    client = _client(long_server)
+    url = _data_url(_png(np.random.default_rng(7).integers(0, 256, (36, 28, 3), dtype=np.uint8)))
+    m0 = _metrics(long_server)
+    a = _ask(client, url, "what is it?", max_tokens=8)
+    m1 = _metrics(long_server)
+    b = _ask(client, url, "what is it?", max_tokens=8)
+    follow = _ask(client, url, "what is it?", [{"role": "assistant", "content": "a square"}, {"role": "user", "content": "why?"}],
+                  max_tokens=8)
+    m2 = _metrics(long_server)
+    hits, misses = "flexattn_image_cache_hits_total", "flexattn_image_cache_misses_total"
+    assert (m1[misses] - m0[misses], m1[hits] - m0[hits]) == (1, 0)
+    assert (m2[misses] - m1[misses], m2[hits] - m1[hits]) == (0, 2)
+    assert b.choices[0].message.content == a.choices[0].message.content and follow.usage.prompt_tokens > a.usage.prompt_tokens
+
+
+def test_engine_full_queue_503_then_sigterm_finishes_the_streams_in_flight(world):
+    """One slot, --max-queue 2: of 12 requests sent at once at most two are accepted while the first compiles and
+    decodes, the others get 503 with Retry-After. Then two streamed 64-token answers, SIGTERM once the first has
+    begun: both stream to the end ([DONE]) and the process exits with status 0."""
+    args = ["--checkpoint", str(world["ckpt"]), "--model-name", "tiny", "--max-new-tokens", str(LONG), "--max-prompt-tokens", "64",
+            "--slots", "1", "--max-queue", "2"]
+    body = _body(_data_url((world["root"] / "img0.png").read_bytes()))
+    with ServerProcess(args, env=_env(world["cache"]), ready_timeout=300) as s:
+        post = lambda _=None: httpx.post(s.url + "/v1/chat/completions", json=body, timeout=300)  # noqa: E731
+        with ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(post, range(12)))
+        codes = sorted(r.status_code for r in responses)
+        assert set(codes) == {200, 503} and codes.count(200) >= 2, codes
+        busy = next(r for r in responses if r.status_code == 503)
+        assert int(busy.headers["Retry-After"]) >= 1 and "--max-queue 2" in busy.json()["error"]["message"]
+
+        started = threading.Event()
+        streams: list[list[str]] = [[], []]
+
+        def stream(i: int) -> None:
+            with httpx.stream("POST", s.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=300) as r:
+                for line in r.iter_lines():
+                    if line:
+                        streams[i].append(line)
+                        started.set()
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        assert started.wait(120)
+        assert s.terminate(timeout=120) == 0
+        for t in threads:
+            t.join(60)
+        for lines in streams:
+            assert lines[-1] == "data: [DONE]", lines[-3:]
+            assert json.loads(lines[-2].removeprefix("data: "))["choices"][0]["finish_reason"] in ("stop", "length")
+        assert any("SIGTERM" in line for line in s.lines)
 
 
 def test_parse_chat_renders_like_generate_and_names_each_problem(tmp_path):
@@ -286,12 +422,14 @@ def test_bad_flags_exit_2_before_loading(world, argv, fragment, capsys):
 
 
 def test_bench_smoke(world, tmp_path):
-    """The benchmark end to end at --smoke counts, on the tiny checkpoint (its program is in the shared compile cache)."""
+    """The benchmark end to end at --smoke counts, on the tiny checkpoint: both schedulers answer every request."""
     out = tmp_path / "serve.json"
-    subprocess.run([sys.executable, "-m", "bench.serve", "--smoke", "--checkpoint", str(world["ckpt"]), "--out", str(out)],
-                   env=_env(world["cache"]), check=True, capture_output=True, timeout=600)
+    subprocess.run([sys.executable, "-m", "bench.serve", "--smoke", "--checkpoint", str(world["ckpt"]), "--short", "2", "--long", "8",
+                    "--out", str(out)], env=_env(world["cache"]), check=True, capture_output=True, timeout=900)
     r = json.loads(out.read_text())
-    assert r["concurrent"]["requests"] == 16 and r["soak"]["requests"] == 32 and r["sequential"]["requests"] == 4
-    assert all(p["ok"] == p["requests"] for p in (r["sequential"], r["concurrent"], r["soak"]))
-    assert sum(r["concurrent"]["batch_sizes"].values()) >= 2 and r["exit_status"] == 0
+    phases = (r["wave"]["mixed"], r["slots"]["mixed"], r["soak"])
+    assert [p["requests"] for p in phases] == [16, 16, 32] and all(p["ok"] == p["requests"] for p in phases)
+    assert all(0 < p["ttft_p50_s"] <= p["latency_p50_s"] for p in phases)
+    assert 0 < r["slots"]["mixed"]["occupancy"] <= 1 and 0 < r["wave"]["mixed"]["occupancy"] <= 1
+    assert r["repeat"]["cache_hits"] >= 2 and r["wave"]["exit_status"] == r["slots"]["exit_status"] == 0
     assert {g["goal"] for g in r["goals"]} >= {"lost requests (no HTTP answer) == 0", "5xx other than 503 == 0"}

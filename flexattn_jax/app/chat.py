@@ -316,14 +316,25 @@ def completion_body(c: Completion, model: str) -> dict[str, Any]:
             "usage": _usage(c)}
 
 
-def stream_chunks(c: Completion, model: str, include_usage: bool) -> list[dict[str, Any]]:
-    """The ``chat.completion.chunk`` objects of a streamed answer: the role, the text, the finish reason (then the usage)."""
-    base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
-    choice = lambda delta, finish: {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}  # noqa: E731
-    chunks = [{**base, "choices": [choice({"role": "assistant", "content": ""}, None)]}]
-    if c.text:
-        chunks.append({**base, "choices": [choice({"content": c.text}, None)]})
-    chunks.append({**base, "choices": [choice({}, c.finish_reason)]})
-    if include_usage:
-        chunks.append({**base, "choices": [], "usage": _usage(c)})
-    return chunks
+class StreamWriter:
+    """The ``chat.completion.chunk`` objects of one streamed answer, made as its text arrives (one id for all)."""
+
+    def __init__(self, model: str):
+        self.base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+                     "model": model}
+
+    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {**self.base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+    def role(self) -> dict[str, Any]:
+        return self.chunk({"role": "assistant", "content": ""})
+
+    def text(self, text: str) -> dict[str, Any]:
+        return self.chunk({"content": text})
+
+    def finish(self, c: Completion) -> dict[str, Any]:
+        return self.chunk({}, c.finish_reason)
+
+    def usage(self, c: Completion) -> dict[str, Any]:
+        return {**self.base, "choices": [], "usage": _usage(c)}
+

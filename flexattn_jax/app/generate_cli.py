@@ -45,7 +45,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "answer is longer than about M/K - 1 tokens; Lh x M x Hkv x d x 2 values per sample); see "
                    "flexattn_jax.generate for the others (default: project)")
     p.add_argument("--mesh", metavar="SPEC", default=None,
-                   help="data parallel over devices, e.g. 'data=8' or 'data=-1' (all devices): parameters replicated, "
+                   help="devices to run on, e.g. 'data=8', 'data=2,tensor=4' or 'data=-1' (all devices): parameters sharded by "
+                   "the rules table (heads, MLP and vocabulary over tensor, the embedding over fsdp), "
                    "each batch split over the data axis (default: one device)")
 
 

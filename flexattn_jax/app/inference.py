@@ -9,9 +9,10 @@ overlap) and yields each answer as its batch finishes. Host memory depends on ``
 
 Per-item failures (a missing or corrupt image, an empty or too long prompt, more than one
 ``<image>`` placeholder, an unreadable input line) are reported for that item; the other items are
-still answered. With a mesh, batches are data parallel: the parameters are replicated and each
-batch is split over the mesh's ``data`` (and, where it divides, ``fsdp``) axis; the tokens are the
-same as on one device.
+still answered. With a mesh, the parameters are sharded by the project's rules table
+(:mod:`flexattn_jax.sharding`: heads, MLP and vocabulary over ``tensor``, the embedding over
+``fsdp``) and each batch is split over the mesh's ``data`` (and, where it divides, ``fsdp``) axis;
+the tokens are the same as on one device.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from flexattn_jax.preprocess import (
     tokenize_with_image,
 )
 from flexattn_jax.selection import margin_patches
-from flexattn_jax.sharding import batch_sharding, replicated, target_mesh
+from flexattn_jax.sharding import batch_sharding, param_shardings, target_mesh
 
 
 @dataclass
@@ -238,7 +239,7 @@ def stream_answers(
     if workers < 1:
         raise ValueError(f"workers={workers} must be at least 1")
     if mesh is not None:
-        params = jax.device_put(params, replicated(mesh))
+        params = jax.device_put(params, param_shardings(params, mesh))
     max_context = longest_prompt(cfg.text.max_position_embeddings, max_new_tokens, buckets)
     st = _Stats()
     total = len(requests) if isinstance(requests, Sized) else None
@@ -518,8 +519,9 @@ def answer(
 
 def load_for_inference(checkpoint: str, dtype: str | None, mesh_spec: str | None, batch_size: int, quantize: str | None = None):
     """``(params, cfg, mesh)`` of a converted checkpoint for ``generate`` / ``eval``: the ``--mesh`` (errors name the
-    flag), the batch size checked against its data axis, the parameters replicated over it; ``--quantize`` int8 / int4
-    quantises the decoder linears as they load (:mod:`flexattn_jax.quant`; a quantised model directory loads as is)."""
+    flag), the batch size checked against its data axis, the parameters sharded over it by the rules table; ``--quantize``
+    int8 / int4 quantises the decoder linears as they load (:mod:`flexattn_jax.quant`; a quantised model directory loads as
+    is)."""
     from flexattn_jax.checkpoint import load_converted
     from flexattn_jax.sharding import make_mesh
 
@@ -528,7 +530,7 @@ def load_for_inference(checkpoint: str, dtype: str | None, mesh_spec: str | None
     except ValueError as e:
         raise ValueError(f"--mesh {mesh_spec!r}: {e}") from e
     check_batch_size(mesh, batch_size)
-    params, cfg = load_converted(checkpoint, dtype=dtype, sharding=None if mesh is None else replicated(mesh))
+    params, cfg = load_converted(checkpoint, dtype=dtype, sharding=mesh)
     if quantize:
         from flexattn_jax.quant import check_mode, quant_mode, quantize_params
 

@@ -1,6 +1,11 @@
-"""``flexattn-jax serve``: an OpenAI-compatible HTTP server on the jitted generation, with dynamic batching.
+"""``flexattn-jax serve``: an OpenAI-compatible HTTP server on the jitted generation.
 
-A scheduler thread takes requests from a bounded queue: the first one opens a window of
+Two schedulers. The default, ``--scheduler slots``, is the engine of
+:mod:`flexattn_jax.app.engine`: continuous batching over ``--slots`` decode slots, each request
+prefilled as soon as a slot is free and its tokens streamed as they are decoded. The other,
+``--scheduler wave`` (the baseline of ``bench.serve``), is the dynamic batching described below.
+
+The wave scheduler's thread takes requests from a bounded queue: the first one opens a window of
 ``--batch-window-ms`` in which up to ``--max-batch`` requests gather (requests already waiting
 are taken along, up to :func:`~flexattn_jax.app.inference.default_window`, so the length bucketing has
 something to group). That wave goes through :func:`~flexattn_jax.app.inference.stream_answers`, the
@@ -41,9 +46,10 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from flexattn_jax.app.chat import ChatError, ChatRequest, Limits, completion_body, completion_of, error_body, parse_chat, stream_chunks
+from flexattn_jax.app.chat import ChatError, ChatRequest, Limits, StreamWriter, completion_body, completion_of, error_body, parse_chat
+from flexattn_jax.app.engine import Engine, QueueLimit
 from flexattn_jax.app.inference import Answer, Request, default_window, stream_answers
-from flexattn_jax.preprocess import BUCKETS, bucket_length, format_prompt, longest_prompt, tokenize_with_image
+from flexattn_jax.preprocess import BUCKETS, bucket_length, format_prompt, tokenize_with_image
 
 log = logging.getLogger("flexattn_jax.serve")
 
@@ -83,8 +89,22 @@ def serve_parser(prog: str = "flexattn-jax serve") -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt accepted, image tokens included, rounded up to a length bucket; fewer buckets to "
                    "compile (default: the model's context less --max-new-tokens)")
+    p.add_argument("--scheduler", choices=["slots", "wave"], default="slots",
+                   help="'slots': continuous batching over --slots decode slots, tokens streamed as decoded; 'wave': dynamic "
+                   "batching of whole requests through generate's batches of --max-batch rows (the baseline) (default: slots)")
+    p.add_argument("--slots", type=int, default=8,
+                   help="decode slots (--scheduler slots): requests decoded together, one step program compiled (default: 8)")
+    p.add_argument("--prefill-batch", type=int, default=4,
+                   help="requests of one length bucket prefilled together when several wait (--scheduler slots; default: 4)")
+    p.add_argument("--decode-steps", type=int, default=4,
+                   help="tokens each slot decodes per call of the step program (--scheduler slots): one host round trip for "
+                   "several tokens; a request waits at most this many steps for a free slot's turn (default: 4)")
+    p.add_argument("--image-cache-mb", type=float, default=256.0,
+                   help="image features (vision encodings) kept by image content, least recently used dropped first "
+                   "(--scheduler slots; 0: no cache; default: 256)")
     p.add_argument("--max-batch", type=int, default=8,
-                   help="rows per jitted batch (shorter batches are padded); a multiple of the mesh's data axis (default: 8)")
+                   help="rows per jitted batch of --scheduler wave (shorter batches are padded); a multiple of the mesh's data "
+                   "axis (default: 8)")
     p.add_argument("--batch-window-ms", type=float, default=10.0,
                    help="how long the first request of a batch waits for others to join (default: 10)")
     p.add_argument("--max-queue", type=int, default=256,
@@ -108,6 +128,8 @@ def check_serve_args(args: argparse.Namespace) -> None:
     from flexattn_jax.overrides import parse_hr_budget
 
     for flag, value, least in (("--max-new-tokens", args.max_new_tokens, 1), ("--max-batch", args.max_batch, 1),
+                               ("--slots", args.slots, 1), ("--prefill-batch", args.prefill_batch, 1),
+                               ("--decode-steps", args.decode_steps, 1),
                                ("--max-queue", args.max_queue, 1), ("--workers", args.workers, 1),
                                ("--max-image-bytes", args.max_image_bytes, 1), ("--port", args.port, 0)):
         if value < least:
@@ -116,6 +138,10 @@ def check_serve_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--port {args.port} must be at most 65535")
     if args.max_prompt_tokens is not None and not 1 <= args.max_prompt_tokens <= max(BUCKETS):
         raise ValueError(f"--max-prompt-tokens {args.max_prompt_tokens} must be in [1, {max(BUCKETS)}]")
+    if not (math.isfinite(args.image_cache_mb) and args.image_cache_mb >= 0):
+        raise ValueError(f"--image-cache-mb {args.image_cache_mb} must be a finite number >= 0")
+    if args.scheduler == "slots" and args.mesh is not None:
+        raise ValueError(f"--mesh {args.mesh}: the decode slots run on one device; use --scheduler wave for a data-parallel mesh")
     if not (math.isfinite(args.batch_window_ms) and args.batch_window_ms >= 0):
         raise ValueError(f"--batch-window-ms {args.batch_window_ms} must be a finite number >= 0")
     if not (math.isfinite(args.request_timeout) and args.request_timeout > 0):
@@ -143,11 +169,13 @@ class Job:
 
     chat: ChatRequest
     deliver: Callable[[Answer | BaseException], None]
-    cancelled: bool = False  # the client left or timed out: skipped if its wave has not started
+    cancelled: bool = False  # the client left or timed out: skipped if its wave has not started, its slot freed
     settled: bool = field(default=False, repr=False)
+    on_text: Callable[[str], None] | None = None  # the engine's streamed text, as decoded (first: right after prefill)
+    submitted: float = 0.0  # perf_counter() when accepted
 
 
-class Scheduler:
+class Scheduler(QueueLimit):
     """Dynamic batching on a thread: waves of queued jobs through :func:`stream_answers`, at most ``max_queue`` pending.
 
     ``on_batch`` receives each batch's summary (see ``stream_answers``) and ``queue`` (jobs pending).
@@ -156,34 +184,18 @@ class Scheduler:
     def __init__(self, params, cfg, tokenizer, *, mesh=None, max_batch: int = 8, batch_window_s: float = 0.01,
                  max_queue: int = 256, max_new_tokens: int = 64, hr_strategy: str = "project", buckets=BUCKETS,
                  workers: int = 4, on_batch: Callable[[dict[str, Any]], None] | None = None):
+        super().__init__(max_queue)
         self.params, self.cfg, self.tokenizer, self.mesh = params, cfg, tokenizer, mesh
-        self.max_batch, self.batch_window_s, self.max_queue = max_batch, batch_window_s, max_queue
+        self.max_batch, self.batch_window_s = max_batch, batch_window_s
         self.max_new_tokens, self.hr_strategy, self.buckets, self.workers = max_new_tokens, hr_strategy, tuple(buckets), workers
         self.on_batch = on_batch
-        self.pending = 0
-        self.accepting = True
         self.last_batch_s = 1.0
         self._queue: queue.Queue[Job] = queue.Queue()
-        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="flexattn-scheduler", daemon=True)
 
-    @property
-    def max_context(self) -> int:
-        """The longest prompt, in tokens, that ``stream_answers`` accepts with these buckets."""
-        return longest_prompt(self.cfg.text.max_position_embeddings, self.max_new_tokens, self.buckets)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def submit(self, job: Job) -> bool:
-        """Queue ``job``; False (nothing queued) when the queue is full or the server is stopping."""
-        with self._lock:
-            if not self.accepting or self.pending >= self.max_queue:
-                return False
-            self.pending += 1
+    def _enqueue(self, job: Job) -> None:
         self._queue.put(job)
-        return True
 
     def retry_after(self) -> int:
         """Seconds a refused client should wait: about the time to work through the queue, 1 to 60."""
@@ -196,15 +208,6 @@ class Scheduler:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
-
-    def _settle(self, job: Job, result: Answer | BaseException | None) -> None:
-        if job.settled:
-            return
-        job.settled = True
-        with self._lock:
-            self.pending -= 1
-        if result is not None:
-            job.deliver(result)
 
     def _collect(self) -> list[Job]:
         try:
@@ -304,7 +307,7 @@ def warmup_prompts(cfg, tokenizer, buckets, max_context: int) -> list[str]:
 class Metrics:
     """The Prometheus series of one server (its own registry)."""
 
-    def __init__(self, max_batch: int, pending: Callable[[], int]):
+    def __init__(self, max_batch: int, pending: Callable[[], int], engine: Engine | None = None):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = r = CollectorRegistry()
@@ -321,16 +324,53 @@ class Metrics:
                                          "requests)", buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r)
         self.prompt_tokens = Counter("flexattn_prompt_tokens", "prompt tokens of answered requests", registry=r)
         self.completion_tokens = Counter("flexattn_completion_tokens", "tokens returned to answered requests", registry=r)
+        fast = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+        self.latency = {
+            "ttft": Histogram("flexattn_time_to_first_token_seconds", "request accepted to its first token decoded", buckets=fast,
+                              registry=r),
+            "inter_token": Histogram("flexattn_inter_token_latency_seconds", "between two tokens of one request", buckets=fast,
+                                     registry=r),
+            "queue_wait": Histogram("flexattn_queue_wait_seconds", "request accepted to its prefill (a slot taken)", buckets=fast,
+                                    registry=r),
+        }
+        if engine is not None:
+            Gauge("flexattn_slots", "decode slots", registry=r).set(engine.slots)
+            Gauge("flexattn_slots_in_use", "decode slots holding a request", registry=r).set_function(lambda: engine.slots_in_use)
+            Gauge("flexattn_image_cache_bytes", "image features held by the cache", registry=r).set_function(lambda: engine.cache.bytes)
+            r.register(_EngineCounters(engine))
+        else:
+            self.decode_steps = Counter("flexattn_decode_steps", "decode steps run (each advances every row by one token)",
+                                        registry=r)
+
+    def observe(self, name: str, seconds: float) -> None:
+        """One of the engine's latencies: ``ttft``, ``inter_token`` or ``queue_wait``."""
+        self.latency[name].observe(seconds)
 
     def batch(self, info: dict[str, Any]) -> None:
         self.batch_size.observe(info["size"])
         self.batches.labels(compiled=str(bool(info["compiled"])).lower()).inc()
         self.batch_latency.observe(info["seconds"])
+        self.decode_steps.inc(info["steps"])
 
     def text(self) -> bytes:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
+
+
+class _EngineCounters:
+    """The engine's decode steps and image cache hits and misses as Prometheus counters (read at each scrape)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        yield CounterMetricFamily("flexattn_image_cache_hits", "images whose features came from the cache", value=self.engine.cache.hits)
+        yield CounterMetricFamily("flexattn_image_cache_misses", "images encoded (not in the cache)", value=self.engine.cache.misses)
+        yield CounterMetricFamily("flexattn_decode_steps", "decode steps run (each advances every slot by one token)",
+                                  value=self.engine.steps)
 
 
 def log_batch(info: dict[str, Any]) -> None:
@@ -346,7 +386,7 @@ class _Gone(Exception):
     """The client disconnected while its request waited."""
 
 
-def make_app(scheduler: Scheduler, limits: Limits, metrics: Metrics, *, request_timeout: float = 300.0):
+def make_app(scheduler: Engine | Scheduler, limits: Limits, metrics: Metrics, *, request_timeout: float = 300.0):
     """The ASGI app: /v1/chat/completions, /v1/models, /health, /metrics; errors as OpenAI error bodies."""
     app = FastAPI(title="flexattn-jax", docs_url=None, redoc_url=None, openapi_url=None)
     max_body = (limits.max_image_bytes + 2) // 3 * 4 + (1 << 20)  # one base64 image and 1 MiB of the rest
@@ -410,19 +450,39 @@ def make_app(scheduler: Scheduler, limits: Limits, metrics: Metrics, *, request_
             metrics.request_latency.observe(time.perf_counter() - t0)
         return response
 
+    def failure(result: Answer | BaseException) -> JSONResponse | None:
+        """The error response of a request that got no answer (None: it did)."""
+        if isinstance(result, BaseException):
+            return error(500, f"the batch of this request failed: {type(result).__name__}: {result}", type="server_error")
+        if result.error is not None:
+            return error(400, result.error, param="messages", code="invalid_input")
+        return None
+
+    def completed(result: Answer, chat: ChatRequest):
+        c = completion_of(result, chat, scheduler.tokenizer, scheduler.cfg)
+        metrics.prompt_tokens.inc(c.prompt_tokens)
+        metrics.completion_tokens.inc(c.completion_tokens)
+        return c
+
     async def _answer(request: HTTPRequest):
         try:
             chat = parse_chat(await read_body(request), limits)
         except ChatError as e:
             return JSONResponse(e.body(), status_code=e.status)
         loop = asyncio.get_running_loop()
-        fut = loop.create_future()
+        events: asyncio.Queue = asyncio.Queue()
+        first = loop.create_future()
 
-        def deliver(result) -> None:
+        def put(event: tuple[str, Any]) -> None:
+            def push() -> None:
+                events.put_nowait(event)
+                if not first.done():
+                    first.set_result(None)
+
             with contextlib.suppress(RuntimeError):  # the event loop is closed: the server has stopped, nobody waits
-                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
+                loop.call_soon_threadsafe(push)
 
-        job = Job(chat, deliver)
+        job = Job(chat, lambda result: put(("done", result)), on_text=(lambda text: put(("text", text))) if chat.stream else None)
         if not scheduler.submit(job):
             stopping = not scheduler.accepting
             resp = error(503, "the server is stopping" if stopping else
@@ -431,23 +491,50 @@ def make_app(scheduler: Scheduler, limits: Limits, metrics: Metrics, *, request_
             resp.headers["Retry-After"] = str(scheduler.retry_after())
             return resp
         try:
-            result = await wait(fut, request, job)
+            await wait(first, request, job)
         except TimeoutError:
             return error(504, f"no answer within --request-timeout {request_timeout:g} s", type="timeout_error", code="timeout")
         except _Gone:
             return Response(status_code=499)
-        if isinstance(result, BaseException):
-            return error(500, f"the batch of this request failed: {type(result).__name__}: {result}", type="server_error")
-        if result.error is not None:
-            return error(400, result.error, param="messages", code="invalid_input")
-        c = completion_of(result, chat, scheduler.tokenizer, scheduler.cfg)
-        metrics.prompt_tokens.inc(c.prompt_tokens)
-        metrics.completion_tokens.inc(c.completion_tokens)
+        kind, result = events.get_nowait()
+        if kind == "done" and (resp := failure(result)) is not None:
+            return resp
         if not chat.stream:
-            return JSONResponse(completion_body(c, limits.model))
-        events = [f"data: {json.dumps(chunk)}\n\n" for chunk in stream_chunks(c, limits.model, chat.include_usage)]
-        return StreamingResponse(iter([*events, "data: [DONE]\n\n"]), media_type="text/event-stream",
+            return JSONResponse(completion_body(completed(result, chat), limits.model))
+        return StreamingResponse(_stream(chat, job, events, kind, result), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
+
+    async def _stream(chat: ChatRequest, job: Job, events: asyncio.Queue, kind: str, value: Any):
+        """Server-sent events: the role and first text right away, each text as the engine decodes it, then the rest of the
+        final answer (cut at max_tokens and stop), the finish reason and, with include_usage, the usage."""
+        writer = StreamWriter(limits.model)
+        sse = lambda chunk: f"data: {json.dumps(chunk)}\n\n"  # noqa: E731
+        sent = ""
+        try:
+            yield sse(writer.role())
+            while kind == "text":
+                text = value
+                while kind == "text" and not events.empty():  # what arrived meanwhile goes out as one chunk
+                    kind, value = events.get_nowait()
+                    text += value if kind == "text" else ""
+                if text:
+                    sent += text
+                    yield sse(writer.text(text))
+                if kind == "text":
+                    kind, value = await events.get()
+            if isinstance(value, BaseException) or value.error is not None:  # failed after the first token: the status is sent
+                yield sse(error_body(value.error if isinstance(value, Answer) else f"{type(value).__name__}: {value}",
+                                     type="server_error"))
+            else:
+                c = completed(value, chat)
+                if c.text.startswith(sent) and len(c.text) > len(sent):
+                    yield sse(writer.text(c.text[len(sent):]))
+                yield sse(writer.finish(c))
+                if chat.include_usage:
+                    yield sse(writer.usage(c))
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled = True  # the client left mid-stream: its slot is freed at the next step (no-op once answered)
 
     return app
 
@@ -516,11 +603,23 @@ def main(argv: list[str] | None = None) -> int:
     setup_compile_cache(args.compile_cache, disabled=args.no_compile_cache)
     model = args.model_name or Path(args.checkpoint).resolve().name
     image_root = None if args.image_root is None else Path(args.image_root).resolve()
-    scheduler = Scheduler(params, cfg, tokenizer, mesh=mesh, max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000,
-                          max_queue=args.max_queue, max_new_tokens=args.max_new_tokens, hr_strategy=args.hr_strategy,
-                          buckets=serve_buckets(args.max_prompt_tokens), workers=args.workers)
-    metrics = Metrics(args.max_batch, lambda: scheduler.pending)
-    scheduler.on_batch = lambda info: (log_batch(info), metrics.batch(info))
+    buckets = serve_buckets(args.max_prompt_tokens)
+    if args.scheduler == "slots":
+        scheduler = Engine(params, cfg, tokenizer, slots=args.slots, prefill_batch=args.prefill_batch, max_queue=args.max_queue,
+                           max_new_tokens=args.max_new_tokens, hr_strategy=args.hr_strategy, buckets=buckets, workers=args.workers,
+                           image_cache_bytes=int(args.image_cache_mb * 2**20), decode_steps=args.decode_steps)
+        metrics = Metrics(args.max_batch, lambda: scheduler.pending, scheduler)
+        scheduler.observe = metrics.observe
+        shape = (f"{args.slots} slots of {scheduler.max_len} tokens ({scheduler.slot_bytes / 2**20:.1f} MiB each), "
+                 f"prefill batch {scheduler.prefill_batch}, {args.decode_steps} tokens per step call, image cache "
+                 f"{args.image_cache_mb:g} MiB")
+    else:
+        scheduler = Scheduler(params, cfg, tokenizer, mesh=mesh, max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000,
+                              max_queue=args.max_queue, max_new_tokens=args.max_new_tokens, hr_strategy=args.hr_strategy,
+                              buckets=buckets, workers=args.workers)
+        metrics = Metrics(args.max_batch, lambda: scheduler.pending)
+        scheduler.on_batch = lambda info: (log_batch(info), metrics.batch(info))
+        shape = f"max batch {args.max_batch}, window {args.batch_window_ms:g} ms"
     if args.warmup:
         t0 = time.perf_counter()
         try:
@@ -540,8 +639,8 @@ def main(argv: list[str] | None = None) -> int:
                             lifespan="off")
     server = _server_class()(config)
     host, port = sock.getsockname()[:2]
-    print(f"serving {model!r} on http://{host}:{port}/v1 (max batch {args.max_batch}, window {args.batch_window_ms:g} ms, "
-          f"queue {args.max_queue}, buckets {scheduler.buckets})", file=sys.stderr, flush=True)
+    print(f"serving {model!r} on http://{host}:{port}/v1 ({shape}, queue {args.max_queue}, buckets {scheduler.buckets})",
+          file=sys.stderr, flush=True)
     try:
         server.run(sockets=[sock])
     finally:

@@ -70,7 +70,9 @@ def eval_parser(prog: str = "flexattn-jax eval") -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: eval-TASK); re-running with it resumes")
     p.add_argument("--batch-size", type=int, default=8,
                    help="prompts per generation batch; option rows per likelihood forward (default: 8)")
-    p.add_argument("--mesh", metavar="SPEC", default=None, help="data parallel over devices, e.g. 'data=8' (default: one device)")
+    p.add_argument("--mesh", metavar="SPEC", default=None,
+                   help="devices to run on, e.g. 'data=8' or 'data=2,tensor=4': parameters sharded by the rules table, batches "
+                   "split over data (default: one device)")
     p.add_argument("--hr-budget", default=None,
                    help="HR tokens per select row: a count, a fraction of M, or 'all' (default: the checkpoint's)")
     p.add_argument("--sweep-budget", default=None, metavar="B1,B2,...",

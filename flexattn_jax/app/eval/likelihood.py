@@ -28,7 +28,7 @@ from flexattn_jax.flops import abstract, cached, cost_flops, counting_config
 from flexattn_jax.model import forward
 from flexattn_jax.preprocess import BUCKETS, PreprocessError, bucket_length, pad_batch, tokenize_with_image
 from flexattn_jax.selection import learnable_rows, margin_patches
-from flexattn_jax.sharding import batch_sharding, replicated, target_mesh
+from flexattn_jax.sharding import batch_sharding, param_shardings, target_mesh
 
 ROW_BUCKETS: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -132,7 +132,7 @@ class OptionScorer:
         if mesh is not None and rows % mesh.shape["data"]:
             raise ValueError(f"batch size {rows} is not a multiple of the mesh's data axis ({mesh.shape['data']})")
         self.cfg, self.rows, self.mesh, self.buckets = cfg, rows, mesh, tuple(buckets)
-        self.params = params if mesh is None else jax.device_put(params, replicated(mesh))
+        self.params = params if mesh is None else jax.device_put(params, param_shardings(params, mesh))
         self.programs: dict[tuple, int] = {}  # argument shapes -> batches run
 
     def _put(self, a: np.ndarray) -> jax.Array:
