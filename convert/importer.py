@@ -263,13 +263,15 @@ def convert_checkpoint(
     progress: bool = True,
     allow_nonfinite: bool = False,
     check: Any = None,
+    quantize: str | None = None,
 ) -> Path:
     """Convert a PyTorch checkpoint directory into ``out`` (orbax params + metadata.json + tokenizer).
 
     Before anything is read: ``out`` is checked (:func:`flexattn_jax.paths.check_output_dir`: not the
     source, not containing or inside it, replaceable, writable) and ``mesh`` parsed. ``check(cfg)``
     runs once the config is known, before the tensors are read; ``allow_nonfinite`` skips the
-    finiteness check of the weights.
+    finiteness check of the weights. ``quantize`` (``int8`` / ``int4``) stores the decoder linears weight-only
+    quantised (:func:`flexattn_jax.quant.quantize_params`).
     """
     try:
         out = check_output_dir(out, sources=[src, vision_tower], overwrite=overwrite, flag="OUT")
@@ -280,11 +282,16 @@ def convert_checkpoint(
     converted = read_checkpoint(src, vision_tower=vision_tower, dtype=dtype, overrides=overrides, progress=progress,
                                 allow_nonfinite=allow_nonfinite, check=check)
     params, converted.params = converted.params, {}
+    if quantize:
+        from flexattn_jax.quant import quantize_params
+
+        params = quantize_params(params, quantize)
     if mesh is not None:
         params = place(params, mesh)
     source = {
         "source_layout": converted.layout,
         "source": str(Path(src).resolve()),
         "vision_source": None if converted.vision_source is None else str(converted.vision_source.resolve()),
+        "quantization": quantize,
     }
     return write_model(params, converted.cfg, out, source, lambda d: copy_tokenizer(Path(src), d), overwrite=True)

@@ -22,7 +22,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from flexattn_jax.config import ConfigError, ModelConfig
+from flexattn_jax.lora import LoraConfig, init_adapters, scaled, with_adapters
 from flexattn_jax.params import abstract_params, flatten, unflatten
+from flexattn_jax.quant import MODES as QUANT_MODES
+from flexattn_jax.quant import quantized_abstract
 from flexattn_jax.sharding import param_shardings
 
 CONVERTER_VERSION = "1.0.0"
@@ -159,10 +162,11 @@ def load_converted(directory: str | Path, dtype: str | None = None, sharding: An
     cfg = read_config(directory)
     if dtype is not None:
         cfg = dataclasses.replace(cfg, param_dtype=dtype, dtype=dtype)
-    abstract = abstract_params(cfg)
+    abstract, lcfg = stored_abstract(directory, cfg)
     shardings = _shardings_for(abstract, sharding)
     dt = jnp.dtype(cfg.param_dtype)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dt, sharding=s), abstract, shardings)
+    cast = lambda a: dt if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype  # noqa: E731 - quantised kernels stay ints
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, cast(a), sharding=s), abstract, shardings)
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     params_dir = (Path(directory) / "params").resolve()
     if not params_dir.is_dir():
@@ -179,7 +183,30 @@ def load_converted(directory: str | Path, dtype: str | None = None, sharding: An
     except Exception as e:  # orbax / tensorstore raise many kinds for a truncated or corrupt directory
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise CheckpointError(f"{params_dir}: cannot restore the parameters (truncated or corrupt?): {type(e).__name__}: {first}") from e
+    if lcfg is not None:  # adapters kept beside the kernels: the forward takes B scaled by alpha / r
+        params = scaled(params, lcfg.scale)
     return params, cfg
+
+
+def stored_abstract(directory: str | Path, cfg: ModelConfig) -> tuple[dict, LoraConfig | None]:
+    """The abstract tree a model directory stores for ``cfg``: :func:`abstract_params`, quantised when its metadata names a
+    ``quantization`` (:mod:`flexattn_jax.quant`), with adapters when it holds a ``lora`` config (kept unmerged)."""
+    meta = read_metadata(directory)
+    abstract = abstract_params(cfg)
+    lcfg = None
+    if meta.get("lora"):
+        try:
+            lcfg = LoraConfig(**meta["lora"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{Path(directory) / 'metadata.json'}: lora: {e}") from None
+        adapters = jax.eval_shape(lambda: init_adapters(abstract, lcfg, jax.random.key(0)))
+        abstract = with_adapters(abstract, adapters)
+    if meta.get("quantization"):
+        mode = meta["quantization"]
+        if mode not in QUANT_MODES:
+            raise CheckpointError(f"{Path(directory) / 'metadata.json'}: quantization={mode!r}; known: {', '.join(QUANT_MODES)}")
+        abstract = quantized_abstract(abstract, mode)
+    return abstract, lcfg
 
 
 def _flat_paths(tree: Any) -> list[tuple[tuple[str, ...], Any]]:

@@ -167,6 +167,7 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: Literal["none", "full", "dots_saveable"] = "none"
     attention_impl: Literal["xla", "xla_chunked", "cudnn", "splash", "auto"] = "auto"
+    lora_dropout: float = 0.0  # LoRA dropout on the adapters' input, applied only under a 'lora_dropout' rng (training)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -366,6 +367,8 @@ def validate(cfg: ModelConfig) -> None:
             raise ConfigError(f"{name}={getattr(cfg, name)!r}: use float32, bfloat16 or float16")
     if cfg.attention_impl not in ATTENTION_IMPLS:
         raise ConfigError(f"attention_impl={cfg.attention_impl!r}: use one of {', '.join(ATTENTION_IMPLS)}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"lora_dropout={cfg.lora_dropout!r}: use a probability in [0, 1)")
     if not f.enabled:
         return
     if f.lowres_size != v.image_size:

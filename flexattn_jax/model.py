@@ -212,7 +212,7 @@ def run_decoder(
         dummy = jnp.zeros((b, 1), jnp.int32)
         ctx = H.LayerContext(
             cos, sin, mask, write_index, dummy, dummy > 0,
-            dummy[:, 0], jnp.zeros((b, 2), jnp.int32), jnp.float32(0), None, None, None, None,
+            dummy[:, 0], jnp.zeros((b, 2), jnp.int32), jnp.float32(0), None, None, None, rng,
         )
         sel0 = None
     layer = H.DecoderLayer(cfg)
@@ -227,7 +227,8 @@ def run_decoder(
         return jnp.full((b, slots), cfg.num_hr_tokens, jnp.int32), zeros, zeros
 
     def run_layer(kind: int, ctx, x, sel, p, ck_i, cv_i, hkv_i):
-        out = layer.apply({"params": p}, x, ctx, sel, None if ck_i is None else (ck_i, cv_i), hkv_i, kind)
+        lora_rngs = {"lora_dropout": jax.random.fold_in(ctx.rng, 1)} if ctx.rng is not None and cfg.lora_dropout > 0 else None
+        out = layer.apply({"params": p}, x, ctx, sel, None if ck_i is None else (ck_i, cv_i), hkv_i, kind, rngs=lora_rngs)
         r_shape = (b, ctx.select_rows.shape[1])
         sel_out = out.selection if out.selection is not None else sel
         att = out.image_attention if out.image_attention is not None else jnp.zeros((*r_shape, cfg.lr_grid**2), jnp.float32)
@@ -390,7 +391,8 @@ def forward(
     FlexAttention S is ``highres_size``) or ``(B, I, S, S, 3)`` for I images per sample (plain
     LLaVA). ``margin`` is :func:`flexattn_jax.selection.margin_patches` of the original sizes.
     ``select_rows``/``select_valid`` default to the inference rows (:func:`default_select_rows`);
-    training passes the learnable rows and ``alpha``.
+    training passes the learnable rows and ``alpha``. ``rng`` drives the random-selection ablation and, with
+    ``cfg.lora_dropout`` > 0, the LoRA dropout (:class:`flexattn_jax.text.Linear`); without it nothing is random.
     """
     b, t = input_ids.shape
     if attention_mask is None:

@@ -74,6 +74,16 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"^text/layers/attn/o/kernel$", (*_LAYER, "heads", "embed")),
     (r"^text/layers/mlp/(gate|up)/kernel$", (*_LAYER, "embed", "mlp")),
     (r"^text/layers/mlp/down/kernel$", (*_LAYER, "mlp", "embed")),
+    # LoRA adapters (flexattn_jax.lora: A (L, in, r), B (L, r, out)) and quantisation scales (flexattn_jax.quant:
+    # (L, groups, out)): sharded along the kernel's in / out axis, the rank and group axes replicated
+    (r"^text/layers/attn/q/(lora_b|kernel_scale)$", (*_LAYER, None, "heads")),
+    (r"^text/layers/attn/(k|v|k_hr|v_hr)/(lora_b|kernel_scale)$", (*_LAYER, None, "kv_heads")),
+    (r"^text/layers/attn/o/(lora_b|kernel_scale)$", (*_LAYER, None, "embed")),
+    (r"^text/layers/mlp/(gate|up)/(lora_b|kernel_scale)$", (*_LAYER, None, "mlp")),
+    (r"^text/layers/mlp/down/(lora_b|kernel_scale)$", (*_LAYER, None, "embed")),
+    (r"^text/layers/(attn/(q|k|v|k_hr|v_hr)|mlp/(gate|up))/lora_a$", (*_LAYER, "embed", None)),
+    (r"^text/layers/attn/o/lora_a$", (*_LAYER, "heads", None)),
+    (r"^text/layers/mlp/down/lora_a$", (*_LAYER, "mlp", None)),
 )
 _COMPILED = tuple((re.compile(rx), axes) for rx, axes in PARAM_RULES)
 

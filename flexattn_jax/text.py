@@ -111,6 +111,42 @@ def image_rope(
     return up(cos), up(sin)
 
 
+class Linear(nn.Module):
+    """A bias-free decoder projection ``y = x W``: every decoder linear computes here, in each form its kernel takes.
+
+    The parameters next to ``kernel`` decide the form: plain (``nn.Dense``'s numerics), weight-only quantised
+    (``kernel_scale`` present: :mod:`flexattn_jax.quant`, dequantised in the matmul's operand), and LoRA
+    (``lora_a``/``lora_b`` present: ``+ dropout(x) A B``, with ``B`` already scaled by ``alpha / r``, see
+    :mod:`flexattn_jax.lora`; the dropout of ``cfg.lora_dropout`` applies only under a ``lora_dropout`` rng).
+    """
+
+    features: int
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "*B i"]) -> Float[Array, "*B o"]:
+        c = self.cfg
+        dtype = jnp.dtype(c.dtype)
+        if self.has_variable("params", "kernel_scale"):
+            from flexattn_jax.quant import dequantize
+
+            w = dequantize(self.get_variable("params", "kernel"), self.get_variable("params", "kernel_scale"), dtype)
+        else:
+            w = self.param("kernel", _init(c), (x.shape[-1], self.features), jnp.dtype(c.param_dtype))
+        x = x.astype(dtype)
+        dims = (((x.ndim - 1,), (0,)), ((), ()))
+        y = jax.lax.dot_general(x, w.astype(dtype), dims)
+        if self.has_variable("params", "lora_a"):
+            a, b = self.get_variable("params", "lora_a"), self.get_variable("params", "lora_b")
+            xa = x
+            if c.lora_dropout > 0 and self.has_rng("lora_dropout"):
+                keep = jax.random.bernoulli(self.make_rng("lora_dropout"), 1.0 - c.lora_dropout, x.shape)
+                xa = jnp.where(keep, x / jnp.asarray(1.0 - c.lora_dropout, dtype), jnp.zeros((), dtype))
+            h = jax.lax.dot_general(xa, a.astype(dtype), dims)
+            y = y + jax.lax.dot_general(h, b.astype(dtype), (((h.ndim - 1,), (0,)), ((), ())))
+        return y
+
+
 class AttentionWeights(nn.Module):
     """q/k/v/o projections, plus FlexAttention's k_proj_hd / v_proj_hd when enabled."""
 
@@ -118,9 +154,7 @@ class AttentionWeights(nn.Module):
 
     def setup(self) -> None:
         c, t = self.cfg, self.cfg.text
-        dense = functools.partial(
-            nn.Dense, use_bias=False, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), kernel_init=_init(c)
-        )
+        dense = functools.partial(Linear, cfg=c)
         self.q = dense(t.num_heads * t.head_dim)
         self.k = dense(t.num_kv_heads * t.head_dim)
         self.v = dense(t.num_kv_heads * t.head_dim)
@@ -161,8 +195,6 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c, t = self.cfg, self.cfg.text
-        dense = functools.partial(
-            nn.Dense, use_bias=False, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), kernel_init=_init(c)
-        )
+        dense = functools.partial(Linear, cfg=c)
         h = nn.silu(dense(t.intermediate_size, name="gate")(x)) * dense(t.intermediate_size, name="up")(x)
         return dense(t.hidden_size, name="down")(h)

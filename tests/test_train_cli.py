@@ -1,7 +1,9 @@
 """The train CLI: help, every TrainConfig / DataConfig field reachable by a flag, clean errors."""
 
 import dataclasses
+import logging
 
+import numpy as np
 import pytest
 
 from tests.fixtures import tiny_config, write_llava_dataset
@@ -29,6 +31,8 @@ def test_every_config_field_has_a_flag():
         "--adam-b2", "0.9", "--adam-eps", "1e-6", "--clip-norm", "0.5", "--trainable", "hr", "--seed", "1", "--no-nan-check",
         "--log-every", "2", "--save-every", "3", "--keep", "1", "--no-async-save", "--no-save-final", "--peak-tflops", "1.5",
         "--no-progress", "--no-tensorboard", "--grounding-weight", "0.5",
+        "--lora", "--lora-rank", "8", "--lora-alpha", "4", "--lora-dropout", "0.1", "--lora-targets", "^text/layers/attn/q$",
+        "--base-quant", "int8",
     ]
     a = build_parser().parse_args(argv)
     tc, dc = train_config_from_args(a), data_config_from_args(a, a.tokenizer)
@@ -91,12 +95,15 @@ def test_flags_come_from_the_config_dataclasses():
     actions = {a.dest: a for a in build_parser()._actions}
     for spec, cls in ((TRAIN_ARGS, TrainConfig), (DATA_ARGS, DataConfig)):
         docs = field_docs(cls)
-        for f in dataclasses.fields(cls):
-            action = actions[spec.dest(f.name)]
-            assert docs[f.name] and action.help.startswith(docs[f.name]), f.name
-            assert spec.flag(f.name) in action.option_strings
-            if f.name not in spec.defaults:
-                assert action.default == f.default, f.name
+        assert all(docs[f.name] for f in dataclasses.fields(cls))  # nested settings (``lora``) too
+        leaves = spec.fields()
+        assert {n.split(".")[0] for n, *_ in leaves} == {f.name for f in dataclasses.fields(cls)}
+        for name, _, default, doc in leaves:
+            action = actions[spec.dest(name)]
+            assert doc and action.help.startswith(doc), name
+            assert spec.flag(name) in action.option_strings
+            if name not in spec.defaults:
+                assert action.default == default, name
     assert actions["lr"].help == "Peak learning rate. (default: 2e-05)"
     assert "--no-shuffle" in actions["shuffle"].option_strings and actions["on_error"].choices == ("skip", "raise")
 
@@ -174,3 +181,34 @@ def test_nested_settings_dataclass_gets_prefixed_flags():
     assert replace_settings(got, [("inner.scale", "none"), ("inner.rank", "2")], "x").inner == Inner(2, ("q", "k", "o"), None)
     with pytest.raises(ValueError, match="unknown x setting 'inner.rnk'"):
         replace_settings(got, [("inner.rnk", "2")], "x")
+
+
+@pytest.mark.slow
+def test_lora_run_resumes_with_the_base_reloaded(tmp_path, caplog):
+    """--lora: a run stopped after step 1 resumes (its checkpoint holds the adapters and the projector only) and merges."""
+    import json
+
+    from convert.cli import main as convert_main
+    from flexattn_jax.checkpoint import load_converted
+    from tests.checkpoints import write_tiny_checkpoint
+    from train.checkpoint import Checkpointer
+
+    ckpt = write_tiny_checkpoint(tmp_path / "converted", seed=4, std=0.02)
+    write_llava_dataset(tmp_path / "data", seed=0, n=8, hr_size=84, obj_px=6)
+    out = tmp_path / "run"
+    argv = ["--checkpoint", str(ckpt), "--recipe", "none", "--data", str(tmp_path / "data" / "data.json"), "--images",
+            str(tmp_path / "data"), "--max-len", "64", "--batch-size", "8", "--steps", "2", "--lr", "1e-2", "--warmup-steps", "0",
+            "--mesh", "data=1", "--out", str(out), "--no-progress", "--no-tensorboard", "--lora", "--lora-rank", "4"]
+    assert main([*argv, "--stop-at", "1"]) == 0
+    with Checkpointer(out / "checkpoints") as ck:
+        names = [k for k in ck.stored_shapes(1) if k.startswith("params/")]
+    assert names and all("lora_" in k or k.startswith("params/projector/") for k in names)
+    caplog.set_level(logging.INFO, logger="train")
+    assert main(argv) == 0
+    assert "resumed from" in caplog.text
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert convert_main(["merge-lora", "--base", str(ckpt), "--lora", str(out), str(tmp_path / "merged")]) == 0
+    merged, _ = load_converted(tmp_path / "merged")
+    base, _ = load_converted(ckpt)
+    assert not np.array_equal(np.asarray(merged["text"]["layers"]["attn"]["q"]["kernel"]),
+                              np.asarray(base["text"]["layers"]["attn"]["q"]["kernel"]))

@@ -42,6 +42,12 @@ global batch (--batch-size) is split into --grad-accum microbatches inside the s
 hosts start one process per host; jax.distributed is initialised from the environment (TPU pods,
 SLURM, Open MPI) or --coordinator/--num-processes/--process-id.
 
+LoRA (--lora, the release's lora_enable): rank --lora-rank adapters (default 64, alpha 16, dropout 0.05)
+on every decoder linear train instead of the decoder; --trainable then names the other groups
+(default projector). The frozen base stays in the compute dtype (--base-quant int8|int4: QLoRA),
+checkpoints hold the adapters and the trained groups only (the base is loaded again on resume), and
+`flexattn-jax convert merge-lora --base CKPT --lora OUT MERGED` writes the merged model (docs/lora.md).
+
 Training rows: every answer row is a FlexAttention select row (R = --max-len slots per sample);
 at 7B scale cap them with --max-select-rows (the count beyond the cap is logged per step).
 
@@ -63,11 +69,15 @@ examples:
       --mesh data=1,fsdp=-1 --batch-size 128 --grad-accum 4 --out runs/flexattn --set dtype=bfloat16 \\
       --set remat_policy=full
   python -m train --init random --config-json tiny.json --data demo/data.json --images demo \\
-      --max-len 64 --batch-size 8 --steps 50 --lr 1e-3 --out runs/tiny"""
+      --max-len 64 --batch-size 8 --steps 50 --lr 1e-3 --out runs/tiny
+  python -m train --checkpoint ckpt/llava-v1.5-7b-jax --data mix665k.json --images data/ --lora \
+      --lr 2e-4 --base-quant int4 --out runs/qlora"""
 
 
-TRAIN_ARGS = SettingsArgs(TrainConfig)
-"""The TrainConfig flags, one per field (``--lr``, ``--no-nan-check``, ...)."""
+TRAIN_ARGS = SettingsArgs(TrainConfig, flags={"lora.enabled": "--lora", "lora.base_quant": "--base-quant"},
+                          defaults={"trainable": (None, "projector,llm; with --lora: projector")})
+"""The TrainConfig flags, one per field (``--lr``, ``--no-nan-check``, ``--lora-rank``, ...); ``--trainable``'s default
+depends on ``--lora``."""
 DATA_ARGS = SettingsArgs(DataConfig, flags={"seed": "--data-seed"},
                          defaults={"seed": (None, "--seed"), "system_prompt": ("vicuna_v1", "vicuna_v1")})
 """The DataConfig flags; its shuffle seed is ``--data-seed`` (default: ``--seed``)."""
@@ -132,7 +142,8 @@ def settings_overrides(a: argparse.Namespace) -> tuple[list[str], dict[str, list
 
 def train_config_from_args(a: argparse.Namespace) -> TrainConfig:
     """TrainConfig from parsed arguments: the flags, then ``--set train.KEY=VALUE``."""
-    return replace_settings(TRAIN_ARGS.build(a), settings_overrides(a)[1]["train"], "train")
+    trainable = a.trainable or ("projector" if a.lora else TrainConfig.trainable)
+    return replace_settings(TRAIN_ARGS.build(a, trainable=trainable), settings_overrides(a)[1]["train"], "train")
 
 
 def data_config_from_args(a: argparse.Namespace, tokenizer_dir: str | None) -> DataConfig:
@@ -250,7 +261,7 @@ def run(a: argparse.Namespace, stop: Any = None) -> int:
         with Checkpointer(Path(a.out) / "checkpoints") as ck:
             resuming = ck.latest_step() is not None
     params = None
-    if not resuming:
+    if not resuming or tcfg.lora.enabled:  # a LoRA run's checkpoints hold the adapters only: the base is loaded every time
         shardings = S.param_shardings(abstract_params(cfg), mesh)
         if a.checkpoint:
             params, _ = load_converted(a.checkpoint, sharding=S.param_shardings(abstract_params(base_cfg), mesh))

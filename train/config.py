@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from flexattn_jax.lora import LoraConfig
 from flexattn_jax.preprocess import SYSTEM_PROMPT_VICUNA_V1
 
 TRAINABLE_GROUPS: tuple[str, ...] = ("projector", "llm", "hr", "vision", "all")
@@ -33,6 +34,9 @@ class TrainConfig:
     ``sync_timeout_s`` bounds how long a process of a multi-process run waits for the others' word before a
     step (:class:`train.distributed.StepAgreement`) before it stops with an error naming the missing one;
     it must exceed the spread of the processes' compile and checkpoint times.
+    ``lora`` (:class:`flexattn_jax.lora.LoraConfig`, ``enabled``) trains rank-r adapters on the decoder's linears
+    instead of the decoder itself, plus the groups of ``trainable`` (``projector``, ``hr``); the frozen base stays in
+    the compute dtype (``base_quant``: int8 / int4, QLoRA) and checkpoints hold only what trains.
     """
 
     steps: int | None = None
@@ -90,6 +94,8 @@ class TrainConfig:
     FlexAttention only, not in the release; 0: off."""
     sync_timeout_s: float = 600.0
     """Multi-host: seconds a process waits for the others' word before a step, then an error naming the missing one."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA / QLoRA adapters on the decoder's linears instead of training the decoder (see docs/lora.md)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -108,6 +114,16 @@ class TrainConfig:
         bad = sorted(set(groups) - set(TRAINABLE_GROUPS))
         if not groups or bad:
             raise ValueError(f"trainable={self.trainable!r}: use a comma list of {TRAINABLE_GROUPS}")
+        if isinstance(self.lora, dict):  # from to_dict / JSON
+            object.__setattr__(self, "lora", LoraConfig(**self.lora))
+        if self.lora.enabled and {"llm", "all"} & set(groups):
+            raise ValueError(f"trainable={self.trainable!r} with LoRA: the decoder trains through its adapters; name only "
+                             "projector, hr or vision (e.g. --trainable projector)")
+        if self.lora.base_quant != "none" and not self.lora.enabled:
+            raise ValueError(f"base_quant={self.lora.base_quant!r} is QLoRA: it needs LoRA enabled (--lora)")
+        if self.lora.base_quant != "none" and "hr" in groups and "k_hr" in self.lora.targets:
+            raise ValueError("trainable 'hr' with a quantised base: the k_hr/v_hr kernels would be quantised; train them "
+                             "through their adapters instead (drop 'hr' from --trainable)")
 
     @property
     def micro_batch(self) -> int:

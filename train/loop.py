@@ -101,11 +101,14 @@ def pad_to_length(batch: dict[str, np.ndarray], length: int, pad_id: int) -> dic
     return out
 
 
-def _restore(ckpt: Checkpointer, fns: StepFns, cfg: ModelConfig, say: Any) -> tuple[TrainState, dict[str, Any]]:
+def _restore(ckpt: Checkpointer, fns: StepFns, cfg: ModelConfig, say: Any,
+             params: PyTree | None = None) -> tuple[TrainState, dict[str, Any]]:
     """The newest restorable state (on this run's mesh), past damaged steps. The data position is the step
     (:class:`train.data.TrainData` reads step s's global batch on any process count); this process's counters
-    of late bad samples continue only when the step was saved with as many processes."""
-    state, meta = ckpt.restore_latest(fns.abstract_state, None, cfg, say=say)
+    of late bad samples continue only when the step was saved with as many processes. A LoRA run's checkpoint
+    holds the trainables only: the base is ``params``."""
+    saved, meta = ckpt.restore_latest(fns.abstract_saved, None, cfg, say=say)
+    state = fns.from_saved(saved, params)
     if meta.get("process_count", 1) != jax.process_count():
         meta.pop("data_state", None)
     return state, meta
@@ -220,6 +223,8 @@ def train(
     ``batches_per_epoch``, or the length of a sequence of batches); an unsized iterable is one epoch.
     ``stop()`` True (a Ctrl-C / SIGTERM flag, polled before each step) ends the run after the step in
     flight: its checkpoint is saved (with ``out_dir``) and :class:`TrainingStopped` is raised.
+    With ``tcfg.lora`` enabled the checkpoints hold the adapters and the other trainables only, and a resume
+    needs ``params`` (the base; :meth:`train.step.StepFns.from_saved`).
     """
     mesh = mesh or S.make_mesh()
     cfg = dataclasses.replace(cfg, param_dtype="float32")
@@ -298,7 +303,7 @@ def _start_state(fns: StepFns, cfg: ModelConfig, params: PyTree | None, data: An
     """The state to continue: the newest restorable checkpoint in ``ckpt`` (with the data counters saved with it),
     else a fresh state of ``params``."""
     if ckpt is not None and ckpt.latest_step() is not None:
-        state, meta = _restore(ckpt, fns, cfg, _log.warning if say else None)
+        state, meta = _restore(ckpt, fns, cfg, _log.warning if say else None, params)
         if isinstance(data, TrainData) and meta.get("data_state"):
             data.counter.load_state(meta["data_state"])
         if say:
@@ -444,7 +449,7 @@ def _save(ctx: _Context, ledger: _Ledger, step_no: int, state: TrainState) -> No
                      data_config=(ctx.data_config.to_dict() if ctx.data_config else {}),
                      data_state=ctx.data.stats() if ctx.is_grain else {}, mesh=ctx.fns.mesh,  # type: ignore[union-attr]
                      extra=ctx.extra_meta)
-    ctx.ckpt.save(step_no, state, meta)  # type: ignore[union-attr]
+    ctx.ckpt.save(step_no, ctx.fns.saved_state(state), meta)  # type: ignore[union-attr]
     ledger.last_saved = step_no
 
 

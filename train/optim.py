@@ -13,6 +13,7 @@ import jax
 import optax
 from jaxtyping import PyTree
 
+from flexattn_jax.lora import is_adapter
 from train.config import TrainConfig
 
 TRAIN, FROZEN = "train", "frozen"
@@ -20,7 +21,11 @@ _HR = re.compile(r"/(k_hr|v_hr)/")
 
 
 def is_trainable(path: str, trainable: str) -> bool:
-    """Whether the parameter at ``path`` (``flatten``'s slash-joined name) trains under ``trainable``."""
+    """Whether the parameter at ``path`` (``flatten``'s slash-joined name) trains under ``trainable`` (LoRA adapters always)."""
+    if is_adapter(path):  # LoRA adapters exist only to train
+        return True
+    if path.endswith("/kernel_scale"):  # a quantised kernel's scales: the frozen base
+        return False
     groups = {g.strip() for g in trainable.split(",") if g.strip()}
     if "all" in groups:
         return True

@@ -24,10 +24,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jaxtyping import Array, Float, Int, PyTree
 
+from flexattn_jax import lora as L
+from flexattn_jax import quant as Q
 from flexattn_jax import sharding as S
 from flexattn_jax.config import IGNORE_INDEX, ModelConfig
 from flexattn_jax.model import forward
-from flexattn_jax.params import abstract_params
+from flexattn_jax.params import abstract_params, flatten, unflatten
 from flexattn_jax.selection import answer_targets, grounded_rows, grounding_cross_entropy
 from train.config import TrainConfig
 from train.optim import make_optimizer, opt_state_shardings, trainable_mask
@@ -128,10 +130,49 @@ class StepFns:
         return S.batch_sharding(self.mesh, shape, batch_dim=1)
 
     def place_params(self, params: PyTree) -> PyTree:
-        """Parameters as fp32 master weights placed by the rules table (a jitted cast, no host copy)."""
-        dtype = jnp.dtype(self.cfg.param_dtype)
-        cast = jax.jit(lambda p: jax.tree.map(lambda x: jnp.asarray(x, dtype), p), out_shardings=self.param_shardings)
-        return cast(params)
+        """Parameters as the state holds them, placed by the rules table (a jitted cast, no host copy).
+
+        Trainable leaves become fp32 masters (``cfg.param_dtype``). With LoRA, a tree without adapters gets fresh
+        ones (:func:`flexattn_jax.lora.init_adapters`, from ``seed``), the frozen base is cast to the compute dtype
+        (never fp32 unless that is the compute dtype) and, with ``base_quant``, quantised (:mod:`flexattn_jax.quant`).
+        """
+        target = self.abstract_state.params
+        lcfg = self.tcfg.lora
+
+        def prepare(p):
+            if lcfg.enabled:
+                base, adapters = L.split_adapters(p)
+                if lcfg.base_quant != "none" and not Q.is_quantized(base):
+                    base = Q.quantize_params(base, lcfg.base_quant, targets=Q.QUANT_TARGETS)
+                if not adapters:
+                    adapters = L.init_adapters(base, lcfg, jax.random.key(self.tcfg.seed), self.cfg.param_dtype)
+                p = L.with_adapters(base, adapters)
+            return jax.tree.map(lambda x, a: jnp.asarray(x, a.dtype), p, target)
+
+        return jax.jit(prepare, out_shardings=self.param_shardings)(params)
+
+    def saved_state(self, state: TrainState) -> TrainState:
+        """What a checkpoint holds: the whole state, or with LoRA only the trainable leaves (adapters and named groups)."""
+        if not self.tcfg.lora.enabled:
+            return state
+        flat = flatten(state.params)
+        keep = flatten(self.mask)
+        return state._replace(params=unflatten({k: v for k, v in flat.items() if keep[k]}))
+
+    @property
+    def abstract_saved(self) -> TrainState:
+        """Restore target of :meth:`saved_state` (shapes, dtypes, shardings)."""
+        return self.saved_state(self.abstract_state)
+
+    def from_saved(self, saved: TrainState, params: PyTree | None) -> TrainState:
+        """The full state from a restored :meth:`saved_state`; with LoRA the frozen base comes from ``params``."""
+        if not self.tcfg.lora.enabled:
+            return saved
+        if params is None:
+            raise ValueError("resuming a LoRA run needs the base model's parameters (its checkpoints hold only the adapters)")
+        full = flatten(self.place_params(L.split_adapters(params)[0]))
+        full.update(flatten(saved.params))
+        return saved._replace(params=unflatten(full))
 
     def init_state(self, params: PyTree) -> TrainState:
         """A fresh state (step 0, zero moments) from parameters, placed on the mesh."""
@@ -144,8 +185,24 @@ class StepFns:
 # TrainConfig fields the step depends on (the rest are loop settings): the cache key of make_step.
 STEP_FIELDS: tuple[str, ...] = (
     "lr", "warmup_ratio", "warmup_steps", "end_lr_ratio", "weight_decay", "adam_b1", "adam_b2", "adam_eps",
-    "clip_norm", "trainable", "seed", "nan_check", "grounding_weight",
+    "clip_norm", "trainable", "seed", "nan_check", "grounding_weight", "lora",
 )
+
+
+def train_abstract_params(cfg: ModelConfig, tcfg: TrainConfig) -> PyTree:
+    """The state's parameter tree (``ShapeDtypeStruct`` leaves): :func:`abstract_params`, and with LoRA the adapters
+    (``param_dtype``), the frozen leaves in the compute dtype ``cfg.dtype`` and, with ``base_quant``, quantised."""
+    abstract = abstract_params(cfg)
+    lcfg = tcfg.lora
+    if not lcfg.enabled:
+        return abstract
+    mask = flatten(trainable_mask(abstract, tcfg.trainable))
+    flat = {k: a if mask[k] else jax.ShapeDtypeStruct(a.shape, jnp.dtype(cfg.dtype)) for k, a in flatten(abstract).items()}
+    base = unflatten(flat)
+    if lcfg.base_quant != "none":
+        base = Q.quantized_abstract(base, lcfg.base_quant, targets=Q.QUANT_TARGETS)
+    adapters = jax.eval_shape(lambda: L.init_adapters(abstract, lcfg, jax.random.key(0), cfg.param_dtype))
+    return L.with_adapters(base, adapters)
 
 
 def make_step(cfg: ModelConfig, tcfg: TrainConfig, mesh: Mesh, total_steps: int, steps_per_epoch: int | None = None) -> StepFns:
@@ -166,7 +223,7 @@ def make_step(cfg: ModelConfig, tcfg: TrainConfig, mesh: Mesh, total_steps: int,
 @functools.lru_cache(maxsize=16)
 def _make_step(cfg: ModelConfig, key: tuple, mesh: Mesh, total_steps: int, steps_per_epoch: int) -> StepFns:
     tcfg = TrainConfig(**dict(zip(STEP_FIELDS, key, strict=True)))
-    abstract = abstract_params(cfg)
+    abstract = train_abstract_params(cfg, tcfg)
     tx, schedule = make_optimizer(tcfg, abstract, total_steps)
     mask = trainable_mask(abstract, tcfg.trainable)
     p_shard = S.param_shardings(abstract, mesh)
@@ -181,7 +238,9 @@ def _make_step(cfg: ModelConfig, key: tuple, mesh: Mesh, total_steps: int, steps
     )
     mask_leaves = jax.tree.leaves(mask)
     train_shardings = [s for s, m in zip(jax.tree.leaves(p_shard), mask_leaves, strict=True) if m]
-    use_rng = cfg.flex.enabled and cfg.flex.selection == "random"
+    lcfg = tcfg.lora
+    fwd_cfg = dataclasses.replace(cfg, lora_dropout=lcfg.dropout) if lcfg.enabled else cfg
+    use_rng = (cfg.flex.enabled and cfg.flex.selection == "random") or fwd_cfg.lora_dropout > 0
     grounding = tcfg.grounding_weight > 0
     if grounding and not cfg.flex.enabled:
         raise ValueError(f"grounding_weight={tcfg.grounding_weight} trains the selection maps: it needs FlexAttention "
@@ -208,7 +267,9 @@ def _make_step(cfg: ModelConfig, key: tuple, mesh: Mesh, total_steps: int, steps
             it_t, it_f = iter(train_leaves), iter(frozen)
             full = [next(it_t) if m else next(it_f) for m in mask_leaves]
             params = jax.tree.unflatten(treedef, full)
-            sums = loss_sums(params, cfg, mb, alpha, key if use_rng else None, grounding=grounding)
+            if lcfg.enabled:  # the forward takes B scaled by alpha / r; the optimizer sees PEFT's unscaled B
+                params = L.scaled(params, lcfg.scale)
+            sums = loss_sums(params, fwd_cfg, mb, alpha, key if use_rng else None, grounding=grounding)
             return sums.ce + g_scale * sums.grounding, (sums.ce, sums.tokens, sums.grounding, sums.grounding_rows)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -236,8 +297,9 @@ def _make_step(cfg: ModelConfig, key: tuple, mesh: Mesh, total_steps: int, steps
         it_g = iter(grads)
         full_grads = [next(it_g).astype(x.dtype) if m else jnp.zeros_like(x) for x, m in zip(leaves, mask_leaves, strict=True)]
         updates, new_opt = tx.update(jax.tree.unflatten(treedef, full_grads), state.opt_state, state.params)
-        stepped = jax.tree.leaves(optax.apply_updates(state.params, updates))
-        new_leaves = [n if m else x for n, x, m in zip(stepped, leaves, mask_leaves, strict=True)]  # frozen: bit-identical
+        # optax.apply_updates on the trainable leaves; frozen ones (quantised ints among them) come back bit-identical
+        new_leaves = [jnp.asarray(x + u).astype(x.dtype) if m else x
+                      for x, u, m in zip(leaves, jax.tree.leaves(updates), mask_leaves, strict=True)]
         new_state = TrainState(state.step + 1, jax.tree.unflatten(treedef, new_leaves), new_opt)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if tcfg.nan_check:  # a non-finite step leaves the state untouched; the loop then stops
@@ -308,5 +370,5 @@ def make_example_batch(cfg: ModelConfig, batch: int, seq_len: int, rows: int, gr
 
 __all__ = [
     "BATCH_KEYS", "LossSums", "StepFns", "TrainState", "alpha_at", "global_batch", "loss_sums", "make_step",
-    "split_microbatches", "token_loss_sums",
+    "split_microbatches", "token_loss_sums", "train_abstract_params",
 ]

@@ -33,6 +33,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     from flexattn_jax.generate import HRStrategy
 
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute/param dtype (default: as converted)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="weight-only quantise the decoder linears at load (int8 per channel, int4 per group; docs/lora.md)")
     p.add_argument("--hr-budget", default=None,
                    help="HR tokens per select row: 'all' (K = M, the release), 'adaptive' (exact as 'all', at the cost of "
                    "the smallest rung of flex.hr_ladder holding the selection, chosen per layer at run time), or a fixed "
@@ -272,7 +274,7 @@ def check_backend(cfg: ModelConfig) -> None:
 def answer_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The flags that change an answer (an answer file's header): with sampling also the seed and the batching."""
     out: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "dtype": args.dtype,
-                           "hr_budget": args.hr_budget, "hr_strategy": args.hr_strategy, "set": list(args.set)}
+                           "quantize": args.quantize, "hr_budget": args.hr_budget, "hr_strategy": args.hr_strategy, "set": list(args.set)}
     if args.temperature > 0:  # the random keys follow the batches
         out.update(top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, window=args.window)
     return out
@@ -309,7 +311,7 @@ def _generate(argv: list[str]) -> int:
             log = AnswerLog.scan(args.output, header) if args.resume else None
             if stop.requested:
                 return _stopped(stop, "before loading the checkpoint; nothing written")
-            params, cfg, mesh = load_for_inference(args.checkpoint, args.dtype, args.mesh, args.batch_size)
+            params, cfg, mesh = load_for_inference(args.checkpoint, args.dtype, args.mesh, args.batch_size, args.quantize)
             cfg = inference_config(args, cfg)
             if args.save_attention:
                 Path(args.save_attention).mkdir(parents=True, exist_ok=True)

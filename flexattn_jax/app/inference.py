@@ -515,9 +515,10 @@ def answer(
     return [a for a in out if a is not None]
 
 
-def load_for_inference(checkpoint: str, dtype: str | None, mesh_spec: str | None, batch_size: int):
+def load_for_inference(checkpoint: str, dtype: str | None, mesh_spec: str | None, batch_size: int, quantize: str | None = None):
     """``(params, cfg, mesh)`` of a converted checkpoint for ``generate`` / ``eval``: the ``--mesh`` (errors name the
-    flag), the batch size checked against its data axis, the parameters replicated over it."""
+    flag), the batch size checked against its data axis, the parameters replicated over it; ``--quantize`` int8 / int4
+    quantises the decoder linears as they load (:mod:`flexattn_jax.quant`; a quantised model directory loads as is)."""
     from flexattn_jax.checkpoint import load_converted
     from flexattn_jax.sharding import make_mesh
 
@@ -527,4 +528,12 @@ def load_for_inference(checkpoint: str, dtype: str | None, mesh_spec: str | None
         raise ValueError(f"--mesh {mesh_spec!r}: {e}") from e
     check_batch_size(mesh, batch_size)
     params, cfg = load_converted(checkpoint, dtype=dtype, sharding=None if mesh is None else replicated(mesh))
+    if quantize:
+        from flexattn_jax.quant import check_mode, quant_mode, quantize_params
+
+        have = quant_mode(params)
+        if have is None:
+            params = jax.jit(quantize_params, static_argnums=1)(params, check_mode(quantize))
+        elif have != quantize:
+            raise ValueError(f"--quantize {quantize}: {checkpoint} is stored quantised as {have}")
     return params, cfg, mesh

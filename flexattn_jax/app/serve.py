@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             sock.bind((args.host, args.port))
         except OSError as e:
             raise ValueError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror or e})") from e
-        params, cfg, mesh = load_for_inference(args.checkpoint, args.dtype, args.mesh, args.max_batch)
+        params, cfg, mesh = load_for_inference(args.checkpoint, args.dtype, args.mesh, args.max_batch, args.quantize)
         cfg = inference_config(args, cfg)
     except (ValueError, OSError) as e:
         if sock is not None:

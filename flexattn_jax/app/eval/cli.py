@@ -76,6 +76,7 @@ def eval_parser(prog: str = "flexattn-jax eval") -> argparse.ArgumentParser:
     p.add_argument("--sweep-budget", default=None, metavar="B1,B2,...",
                    help="run at each of these HR budgets, e.g. 0.05,0.1,0.25,all: a table and OUT/sweep.png")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute/param dtype (default: as converted)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantise the decoder linears at load")
     p.add_argument("--mode", choices=["release", "inference"], default="release",
                    help="vstar likelihood: 'release' (the only select-row mode: each option token's row selects, as in "
                         "cached decoding); 'inference' is an alias of it, kept for old command lines")
@@ -177,7 +178,8 @@ def _eval(args: argparse.Namespace, stop, held: contextlib.ExitStack) -> int:
         settings = [EvalSettings(
             args.task, protocol=args.protocol, mode="release", ocr_tokens=args.ocr_tokens, batch_size=args.batch_size,
             max_new_tokens=max_new, checkpoint=fingerprint,
-            extra={"hr_budget": b or "checkpoint", "dtype": args.dtype or base.dtype, "overrides": list(args.set)},
+            extra={"hr_budget": b or "checkpoint", "dtype": args.dtype or base.dtype, "quantize": args.quantize,
+                   "overrides": list(args.set)},
         ) for b in budgets]
         for b, st in zip(budgets, settings, strict=True):
             read_predictions(run_dir(b) / PREDICTIONS, predictions_header(st))
@@ -187,7 +189,7 @@ def _eval(args: argparse.Namespace, stop, held: contextlib.ExitStack) -> int:
         return stop.exit_code
     setup_compile_cache(args.compile_cache, disabled=args.no_compile_cache)
     try:
-        params, cfg, mesh = load_for_inference(args.checkpoint, args.dtype, args.mesh, args.batch_size)
+        params, cfg, mesh = load_for_inference(args.checkpoint, args.dtype, args.mesh, args.batch_size, args.quantize)
         cfg = apply_overrides(cfg, list(args.set))
         if args.sweep_budget and not cfg.flex.enabled:
             raise ValueError("--sweep-budget: FlexAttention is off in this checkpoint (no HR budget to sweep)")
