@@ -32,7 +32,7 @@ def test_every_config_field_has_a_flag():
         "--log-every", "2", "--save-every", "3", "--keep", "1", "--no-async-save", "--no-save-final", "--peak-tflops", "1.5",
         "--no-progress", "--no-tensorboard", "--grounding-weight", "0.5",
         "--lora", "--lora-rank", "8", "--lora-alpha", "4", "--lora-dropout", "0.1", "--lora-targets", "^text/layers/attn/q$",
-        "--base-quant", "int8",
+        "--base-quant", "int8", "--sync-timeout-s", "30",
     ]
     a = build_parser().parse_args(argv)
     tc, dc = train_config_from_args(a), data_config_from_args(a, a.tokenizer)
