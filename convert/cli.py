@@ -41,6 +41,9 @@ def build_parser(prog: str = "flexattn-jax convert") -> argparse.ArgumentParser:
     p.add_argument("--mesh", metavar="SPEC", help="place the params sharded before saving, e.g. data=1,fsdp=8,tensor=1")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set flex.hr_budget=0.25 (repeatable)")
+    p.add_argument("--add-flex", action="store_true", help="turn FlexAttention on in a plain LLaVA (any supported base): the "
+                   "release's recipe (zoom 3, threshold 48, warmup 10), k_hr/v_hr copied from k/v; a decoder shallower than 9 "
+                   "layers needs --set flex.first_select_layer=N")
     p.add_argument("--to-hf", metavar="OUT_HF", help="also export the converted params to a HF directory")
     p.add_argument("--layout", choices=("hf5", "hf4", "original"), default="hf5", help="layout for --to-hf (default: hf5)")
     p.add_argument("--image-token-id", type=int, help="image token id for a llava-hf export of an original checkpoint")
@@ -240,7 +243,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "flexattn-jax convert") 
 
         out = convert_checkpoint(a.src, a.out, vision_tower=a.vision_tower, dtype=a.dtype, mesh=a.mesh,
                                  overrides=a.overrides, overwrite=a.overwrite, progress=not a.no_progress,
-                                 allow_nonfinite=a.allow_nonfinite, check=check, quantize=a.quantize)
+                                 allow_nonfinite=a.allow_nonfinite, check=check, quantize=a.quantize,
+                                 add_flex=a.add_flex)
         meta = read_metadata(out)
         print(f"wrote {out} (source layout {meta['source_layout']}, {meta['num_params']:,} params, {meta['param_dtype']})")
         if a.to_hf:

@@ -45,7 +45,17 @@ def _llama_fields(cfg: ModelConfig) -> dict[str, Any]:
     scaling = None
     if t.rope_scaling_type != "default":
         rope["factor"] = t.rope_scaling_factor
-        scaling = {"rope_type": t.rope_scaling_type, "factor": t.rope_scaling_factor}
+        if t.rope_scaling_type == "llama3":
+            rope.update(low_freq_factor=t.rope_low_freq_factor, high_freq_factor=t.rope_high_freq_factor,
+                        original_max_position_embeddings=t.rope_original_max_position_embeddings)
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    family: dict[str, Any] = {}
+    if t.model_type == "llama":
+        family = {"attention_bias": False, "mlp_bias": False}
+    elif t.model_type == "mistral":
+        family = {"sliding_window": t.sliding_window}
+    elif t.model_type == "qwen2":
+        family = {"use_sliding_window": t.sliding_window is not None, "sliding_window": t.sliding_window}
     return {
         "vocab_size": t.vocab_size,
         "hidden_size": t.hidden_size,
@@ -61,8 +71,7 @@ def _llama_fields(cfg: ModelConfig) -> dict[str, Any]:
         "rope_scaling": scaling,
         "rope_parameters": rope,
         "tie_word_embeddings": t.tie_word_embeddings,
-        "attention_bias": False,
-        "mlp_bias": False,
+        **family,
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
@@ -70,10 +79,13 @@ def _llama_fields(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def clip_vision_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The vision tower's own config (a CLIPVisionModel or, for SigLIP, a SiglipVisionModel without its head)."""
     v = cfg.vision
+    siglip = {} if v.class_token else {"vision_use_head": False}
     return {
-        "architectures": ["CLIPVisionModel"],
-        "model_type": "clip_vision_model",
+        "architectures": ["CLIPVisionModel" if v.class_token else "SiglipVisionModel"],
+        "model_type": "clip_vision_model" if v.class_token else "siglip_vision_model",
+        **siglip,
         "hidden_size": v.hidden_size,
         "intermediate_size": v.intermediate_size,
         "num_hidden_layers": v.num_layers,
@@ -89,6 +101,9 @@ def clip_vision_config(cfg: ModelConfig) -> dict[str, Any]:
 def hf_config(cfg: ModelConfig, layout: str, image_token_id: int | None = None) -> dict[str, Any]:
     """The ``config.json`` for ``layout`` (the inverse of :func:`flexattn_jax.hf_config.from_hf_config`)."""
     dtype = str(cfg.param_dtype)
+    if layout == "original" and (cfg.text.model_type != "llama" or not cfg.vision.class_token):
+        raise ConvertError(f"layout 'original' is LLaVA-1.5's (Llama + CLIP); this model is {cfg.text.model_type} + "
+                           f"{cfg.vision.model_type}: export it as hf5 or hf4")
     if layout == "original":
         out = {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", **_llama_fields(cfg)}
         out.update(
@@ -112,14 +127,14 @@ def hf_config(cfg: ModelConfig, layout: str, image_token_id: int | None = None) 
             raise ConvertError(
                 f"projector.type={cfg.projector.type!r}: LlavaForConditionalGeneration has only the mlp2x_gelu projector"
             )
-        text = {"model_type": "llama", **_llama_fields(cfg)}
+        text = {"model_type": cfg.text.model_type, **_llama_fields(cfg)}
         out = {
             "architectures": ["LlavaForConditionalGeneration"],
             "model_type": "llava",
             "text_config": text,
             "vision_config": {k: v for k, v in clip_vision_config(cfg).items() if k != "architectures"},
             "image_token_index": token,
-            "image_seq_length": cfg.vision.num_patches,
+            "image_seq_length": cfg.num_image_tokens,
             "projector_hidden_act": cfg.projector.hidden_act,
             "multimodal_projector_bias": cfg.projector.bias,
             "vision_feature_layer": cfg.vision_feature_layer,

@@ -19,8 +19,9 @@ from flexattn_jax.checkpoint import place, write_model
 from flexattn_jax.config import ConfigError, ModelConfig
 from flexattn_jax.hf_config import detect_layout, from_hf_config
 from flexattn_jax.logs import progress as progress_bar
-from flexattn_jax.params import abstract_params, flatten, unflatten
+from flexattn_jax.params import abstract_params, add_hr_projections, flatten, unflatten
 from flexattn_jax.paths import OutputPathError, check_output_dir
+from flexattn_jax.presets import with_release_recipe
 from flexattn_jax.sharding import make_mesh
 from flexattn_jax.tokenizer import copy_tokenizer
 
@@ -264,8 +265,14 @@ def convert_checkpoint(
     allow_nonfinite: bool = False,
     check: Any = None,
     quantize: str | None = None,
+    add_flex: bool = False,
 ) -> Path:
     """Convert a PyTorch checkpoint directory into ``out`` (orbax params + metadata.json + tokenizer).
+
+    ``add_flex`` turns FlexAttention on in a plain LLaVA of any supported base (the release's recipe,
+    :func:`flexattn_jax.presets.with_release_recipe`) with ``k_hr``/``v_hr`` (and their biases) copied from ``k``/``v``
+    (:func:`flexattn_jax.params.add_hr_projections`). The metadata's ``base`` records the decoder, the tower and
+    how FlexAttention came in.
 
     Before anything is read: ``out`` is checked (:func:`flexattn_jax.paths.check_output_dir`: not the
     source, not containing or inside it, replaceable, writable) and ``mesh`` parsed. ``check(cfg)``
@@ -279,9 +286,28 @@ def convert_checkpoint(
         raise ConvertError(str(e)) from None
     if isinstance(mesh, str):
         mesh = _mesh(mesh)
+    def with_flex(cfg: ModelConfig) -> ModelConfig:
+        if cfg.flex.enabled:
+            raise ConvertError(f"--add-flex: {src} already has FlexAttention (k_proj_hd/v_proj_hd and extra in config.json)")
+        try:
+            return with_release_recipe(cfg, overrides)
+        except ConfigError as e:
+            raise ConvertError(f"--add-flex: {e} (fix it with --set)") from None
+
+    def checks(cfg: ModelConfig) -> None:  # before any tensor is read
+        if add_flex:
+            with_flex(cfg)
+        if check is not None:
+            check(cfg)
+
     converted = read_checkpoint(src, vision_tower=vision_tower, dtype=dtype, overrides=overrides, progress=progress,
-                                allow_nonfinite=allow_nonfinite, check=check)
+                                allow_nonfinite=allow_nonfinite, check=checks)
     params, converted.params = converted.params, {}
+    flex_from = "checkpoint" if converted.cfg.flex.enabled else None
+    if add_flex:
+        converted.cfg = with_flex(converted.cfg)
+        params = jax.tree.map(np.asarray, add_hr_projections(params, "copy"))
+        flex_from = "added: k_hr/v_hr copied from k/v (convert --add-flex)"
     if quantize:
         from flexattn_jax.quant import quantize_params
 
@@ -293,5 +319,6 @@ def convert_checkpoint(
         "source": str(Path(src).resolve()),
         "vision_source": None if converted.vision_source is None else str(converted.vision_source.resolve()),
         "quantization": quantize,
+        "base": {"decoder": converted.cfg.text.model_type, "tower": converted.cfg.vision.model_type, "flexattention": flex_from},
     }
     return write_model(params, converted.cfg, out, source, lambda d: copy_tokenizer(Path(src), d), overwrite=True)

@@ -48,8 +48,9 @@ def _rules() -> list[Rule]:
         if bias:
             r.append(Rule(f"{hf}.bias", f"{ours}/bias", "copy"))
 
-    # CLIP vision tower
+    # vision tower: CLIP, or SigLIP (a patch-conv bias; no class embedding, no pre-LayerNorm)
     r.append(Rule(V + "embeddings.patch_embedding.weight", "vision/patch_embed/kernel", "conv"))
+    r.append(Rule(V + "embeddings.patch_embedding.bias", "vision/patch_embed/bias", "copy"))
     r.append(Rule(V + "embeddings.class_embedding", "vision/class_embed", "copy"))
     r.append(Rule(V + "embeddings.position_embedding.weight", "vision/pos_embed/embedding", "copy"))
     norm(V + "pre_layrnorm", "vision/pre_norm")
@@ -64,13 +65,13 @@ def _rules() -> list[Rule]:
     # projector
     linear(P + "linear_1", "projector/linear_1")
     linear(P + "linear_2", "projector/linear_2")
-    # Llama decoder (HF Llama is rotate-half already: no q/k permutation)
+    # Llama / Mistral / Qwen2 decoder (HF is rotate-half already: no q/k permutation); Qwen2 has q/k/v biases
     r.append(Rule(T + "embed_tokens.weight", "text/embed/embedding", "copy"))
     tl = T + "layers.{i}."
     norm(tl + "input_layernorm", "text/layers/input_norm", bias=False)
     attn = (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("o_proj", "o"), ("k_proj_hd", "k_hr"), ("v_proj_hd", "v_hr"))
     for hf, ours in attn:
-        linear(tl + f"self_attn.{hf}", f"text/layers/attn/{ours}", bias=False)
+        linear(tl + f"self_attn.{hf}", f"text/layers/attn/{ours}", bias=ours != "o")
     norm(tl + "post_attention_layernorm", "text/layers/post_norm", bias=False)
     for hf, ours in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
         linear(tl + f"mlp.{hf}", f"text/layers/mlp/{ours}", bias=False)

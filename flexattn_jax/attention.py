@@ -13,7 +13,8 @@ would be large, :func:`hr_chunked`). Softmax statistics are fp32.
 The main part of all rows goes through one dispatcher, :func:`attention` (``ModelConfig.attention_impl``):
 ``xla`` (the dense einsum, the reference), ``xla_chunked`` (online softmax over key blocks, a
 flash-style custom VJP in pure JAX: memory O(T x block)), ``cudnn`` (``jax.nn.dot_product_attention``
-on GPU), ``splash`` (the TPU Pallas kernel; interpret mode elsewhere) and ``auto``. No fused kernel
+on GPU), ``splash`` (the TPU Pallas kernel; interpret mode elsewhere), ``splash_hr`` (splash, and the HR
+part of the select rows by the Pallas HR kernel, :func:`hr_kernel_attention`) and ``auto``. No fused kernel
 returns a differentiable log-sum-exp, so the decoder recomputes the select rows
 (:func:`rows_attention_with_lse`: dense, or by key blocks with a differentiable LSE) and
 overwrites them: exact and differentiable.
@@ -118,6 +119,12 @@ def hr_chunked(impl: str, num_rows: int, num_keys: int) -> bool:
     if impl in ("xla", "xla_chunked"):
         return impl == "xla_chunked"
     return num_rows > 1 and num_keys >= AUTO_CHUNK_MIN_KEYS
+
+
+def hr_kernel(impl: str, num_rows: int) -> bool:
+    """Whether the HR part of ``num_rows`` select rows over the shared HR keys runs by the Pallas kernel
+    (:func:`hr_kernel_attention`): ``attention_impl='splash_hr'`` and more than one row (one row, decode, stays dense)."""
+    return impl == "splash_hr" and num_rows > 1
 
 
 def merge_by_lse(
@@ -232,6 +239,7 @@ def resolve_impl(
         raise ValueError(f"attention_impl={impl!r}: use one of {IMPLS}")
     if impl in ("xla", "xla_chunked"):
         return impl, ""
+    impl = "splash" if impl == "splash_hr" else impl  # its main part is splash (the HR part: hr_kernel)
     require_platform(impl, backend)
     dense = num_rows == 1 or num_keys < AUTO_CHUNK_MIN_KEYS
     if impl == "auto" and num_rows == 1:
@@ -512,16 +520,26 @@ def splash_attention(
     if t > 1 and mask.static_start is None:
         raise ValueError("splash_attention: more than one row needs mask.static_start (a static causal offset)")
     body = functools.partial(_splash_local, static_start=mask.static_start, interpret=interpret)
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    axes = kernel_mesh_axes(b, k.shape[2])
+    if axes is None:
         return body(q, k, v, mask.key_valid, mask.start)
-    batch = logical_to_spec(("batch",), (b,), mesh)
-    heads = logical_to_spec(("kv_heads",), (k.shape[2],), mesh)  # divides Hkv, so H too (H = G Hkv): GQA groups stay whole
-    bx = batch[0] if len(batch) else None
-    hx = heads[0] if len(heads) else None
+    bx, hx = axes
     qkv = P(bx, None, hx, None)
     return jax.shard_map(body, in_specs=(qkv, qkv, qkv, P(bx, None), P()), out_specs=qkv, check_vma=False)(
         q, k, v, mask.key_valid, mask.start)
+
+
+def kernel_mesh_axes(batch: int, kv_heads: int) -> tuple[str | tuple | None, str | tuple | None] | None:
+    """Mesh axes of a Pallas kernel's ``shard_map`` under the ambient mesh (Mosaic kernels are never partitioned
+    automatically): the batch over the batch axes (data, fsdp) and the heads over ``tensor``, each where it divides
+    (else replicated); ``None`` without a mesh (or one device). Heads go by ``kv_heads``: it divides Hkv, so H too
+    (H = G Hkv), and GQA groups stay whole."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return None
+    spec_b = logical_to_spec(("batch",), (batch,), mesh)
+    spec_h = logical_to_spec(("kv_heads",), (kv_heads,), mesh)
+    return (spec_b[0] if len(spec_b) else None), (spec_h[0] if len(spec_h) else None)
 
 
 def _splash_local(q, k, v, key_valid, start, *, static_start: int | None, interpret: bool):
@@ -545,3 +563,27 @@ def _splash_local(q, k, v, key_valid, start, *, static_start: int | None, interp
 
     out = jax.vmap(one)(pad(qs, tp), pad(k, sp), pad(v, sp), seg_q, seg_kv)  # (B, H, Tp, d)
     return out.transpose(0, 2, 1, 3)[:, :t]
+
+
+# ---- the HR part by the Pallas kernel (TPU; interpret mode elsewhere) -------------------------------
+
+def hr_kernel_attention(
+    q: Float[Array, "B R H d"],
+    k: Float[Array, "B M Hkv d"],
+    v: Float[Array, "B M Hkv d"],
+    valid: Bool[Array, "B R M"],
+) -> tuple[Float[Array, "B R H d"], Float[Array, "B R H"]]:
+    """:func:`hr_attention` over shared keys by :func:`flexattn_jax.kernels.hr_attention.hr_flash_attention`: the
+    same output (``q``'s dtype) and differentiable fp32 LSE, fully masked (query, key) blocks skipped. Under a mesh
+    it runs inside ``shard_map`` like :func:`splash_attention` (batch over data/fsdp, heads over tensor; the mask
+    follows the batch); interpret mode unless the target is a TPU."""
+    from flexattn_jax.kernels.hr_attention import hr_flash_attention
+
+    body = functools.partial(hr_flash_attention, interpret=target_platform() != "tpu")
+    axes = kernel_mesh_axes(q.shape[0], k.shape[2])
+    if axes is None:
+        return body(q, k, v, valid)
+    bx, hx = axes
+    qkv = P(bx, None, hx, None)
+    return jax.shard_map(body, in_specs=(qkv, qkv, qkv, P(bx, None, None)), out_specs=(qkv, P(bx, None, hx)),
+                         check_vma=False)(q, k, v, valid)

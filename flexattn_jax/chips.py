@@ -26,15 +26,16 @@ class Chip:
     cores_per_chip: int = 1  # the '-N' spelling counts TensorCores on v4 / v5p
     dims: int = 2  # TPU torus dimensions
     spec_file: str | None = None  # GPU: the device description shipped for deviceless compiles
+    hbm_bytes_per_s: float | None = None  # HBM bandwidth, vendor sheet (rooflines); None where not listed
 
 
 CHIPS: dict[str, Chip] = {
-    "v4": Chip("v4", "tpu", 32 * GiB, 275e12, ("TPU v4",), cores_per_chip=2, dims=3),
-    "v5e": Chip("v5e", "tpu", 16 * GiB, 197e12, ("TPU v5 lite", "TPU v5e")),
-    "v5p": Chip("v5p", "tpu", 95 * GiB, 459e12, ("TPU v5p", "TPU v5"), cores_per_chip=2, dims=3),
-    "v6e": Chip("v6e", "tpu", 32 * GiB, 918e12, ("TPU v6 lite", "TPU v6e")),
-    "h100": Chip("h100", "gpu", 84942979072, 989e12, ("H100",), spec_file="h100_sxm.txtpb"),
-    "h200": Chip("h200", "gpu", 151397597184, 989e12, ("H200",), spec_file="h200.txtpb"),
+    "v4": Chip("v4", "tpu", 32 * GiB, 275e12, ("TPU v4",), cores_per_chip=2, dims=3, hbm_bytes_per_s=1.2e12),
+    "v5e": Chip("v5e", "tpu", 16 * GiB, 197e12, ("TPU v5 lite", "TPU v5e"), hbm_bytes_per_s=0.82e12),
+    "v5p": Chip("v5p", "tpu", 95 * GiB, 459e12, ("TPU v5p", "TPU v5"), cores_per_chip=2, dims=3, hbm_bytes_per_s=2.76e12),
+    "v6e": Chip("v6e", "tpu", 32 * GiB, 918e12, ("TPU v6 lite", "TPU v6e"), hbm_bytes_per_s=1.64e12),
+    "h100": Chip("h100", "gpu", 84942979072, 989e12, ("H100",), spec_file="h100_sxm.txtpb", hbm_bytes_per_s=3.35e12),
+    "h200": Chip("h200", "gpu", 151397597184, 989e12, ("H200",), spec_file="h200.txtpb", hbm_bytes_per_s=4.8e12),
     "a100": Chip("a100", "gpu", 80 * 10**9, 312e12, ("A100",)),
     "l4": Chip("l4", "gpu", 24 * 10**9, 121e12, ("L4",)),
     "b200": Chip("b200", "gpu", 192 * 10**9, 2250e12, ("B200",)),

@@ -25,8 +25,10 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """CLIP vision tower (pre-LN ViT)."""
+    """The vision tower: CLIP (class token, pre-LayerNorm, bias-free patch conv) or SigLIP (no class token,
+    no pre-LayerNorm, a biased patch conv); both pre-LN ViTs with the same layers."""
 
+    model_type: Literal["clip", "siglip"] = "clip"
     hidden_size: int = 1024
     intermediate_size: int = 4096
     num_layers: int = 24
@@ -42,6 +44,11 @@ class VisionConfig:
         return self.image_size // self.patch_size
 
     @property
+    def class_token(self) -> bool:
+        """CLIP puts a class token before the patches; SigLIP has none."""
+        return self.model_type == "clip"
+
+    @property
     def num_patches(self) -> int:
         return self.grid_size**2
 
@@ -52,8 +59,16 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """Llama decoder."""
+    """The decoder: Llama (Vicuna, Llama-3), Mistral or Qwen2, which share one layer.
 
+    ``model_type`` names the family (exported as the HF ``model_type``). ``attention_bias``: biases on
+    q/k/v (Qwen2), and then on FlexAttention's HR k/v projections too. ``sliding_window``: Mistral's
+    window; the attention here is full causal, so a context longer than the window is refused
+    (:func:`check_context`). ``rope_scaling_type='llama3'`` is Llama-3.1's frequency scaling with
+    ``rope_low_freq_factor`` / ``rope_high_freq_factor`` / ``rope_original_max_position_embeddings``.
+    """
+
+    model_type: Literal["llama", "mistral", "qwen2"] = "llama"
     vocab_size: int = 32064
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -63,11 +78,28 @@ class TextConfig:
     head_dim: int = 128
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling_type: Literal["default", "linear", "dynamic"] = "default"
+    rope_scaling_type: Literal["default", "linear", "dynamic", "llama3"] = "default"
     rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
+    attention_bias: bool = False
+    sliding_window: int | None = None
+
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+def check_context(t: TextConfig, length: int) -> None:
+    """Raise ValueError when ``length`` key slots exceed the decoder's sliding window (full causal attention here)."""
+    if t.sliding_window is not None and length > t.sliding_window:
+        raise ValueError(
+            f"a context of {length} tokens exceeds text.sliding_window={t.sliding_window} (sliding_window in config.json); "
+            "sliding-window attention is not implemented: keep prompt + generated tokens within the window"
+        )
 
 
 @dataclass(frozen=True)
@@ -110,6 +142,10 @@ class FlexConfig:
     conditional as its most expensive branch), not exact when more cells are new. The default of 3
     cells minimises the mean expected projections per step over the sources ``bench/stability.py``
     measures (random-weight scaled model at K = M and 0.1 M, the demo model).
+    ``train_hr_budget`` (off: ``None``, the release projects all M): with many select rows (training), project
+    and attend only the union of the HR tokens the sample's select rows selected, packed (cell by cell) into
+    that static number U of slots (a fraction of M or a count); exact whenever every sample's union fits, and
+    when one does not the layer takes the all-M path instead (``lax.cond``, both compiled): never truncated.
     """
 
     enabled: bool = False
@@ -129,6 +165,7 @@ class FlexConfig:
     alpha_schedule: Literal["release", "constant"] = "release"
     hr_step_cells: int = 3
     hr_cache_fallback: bool = True
+    train_hr_budget: float | int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.hr_ladder, list):  # from JSON / to_dict round trips: keep the config hashable (a jit static)
@@ -138,7 +175,12 @@ class FlexConfig:
 ADAPTIVE = "adaptive"
 
 
-ATTENTION_IMPLS = ("xla", "xla_chunked", "cudnn", "splash", "auto")
+def _budget_tokens(budget: float | int, m: int) -> int:
+    """A budget in HR tokens: a float is a fraction of M (rounded up), an int a count; clipped to [1, M]."""
+    return max(1, min(m, math.ceil(budget * m) if isinstance(budget, float) else int(budget)))
+
+
+ATTENTION_IMPLS = ("xla", "xla_chunked", "cudnn", "splash", "splash_hr", "auto")
 
 
 @dataclass(frozen=True)
@@ -150,6 +192,8 @@ class ModelConfig:
     (used for XLA cost analysis, which counts a loop body once). ``attention_impl`` picks the kernel
     of the decoder's main causal attention (:func:`flexattn_jax.attention.attention`): ``auto`` takes
     cuDNN on GPU, splash on TPU, the XLA paths on CPU (dense for short sequences: the reference).
+    ``splash_hr`` is splash for the main part and the Pallas HR kernel
+    (:mod:`flexattn_jax.kernels.hr_attention`) for the select rows' HR part.
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -166,7 +210,7 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     scan_layers: bool = True
     remat_policy: Literal["none", "full", "dots_saveable"] = "none"
-    attention_impl: Literal["xla", "xla_chunked", "cudnn", "splash", "auto"] = "auto"
+    attention_impl: Literal["xla", "xla_chunked", "cudnn", "splash", "splash_hr", "auto"] = "auto"
     lora_dropout: float = 0.0  # LoRA dropout on the adapters' input, applied only under a 'lora_dropout' rng (training)
 
     def __post_init__(self) -> None:
@@ -180,9 +224,10 @@ class ModelConfig:
 
     @property
     def num_image_tokens(self) -> int:
-        """LR image tokens placed in the sequence per image (576, or 577 with 'full')."""
-        extra = 1 if self.vision_feature_select_strategy == "full" else 0
-        return self.vision.num_patches + extra
+        """LR image tokens placed in the sequence per image: the tower's tokens (576 + the class token for
+        CLIP-L/14-336, 729 for SigLIP-384/14), less the first one with 'default' (as transformers' LLaVA does)."""
+        tokens = self.vision.num_patches + (1 if self.vision.class_token else 0)
+        return tokens - (1 if self.vision_feature_select_strategy == "default" else 0)
 
     @property
     def zoom(self) -> int:
@@ -230,15 +275,19 @@ class ModelConfig:
         return tuple(sorted(ks | {m}))
 
     @property
+    def train_hr_tokens(self) -> int | None:
+        """``flex.train_hr_budget`` in HR tokens, U (``None``: off, every layer projects all M)."""
+        u = self.flex.train_hr_budget
+        return None if u is None else _budget_tokens(u, self.num_hr_tokens)
+
+    @property
     def hr_budget_tokens(self) -> int:
         """K: the static number of HR keys a select row attends to ('adaptive': M, the width of the
         selection carried between layers; each layer attends to its rung's K <= M)."""
         budget, m = self.flex.hr_budget, self.num_hr_tokens
         if budget is None or budget == ADAPTIVE:
             return m
-        if isinstance(budget, float):
-            return max(1, min(m, math.ceil(budget * m)))
-        return max(1, min(m, int(budget)))
+        return _budget_tokens(budget, m)
 
     @property
     def image_size(self) -> int:
@@ -296,7 +345,8 @@ _POSITIVE = {
     "vision": ("hidden_size", "intermediate_size", "num_layers", "num_heads", "image_size", "patch_size", "num_channels",
                "layer_norm_eps"),
     "text": ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-             "rms_norm_eps", "rope_theta", "rope_scaling_factor", "max_position_embeddings"),
+             "rms_norm_eps", "rope_theta", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+             "rope_original_max_position_embeddings", "max_position_embeddings"),
     "flex": ("zoom_ratio", "lowres_size", "highres_size", "pool_size", "random_grid"),
 }
 
@@ -352,14 +402,20 @@ def validate(cfg: ModelConfig) -> None:
         raise ConfigError(f"text.num_heads={t.num_heads} is not a multiple of text.num_kv_heads={t.num_kv_heads}")
     if v.hidden_size % v.num_heads:
         raise ConfigError(f"vision.hidden_size={v.hidden_size} is not divisible by vision.num_heads={v.num_heads}")
-    if v.image_size % v.patch_size:
+    if v.image_size % v.patch_size and v.class_token:  # SigLIP-so400m is 384 px in 14 px patches: its conv drops the 6 px left
         raise ConfigError(f"vision.image_size={v.image_size} is not a multiple of vision.patch_size={v.patch_size}")
     if not -(v.num_layers + 1) <= cfg.vision_feature_layer <= v.num_layers or cfg.vision_feature_layer % (v.num_layers + 1) == 0:
         raise ConfigError(f"vision_feature_layer={cfg.vision_feature_layer} is out of range for {v.num_layers} CLIP layers")
     if cfg.vision_feature_select_strategy not in ("default", "full"):
         raise ConfigError(f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}: use 'default' or 'full'")
-    if t.rope_scaling_type not in ("default", "linear", "dynamic"):
-        raise ConfigError(f"text.rope_scaling_type={t.rope_scaling_type!r}: supported are default, linear, dynamic")
+    if t.rope_scaling_type not in ROPE_TYPES:
+        raise ConfigError(f"text.rope_scaling_type={t.rope_scaling_type!r}: supported are {', '.join(ROPE_TYPES)}")
+    if t.rope_scaling_type == "llama3" and t.rope_high_freq_factor <= t.rope_low_freq_factor:
+        raise ConfigError(f"text.rope_high_freq_factor={t.rope_high_freq_factor} must exceed text.rope_low_freq_factor="
+                          f"{t.rope_low_freq_factor} (llama3 rope scaling)")
+    sw = t.sliding_window
+    if sw is not None and (isinstance(sw, bool) or not isinstance(sw, numbers.Integral) or sw <= 0):
+        raise ConfigError(f"text.sliding_window={sw!r}: use null (none) or a positive number of tokens")
     if cfg.projector.type not in ("mlp2x_gelu", "linear"):
         raise ConfigError(f"projector.type={cfg.projector.type!r}: supported are mlp2x_gelu, linear")
     for name in ("dtype", "param_dtype"):
@@ -377,8 +433,12 @@ def validate(cfg: ModelConfig) -> None:
         raise ConfigError(
             f"flex.highres_size={f.highres_size} != flex.zoom_ratio={f.zoom_ratio} x flex.lowres_size={f.lowres_size}"
         )
-    if cfg.vision_feature_select_strategy != "default":
-        raise ConfigError("FlexAttention needs vision_feature_select_strategy='default' (a square grid of image tokens)")
+    if cfg.num_image_tokens != v.num_patches:
+        want = "default" if v.class_token else "full"
+        raise ConfigError(
+            f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}: FlexAttention needs the square grid of "
+            f"patch tokens, which a {v.model_type} tower gives with {want!r}"
+        )
     if not 0 <= f.random_prob <= 1:
         raise ConfigError(f"flex.random_prob={f.random_prob!r}: use a probability in [0, 1]")
     if f.warmup < 0:
@@ -398,6 +458,9 @@ def validate(cfg: ModelConfig) -> None:
         isinstance(b, bool) or (isinstance(b, float) and not 0 < b <= 1) or (isinstance(b, int) and b < 1)
     ):
         raise ConfigError(f"flex.hr_budget={b!r}: use None (all), 'adaptive', a fraction in (0, 1] or a positive count")
+    u = f.train_hr_budget
+    if u is not None and (isinstance(u, (bool, str)) or (isinstance(u, float) and not 0 < u <= 1) or (isinstance(u, int) and u < 1)):
+        raise ConfigError(f"flex.train_hr_budget={u!r}: use None (off: all M), a fraction of M in (0, 1] or a positive count")
     ladder = f.hr_ladder
     if (not isinstance(ladder, tuple) or not ladder
             or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x <= 1 for x in ladder)):

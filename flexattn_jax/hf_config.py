@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from flexattn_jax.config import (
     IMAGE_TOKEN_INDEX_ORIGINAL,
+    ROPE_TYPES,
     ConfigError,
     FlexConfig,
     ModelConfig,
@@ -70,10 +71,23 @@ def _require(d: dict[str, Any], key: str, where: str) -> Any:
     return d[key]
 
 
+VISION_TYPES = {"clip_vision_model": "clip", "clip": "clip", "siglip_vision_model": "siglip", "siglip": "siglip"}
+TEXT_TYPES = ("llama", "mistral", "qwen2")
+
+
 def _vision_from_clip(d: dict[str, Any], where: str) -> VisionConfig:
-    if "vision_config" in d and isinstance(d["vision_config"], dict):  # a full CLIPModel config
+    """The vision tower's config: CLIP or SigLIP (a tower config, or a full CLIPModel/SiglipModel config)."""
+    if "vision_config" in d and isinstance(d["vision_config"], dict):  # a full CLIPModel / SiglipModel config
         d = d["vision_config"]
+    kind = VISION_TYPES.get(d.get("model_type", "clip_vision_model"))
+    if kind is None:
+        raise ConfigError(f"{where}: vision tower model_type={d.get('model_type')!r} is not supported "
+                          f"({', '.join(sorted(VISION_TYPES))})")
+    if kind == "siglip" and d.get("vision_use_head", True):
+        raise ConfigError(f"{where}: vision_use_head=true (SigLIP's pooling head, which LLaVA never reads) is not supported; "
+                          "llava-hf SigLIP towers set it false")
     return VisionConfig(
+        model_type=kind,
         hidden_size=_require(d, "hidden_size", where),
         intermediate_size=_require(d, "intermediate_size", where),
         num_layers=_require(d, "num_hidden_layers", where),
@@ -81,26 +95,41 @@ def _vision_from_clip(d: dict[str, Any], where: str) -> VisionConfig:
         image_size=_require(d, "image_size", where),
         patch_size=_require(d, "patch_size", where),
         num_channels=d.get("num_channels", 3),
-        layer_norm_eps=d.get("layer_norm_eps", 1e-5),
-        hidden_act=d.get("hidden_act", "quick_gelu"),
+        layer_norm_eps=d.get("layer_norm_eps", 1e-5 if kind == "clip" else 1e-6),
+        hidden_act=d.get("hidden_act", "quick_gelu" if kind == "clip" else "gelu_pytorch_tanh"),
     )
 
 
 def _text_from_llama(d: dict[str, Any], where: str) -> TextConfig:
+    """The decoder's config: Llama (original LLaVA configs carry no model_type of their own), Mistral or Qwen2."""
+    family = d.get("model_type", "llama")
+    if family in ("llava_llama", "llava"):
+        family = "llama"
+    if family not in TEXT_TYPES:
+        raise ConfigError(f"{where}: decoder model_type={family!r} is not supported ({', '.join(TEXT_TYPES)})")
     hidden = _require(d, "hidden_size", where)
     heads = _require(d, "num_attention_heads", where)
     rope = d.get("rope_parameters") or {}
     scaling = d.get("rope_scaling") or {}
     rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    factor = rope.get("factor", scaling.get("factor", 1.0))
+
+    def rope_field(name: str, default: Any) -> Any:
+        return rope.get(name, scaling.get(name, default))
+
     theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-    if rope_type not in ("default", "linear", "dynamic"):
-        raise ConfigError(f"{where}: rope scaling type {rope_type!r} is not supported (default, linear, dynamic)")
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(f"{where}: rope scaling type {rope_type!r} is not supported ({', '.join(ROPE_TYPES)})")
     if d.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"{where}: hidden_act={d['hidden_act']!r}; the Llama decoder here uses silu")
-    if d.get("attention_bias") or d.get("mlp_bias"):
-        raise ConfigError(f"{where}: attention_bias/mlp_bias are not supported (Llama has no biases)")
+        raise ConfigError(f"{where}: hidden_act={d['hidden_act']!r}; the decoder here uses silu")
+    if family != "qwen2" and (d.get("attention_bias") or d.get("mlp_bias")):
+        raise ConfigError(f"{where}: attention_bias/mlp_bias are not supported for {family} (biases on q/k/v: Qwen2 only)")
+    window = d.get("sliding_window")
+    if family == "qwen2" and not d.get("use_sliding_window", False):
+        window = None
+    if family == "llama":
+        window = None
     return TextConfig(
+        model_type=family,
         vocab_size=_require(d, "vocab_size", where),
         hidden_size=hidden,
         intermediate_size=_require(d, "intermediate_size", where),
@@ -111,9 +140,14 @@ def _text_from_llama(d: dict[str, Any], where: str) -> TextConfig:
         rms_norm_eps=d.get("rms_norm_eps", 1e-6),
         rope_theta=_float(theta),
         rope_scaling_type=rope_type,
-        rope_scaling_factor=_float(factor),
+        rope_scaling_factor=_float(rope_field("factor", 1.0)),
+        rope_low_freq_factor=_float(rope_field("low_freq_factor", 1.0)),
+        rope_high_freq_factor=_float(rope_field("high_freq_factor", 4.0)),
+        rope_original_max_position_embeddings=rope_field("original_max_position_embeddings", 8192),
         max_position_embeddings=d.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        attention_bias=family == "qwen2",
+        sliding_window=window,
     )
 
 

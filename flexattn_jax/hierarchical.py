@@ -25,12 +25,14 @@ from flexattn_jax.attention import (
     choose_impl,
     hr_attention,
     hr_chunked,
+    hr_kernel,
+    hr_kernel_attention,
     merge_by_lse,
     row_probabilities,
     rows_attention_with_lse,
 )
 from flexattn_jax.config import ModelConfig
-from flexattn_jax.selection import Selection, compact, select_hr_tokens, selection_mask
+from flexattn_jax.selection import Selection, cell_order, compact, select_hr_tokens, selection_mask
 from flexattn_jax.text import MLP, AttentionWeights, RMSNorm, apply_rope
 
 PLAIN, SELECT, HIERARCHICAL = 0, 1, 2  # layer kinds
@@ -208,24 +210,63 @@ class DecoderLayer(nn.Module):
         projected once (or read from ``hr_kv``) and shared by the rows, the selection a mask over
         them: (B, M) keys and (B, H, R, M) logits instead of (B, R, K) per-row keys, which at 7B
         with R = 2048 and K = 0.1 M is the smaller by far (``bench/adaptive.py`` measures it).
-        Otherwise each row's K tokens are projected (or gathered from ``hr_kv``). The shared-key
-        attention runs by key blocks where :func:`~flexattn_jax.attention.hr_chunked` says (training at
-        7B: memory O(R x block), not the (B, H, R, M) fp32 logits and their gradient).
+        Otherwise each row's K tokens are projected (or gathered from ``hr_kv``). With ``flex.train_hr_budget``
+        the shared keys are only the union of the rows' selections (:meth:`_attend_union`). The shared-key
+        attention runs by the Pallas kernel where :func:`~flexattn_jax.attention.hr_kernel` says (``splash_hr``), else
+        by key blocks where :func:`~flexattn_jax.attention.hr_chunked` says (training at 7B: memory O(R x block), not
+        the (B, H, R, M) fp32 logits and their gradient): :meth:`_shared`.
         """
-        m = self.cfg.num_hr_tokens
+        m, u = self.cfg.num_hr_tokens, self.cfg.train_hr_tokens
         b, r, k = sel.index.shape
         if k >= m or r * k >= m:
+            valid = sel.valid if k >= m else selection_mask(sel, m)
+            if hr_kv is None and u is not None and u < m:
+                return self._attend_union(q_sel, valid, ctx, u)
             if hr_kv is not None:
                 k_hr, v_hr = hr_kv.k, hr_kv.v
             else:
                 k_hr, v_hr = self.attn.hr_kv(ctx.hr_features, ctx.hr_cos, ctx.hr_sin)
-            valid = sel.valid if k >= m else selection_mask(sel, m)
-            return hr_attention(q_sel, k_hr, v_hr, valid, chunked=hr_chunked(self.cfg.attention_impl, r, m))
+            return self._shared(q_sel, k_hr, v_hr, valid)
         if hr_kv is not None:
             k_hr, v_hr, valid = _take(hr_kv.k, sel.index), _take(hr_kv.v, sel.index), sel.valid
         else:
             (k_hr, v_hr), valid = self._project(sel.index, ctx), sel.valid
         return hr_attention(q_sel, k_hr, v_hr, valid)
+
+    def _shared(self, q_sel: jax.Array, k_hr: jax.Array, v_hr: jax.Array, valid: jax.Array, ordered: bool = False):
+        """HR attention of the select rows over keys shared by them, ``(B, S, Hkv, d)`` under the ``(B, R, S)`` mask:
+        by the Pallas kernel where :func:`~flexattn_jax.attention.hr_kernel` says, its keys cell by cell
+        (:func:`~flexattn_jax.selection.cell_order`, exact: a masked cell is one run of keys, skipped whole) unless
+        ``ordered`` says they are already, else by :func:`~flexattn_jax.attention.hr_attention`. fp32 output."""
+        r, s = q_sel.shape[1], k_hr.shape[1]
+        if hr_kernel(self.cfg.attention_impl, r):
+            if not ordered:
+                order = cell_order(self.cfg.hr_grid, self.cfg.flex.pool_size)
+                k_hr, v_hr, valid = k_hr[:, order], v_hr[:, order], valid[..., order]
+            o, lse = hr_kernel_attention(q_sel, k_hr, v_hr, valid)
+        else:
+            o, lse = hr_attention(q_sel, k_hr, v_hr, valid, chunked=hr_chunked(self.cfg.attention_impl, r, s))
+        return o.astype(jnp.float32), lse
+
+    def _attend_union(self, q_sel: jax.Array, valid: jax.Array, ctx: LayerContext, u: int) -> tuple[jax.Array, jax.Array]:
+        """``flex.train_hr_budget``: project and attend only the union of the HR tokens the sample's select rows
+        selected, packed cell by cell into ``u`` slots; when a sample's union is larger, the all-M path
+        (``lax.cond``, both compiled), so the result is always what all M give (up to float order)."""
+        order = jnp.asarray(cell_order(self.cfg.hr_grid, self.cfg.flex.pool_size))
+        union = jnp.any(valid, axis=1)[:, order]  # (B, M) cell by cell
+        packed = compact(union[:, None], u)
+        index, slot_valid = order[packed.index[:, 0]], packed.valid[:, 0]  # (B, U) HR token per slot
+        fits = jnp.all(jnp.sum(union, axis=1) <= u)
+
+        def selected():
+            k_hr, v_hr = self._project(index, ctx)
+            mask = jnp.take_along_axis(valid, jnp.broadcast_to(index[:, None], (*valid.shape[:2], u)), axis=2)
+            return self._shared(q_sel, k_hr, v_hr, mask & slot_valid[:, None], ordered=True)
+
+        def everything():
+            return self._shared(q_sel, *self.attn.hr_kv(ctx.hr_features, ctx.hr_cos, ctx.hr_sin), valid)
+
+        return jax.lax.cond(fits, selected, everything)
 
     def _project(self, index: jax.Array, ctx: LayerContext) -> tuple[jax.Array, jax.Array]:
         """HR keys/values of the tokens ``index`` (B, ...) only."""

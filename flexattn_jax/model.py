@@ -20,7 +20,7 @@ from flexattn_jax import hierarchical as H
 from flexattn_jax import sharding as S
 from flexattn_jax import text as T
 from flexattn_jax.attention import CausalPadding
-from flexattn_jax.config import ModelConfig
+from flexattn_jax.config import ModelConfig, check_context
 from flexattn_jax.selection import Selection
 from flexattn_jax.vision import dual_path, encode_images
 
@@ -194,6 +194,7 @@ def run_decoder(
     """
     t_cfg = cfg.text
     b, t, _ = x.shape
+    check_context(t_cfg, key_valid.shape[1])  # static: the key slots (a cache's max_len) against a sliding window
     write_index = jnp.int32(0) if cache is None else cache.index
     mask = CausalPadding(key_valid, write_index, 0 if cache is None else cache_start)  # no cache: row 0 at slot 0, static
     cos, sin = T.rope_cos_sin(t_cfg, positions)

@@ -3,10 +3,11 @@
 Parameters are a plain nested dict of arrays (what the converter writes and orbax saves)::
 
     vision/
-      patch_embed/kernel        (p, p, C, Dv)     conv, HWIO, no bias
-      class_embed               (Dv,)
-      pos_embed/embedding       (P + 1, Dv)       P = (image_size / p)^2
-      pre_norm/{scale,bias}     (Dv,)
+      patch_embed/kernel        (p, p, C, Dv)     conv, HWIO
+      patch_embed/bias          (Dv,)             SigLIP only
+      class_embed               (Dv,)             CLIP only
+      pos_embed/embedding       (P + 1, Dv)       P = (image_size / p)^2 (P for SigLIP: no class token)
+      pre_norm/{scale,bias}     (Dv,)             CLIP only
       layers/                   every leaf has a leading axis Lv (all CLIP layers, stacked)
         norm1/{scale,bias}      (Lv, Dv)
         attn/{q,k,v,o}/kernel   (Lv, Dv, Dv)      (in, out)
@@ -25,6 +26,7 @@ Parameters are a plain nested dict of arrays (what the converter writes and orba
         attn/q/kernel           (L, D, H*d)
         attn/k/kernel           (L, D, Hkv*d)
         attn/v/kernel           (L, D, Hkv*d)
+        attn/{q,k,v}/bias       (L, H*d), (L, Hkv*d)   only with text.attention_bias (Qwen2; then k_hr/v_hr too)
         attn/o/kernel           (L, H*d, D)
         attn/k_hr/kernel        (L, D, Hkv*d)     FlexAttention's k_proj_hd (only when flex.enabled)
         attn/v_hr/kernel        (L, D, Hkv*d)     FlexAttention's v_proj_hd (only when flex.enabled)
@@ -128,7 +130,8 @@ def add_hr_projections(params: Params, init: str = "copy", key: jax.Array | None
     (RMS 0.06 in the demo's model, against ~1 for the normed rows: the HR path starts mute).
     ``init='random'`` draws N(0, ``std``) from ``key``, the release's HF loader init. Returns a new tree;
     existing ``k_hr`` / ``v_hr`` are an error rather than silently overwritten. Jittable (``init``
-    static), e.g. with ``out_shardings`` for a sharded tree.
+    static), e.g. with ``out_shardings`` for a sharded tree. Where ``k`` / ``v`` have biases (Qwen2), ``k_hr`` /
+    ``v_hr`` get them too: copied by the copy inits, zero for 'random'.
     """
     if init not in HR_INITS:
         raise ValueError(f"unknown HR projection init {init!r}; choose one of {', '.join(HR_INITS)}")
@@ -150,5 +153,9 @@ def add_hr_projections(params: Params, init: str = "copy", key: jax.Array | None
         k_hr = (std * jax.random.normal(kk, k.shape, jnp.float32)).astype(k.dtype)
         v_hr = (std * jax.random.normal(kv, v.shape, jnp.float32)).astype(v.dtype)
     new_attn = {**attn, "k_hr": {"kernel": k_hr}, "v_hr": {"kernel": v_hr}}
+    for name in ("k", "v"):
+        if "bias" in attn[name]:
+            bias = attn[name]["bias"]
+            new_attn[f"{name}_hr"]["bias"] = jnp.zeros_like(bias) if init == "random" else jnp.array(bias)
     layers = {**params["text"]["layers"], "attn": new_attn}
     return {**params, "text": {**params["text"], "layers": layers}}

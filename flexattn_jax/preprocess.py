@@ -27,11 +27,18 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from flexattn_jax.config import IGNORE_INDEX
+from flexattn_jax.config import IGNORE_INDEX, VisionConfig
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 CLIP_MEAN_RGB: tuple[int, int, int] = tuple(int(x * 255) for x in CLIP_MEAN)  # (122, 116, 104), LLaVA's pad colour
+SIGLIP_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)  # SiglipImageProcessor's image_mean and image_std
+SIGLIP_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+
+def image_normalization(vision: VisionConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` of the tower's image processor: CLIP's or SigLIP's (0.5, the pad colour (127, 127, 127))."""
+    return (CLIP_MEAN, CLIP_STD) if vision.class_token else (SIGLIP_MEAN, SIGLIP_STD)
 
 IMAGE_PLACEHOLDER = "<image>"
 # conv_llava_v1: LLaVA's inference / evaluation template (and the FlexAttention eval scripts).

@@ -5,6 +5,8 @@
   field as in UMass-Foundation-Model/FlexAttention scripts/train/llava-v1.5-7b-flexattn.sh;
   ``llava-1.5-7b`` / ``-13b`` the same without FlexAttention. Kept as the ``config.json`` a checkpoint carries
   (:data:`HF_CONFIGS`), read by :func:`flexattn_jax.hf_config.from_hf_config`.
+* ``llava-flexattn-llama3-8b`` / ``llava-flexattn-qwen2-7b``: FlexAttention on Llama-3-8B + CLIP-L/14-336 and on
+  Qwen2-7B + SigLIP-so400m-384 (llava-hf configs; ``docs/bases.md``).
 * ``demo``: the demo's CLIP (56 px) + 4-layer Llama with FlexAttention at 168 px (:func:`demo`).
 * ``bench-7b``, ``bench-scaled``, ``bench-smoke``: the benchmarks' LLaVA-1.5 7B shapes at 1008 px, a CPU-sized
   model with the 7B's proportions, and a smoke-test model (:func:`bench_7b`, :func:`bench_scaled`, :func:`bench_smoke`).
@@ -14,7 +16,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from flexattn_jax.config import FlexConfig, ModelConfig, TextConfig, VisionConfig
@@ -30,12 +31,17 @@ def release_extra(lowres_size: int) -> str:
             f"#highres_size:{r['zoom_ratio'] * lowres_size}#threshold:{r['threshold']:g}")
 
 
-def with_release_recipe(cfg: ModelConfig) -> ModelConfig:
-    """``cfg`` with FlexAttention on as the release trains it (:data:`RELEASE_RECIPE`, the LR view at CLIP's input size)."""
+def with_release_recipe(cfg: ModelConfig, overrides: list[str] | dict[str, Any] | None = None) -> ModelConfig:
+    """``cfg`` with FlexAttention on as the release trains it (:data:`RELEASE_RECIPE`, the LR view at the tower's input
+    size), then ``overrides`` (``--set`` strings), validated together: ``flex.first_select_layer`` can fit a decoder
+    shallower than the release's 9 layers."""
+    from flexattn_jax.overrides import override_dict
+
     r, size = RELEASE_RECIPE, cfg.vision.image_size
-    flex = dataclasses.replace(cfg.flex, enabled=True, zoom_ratio=int(r["zoom_ratio"]), lowres_size=size,
-                               highres_size=int(r["zoom_ratio"]) * size, threshold=r["threshold"], warmup=r["warmup"])
-    return dataclasses.replace(cfg, flex=flex)
+    d = cfg.to_dict()
+    d["flex"].update(enabled=True, zoom_ratio=int(r["zoom_ratio"]), lowres_size=size, highres_size=int(r["zoom_ratio"]) * size,
+                     threshold=r["threshold"], warmup=r["warmup"])
+    return ModelConfig.from_dict(override_dict(d, overrides) if overrides else d)
 
 
 _LLAVA_15: dict[str, Any] = {
@@ -52,6 +58,26 @@ HF_CONFIGS: dict[str, dict[str, Any]] = {
     **{f"llava-flexattn-{s}": {**_LLAVA_15, **_SIZES[s], "extra": release_extra(336)} for s in _SIZES},
     **{f"llava-1.5-{s}": {**_LLAVA_15, **_SIZES[s]} for s in _SIZES},
 }
+# FlexAttention on today's bases (docs/bases.md), llava-hf configs. Llama-3-8B (GQA 32/8, theta 500000) + CLIP-L/14-336,
+# the shape of xtuner/llava-llama-3-8b-v1_1-transformers; Qwen2-7B (GQA 28/4, q/k/v biases) + SigLIP-so400m-384/14 without
+# its last layer and head ('full' features of the last kept layer: 27 x 27 = 729 tokens), llava-onevision's pairing.
+_CLIP_L_336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+               "num_attention_heads": 16, "image_size": 336, "patch_size": 14, "hidden_act": "quick_gelu"}
+_SIGLIP_384 = {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 26,
+               "num_attention_heads": 16, "image_size": 384, "patch_size": 14, "vision_use_head": False}
+_LLAMA3_8B = {"model_type": "llama", "vocab_size": 128320, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+              "max_position_embeddings": 8192, "bos_token_id": 128000, "eos_token_id": 128001, "pad_token_id": 128256}
+_QWEN2_7B = {"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+             "num_attention_heads": 28, "num_key_value_heads": 4, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+             "max_position_embeddings": 32768, "use_sliding_window": False, "bos_token_id": 151643, "eos_token_id": 151645,
+             "pad_token_id": 151643}
+HF_CONFIGS["llava-flexattn-llama3-8b"] = {"model_type": "llava", "text_config": _LLAMA3_8B, "vision_config": _CLIP_L_336,
+                                          "image_token_index": 128257, "vision_feature_layer": -2,
+                                          "vision_feature_select_strategy": "default", "extra": release_extra(336)}
+HF_CONFIGS["llava-flexattn-qwen2-7b"] = {"model_type": "llava", "text_config": _QWEN2_7B, "vision_config": _SIGLIP_384,
+                                         "image_token_index": 151646, "vision_feature_layer": -1,
+                                         "vision_feature_select_strategy": "full", "extra": release_extra(384)}
 
 
 def demo(vocab_size: int) -> ModelConfig:

@@ -52,6 +52,20 @@ def nearest_source_index(size_in: int, size_out: int) -> np.ndarray:
     return np.minimum(src, size_in - 1)
 
 
+def cell_order(hr_grid: int, pool: int) -> np.ndarray:
+    """(M,) permutation of the HR tokens (row-major) that puts them cell by cell: a selected pooled cell (the P x P grid
+    that ``nearest`` upsampling spreads over the HR grid) becomes one contiguous run of keys, in raster order of cells.
+
+    Keys form a set, so attending over ``k[order]`` under ``mask[..., order]`` (each key keeping its own image RoPE)
+    equals the row-major attention up to float order; a block-skipping kernel then skips whole unselected cells
+    (at 1008 px: 9 x 9 cells of 8 x 8 = 64 tokens, a 128-key block = 2 cells) instead of blocks that mix 8-key runs
+    of many cells.
+    """
+    cell = nearest_source_index(pool, hr_grid)  # the pooled row / column each HR row / column shows
+    rows, cols = np.meshgrid(np.arange(hr_grid), np.arange(hr_grid), indexing="ij")
+    return np.lexsort((cols.ravel(), rows.ravel(), cell[cols].ravel(), cell[rows].ravel())).astype(np.int32)
+
+
 def margin_patches(ori_size: np.ndarray, grid: int) -> np.ndarray:
     """(B, 2) int32: rows and columns to zero at each side for the padded bands, from (w, h).
 

@@ -47,6 +47,7 @@ _LAYER = ("layers",)
 PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     # CLIP vision tower
     (r"^vision/patch_embed/kernel$", ("patch", "patch", None, "embed")),
+    (r"^vision/patch_embed/bias$", ("norm",)),  # SigLIP
     (r"^vision/class_embed$", ("embed",)),
     (r"^vision/pos_embed/embedding$", ("positions", "embed")),
     (r"^vision/(pre_norm|post_norm)/(scale|bias)$", ("norm",)),
@@ -71,6 +72,8 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"^text/layers/(input_norm|post_norm)/scale$", (*_LAYER, "norm")),
     (r"^text/layers/attn/q/kernel$", (*_LAYER, "embed", "heads")),
     (r"^text/layers/attn/(k|v|k_hr|v_hr)/kernel$", (*_LAYER, "embed", "kv_heads")),
+    (r"^text/layers/attn/q/bias$", (*_LAYER, "heads")),  # Qwen2's q/k/v biases
+    (r"^text/layers/attn/(k|v|k_hr|v_hr)/bias$", (*_LAYER, "kv_heads")),
     (r"^text/layers/attn/o/kernel$", (*_LAYER, "heads", "embed")),
     (r"^text/layers/mlp/(gate|up)/kernel$", (*_LAYER, "embed", "mlp")),
     (r"^text/layers/mlp/down/kernel$", (*_LAYER, "mlp", "embed")),

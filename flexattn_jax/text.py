@@ -41,7 +41,7 @@ class RMSNorm(nn.Module):
 # ---- RoPE -----------------------------------------------------------------------------------
 
 def rope_inv_freq(t: TextConfig, positions: Int[Array, "B T"] | None = None) -> Float[Array, " half"]:
-    """Inverse frequencies, with the linear / dynamic-NTK scaling transformers implements."""
+    """Inverse frequencies, with the linear / dynamic-NTK / Llama-3 scaling transformers implements."""
     d = t.head_dim
     base = jnp.float32(t.rope_theta)
     if t.rope_scaling_type == "dynamic" and positions is not None:
@@ -52,6 +52,15 @@ def rope_inv_freq(t: TextConfig, positions: Int[Array, "B T"] | None = None) -> 
     inv = 1.0 / (base ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
     if t.rope_scaling_type == "linear":
         inv = inv / t.rope_scaling_factor
+    if t.rope_scaling_type == "llama3":  # long wavelengths slowed by the factor, short ones kept, a smooth blend between
+        factor, low, high = t.rope_scaling_factor, t.rope_low_freq_factor, t.rope_high_freq_factor
+        old = t.rope_original_max_position_embeddings
+        wavelen = 2 * np.pi / inv
+        scaled = jnp.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / high) & (wavelen <= old / low)
+        inv = jnp.where(medium, blended, scaled)
     return inv
 
 
@@ -112,7 +121,7 @@ def image_rope(
 
 
 class Linear(nn.Module):
-    """A bias-free decoder projection ``y = x W``: every decoder linear computes here, in each form its kernel takes.
+    """A decoder projection ``y = x W`` (``+ b`` with ``bias``): every decoder linear computes here, in each form its kernel takes.
 
     The parameters next to ``kernel`` decide the form: plain (``nn.Dense``'s numerics), weight-only quantised
     (``kernel_scale`` present: :mod:`flexattn_jax.quant`, dequantised in the matmul's operand), and LoRA
@@ -122,6 +131,7 @@ class Linear(nn.Module):
 
     features: int
     cfg: ModelConfig
+    bias: bool = False  # Qwen2's q/k/v (and then the HR k/v): ``+ b`` after the matmul, in every form
 
     @nn.compact
     def __call__(self, x: Float[Array, "*B i"]) -> Float[Array, "*B o"]:
@@ -144,24 +154,30 @@ class Linear(nn.Module):
                 xa = jnp.where(keep, x / jnp.asarray(1.0 - c.lora_dropout, dtype), jnp.zeros((), dtype))
             h = jax.lax.dot_general(xa, a.astype(dtype), dims)
             y = y + jax.lax.dot_general(h, b.astype(dtype), (((h.ndim - 1,), (0,)), ((), ())))
+        if self.bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.dtype(c.param_dtype)).astype(dtype)
         return y
 
 
 class AttentionWeights(nn.Module):
-    """q/k/v/o projections, plus FlexAttention's k_proj_hd / v_proj_hd when enabled."""
+    """q/k/v/o projections, plus FlexAttention's k_proj_hd / v_proj_hd when enabled.
+
+    ``text.attention_bias`` (Qwen2) puts biases on q/k/v and on the HR k/v projections (which then start
+    as copies of k/v's, bias included); o has none in every family."""
 
     cfg: ModelConfig
 
     def setup(self) -> None:
         c, t = self.cfg, self.cfg.text
         dense = functools.partial(Linear, cfg=c)
-        self.q = dense(t.num_heads * t.head_dim)
-        self.k = dense(t.num_kv_heads * t.head_dim)
-        self.v = dense(t.num_kv_heads * t.head_dim)
+        biased = functools.partial(dense, bias=t.attention_bias)
+        self.q = biased(t.num_heads * t.head_dim)
+        self.k = biased(t.num_kv_heads * t.head_dim)
+        self.v = biased(t.num_kv_heads * t.head_dim)
         self.o = dense(t.hidden_size)
         if c.flex.enabled:
-            self.k_hr = dense(t.num_kv_heads * t.head_dim)
-            self.v_hr = dense(t.num_kv_heads * t.head_dim)
+            self.k_hr = biased(t.num_kv_heads * t.head_dim)
+            self.v_hr = biased(t.num_kv_heads * t.head_dim)
 
     def qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         t = self.cfg.text

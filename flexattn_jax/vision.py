@@ -1,4 +1,4 @@
-"""CLIP vision tower, the LLaVA projector, and FlexAttention's dual-path image encoder."""
+"""The vision tower (CLIP or SigLIP), the LLaVA projector, and FlexAttention's dual-path image encoder."""
 
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ def _layer_norm(cfg: ModelConfig, **kw) -> nn.LayerNorm:
 
 
 class VisionStem(nn.Module):
-    """Patch embedding (conv, no bias), class token, position embeddings, pre-LayerNorm."""
+    """CLIP: patch embedding (conv, no bias), class token, position embeddings, pre-LayerNorm.
+    SigLIP: patch embedding (conv with bias) and position embeddings only."""
 
     cfg: ModelConfig
 
@@ -57,7 +58,7 @@ class VisionStem(nn.Module):
             (v.patch_size, v.patch_size),
             strides=(v.patch_size, v.patch_size),
             padding="VALID",
-            use_bias=False,
+            use_bias=not v.class_token,
             dtype=dt,
             param_dtype=jnp.dtype(self.cfg.param_dtype),
             kernel_init=nn.initializers.normal(0.02),
@@ -65,16 +66,19 @@ class VisionStem(nn.Module):
         )(pixels.astype(dt))
         n = x.shape[0]
         x = x.reshape(n, -1, v.hidden_size)
-        cls = self.param("class_embed", nn.initializers.normal(0.02), (v.hidden_size,), jnp.dtype(self.cfg.param_dtype))
-        x = jnp.concatenate([jnp.broadcast_to(cls.astype(dt), (n, 1, v.hidden_size)), x], axis=1)
+        if v.class_token:
+            cls = self.param("class_embed", nn.initializers.normal(0.02), (v.hidden_size,), jnp.dtype(self.cfg.param_dtype))
+            x = jnp.concatenate([jnp.broadcast_to(cls.astype(dt), (n, 1, v.hidden_size)), x], axis=1)
         pos = nn.Embed(
-            v.num_patches + 1,
+            v.num_patches + (1 if v.class_token else 0),
             v.hidden_size,
             dtype=dt,
             param_dtype=jnp.dtype(self.cfg.param_dtype),
             embedding_init=nn.initializers.normal(0.02),
             name="pos_embed",
         )(jnp.arange(x.shape[1]))
+        if not v.class_token:
+            return x + pos[None]
         return _layer_norm(self.cfg, name="pre_norm")(x + pos[None])
 
 
@@ -133,8 +137,10 @@ _STEM_KEYS = ("patch_embed", "class_embed", "pos_embed", "pre_norm")
 
 
 def clip_features(vision_params: dict, cfg: ModelConfig, pixels: Float[Array, "N S S C"]) -> Float[Array, "N P Dv"]:
-    """CLIP hidden state at ``vision_feature_layer`` (CLS dropped for the 'default' strategy)."""
-    x = VisionStem(cfg).apply({"params": {k: vision_params[k] for k in _STEM_KEYS}}, S.constrain_batch(pixels))
+    """The tower's hidden state at ``vision_feature_layer`` (its first token dropped for the 'default' strategy:
+    CLIP's class token; transformers' LLaVA drops SigLIP's first patch the same way)."""
+    stem = {k: vision_params[k] for k in _STEM_KEYS if k in vision_params}
+    x = VisionStem(cfg).apply({"params": stem}, S.constrain_batch(pixels))
     n = cfg.vision_layers_used
     layers = jax.tree.map(lambda a: a[:n], vision_params["layers"])
     layer = VisionLayer(cfg)

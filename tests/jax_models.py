@@ -49,6 +49,9 @@ def with_flex(params: dict, cfg: ModelConfig, hd_weights: dict, oracle_cfg: Orac
     attn = dict(params["text"]["layers"]["attn"])
     attn["k_hr"] = {"kernel": jnp.asarray(np.stack([hd_weights[i][0].numpy().T for i in range(n)]))}
     attn["v_hr"] = {"kernel": jnp.asarray(np.stack([hd_weights[i][1].numpy().T for i in range(n)]))}
+    if len(hd_weights[0]) == 4:  # the biases of a decoder with q/k/v biases (Qwen2)
+        attn["k_hr"]["bias"] = jnp.asarray(np.stack([hd_weights[i][2].numpy() for i in range(n)]))
+        attn["v_hr"]["bias"] = jnp.asarray(np.stack([hd_weights[i][3].numpy() for i in range(n)]))
     layers = {**params["text"]["layers"], "attn": attn}
     return {**params, "text": {**params["text"], "layers": layers}}, cfg
 

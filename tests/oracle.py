@@ -202,9 +202,9 @@ def _layer(model, hd_weights, cfg, li, x, cos, sin, bias, past, flex):
     n = x.shape[0]
 
     xn = _rmsnorm(x, lyr.input_layernorm.weight, lyr.input_layernorm.variance_epsilon)
-    q = (xn @ att.q_proj.weight.T).view(n, nh, d).transpose(0, 1)
-    k = (xn @ att.k_proj.weight.T).view(n, nkv, d).transpose(0, 1)
-    v = (xn @ att.v_proj.weight.T).view(n, nkv, d).transpose(0, 1)
+    q = F.linear(xn, att.q_proj.weight, att.q_proj.bias).view(n, nh, d).transpose(0, 1)  # biases: Qwen2
+    k = F.linear(xn, att.k_proj.weight, att.k_proj.bias).view(n, nkv, d).transpose(0, 1)
+    v = F.linear(xn, att.v_proj.weight, att.v_proj.bias).view(n, nkv, d).transpose(0, 1)
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
     if past is not None:
         k, v = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1)
@@ -215,10 +215,11 @@ def _layer(model, hd_weights, cfg, li, x, cos, sin, bias, past, flex):
     fsl = cfg.first_select_layer if cfg is not None else None
     hier = flex is not None and li > fsl and flex.rows.numel() > 0
     if hier:
-        wk, wv = hd_weights[li]
+        wk, wv, *bias_hd = hd_weights[li]  # (k, v weights[, k, v biases])
+        bk, bv = bias_hd or (None, None)
         m_hr = flex.hd.shape[0]
-        khd = _rope((flex.hd @ wk.float().T).view(m_hr, nkv, d).transpose(0, 1), flex.cos, flex.sin)
-        vhd = (flex.hd @ wv.float().T).view(m_hr, nkv, d).transpose(0, 1)
+        khd = _rope(F.linear(flex.hd, wk.float(), bk).view(m_hr, nkv, d).transpose(0, 1), flex.cos, flex.sin)
+        vhd = F.linear(flex.hd, wv.float(), bv).view(m_hr, nkv, d).transpose(0, 1)
         s_hr = q @ khd.repeat_interleave(rep, 0).transpose(1, 2) / math.sqrt(d)  # (H, n, M)
         vals = torch.cat([vr, vhd.repeat_interleave(rep, 0)], 1)
         probs = torch.softmax(torch.cat([scores, s_hr + NEG], -1), -1, dtype=torch.float32)

@@ -189,8 +189,16 @@ def no_leftovers(parent: Path, name: str) -> None:
 # ---- the table ---------------------------------------------------------------------------------
 
 def test_table_covers_the_tree():
-    """Every leaf of a full tree (flex, mlp2x, untied lm_head) has exactly one rule, and nothing else does."""
-    leaves = set(flatten(abstract_params(ModelConfig(flex=FlexConfig(enabled=True)))))
+    """Every leaf of the full trees (flex, mlp2x, untied lm_head; CLIP + Llama and SigLIP + Qwen2's biases) has exactly
+    one rule, and nothing else does."""
+    import dataclasses
+
+    from flexattn_jax.config import TextConfig, VisionConfig
+
+    full = ModelConfig(flex=FlexConfig(enabled=True))
+    other = dataclasses.replace(full, vision=VisionConfig(model_type="siglip"), text=TextConfig(model_type="qwen2", attention_bias=True),
+                                vision_feature_select_strategy="full")
+    leaves = set(flatten(abstract_params(full))) | set(flatten(abstract_params(other)))
     assert leaves == {r.ours for r in RULES}
     assert len(RULES) == len(leaves)
 

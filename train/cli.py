@@ -101,8 +101,9 @@ def build_parser(prog: str = "flexattn-jax train") -> argparse.ArgumentParser:
     m.add_argument("--recipe", choices=("auto", "release", "none"), default="auto",
                    help="'release': FlexAttention zoom 3, highres 3x lowres, threshold 48, warmup 10; 'none': config as is; "
                    "'auto' (default): release with --checkpoint, none with --init random")
-    m.add_argument("--hr-init", choices=("copy", "random"), default="copy",
-                   help="a plain LLaVA checkpoint's new FlexAttention k_hr/v_hr kernels: copies of k/v (default) or N(0, 0.02)")
+    m.add_argument("--hr-init", choices=("copy", "copy-normed", "random"), default="copy",
+                   help="a plain LLaVA checkpoint's new FlexAttention k_hr/v_hr kernels: copies of k/v (default), copies with "
+                   "the input norm folded in at the HR features' RMS on the first 32 training images (copy-normed), or N(0, 0.02)")
     m.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model config field, e.g. --set dtype=bfloat16 --set remat_policy=full "
                    "--set flex.hr_budget=0.25 (applied after --recipe), or a training / data setting: --set train.lr=1e-4 "
@@ -154,9 +155,14 @@ def data_config_from_args(a: argparse.Namespace, tokenizer_dir: str | None) -> D
     return dataclasses.replace(dcfg, system_prompt=SYSTEM_PROMPTS.get(dcfg.system_prompt, dcfg.system_prompt))
 
 
-def apply_recipe(cfg: ModelConfig, recipe: str) -> ModelConfig:
-    """``recipe`` 'release': :func:`flexattn_jax.presets.with_release_recipe`; otherwise ``cfg`` as is."""
-    return with_release_recipe(cfg) if recipe == "release" else cfg
+def apply_recipe(cfg: ModelConfig, recipe: str, overrides: list[str] | None = None) -> ModelConfig:
+    """``recipe`` 'release': :func:`flexattn_jax.presets.with_release_recipe` with ``overrides`` (validated together, so
+    ``flex.first_select_layer`` can fit a shallow decoder); otherwise ``cfg`` with ``overrides``."""
+    if recipe == "release":
+        return with_release_recipe(cfg, overrides)
+    from flexattn_jax.overrides import apply_overrides
+
+    return apply_overrides(cfg, overrides) if overrides else cfg
 
 
 def read_model_config(path: str) -> ModelConfig:
@@ -170,9 +176,10 @@ def read_model_config(path: str) -> ModelConfig:
 
 
 def add_missing_hr_kernels(params: dict, cfg: ModelConfig, init: str, seed: int,
-                           shardings: Any = None) -> tuple[dict, list[str]]:
-    """Give a plain LLaVA tree the FlexAttention ``k_hr``/``v_hr`` kernels (``params.add_hr_projections``:
-    ``init`` 'copy' of k/v or 'random' N(0, 0.02)), placed by ``shardings``; returns the tree and the added names."""
+                           shardings: Any = None, feature_rms: float | None = None) -> tuple[dict, list[str]]:
+    """Give a plain LLaVA tree the FlexAttention ``k_hr``/``v_hr`` kernels, and biases where k/v have them
+    (``params.add_hr_projections``: ``init`` 'copy' of k/v, 'copy-normed' at ``feature_rms`` or 'random' N(0, 0.02)),
+    placed by ``shardings``; returns the tree and the added names."""
     import jax
 
     from flexattn_jax.params import abstract_params, add_hr_projections, flatten, unflatten
@@ -182,18 +189,41 @@ def add_missing_hr_kernels(params: dict, cfg: ModelConfig, init: str, seed: int,
     missing = sorted(set(want) - set(have))
     if not missing:
         return params, []
-    hr = [n for n in missing if n.endswith(("k_hr/kernel", "v_hr/kernel"))]
-    if hr != missing or len(hr) != 2:
+    hr = [n for n in missing if "/k_hr/" in n or "/v_hr/" in n]
+    if hr != missing or len(hr) not in (2, 4):
         other = next(n for n in missing if n not in hr) if hr != missing else missing[0]
         raise ConfigError(f"the checkpoint lacks {other}, which the model config needs")
     dtype = {n: want[n].dtype for n in hr}
 
     def grow(p: dict, key: jax.Array) -> dict:
-        flat = flatten(add_hr_projections(p, init, key))
+        flat = flatten(add_hr_projections(p, init, key, feature_rms=feature_rms))
         return unflatten({n: x.astype(dtype[n]) if n in dtype else x for n, x in flat.items()})
 
     out = jax.jit(grow, out_shardings=shardings, donate_argnums=0)(params, jax.random.key(seed + 7919))
     return out, hr
+
+
+def training_feature_rms(params: dict, cfg: ModelConfig, data: Any, tokenizer: Any, count: int = 32) -> float:
+    """RMS of the HR features of the first ``count`` training images (``--hr-init copy-normed``'s scale)."""
+    import numpy as np
+
+    from flexattn_jax.model import hr_feature_rms
+    from train.data import SampleLoader
+
+    loader = SampleLoader(data.records, cfg, data.dcfg, tokenizer)
+    pixels = []
+    for record in data.records:
+        if len(pixels) == count:
+            break
+        try:
+            sample = loader.load(record)
+        except ValueError:  # a bad sample: the data loader skips it too
+            continue
+        if sample["has_image"]:
+            pixels.append(sample["pixel_values"])
+    if not pixels:
+        raise ConfigError("--hr-init copy-normed needs training images to measure the HR features' RMS; --data has none")
+    return hr_feature_rms(params, cfg, np.stack(pixels))
 
 
 def _say(msg: str) -> None:
@@ -219,7 +249,6 @@ def run(a: argparse.Namespace, stop: Any = None) -> int:
     import jax
 
     from flexattn_jax import sharding as S
-    from flexattn_jax.overrides import apply_overrides
     from flexattn_jax.params import abstract_params, count_params, init_params
     from train.checkpoint import Checkpointer
     from train.data import TrainData
@@ -251,7 +280,7 @@ def run(a: argparse.Namespace, stop: Any = None) -> int:
         if not a.config_json:
             raise ConfigError("--init random needs --config-json FILE")
         base_cfg = read_model_config(a.config_json)
-    cfg = apply_overrides(apply_recipe(base_cfg, recipe), settings_overrides(a)[0])
+    cfg = apply_recipe(base_cfg, recipe, settings_overrides(a)[0])
     cfg = dataclasses.replace(cfg, param_dtype="float32")
     tokenizer = _load_tokenizer(tokenizer_dir)
     data = TrainData(cfg, dcfg, tokenizer, tcfg.batch_size, tcfg.grad_accum, num_steps=tcfg.steps, epochs=tcfg.epochs)
@@ -265,9 +294,13 @@ def run(a: argparse.Namespace, stop: Any = None) -> int:
         shardings = S.param_shardings(abstract_params(cfg), mesh)
         if a.checkpoint:
             params, _ = load_converted(a.checkpoint, sharding=S.param_shardings(abstract_params(base_cfg), mesh))
-            params, added = add_missing_hr_kernels(params, cfg, a.hr_init, tcfg.seed, shardings)
+            rms = None
+            if a.hr_init == "copy-normed" and cfg.flex.enabled and "k_hr" not in params["text"]["layers"]["attn"]:
+                rms = training_feature_rms(params, cfg, data, tokenizer)
+            params, added = add_missing_hr_kernels(params, cfg, a.hr_init, tcfg.seed, shardings, feature_rms=rms)
             if added:
-                how = "as copies of k/v" if a.hr_init == "copy" else "N(0, 0.02)"
+                how = {"copy": "as copies of k/v", "random": "N(0, 0.02)"}.get(
+                    a.hr_init, f"as copies of k/v with the input norm folded in at the HR features' RMS {rms or 0:.4g}")
                 _say(f"initialised {len(added)} FlexAttention kernels {how} (--hr-init {a.hr_init}): {', '.join(added)}")
         else:
             params = jax.jit(init_params, static_argnums=0, out_shardings=shardings)(cfg, jax.random.key(tcfg.seed))

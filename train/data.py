@@ -39,6 +39,7 @@ from flexattn_jax.preprocess import (
     PreprocessError,
     bucket_length,
     check_image_size,
+    image_normalization,
     load_image,
     pad_batch,
     preprocess_image,
@@ -187,7 +188,7 @@ class SampleLoader:
         pixels: np.ndarray | None = None
         if isinstance(image, Image.Image):  # in-memory samples (demo, tests)
             if decode:
-                pixels, ori = preprocess_image(image, s)
+                pixels, ori = preprocess_image(image, s, *image_normalization(cfg.vision))
             else:
                 ori = (int(image.size[0]), int(image.size[1]))
                 check_image_size(*ori)
@@ -197,7 +198,7 @@ class SampleLoader:
             path = (self.image_root / str(image)) if self.image_root is not None else Path(str(image))
             try:
                 if decode:
-                    pixels, ori = preprocess_image(load_image(path), s)
+                    pixels, ori = preprocess_image(load_image(path), s, *image_normalization(cfg.vision))
                 else:
                     ori = _header_size(path)
             except PreprocessError as e:

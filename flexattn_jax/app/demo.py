@@ -42,7 +42,7 @@ from flexattn_jax.config import ModelConfig
 from flexattn_jax.flops import forward_flops
 from flexattn_jax.model import hr_feature_rms
 from flexattn_jax.params import add_hr_projections, init_params
-from flexattn_jax.preprocess import SYSTEM_PROMPT, preprocess_image
+from flexattn_jax.preprocess import SYSTEM_PROMPT, image_normalization, preprocess_image
 from flexattn_jax.selection import box_cell_counts
 
 _log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def hr_projections(plain: dict, cfg: ModelConfig, items, init: str = HR_INIT, se
     path mute and seed 1 never left the LR-only plateau. Returns ``(params, feature_rms or None)``."""
     rms = None
     if init == "copy-normed":
-        pixels = np.stack([preprocess_image(img, cfg.image_size)[0] for img, *_ in items[:32]])
+        pixels = np.stack([preprocess_image(img, cfg.image_size, *image_normalization(cfg.vision))[0] for img, *_ in items[:32]])
         rms = hr_feature_rms(plain, cfg, pixels)
     return add_hr_projections(plain, init, key=jax.random.key(seed + 7919), feature_rms=rms), rms
 

@@ -43,6 +43,7 @@ from flexattn_jax.preprocess import (
     PreprocessError,
     bucket_length,
     format_prompt,
+    image_normalization,
     load_image,
     longest_prompt,
     pad_batch,
@@ -106,7 +107,7 @@ def prepare(req: Request, cfg: ModelConfig, tokenizer, max_context: int) -> Prep
                               + (" (a formatted prompt places exactly one)" if req.formatted else ""))
     if req.image is None:
         raise PreprocessError("no image given")
-    pixels, ori = preprocess_image(request_image(req), cfg.image_size)
+    pixels, ori = preprocess_image(request_image(req), cfg.image_size, *image_normalization(cfg.vision))
     text = req.prompt if req.formatted else format_prompt(req.prompt.replace(IMAGE_PLACEHOLDER, "").strip(), has_image=True)
     ids = tokenize_with_image(text, tokenizer, cfg.image_token_id, cfg.num_image_tokens, num_images=1)
     if len(ids) > max_context:

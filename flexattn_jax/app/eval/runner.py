@@ -38,6 +38,7 @@ from flexattn_jax.preprocess import (
     PreprocessError,
     bucket_length,
     format_prompt,
+    image_normalization,
     preprocess_image,
     text_problem,
     tokenize_with_image,
@@ -292,7 +293,7 @@ class Runner:
     def _prepare_options(self, p: Pending) -> OptionQuestion:
         prompt = format_prompt(p.user, has_image=True)
         tok = [option_tokens(prompt, o, self.tokenizer, self.cfg) for o in p.sample.options]
-        pixels, ori = preprocess_image(p.sample.load_image(), self.cfg.image_size)
+        pixels, ori = preprocess_image(p.sample.load_image(), self.cfg.image_size, *image_normalization(self.cfg.vision))
         return OptionQuestion([i for i, _ in tok], [lab for _, lab in tok], pixels, ori)
 
     def _likelihood(self, todo: list[Pending], stop: Callable[[], bool]) -> Iterator[dict[str, Any]]:

@@ -1,0 +1,1 @@
+"""Pallas kernels (TPU Mosaic; interpret mode elsewhere)."""
