@@ -264,6 +264,12 @@ def select_hr_tokens(
     return sel, mask
 
 
+def answer_targets(labels: Int[Array | np.ndarray, "*B T"]) -> Bool[Array | np.ndarray, "*B T-1"]:
+    """Which next-token targets count (the training loss's, the option likelihood's, the learnable rows'): row t
+    predicts token t+1, counted when ``labels[t+1] != IGNORE_INDEX``. jax or numpy arrays, any leading axes."""
+    return labels[..., 1:] != IGNORE_INDEX
+
+
 def learnable_rows(
     labels: Int[np.ndarray, " T"], has_image: bool, num_rows: int
 ) -> tuple[Int[np.ndarray, " R"], Bool[np.ndarray, " R"], int]:
@@ -278,7 +284,7 @@ def learnable_rows(
     valid = np.zeros(num_rows, bool)
     if not has_image or labels.shape[0] < 2:
         return rows, valid, 0
-    found = np.flatnonzero(labels[1:] != IGNORE_INDEX).astype(np.int32)
+    found = np.flatnonzero(answer_targets(labels)).astype(np.int32)
     k = min(found.size, num_rows)
     rows[:k], valid[:k] = found[:k], True
     return rows, valid, int(found.size)

@@ -10,7 +10,7 @@ from flexattn_jax import chips
 from flexattn_jax import flops as F
 from flexattn_jax.app import aot
 from flexattn_jax.hf_config import from_hf_config
-from train import metrics
+from train import loop, metrics
 
 
 def _release_7b():
@@ -24,9 +24,11 @@ def test_train_and_compile_report_the_same_mfu():
     compile_flops = aot.model_flops(cfg, "train", batch, seq_len, rows)
     train_flops = metrics.train_flops(cfg, batch, seq_len, rows)  # what train/loop.py counts for the step
     assert compile_flops == train_flops
-    # train/loop.py's record: TFLOP/s per device over the device's peak TFLOP/s
+    # train/loop.py's record of that step on that many devices of the device's peak
     peak_tflops = metrics.device_peak_tflops(type("Dev", (), {"device_kind": "NVIDIA H100 80GB HBM3"})())
-    train_mfu = train_flops / seconds / target.chips / 1e12 / peak_tflops
+    step_metrics = {"loss": 1.0, "lr": 1e-5, "grad_norm": 1.0, "alpha": 1.0, "answer_tokens": 1, "finite": True}
+    step = loop._Pending(1, None, batch * seq_len, train_flops, False, {}, 0.0)
+    train_mfu = loop._record(step_metrics, step, seconds, target.chips, peak_tflops * 1e12)["mfu"]
     # compile's estimate with the compiler's time equal to that step (its FLOPs counting every loop body)
     _, compile_mfu = aot.step_estimate(seconds, compile_flops / target.chips, compile_flops / target.chips, target.chip.peak_flops)
     assert compile_mfu == pytest.approx(train_mfu, rel=1e-12)

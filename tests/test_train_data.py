@@ -10,7 +10,7 @@ import pytest
 from flexattn_jax.app import demo_data
 from flexattn_jax.app.demo_data import build_demo_tokenizer
 from flexattn_jax.config import IGNORE_INDEX
-from flexattn_jax.selection import learnable_rows
+from flexattn_jax.selection import answer_targets, learnable_rows
 from tests.fixtures import TEST_SEQ_LEN, tiny_config, write_llava_dataset
 from train.config import DataConfig
 from train.data import BatchPlan, DataError, TrainData, read_records
@@ -42,6 +42,18 @@ def test_learnable_rows():
     rows, valid, n = learnable_rows(labels, True, 2)
     assert n == 3 and rows[valid].tolist() == [1, 2]  # capped
     assert not learnable_rows(labels, False, 6)[1].any()  # text-only samples have no select rows
+
+
+def test_answer_targets():
+    """Row t's target counts when token t+1 is labelled: one rule for the training loss (jax), the option likelihood
+    and the learnable rows (numpy)."""
+    import jax.numpy as jnp
+
+    labels = np.array([[-100, -100, 5, 6, -100, -100, 7, -100], [-100, 4, -100, -100, -100, -100, -100, 9]], np.int32)
+    want = [[False, True, True, False, False, True, False], [True, False, False, False, False, False, True]]
+    assert answer_targets(labels).tolist() == want
+    assert np.asarray(answer_targets(jnp.asarray(labels))).tolist() == want
+    assert learnable_rows(labels[1], True, 4)[0][:2].tolist() == [0, 6]
 
 
 def test_batches_labels_and_rows(dataset, tokenizer):

@@ -25,6 +25,7 @@ from jaxtyping import PyTree
 
 from flexattn_jax import sharding as S
 from flexattn_jax.config import IGNORE_INDEX, ModelConfig
+from flexattn_jax.flops import mfu
 from flexattn_jax.selection import learnable_rows
 from train.checkpoint import Checkpointer, make_meta
 from train.config import DataConfig, TrainConfig
@@ -153,6 +154,50 @@ class _Pending:
     t_dispatch: float
 
 
+@dataclasses.dataclass(frozen=True)
+class _Context:
+    """What every step of one run reads: fixed from set-up to the summary."""
+
+    cfg: ModelConfig
+    tcfg: TrainConfig
+    fns: StepFns
+    data: TrainData | Iterable[Mapping[str, Any]]
+    ckpt: Checkpointer | None
+    logger: MetricsLogger
+    data_config: DataConfig | None
+    extra_meta: dict[str, Any] | None
+    stop: Callable[[], bool]  # a stop request (polled before each step)
+    start: int  # the step the run continues after (the restored checkpoint's; 0 for a fresh run)
+    total: int  # the schedule's steps
+    show: bool  # this process reports (logging on, process 0)
+    peak_flops: float | None  # one device's peak FLOP/s (None: unknown, no MFU)
+    vision_trains: bool  # whether the step trains CLIP (its backward is counted)
+
+    @property
+    def is_grain(self) -> bool:
+        return isinstance(self.data, TrainData)
+
+    @property
+    def end(self) -> int:
+        """The step this run stops after (``stop_at`` ends a run before its schedule does)."""
+        return min(self.total, self.tcfg.stop_at) if self.tcfg.stop_at is not None else self.total
+
+    @property
+    def pad_to_max(self) -> bool:
+        """Several hosts must pad to one length: needed with buckets, or for batches we did not make."""
+        return jax.process_count() > 1 and (not self.is_grain or bool(self.data_config and self.data_config.buckets))
+
+
+@dataclasses.dataclass
+class _Ledger:
+    """What the run has done so far."""
+
+    last_saved: int | None  # the newest checkpoint's step
+    records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    shapes: set[tuple] = dataclasses.field(default_factory=set)  # the global batch shapes compiled so far
+    last_ready: float | None = None  # when the previous step's metrics were on the host (perf_counter)
+
+
 def train(
     cfg: ModelConfig,
     params: PyTree | None,
@@ -183,10 +228,54 @@ def train(
     """
     mesh = mesh or S.make_mesh()
     cfg = dataclasses.replace(cfg, param_dtype="float32")
+    total, per_epoch = _plan(data, tcfg, mesh, log)
+    fns = make_step(cfg, tcfg, mesh, total, per_epoch)
+    primary = jax.process_index() == 0
+    out = Path(out_dir) if out_dir else None
+    before = _existing(out) if out is not None else set()
+    ckpt = Checkpointer(out / "checkpoints", keep=tcfg.keep, async_save=tcfg.async_save) if out is not None else None
+    logger: MetricsLogger | None = None
     is_grain = isinstance(data, TrainData)
-    if is_grain:
+    iterator = None if is_grain else _cycle(data)
+    finished = False
+    try:
+        state = _start_state(fns, cfg, params, data, ckpt if resume else None, log and primary)
+        start = int(jax.device_get(state.step))
+        logger = MetricsLogger(out_dir if primary else None, log_every=tcfg.log_every, tensorboard=tcfg.tensorboard,
+                               enabled=log and primary, start_step=start)
+        if is_grain:  # the data position is the step, on any process count
+            iterator = data.iterator(start)
+        elif start and isinstance(data, Sequence):  # a list of batches: continue where we stopped
+            iterator = itertools.islice(iterator, start, None)
+        peak = tcfg.peak_tflops if tcfg.peak_tflops is not None else device_peak_tflops()
+        ctx = _Context(cfg, tcfg, fns, data, ckpt, logger, data_config, extra_meta, stop or (lambda: False), start, total,
+                       show=log and primary, peak_flops=peak * 1e12 if peak else None, vision_trains=_vision_trains(fns))
+        result = _run(ctx, state, iterator)
+        finished = True
+        return result
+    finally:
+        if logger is not None:
+            logger.close()
+        if ckpt is not None:
+            ckpt.close()
+        close = getattr(iterator, "close", None)
+        if is_grain and callable(close):  # stop grain's prefetch threads / worker processes
+            close()
+        # a run that failed before producing anything (bad data, a bad checkpoint) leaves no empty run directory
+        if not finished and out is not None and primary and not (logger is not None and logger.written) \
+                and not _has_steps(out / "checkpoints"):
+            _remove_created(out, before)
+
+
+# ---- set-up --------------------------------------------------------------------------------------------
+
+def _plan(data: TrainData | Iterable[Mapping[str, Any]], tcfg: TrainConfig, mesh: Mesh, log: bool) -> tuple[int, int | None]:
+    """``(the schedule's steps, optimizer steps per epoch of the data)``, after checking the batch fits the data and mesh.
+
+    The alpha warm-up counts epochs as the release's Trainer does: optimizer steps / steps per pass over the data."""
+    if isinstance(data, TrainData):
         if log and (note := grounding_note(tcfg.grounding_weight, data.records)) is not None:
-            warnings.warn(note, stacklevel=2)
+            warnings.warn(note, stacklevel=3)
         total = count_steps(tcfg, data.num_usable)  # the scan: the same usable samples on every process
         if data.batch_size != tcfg.batch_size or data.grad_accum != tcfg.grad_accum:
             raise ValueError(
@@ -204,170 +293,71 @@ def train(
             f"on several hosts the microbatch ({tcfg.micro_batch} = batch_size / grad_accum) must be a multiple of "
             f"data x fsdp = {batch_devices}"
         )
-    # the alpha warm-up counts epochs as the release's Trainer does: optimizer steps / steps per pass over the data
-    per_epoch = data.plan.batches_per_epoch if is_grain else (len(data) if hasattr(data, "__len__") else None)  # type: ignore[arg-type]
-    fns = make_step(cfg, tcfg, mesh, total, per_epoch)
-    primary = jax.process_index() == 0
-    out = Path(out_dir) if out_dir else None
-    before = _existing(out) if out is not None else set()
-    ckpt = Checkpointer(out / "checkpoints", keep=tcfg.keep, async_save=tcfg.async_save) if out is not None else None
-    logger: MetricsLogger | None = None
-    iterator = None if is_grain else _cycle(data)
-    finished = False
-    try:
-        state: TrainState | None = None
-        if ckpt is not None and resume and ckpt.latest_step() is not None:
-            say = _log.warning if log and primary else None
-            state, meta = _restore(ckpt, fns, cfg, say, params)
-            if is_grain and meta.get("data_state"):
-                data.counter.load_state(meta["data_state"])
-            if log and primary:
-                _log.info("resumed from %s step %d", ckpt.directory, int(state.step))
-        if state is None:
-            if params is None:
-                raise ValueError("no parameters and no checkpoint to resume from")
-            state = fns.init_state(params)
-        start = int(jax.device_get(state.step))
-        logger = MetricsLogger(out_dir if primary else None, log_every=tcfg.log_every, tensorboard=tcfg.tensorboard,
-                               enabled=log and primary, start_step=start)
-        if is_grain:  # the data position is the step, on any process count
-            iterator = data.iterator(start)
-        elif start and isinstance(data, Sequence):  # a list of batches: continue where we stopped
-            iterator = itertools.islice(iterator, start, None)
-        result = _run(cfg, tcfg, fns, state, start, total, data, iterator, is_grain, ckpt, logger, data_config, extra_meta, log,
-                      stop or (lambda: False))
-        finished = True
-        return result
-    finally:
-        if logger is not None:
-            logger.close()
-        if ckpt is not None:
-            ckpt.close()
-        close = getattr(iterator, "close", None)
-        if is_grain and callable(close):  # stop grain's prefetch threads / worker processes
-            close()
-        # a run that failed before producing anything (bad data, a bad checkpoint) leaves no empty run directory
-        if not finished and out is not None and primary and not (logger is not None and logger.written) \
-                and not _has_steps(out / "checkpoints"):
-            _remove_created(out, before)
+    if isinstance(data, TrainData):
+        return total, data.plan.batches_per_epoch
+    return total, len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
 
 
-def _run(cfg, tcfg, fns: StepFns, state, start, total, data, iterator, is_grain, ckpt, logger, data_config, extra_meta, log,
-         stop: Callable[[], bool]):
+def _start_state(fns: StepFns, cfg: ModelConfig, params: PyTree | None, data: Any, ckpt: Checkpointer | None,
+                 say: bool) -> TrainState:
+    """The state to continue: the newest restorable checkpoint in ``ckpt`` (with the data counters saved with it),
+    else a fresh state of ``params``."""
+    if ckpt is not None and ckpt.latest_step() is not None:
+        state, meta = _restore(ckpt, fns, cfg, _log.warning if say else None, params)
+        if isinstance(data, TrainData) and meta.get("data_state"):
+            data.counter.load_state(meta["data_state"])
+        if say:
+            _log.info("resumed from %s step %d", ckpt.directory, int(state.step))
+        return state
+    if params is None:
+        raise ValueError("no parameters and no checkpoint to resume from")
+    return fns.init_state(params)
+
+
+def _vision_trains(fns: StepFns) -> bool:
+    """Whether any CLIP parameter is trainable (then the step's FLOPs count CLIP's backward)."""
+    return any(m for p, m in zip(_paths(fns.mask), jax.tree.leaves(fns.mask), strict=True) if p.startswith("vision/"))
+
+
+# ---- the steps -----------------------------------------------------------------------------------------
+
+def _run(ctx: _Context, state: TrainState, iterator: Iterator) -> tuple[PyTree, list[dict[str, Any]]]:
+    """Steps ``ctx.start + 1`` .. ``ctx.end``: each after every process's word (go, stop or end of data), its metrics
+    read one step later (at once at save points), checkpoints when due; then the run's last checkpoint."""
     from flexattn_jax.logs import progress
 
-    mesh = fns.mesh
-    n_dev = mesh.size
-    peak = tcfg.peak_tflops if tcfg.peak_tflops is not None else device_peak_tflops()
-    vision_trains = any(m for p, m in zip(_paths(fns.mask), jax.tree.leaves(fns.mask), strict=True) if p.startswith("vision/"))
-    primary = jax.process_index() == 0
-    bar = progress(total=total, initial=start, disable=not (tcfg.progress and log and primary), unit="step")
-    write = bar.write if not bar.disable else None
-    records: list[dict[str, Any]] = []
-    seen_shapes: set[tuple] = set()
-    last_saved = ckpt.latest_step() if ckpt is not None else None
-    last_ready = None
+    bar = progress(total=ctx.total, initial=ctx.start, disable=not (ctx.tcfg.progress and ctx.show), unit="step")
+    ledger = _Ledger(ctx.ckpt.latest_step() if ctx.ckpt is not None else None)
+    sync = StepAgreement(ctx.tcfg.sync_timeout_s)
+    said = ctx.start  # the first step whose word this process has not given
+    stopped = by_other = False
     pending: _Pending | None = None
-
-    def meta_for(step: int) -> dict[str, Any]:
-        return make_meta(cfg, step, train_config=tcfg.to_dict(), data_config=(data_config.to_dict() if data_config else {}),
-                         data_state=data.stats() if is_grain else {}, mesh=mesh, extra=extra_meta)
-
-    def finish(p: _Pending) -> dict[str, Any]:
-        nonlocal last_ready
-        m = jax.device_get(p.metrics)
-        now = time.perf_counter()
-        begin = p.t_dispatch if (last_ready is None or p.compiled) else max(last_ready, p.t_dispatch)
-        dt = max(now - begin, 1e-9)
-        last_ready = now
-        rec: dict[str, Any] = {
-            "step": p.step, "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-            "alpha": float(m["alpha"]), "answer_tokens": int(m["answer_tokens"]), "finite": bool(m["finite"]),
-            "tokens": p.tokens, "step_time_s": dt, "tokens_per_s": p.tokens / dt,
-            "tokens_per_s_per_device": p.tokens / dt / n_dev,
-            "tflops_per_s_per_device": p.flops / dt / n_dev / 1e12, "flops_per_step": p.flops, "compiled": p.compiled,
-        }
-        rec["mfu"] = rec["tflops_per_s_per_device"] / peak if peak else None
-        if "grounding" in m:
-            rec["grounding"] = float(m["grounding"])
-        rec.update(p.extra)
-        if is_grain:
-            rec["skipped"] = sum(data.stats()["skipped"].values())
-        records.append(rec)
-        logger.log(rec, write=write)
-        bar.update(1)
-        bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
-        return rec
-
-    def check(rec: dict[str, Any]) -> None:
-        if tcfg.nan_check and not rec["finite"]:
-            if ckpt is not None:
-                ckpt.wait()
-            raise TrainingDiverged(rec["step"], last_saved, rec)
-
-    end = min(total, tcfg.stop_at) if tcfg.stop_at is not None else total
-    # several hosts must pad to one length: needed with buckets, or for batches we did not make
-    pad_to_max = jax.process_count() > 1 and (not is_grain or bool(data_config and data_config.buckets))
-    sync = StepAgreement(tcfg.sync_timeout_s)
-    said = start  # the first step whose word this process has not given
-    stopped = False
     try:
-        for s in range(start, end):
-            try:
-                raw = next(iterator)
-            except StopIteration:  # a user iterable ran dry (a TrainData plan covers the run)
-                raw = None
-            host, extra = None, {}
-            if raw is not None:
-                extra = {"epoch": int(raw["_epoch"])} if "_epoch" in raw else {}
-                if "_rows_dropped" in raw:
-                    extra["select_rows_dropped"] = int(raw["_rows_dropped"])  # learnable rows beyond max_select_rows
-                host = complete_batch(raw, cfg, data_config.max_select_rows if data_config else None)
+        for s in range(ctx.start, ctx.end):
+            host, extra = _next_batch(ctx, iterator)
             # every process's word before the step: all stop together, or all run the step with one batch length
-            asked = stop()
+            asked = ctx.stop()
             word = "stop" if asked else ("end" if host is None else "go")
             verdict, length = sync.agree(s, word, 0 if host is None else host["input_ids"].shape[1])
             said = s + 1
             if verdict == "end":
-                warnings.warn(f"the data ran out after {s} steps (of {total}); stopping", stacklevel=2)
+                warnings.warn(f"the data ran out after {s} steps (of {ctx.total}); stopping", stacklevel=2)
                 break
             if verdict == "stop":
-                stopped = True
+                stopped, by_other = True, not asked
                 break
-            if pad_to_max:
-                host = pad_to_length(host, length, cfg.pad_token_id)
-            local = split_microbatches(host, tcfg.grad_accum)
-            batch = global_batch(fns, local)
-            shape = tuple((k, v.shape) for k, v in batch.items())
-            compiled = shape not in seen_shapes
-            seen_shapes.add(shape)
-            b_glob, t_len = host["input_ids"].shape[0] * jax.process_count(), host["input_ids"].shape[1]
-            images = int((host["input_ids"] == cfg.image_token_id).any(axis=1).sum()) * jax.process_count()
-            flops = train_flops(cfg, b_glob, t_len, host["select_rows"].shape[1], vision_trains, images)
-            t0 = time.perf_counter()
-            state, metrics = fns.step(state, batch)
+            state, dispatched = _dispatch(ctx, ledger, state, host, length, s + 1, extra)
             if pending is not None:
-                check(finish(pending))
-            pending = _Pending(s + 1, metrics, b_glob * t_len, flops, compiled, extra, t0)
-            step_no = s + 1
-            save_now = ckpt is not None and (step_no % max(1, tcfg.save_every) == 0 or (step_no == end and tcfg.save_final))
-            if save_now or step_no == end:
-                rec = finish(pending)
+                _finish(ctx, ledger, pending, bar)
+            pending = dispatched
+            if _save_due(ctx, s + 1) or s + 1 == ctx.end:
+                _finish(ctx, ledger, pending, bar)
                 pending = None
-                check(rec)
-                if save_now:
-                    ckpt.save(step_no, fns.saved_state(state), meta_for(step_no))
-                    last_saved = step_no
+                if _save_due(ctx, s + 1):
+                    _save(ctx, ledger, s + 1, state)
         if pending is not None:
-            check(finish(pending))
-            pending = None
-        if ckpt is not None and (tcfg.save_final or stopped) and records and last_saved != records[-1]["step"]:
-            ckpt.save(records[-1]["step"], fns.saved_state(state), meta_for(records[-1]["step"]))
-            last_saved = records[-1]["step"]
-        if stopped:
-            if ckpt is not None:
-                ckpt.wait()
-            raise TrainingStopped(records[-1]["step"] if records else start, last_saved if ckpt is not None else None, not asked)
+            _finish(ctx, ledger, pending, bar)
+        _conclude(ctx, ledger, state, stopped, by_other)
     except (TrainingStopped, TrainingDiverged):
         raise  # every process reaches these by itself (the same stop word, the same global loss)
     except BaseException as e:
@@ -375,7 +365,105 @@ def _run(cfg, tcfg, fns: StepFns, state, start, total, data, iterator, is_grain,
         raise
     finally:
         bar.close()
-    return state.params, records
+    return state.params, ledger.records
+
+
+def _next_batch(ctx: _Context, iterator: Iterator) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
+    """The next host batch with every step key (:func:`complete_batch`) and the record fields it brings (its epoch,
+    learnable rows dropped); ``(None, {})`` when a user iterable ran dry (a TrainData plan covers the run)."""
+    try:
+        raw = next(iterator)
+    except StopIteration:
+        return None, {}
+    extra = {"epoch": int(raw["_epoch"])} if "_epoch" in raw else {}
+    if "_rows_dropped" in raw:
+        extra["select_rows_dropped"] = int(raw["_rows_dropped"])  # learnable rows beyond max_select_rows
+    return complete_batch(raw, ctx.cfg, ctx.data_config.max_select_rows if ctx.data_config else None), extra
+
+
+def _dispatch(ctx: _Context, ledger: _Ledger, state: TrainState, host: dict[str, np.ndarray], length: int, step_no: int,
+              extra: dict[str, Any]) -> tuple[TrainState, _Pending]:
+    """Start step ``step_no`` on ``host`` (padded to the agreed ``length`` on several hosts) without waiting for it;
+    its global tokens and model FLOPs (:func:`flexattn_jax.flops.train_flops`) go with it."""
+    if ctx.pad_to_max:
+        host = pad_to_length(host, length, ctx.cfg.pad_token_id)
+    batch = global_batch(ctx.fns, split_microbatches(host, ctx.tcfg.grad_accum))
+    shape = tuple((k, v.shape) for k, v in batch.items())
+    compiled = shape not in ledger.shapes
+    ledger.shapes.add(shape)
+    procs = jax.process_count()
+    b_glob, t_len = host["input_ids"].shape[0] * procs, host["input_ids"].shape[1]
+    images = int((host["input_ids"] == ctx.cfg.image_token_id).any(axis=1).sum()) * procs
+    flops = train_flops(ctx.cfg, b_glob, t_len, host["select_rows"].shape[1], ctx.vision_trains, images)
+    t0 = time.perf_counter()
+    state, metrics = ctx.fns.step(state, batch)
+    return state, _Pending(step_no, metrics, b_glob * t_len, flops, compiled, extra, t0)
+
+
+def _record(m: Mapping[str, Any], p: _Pending, seconds: float, devices: int, peak_flops: float | None) -> dict[str, Any]:
+    """One step's metric record: the step's host metrics ``m``, its throughput over ``seconds`` on ``devices`` and its
+    MFU (:func:`flexattn_jax.flops.mfu`, ``peak_flops`` per device)."""
+    rec: dict[str, Any] = {
+        "step": p.step, "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+        "alpha": float(m["alpha"]), "answer_tokens": int(m["answer_tokens"]), "finite": bool(m["finite"]),
+        "tokens": p.tokens, "step_time_s": seconds, "tokens_per_s": p.tokens / seconds,
+        "tokens_per_s_per_device": p.tokens / seconds / devices,
+        "tflops_per_s_per_device": p.flops / seconds / devices / 1e12, "flops_per_step": p.flops, "compiled": p.compiled,
+        "mfu": mfu(p.flops, seconds, devices, peak_flops),
+    }
+    if "grounding" in m:
+        rec["grounding"] = float(m["grounding"])
+    rec.update(p.extra)
+    return rec
+
+
+def _finish(ctx: _Context, ledger: _Ledger, p: _Pending, bar: Any) -> None:
+    """Wait for ``p``'s metrics, record and log them; a non-finite step (with ``nan_check``) raises
+    :class:`TrainingDiverged`. A step's time runs from when the previous step's metrics were ready (the device
+    was busy until then), or from its dispatch when it compiled."""
+    m = jax.device_get(p.metrics)
+    now = time.perf_counter()
+    begin = p.t_dispatch if (ledger.last_ready is None or p.compiled) else max(ledger.last_ready, p.t_dispatch)
+    ledger.last_ready = now
+    rec = _record(m, p, max(now - begin, 1e-9), ctx.fns.mesh.size, ctx.peak_flops)
+    if ctx.is_grain:
+        rec["skipped"] = sum(ctx.data.stats()["skipped"].values())  # type: ignore[union-attr]
+    ledger.records.append(rec)
+    ctx.logger.log(rec, write=bar.write if not bar.disable else None)
+    bar.update(1)
+    bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
+    if ctx.tcfg.nan_check and not rec["finite"]:
+        if ctx.ckpt is not None:
+            ctx.ckpt.wait()
+        raise TrainingDiverged(rec["step"], ledger.last_saved, rec)
+
+
+def _save_due(ctx: _Context, step_no: int) -> bool:
+    """Whether step ``step_no`` is saved when it finishes: every ``save_every`` steps, and the run's end with ``save_final``."""
+    return ctx.ckpt is not None and (step_no % max(1, ctx.tcfg.save_every) == 0 or (step_no == ctx.end and ctx.tcfg.save_final))
+
+
+def _save(ctx: _Context, ledger: _Ledger, step_no: int, state: TrainState) -> None:
+    """Checkpoint ``state`` as step ``step_no`` with the run's metadata (settings, data position, mesh)."""
+    meta = make_meta(ctx.cfg, step_no, train_config=ctx.tcfg.to_dict(),
+                     data_config=(ctx.data_config.to_dict() if ctx.data_config else {}),
+                     data_state=ctx.data.stats() if ctx.is_grain else {}, mesh=ctx.fns.mesh,  # type: ignore[union-attr]
+                     extra=ctx.extra_meta)
+    ctx.ckpt.save(step_no, ctx.fns.saved_state(state), meta)  # type: ignore[union-attr]
+    ledger.last_saved = step_no
+
+
+def _conclude(ctx: _Context, ledger: _Ledger, state: TrainState, stopped: bool, by_other: bool) -> None:
+    """The run's end: its last step saved (with ``save_final``, or at a stop request), then at a stop request
+    :class:`TrainingStopped` once the checkpoint is written."""
+    last = ledger.records[-1]["step"] if ledger.records else None
+    if ctx.ckpt is not None and (ctx.tcfg.save_final or stopped) and last is not None and ledger.last_saved != last:
+        _save(ctx, ledger, last, state)
+    if stopped:
+        if ctx.ckpt is not None:
+            ctx.ckpt.wait()
+        raise TrainingStopped(last if last is not None else ctx.start, ledger.last_saved if ctx.ckpt is not None else None,
+                              by_other)
 
 
 def _paths(tree: PyTree) -> list[str]:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
-from jaxtyping import Array, Bool, Float, Int, PyTree
+from jaxtyping import Array, Float, Int, PyTree
 
 from flexattn_jax import lora as L
 from flexattn_jax import quant as Q
@@ -30,7 +30,7 @@ from flexattn_jax import sharding as S
 from flexattn_jax.config import IGNORE_INDEX, ModelConfig
 from flexattn_jax.model import forward
 from flexattn_jax.params import abstract_params, flatten, unflatten
-from flexattn_jax.selection import grounded_rows, grounding_cross_entropy
+from flexattn_jax.selection import answer_targets, grounded_rows, grounding_cross_entropy
 from train.config import TrainConfig
 from train.optim import make_optimizer, opt_state_shardings, trainable_mask
 
@@ -98,11 +98,6 @@ def loss_sums(
         maps = out.image_attention[layers.start : layers.stop]
         g_sum, g_rows = grounding_cross_entropy(maps, batch["grounding"], batch["select_valid"])
     return LossSums(jnp.sum(jnp.where(valid, ce, 0.0)), jnp.sum(valid.astype(jnp.int32)), g_sum, g_rows)
-
-
-def answer_targets(labels: Int[Array, "*B T"]) -> Bool[Array, "*B T-1"]:
-    """Which next-token targets count: row t predicts token t+1, counted when ``labels[t+1] != IGNORE_INDEX``."""
-    return labels[..., 1:] != IGNORE_INDEX
 
 
 def token_loss_sums(

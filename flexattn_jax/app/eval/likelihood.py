@@ -27,7 +27,7 @@ from flexattn_jax.config import IGNORE_INDEX, ModelConfig
 from flexattn_jax.flops import abstract, cached, cost_flops, counting_config
 from flexattn_jax.model import forward
 from flexattn_jax.preprocess import BUCKETS, PreprocessError, bucket_length, pad_batch, tokenize_with_image
-from flexattn_jax.selection import learnable_rows, margin_patches
+from flexattn_jax.selection import answer_targets, learnable_rows, margin_patches
 from flexattn_jax.sharding import batch_sharding, param_shardings, target_mesh
 
 ROW_BUCKETS: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256, 512)
@@ -79,7 +79,7 @@ def option_losses(
     )
     logits = out.logits[:, :-1].astype(jnp.float32)
     targets = labels[:, 1:]
-    valid = targets != IGNORE_INDEX
+    valid = answer_targets(labels)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
     return -jnp.sum(jnp.where(valid, logp, 0.0), axis=1) / jnp.maximum(jnp.sum(valid, axis=1), 1)
 
@@ -114,7 +114,7 @@ def pack(questions: Sequence[tuple[int, OptionQuestion]], cfg: ModelConfig, rows
     margin = margin_patches(np.asarray(sizes, np.int32), cfg.lr_grid)[q]
     pixels = np.zeros((rows, *questions[0][1].pixels.shape), np.float32)
     pixels[: len(questions)] = np.stack([item.pixels for _, item in questions])
-    n_rows = bucket_length(max(int((x[1:] != IGNORE_INDEX).sum()) for x in labels), ROW_BUCKETS)
+    n_rows = bucket_length(max(int(answer_targets(x).sum()) for x in labels), ROW_BUCKETS)
     packed = [learnable_rows(x, True, n_rows) for x in lab]
     sel, sel_valid = np.stack([r for r, _, _ in packed]), np.stack([v for _, v, _ in packed])
     pad = rows - len(ids)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from jax.sharding import Mesh
 from PIL import Image, UnidentifiedImageError
@@ -137,6 +137,42 @@ class Pending:
     key: str
 
 
+@dataclass
+class _Work:
+    """One run's items: the usable ones, those that failed, the finished records, what is left to answer."""
+
+    pending: list[Pending] = field(default_factory=list)  # every usable item, in input order
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    position: dict[str, int] = field(default_factory=dict)  # sample id -> its first input position
+    answered: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> finished record (this run's or a resumed one)
+    todo: list[Pending] = field(default_factory=list)  # the usable items without a finished record
+
+    def in_input_order(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """``(finished records, failures)`` in input order, however the run was split."""
+        order = {p.key: n for n, p in enumerate(self.pending)}
+        records = sorted(self.answered.values(), key=lambda r: order[r["key"]])
+        return records, sorted(self.failures, key=lambda f: self.position.get(f["id"], 0))
+
+
+def _open_predictions(path: Path, header: dict[str, Any]) -> TextIO:
+    """``path`` opened to append records (its directory made; the header written first when it is new or empty)."""
+    from flexattn_jax.app.resume import write_header
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = not path.exists() or path.stat().st_size == 0
+    sink = None
+    try:
+        sink = open(path, "a")  # noqa: SIM115 - the run closes it
+        if fresh:
+            write_header(sink, header)
+    except OSError as e:
+        if sink is not None:
+            with contextlib.suppress(OSError):
+                sink.close()
+        raise _write_failed(path, e) from e
+    return sink
+
+
 class Runner:
     """Evaluates items with ``(params, cfg, tokenizer)`` under ``settings``.
 
@@ -159,59 +195,64 @@ class Runner:
         """
         stopping = stop if stop is not None else (lambda: False)
         t0 = time.perf_counter()
-        failures: list[dict[str, Any]] = []
-        pending: list[Pending] = []
-        position: dict[str, int] = {}
+        work = self._read_items(items)
+        path = None if out is None else Path(out) / PREDICTIONS
+        header = predictions_header(self.s)
+        if path is not None:
+            self._resume(work, path, header)
+        self._answer(work, path, header, stopping)
+        if stopping():
+            raise Interrupted(f"finished items are in {path}" if path is not None else "stopped")
+        records, failures = work.in_input_order()
+        metrics = self._metrics(records, failures, answered_now=len(work.todo), wall_s=time.perf_counter() - t0)
+        if out is not None:
+            self._write_results(Path(out), metrics, records, work)
+        return metrics
+
+    def _read_items(self, items: Iterable[Item]) -> _Work:
+        """Each usable item with its user turn and key; a bad sample, or one whose question cannot be made, fails alone."""
+        work = _Work()
         for n, item in enumerate(items):
-            position.setdefault(item.id, n)
+            work.position.setdefault(item.id, n)
             if isinstance(item, BadSample):
-                failures.append({"id": item.id, "error": item.error, "category": item.category})
+                work.failures.append({"id": item.id, "error": item.error, "category": item.category})
                 continue
             try:  # any failure of one sample is its own (a question that is not UTF-8 text among them)
                 user = K.user_text(self.s.task, item, self.s.protocol, self.s.ocr_tokens)
                 if (bad := text_problem(user)) is not None:
                     raise PreprocessError(f"sample {item.id!r}: its question is {bad}")
-                pending.append(Pending(item, user, K.item_key(item, user, self.s.key_fields())))
+                work.pending.append(Pending(item, user, K.item_key(item, user, self.s.key_fields())))
             except Exception as e:  # noqa: BLE001
-                failures.append({"id": item.id, "error": item_error(e), "category": item.category})
-        path = None if out is None else Path(out) / PREDICTIONS
-        header = predictions_header(self.s)
-        done = read_predictions(path, header) if path is not None else {}
-        answered = {p.key: done[p.key] for p in pending if p.key in done}
-        todo = [p for p in pending if p.key not in done]
-        if answered:
-            self.log(f"resuming: {len(answered)} of {len(pending)} items already answered in {path}")
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        sink = None
-        if path is not None:
-            from flexattn_jax.app.resume import write_header
+                work.failures.append({"id": item.id, "error": item_error(e), "category": item.category})
+        work.todo = list(work.pending)
+        return work
 
-            fresh = not path.exists() or path.stat().st_size == 0
-            try:
-                sink = open(path, "a")
-                if fresh:
-                    write_header(sink, header)
-            except OSError as e:
-                if sink is not None:
-                    with contextlib.suppress(OSError):
-                        sink.close()
-                raise _write_failed(path, e) from e
-        run = self._likelihood if not self.s.generates else self._generate
-        records = run(todo, stopping)
+    def _resume(self, work: _Work, path: Path, header: dict[str, Any]) -> None:
+        """Take the finished records of ``path`` (a stopped run's, checked to be this run's); the rest stays to do."""
+        done = read_predictions(path, header)
+        work.answered = {p.key: done[p.key] for p in work.pending if p.key in done}
+        work.todo = [p for p in work.pending if p.key not in done]
+        if work.answered:
+            self.log(f"resuming: {len(work.answered)} of {len(work.pending)} items already answered in {path}")
+
+    def _answer(self, work: _Work, path: Path | None, header: dict[str, Any], stopping: Callable[[], bool]) -> None:
+        """Answer ``work.todo`` (option likelihood or generation), appending each record to ``path`` as it finishes;
+        a stop request ends it after the record in hand."""
+        sink = _open_predictions(path, header) if path is not None else None
+        records = (self._likelihood if not self.s.generates else self._generate)(work.todo, stopping)
         try:
-            bar = progress(total=len(todo), desc=self.s.task, unit="item", disable=not self.progress)
+            bar = progress(total=len(work.todo), desc=self.s.task, unit="item", disable=not self.progress)
             for rec in records:
                 if rec.get("error") is not None:
-                    failures.append({"id": rec["id"], "error": rec["error"], "category": rec.get("category", "")})
+                    work.failures.append({"id": rec["id"], "error": rec["error"], "category": rec.get("category", "")})
                 else:
-                    answered[rec["key"]] = rec
+                    work.answered[rec["key"]] = rec
                 if sink is not None:
                     try:
                         sink.write(json.dumps(rec) + "\n")
                         sink.flush()
                     except OSError as e:  # a full disk: what was flushed stays, the run stops
-                        raise _write_failed(path, e) from e
+                        raise _write_failed(path, e) from e  # type: ignore[arg-type]
                 bar.update(1)
                 if stopping():
                     break
@@ -221,11 +262,10 @@ class Runner:
             if sink is not None:
                 with contextlib.suppress(OSError):  # a full disk: reported above
                     sink.close()
-        if stopping():
-            raise Interrupted(f"finished items are in {path}" if path is not None else "stopped")
-        order = {p.key: n for n, p in enumerate(pending)}  # input order, however the run was split
-        records = sorted(answered.values(), key=lambda r: order[r["key"]])
-        failures.sort(key=lambda f: position.get(f["id"], 0))
+
+    def _metrics(self, records: list[dict[str, Any]], failures: list[dict[str, Any]], answered_now: int,
+                 wall_s: float) -> dict[str, Any]:
+        """The task's metrics over every finished record, with the settings that produced them and the pipeline's timing."""
         metrics = K.task_metrics(self.s.task, records, failures)
         metrics.update(
             protocol=self.s.protocol if self.s.task == "vstar" else "generate",
@@ -233,18 +273,20 @@ class Runner:
             ocr_tokens=self.s.ocr_tokens if self.s.task == "textvqa" else None,
             hr_budget=self.s.extra.get("hr_budget", "checkpoint"), hr_budget_tokens=self.cfg.hr_budget_tokens
             if self.cfg.flex.enabled else None,
-            wall_s=round(time.perf_counter() - t0, 2), answered_now=len(todo),
+            wall_s=round(wall_s, 2), answered_now=answered_now,
         )
         if self.stats:
             metrics["pipeline"] = {k: self.stats[k] for k in ("compile_s", "steady_items_per_s", "decode_steps") if k in self.stats}
-        if out is not None:
-            (Path(out) / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
-            by_key = {p.key: p.sample for p in pending}
-            write_lmms(out, self.s.task, metrics["protocol"], self.cfg,
-                       {**self.s.extra, "checkpoint": self.s.checkpoint, "batch_size": self.s.batch_size,
-                        "max_new_tokens": self.s.max_new_tokens, "ocr_tokens": self.s.ocr_tokens},
-                       records, [by_key[r["key"]] for r in records], [position[by_key[r["key"]].id] for r in records], metrics)
         return metrics
+
+    def _write_results(self, out: Path, metrics: dict[str, Any], records: list[dict[str, Any]], work: _Work) -> None:
+        """``metrics.json``, and the run in lmms-eval's layout (:func:`flexattn_jax.app.eval.lmms.write_lmms`)."""
+        (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+        by_key = {p.key: p.sample for p in work.pending}
+        write_lmms(out, self.s.task, metrics["protocol"], self.cfg,
+                   {**self.s.extra, "checkpoint": self.s.checkpoint, "batch_size": self.s.batch_size,
+                    "max_new_tokens": self.s.max_new_tokens, "ocr_tokens": self.s.ocr_tokens},
+                   records, [by_key[r["key"]] for r in records], [work.position[by_key[r["key"]].id] for r in records], metrics)
 
     # ---- likelihood (V* release protocol) ----
 
