@@ -111,9 +111,11 @@ def test_answer_compiles_generate_once_per_bucket(caplog):
     requests = _requests([0, 3, 7, 12, 18, 25, 33, 41, 50, 70])
     before = generate._cache_size()
     with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
-        answers = answer(params, cfg, tokenizer, requests, batch_size=4, max_new_tokens=2, progress=False)
+        stats: dict = {}
+        answers = answer(params, cfg, tokenizer, requests, batch_size=4, max_new_tokens=2, progress=False, stats=stats)
     compiles = [r.getMessage() for r in caplog.records if re.search(r"Finished XLA compilation of jit\(generate\)", r.getMessage())]
     assert len(compiles) == 2, compiles
+    assert stats["compiles"] == 2, stats  # the summary's count (traces seen through jax.monitoring) agrees
     assert generate._cache_size() - before == 2
     assert all(a.error is None and len(a.tokens) >= 1 for a in answers)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import jax
@@ -37,6 +38,24 @@ class CacheCounter:
         what = self.EVENTS.get(event)
         if what is not None:
             setattr(self, what, getattr(self, what) + 1)
+
+
+TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"  # jax.monitoring: a jitted function traced (its cache missed)
+_traces = threading.local()
+
+
+def _count_trace(event: str, duration_secs: float, **_) -> None:
+    if event == TRACE_EVENT:
+        _traces.count = getattr(_traces, "count", 0) + 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_trace)
+
+
+def traces_in_this_thread() -> int:
+    """How many times jitted functions were traced in the calling thread so far (JAX monitoring events): a call
+    that raises it compiled a new program (from scratch or from the persistent cache) instead of reusing one."""
+    return getattr(_traces, "count", 0)
 
 
 def enable_compile_cache(path: str | Path | None = None) -> Path:

@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import Mesh
 from PIL import Image
 
+from flexattn_jax.app.compile_cache import traces_in_this_thread
 from flexattn_jax.config import ModelConfig
 from flexattn_jax.generate import GenerateOutput, generate
 from flexattn_jax.logs import progress as progress_bar
@@ -296,14 +297,14 @@ def stream_answers(
         if pad:
             ids, mask, pixels, margin = (np.concatenate([a, np.repeat(a[:1], pad, 0)]) for a in (ids, mask, pixels, margin))
         rng, key = jax.random.split(rng)
-        before, t0 = generate._cache_size(), time.perf_counter()
+        before, t0 = traces_in_this_thread(), time.perf_counter()
         with target_mesh(mesh):  # kernels follow the mesh's devices (Mosaic kernels under shard_map)
             out = generate(
                 params, cfg, put(ids), put(pixels), put(mask), put(margin),
                 key if temperature > 0 else None, max_new_tokens=max_new_tokens, max_len=length + max_new_tokens,
                 temperature=temperature, top_p=top_p, hr_strategy=hr_strategy,
             )
-        compiled = generate._cache_size() > before
+        compiled = traces_in_this_thread() > before
         if compiled:
             st.compiles += 1
             st.compile_s += time.perf_counter() - t0
