@@ -137,6 +137,7 @@ def test_data_parallel_answers_equal_single_device():
         answer(params, cfg, tokenizer, requests, mesh=mesh, batch_size=6, max_new_tokens=4, progress=False)
 
 
+@pytest.mark.slow  # ~35 s on 2 cores; CI runs the slow tests too
 def test_tensor_and_data_parallel_answers_equal_single_device():
     """8 host devices, data=2 x tensor=4: the parameters sharded by the rules table (heads, MLP, vocabulary over tensor),
     batches over data; the same tokens as one device, for each HR strategy."""
