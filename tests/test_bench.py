@@ -36,7 +36,9 @@ def test_layer_extrapolation_matches_full_depth():
     fit = flops.flop_table(True, direct=False, **kw)
     assert [(e["config"], e["workload"]) for e in full] == [(e["config"], e["workload"]) for e in fit]
     for a, b in zip(full, fit, strict=True):
-        assert abs(a["flops"] - b["flops"]) <= 1e-6 * a["flops"], (a["config"], a["workload"], a["flops"], b["flops"])
+        # 2e-6: on jax 0.10.2 flex-0.1M/project A comes out 23 FLOPs apart in 21,149,720 (1.09e-6; the same on the tree
+        # before this bound was set); a layer's FLOPs, what a wrong fit would miss, are ~1e-1 of the total
+        assert abs(a["flops"] - b["flops"]) <= 2e-6 * a["flops"], (a["config"], a["workload"], a["flops"], b["flops"])
 
 
 def test_compiled_method_runs():
