@@ -382,6 +382,10 @@ def test_engine_full_queue_503_then_sigterm_finishes_the_streams_in_flight(world
         for t in threads:
             t.start()
         assert started.wait(120)
+        deadline = time.monotonic() + 120  # the signal only once both are accepted: one decoding and one queued, or streaming
+        while not (all(streams) or "flexattn_queue_depth 2.0" in httpx.get(s.url + "/metrics", timeout=30).text):
+            assert time.monotonic() < deadline, "the second streamed request was never accepted"
+            time.sleep(0.05)
         assert s.terminate(timeout=120) == 0
         for t in threads:
             t.join(60)
