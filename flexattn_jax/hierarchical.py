@@ -46,8 +46,6 @@ class LayerKind(enum.IntEnum):
     HIERARCHICAL = 2  # and the select rows' attention over their selected HR keys, merged by LSE; selects too
 
 
-PLAIN, SELECT, HIERARCHICAL = LayerKind.PLAIN, LayerKind.SELECT, LayerKind.HIERARCHICAL
-
 
 class LayerContext(NamedTuple):
     """Everything a decoder layer reads besides its params and the carried state (all arrays)."""
@@ -135,13 +133,13 @@ class DecoderLayer(nn.Module):
             values = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start)
         t = q.shape[1]
         impl = choose_impl(cfg.attention_impl, q, keys, ctx.mask)
-        dense = impl == "xla" or (kind != PLAIN and cfg.flex.hr_mode == "paper")  # paper: every row selects
+        dense = impl == "xla" or (kind != LayerKind.PLAIN and cfg.flex.hr_mode == "paper")  # paper: every row selects
         if dense:  # one dense pass gives every row's output and LSE
             o, lse = attention_with_lse(q, keys, values, ctx.mask.dense(t))
         else:
             o = attention(q, keys, values, ctx.mask, impl=impl)
         new_sel = image_attention = hr_mask = hr_update = None
-        if kind != PLAIN:
+        if kind != LayerKind.PLAIN:
             rows, valid = ctx.select_rows, ctx.select_valid
             q_sel = take_rows(q, rows)
             if dense:
@@ -149,7 +147,7 @@ class DecoderLayer(nn.Module):
             else:  # kernels give no differentiable LSE: recompute the R select rows, O(R N d), exact
                 chunked = impl == "xla_chunked" or keys.shape[1] >= AUTO_CHUNK_MIN_KEYS  # memory O(R x block)
                 o_sel, lse_sel = rows_attention_with_lse(q_sel, keys, values, ctx.mask, rows, chunked=chunked)
-            if kind == HIERARCHICAL:
+            if kind == LayerKind.HIERARCHICAL:
                 o_hr, lse_hr, hr_update = self._hr_part(q_sel, selection, ctx, hr_kv)
                 merged = merge_by_lse(o_sel, lse_sel, o_hr, lse_hr)
                 blended = (1.0 - ctx.alpha) * o_sel.astype(jnp.float32) + ctx.alpha * merged
