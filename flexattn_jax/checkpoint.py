@@ -9,8 +9,11 @@ temporary sibling directory and renames it at the end, so a failed write leaves 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
+import logging
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -171,6 +174,7 @@ def load_converted(directory: str | Path, dtype: str | None = None, sharding: An
     params_dir = (Path(directory) / "params").resolve()
     if not params_dir.is_dir():
         raise CheckpointError(f"{directory}: no params directory (a converted checkpoint holds params/ and metadata.json)")
+    failure = None
     try:
         with _checkpointer() as ckptr:
             stored = _stored_shapes(ckptr, params_dir)
@@ -182,10 +186,44 @@ def load_converted(directory: str | Path, dtype: str | None = None, sharding: An
         raise
     except Exception as e:  # orbax / tensorstore raise many kinds for a truncated or corrupt directory
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise CheckpointError(f"{params_dir}: cannot restore the parameters (truncated or corrupt?): {type(e).__name__}: {first}") from e
+        failure = f"{params_dir}: cannot restore the parameters (truncated or corrupt?): {type(e).__name__}: {first}"
+    if failure is not None:  # outside the handler: the traceback, and the read tasks it holds, are gone
+        _silence_orphaned_reads()
+        raise CheckpointError(failure)
     if lcfg is not None:  # adapters kept beside the kernels: the forward takes B scaled by alpha / r
         params = scaled(params, lcfg.scale)
     return params, cfg
+
+
+def _from_orbax(tb: Any, code: Any = None) -> bool:
+    """Whether a traceback (or a coroutine's code) runs in orbax."""
+    files = [code.co_filename] if code is not None else []
+    while tb is not None:
+        files, tb = [*files, tb.tb_frame.f_code.co_filename], tb.tb_next
+    return any("orbax" in f for f in files)
+
+
+def _silence_orphaned_reads() -> None:
+    """From the first failed restore on, drop the echoes of its sibling reads; then collect what can be collected now.
+
+    Orbax reads every array in an asyncio ``gather``; when one read fails, the other reads' errors are never retrieved
+    and their suspended coroutines raise again when finalised. asyncio logs each (a page of TensorStore specs) and
+    Python reports each "Exception ignored" whenever the garbage collector reaches them: at a time no one controls,
+    into whatever the process prints next. The one failure is already named in the :class:`CheckpointError`, so these
+    echoes are dropped for the rest of the process (only those raised in orbax's own code).
+    """
+    global _SILENCED
+    if not _SILENCED:
+        _SILENCED = True
+        quiet = logging.Filter()
+        quiet.filter = lambda r: not ("never retrieved" in r.getMessage() and _from_orbax(r.exc_info and r.exc_info[2]))  # type: ignore[method-assign]
+        logging.getLogger("asyncio").addFilter(quiet)
+        hook = sys.unraisablehook
+        sys.unraisablehook = lambda u: None if _from_orbax(u.exc_traceback, getattr(u.object, "cr_code", None)) else hook(u)
+    gc.collect()
+
+
+_SILENCED = False
 
 
 def stored_abstract(directory: str | Path, cfg: ModelConfig) -> tuple[dict, LoraConfig | None]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -18,11 +20,12 @@ from transformers import CLIPVisionModel, LlavaForConditionalGeneration
 from convert import ConvertError, convert_checkpoint, export_hf, read_checkpoint
 from convert.cli import main
 from convert.mapping import BY_OURS, RULES, lookup, to_torch
-from flexattn_jax.checkpoint import load_converted, read_metadata
+from flexattn_jax.checkpoint import CheckpointError, load_converted, read_metadata, write_model
 from flexattn_jax.config import FlexConfig, ModelConfig
 from flexattn_jax.model import forward
-from flexattn_jax.params import abstract_params, flatten
+from flexattn_jax.params import abstract_params, flatten, init_params
 from flexattn_jax.presets import release_extra
+from tests.fixtures import tiny_config
 from tests.oracle import OracleFlexConfig, oracle_forward
 from tests.torch_models import make_hd_weights, make_images, make_prompt, make_tiny_llava
 
@@ -383,6 +386,27 @@ def test_load_converted_dtype_and_sharding(tmp_path, models):
     assert all(x.dtype == jnp.bfloat16 and x.sharding == sharding for x in leaves)
     want = {k: v.to(torch.bfloat16) for k, v in sd.items()}
     check_tensors(jax.tree.map(lambda x: np.asarray(x.astype(jnp.float32)), params), {k: v.float() for k, v in want.items()})
+
+
+def test_truncated_params_fail_in_one_message_and_leave_no_echoes(tmp_path, caplog):
+    """Orbax's sibling reads of a failed restore are never retrieved: asyncio would log each (a page of TensorStore
+    specs) whenever they are collected, into the output of whatever runs next in the process (CI saw one in a later
+    test's one-line stderr)."""
+    cfg = tiny_config()
+    d = write_model(init_params(cfg, jax.random.key(0)), cfg, tmp_path / "m", {"source_format": "test"}, lambda p: [])
+    data = max((p for p in (d / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 3])
+
+    def fail() -> str:  # the error, its traceback and the read tasks it holds are dropped on return
+        with pytest.raises(CheckpointError) as e:
+            load_converted(d)
+        return str(e.value)
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        for _ in range(3):
+            assert re.fullmatch(rf"{re.escape(str(d.resolve()))}/params: cannot restore the parameters .*", fail())
+        gc.collect()
+    assert not [r.getMessage()[:200] for r in caplog.records if r.name == "asyncio"]
 
 
 _MESH_SCRIPT = """
