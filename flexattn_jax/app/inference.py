@@ -81,6 +81,10 @@ class Answer:
     hr_masks: np.ndarray | None = None  # (L, M) the prefill's per-layer selected HR tokens
     image_attention: np.ndarray | None = None  # (L, G) the last prompt token's map over the LR image
     prompt_tokens: int | None = None  # the prompt's length in tokens, image tokens included
+    # with stream_answers(step_maps=True), per generated token i (predicted by the prefill for i = 0, by decode step i - 1
+    # after): (N, L, M) the selected HR tokens and (N, L, G) the map over the LR image, cut to the answer's tokens
+    token_hr_masks: np.ndarray | None = None
+    token_image_attention: np.ndarray | None = None
 
 
 @dataclass
@@ -213,6 +217,7 @@ def stream_answers(
     skip: Callable[[int, Request], bool] | None = None,
     on_batch: Callable[[dict[str, Any]], None] | None = None,
     stop: Callable[[], bool] | None = None,
+    step_maps: bool = False,
 ) -> Iterator[tuple[int, Answer]]:
     """Yield ``(input index, Answer)`` as batches finish; host memory bounded by ``window``, not by ``len(requests)``.
 
@@ -231,7 +236,9 @@ def stream_answers(
     preprocessing. ``mesh`` makes the batches data parallel; ``batch_size`` must then be a multiple
     of its ``data`` axis. ``stop()`` True (polled between batches and while waiting for input, e.g. a
     Ctrl-C flag set by :class:`~flexattn_jax.interrupt.StopRequests`) dispatches no further batch: the batches
-    in flight are finished and yielded, then the generator returns.
+    in flight are finished and yielded, then the generator returns. ``step_maps`` also returns every generated token's maps
+    (``Answer.token_hr_masks`` / ``token_image_attention``: the selection changes per token); it runs all
+    ``max_new_tokens`` steps (no early stop).
     """
     put = _placer(mesh, batch_size)
     window = default_window(batch_size) if window is None else window
@@ -302,7 +309,7 @@ def stream_answers(
             out = generate(
                 params, cfg, put(ids), put(pixels), put(mask), put(margin),
                 key if temperature > 0 else None, max_new_tokens=max_new_tokens, max_len=length + max_new_tokens,
-                temperature=temperature, top_p=top_p, hr_strategy=hr_strategy,
+                temperature=temperature, top_p=top_p, hr_strategy=hr_strategy, return_step_maps=step_maps,
             )
         compiled = traces_in_this_thread() > before
         if compiled:
@@ -322,6 +329,10 @@ def stream_answers(
         maps = batch.out.prefill_maps
         hr_masks = None if maps is None else np.asarray(maps.hr_masks)
         image_attention = None if maps is None else np.asarray(maps.image_attention)
+        steps = batch.out.step_maps
+        if maps is not None and steps is not None:  # token 0's maps are the prefill's, token i's decode step i - 1's
+            token_masks = np.concatenate([hr_masks[None], np.asarray(steps.hr_masks)[:-1]])
+            token_att = np.concatenate([image_attention[None], np.asarray(steps.image_attention)[:-1]])
         for row, (i, prep) in enumerate(batch.items):
             toks = tokens[row, : lengths[row]].tolist()
             st.tokens += len(toks)
@@ -331,6 +342,9 @@ def stream_answers(
                 None if image_attention is None else image_attention[:, row].copy(),
                 prompt_tokens=len(prep.ids),
             )
+            if maps is not None and steps is not None:
+                ans.token_hr_masks = token_masks[: len(toks), :, row].copy()
+                ans.token_image_attention = token_att[: len(toks), :, row].copy()
             yield from emit(i, ans)
 
     def emit(i: int, ans: Answer) -> Iterator[tuple[int, Answer]]:

@@ -119,6 +119,11 @@ def serve_parser(prog: str = "flexattn-jax serve") -> argparse.ArgumentParser:
     p.add_argument("--warmup", action="store_true",
                    help="compile (or load from the compile cache) the greedy program of every length bucket before "
                    "listening, so the first requests do not wait for a compile")
+    p.add_argument("--ui", action="store_true",
+                   help="also serve a page for people at /ui (Gradio, same process and engine as the API): upload or paste an image, "
+                   "ask, read the answer as it streams, see per layer and per answer token the attention heat map with the "
+                   "selected HR regions outlined, the share of HR tokens selected and the answer's FLOPs against reading every "
+                   "HR token; hr_budget, max tokens and temperature set on the page (needs gradio: pip install -e '.[ui]')")
     add_compile_cache_args(p)
     return p
 
@@ -150,6 +155,11 @@ def check_serve_args(args: argparse.Namespace) -> None:
         parse_hr_budget(args.hr_budget, name="--hr-budget")
     if args.image_root is not None and not Path(args.image_root).is_dir():
         raise ValueError(f"--image-root {args.image_root} is not a directory")
+    if args.ui:
+        import importlib.util
+
+        if importlib.util.find_spec("gradio") is None:
+            raise ValueError("--ui needs gradio: pip install -e '.[ui]'")
 
 
 def serve_buckets(max_prompt_tokens: int | None) -> tuple[int, ...]:
@@ -632,15 +642,21 @@ def main(argv: list[str] | None = None) -> int:
     scheduler.start()
     limits = Limits(model=model, max_new_tokens=args.max_new_tokens, image_root=image_root, max_image_bytes=args.max_image_bytes)
     app = make_app(scheduler, limits, metrics, request_timeout=args.request_timeout)
+    if args.ui:
+        from flexattn_jax.app.web import UI_PATH, mount_ui
+
+        app = mount_ui(app, scheduler, limits)
 
     import uvicorn
 
     config = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=args.request_timeout + 5,
-                            lifespan="off")
+                            lifespan="on" if args.ui else "off")  # the page's queue starts in the app's lifespan
     server = _server_class()(config)
     host, port = sock.getsockname()[:2]
     print(f"serving {model!r} on http://{host}:{port}/v1 ({shape}, queue {args.max_queue}, buckets {scheduler.buckets})",
           file=sys.stderr, flush=True)
+    if args.ui:
+        print(f"the page for people: http://{host}:{port}{UI_PATH}/", file=sys.stderr, flush=True)
     try:
         server.run(sockets=[sock])
     finally:

@@ -163,16 +163,17 @@ def save_overlay(
     title: str = "",
     layer: int | None = None,
     dpi: int = 90,
+    subject: str = "last prompt token's attention",
 ) -> Path:
     """One item's PNG: the image, the attention heat map with its colour bar, the selected HR tokens outlined,
-    the question and the answer as the title (``title`` replaces them when given)."""
+    the question and the answer as the title (``title`` replaces them when given); ``subject`` names whose map it is."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 5.0))
     draw_map(ax, image, image_attention)
     where = "" if layer is None else f"layer {layer}: "
     n_sel = 0 if hr_mask is None else int(np.asarray(hr_mask).sum())
     n_all = 0 if hr_mask is None else int(np.asarray(hr_mask).size)
-    draw_selection(ax, None, hr_mask, f"{where}last prompt token's attention; {n_sel} of {n_all} HR tokens selected (outlined)")
+    draw_selection(ax, None, hr_mask, f"{where}{subject}; {n_sel} of {n_all} HR tokens selected (outlined)")
     fig.suptitle(title or overlay_title(question, answer), fontsize=9, x=0.02, ha="left")
     return save_figure(fig, path, dpi=dpi)
 
