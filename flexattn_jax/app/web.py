@@ -84,7 +84,7 @@ def _body(limits: Limits, image: bytes, history: list[dict[str, Any]], question:
     url = "data:image/png;base64," + base64.b64encode(image).decode()
     messages: list[dict[str, Any]] = []
     for turn in [*history, {"role": "user", "content": question}]:
-        content = turn["content"] if isinstance(turn["content"], str) else str(turn["content"])
+        content = turn["content"]
         if not messages and turn["role"] == "user":
             parts = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": content}]
             messages.append({"role": "user", "content": parts})
@@ -187,6 +187,7 @@ def build_blocks(page: Page, examples: list[tuple[str, str]]):
     with gr.Blocks(title="flexattn-jax") as blocks:
         gr.Markdown(f"## FlexAttention: ask about an image, see where the model looked\nmodel `{page.limits.model}`")
         maps_state = gr.State(None)
+        turns = gr.State([])  # the conversation as said (the chat shows it; its value comes back reformatted)
         with gr.Row():
             with gr.Column(scale=1):
                 image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="image (upload or paste)", elem_id="image")
@@ -204,7 +205,7 @@ def build_blocks(page: Page, examples: list[tuple[str, str]]):
                 if examples:
                     gr.Examples(examples=[list(e) for e in examples], inputs=[image, question], label="the demo's images")
             with gr.Column(scale=1):
-                chat = gr.Chatbot(label="chat", elem_id="chat", height=320)
+                chat = gr.Chatbot(label="chat", elem_id="chat", height=320, render_markdown=False)
                 status = gr.Markdown("", elem_id="status")
                 figure = gr.Image(label="where the model looked", type="filepath", interactive=False, elem_id="map")
                 layer = gr.Slider(0, layers - 1, value=mask_layer(cfg), step=1, label="layer", elem_id="layer")
@@ -212,14 +213,14 @@ def build_blocks(page: Page, examples: list[tuple[str, str]]):
                 caption = gr.Markdown("", elem_id="caption")
                 cost = gr.Markdown("", elem_id="cost")
 
-        def on_upload(path):
+        def on_upload(path):  # the file goes to the image box (or its error to the status); the upload box is emptied
             if path is None:
-                return gr.update(), ""
+                return None, gr.update(), ""
             try:
                 read_image(path, page.limits)
             except (ChatError, OSError) as e:
-                return None, f"**error:** {e}"
-            return path, ""
+                return None, gr.update(), f"**error:** {e}"
+            return None, path, ""
 
         def respond(image_path, text, history, budget, n, temp):
             history = list(history or [])
@@ -281,12 +282,17 @@ def build_blocks(page: Page, examples: list[tuple[str, str]]):
                 return None, ""
             return page.figure(maps, lay, tok)
 
-        upload.upload(on_upload, [upload], [image, status])
-        outputs = [chat, status, maps_state, figure, token, caption, cost]
-        ask.click(respond, [image, question, chat, hr_budget, max_tokens, temperature], outputs)
-        question.submit(respond, [image, question, chat, hr_budget, max_tokens, temperature], outputs)
-        clear.click(lambda: ([], "", None, None, ""), None, [chat, status, maps_state, figure, caption])
-        image.change(lambda: ([], None), None, [chat, maps_state])
+        upload.upload(on_upload, [upload], [upload, image, status])
+        def respond_and_keep(*args):
+            for out in respond(*args):
+                yield (out[0], *out)  # the chat and the conversation state get the same turns
+
+        outputs = [chat, turns, status, maps_state, figure, token, caption, cost]
+        inputs = [image, question, turns, hr_budget, max_tokens, temperature]
+        ask.click(respond_and_keep, inputs, outputs)
+        question.submit(respond_and_keep, inputs, outputs)
+        clear.click(lambda: ([], [], "", None, None, ""), None, [chat, turns, status, maps_state, figure, caption])
+        image.change(lambda: ([], [], None, ""), None, [chat, turns, maps_state, status])  # a new image: a new chat
         layer.change(redraw, [maps_state, layer, token], [figure, caption])
         token.change(redraw, [maps_state, layer, token], [figure, caption])
     return blocks
