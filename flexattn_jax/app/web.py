@@ -20,10 +20,12 @@ same answer reading every HR token (``hr_budget=all``, the cross-attention cost)
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import queue
 import tempfile
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,7 @@ class Maps:
     pieces: list[str]  # each token's text
     masks: np.ndarray
     attention: np.ndarray
+    key: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)  # names its figures (a state is copied per event)
 
 
 def changes(masks: Bool[np.ndarray, "N L M"], layer: int) -> list[int]:
@@ -161,7 +164,7 @@ class Page:
         layer = int(np.clip(layer, 0, maps.masks.shape[1] - 1))
         token = int(np.clip(token, 0, maps.masks.shape[0] - 1))
         mask, att = maps.masks[token, layer], maps.attention[token, layer]
-        path = self.out / f"map-{id(maps)}-{layer}-{token}.png"
+        path = self.out / f"map-{maps.key}-{layer}-{token}.png"
         if not path.exists():
             save_overlay(path, load_image(maps.image), att, mask, question=maps.question, answer=maps.answer, layer=layer,
                          subject=f"the attention predicting answer token {token}")
@@ -191,7 +194,7 @@ def build_blocks(page: Page, examples: list[tuple[str, str]]):
         with gr.Row():
             with gr.Column(scale=1):
                 image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="image (upload or paste)", elem_id="image")
-                upload = gr.File(label="or upload an image file", type="filepath", elem_id="upload")
+                upload = gr.File(label="or upload an image file", type="filepath", elem_id="upload", height=110)
                 question = gr.Textbox(label="question", elem_id="question", lines=2)
                 with gr.Row():
                     ask = gr.Button("Ask", variant="primary", elem_id="ask")
@@ -207,7 +210,7 @@ def build_blocks(page: Page, examples: list[tuple[str, str]]):
             with gr.Column(scale=1):
                 chat = gr.Chatbot(label="chat", elem_id="chat", height=320, render_markdown=False)
                 status = gr.Markdown("", elem_id="status")
-                figure = gr.Image(label="where the model looked", type="filepath", interactive=False, elem_id="map")
+                figure = gr.Image(label="where the model looked", type="filepath", interactive=False, elem_id="map", height=560)
                 layer = gr.Slider(0, layers - 1, value=mask_layer(cfg), step=1, label="layer", elem_id="layer")
                 token = gr.Slider(0, max(page.limits.max_new_tokens - 1, 1), value=0, step=1, label="answer token", elem_id="token")
                 caption = gr.Markdown("", elem_id="caption")
