@@ -188,6 +188,7 @@ def test_page_answers_like_generate_and_shows_where_it_looked(server, browser, e
     (_, ans), = stream_answers(params, cfg, load_tokenizer(str(world["ckpt"])), [Request(str(world["dir"] / "img.png"), QUESTION)],
                                batch_size=1, max_new_tokens=MAX_NEW, buckets=(64, 128, 256), progress=False, step_maps=True)
     assert ans.text == expected
+    assert np.array_equal(ans.token_hr_masks[0], ans.hr_masks) and np.array_equal(ans.token_image_attention[0], ans.image_attention)
     layer = mask_layer(cfg)
     att, mask = ans.token_image_attention[0, layer], ans.token_hr_masks[0, layer]
     assert 0 < mask.sum() < mask.size  # something selected, something not: the outlines have edges inside the image
@@ -242,6 +243,8 @@ def test_sliders_and_another_budget_redraw_the_map(server, browser, world):
     caption = _text(browser, "#caption")
     n_sel = int(caption.split(": ", 1)[1].split(" of ")[0])
     assert 0 < n_sel <= 9, caption  # a quarter of the tiny model's 36 HR tokens
+    share = float(re.search(r"GFLOP \(([\d.]+)%\)", _text(browser, "#cost")).group(1))
+    assert 0 < share < 100  # fewer FLOPs than reading every HR token
     before = _map_pixels(browser, server)
     box = browser.find_element(By.CSS_SELECTOR, "#layer input[type=number]")
     _set(browser, "#layer input[type=number]", "0")
@@ -264,6 +267,16 @@ def test_bad_input_shows_a_message_and_the_server_keeps_serving(server, browser,
     assert "type a question" in status
     assert _ask(browser, QUESTION).startswith("answered")  # still serving, in the same page
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+
+
+def test_selection_changes_are_found_per_layer():
+    from flexattn_jax.app.web import changes
+
+    masks = np.zeros((4, 2, 6), bool)  # (tokens, layers, HR tokens)
+    masks[:, 1, 0] = True
+    masks[2:, 1, 3] = True
+    masks[3, 0, 5] = True
+    assert changes(masks, 1) == [0, 2] and changes(masks, 0) == [0, 3]
 
 
 def test_serve_help_says_what_ui_does():
