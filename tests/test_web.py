@@ -129,7 +129,7 @@ def _set(browser, selector: str, text: str) -> None:
 def _status(browser) -> str:
     """The status line, without Gradio's progress timer ('0.4s') shown over it while an event runs."""
     lines = _text(browser, "#status").splitlines()
-    return "\n".join(line for line in lines if not re.fullmatch(r"[\d.]+s|processing.*|queue.*", line.strip()))
+    return "\n".join(line for line in lines if not re.fullmatch(r"[\d.]+s|processing.*|queue.*", line.strip())).strip()
 
 
 def _ask(browser, question: str) -> str:

@@ -193,7 +193,8 @@ def build_blocks(page: Page, examples: list[tuple[str, str]]):
         turns = gr.State([])  # the conversation as said (the chat shows it; its value comes back reformatted)
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="image (upload or paste)", elem_id="image")
+                image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="image (upload or paste)", elem_id="image",
+                                 height=240)
                 upload = gr.File(label="or upload an image file", type="filepath", elem_id="upload", height=110)
                 question = gr.Textbox(label="question", elem_id="question", lines=2)
                 with gr.Row():
