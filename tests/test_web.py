@@ -140,9 +140,14 @@ def _ask(browser, question: str) -> str:
     before, was = _bot_messages(browser), _status(browser)
     browser.find_element(By.CSS_SELECTOR, "#ask").click()
 
+    seen = []  # the status said 'answering' at least once (the previous 'answered' may linger a moment after the chat updates)
+
     def settled():
-        s = _status(browser)
-        return s if ("error" in s and s != was) or (s.startswith("answered") and len(_bot_messages(browser)) > len(before)) else None
+        s, bots = _status(browser), _bot_messages(browser)
+        if s.startswith("answering"):
+            seen.append(s)
+        done = s.startswith("answered") and len(bots) > len(before) and (seen or bots[-1])
+        return s if ("error" in s and s != was) or done else None
 
     return _until(browser, settled, f"the answer to {question!r}")
 
