@@ -245,8 +245,9 @@ def check_backend(cfg: ModelConfig) -> None:
     require_platform(cfg.attention_impl, jax.default_backend())
 
 
-def answer_settings(args: argparse.Namespace, options: GenerationOptions) -> dict[str, Any]:
-    """The settings that change an answer (an answer file's header): the options' and the model's."""
+def answer_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings that change an answer (an answer file's header): the generation options' and the model's."""
+    options = generate_options_args().build(args)
     return {**options.answer_settings(), "dtype": args.dtype, "quantize": args.quantize, "set": list(args.set)}
 
 
@@ -277,7 +278,7 @@ def _generate(argv: list[str]) -> int:
             header = None
             if args.batch and args.output:
                 header = make_header("generate answers", checkpoint=checkpoint_fingerprint(args.checkpoint),
-                                     settings=answer_settings(args, options), input=input_identity(args.batch))
+                                     settings=answer_settings(args), input=input_identity(args.batch))
             log = AnswerLog.scan(args.output, header) if args.resume else None
             if stop.requested:
                 return _stopped(stop, "before loading the checkpoint; nothing written")

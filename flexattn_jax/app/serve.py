@@ -88,8 +88,8 @@ def serve_parser(prog: str = "flexattn-jax serve") -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the checkpoint directory's name)")
     add_model_args(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. flex.threshold=48")
-    SERVE_OPTIONS.add(p.add_argument_group("generation (GenerationOptions; a request's max_tokens may only lower --max-new-tokens, "
-                                           "--max-batch is the rows of --scheduler wave)"))
+    SERVE_OPTIONS.add(p.add_argument_group("generation (GenerationOptions)", "a request's max_tokens may only lower "
+                                           "--max-new-tokens; --max-batch is the rows of a --scheduler wave batch"))
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt accepted, image tokens included, rounded up to a length bucket; fewer buckets to "
                    "compile (default: the model's context less --max-new-tokens)")

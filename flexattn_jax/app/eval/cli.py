@@ -91,8 +91,8 @@ def eval_parser(prog: str = "flexattn-jax eval") -> argparse.ArgumentParser:
     p.add_argument("--compile-cache", metavar="DIR", default=None, help="persistent compilation cache folder")
     p.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent compilation cache")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    EVAL_OPTIONS.add(p.add_argument_group("generation (GenerationOptions; --batch-size is also the option rows per likelihood "
-                                          "forward, generation is greedy)"))
+    EVAL_OPTIONS.add(p.add_argument_group("generation (GenerationOptions)", "greedy; --batch-size is also the option rows "
+                                          "per likelihood forward"))
     return p
 
 
