@@ -85,6 +85,7 @@ _EXPORTS = {
     "Answer": "flexattn_jax.app.inference",
     "answer": "flexattn_jax.app.inference",
     "stream_answers": "flexattn_jax.app.inference",
+    "GenerationOptions": "flexattn_jax.app.inference",
 }
 _RENAMED = {"load_checkpoint": "load_converted"}
 

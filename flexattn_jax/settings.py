@@ -17,9 +17,10 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import re
 import textwrap
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flexattn_jax.overrides import optional_inner, parse_value
@@ -57,6 +58,22 @@ def show_default(value: Any) -> str:
     return str(value)
 
 
+class SettingError(ValueError):
+    """A setting's bad value, its message naming fields as ``{field}``: spelled as the field (``str(e)``) or, from the
+    command line, as its flag (:meth:`SettingsArgs.build`), so a bad value is one line naming what the user typed."""
+
+    def __init__(self, template: str):
+        super().__init__(template)
+        self.template = template
+
+    def spelled(self, name: Callable[[str], str]) -> str:
+        """The message with each ``{field}`` written as ``name(field)``."""
+        return re.sub(r"\{([a-z_][a-z0-9_.]*)\}", lambda m: name(m.group(1)), self.template)
+
+    def __str__(self) -> str:
+        return self.spelled(lambda f: f)
+
+
 @dataclasses.dataclass(frozen=True)
 class SettingsArgs:
     """The options of one settings dataclass ``cls`` on an argparse parser, and the instance built back from them.
@@ -64,15 +81,21 @@ class SettingsArgs:
     ``flags`` renames a field's flag (``{"seed": "--data-seed"}``); ``defaults`` gives a field another argparse
     default with the text shown for it (``{"seed": (None, "--seed")}``), which :meth:`build`'s caller resolves.
     A nested dataclass field gets its fields' flags under ``--NAME-`` (renames there as ``{"lora.rank": ...}``).
+    ``only`` limits the flags to those fields (a command exposing some of the settings; the others keep their defaults).
     """
 
     cls: type
     flags: Mapping[str, str] = dataclasses.field(default_factory=dict)
     defaults: Mapping[str, tuple[Any, str]] = dataclasses.field(default_factory=dict)
+    only: tuple[str, ...] = ()
 
     def fields(self) -> list[tuple[str, Any, Any, str]]:
-        """``(dotted name, type, default, help)`` of every leaf field, nested dataclasses flattened."""
-        return _leaves(self.cls, "")
+        """``(dotted name, type, default, help)`` of every leaf field with a flag, nested dataclasses flattened."""
+        leaves = _leaves(self.cls, "")
+        unknown = set(self.only) - {name for name, *_ in leaves}
+        if unknown:
+            raise TypeError(f"{self.cls.__name__} has no field {sorted(unknown)[0]!r}")
+        return [leaf for leaf in leaves if not self.only or leaf[0] in self.only]
 
     def flag(self, name: str) -> str:
         """The flag of the dotted field ``name``."""
@@ -99,10 +122,15 @@ class SettingsArgs:
                                 metavar=_metavar(inner, choices), help=help_text)
 
     def build(self, ns: argparse.Namespace, **given: Any) -> Any:
-        """The dataclass from parsed arguments; ``given`` (dotted names) replace what the arguments say."""
+        """The dataclass from parsed arguments; ``given`` (dotted names) replace what the arguments say.
+
+        A :class:`SettingError` of the dataclass's checks is raised again as a ValueError naming the flags."""
         values = {name: getattr(ns, self.dest(name)) for name, *_ in self.fields()}
         values.update(given)
-        return _construct(self.cls, values, "")
+        try:
+            return _construct(self.cls, values, "")
+        except SettingError as e:
+            raise ValueError(e.spelled(self.flag)) from None
 
 
 def _leaves(cls: type, prefix: str) -> list[tuple[str, Any, Any, str]]:

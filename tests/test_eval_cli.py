@@ -183,8 +183,10 @@ def test_bad_arguments_and_layouts(env, tmp_path, capsys):
 
 
 def test_predictions_file_of_another_kind_is_refused(tmp_path):
+    from flexattn_jax.app.inference import GenerationOptions
+
     path = tmp_path / R.PREDICTIONS
-    settings = R.EvalSettings("vqa", max_new_tokens=3, checkpoint={"params_digest": "p"})
+    settings = R.EvalSettings("vqa", generation=GenerationOptions(max_new_tokens=3), checkpoint={"params_digest": "p"})
     header = R.predictions_header(settings)
     top = json.dumps(header) + "\n"
     path.write_text(top + '{"key": "a", "error": null}\nnot json\n{"key": "b", "error": null}\n')
@@ -193,7 +195,7 @@ def test_predictions_file_of_another_kind_is_refused(tmp_path):
     path.write_text(top + '{"key": "a", "error": null}\n{"key": "b", "error": "x"}\n{"key": "c", "err')
     assert list(R.read_predictions(path, header)) == ["a"]  # failed items are retried; the cut line is removed
     assert path.read_text() == top + '{"key": "a", "error": null}\n{"key": "b", "error": "x"}\n'
-    other = R.predictions_header(R.EvalSettings("vqa", max_new_tokens=4, checkpoint={"params_digest": "p"}))
+    other = R.predictions_header(R.EvalSettings("vqa", generation=GenerationOptions(max_new_tokens=4), checkpoint={"params_digest": "p"}))
     with pytest.raises(ValueError, match=r"another run; changed: max_new_tokens \(file 3, now 4\)"):
         R.read_predictions(path, other)
     for foreign in (b'{"key": "a", "error": null}', b'{"key": "a", "error": null}\n', b"x"):  # not ours, whatever the last byte

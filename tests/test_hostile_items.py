@@ -156,12 +156,12 @@ def test_one_bad_request_never_fails_its_wave(model, world, monkeypatch):
     """7 good requests and one whose preparation raises share a wave: the 7 are answered, the bad one gets its error
     (the HTTP layer answers it 400 naming the problem), no request gets the 500 of a failed batch."""
     from flexattn_jax.app.chat import ChatRequest
-    from flexattn_jax.app.inference import Answer, Request
+    from flexattn_jax.app.inference import Answer, GenerationOptions, Request
     from flexattn_jax.app.serve import Job, Scheduler
 
     params, cfg, tok = model
     _exploding_tokenizer(monkeypatch, "BOOM")
-    sched = Scheduler(params, cfg, tok, max_batch=4, max_new_tokens=2, buckets=(64, 128))
+    sched = Scheduler(params, cfg, tok, GenerationOptions(max_new_tokens=2, batch_size=4, buckets=(64, 128)))
     results: dict[int, object] = {}
     prompts = ["what is it?"] * 3 + ["BOOM"] + ["which pattern?"] * 4
     jobs = [Job(ChatRequest(Request(str(world.img), p), 2), lambda r, i=i: results.__setitem__(i, r)) for i, p in enumerate(prompts)]

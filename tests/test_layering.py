@@ -135,7 +135,7 @@ reqs = [use("Request")(img, "What is it?"), fx.Request(None, "no image")]
 answers = use("answer")(params, cfg, tok, reqs, max_new_tokens=3)
 assert isinstance(answers[0], use("Answer")) and answers[0].error is None and isinstance(answers[0].text, str)
 assert answers[1].error and "no image" in answers[1].error, answers[1]
-streamed = dict(use("stream_answers")(params, cfg, tok, reqs, max_new_tokens=3))
+streamed = dict(use("stream_answers")(params, cfg, tok, reqs, use("GenerationOptions")(max_new_tokens=3)))
 assert streamed[0].tokens == answers[0].tokens and streamed[1].error == answers[1].error
 missing = set(fx.__all__) - used
 assert not missing, f"exports the test does not call: {sorted(missing)}"

@@ -8,14 +8,14 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from flexattn_jax.app.inference import GenerationOptions
     from flexattn_jax.config import ModelConfig
 
 
@@ -29,25 +29,22 @@ def add_compile_cache_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """How a converted checkpoint runs: ``--dtype``, ``--hr-budget``, ``--hr-strategy``, ``--mesh`` (generate, serve)."""
-    from flexattn_jax.generate import HRStrategy
-
+    """How a converted checkpoint runs: ``--dtype``, ``--quantize``, ``--mesh`` (generate, serve)."""
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute/param dtype (default: as converted)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="weight-only quantise the decoder linears at load (int8 per channel, int4 per group; docs/lora.md)")
-    p.add_argument("--hr-budget", default=None,
-                   help="HR tokens per select row: 'all' (K = M, the release), 'adaptive' (exact as 'all', at the cost of "
-                   "the smallest rung of flex.hr_ladder holding the selection, chosen per layer at run time), or a fixed "
-                   "count or fraction of M (truncates larger selections) (default: the checkpoint's, 'all')")
-    p.add_argument("--hr-strategy", choices=list(get_args(HRStrategy)), default="project",
-                   help="where HR keys/values are projected (all give the same tokens): 'project' the K selected tokens "
-                   "at every step (the release; cheapest prefill), 'cache' all M once at prefill (fewer FLOPs once the "
-                   "answer is longer than about M/K - 1 tokens; Lh x M x Hkv x d x 2 values per sample); see "
-                   "flexattn_jax.generate for the others (default: project)")
     p.add_argument("--mesh", metavar="SPEC", default=None,
                    help="devices to run on, e.g. 'data=8', 'data=2,tensor=4' or 'data=-1' (all devices): parameters sharded by "
                    "the rules table (heads, MLP and vocabulary over tensor, the embedding over fsdp), "
                    "each batch split over the data axis (default: one device)")
+
+
+def generate_options_args():
+    """``generate``'s flags of the generation options (:class:`~flexattn_jax.app.inference.GenerationOptions`)."""
+    from flexattn_jax.app.inference import generation_args
+
+    return generation_args(("max_new_tokens", "batch_size", "temperature", "top_p", "seed", "hr_budget", "hr_strategy", "workers",
+                            "window"))
 
 
 def generate_parser(prog: str = "flexattn-jax generate") -> argparse.ArgumentParser:
@@ -90,16 +87,8 @@ def generate_parser(prog: str = "flexattn-jax generate") -> argparse.ArgumentPar
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --output (without it, or --resume, a non-empty --output is refused and left "
                    "as it is); the old answers are replaced when the first new record is written")
-    p.add_argument("--workers", type=int, default=4, help="threads decoding and resizing images ahead of the device (default: 4)")
-    p.add_argument("--window", type=int, default=None,
-                   help="items read ahead and grouped into length buckets; bounds host memory (default: max(4 x batch size, 32))")
     add_compile_cache_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per item, EOS included (default: 64)")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="items per jitted batch; a multiple of the mesh's data axis with --mesh (default: 8)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass with --temperature > 0 (default: 1)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    generate_options_args().add(p.add_argument_group("generation (GenerationOptions)"))
     add_model_args(p)
     p.add_argument("--save-attention", metavar="DIR", default=None,
                    help="write one PNG per answered item into DIR (created): the image under a heat map of the last "
@@ -194,39 +183,26 @@ def _stats_line(stats: dict, cache) -> str:
     return "; ".join(parts)
 
 
-def check_generate_args(args: argparse.Namespace) -> None:
-    """The generate flags that need no checkpoint, and every output path, checked before any work.
+def check_generate_args(args: argparse.Namespace) -> GenerationOptions:
+    """The generate flags that need no checkpoint, and every output path, checked before any work; the generation options.
 
     Raises ValueError (an :class:`~flexattn_jax.paths.OutputPathError` for paths) naming the flag and value.
     """
-    from flexattn_jax.overrides import parse_hr_budget
     from flexattn_jax.paths import check_output_dir, check_output_file
 
     if args.image and args.prompt is None:
         raise ValueError("--image needs --prompt")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size} must be at least 1")
+    options = generate_options_args().build(args)
     if args.resume and not (args.batch and args.output):
         raise ValueError("--resume needs --batch and --output (the file to finish)")
     if args.overwrite and (args.resume or not (args.batch and args.output)):
         raise ValueError("--overwrite needs --batch and --output, and not --resume")
-    if not -(2**63) <= args.seed < 2**63:
-        raise ValueError(f"--seed {args.seed} must be a 64-bit integer (from -2**63 to 2**63 - 1)")
-    if args.workers < 1 or (args.window is not None and args.window < args.batch_size):
-        raise ValueError(f"--workers must be >= 1 and --window >= --batch-size (got {args.workers}, {args.window})")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise ValueError(f"--temperature {args.temperature}: use a finite value >= 0 (0 = greedy)")
-    if not 0 < args.top_p <= 1:  # NaN fails too
-        raise ValueError(f"--top-p {args.top_p}: use a nucleus mass in (0, 1]")
-    if args.hr_budget is not None:
-        parse_hr_budget(args.hr_budget, name="--hr-budget")
     inputs = [args.checkpoint, args.batch, args.image]
     if args.batch and args.output:
         check_output_file(args.output, sources=inputs, flag="--output")
     if args.save_attention:
         check_output_dir(args.save_attention, sources=inputs, exist_ok=True, flag="--save-attention")
+    return options
 
 
 def check_replace(args: argparse.Namespace) -> None:
@@ -253,14 +229,11 @@ def check_context(cfg: ModelConfig, max_new_tokens: int) -> None:
         )
 
 
-def inference_config(args: argparse.Namespace, cfg: ModelConfig) -> ModelConfig:
-    """``cfg`` with ``--set`` and ``--hr-budget`` applied (validated): the config generate and serve run."""
-    from flexattn_jax.overrides import apply_overrides, parse_hr_budget
+def inference_config(args: argparse.Namespace, cfg: ModelConfig, options: GenerationOptions) -> ModelConfig:
+    """``cfg`` with ``--set`` and the options' ``--hr-budget`` applied (validated): the config generate and serve run."""
+    from flexattn_jax.overrides import apply_overrides
 
-    cfg = apply_overrides(cfg, list(args.set))
-    if args.hr_budget is not None:
-        cfg = apply_overrides(cfg, {"flex.hr_budget": parse_hr_budget(args.hr_budget, name="--hr-budget")})
-    return cfg
+    return options.model_config(apply_overrides(cfg, list(args.set)))
 
 
 def check_backend(cfg: ModelConfig) -> None:
@@ -273,12 +246,9 @@ def check_backend(cfg: ModelConfig) -> None:
 
 
 def answer_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The flags that change an answer (an answer file's header): with sampling also the seed and the batching."""
-    out: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "dtype": args.dtype,
-                           "quantize": args.quantize, "hr_budget": args.hr_budget, "hr_strategy": args.hr_strategy, "set": list(args.set)}
-    if args.temperature > 0:  # the random keys follow the batches
-        out.update(top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, window=args.window)
-    return out
+    """The settings that change an answer (an answer file's header): the generation options' and the model's."""
+    options = generate_options_args().build(args)
+    return {**options.answer_settings(), "dtype": args.dtype, "quantize": args.quantize, "set": list(args.set)}
 
 
 def _generate(argv: list[str]) -> int:
@@ -292,16 +262,16 @@ def _generate(argv: list[str]) -> int:
     lock = OutputLock(None)
     with StopRequests() as stop, contextlib.ExitStack() as held:
         try:  # every check that can fail runs before the parameters are restored
-            check_generate_args(args)
+            options = check_generate_args(args)
             if args.batch and args.output:  # one writer per answers file, for the whole run
                 lock = held.enter_context(lock_output(args.output, "--output"))
                 if lock.stale_pid is not None:
                     print(f"note: took over the lock of {args.output} left by PID {lock.stale_pid} (no longer running)",
                           file=sys.stderr)
             check_replace(args)
-            cfg = inference_config(args, read_config(args.checkpoint))
+            cfg = inference_config(args, read_config(args.checkpoint), options)
             check_backend(cfg)
-            check_context(cfg, args.max_new_tokens)
+            check_context(cfg, options.max_new_tokens)
             tokenizer = load_tokenizer(args.checkpoint)
             check_tokenizer_vocab(tokenizer, cfg.text.vocab_size)
             lines = iter([(0, Request(args.image, args.prompt))]) if args.image else read_batch(args.batch)
@@ -312,8 +282,8 @@ def _generate(argv: list[str]) -> int:
             log = AnswerLog.scan(args.output, header) if args.resume else None
             if stop.requested:
                 return _stopped(stop, "before loading the checkpoint; nothing written")
-            params, cfg, mesh = load_for_inference(args.checkpoint, args.dtype, args.mesh, args.batch_size, args.quantize)
-            cfg = inference_config(args, cfg)
+            params, cfg, mesh = load_for_inference(args.checkpoint, args.dtype, args.mesh, options.batch_size, args.quantize)
+            cfg = inference_config(args, cfg, options)
             if args.save_attention:
                 Path(args.save_attention).mkdir(parents=True, exist_ok=True)
         except (ValueError, OSError) as e:  # ConvertError, ShardingError, ConfigError, OutputPathError, ResumeError are ValueErrors
@@ -326,7 +296,7 @@ def _generate(argv: list[str]) -> int:
         cache = setup_compile_cache(args.compile_cache, disabled=args.no_compile_cache)
         if args.save_attention and not cfg.flex.enabled:
             logging.getLogger(__name__).warning("--save-attention: FlexAttention is off in this checkpoint, no attention maps to draw")
-        return _answer_all(args, params, cfg, tokenizer, mesh, lines, log, header, cache, stop)
+        return _answer_all(args, options, params, cfg, tokenizer, mesh, lines, log, header, cache, stop)
 
 
 def _stopped(stop, when: str) -> int:
@@ -370,7 +340,7 @@ class _WriteFailed(Exception):
     """The answers file cannot be written (a full disk): the run stops, what was flushed stays."""
 
 
-def _answer_all(args, params, cfg, tokenizer, mesh, lines, log, header, cache, stop) -> int:
+def _answer_all(args, options, params, cfg, tokenizer, mesh, lines, log, header, cache, stop) -> int:
     """Stream the answers to --output (or stdout) in input order; a stop request writes what is done and returns 130/143."""
     from flexattn_jax.app.inference import InputOrder, stream_answers
     from flexattn_jax.app.resume import content_key, image_sha256
@@ -424,12 +394,8 @@ def _answer_all(args, params, cfg, tokenizer, mesh, lines, log, header, cache, s
         else:
             out.write(line)
 
-    stream = stream_answers(
-        params, cfg, tokenizer, requests(), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed, hr_strategy=args.hr_strategy, mesh=mesh,
-        progress=args.batch is not None, workers=args.workers, window=args.window, stats=stats, skip=skip,
-        stop=lambda: stop.requested,
-    )
+    stream = stream_answers(params, cfg, tokenizer, requests(), options, mesh=mesh, progress=args.batch is not None, stats=stats,
+                            skip=skip, stop=lambda: stop.requested)
     interrupted = None
     try:
         try:

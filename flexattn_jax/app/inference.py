@@ -18,6 +18,7 @@ the tokens are the same as on one device.
 from __future__ import annotations
 
 import heapq
+import math
 import queue
 import statistics
 import threading
@@ -25,9 +26,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +38,9 @@ from PIL import Image
 
 from flexattn_jax.app.compile_cache import traces_in_this_thread
 from flexattn_jax.config import ModelConfig
-from flexattn_jax.generate import GenerateOutput, generate
+from flexattn_jax.generate import GenerateOutput, HRStrategy, generate
 from flexattn_jax.logs import progress as progress_bar
+from flexattn_jax.overrides import apply_overrides, parse_hr_budget
 from flexattn_jax.preprocess import (
     BUCKETS,
     IMAGE_PLACEHOLDER,
@@ -54,6 +56,7 @@ from flexattn_jax.preprocess import (
     tokenize_with_image,
 )
 from flexattn_jax.selection import margin_patches
+from flexattn_jax.settings import SettingError, SettingsArgs
 from flexattn_jax.sharding import batch_sharding, param_shardings, target_mesh
 
 
@@ -92,6 +95,99 @@ class Prepared:
     ids: np.ndarray
     pixels: np.ndarray
     ori_size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How requests are answered: the generation and batching settings of :func:`stream_answers` / :func:`answer`,
+    declared once; ``generate``, ``serve`` and ``eval`` derive their flags from these fields (:func:`generation_args`).
+
+    Each field is checked when the options are made: a bad value raises a :class:`~flexattn_jax.settings.SettingError`
+    naming the field (on the command line, its flag).
+    """
+
+    max_new_tokens: int = 64
+    """Tokens generated per item, EOS included; one compile per length bucket and value."""
+    batch_size: int = 8
+    """Items per jitted batch (a shorter batch is padded); a multiple of the mesh's data axis with --mesh."""
+    temperature: float = 0.0
+    """Sampling temperature; 0 = greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass with temperature > 0."""
+    seed: int = 0
+    """Sampling seed (the random keys follow the batches)."""
+    hr_strategy: HRStrategy = "project"
+    """Where HR keys/values are projected (all give the same tokens): 'project' the K selected tokens at every step (the
+    release; cheapest prefill), 'cache' all M once at prefill (fewer FLOPs once the answer is longer than about M/K - 1
+    tokens; Lh x M x Hkv x d x 2 values per sample), 'incremental' each token once, when first selected
+    (flexattn_jax.generate)."""
+    hr_budget: str | None = None
+    """HR tokens per select row: 'all' (K = M, the release), 'adaptive' (exact as 'all', at the cost of the smallest rung
+    of flex.hr_ladder holding the selection, chosen per layer at run time), or a fixed count or fraction of M (truncates
+    larger selections); none keeps the checkpoint's."""
+    workers: int = 4
+    """Threads decoding and resizing images ahead of the device."""
+    window: int | None = None
+    """Items read ahead and grouped into length buckets; bounds host memory (none: max(4 x batch size, 32))."""
+    buckets: tuple[int, ...] = BUCKETS
+    """The prompt lengths a batch is padded to (one compile each)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "buckets", tuple(self.buckets))
+        for name in ("max_new_tokens", "batch_size", "workers"):
+            if getattr(self, name) < 1:
+                raise SettingError(f"{{{name}}} {getattr(self, name)} must be at least 1")
+        if not -(2**63) <= self.seed < 2**63:
+            raise SettingError(f"{{seed}} {self.seed} must be a 64-bit integer (from -2**63 to 2**63 - 1)")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise SettingError(f"{{temperature}} {self.temperature}: use a finite value >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:  # NaN fails too
+            raise SettingError(f"{{top_p}} {self.top_p}: use a nucleus mass in (0, 1]")
+        if self.hr_strategy not in get_args(HRStrategy):
+            raise SettingError(f"{{hr_strategy}} {self.hr_strategy!r}: use one of {', '.join(map(repr, get_args(HRStrategy)))}")
+        if self.hr_budget is not None:
+            try:
+                parse_hr_budget(self.hr_budget, name="{hr_budget}")
+            except ValueError as e:
+                raise SettingError(str(e)) from None
+        if self.window is not None and self.window < self.batch_size:
+            raise SettingError(f"{{window}} {self.window} must be at least {{batch_size}} ({self.batch_size})")
+        if not self.buckets or any(not isinstance(b, int) or b < 1 for b in self.buckets):
+            raise SettingError(f"{{buckets}} {self.buckets}: use one or more positive prompt lengths")
+
+    @classmethod
+    def of(cls, options: GenerationOptions | None = None, **changes: Any) -> GenerationOptions:
+        """``options`` (default: the defaults) with some fields given by keyword (``max_new_tokens=8``)."""
+        unknown = sorted(set(changes) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown generation option {unknown[0]!r}; the options are the fields of GenerationOptions")
+        return replace(options or cls(), **changes)
+
+    def model_config(self, cfg: ModelConfig) -> ModelConfig:
+        """``cfg`` with ``hr_budget`` applied (as it is when None)."""
+        if self.hr_budget is None:
+            return cfg
+        return apply_overrides(cfg, {"flex.hr_budget": parse_hr_budget(self.hr_budget, name="hr_budget")})
+
+    def max_context(self, cfg: ModelConfig) -> int:
+        """The longest prompt, in tokens, these options leave room for in ``cfg``'s context."""
+        return longest_prompt(cfg.text.max_position_embeddings, self.max_new_tokens, self.buckets)
+
+    def answer_settings(self) -> dict[str, Any]:
+        """The options that change an answer (an answers file's header): with sampling also the seed and the batching."""
+        out: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+                               "hr_budget": self.hr_budget, "hr_strategy": self.hr_strategy}
+        if self.temperature > 0:  # the random keys follow the batches
+            out.update(top_p=self.top_p, seed=self.seed, batch_size=self.batch_size, window=self.window)
+        return out
+
+
+def generation_args(only: Sequence[str], flags: dict[str, str] | None = None,
+                    defaults: dict[str, tuple[Any, str]] | None = None) -> SettingsArgs:
+    """The command-line flags of the :class:`GenerationOptions` fields ``only`` (``--max-new-tokens``, ...; help: the
+    fields' docstrings), ``flags`` renaming some (serve's ``{"batch_size": "--max-batch"}``)."""
+    shown = {"hr_budget": (None, "the checkpoint's, 'all'"), "window": (None, "max(4 x batch size, 32)")}
+    return SettingsArgs(GenerationOptions, flags=flags or {}, defaults={**shown, **(defaults or {})}, only=tuple(only))
 
 
 def request_image(req: Request) -> Image.Image:
@@ -201,29 +297,23 @@ def stream_answers(
     cfg: ModelConfig,
     tokenizer,
     requests: Iterable[Request],
+    options: GenerationOptions | None = None,
     *,
-    batch_size: int = 8,
-    max_new_tokens: int = 32,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    hr_strategy: str = "project",
-    buckets: Sequence[int] = BUCKETS,
     mesh: Mesh | None = None,
     progress: bool = True,
-    workers: int = 4,
-    window: int | None = None,
     stats: dict[str, Any] | None = None,
     skip: Callable[[int, Request], bool] | None = None,
     on_batch: Callable[[dict[str, Any]], None] | None = None,
     stop: Callable[[], bool] | None = None,
     step_maps: bool = False,
+    **changes: Any,
 ) -> Iterator[tuple[int, Answer]]:
     """Yield ``(input index, Answer)`` as batches finish; host memory bounded by ``window``, not by ``len(requests)``.
 
-    ``requests`` is consumed lazily. At most ``window`` items (default :func:`default_window`) are
-    being preprocessed (``workers`` threads) or waiting for a batch. Items are collected in input
-    order and grouped by length bucket: a bucket that reaches ``batch_size`` runs; when the window is
+    ``options`` (:class:`GenerationOptions`, its fields also given one by one as keywords: ``max_new_tokens=8``) says
+    how to generate and batch. ``requests`` is consumed lazily. At most ``window`` items (default
+    :func:`default_window`) are being preprocessed (``workers`` threads) or waiting for a batch. Items are collected
+    in input order and grouped by length bucket: a bucket that reaches ``batch_size`` runs; when the window is
     full the bucket of the oldest waiting item runs (padded to ``batch_size``), so every item is
     answered within about ``window`` items of its arrival and the batches depend only on the input
     (not on thread timing). A failed item is yielded at once with its ``error``. ``skip(i, request)``
@@ -240,92 +330,182 @@ def stream_answers(
     (``Answer.token_hr_masks`` / ``token_image_attention``: the selection changes per token); it runs all
     ``max_new_tokens`` steps (no early stop).
     """
-    put = _placer(mesh, batch_size)
-    window = default_window(batch_size) if window is None else window
-    if window < batch_size:
-        raise ValueError(f"window={window} must be at least batch_size={batch_size}")
-    if workers < 1:
-        raise ValueError(f"workers={workers} must be at least 1")
-    if mesh is not None:
-        params = jax.device_put(params, param_shardings(params, mesh))
-    max_context = longest_prompt(cfg.text.max_position_embeddings, max_new_tokens, buckets)
-    st = _Stats()
-    total = len(requests) if isinstance(requests, Sized) else None
-    bar = progress_bar(total=total, desc="answering", unit="item", disable=not progress)
-    reader = _Reader(requests, batch_size)
-    inflight: deque[tuple[int, Future]] = deque()  # submitted to the pool, in input order
-    waiting: dict[int, list[tuple[int, Prepared]]] = {}  # bucket -> prepared items, in input order
-    n_waiting = 0
-    exhausted = False
-    rng = jax.random.key(seed)
-    stopping = stop if stop is not None else (lambda: False)
-    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flexattn-prepare")
+    opts = GenerationOptions.of(options, **changes)
+    run = _Pipeline(params, opts.model_config(cfg), tokenizer, opts, mesh=mesh, progress=progress, skip=skip,
+                    on_batch=on_batch, stop=stop, step_maps=step_maps)
+    try:
+        yield from run.answers(requests)
+    finally:
+        run.close()
+        if stats is not None:
+            stats.update(run.st.as_dict())
 
-    def fill(block: bool = False) -> None:
+
+class _Pipeline:
+    """One :func:`stream_answers` run, in named steps: reading items into the preparing pool (:meth:`_fill`),
+    grouping the prepared ones into batches (:meth:`_next_batch`), running a batch (:meth:`_dispatch`), reading its
+    tokens back (:meth:`_finish`) and handing each answer out (:meth:`_emit`)."""
+
+    def __init__(self, params: dict, cfg: ModelConfig, tokenizer, opts: GenerationOptions, *, mesh: Mesh | None, progress: bool,
+                 skip: Callable[[int, Request], bool] | None, on_batch: Callable[[dict[str, Any]], None] | None,
+                 stop: Callable[[], bool] | None, step_maps: bool = False):
+        self.put = _placer(mesh, opts.batch_size)
+        self.step_maps = step_maps
+        self.window = default_window(opts.batch_size) if opts.window is None else opts.window
+        self.params = params if mesh is None else jax.device_put(params, param_shardings(params, mesh))
+        self.cfg, self.tokenizer, self.opts, self.mesh = cfg, tokenizer, opts, mesh
+        self.skip, self.on_batch = skip, on_batch
+        self.stopping = stop if stop is not None else (lambda: False)
+        self.progress = progress
+        self.max_context = opts.max_context(cfg)
+        self.st = _Stats()
+        self.rng = jax.random.key(opts.seed)
+        self.inflight: deque[tuple[int, Future]] = deque()  # submitted to the pool, in input order
+        self.waiting: dict[int, list[tuple[int, Prepared]]] = {}  # bucket -> prepared items, in input order
+        self.n_waiting = 0
+        self.exhausted = False
+        self.reader: _Reader | None = None
+        self.bar = None
+        self.executor: ThreadPoolExecutor | None = None
+
+    def answers(self, requests: Iterable[Request]) -> Iterator[tuple[int, Answer]]:
+        """The run: each batch is dispatched before the previous one is read back, so host and device work overlap."""
+        total = len(requests) if isinstance(requests, Sized) else None
+        self.bar = progress_bar(total=total, desc="answering", unit="item", disable=not self.progress)
+        self.reader = _Reader(requests, self.opts.batch_size)
+        self.executor = ThreadPoolExecutor(max_workers=self.opts.workers, thread_name_prefix="flexattn-prepare")
+        pending: _Batch | None = None
+        while True:
+            items: list[tuple[int, Prepared]] | None = None
+            while items is None and not self.stopping():
+                step = self._next_batch()
+                if isinstance(step, list):
+                    items = step
+                elif isinstance(step, tuple):  # a failed item, handed out at once
+                    yield from self._emit(*step)
+                elif step is _IDLE:  # the input is slow (a pipe): hand out what is done, then wait for it
+                    if pending is not None:
+                        yield from self._finish(pending)
+                        pending = None
+                    self._fill(block=True)
+                elif step is _DONE:
+                    break
+            if items is None or self.stopping():  # a stop abandons the batch not yet dispatched
+                break
+            batch = self._dispatch(items)  # runs on the device while the previous batch is read back and the pool works
+            if pending is not None:
+                yield from self._finish(pending)
+            pending = batch
+        if pending is not None:
+            yield from self._finish(pending)
+
+    def close(self) -> None:
+        """Stop the reader, cancel the pending preprocessing (no thread left decoding images while the process exits)."""
+        if self.reader is not None:
+            self.reader.stop()
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.bar is not None:
+            self.bar.close()
+
+    # ---- reading ----
+
+    def _fill(self, block: bool = False) -> None:
         """Submit items from the reader until the window is full; ``block``: wait for at least one (or the end)."""
-        nonlocal exhausted
-        while not exhausted and len(inflight) + n_waiting < window:
+        while not self.exhausted and len(self.inflight) + self.n_waiting < self.window:
             try:
-                got = reader.get(block, stopping)
+                got = self.reader.get(block, self.stopping)
             except queue.Empty:
                 return
             block = False
             if got is _END:
-                exhausted = True
+                self.exhausted = True
                 return
             if isinstance(got, _Failure):
                 raise got.error
             i, req = got
-            st.items += 1
-            if skip is not None and skip(i, req):
-                st.skipped += 1
-                bar.update(1)
+            self.st.items += 1
+            if self.skip is not None and self.skip(i, req):
+                self.st.skipped += 1
+                self.bar.update(1)
                 continue
-            inflight.append((i, executor.submit(prepare, req, cfg, tokenizer, max_context)))
+            self.inflight.append((i, self.executor.submit(prepare, req, self.cfg, self.tokenizer, self.max_context)))
 
-    def take(bucket: int) -> list[tuple[int, Prepared]]:
-        nonlocal n_waiting
-        items, waiting[bucket] = waiting[bucket][:batch_size], waiting[bucket][batch_size:]
+    # ---- batching ----
+
+    def _next_batch(self) -> list[tuple[int, Prepared]] | tuple[int, Answer] | object:
+        """One step of collecting: a batch to run, a failed item's ``(index, Answer)`` to hand out, ``_AGAIN`` (an item
+        now waits in its bucket), ``_IDLE`` (nothing prepared yet, the input not at its end) or ``_DONE`` (nothing left)."""
+        self._fill()
+        if self.inflight:
+            i, fut = self.inflight.popleft()
+            try:
+                prep = fut.result()
+            except Exception as e:  # noqa: BLE001 - one bad item never sinks the others
+                return i, Answer(None, error=item_error(e))
+            bucket = bucket_length(len(prep.ids), self.opts.buckets)
+            self.waiting.setdefault(bucket, []).append((i, prep))
+            self.n_waiting += 1
+            if len(self.waiting[bucket]) == self.opts.batch_size:
+                return self._take(bucket)
+            if self.n_waiting >= self.window:
+                return self._take(self._oldest_bucket())
+            return _AGAIN
+        if not self.exhausted:
+            return _IDLE
+        if self.n_waiting:  # the input is exhausted: run what waits, oldest first
+            return self._take(self._oldest_bucket())
+        return _DONE
+
+    def _take(self, bucket: int) -> list[tuple[int, Prepared]]:
+        """Up to ``batch_size`` of the items waiting in ``bucket``, oldest first."""
+        waiting = self.waiting
+        items, waiting[bucket] = waiting[bucket][: self.opts.batch_size], waiting[bucket][self.opts.batch_size :]
         if not waiting[bucket]:
             del waiting[bucket]
-        n_waiting -= len(items)
+        self.n_waiting -= len(items)
         return items
 
-    def oldest_bucket() -> int:
-        return min(waiting, key=lambda b: waiting[b][0][0])
+    def _oldest_bucket(self) -> int:
+        return min(self.waiting, key=lambda b: self.waiting[b][0][0])
 
-    def dispatch(items: list[tuple[int, Prepared]]) -> _Batch:
-        nonlocal rng
-        length = bucket_length(max(len(p.ids) for _, p in items), buckets)
+    # ---- running ----
+
+    def _dispatch(self, items: list[tuple[int, Prepared]]) -> _Batch:
+        """Pad the items to the batch's fixed shape and start the jitted generation (not waiting for its tokens)."""
+        cfg, opts, put = self.cfg, self.opts, self.put
+        length = bucket_length(max(len(p.ids) for _, p in items), opts.buckets)
         ids, mask = pad_batch([p.ids for _, p in items], length, pad_id=cfg.pad_token_id, side="left")
         pixels = np.stack([p.pixels for _, p in items])
         margin = margin_patches(np.array([p.ori_size for _, p in items]), cfg.lr_grid)
-        pad = batch_size - len(items)  # fixed batch shape: pad with copies of the first row (they stop with it)
+        pad = opts.batch_size - len(items)  # fixed batch shape: pad with copies of the first row (they stop with it)
         if pad:
             ids, mask, pixels, margin = (np.concatenate([a, np.repeat(a[:1], pad, 0)]) for a in (ids, mask, pixels, margin))
-        rng, key = jax.random.split(rng)
+        self.rng, key = jax.random.split(self.rng)
         before, t0 = traces_in_this_thread(), time.perf_counter()
-        with target_mesh(mesh):  # kernels follow the mesh's devices (Mosaic kernels under shard_map)
+        with target_mesh(self.mesh):  # kernels follow the mesh's devices (Mosaic kernels under shard_map)
             out = generate(
-                params, cfg, put(ids), put(pixels), put(mask), put(margin),
-                key if temperature > 0 else None, max_new_tokens=max_new_tokens, max_len=length + max_new_tokens,
-                temperature=temperature, top_p=top_p, hr_strategy=hr_strategy, return_step_maps=step_maps,
+                self.params, cfg, put(ids), put(pixels), put(mask), put(margin),
+                key if opts.temperature > 0 else None, max_new_tokens=opts.max_new_tokens, max_len=length + opts.max_new_tokens,
+                temperature=opts.temperature, top_p=opts.top_p, hr_strategy=opts.hr_strategy, return_step_maps=self.step_maps,
             )
         compiled = traces_in_this_thread() > before
         if compiled:
-            st.compiles += 1
-            st.compile_s += time.perf_counter() - t0
-        st.batches += 1
+            self.st.compiles += 1
+            self.st.compile_s += time.perf_counter() - t0
+        self.st.batches += 1
         return _Batch(items, out, time.perf_counter(), compiled, t0, length)
 
-    def finish(batch: _Batch) -> Iterator[tuple[int, Answer]]:
+    def _finish(self, batch: _Batch) -> Iterator[tuple[int, Answer]]:
+        """Read a batch's tokens (and prefill maps) back, report it to ``on_batch``, hand out its answers."""
+        st = self.st
         tokens, lengths = np.asarray(batch.out.tokens), np.asarray(batch.out.lengths)
         if not batch.compiled:
             st.latencies.append(time.perf_counter() - batch.t0)
         st.decode_steps += int(batch.out.steps)
-        if on_batch is not None:
-            on_batch(dict(size=len(batch.items), batch_size=batch_size, bucket=batch.length, compiled=batch.compiled,
-                          seconds=time.perf_counter() - batch.t_start, steps=int(batch.out.steps)))
+        if self.on_batch is not None:
+            self.on_batch(dict(size=len(batch.items), batch_size=self.opts.batch_size, bucket=batch.length, compiled=batch.compiled,
+                               seconds=time.perf_counter() - batch.t_start, steps=int(batch.out.steps)))
         maps = batch.out.prefill_maps
         hr_masks = None if maps is None else np.asarray(maps.hr_masks)
         image_attention = None if maps is None else np.asarray(maps.image_attention)
@@ -337,7 +517,7 @@ def stream_answers(
             toks = tokens[row, : lengths[row]].tolist()
             st.tokens += len(toks)
             ans = Answer(
-                answer_text(tokenizer, cfg, toks), toks, None,
+                answer_text(self.tokenizer, self.cfg, toks), toks, None,
                 None if hr_masks is None else hr_masks[:, row].copy(),
                 None if image_attention is None else image_attention[:, row].copy(),
                 prompt_tokens=len(prep.ids),
@@ -345,64 +525,24 @@ def stream_answers(
             if maps is not None and steps is not None:
                 ans.token_hr_masks = token_masks[: len(toks), :, row].copy()
                 ans.token_image_attention = token_att[: len(toks), :, row].copy()
-            yield from emit(i, ans)
+            yield from self._emit(i, ans)
 
-    def emit(i: int, ans: Answer) -> Iterator[tuple[int, Answer]]:
+    # ---- writing ----
+
+    def _emit(self, i: int, ans: Answer) -> Iterator[tuple[int, Answer]]:
+        """Count one answer (or failure), advance the progress bar and yield it."""
         if ans.error is None:
-            st.answered += 1
+            self.st.answered += 1
         else:
-            st.failed += 1
-        if st.first_answer_s is None:
-            st.first_answer_s = time.perf_counter() - st.t0
-        bar.update(1)
+            self.st.failed += 1
+        if self.st.first_answer_s is None:
+            self.st.first_answer_s = time.perf_counter() - self.st.t0
+        self.bar.update(1)
         yield i, ans
-
-    pending: _Batch | None = None
-    try:
-        while True:
-            items = None
-            while items is None and not stopping():
-                fill()
-                if inflight:
-                    i, fut = inflight.popleft()
-                    try:
-                        prep = fut.result()
-                    except Exception as e:  # noqa: BLE001 - one bad item never sinks the others
-                        yield from emit(i, Answer(None, error=item_error(e)))
-                        continue
-                    bucket = bucket_length(len(prep.ids), buckets)
-                    waiting.setdefault(bucket, []).append((i, prep))
-                    n_waiting += 1
-                    if len(waiting[bucket]) == batch_size:
-                        items = take(bucket)
-                    elif n_waiting >= window:
-                        items = take(oldest_bucket())
-                elif not exhausted:  # the input is slow (a pipe): hand out what is done, then wait for it
-                    if pending is not None:
-                        yield from finish(pending)
-                        pending = None
-                    fill(block=True)
-                elif n_waiting:  # the input is exhausted: run what waits, oldest first
-                    items = take(oldest_bucket())
-                else:
-                    break
-            if items is None or stopping():  # a stop abandons the batch not yet dispatched
-                break
-            batch = dispatch(items)  # runs on the device while the previous batch is read back and the pool works
-            if pending is not None:
-                yield from finish(pending)
-            pending = batch
-        if pending is not None:
-            yield from finish(pending)
-    finally:
-        reader.stop()
-        executor.shutdown(wait=True, cancel_futures=True)  # no thread left decoding images while the process exits
-        bar.close()
-        if stats is not None:
-            stats.update(st.as_dict())
 
 
 _END = object()
+_AGAIN, _IDLE, _DONE = object(), object(), object()  # what :meth:`_Pipeline._next_batch` says besides a batch or a failure
 
 
 class _Failure:
@@ -498,36 +638,20 @@ class InputOrder:
         return len(self._heap)
 
 
-def answer(
-    params: dict,
-    cfg: ModelConfig,
-    tokenizer,
-    requests: Sequence[Request],
-    *,
-    batch_size: int = 8,
-    max_new_tokens: int = 32,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    hr_strategy: str = "project",
-    buckets: Sequence[int] = BUCKETS,
-    progress: bool = True,
-    stats: dict[str, Any] | None = None,
-    mesh: Mesh | None = None,
-    workers: int = 4,
-    window: int | None = None,
-) -> list[Answer]:
+def answer(params: dict, cfg: ModelConfig, tokenizer, requests: Sequence[Request], options: GenerationOptions | None = None,
+           **kw: Any) -> list[Answer]:
     """Every request's answer, in order: :func:`stream_answers` collected into a list.
 
-    The window defaults to all the requests (they are in memory already), so batches group the
-    whole list by length bucket.
+    ``kw``: :func:`stream_answers`'s keywords (``mesh``, ``progress``, ``stats``, ...) and option fields
+    (``max_new_tokens=8``). The window defaults to all the requests (they are in memory already), so batches
+    group the whole list by length bucket.
     """
+    names = {f.name for f in fields(GenerationOptions)}
+    opts = GenerationOptions.of(options, **{k: v for k, v in kw.items() if k in names})
+    if opts.window is None:
+        opts = replace(opts, window=max(len(requests), opts.batch_size))
     out: list[Answer | None] = [None] * len(requests)
-    for i, a in stream_answers(
-        params, cfg, tokenizer, requests, batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=top_p, seed=seed, hr_strategy=hr_strategy, buckets=buckets, mesh=mesh, progress=progress, workers=workers,
-        window=max(len(requests), batch_size) if window is None else window, stats=stats,
-    ):
+    for i, a in stream_answers(params, cfg, tokenizer, requests, opts, **{k: v for k, v in kw.items() if k not in names}):
         out[i] = a
     return [a for a in out if a is not None]
 

@@ -48,7 +48,7 @@ from starlette.exceptions import HTTPException
 
 from flexattn_jax.app.chat import ChatError, ChatRequest, Limits, StreamWriter, completion_body, completion_of, error_body, parse_chat
 from flexattn_jax.app.engine import Engine, QueueLimit
-from flexattn_jax.app.inference import Answer, Request, default_window, stream_answers
+from flexattn_jax.app.inference import Answer, GenerationOptions, Request, default_window, generation_args, stream_answers
 from flexattn_jax.preprocess import BUCKETS, bucket_length, format_prompt, tokenize_with_image
 
 log = logging.getLogger("flexattn_jax.serve")
@@ -62,6 +62,11 @@ def _log_to_stderr() -> None:
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+
+
+SERVE_OPTIONS = generation_args(("max_new_tokens", "batch_size", "hr_budget", "hr_strategy", "workers"),
+                                flags={"batch_size": "--max-batch"})
+"""serve's flags of the generation options (a request's temperature, top_p and seed come with the request)."""
 
 
 def serve_parser(prog: str = "flexattn-jax serve") -> argparse.ArgumentParser:
@@ -83,9 +88,8 @@ def serve_parser(prog: str = "flexattn-jax serve") -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the checkpoint directory's name)")
     add_model_args(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. flex.threshold=48")
-    p.add_argument("--max-new-tokens", type=int, default=64,
-                   help="tokens generated per request, EOS included: every batch runs with it (one compile per bucket) and a "
-                   "request's max_tokens may only lower it (default: 64)")
+    SERVE_OPTIONS.add(p.add_argument_group("generation (GenerationOptions)", "a request's max_tokens may only lower "
+                                           "--max-new-tokens; --max-batch is the rows of a --scheduler wave batch"))
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt accepted, image tokens included, rounded up to a length bucket; fewer buckets to "
                    "compile (default: the model's context less --max-new-tokens)")
@@ -102,9 +106,6 @@ def serve_parser(prog: str = "flexattn-jax serve") -> argparse.ArgumentParser:
     p.add_argument("--image-cache-mb", type=float, default=256.0,
                    help="image features (vision encodings) kept by image content, least recently used dropped first "
                    "(--scheduler slots; 0: no cache; default: 256)")
-    p.add_argument("--max-batch", type=int, default=8,
-                   help="rows per jitted batch of --scheduler wave (shorter batches are padded); a multiple of the mesh's data "
-                   "axis (default: 8)")
     p.add_argument("--batch-window-ms", type=float, default=10.0,
                    help="how long the first request of a batch waits for others to join (default: 10)")
     p.add_argument("--max-queue", type=int, default=256,
@@ -115,7 +116,6 @@ def serve_parser(prog: str = "flexattn-jax serve") -> argparse.ArgumentParser:
                    help="image_url parts may name files under DIR (plain or file:// paths; '..' and symbolic links out of DIR "
                    "are refused); without it only data: URLs are accepted")
     p.add_argument("--max-image-bytes", type=int, default=20 << 20, help="largest image accepted, encoded (default: 20 MiB)")
-    p.add_argument("--workers", type=int, default=4, help="threads decoding and resizing images (default: 4)")
     p.add_argument("--warmup", action="store_true",
                    help="compile (or load from the compile cache) the greedy program of every length bucket before "
                    "listening, so the first requests do not wait for a compile")
@@ -128,14 +128,11 @@ def serve_parser(prog: str = "flexattn-jax serve") -> argparse.ArgumentParser:
     return p
 
 
-def check_serve_args(args: argparse.Namespace) -> None:
-    """The flags that need no checkpoint, checked before any work; ValueError names the flag and value."""
-    from flexattn_jax.overrides import parse_hr_budget
-
-    for flag, value, least in (("--max-new-tokens", args.max_new_tokens, 1), ("--max-batch", args.max_batch, 1),
-                               ("--slots", args.slots, 1), ("--prefill-batch", args.prefill_batch, 1),
-                               ("--decode-steps", args.decode_steps, 1),
-                               ("--max-queue", args.max_queue, 1), ("--workers", args.workers, 1),
+def check_serve_args(args: argparse.Namespace) -> GenerationOptions:
+    """The flags that need no checkpoint, checked before any work; ValueError names the flag and value. The generation
+    options, their buckets those of ``--max-prompt-tokens``."""
+    for flag, value, least in (("--slots", args.slots, 1), ("--prefill-batch", args.prefill_batch, 1),
+                               ("--decode-steps", args.decode_steps, 1), ("--max-queue", args.max_queue, 1),
                                ("--max-image-bytes", args.max_image_bytes, 1), ("--port", args.port, 0)):
         if value < least:
             raise ValueError(f"{flag} {value} must be at least {least}")
@@ -151,8 +148,6 @@ def check_serve_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch-window-ms {args.batch_window_ms} must be a finite number >= 0")
     if not (math.isfinite(args.request_timeout) and args.request_timeout > 0):
         raise ValueError(f"--request-timeout {args.request_timeout} must be a positive number of seconds")
-    if args.hr_budget is not None:
-        parse_hr_budget(args.hr_budget, name="--hr-budget")
     if args.image_root is not None and not Path(args.image_root).is_dir():
         raise ValueError(f"--image-root {args.image_root} is not a directory")
     if args.ui:
@@ -160,6 +155,7 @@ def check_serve_args(args: argparse.Namespace) -> None:
 
         if importlib.util.find_spec("gradio") is None:
             raise ValueError("--ui needs gradio: pip install -e '.[ui]'")
+    return SERVE_OPTIONS.build(args, buckets=serve_buckets(args.max_prompt_tokens))
 
 
 def serve_buckets(max_prompt_tokens: int | None) -> tuple[int, ...]:
@@ -191,13 +187,13 @@ class Scheduler(QueueLimit):
     ``on_batch`` receives each batch's summary (see ``stream_answers``) and ``queue`` (jobs pending).
     """
 
-    def __init__(self, params, cfg, tokenizer, *, mesh=None, max_batch: int = 8, batch_window_s: float = 0.01,
-                 max_queue: int = 256, max_new_tokens: int = 64, hr_strategy: str = "project", buckets=BUCKETS,
-                 workers: int = 4, on_batch: Callable[[dict[str, Any]], None] | None = None):
+    def __init__(self, params, cfg, tokenizer, options: GenerationOptions | None = None, *, mesh=None, batch_window_s: float = 0.01,
+                 max_queue: int = 256, on_batch: Callable[[dict[str, Any]], None] | None = None):
         super().__init__(max_queue)
         self.params, self.cfg, self.tokenizer, self.mesh = params, cfg, tokenizer, mesh
-        self.max_batch, self.batch_window_s = max_batch, batch_window_s
-        self.max_new_tokens, self.hr_strategy, self.buckets, self.workers = max_new_tokens, hr_strategy, tuple(buckets), workers
+        self.options = options or GenerationOptions()  # batch_size: the rows of every batch (--max-batch)
+        self.max_batch, self.batch_window_s = self.options.batch_size, batch_window_s
+        self.max_new_tokens, self.buckets = self.options.max_new_tokens, self.options.buckets
         self.on_batch = on_batch
         self.last_batch_s = 1.0
         self._queue: queue.Queue[Job] = queue.Queue()
@@ -249,10 +245,8 @@ class Scheduler(QueueLimit):
                      skip: Callable[[int, Request], bool] | None = None):
         """``stream_answers`` with this server's batch shape, buckets and options: ``(index, Answer)`` as batches finish."""
         return stream_answers(
-            self.params, self.cfg, self.tokenizer, requests, batch_size=self.max_batch, max_new_tokens=self.max_new_tokens,
-            temperature=temperature, top_p=top_p, seed=seed, hr_strategy=self.hr_strategy, buckets=self.buckets,
-            mesh=self.mesh, progress=False, workers=self.workers, window=max(len(requests), self.max_batch), skip=skip,
-            on_batch=self._batch_done,
+            self.params, self.cfg, self.tokenizer, requests, self.options, temperature=temperature, top_p=top_p, seed=seed,
+            window=max(len(requests), self.max_batch), mesh=self.mesh, progress=False, skip=skip, on_batch=self._batch_done,
         )
 
     def _batch_done(self, info: dict[str, Any]) -> None:
@@ -589,9 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     _log_to_stderr()
     sock = None
     try:  # every check that can fail runs before the parameters are restored
-        check_serve_args(args)
-        cfg = inference_config(args, read_config(args.checkpoint))
-        check_context(cfg, args.max_new_tokens)
+        options = check_serve_args(args)
+        cfg = inference_config(args, read_config(args.checkpoint), options)
+        check_context(cfg, options.max_new_tokens)
         tokenizer = load_tokenizer(args.checkpoint)
         check_tokenizer_vocab(tokenizer, cfg.text.vocab_size)
         family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
@@ -601,8 +595,8 @@ def main(argv: list[str] | None = None) -> int:
             sock.bind((args.host, args.port))
         except OSError as e:
             raise ValueError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror or e})") from e
-        params, cfg, mesh = load_for_inference(args.checkpoint, args.dtype, args.mesh, args.max_batch, args.quantize)
-        cfg = inference_config(args, cfg)
+        params, cfg, mesh = load_for_inference(args.checkpoint, args.dtype, args.mesh, options.batch_size, args.quantize)
+        cfg = inference_config(args, cfg, options)
     except (ValueError, OSError) as e:
         if sock is not None:
             sock.close()
@@ -613,23 +607,22 @@ def main(argv: list[str] | None = None) -> int:
     setup_compile_cache(args.compile_cache, disabled=args.no_compile_cache)
     model = args.model_name or Path(args.checkpoint).resolve().name
     image_root = None if args.image_root is None else Path(args.image_root).resolve()
-    buckets = serve_buckets(args.max_prompt_tokens)
     if args.scheduler == "slots":
         scheduler = Engine(params, cfg, tokenizer, slots=args.slots, prefill_batch=args.prefill_batch, max_queue=args.max_queue,
-                           max_new_tokens=args.max_new_tokens, hr_strategy=args.hr_strategy, buckets=buckets, workers=args.workers,
+                           max_new_tokens=options.max_new_tokens, hr_strategy=options.hr_strategy, buckets=options.buckets,
+                           workers=options.workers,
                            image_cache_bytes=int(args.image_cache_mb * 2**20), decode_steps=args.decode_steps)
-        metrics = Metrics(args.max_batch, lambda: scheduler.pending, scheduler)
+        metrics = Metrics(options.batch_size, lambda: scheduler.pending, scheduler)
         scheduler.observe = metrics.observe
         shape = (f"{args.slots} slots of {scheduler.max_len} tokens ({scheduler.slot_bytes / 2**20:.1f} MiB each), "
                  f"prefill batch {scheduler.prefill_batch}, {args.decode_steps} tokens per step call, image cache "
                  f"{args.image_cache_mb:g} MiB")
     else:
-        scheduler = Scheduler(params, cfg, tokenizer, mesh=mesh, max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000,
-                              max_queue=args.max_queue, max_new_tokens=args.max_new_tokens, hr_strategy=args.hr_strategy,
-                              buckets=buckets, workers=args.workers)
-        metrics = Metrics(args.max_batch, lambda: scheduler.pending)
+        scheduler = Scheduler(params, cfg, tokenizer, options, mesh=mesh, batch_window_s=args.batch_window_ms / 1000,
+                              max_queue=args.max_queue)
+        metrics = Metrics(options.batch_size, lambda: scheduler.pending)
         scheduler.on_batch = lambda info: (log_batch(info), metrics.batch(info))
-        shape = f"max batch {args.max_batch}, window {args.batch_window_ms:g} ms"
+        shape = f"max batch {options.batch_size}, window {args.batch_window_ms:g} ms"
     if args.warmup:
         t0 = time.perf_counter()
         try:
@@ -640,12 +633,12 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         log.info("warm-up: %d buckets ready in %.1f s", n, time.perf_counter() - t0)
     scheduler.start()
-    limits = Limits(model=model, max_new_tokens=args.max_new_tokens, image_root=image_root, max_image_bytes=args.max_image_bytes)
+    limits = Limits(model=model, max_new_tokens=options.max_new_tokens, image_root=image_root, max_image_bytes=args.max_image_bytes)
     app = make_app(scheduler, limits, metrics, request_timeout=args.request_timeout)
     if args.ui:
         from flexattn_jax.app.web import UI_PATH, mount_ui
 
-        app = mount_ui(app, scheduler, limits)
+        app = mount_ui(app, scheduler, limits, options)
 
     import uvicorn
 

@@ -34,7 +34,7 @@ import numpy as np
 from jaxtyping import Bool
 
 from flexattn_jax.app.chat import ChatError, ChatRequest, Limits, completion_of, parse_chat
-from flexattn_jax.app.inference import Answer, stream_answers
+from flexattn_jax.app.inference import Answer, GenerationOptions, stream_answers
 from flexattn_jax.config import ConfigError, ModelConfig
 from flexattn_jax.overrides import apply_overrides, parse_hr_budget
 from flexattn_jax.preprocess import PreprocessError, bucket_length, load_image
@@ -115,8 +115,8 @@ def read_image(path: str | None, limits: Limits) -> bytes:
 class Page:
     """The page's work: answers through the server's scheduler, maps through the generation path, figures by visualize."""
 
-    def __init__(self, scheduler, limits: Limits):
-        self.scheduler, self.limits = scheduler, limits
+    def __init__(self, scheduler, limits: Limits, options: GenerationOptions):
+        self.scheduler, self.limits, self.options = scheduler, limits, options
         self.params, self.cfg, self.tokenizer = scheduler.params, scheduler.cfg, scheduler.tokenizer
         self.maps_lock = threading.Lock()  # one maps run at a time next to the engine
         self.out = Path(tempfile.mkdtemp(prefix="flexattn-ui-"))
@@ -133,10 +133,9 @@ class Page:
         """The request through ``generate --save-attention``'s path with every token's maps (its own answer included)."""
         temperature, top_p, seed = chat.sampling
         with self.maps_lock:
-            (_, ans), = stream_answers(self.params, cfg, self.tokenizer, [chat.request], batch_size=1,
-                                       max_new_tokens=self.scheduler.max_new_tokens, temperature=temperature, top_p=top_p,
-                                       seed=seed or 0, hr_strategy=self.scheduler.hr_strategy, buckets=self.scheduler.buckets,
-                                       progress=False, workers=1, step_maps=True)
+            (_, ans), = stream_answers(self.params, cfg, self.tokenizer, [chat.request], self.options, progress=False, step_maps=True,
+                                       batch_size=1, workers=1, window=None, temperature=temperature, top_p=top_p, seed=seed or 0,
+                                       hr_budget=None)  # cfg has the page's budget
         return ans
 
     def engine_run(self, chat: ChatRequest):
@@ -271,8 +270,8 @@ def build_blocks(page: Page, examples: list[tuple[str, str]]):
             note = "" if mapped.tokens[:n_tok] == ans.tokens[:n_tok] else " (maps of a re-run whose sampled tokens differ)"
             maps = Maps(image_path, text, done.text, _pieces(page.tokenizer, mapped.tokens[:n_tok]),
                         mapped.token_hr_masks[:n_tok], mapped.token_image_attention[:n_tok])
-            flops, all_hr = answer_flops(page.params, bcfg, ans.prompt_tokens or 0, n_tok, page.scheduler.max_new_tokens,
-                                         page.scheduler.buckets, page.scheduler.hr_strategy)
+            flops, all_hr = answer_flops(page.params, bcfg, ans.prompt_tokens or 0, n_tok, page.options.max_new_tokens,
+                                         page.options.buckets, page.options.hr_strategy)
             share = float(np.mean(maps.masks[:, list(cfg.mask_layers)]))
             cost_text = (f"HR tokens selected: {share:.1%} on average over the answer's {n_tok} tokens and layers "
                          f"{cfg.mask_layers.start}-{cfg.mask_layers.stop - 1} (hr_budget {budget}). "
@@ -316,11 +315,12 @@ def demo_examples(cfg: ModelConfig, folder: Path, n: int = EXAMPLES) -> list[tup
     return out
 
 
-def mount_ui(app, scheduler, limits: Limits):
-    """The page mounted at :data:`UI_PATH` on ``app`` (the API's FastAPI app), answering through ``scheduler``."""
+def mount_ui(app, scheduler, limits: Limits, options: GenerationOptions):
+    """The page mounted at :data:`UI_PATH` on ``app`` (the API's FastAPI app), answering through ``scheduler`` with the
+    server's ``options``."""
     import gradio as gr
 
-    page = Page(scheduler, limits)
+    page = Page(scheduler, limits, options)
     examples = demo_examples(page.cfg, page.out / "examples")
     blocks = build_blocks(page, examples)
     blocks.queue(default_concurrency_limit=4)

@@ -8,12 +8,14 @@ import json
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from flexattn_jax.app.eval.data import TASKS, EvalDataError, read_task
 from flexattn_jax.app.eval.runner import METRICS, PREDICTIONS, EvalSettings, Interrupted, OutputWriteError, Runner
 from flexattn_jax.app.eval.sweep import budget_dir, parse_budgets, plot_sweep, sweep_table
+from flexattn_jax.app.inference import generation_args
 
 # the release's scripts generate up to 512 tokens; LLaVA's model_vqa_loader (letter / generic VQA) 128
 DEFAULT_MAX_NEW_TOKENS = {"magnifier": 512, "textvqa": 512, "vstar": 128, "vqa": 128}
@@ -59,6 +61,11 @@ and writes OUT/sweep.json and OUT/sweep.png (accuracy against TFLOPs per item).
 """
 
 
+EVAL_OPTIONS = generation_args(("batch_size", "max_new_tokens", "hr_budget"),
+                               defaults={"max_new_tokens": (None, "512 for magnifier and textvqa as the release, 128 otherwise")})
+"""eval's flags of the generation options; ``--max-new-tokens`` defaults by task (:data:`DEFAULT_MAX_NEW_TOKENS`)."""
+
+
 def eval_parser(prog: str = "flexattn-jax eval") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("task", choices=TASKS, metavar="TASK", help=f"one of {', '.join(TASKS)}")
@@ -68,13 +75,9 @@ def eval_parser(prog: str = "flexattn-jax eval") -> argparse.ArgumentParser:
     p.add_argument("--annotations", default=None, help="textvqa with LLaVA's JSONL: the official TextVQA_0.5.1_val.json")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
     p.add_argument("--out", default=None, help="output folder (default: eval-TASK); re-running with it resumes")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="prompts per generation batch; option rows per likelihood forward (default: 8)")
     p.add_argument("--mesh", metavar="SPEC", default=None,
                    help="devices to run on, e.g. 'data=8' or 'data=2,tensor=4': parameters sharded by the rules table, batches "
                    "split over data (default: one device)")
-    p.add_argument("--hr-budget", default=None,
-                   help="HR tokens per select row: a count, a fraction of M, or 'all' (default: the checkpoint's)")
     p.add_argument("--sweep-budget", default=None, metavar="B1,B2,...",
                    help="run at each of these HR budgets, e.g. 0.05,0.1,0.25,all: a table and OUT/sweep.png")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute/param dtype (default: as converted)")
@@ -84,12 +87,12 @@ def eval_parser(prog: str = "flexattn-jax eval") -> argparse.ArgumentParser:
                         "cached decoding); 'inference' is an alias of it, kept for old command lines")
     p.add_argument("--protocol", choices=["likelihood", "letter"], default="likelihood", help="vstar only (default: likelihood)")
     p.add_argument("--ocr-tokens", action="store_true", help="textvqa: LLaVA's prompt with the Reference OCR token line")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="greedy generation cap (default: 512 for magnifier and textvqa as the release, 128 otherwise)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. flex.threshold=48")
     p.add_argument("--compile-cache", metavar="DIR", default=None, help="persistent compilation cache folder")
     p.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent compilation cache")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    EVAL_OPTIONS.add(p.add_argument_group("generation (GenerationOptions)", "greedy; --batch-size is also the option rows "
+                                          "per likelihood forward"))
     return p
 
 
@@ -137,16 +140,18 @@ def _eval(args: argparse.Namespace, stop, held: contextlib.ExitStack) -> int:
         return err(f"--limit {args.limit} must be at least 1")
     if args.sweep_budget and args.hr_budget:
         return err("give --hr-budget or --sweep-budget, not both")
-    max_new = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[args.task]
-    if max_new < 1:
-        return err(f"--max-new-tokens {max_new} must be at least 1")
+    max_new = DEFAULT_MAX_NEW_TOKENS[args.task] if args.max_new_tokens is None else args.max_new_tokens
+    try:
+        options = EVAL_OPTIONS.build(args, max_new_tokens=max_new)
+    except ValueError as e:
+        return err(str(e))
     from flexattn_jax.app.resume import lock_output
     from flexattn_jax.overrides import parse_hr_budget
     from flexattn_jax.paths import check_output_dir
 
     out = Path(args.out or f"eval-{args.task}")
     try:
-        budgets = parse_budgets(args.sweep_budget) if args.sweep_budget else [args.hr_budget]
+        budgets = parse_budgets(args.sweep_budget) if args.sweep_budget else [options.hr_budget]
         for b in budgets:  # every budget checked before anything is loaded
             if b is not None:
                 parse_hr_budget(b, name="--sweep-budget" if args.sweep_budget else "--hr-budget")
@@ -178,8 +183,8 @@ def _eval(args: argparse.Namespace, stop, held: contextlib.ExitStack) -> int:
         check_backend(base)
         fingerprint = checkpoint_fingerprint(args.checkpoint)
         settings = [EvalSettings(
-            args.task, protocol=args.protocol, mode="release", ocr_tokens=args.ocr_tokens, batch_size=args.batch_size,
-            max_new_tokens=max_new, checkpoint=fingerprint,
+            args.task, protocol=args.protocol, mode="release", ocr_tokens=args.ocr_tokens,
+            generation=replace(options, hr_budget=b), checkpoint=fingerprint,
             extra={"hr_budget": b or "checkpoint", "dtype": args.dtype or base.dtype, "quantize": args.quantize,
                    "overrides": list(args.set)},
         ) for b in budgets]
@@ -191,11 +196,11 @@ def _eval(args: argparse.Namespace, stop, held: contextlib.ExitStack) -> int:
         return stop.exit_code
     setup_compile_cache(args.compile_cache, disabled=args.no_compile_cache)
     try:
-        params, cfg, mesh = load_for_inference(args.checkpoint, args.dtype, args.mesh, args.batch_size, args.quantize)
+        params, cfg, mesh = load_for_inference(args.checkpoint, args.dtype, args.mesh, options.batch_size, args.quantize)
         cfg = apply_overrides(cfg, list(args.set))
         if args.sweep_budget and not cfg.flex.enabled:
             raise ValueError("--sweep-budget: FlexAttention is off in this checkpoint (no HR budget to sweep)")
-        cfgs = [cfg if b is None else apply_overrides(cfg, {"flex.hr_budget": parse_hr_budget(b, name="--hr-budget")}) for b in budgets]
+        cfgs = [st.generation.model_config(cfg) for st in settings]
         tokenizer = load_tokenizer(args.checkpoint)
         check_tokenizer_vocab(tokenizer, cfg.text.vocab_size)
     except (ValueError, OSError) as e:

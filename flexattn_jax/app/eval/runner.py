@@ -29,12 +29,11 @@ from flexattn_jax.app.eval import tasks as K
 from flexattn_jax.app.eval.data import BadSample, Item, Sample
 from flexattn_jax.app.eval.likelihood import OptionQuestion, OptionScorer, losses_flops, option_tokens
 from flexattn_jax.app.eval.lmms import write_lmms
-from flexattn_jax.app.inference import Request, item_error, stream_answers
+from flexattn_jax.app.inference import GenerationOptions, Request, item_error, stream_answers
 from flexattn_jax.config import ModelConfig
 from flexattn_jax.flops import generation_flops
 from flexattn_jax.logs import progress
 from flexattn_jax.preprocess import (
-    BUCKETS,
     PreprocessError,
     bucket_length,
     format_prompt,
@@ -57,9 +56,7 @@ class EvalSettings:
     protocol: str = "likelihood"  # vstar: 'likelihood' or 'letter'; the other tasks generate
     mode: str = "release"  # likelihood select rows: the option's learnable rows, as the release (the only mode)
     ocr_tokens: bool = False
-    batch_size: int = 8
-    max_new_tokens: int = 128
-    hr_strategy: str = "project"
+    generation: GenerationOptions = field(default_factory=GenerationOptions)  # batch_size: also the likelihood's option rows
     checkpoint: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. hr_budget, dtype
 
@@ -70,7 +67,7 @@ class EvalSettings:
     def key_fields(self) -> dict[str, Any]:
         out = {"task": self.task, "checkpoint": self.checkpoint, **self.extra}
         if self.generates:
-            out.update(max_new_tokens=self.max_new_tokens, ocr_tokens=self.ocr_tokens, protocol=self.protocol)
+            out.update(max_new_tokens=self.generation.max_new_tokens, ocr_tokens=self.ocr_tokens, protocol=self.protocol)
         else:
             out.update(mode=self.mode)
         return out
@@ -284,8 +281,8 @@ class Runner:
         (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
         by_key = {p.key: p.sample for p in work.pending}
         write_lmms(out, self.s.task, metrics["protocol"], self.cfg,
-                   {**self.s.extra, "checkpoint": self.s.checkpoint, "batch_size": self.s.batch_size,
-                    "max_new_tokens": self.s.max_new_tokens, "ocr_tokens": self.s.ocr_tokens},
+                   {**self.s.extra, "checkpoint": self.s.checkpoint, "batch_size": self.s.generation.batch_size,
+                    "max_new_tokens": self.s.generation.max_new_tokens, "ocr_tokens": self.s.ocr_tokens},
                    records, [by_key[r["key"]] for r in records], [work.position[by_key[r["key"]].id] for r in records], metrics)
 
     # ---- likelihood (V* release protocol) ----
@@ -298,11 +295,11 @@ class Runner:
 
     def _likelihood(self, todo: list[Pending], stop: Callable[[], bool]) -> Iterator[dict[str, Any]]:
         self.log("V* by option likelihood: select rows = each option's learnable rows (training mode, alpha 1; the release)")
-        scorer = OptionScorer(self.params, self.cfg, rows=self.s.batch_size, mesh=self.mesh)
+        scorer = OptionScorer(self.params, self.cfg, rows=self.s.generation.batch_size, mesh=self.mesh)
         errors: list[dict[str, Any]] = []
 
         def good() -> Iterator[tuple[int, OptionQuestion]]:
-            for pos, (p, item, err) in enumerate(_bounded(self._prepare_options, todo, 4, 2 * self.s.batch_size)):
+            for pos, (p, item, err) in enumerate(_bounded(self._prepare_options, todo, 4, 2 * self.s.generation.batch_size)):
                 if err is None:
                     yield pos, item
                 else:
@@ -329,14 +326,11 @@ class Runner:
 
     def _generate(self, todo: list[Pending], stop: Callable[[], bool]) -> Iterator[dict[str, Any]]:
         prompts = [format_prompt(p.user, has_image=True) for p in todo]
-        self.log(f"{self.s.task}: greedy generation, up to {self.s.max_new_tokens} new tokens per item"
+        self.log(f"{self.s.task}: greedy generation, up to {self.s.generation.max_new_tokens} new tokens per item"
                  + (f" ({self.s.protocol} protocol)" if self.s.task == "vstar" else ""))
         requests = (self._request(p, prompt) for p, prompt in zip(todo, prompts, strict=True))
-        answers = stream_answers(
-            self.params, self.cfg, self.tokenizer, requests, batch_size=self.s.batch_size,
-            max_new_tokens=self.s.max_new_tokens, hr_strategy=self.s.hr_strategy, mesh=self.mesh, progress=False,
-            stats=self.stats, stop=stop,
-        )
+        answers = stream_answers(self.params, self.cfg, self.tokenizer, requests, self.s.generation, mesh=self.mesh, progress=False,
+                                 stats=self.stats, stop=stop)
         for index, answer in answers:
             p = todo[index]
             if answer.error is not None:
@@ -348,9 +342,10 @@ class Runner:
     def _generation_tflops(self, prompt: str, answer) -> float:
         """This item's share of its batch's prefill plus one decode step per generated token after the first."""
         n = len(tokenize_with_image(prompt, self.tokenizer, self.cfg.image_token_id, self.cfg.num_image_tokens))
-        length = bucket_length(n, BUCKETS)
-        b = self.s.batch_size
-        pre, step = generation_flops(self.params, self.cfg, b, length, length + self.s.max_new_tokens, self.s.hr_strategy)
+        g = self.s.generation
+        length = bucket_length(n, g.buckets)
+        b = g.batch_size
+        pre, step = generation_flops(self.params, self.cfg, b, length, length + g.max_new_tokens, g.hr_strategy)
         return (pre + max(len(answer.tokens) - 1, 0) * step) / b / 1e12
 
     def _record(self, p: Pending, **fields: Any) -> dict[str, Any]:
