@@ -5,7 +5,9 @@ R = 2048 select rows, 1008 px) of LLaVA-FlexAttn-7B / 13B and plain LLaVA-1.5-7B
 v6e-64, v4-32 and 8 x H100: the largest per-chip batch that fits, its peak HBM and, on TPU, the
 compiler's step-time estimate (``optimal_seconds`` scaled for the loops it counts once:
 ``aot.step_estimate``) and MFU. Inference of the 7B FlexAttention model on
-v5e-8 and 1 x H200: prefill at batch 32 and one decode step. And compile seconds against decoder depth
+v5e-8 and 1 x H200: prefill at batch 32 and one decode step. The serving engine (``--program serve``) of the
+7B on v5e-4 and v5e-8 and the 13B on v5e-8, tensor parallel: the most decode slots that fit with prompts of T
+tokens (each slot holds T + 128). And compile seconds against decoder depth
 (one ``lax.scan`` over the layers). Every figure comes from :func:`flexattn_jax.app.aot.compile_program`;
 a target whose compiler is not installed (libtpu, the CUDA plugin) is reported as skipped, with why.
 
@@ -31,6 +33,10 @@ TRAIN_MODELS = ("llava-flexattn-7b", "llava-flexattn-13b", "llava-1.5-7b")
 INFER = (("v5e-8", "tensor=8"), ("h200x1", "fsdp=1"))  # 7B bf16 weights (16 GB) only fit a v5e chip sharded
 SEQ, ROWS = 2048, 2048
 MAX_BATCH = 64
+# the engine's bf16 weights over tensor (7B: 15.2 GiB, 13B: 28.8 GiB, beyond one v5e chip); slots searched up to MAX_SLOTS
+SERVE = (("llava-flexattn-7b", "v5e-4", "tensor=4"), ("llava-flexattn-7b", "v5e-8", "tensor=8"),
+         ("llava-flexattn-13b", "v5e-8", "tensor=8"))
+MAX_SLOTS = 256
 
 
 def _row(r: aot.CompileReport) -> dict[str, Any]:
@@ -40,13 +46,13 @@ def _row(r: aot.CompileReport) -> dict[str, Any]:
     return {k: getattr(r, k) for k in keys}
 
 
-def largest_batch(compile_at, log) -> tuple[aot.CompileReport | None, list[dict]]:
-    """Largest fitting per-chip batch up to :data:`MAX_BATCH` (:func:`flexattn_jax.app.aot.find_batch`) and each compile's row."""
+def largest_batch(compile_at, log, limit: int = MAX_BATCH) -> tuple[aot.CompileReport | None, list[dict]]:
+    """Largest fitting per-chip batch up to ``limit`` (:func:`flexattn_jax.app.aot.find_batch`) and each compile's row."""
     def said(r: aot.CompileReport) -> None:
         log(f"    batch {r.per_device_batch}: peak {r.per_chip_bytes['peak'] / 2**30:.2f} GiB ({'fits' if r.fits else 'no'}), "
             f"{r.compile_seconds:.0f} s")
 
-    best, tried = aot.find_batch(compile_at, MAX_BATCH, log=said)
+    best, tried = aot.find_batch(compile_at, limit, log=said)
     return best, [_row(r) for r in tried]
 
 
@@ -54,7 +60,8 @@ def jobs(quick: bool) -> list[tuple]:
     """The compiles in priority order, the goals' rows first.
 
     Jobs: ('train', model, target), ('same_batch', target) (plain LLaVA-1.5-7B at the FlexAttention-7B row's
-    batch, for the step-time ratio), ('infer', target, mesh, program), ('depth', layers).
+    batch, for the step-time ratio), ('infer', target, mesh, program), ('serve', model, target, mesh) (the most
+    decode slots), ('depth', layers).
     """
     first = [("train", "llava-flexattn-7b", "v5p-64"), ("train", "llava-1.5-7b", "v5p-64"), ("same_batch", "v5p-64"),
              ("train", "llava-flexattn-7b", "h100x8"), ("train", "llava-flexattn-7b", "v5e-256")]
@@ -65,7 +72,8 @@ def jobs(quick: bool) -> list[tuple]:
     rest = [("train", m, t) for m in TRAIN_MODELS for t in TRAIN_TARGETS if ("train", m, t) not in first]
     same = [("same_batch", t) for t in TRAIN_TARGETS if ("same_batch", t) not in first]
     big = [j for j in rest if "13b" in j[1]]  # last: a 13B TPU compile takes far longer than a 7B one here
-    return first + infer + depth + [j for j in rest if j not in big] + same + big
+    serve = [("serve", *row) for row in SERVE]
+    return first + infer + serve + depth + [j for j in rest if j not in big] + same + big
 
 
 SETTINGS = {"seq_len": SEQ, "select_rows": ROWS, "image_px": 1008, "remat": "full", "compute": "bf16", "masters": "fp32 + AdamW",
@@ -77,6 +85,7 @@ def done_jobs(res: dict[str, Any]) -> set[tuple]:
     return ({("train", e["model"], e["target"]) for e in res["train"]}
             | {("same_batch", e["target"]) for e in res["same_batch"]}
             | {("infer", r["target"], r["mesh"], r["program"]) for r in res["inference"] if "mesh" in r}
+            | {("serve", e["model"], e["target"], e["mesh"]) for e in res["serve"]}
             | {("depth", d["layers"]) for d in res["depth"]})
 
 
@@ -84,8 +93,9 @@ DEPTH_TARGET = "v5p-64"  # the compile-seconds-by-depth jobs
 
 
 def _target_of(job: tuple) -> str:
-    """A job's target: ('train', model, target), ('infer', target, mesh, program), ('depth', layers)."""
-    return job[2] if job[0] == "train" else job[1] if job[0] in ("infer", "same_batch") else DEPTH_TARGET
+    """A job's target: ('train', model, target), ('infer', target, mesh, program), ('serve', model, target, mesh),
+    ('depth', layers)."""
+    return job[2] if job[0] in ("train", "serve") else job[1] if job[0] in ("infer", "same_batch") else DEPTH_TARGET
 
 
 def _kind(job: tuple) -> str:
@@ -133,14 +143,15 @@ def run(quick: bool, log, save=lambda res: None, previous: dict[str, Any] | None
     """The table's compiles, in :func:`jobs` order; ``save(res)`` after each (a long run keeps what it has).
 
     ``previous``: an earlier run's JSON with the same settings; its rows are kept and its jobs not compiled again.
-    ``only``: run just the jobs of this kind (``train``, ``infer`` or ``depth``); ``targets``: just these targets;
+    ``only``: run just the jobs of this kind (``train``, ``infer``, ``serve`` or ``depth``); ``targets``: just these targets;
     ``models``: just the training searches of these models (the other kinds of job are not filtered by model).
     """
-    out: dict[str, Any] = {"settings": SETTINGS, "train": [], "same_batch": [], "inference": [], "depth": [], "skipped": []}
+    out: dict[str, Any] = {"settings": SETTINGS, "train": [], "same_batch": [], "inference": [], "serve": [], "depth": [],
+                           "skipped": []}
     if previous is not None:
         if previous.get("settings") != SETTINGS:
             raise SystemExit(f"--resume: the earlier results were made with other settings ({previous.get('settings')}), not {SETTINGS}")
-        out.update({k: list(previous.get(k, [])) for k in ("train", "same_batch", "inference", "depth")})
+        out.update({k: list(previous.get(k, [])) for k in ("train", "same_batch", "inference", "serve", "depth")})
         for e in out["train"]:
             for r in [e["largest"], *e["tried"]]:
                 if r is not None:
@@ -173,6 +184,13 @@ def run(quick: bool, log, save=lambda res: None, previous: dict[str, Any] | None
                                         model_name="llava-flexattn-7b")
                 log(f"    peak {r.per_chip_bytes['peak'] / 2**30:.2f} GiB, {r.compile_seconds:.0f} s")
                 out["inference"].append({**_row(r), "mesh": mesh})
+            elif job[0] == "serve":
+                _, model, target, mesh = job
+                t = aot.parse_target(target)
+                best, tried = largest_batch(lambda b, t=t, model=model, mesh=mesh: aot.compile_program(
+                    t, configs[model], "serve", mesh=mesh, per_device_batch=b, seq_len=SEQ, model_name=model), log, MAX_SLOTS)
+                out["serve"].append({"model": model, "target": target, "mesh": mesh, "tried": tried,
+                                     "largest": None if best is None else {**_row(best), "serve_peaks": best.serve_peaks}})
             else:
                 r = aot.compile_program(DEPTH_TARGET, configs["llava-flexattn-7b"], "train", per_device_batch=1, seq_len=SEQ,
                                         select_rows=ROWS, layers=job[1], model_name="llava-flexattn-7b")
@@ -207,6 +225,15 @@ def table(res: dict[str, Any]) -> str:
         peak, kern = r["per_chip_bytes"]["peak"] / 2**30, sum(r["kernels"].values())
         lines.append(f"{r['model'] + ' ' + r['program']:<20} {r['target']:<9} {r['chips']:>5} {r['global_batch']:>10} "
                      f"{peak:>9.1f} {r['capacity_bytes'] / 2**30:>6.0f} {step:>12} {'':>6} {kern}")
+    for e in res.get("serve", []):
+        r = e["largest"]
+        if r is None:
+            lines.append(f"{e['model'] + ' serve':<20} {e['target']:<9} {'':>5} {'none fits':>10}")
+            continue
+        state = r["serve_peaks"]["slot_state"] / r["global_batch"] / 2**20
+        lines.append(f"{e['model'] + ' serve':<20} {e['target']:<9} {r['chips']:>5} {r['global_batch']:>10} "
+                     f"{r['per_chip_bytes']['peak'] / 2**30:>9.1f} {r['capacity_bytes'] / 2**30:>6.0f}  slots ({e['mesh']}; "
+                     f"{state:.0f} MiB per slot per chip)")
     if res["depth"]:
         lines.append(f"compile seconds by depth (7B FlexAttention train, {DEPTH_TARGET}): "
                      + ", ".join(f"{d['layers']} layers {d['compile_seconds']:.0f} s" for d in res["depth"]))
@@ -221,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                    "the inference rows and two depths only")
     p.add_argument("--out", default=None, help="also write the JSON here (after every compile, so an interrupted run keeps its rows)")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --out and compile only the missing ones")
-    p.add_argument("--only", choices=("train", "infer", "depth"), help="compile only the jobs of this kind")
+    p.add_argument("--only", choices=("train", "infer", "serve", "depth"), help="compile only the jobs of this kind")
     p.add_argument("--target", action="append", dest="targets", help="compile only for this target (repeatable), e.g. v5e-256")
     p.add_argument("--model", action="append", dest="models", choices=TRAIN_MODELS,
                    help="search the largest batch only for this model (repeatable); other jobs are not filtered by model")

@@ -17,6 +17,11 @@ tokens do not depend on what shares the slots with it.
   states and first tokens (one compile per (P, bucket));
 * :func:`insert_rows`: write those states into free slots (donates the slot state);
 * :func:`decode_slots`: one token for every slot (one compile, donates the slot state).
+
+On a mesh (the programs traced under :func:`~flexattn_jax.sharding.target_mesh`) the parameters
+follow the rules table and every program pins the slot state it returns to :func:`slot_specs`: the
+slot axis over ``data`` (x ``fsdp``), the K/V heads of the text and HR caches over ``tensor``
+(as the k/v projections shard them), so a step reads and writes each chip's own slots and heads.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jax.sharding import Mesh, NamedSharding
+from jaxtyping import Array, Bool, Float, Int, PyTree
 
+from flexattn_jax import sharding as S
 from flexattn_jax.config import ModelConfig
 from flexattn_jax.generate import DecodeState, HRStrategy, StepMaps, decode_step, nucleus_filter, prefill_embedded, selection_rng
 from flexattn_jax.model import embed_with_features, encode, positions_from_mask
@@ -43,6 +50,35 @@ class SlotState(NamedTuple):
     temperature: Float[Array, " S"]  # 0: greedy
     top_p: Float[Array, " S"]
     seed: Int[Array, " S"]  # the sampling key is jax.random.key(seed), token i draws with fold_in(key, i)
+
+
+def slot_logical(state: PyTree) -> PyTree:
+    """Logical axis names per leaf of a :class:`SlotState` (or its ``ShapeDtypeStruct`` tree): ``batch`` on the slot
+    axis; on the text K/V cache and the HR K/V (``(S, L, 1, len, Hkv, d)``) also ``kv_heads``."""
+    def one(path, leaf):
+        names = [getattr(k, "name", None) for k in path]
+        logical: list[str | None] = ["batch"] + [None] * (len(leaf.shape) - 1)
+        if len(leaf.shape) == 6 and (names[1:3] in (["cache", "k"], ["cache", "v"]) or names[1:2] == ["hr_kv"]):
+            logical[4] = "kv_heads"
+        return tuple(logical)
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def slot_specs(state: PyTree, mesh: Mesh) -> PyTree:
+    """``PartitionSpec`` per leaf of the slot state on ``mesh`` (:func:`slot_logical` through the rules table)."""
+    return jax.tree.map(lambda leaf, names: S.logical_to_spec(names, leaf.shape, mesh), state, slot_logical(state))
+
+
+def slot_shardings(state: PyTree, mesh: Mesh) -> PyTree:
+    """``NamedSharding`` per leaf of the slot state on ``mesh`` (:func:`slot_specs`)."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), slot_specs(state, mesh))
+
+
+def constrain_slots(state: SlotState) -> SlotState:
+    """The slot state pinned to :func:`slot_specs` of the ambient mesh (:func:`~flexattn_jax.sharding.target_mesh`);
+    unchanged without one."""
+    return jax.tree.map(S.constrain_logical, state, slot_logical(state))
 
 
 def _random_selection(cfg: ModelConfig) -> bool:
@@ -105,7 +141,8 @@ def prefill_rows(
     states, logits, maps = jax.vmap(one)(input_ids, attention_mask, features, hr_features, margin, seed)
     zero = jnp.zeros_like(seed)
     first = sample_rows(logits, seed, zero, temperature, top_p)
-    return SlotState(states, first, zero + 1, temperature.astype(jnp.float32), top_p.astype(jnp.float32), seed), first, maps
+    rows = SlotState(states, first, zero + 1, temperature.astype(jnp.float32), top_p.astype(jnp.float32), seed)
+    return constrain_slots(rows), first, maps
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -123,7 +160,7 @@ def insert_rows(state: SlotState, rows: SlotState, slots: Int[Array, " P"]) -> S
             s = jax.lax.dynamic_update_slice_in_dim(s, jnp.where(slots[p] <= last, r[p:p + 1].astype(s.dtype), keep), i, 0)
         return s
 
-    return jax.tree.map(put, state, rows)
+    return constrain_slots(jax.tree.map(put, state, rows))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "steps"), donate_argnames=("state",))
@@ -142,17 +179,17 @@ def decode_slots(params: dict, cfg: ModelConfig, state: SlotState, steps: int = 
     def body(state, _):
         decode, logits = jax.vmap(one)(state.decode, state.token, state.seed, state.step)
         token = sample_rows(logits, state.seed, state.step, state.temperature, state.top_p)
-        return state._replace(decode=decode, token=token, step=state.step + 1), token
+        return constrain_slots(state._replace(decode=decode, token=token, step=state.step + 1)), token
 
     return jax.lax.scan(body, state, None, length=steps)
 
 
-def empty_slots(
+def slot_shapes(
     params: dict, cfg: ModelConfig, slots: int, max_len: int, hr_strategy: HRStrategy = "project"
 ) -> SlotState:
-    """``slots`` free slots: zeros of the shapes :func:`prefill_rows` gives (its cache ``max_len`` long)."""
+    """``ShapeDtypeStruct`` leaves of ``slots`` slots' state, as :func:`prefill_rows` gives it (its cache ``max_len`` long)."""
     pixels = jax.ShapeDtypeStruct((slots, cfg.image_size, cfg.image_size, 3), jnp.dtype(cfg.dtype))
-    feats, hr = jax.eval_shape(lambda p: encode(params, cfg, p), pixels)
+    feats, hr = jax.eval_shape(lambda q, p: encode(q, cfg, p), params, pixels)
     ids = jax.ShapeDtypeStruct((slots, 1), jnp.int32)
     vec = lambda dt: jax.ShapeDtypeStruct((slots,), dt)  # noqa: E731
     shapes = jax.eval_shape(
@@ -160,7 +197,17 @@ def empty_slots(
         params, ids, jax.ShapeDtypeStruct((slots, 1), bool), feats, hr, jax.ShapeDtypeStruct((slots, 2), jnp.int32),
         vec(jnp.float32), vec(jnp.float32), vec(jnp.int32),
     )[0]
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes)
+
+
+def empty_slots(
+    params: dict, cfg: ModelConfig, slots: int, max_len: int, hr_strategy: HRStrategy = "project", mesh: Mesh | None = None
+) -> SlotState:
+    """``slots`` free slots: zeros of :func:`slot_shapes`; with ``mesh``, made in place with :func:`slot_shardings` (no
+    chip ever holds the whole state)."""
+    shapes = slot_shapes(params, cfg, slots, max_len, hr_strategy)
+    zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # noqa: E731
+    return zeros() if mesh is None else jax.jit(zeros, out_shardings=slot_shardings(shapes, mesh))()
 
 
 def slot_bytes(state: SlotState) -> int:

@@ -202,6 +202,43 @@ def test_per_chip_argument_bytes_shrink_with_fsdp(program):
     assert 0.2 < ratio < 0.35, ratio
 
 
+@needs_libtpu
+@pytest.mark.slow  # ~1-2 min per slot count on 2 shared cores (libtpu compiles the engine's four programs)
+def test_serve_program_sizes_the_slots_for_v5e():
+    """``--program serve``: the engine's step, insert, encode and prefill compiled for v5e:2x2 (data 2 x tensor 2); the slot
+    state per chip is the slots' bytes over data, the K/V caches' also over tensor, and it doubles with the slots."""
+    from flexattn_jax import slots as SL
+    from flexattn_jax.app import aot
+
+    cfg = tiny_flex_config()
+    at = {n: aot.compile_program("v5e:2x2", cfg, "serve", mesh="data=2,tensor=2", seq_len=64, slots=n, attention_impl="xla")
+          for n in (4, 8)}
+    r = at[4]
+    assert r.fits and r.global_batch == 4 and r.per_device_batch == 2
+    assert set(r.serve_peaks) == {"step", "insert", "encode", "prefill", "slot_state"}
+    assert r.per_chip_bytes["peak"] == max(v for k, v in r.serve_peaks.items() if k != "slot_state")
+    shapes = SL.slot_shapes(aot.abstract_params(aot.program_config(cfg, program="serve", attention_impl="xla")),
+                            aot.program_config(cfg, program="serve", attention_impl="xla"), 4, 64 + aot.ANSWER_ROOM)
+    kv = {id(a) for a in (shapes.decode.cache.k, shapes.decode.cache.v)}
+    want = sum(np.prod(a.shape) * a.dtype.itemsize // (4 if id(a) in kv else 2) for a in jax.tree.leaves(shapes))
+    assert r.serve_peaks["slot_state"] == want
+    assert at[8].serve_peaks["slot_state"] == 2 * want
+    assert at[8].per_chip_bytes["arguments"] > r.per_chip_bytes["arguments"]
+    assert at[8].serve_peaks["prefill"] - r.serve_peaks["prefill"] == want  # the prefill runs beside the resident slots
+
+
+@needs_libtpu
+def test_serve_program_flags_are_checked(capsys):
+    from flexattn_jax.app import aot
+
+    with pytest.raises(aot.AotError, match=r"--slots 3: a positive multiple of the mesh's data x fsdp \(2\)"):
+        aot.compile_program("v5e:2x2", tiny_flex_config(), "serve", mesh="data=2,tensor=2", seq_len=64, slots=3)
+    assert aot.main(["--target", "v5e:2x2", "--program", "decode", "--slots", "8"]) == 2
+    assert "--slots and --max-context are options of --program serve" in capsys.readouterr().err
+    assert aot.main(["--target", "v5e:2x2", "--program", "serve", "--slots", "8", "--find-batch"]) == 2
+    assert "--slots and --find-batch: give one" in capsys.readouterr().err
+
+
 # ---- GPU (deviceless, CUDA plugin) -------------------------------------------------------------------------
 
 @pytest.mark.skipif(not HAS_CUDA, reason="the CUDA plugin is not installed (pip install 'flexattn-jax[cuda]')")

@@ -27,7 +27,8 @@ def _fake_compile(calls):
             seq_len=fit.SEQ, select_rows=fit.ROWS, attention_impl="auto", remat="full",
             per_chip_bytes={"arguments": GIB, "temporaries": peak - GIB, "outputs": 0, "peak": peak}, capacity_bytes=100 * GIB,
             usable_bytes=95 * GIB, fits=peak <= 95 * GIB, kernels={}, compile_seconds=1.0, flops_per_chip=1e12,
-            model_flops_per_chip=1e12, step_seconds_estimate=(1.0 if plain else 2.0) * per_device_batch)
+            model_flops_per_chip=1e12, step_seconds_estimate=(1.0 if plain else 2.0) * per_device_batch,
+            serve_peaks={"step": peak, "slot_state": GIB * per_device_batch} if program == "serve" else {})
 
     return compile_program
 
@@ -120,3 +121,17 @@ def test_compile_find_batch_is_the_one_search(calls):
     assert best.per_device_batch == 8 and all(r.fits for r in tried)
     tiny = lambda b: dataclasses.replace(at(b), fits=False)
     assert aot.find_batch(tiny) == (None, [tiny(1)])
+
+
+def test_serve_rows_search_the_most_slots_and_resume(calls, tmp_path, capsys):
+    """--only serve: the engine's largest slot count per (model, target, mesh) of fit.SERVE, its programs' peaks kept in
+    the row; --resume compiles none of them again."""
+    out = tmp_path / "fit.json"
+    assert fit.main(["--only", "serve", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [(e["model"], e["target"], e["mesh"]) for e in res["serve"]] == [tuple(r) for r in fit.SERVE]
+    assert {c[0] for c in calls} == {"serve"} and not res["train"] and not res["inference"]
+    assert all(e["largest"]["per_device_batch"] == 12 and "serve_peaks" in e["largest"] for e in res["serve"])
+    assert "serve" in capsys.readouterr().out
+    calls.clear()
+    assert fit.main(["--only", "serve", "--resume", "--out", str(out)]) == 0 and calls == []

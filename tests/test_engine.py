@@ -208,3 +208,41 @@ def test_a_bad_request_gets_its_error_and_any_64_bit_seed_samples(model, monkeyp
         engine.close(60)
     assert run.results[0].error is None and run.results[0].tokens == again[0].tokens
     assert "empty prompt" in run.results[1].error and run.results[2].error
+
+
+@pytest.mark.slow  # ~2 min on 2 shared cores (8 host devices); CI runs the slow tests too
+def test_sharded_slots_give_single_device_and_generate_tokens():
+    """8 host devices, data=2 x tensor=4: parameters by the rules table, the slot state sharded (slots over data, the
+    text and HR K/V heads over tensor); 6 greedy requests through 4 slots give the single-device engine's tokens and
+    generate's, with the incremental HR cache."""
+    import dataclasses
+
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    from flexattn_jax.sharding import make_mesh
+
+    base = tiny_config()
+    cfg = dataclasses.replace(base, text=dataclasses.replace(base.text, num_kv_heads=4))  # 4 K/V heads: split 4 ways
+    params, tok = random_params(cfg, seed=2, std=0.3), build_demo_tokenizer()
+    mesh = make_mesh("data=2,tensor=4")
+    reqs = _requests(6)
+    max_tokens = [MAX_NEW, 3, MAX_NEW, 5, 1, MAX_NEW]
+    ref = answer(params, cfg, tok, reqs, batch_size=8, max_new_tokens=MAX_NEW, hr_strategy="incremental", buckets=(64,),
+                 progress=False)
+    got = {}
+    for name, m in (("single", None), ("mesh", mesh)):
+        engine = _engine((params, cfg, tok), mesh=m, slots=4, prefill_batch=2, hr_strategy="incremental")
+        try:
+            got[name] = [a.tokens for a in _Run(engine, [ChatRequest(r, n) for r, n in zip(reqs, max_tokens, strict=True)]).wait()]
+        finally:
+            engine.close(60)
+        if m is not None:
+            k = engine.state.decode.cache.k
+            assert k.sharding.spec == P("data", None, None, None, "tensor") and len(k.sharding.device_set) == 8
+            assert engine.state.decode.hr_kv.k.sharding.spec[4] == "tensor"
+            q = engine.params["text"]["layers"]["attn"]["q"]["kernel"]
+            assert "tensor" in str(q.sharding.spec) and isinstance(q.sharding, jax.sharding.NamedSharding)
+    assert got["mesh"] == got["single"] == [r.tokens[:n] for r, n in zip(ref, max_tokens, strict=True)]
+    with pytest.raises(ValueError, match=r"batch_size=3 is not a multiple of the mesh's data axis \(2\)"):
+        Engine(params, cfg, tok, mesh=mesh, slots=3)

@@ -417,6 +417,9 @@ def test_parse_chat_renders_like_generate_and_names_each_problem(tmp_path):
     (["--max-batch", "0"], "--max-batch 0 must be at least 1"),
     (["--image-root", "/nonexistent/dir"], "--image-root /nonexistent/dir is not a directory"),
     (["--max-prompt-tokens", "5000"], "--max-prompt-tokens 5000 must be in [1, 2048]"),
+    (["--mesh", "data=2,tensor=4", "--slots", "3"], "--slots 3 is not a multiple of --mesh data=2,tensor=4's data axis (2)"),
+    (["--mesh", "data=4", "--scheduler", "wave", "--max-batch", "6"], "--max-batch 6 is not a multiple of --mesh data=4's data axis (4)"),
+    (["--mesh", "data=3"], "--mesh 'data=3': mesh {'data': 3"),
 ])
 def test_bad_flags_exit_2_before_loading(world, argv, fragment, capsys):
     from flexattn_jax.app.serve import main

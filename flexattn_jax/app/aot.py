@@ -1,21 +1,23 @@
 """``flexattn-jax compile``: compile FlexAttention's programs for real TPU and GPU targets from any host.
 
-"Will it fit, and how fast, before I rent the slice": the train step, prefill, one decode step or the
-V* likelihood is lowered for a TPU topology (libtpu's compile-only devices) or an NVIDIA node (the
-CUDA plugin's deviceless compile, with the device descriptions shipped in ``gpu_targets/``) and
-compiled by that target's own compiler. No accelerator and no weights are needed: parameters,
-optimizer state and batches are ``ShapeDtypeStruct`` leaves carrying the shardings of the
-project's rules table. Reported per chip: the compiler's HBM buffer assignment against the chip's
-capacity, the attention kernels actually lowered (Mosaic / cuDNN custom calls counted in the
-compiled HLO), compile seconds, FLOPs and, on TPU, the compiler's ``optimal_seconds`` with a step-time
-and MFU estimate (:func:`step_estimate`). The program is traced with the target mesh
-ambient (:func:`flexattn_jax.sharding.target_mesh`), so kernels follow the target, not this host.
+"Will it fit, and how fast, before I rent the slice": the train step, prefill, one decode step, the V*
+likelihood or the serving engine (``serve``: :mod:`flexattn_jax.slots`' programs at ``--slots``) is
+lowered for a TPU topology (libtpu's compile-only devices) or an NVIDIA node (the CUDA plugin's
+deviceless compile, with the device descriptions shipped in ``gpu_targets/``) and compiled by that
+target's own compiler. No accelerator and no weights are needed: parameters, optimizer state and batches
+are ``ShapeDtypeStruct`` leaves carrying the shardings of the project's rules table. Reported per chip:
+the compiler's HBM buffer assignment against the chip's capacity, the attention kernels actually lowered
+(Mosaic / cuDNN custom calls counted in the compiled HLO), compile seconds, FLOPs and, on TPU, the
+compiler's ``optimal_seconds`` with a step-time and MFU estimate (:func:`step_estimate`). The program is
+traced with the target mesh ambient (:func:`flexattn_jax.sharding.target_mesh`), so kernels follow the
+target, not this host.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -42,7 +44,8 @@ from flexattn_jax.hf_config import from_hf_config
 from flexattn_jax.overrides import parse_hr_budget
 from flexattn_jax.params import abstract_params
 
-PROGRAMS = ("train", "prefill", "decode", "likelihood")
+PROGRAMS = ("train", "prefill", "decode", "likelihood", "serve")
+SERVE_PREFILL_ROWS = 4  # the engine's default --prefill-batch: the rows of the serve program's encode and prefill
 ANSWER_ROOM = 128  # cache slots after the prompt for the answer (prefill / decode programs)
 # Fraction of a chip's memory a program may take: the TPU runtime keeps a little for itself; on GPU,
 # XLA's client reserves more (cuDNN / cuBLAS workspaces, which a deviceless compile does not count).
@@ -215,7 +218,7 @@ def model_flops(cfg: ModelConfig, program: str, batch: int, seq_len: int, rows: 
     with one select row; ``decode`` one step over the prompt's cache and :data:`ANSWER_ROOM` answer slots."""
     if program == "train":
         return F.train_flops(cfg, batch, seq_len, rows)
-    if program == "decode":
+    if program in ("decode", "serve"):
         return F.decode_step_model_flops(cfg, batch, seq_len + ANSWER_ROOM)
     return F.model_flops(cfg, batch, seq_len, 1)
 
@@ -292,6 +295,74 @@ def lower_program(cfg: ModelConfig, mesh: Mesh, program: str, batch: int, seq_le
     raise AotError(f"--program {program!r}: use one of {PROGRAMS}")
 
 
+SERVE_PROGRAMS = ("step", "insert", "encode", "prefill")  # the last two do not depend on the slot count
+
+
+def lower_serve(cfg: ModelConfig, mesh: Mesh, slots: int, seq_len: int, rows: int,
+                programs: tuple[str, ...] = SERVE_PROGRAMS) -> tuple[dict[str, Any], Any]:
+    """The serving engine's ``programs`` lowered for ``mesh`` (:mod:`flexattn_jax.slots`, the ``project`` HR strategy):
+    ``step`` (one token for ``slots`` slots of ``seq_len + ANSWER_ROOM`` tokens), ``encode`` and ``prefill`` of ``rows``
+    prompts of ``seq_len`` tokens, ``insert`` of those rows; and the slot state (sharded by
+    :func:`~flexattn_jax.slots.slot_specs`)."""
+    from flexattn_jax import slots as SL
+
+    params = _abstract_inference_params(cfg, mesh)
+    max_len = seq_len + ANSWER_ROOM
+    x = _inference_inputs(cfg, mesh, rows, seq_len)
+    vec = {name: _sds((rows,), dt, S.batch_sharding(mesh, (rows,))) for name, dt in (("t", jnp.float32), ("p", jnp.float32),
+                                                                                     ("seed", jnp.int32))}
+    with S.target_mesh(mesh):
+        state = SL.slot_shapes(params, cfg, slots, max_len)
+        state = S.abstract_with_shardings(state, SL.slot_shardings(state, mesh))
+        feats = jax.eval_shape(lambda p, px: SL.encode_images(p, cfg, px), params, x["pixel_values"])
+        lr, hr = (None if f is None else _sds(f.shape, f.dtype, S.batch_sharding(mesh, f.shape)) for f in feats)
+        args = (params, cfg, x["input_ids"], x["attention_mask"], lr, hr, x["margin"], vec["t"], vec["p"], vec["seed"])
+        new = jax.eval_shape(lambda *a: SL.prefill_rows(*a[:1], cfg, *a[1:], max_len=max_len), *args[:1], *args[2:])[0]
+        new = S.abstract_with_shardings(new, SL.slot_shardings(new, mesh))
+        lower = {"step": lambda: SL.decode_slots.lower(params, cfg, state),
+                 "encode": lambda: SL.encode_images.lower(params, cfg, x["pixel_values"]),
+                 "prefill": lambda: SL.prefill_rows.lower(*args, max_len=max_len),
+                 "insert": lambda: SL.insert_rows.lower(state, new, _sds((rows,), jnp.int32, S.replicated(mesh)))}
+        return {name: lower[name]() for name in programs}, state
+
+
+def per_chip_bytes(compiled) -> dict[str, int]:
+    """The compiler's buffer assignment per chip: arguments, temporaries, outputs, aliases and their peak."""
+    mem = compiled.memory_analysis()
+    args, temps, outs, alias = (int(getattr(mem, f, 0) or 0) for f in (
+        "argument_size_in_bytes", "temp_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes"))
+    return {"arguments": args, "temporaries": temps, "outputs": outs, "aliases": alias, "peak": args + temps + outs - alias}
+
+
+def state_bytes_per_chip(tree) -> int:
+    """Bytes of the largest shard of a tree of sharded ``ShapeDtypeStruct`` / array leaves on one chip."""
+    return sum(math.prod(a.sharding.shard_shape(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
+
+
+@functools.lru_cache(maxsize=8)
+def _serve_row_programs(tgt: Target, cfg: ModelConfig, mesh: str | None, seq_len: int, rows: int) -> tuple[dict[str, dict], str]:
+    """The engine's encode and prefill of ``rows`` prompts compiled (once per model, target, mesh and length: they do not
+    depend on the slot count, which ``--find-batch`` varies): per-chip bytes per program, and their HLO text."""
+    lowered, _ = lower_serve(cfg, target_mesh_for(tgt, mesh), 1, seq_len, rows, programs=("encode", "prefill"))
+    compiled = {name: low.compile() for name, low in lowered.items()}
+    return {name: per_chip_bytes(c) for name, c in compiled.items()}, "\n".join(c.as_text() for c in compiled.values())
+
+
+def _compile_serve(tgt: Target, cfg: ModelConfig, mesh: str | None, slots: int, seq_len: int,
+                   rows: int) -> tuple[dict[str, int], dict[str, int], Any, str]:
+    """The serve programs compiled: the step's per-chip bytes with ``peak`` the largest of the four programs' (encode
+    and prefill run beside the resident slot state, which is no argument of theirs), each program's peak and the slot
+    state's bytes, the compiled step, and the HLO text of all four."""
+    lowered, slot_state = lower_serve(cfg, target_mesh_for(tgt, mesh), slots, seq_len, rows, programs=("step", "insert"))
+    compiled = {name: low.compile() for name, low in lowered.items()}
+    fixed, fixed_hlo = _serve_row_programs(tgt, cfg, mesh, seq_len, rows)
+    mem = {**{name: per_chip_bytes(c) for name, c in compiled.items()}, **fixed}
+    state = state_bytes_per_chip(slot_state)
+    peaks = {name: m["peak"] + (state if name in ("encode", "prefill") else 0) for name, m in mem.items()}
+    hlo = "\n".join([*(c.as_text() for c in compiled.values()), fixed_hlo])
+    return {**mem["step"], "peak": max(peaks.values())}, {**peaks, "slot_state": state}, compiled["step"], hlo
+
+
 _CUSTOM_CALL = re.compile(r"%([\w.\-$]+) = .*?custom-call\(.*?custom_call_target=\"([^\"]+)\"")
 
 
@@ -339,6 +410,7 @@ class CompileReport:
     step_seconds_estimate: float | None = None  # :func:`step_estimate`
     mfu_estimate: float | None = None
     params: dict[str, int] = dataclasses.field(default_factory=dict)
+    serve_peaks: dict[str, int] = dataclasses.field(default_factory=dict)  # serve: each program's peak and the slot state
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -358,8 +430,12 @@ def compile_program(
     remat: str = "full",
     layers: int | None = None,
     model_name: str | None = None,
+    slots: int | None = None,
 ) -> CompileReport:
-    """Compile ``program`` of ``model`` for ``target`` (see the module docstring) and report per chip."""
+    """Compile ``program`` of ``model`` for ``target`` (see the module docstring) and report per chip.
+
+    ``serve``: the global batch is the engine's slot count (``slots``, else ``per_device_batch`` x data x fsdp),
+    ``seq_len`` the longest prompt; ``per_chip_bytes['peak']`` is the largest of its programs' peaks."""
     tgt = parse_target(target) if isinstance(target, str) else target
     if program not in PROGRAMS:
         raise AotError(f"--program {program!r}: use one of {PROGRAMS}")
@@ -377,21 +453,30 @@ def compile_program(
                        f"use at least {cfg.num_image_tokens + 1}")
     m = target_mesh_for(tgt, mesh)
     shards = m.shape["data"] * m.shape["fsdp"]
+    if slots is not None:
+        if program != "serve":
+            raise AotError(f"--slots {slots}: only for --program serve")
+        if slots < 1 or slots % shards:
+            raise AotError(f"--slots {slots}: a positive multiple of the mesh's data x fsdp ({shards})")
+        per_device_batch = slots // shards
     batch = per_device_batch * shards
     rows = min(seq_len, select_rows if select_rows is not None else seq_len)
     t0 = time.perf_counter()
+    serve_peaks: dict[str, int] = {}
     try:
-        compiled = lower_program(cfg, m, program, batch, seq_len, rows).compile()
+        if program == "serve":
+            bytes_, serve_peaks, compiled, hlo = _compile_serve(tgt, cfg, mesh, batch, seq_len, min(SERVE_PREFILL_ROWS, batch))
+        else:
+            compiled = lower_program(cfg, m, program, batch, seq_len, rows).compile()
+            bytes_, hlo = per_chip_bytes(compiled), compiled.as_text()
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program whose buffers exceed HBM
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         first = str(e).strip().splitlines()[0][:300]
-        raise AotError(f"{name} {program} at batch {per_device_batch}/device does not fit {tgt.name}: {first}") from None
+        at = f"{batch} slots" if program == "serve" else f"batch {per_device_batch}/device"
+        raise AotError(f"{name} {program} at {at} does not fit {tgt.name}: {first}") from None
     seconds = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    args, temps, outs, alias = (int(getattr(mem, f, 0) or 0) for f in (
-        "argument_size_in_bytes", "temp_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes"))
-    peak = args + temps + outs - alias
+    peak = bytes_["peak"]
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops = float(cost["flops"]) if cost and "flops" in cost else None
@@ -403,11 +488,11 @@ def compile_program(
         target=tgt.name, topology=tgt.topology, chips=tgt.chips, mesh=dict(m.shape), model=name, program=program,
         layers=cfg.text.num_layers, global_batch=batch, per_device_batch=per_device_batch, seq_len=seq_len,
         select_rows=rows if cfg.flex.enabled and program == "train" else 0, attention_impl=attention_impl, remat=cfg.remat_policy,
-        per_chip_bytes={"arguments": args, "temporaries": temps, "outputs": outs, "aliases": alias, "peak": peak},
+        per_chip_bytes=bytes_,
         capacity_bytes=tgt.chip.hbm_bytes, usable_bytes=usable, fits=peak <= usable,
-        kernels=count_kernels(compiled.as_text()), compile_seconds=round(seconds, 2), flops_per_chip=flops,
+        kernels=count_kernels(hlo), compile_seconds=round(seconds, 2), flops_per_chip=flops,
         model_flops_per_chip=mflops, optimal_seconds=optimal, step_seconds_estimate=step_s, mfu_estimate=mfu,
-        params=param_counts(cfg),
+        params=param_counts(cfg), serve_peaks=serve_peaks,
     )
 
 
@@ -477,6 +562,12 @@ def compile_parser(prog: str = "flexattn-jax compile") -> argparse.ArgumentParse
     p.add_argument("--mesh", default=None, help="data=..,fsdp=..,tensor=.. over all chips (default: fsdp over all)")
     p.add_argument("--per-device-batch", type=int, default=1, help="samples per data x fsdp shard (global = this x data x fsdp)")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sample (the prompt, for prefill/decode)")
+    p.add_argument("--slots", type=int, default=None,
+                   help="--program serve: the engine's decode slots in all (a multiple of data x fsdp; default: --per-device-batch "
+                   "per shard); --find-batch searches slots per data x fsdp shard")
+    p.add_argument("--max-context", type=int, default=None,
+                   help=f"--program serve: the longest prompt, in tokens (the same as --seq-len; each slot holds it and "
+                   f"{ANSWER_ROOM} answer tokens)")
     p.add_argument("--select-rows", type=int, default=None, help="R, training's select rows (default: --seq-len)")
     p.add_argument("--hr-budget", default=None, help="HR keys per select row: a fraction, a count or 'adaptive' (default: the model's)")
     p.add_argument("--attention-impl", default="auto", choices=ATTENTION_IMPLS)
@@ -505,6 +596,10 @@ def format_report(r: CompileReport) -> str:
         f"  compiled in {r.compile_seconds:.1f} s; FLOPs per chip: compiler "
         + ("n/a" if r.flops_per_chip is None else f"{r.flops_per_chip:.3e}") + f", model {r.model_flops_per_chip:.3e}",
     ]
+    if r.serve_peaks:
+        lines.append("  serve programs' peaks (encode and prefill beside the slot state): "
+                     + ", ".join(f"{k} {_gib(v)}" for k, v in r.serve_peaks.items() if k != "slot_state")
+                     + f"; slot state {_gib(r.serve_peaks['slot_state'])} per chip ({r.global_batch} slots)")
     if r.optimal_seconds is not None:
         lines.append(f"  TPU compiler's optimal_seconds {r.optimal_seconds:.4f} (loop bodies once); step estimate "
                      f"{r.step_seconds_estimate:.3f} s, MFU estimate {r.mfu_estimate:.1%}")
@@ -514,9 +609,17 @@ def format_report(r: CompileReport) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = compile_parser().parse_args(argv)
     try:
+        if args.program != "serve" and (args.slots is not None or args.max_context is not None):
+            raise AotError("--slots and --max-context are options of --program serve")
+        if args.slots is not None and args.find_batch:
+            raise AotError("--slots and --find-batch: give one (--find-batch searches the slots)")
+        if args.max_context is not None:
+            args.seq_len = args.max_context
         budget = parse_hr_budget(args.hr_budget, "--hr-budget") if args.hr_budget is not None else None
         kwargs = dict(mesh=args.mesh, seq_len=args.seq_len, select_rows=args.select_rows, hr_budget=budget,
                       attention_impl=args.attention_impl, remat=args.remat, layers=args.layers, model_name=args.model)
+        if args.slots is not None and not args.find_batch:
+            kwargs["slots"] = args.slots
         target = parse_target(args.target)
         model = load_model_config(args.model)
         if args.find_batch:

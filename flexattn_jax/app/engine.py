@@ -16,6 +16,10 @@
 Each slot's computation is its own (vmapped single-request programs), so a greedy request gets
 exactly ``flexattn-jax generate``'s tokens whatever shares the slots with it; temperature, top_p
 and seed are per-slot data of the one step program.
+
+With a ``mesh`` the parameters are sharded by the rules table, the slot state by
+:func:`~flexattn_jax.slots.slot_specs` (slots over ``data``, K/V heads over ``tensor``) and every
+program is traced under :func:`~flexattn_jax.sharding.target_mesh`; the tokens are those of one device.
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexattn_jax.app.inference import Answer, Prepared, answer_text, item_error, prepare
+from flexattn_jax.app.inference import Answer, Prepared, _placer, answer_text, item_error, prepare
 from flexattn_jax.preprocess import BUCKETS, bucket_length, longest_prompt, pad_batch
 from flexattn_jax.selection import margin_patches
+from flexattn_jax.sharding import param_shardings, target_mesh
 from flexattn_jax.slots import decode_slots, empty_slots, encode_images, insert_rows, prefill_rows, slot_bytes
 
 if TYPE_CHECKING:
@@ -177,23 +182,26 @@ class Engine(QueueLimit):
     """Continuous batching over ``slots`` decode slots on a thread; the server's default scheduler.
 
     ``observe(name, seconds)`` receives ``queue_wait`` (accepted to prefill), ``ttft`` (accepted to first
-    token) and ``inter_token`` (between two tokens of one request) as they happen.
+    token) and ``inter_token`` (between two tokens of one request) as they happen. ``mesh``: the slots and the
+    parameters sharded over it (``slots`` a multiple of its ``data`` axis).
     """
 
-    def __init__(self, params, cfg, tokenizer, *, slots: int = 8, prefill_batch: int = 4, max_queue: int = 256,
+    def __init__(self, params, cfg, tokenizer, *, mesh=None, slots: int = 8, prefill_batch: int = 4, max_queue: int = 256,
                  max_new_tokens: int = 64, hr_strategy: str = "project", buckets=BUCKETS, workers: int = 4,
                  image_cache_bytes: int = 256 << 20, decode_steps: int = 4, observe: Callable[[str, float], None] | None = None):
         super().__init__(max_queue)
         if min(slots, prefill_batch, decode_steps) < 1:
             raise ValueError(f"slots={slots}, prefill_batch={prefill_batch} and decode_steps={decode_steps} must be at least 1")
         self.decode_steps = decode_steps
-        self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
+        self.mesh, self._put = mesh, _placer(mesh, slots)
+        self.params = params if mesh is None else jax.device_put(params, param_shardings(params, mesh))
+        self.cfg, self.tokenizer = cfg, tokenizer
         self.slots, self.prefill_batch = slots, min(prefill_batch, slots)
         self.max_new_tokens, self.hr_strategy, self.buckets = max_new_tokens, hr_strategy, tuple(buckets)
         self.max_len = bucket_length(self.max_context, self.buckets) + max_new_tokens
         self.observe = observe
         self.cache = FeatureCache(image_cache_bytes)
-        self.state = empty_slots(params, cfg, slots, self.max_len, hr_strategy)
+        self.state = empty_slots(self.params, cfg, slots, self.max_len, hr_strategy, mesh)
         self.slot_bytes = slot_bytes(self.state)
         self.free: list[int] = list(range(slots))
         self.active: dict[int, _Live] = {}
@@ -227,6 +235,10 @@ class Engine(QueueLimit):
     # ---- the loop ----
 
     def _run(self) -> None:
+        with target_mesh(self.mesh):  # the programs traced for the mesh's devices (a thread's own context)
+            self._loop()
+
+    def _loop(self) -> None:
         while True:
             idle = not self.active and not self._waiting
             try:
@@ -245,7 +257,7 @@ class Engine(QueueLimit):
                 for slot in list(self.active):
                     self._settle(self.active.pop(slot).job, e)
                 self.free = list(range(self.slots))
-                self.state = empty_slots(self.params, self.cfg, self.slots, self.max_len, self.hr_strategy)
+                self.state = empty_slots(self.params, self.cfg, self.slots, self.max_len, self.hr_strategy, self.mesh)
             if self._stop.is_set() and not self.active and not self._waiting and self._incoming.empty():
                 return
 
@@ -290,7 +302,7 @@ class Engine(QueueLimit):
         key = FeatureCache.key(prep.pixels)
         hit = self.cache.get(key) if self.cache.max_bytes else None
         if hit is None:
-            hit = encode_images(self.params, self.cfg, jnp.asarray(prep.pixels[None]))
+            hit = encode_images(self.params, self.cfg, self._put(prep.pixels[None]))
             if self.cache.max_bytes:
                 self.cache.put(key, hit)
         return hit
@@ -309,6 +321,7 @@ class Engine(QueueLimit):
         sampling += [sampling[0]] * (rows - n)
         temperature, top_p, seed = (np.array(col, dt) for col, dt in zip(zip(*sampling, strict=True),
                                                                           (np.float32, np.float32, np.int32), strict=True))
+        ids, mask, margin, temperature, top_p, seed = map(self._put, (ids, mask, margin, temperature, top_p, seed))
         state, first, _ = prefill_rows(self.params, self.cfg, ids, mask, lr, hr, margin, temperature, top_p, seed,
                                        max_len=self.max_len, hr_strategy=self.hr_strategy)
         slots = [self.free.pop(0) for _ in range(n)]
@@ -378,6 +391,10 @@ class Engine(QueueLimit):
     def warmup(self) -> int:
         """Compile (or load from the compile cache) every program a request can meet: the encoder, the prefill and
         insert of each bucket at 1 and ``prefill_batch`` rows, the step. The number of buckets."""
+        with target_mesh(self.mesh):
+            return self._warmup()
+
+    def _warmup(self) -> int:
         from flexattn_jax.app.serve import warmup_prompts
         from flexattn_jax.preprocess import format_prompt, tokenize_with_image
 
@@ -388,11 +405,11 @@ class Engine(QueueLimit):
             ids = tokenize_with_image(format_prompt(text), self.tokenizer, cfg.image_token_id, cfg.num_image_tokens, num_images=1)
             bucket = bucket_length(len(ids), self.buckets)
             for rows in sorted({1, self.prefill_batch}):
-                lr, hr = encode_images(self.params, cfg, jnp.asarray(pixels[None]))
+                lr, hr = encode_images(self.params, cfg, self._put(pixels[None]))
                 lr, hr = (None if a is None else jnp.repeat(a, rows, axis=0) for a in (lr, hr))
-                ids_b, mask = pad_batch([ids] * rows, bucket, pad_id=cfg.pad_token_id, side="left")
-                vec = lambda v, dt, rows=rows: np.full(rows, v, dt)  # noqa: E731
-                state, first, _ = prefill_rows(self.params, cfg, ids_b, mask, lr, hr, np.zeros((rows, 2), np.int32),
+                ids_b, mask = map(self._put, pad_batch([ids] * rows, bucket, pad_id=cfg.pad_token_id, side="left"))
+                vec = lambda v, dt, rows=rows: self._put(np.full(rows, v, dt))  # noqa: E731
+                state, first, _ = prefill_rows(self.params, cfg, ids_b, mask, lr, hr, self._put(np.zeros((rows, 2), np.int32)),
                                                vec(0, np.float32), vec(1, np.float32), vec(0, np.int32),
                                                max_len=self.max_len, hr_strategy=self.hr_strategy)
                 self.state = insert_rows(self.state, state, np.full(rows, self.slots, np.int32))  # dropped: slots stay free

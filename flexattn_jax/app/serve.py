@@ -142,8 +142,18 @@ def check_serve_args(args: argparse.Namespace) -> GenerationOptions:
         raise ValueError(f"--max-prompt-tokens {args.max_prompt_tokens} must be in [1, {max(BUCKETS)}]")
     if not (math.isfinite(args.image_cache_mb) and args.image_cache_mb >= 0):
         raise ValueError(f"--image-cache-mb {args.image_cache_mb} must be a finite number >= 0")
-    if args.scheduler == "slots" and args.mesh is not None:
-        raise ValueError(f"--mesh {args.mesh}: the decode slots run on one device; use --scheduler wave for a data-parallel mesh")
+    if args.mesh is not None:  # the slots (or a wave's rows) are split over the mesh's data axis
+        import jax
+
+        from flexattn_jax.sharding import ShardingError, parse_mesh_spec
+
+        try:
+            data = parse_mesh_spec(args.mesh, jax.device_count())["data"]
+        except ShardingError as e:
+            raise ValueError(f"--mesh {args.mesh!r}: {e}") from e
+        flag, rows = ("--slots", args.slots) if args.scheduler == "slots" else ("--max-batch", args.max_batch)
+        if rows % data:
+            raise ValueError(f"{flag} {rows} is not a multiple of --mesh {args.mesh}'s data axis ({data})")
     if not (math.isfinite(args.batch_window_ms) and args.batch_window_ms >= 0):
         raise ValueError(f"--batch-window-ms {args.batch_window_ms} must be a finite number >= 0")
     if not (math.isfinite(args.request_timeout) and args.request_timeout > 0):
@@ -595,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
             sock.bind((args.host, args.port))
         except OSError as e:
             raise ValueError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror or e})") from e
-        params, cfg, mesh = load_for_inference(args.checkpoint, args.dtype, args.mesh, options.batch_size, args.quantize)
+        rows = args.slots if args.scheduler == "slots" else options.batch_size
+        params, cfg, mesh = load_for_inference(args.checkpoint, args.dtype, args.mesh, rows, args.quantize)
         cfg = inference_config(args, cfg, options)
     except (ValueError, OSError) as e:
         if sock is not None:
@@ -608,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model_name or Path(args.checkpoint).resolve().name
     image_root = None if args.image_root is None else Path(args.image_root).resolve()
     if args.scheduler == "slots":
-        scheduler = Engine(params, cfg, tokenizer, slots=args.slots, prefill_batch=args.prefill_batch, max_queue=args.max_queue,
+        scheduler = Engine(params, cfg, tokenizer, mesh=mesh, slots=args.slots, prefill_batch=args.prefill_batch, max_queue=args.max_queue,
                            max_new_tokens=options.max_new_tokens, hr_strategy=options.hr_strategy, buckets=options.buckets,
                            workers=options.workers,
                            image_cache_bytes=int(args.image_cache_mb * 2**20), decode_steps=args.decode_steps)
