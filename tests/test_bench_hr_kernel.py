@@ -4,6 +4,7 @@ and the roofline built from the kernel's own cost estimate at an active block sh
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,3 +86,32 @@ def test_checkpoint_errors(tmp_path, capsys):
     assert HK.main(["--checkpoint", str(plain)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"python -m bench.hr_kernel: --checkpoint {plain}: FlexAttention is off "
                                                             "in its config, so it selects nothing"]
+
+
+def test_hr_goals_rows_and_goals(tmp_path, capsys):
+    """``bench/hr_goals.py`` without compiling: the rows' configs, the full-depth scaling of a cut compile's figures,
+    the fit.json reference re-derived, and the goals read from the rows."""
+    from bench import hr_goals as G
+    from flexattn_jax import flops as F
+    from flexattn_jax.app import aot
+
+    sel, unrolled, share = G.row_config("selected-0.25"), G.row_config("unrolled"), G.row_config("splash_hr-share", 0.4)
+    assert (sel.flex.train_hr_budget, sel.flex.train_hr_fallback, sel.scan_layers) == (0.25, False, True)
+    assert not unrolled.scan_layers and share.flex.hr_kernel_block_share == 0.4
+    cfg = G.row_config("splash_hr")
+    report = aot.CompileReport(target=G.TARGET, topology="v5p:4x4x2", chips=32, mesh={}, model=G.MODEL, program="train", layers=10,
+                               global_batch=608, per_device_batch=19, seq_len=2048, select_rows=2048, attention_impl="splash_hr",
+                               remat="full", per_chip_bytes={"peak": 2**30}, capacity_bytes=1, usable_bytes=1, fits=True, kernels={},
+                               compile_seconds=1.0, flops_per_chip=5e13, model_flops_per_chip=1e15, optimal_seconds=0.25)
+    row = G.full_depth(report, cfg)
+    full = F.train_flops(aot.program_config(cfg, program="train"), 608, 2048, 2048) / 32
+    assert row["full_model_flops_per_chip"] == pytest.approx(full) and row["full_step_seconds"] == pytest.approx(0.25 * full / 5e13)
+    ref = G.fit_reference(Path("docs/fit.json"))
+    assert ref["llava"]["step_seconds"] == pytest.approx(5.678, abs=1e-3)  # LLaVA-1.5's model FLOPs are as stored
+    res = {"rows": [{"row": "splash_hr", "share": 1.0, **row}], "reference": ref}
+    goals = {g["row"]: g for g in G.goals(res) if "step" in g["goal"]}
+    assert goals["splash_hr"]["value"] == pytest.approx(row["full_step_seconds"] / ref["llava"]["step_seconds"])
+    flops_goal = next(g for g in G.goals(res) if g["row"] == "flops")
+    assert flops_goal["met"] and 1.1 < flops_goal["value"] < 1.2
+    assert G.main(["--out", str(tmp_path / "none.json")]) == 0 and not (tmp_path / "none.json").exists()
+    assert "selected-only at 25%" in capsys.readouterr().err
