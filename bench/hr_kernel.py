@@ -4,9 +4,12 @@ The kernel's ``pl.CostEstimate`` is static: it reports every block (the upper bo
 active (query block, key block) share, which depends on the masks. Measured here:
 
 * **masks**: the training rows' selections of the scaled model (random weights, :func:`bench.common.scaled_config`,
-  R select rows = the last R rows of a random prompt, every hierarchical layer), each row's 9 x 9 pooled cells
-  upsampled to the 7B HR grid (72 x 72, M = 5184: the pooled selection is scale-free); the ``--cells`` fraction
-  of a synthetic selection (the same random cells for every row: the best case for skipping) for comparison;
+  the FLOP benchmark's model at 7B shapes; R select rows = the last R rows of a random prompt, every hierarchical
+  layer); with ``--checkpoint`` those of a trained model (``flexattn-jax demo``'s ``demo_out/model``) on its own
+  training batches: the demo's data, its learnable rows as select rows, every hierarchical layer; each row's
+  9 x 9 pooled cells upsampled to the 7B HR grid (72 x 72, M = 5184: the pooled selection is scale-free); the
+  ``--cells`` fraction of a synthetic selection (the same random cells for every row: the best case for
+  skipping) for comparison;
 * **active share** of 128 x 128 blocks, keys row-major against cell-ordered
   (:func:`flexattn_jax.selection.cell_order`), and the selected share of (row, key) pairs (the floor);
 * **roofline** of one hierarchical layer's HR part, forward + backward, at 7B shapes (one sample: R = 2048,
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +36,7 @@ from flexattn_jax.chips import CHIPS
 from flexattn_jax.kernels.hr_attention import BLOCK, active_block_fraction, cost_estimates
 from flexattn_jax.model import forward
 from flexattn_jax.params import init_params
-from flexattn_jax.selection import cell_order
+from flexattn_jax.selection import cell_order, nearest_source_index
 
 ROOFLINE_CHIPS = ("v5p", "v5e")  # the TPUs the kernel targets; peak and bandwidth from flexattn_jax.chips
 HR_7B, POOL = 72, 9  # 1008 px: a 72 x 72 HR grid, 9 x 9 pooled cells of 8 x 8 tokens
@@ -50,10 +54,56 @@ def scaled_masks(rows: int, seed: int = 0) -> np.ndarray:
     out = jax.jit(lambda p: forward(p, v.cfg, ids, pixels, mask, select_rows=sel, select_valid=jnp.ones(sel.shape, bool),
                                     return_maps=True).hr_masks)(params)
     layers = v.cfg.mask_layers
-    hr = np.asarray(out)[layers.start:layers.stop]  # (L, B, R, M) the masks the next layers attend with
-    g, step = v.cfg.hr_grid, v.cfg.hr_grid // POOL
-    cells = hr.reshape(*hr.shape[:3], g, g)[..., ::step, ::step]
-    return cells.reshape(-1, rows, POOL * POOL)
+    return pooled_cells(np.asarray(out)[layers.start:layers.stop], v.cfg.hr_grid)  # the masks the next layers attend with
+
+
+def pooled_cells(hr: np.ndarray, grid: int) -> np.ndarray:
+    """``(L, B, R, grid^2)`` HR masks (a 9 x 9 pooled selection upsampled ``nearest``) -> ``(L x B, R, 81)`` cell masks:
+    each cell read at the first HR row / column that shows it."""
+    first = np.array([np.flatnonzero(nearest_source_index(POOL, grid) == c)[0] for c in range(POOL)])
+    cells = hr.reshape(*hr.shape[:3], grid, grid)[..., first[:, None], first[None, :]]
+    return cells.reshape(-1, hr.shape[2], POOL * POOL)
+
+
+class MaskSourceError(ValueError):
+    """A ``--checkpoint`` that gives no selection masks (the message names the path and why)."""
+
+
+def checkpoint_masks(path: str | Path, samples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(L x B, R, 81)`` pooled cell masks of a trained FlexAttention model's select rows on ``samples`` of the demo's
+    training data (``flexattn-jax demo``'s split at the model's image size, its prompt length of 64, its learnable
+    rows as the select rows, every hierarchical layer; rows that are padding are all-False, as the kernel masks
+    them), which rows are real ``(L x B, R)``, and the selected share of (real row, HR token) pairs on the model's
+    own grid."""
+    from flexattn_jax.app.demo import OBJECT_PX, _records
+    from flexattn_jax.app.demo_data import make_split
+    from flexattn_jax.checkpoint import CheckpointError, load_converted
+    from flexattn_jax.preprocess import SYSTEM_PROMPT
+    from flexattn_jax.tokenizer import load_tokenizer
+    from train.config import DataConfig
+    from train.data import Collator, SampleLoader
+
+    if not (Path(path) / "metadata.json").is_file():
+        raise MaskSourceError(f"--checkpoint {path}: no metadata.json (want a model directory, e.g. demo_out/model)")
+    try:
+        params, cfg = load_converted(path)
+    except CheckpointError as e:
+        raise MaskSourceError(f"--checkpoint {path}: {e}") from None
+    if not cfg.flex.enabled:
+        raise MaskSourceError(f"--checkpoint {path}: FlexAttention is off in its config, so it selects nothing")
+    tokenizer = load_tokenizer(path)
+    dcfg = DataConfig(max_len=64, system_prompt=SYSTEM_PROMPT, threads=1)
+    records = _records(make_split(2000 + seed, samples, hr_size=cfg.image_size, obj_px=OBJECT_PX))
+    loader = SampleLoader(records, cfg, dcfg, tokenizer)
+    batch = Collator(cfg, dcfg)([loader((i, 0)) for i in range(samples)])
+    out = jax.jit(lambda p: forward(p, cfg, batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                                    margin=batch["margin"], select_rows=batch["select_rows"], select_valid=batch["select_valid"],
+                                    return_maps=True).hr_masks)(params)
+    layers = cfg.mask_layers
+    hr = np.asarray(out)[layers.start:layers.stop]
+    rows = np.broadcast_to(np.asarray(batch["select_valid"]), hr.shape[:3])
+    hr = hr & rows[..., None]
+    return pooled_cells(hr, cfg.hr_grid), rows.reshape(-1, hr.shape[2]), float(hr[rows].mean())
 
 
 def to_7b(cells: np.ndarray) -> np.ndarray:
@@ -74,19 +124,24 @@ def roofline(share: float, chip: str) -> dict:
     """Seconds of one layer's HR part (forward + backward, one sample, 7B shapes) at this active share."""
     s = SHAPE_7B
     rp, mp = -(-s["r"] // BLOCK) * BLOCK, -(-s["m"] // BLOCK) * BLOCK
-    est = cost_estimates(s["b"], s["h"], 1, rp, mp, s["d"], s["itemsize"])
-    flops = share * sum(e.flops for e in est.values())
-    nbytes = share * sum(e.bytes_accessed for e in est.values())
+    est = cost_estimates(s["b"], s["h"], 1, rp, mp, s["d"], s["itemsize"], share=share)  # the kernel's own estimate at this share
+    flops = sum(e.flops for e in est.values())
+    nbytes = sum(e.bytes_accessed for e in est.values())
     peak, bw = CHIPS[chip].peak_flops, CHIPS[chip].hbm_bytes_per_s
     return {"chip": chip, "share": share, "tflops": flops / 1e12, "gbytes": nbytes / 1e9, "compute_s": flops / peak,
             "memory_s": nbytes / bw, "seconds": max(flops / peak, nbytes / bw)}
 
 
-def run(rows: int, cells: float, seed: int) -> dict:
-    measured = to_7b(scaled_masks(rows, seed))
+def run(rows: int, cells: float, seed: int, checkpoint: str | Path | None = None, samples: int = 32) -> dict:
+    shares = {}
+    if checkpoint is not None:  # first: a bad --checkpoint fails before the scaled model runs
+        demo, rows_valid, own = checkpoint_masks(checkpoint, samples, seed)
+        shares["trained-model"] = {**block_shares(to_7b(demo)), "rows_per_sample": float(rows_valid.sum(axis=1).mean()),
+                                   "selected_own_grid": own}
+    shares["scaled-model"] = block_shares(to_7b(scaled_masks(rows, seed)))
     rng = np.random.default_rng(seed)
     synthetic = to_7b(np.broadcast_to(rng.random((1, 1, POOL * POOL)) < cells, (1, rows, POOL * POOL)))
-    shares = {"scaled-model": block_shares(measured), f"synthetic-{cells:g}": block_shares(synthetic)}
+    shares[f"synthetic-{cells:g}"] = block_shares(synthetic)
     lines = []
     for name, sh in shares.items():
         for order in ("row_major", "cell_order"):
@@ -102,7 +157,9 @@ def format_table(res: dict) -> str:
         out.append(f"{row['masks']:<18}{row['order']:<12}{row['chip']:<6}{row['share']:>7.3f}{row['tflops']:>8.3f}"
                    f"{row['gbytes']:>8.2f}{row['compute_s'] * 1e3:>12.2f}{row['memory_s'] * 1e3:>11.2f}")
     for name, sh in res["shares"].items():
-        out.append(f"{name}: selected {sh['selected']:.3f} of (row, key) pairs; active blocks {sh['row_major']:.3f} row-major, "
+        own = (f" ({sh['rows_per_sample']:.1f} select rows a sample; {sh['selected_own_grid']:.3f} on its own grid)"
+               if "rows_per_sample" in sh else "")
+        out.append(f"{name}: selected {sh['selected']:.3f} of (row, key) pairs{own}; active blocks {sh['row_major']:.3f} row-major, "
                    f"{sh['cell_order']:.3f} cell-ordered")
     return "\n".join(out)
 
@@ -112,10 +169,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=512, help="select rows of the scaled model's training forward (7B training: 2048)")
     p.add_argument("--cells", type=float, default=0.25, help="selected share of the 81 cells in the synthetic masks")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None,
+                   help="also a trained FlexAttention model's masks (e.g. demo_out/model of `flexattn-jax demo`)")
+    p.add_argument("--samples", type=int, default=32, help="--checkpoint: training samples of the demo's data to select on")
     a = p.parse_args(argv)
-    if a.rows < 1 or not 0 < a.cells <= 1:
-        p.error(f"--rows {a.rows} must be >= 1 and --cells {a.cells} in (0, 1]")
-    res = run(a.rows, a.cells, a.seed)
+    if a.rows < 1 or not 0 < a.cells <= 1 or a.samples < 1:
+        p.error(f"--rows {a.rows} and --samples {a.samples} must be >= 1 and --cells {a.cells} in (0, 1]")
+    try:
+        res = run(a.rows, a.cells, a.seed, a.checkpoint, a.samples)
+    except MaskSourceError as e:
+        print(f"python -m bench.hr_kernel: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(res))
     print(format_table(res), file=sys.stderr)
     return 0

@@ -572,14 +572,16 @@ def hr_kernel_attention(
     k: Float[Array, "B M Hkv d"],
     v: Float[Array, "B M Hkv d"],
     valid: Bool[Array, "B R M"],
+    block_share: float = 1.0,
 ) -> tuple[Float[Array, "B R H d"], Float[Array, "B R H"]]:
     """:func:`hr_attention` over shared keys by :func:`flexattn_jax.kernels.hr_attention.hr_flash_attention`: the
     same output (``q``'s dtype) and differentiable fp32 LSE, fully masked (query, key) blocks skipped. Under a mesh
     it runs inside ``shard_map`` like :func:`splash_attention` (batch over data/fsdp, heads over tensor; the mask
-    follows the batch); interpret mode unless the target is a TPU."""
+    follows the batch); interpret mode unless the target is a TPU. ``block_share``: the active block share the
+    kernel's cost estimate counts (``flex.hr_kernel_block_share``)."""
     from flexattn_jax.kernels.hr_attention import hr_flash_attention
 
-    body = functools.partial(hr_flash_attention, interpret=target_platform() != "tpu")
+    body = functools.partial(hr_flash_attention, interpret=target_platform() != "tpu", block_share=block_share)
     axes = kernel_mesh_axes(q.shape[0], k.shape[2])
     if axes is None:
         return body(q, k, v, valid)

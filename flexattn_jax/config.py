@@ -146,6 +146,12 @@ class FlexConfig:
     and attend only the union of the HR tokens the sample's select rows selected, packed (cell by cell) into
     that static number U of slots (a fraction of M or a count); exact whenever every sample's union fits, and
     when one does not the layer takes the all-M path instead (``lax.cond``, both compiled): never truncated.
+    ``train_hr_fallback=False`` compiles the packed path alone: for cost analysis only (XLA counts the
+    conditional as its all-M branch), not exact when a union does not fit.
+    ``hr_kernel_block_share``: the share of (query block, key block) pairs the Pallas HR kernel's cost estimate
+    counts as executed (``attention_impl='splash_hr'``; which blocks are skipped is known only at run time):
+    1.0, every block, is the upper bound; ``bench/hr_kernel.py`` measures the share on selection masks. It feeds
+    the compiler's time estimate only; results do not depend on it.
     """
 
     enabled: bool = False
@@ -166,6 +172,8 @@ class FlexConfig:
     hr_step_cells: int = 3
     hr_cache_fallback: bool = True
     train_hr_budget: float | int | None = None
+    train_hr_fallback: bool = True
+    hr_kernel_block_share: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.hr_ladder, list):  # from JSON / to_dict round trips: keep the config hashable (a jit static)
@@ -461,6 +469,9 @@ def validate(cfg: ModelConfig) -> None:
     u = f.train_hr_budget
     if u is not None and (isinstance(u, (bool, str)) or (isinstance(u, float) and not 0 < u <= 1) or (isinstance(u, int) and u < 1)):
         raise ConfigError(f"flex.train_hr_budget={u!r}: use None (off: all M), a fraction of M in (0, 1] or a positive count")
+    share = f.hr_kernel_block_share
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise ConfigError(f"flex.hr_kernel_block_share={share!r}: use the HR kernel's active block share in (0, 1] (1.0: every block)")
     ladder = f.hr_ladder
     if (not isinstance(ladder, tuple) or not ladder
             or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x <= 1 for x in ladder)):

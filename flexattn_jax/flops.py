@@ -112,7 +112,8 @@ def _generation_flops(params: Any, cfg: ModelConfig, batch: int, length: int, ma
 # One convention for every analytic count (training's MFU, `flexattn-jax compile`, the benchmarks): a matmul is 2 FLOPs
 # per multiply-add (softmax, norms, activations, RoPE ignored); CLIP runs the layers up to the selected hidden state
 # (ModelConfig.vision_layers_used), each view's P+1 tokens attending to all P+1; a hierarchical layer projects the HR
-# K/V of all M HR tokens of an image and its select rows attend to K = ModelConfig.hr_budget_tokens HR keys. Model
+# K/V of all M HR tokens of an image and its select rows attend to K = ModelConfig.hr_budget_tokens HR keys (training
+# with flex.train_hr_budget: U = ModelConfig.train_hr_tokens of each, the selected-only path when the unions fit). Model
 # FLOPs (the MFU convention, :func:`model_flops`) halve causal attention and count no recompute (remat, the select
 # rows' dense recompute); the benchmarks' dense counts (causal=False) are what XLA runs with masked attention.
 
@@ -175,8 +176,10 @@ def model_flops(cfg: ModelConfig, batch: int, seq_len: int, select_rows: int, *,
     tower (3x with ``vision_trains``)."""
     images = batch if images is None else images
     text = batch * (decoder_flops(cfg, seq_len, seq_len, causal=True) + head_flops(cfg, seq_len))
-    hr = images * hierarchical_layers(cfg) * (hr_kv_flops(cfg, cfg.num_hr_tokens)
-                                              + hr_attention_flops(cfg, select_rows, cfg.hr_budget_tokens))
+    tokens, keys = cfg.num_hr_tokens, cfg.hr_budget_tokens
+    if train and cfg.train_hr_tokens is not None:  # selected-only training: U tokens projected and attended
+        tokens, keys = cfg.train_hr_tokens, min(keys, cfg.train_hr_tokens)
+    hr = images * hierarchical_layers(cfg) * (hr_kv_flops(cfg, tokens) + hr_attention_flops(cfg, select_rows, keys))
     vision = images * views(cfg) * vision_tower_flops(cfg)
     projector = images * views(cfg) * projector_flops(cfg)
     if not train:

@@ -234,7 +234,7 @@ class DecoderLayer(nn.Module):
             if not ordered:
                 order = cell_order(self.cfg.hr_grid, self.cfg.flex.pool_size)
                 k_hr, v_hr, valid = k_hr[:, order], v_hr[:, order], valid[..., order]
-            o, lse = hr_kernel_attention(q_sel, k_hr, v_hr, valid)
+            o, lse = hr_kernel_attention(q_sel, k_hr, v_hr, valid, self.cfg.flex.hr_kernel_block_share)
         else:
             o, lse = hr_attention(q_sel, k_hr, v_hr, valid, chunked=hr_chunked(self.cfg.attention_impl, r, s))
         return o.astype(jnp.float32), lse
@@ -242,7 +242,8 @@ class DecoderLayer(nn.Module):
     def _attend_union(self, q_sel: jax.Array, valid: jax.Array, ctx: LayerContext, u: int) -> tuple[jax.Array, jax.Array]:
         """``flex.train_hr_budget``: project and attend only the union of the HR tokens the sample's select rows
         selected, packed cell by cell into ``u`` slots; when a sample's union is larger, the all-M path
-        (``lax.cond``, both compiled), so the result is always what all M give (up to float order)."""
+        (``lax.cond``, both compiled), so the result is always what all M give (up to float order).
+        ``flex.train_hr_fallback=False``: the packed path alone (for cost analysis; not exact when a union does not fit)."""
         order = jnp.asarray(cell_order(self.cfg.hr_grid, self.cfg.flex.pool_size))
         union = jnp.any(valid, axis=1)[:, order]  # (B, M) cell by cell
         packed = compact(union[:, None], u)
@@ -257,6 +258,8 @@ class DecoderLayer(nn.Module):
         def everything():
             return self._shared(q_sel, *self.attn.hr_kv(ctx.hr_features, ctx.hr_cos, ctx.hr_sin), valid)
 
+        if not self.cfg.flex.train_hr_fallback:
+            return selected()
         return jax.lax.cond(fits, selected, everything)
 
     def _project(self, index: jax.Array, ctx: LayerContext) -> tuple[jax.Array, jax.Array]:

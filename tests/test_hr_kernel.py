@@ -235,10 +235,12 @@ SPARSE = dict(pool_size=4, threshold=180.0, hr_budget=None)  # unions of 72..117
 
 
 @pytest.mark.parametrize("impl,fits", [("xla", True), pytest.param("xla", False, marks=pytest.mark.slow),
-                                       pytest.param("splash_hr", True, marks=pytest.mark.slow)])
+                                       pytest.param("splash_hr", True, marks=pytest.mark.slow),
+                                       pytest.param("xla", "packed-only", marks=pytest.mark.slow)])
 def test_selected_only_training_equals_all_m(monkeypatch, impl, fits):
     """Projecting only the union of the rows' selections (U slots) gives the all-M gradients of the training loss
-    when every union fits (the packed branch forced) and when one does not (U below a union: the all-M fallback)."""
+    when every union fits (the packed branch forced, or compiled alone: ``train_hr_fallback=False``, the cost-analysis
+    program) and when one does not (U below a union: the all-M fallback)."""
     from .test_attention_impl import _grads, _model, _prefill
 
     params, cfg, *inputs = _model()
@@ -247,10 +249,11 @@ def test_selected_only_training_equals_all_m(monkeypatch, impl, fits):
     union = np.asarray(_prefill(params, cfg, *inputs)[1].hr_masks)[layers.start:layers.stop].any(axis=2).sum(axis=-1)
     u = int(union.max())  # (layers, B) tokens per sample's union
     assert 0 < u < cfg.num_hr_tokens and union.min() < u, union  # a real union, smaller than M, varying
-    c = dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, train_hr_budget=u if fits else u - 1))
+    c = dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, train_hr_budget=u if fits else u - 1,
+                                                          train_hr_fallback=fits != "packed-only"))
     assert c.train_hr_tokens == (u if fits else u - 1)
     with monkeypatch.context() as mp:
-        if fits:  # every lax.cond takes its first branch: the packed U-slot path (the batch has images: encode runs)
+        if fits is True:  # every lax.cond takes its first branch: the packed U-slot path (the batch has images: encode runs)
             mp.setattr(jax.lax, "cond", lambda pred, a, b, *ops: a(*ops))
         g = _grads(params, c, *inputs)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(_grads(params, cfg, *inputs)), strict=True):
@@ -265,14 +268,33 @@ def test_train_hr_budget_config():
     assert dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, train_hr_budget=0.25)).train_hr_tokens == 9  # M = 36
     with pytest.raises(ConfigError, match="flex.train_hr_budget=0"):
         dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, train_hr_budget=0))
+    for share in (0, 1.5, True):
+        with pytest.raises(ConfigError, match=f"flex.hr_kernel_block_share={share!r}"):
+            dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, hr_kernel_block_share=share))
+
+
+def test_selected_only_model_flops():
+    """Training's model FLOPs with ``train_hr_budget``: each hierarchical layer projects and attends U, not M, HR tokens
+    (forward + backward: 3x); inference counts are unchanged."""
+    from flexattn_jax import flops as F
+
+    cfg = tiny_config()
+    sel = dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, train_hr_budget=0.25))
+    m, u, rows = cfg.num_hr_tokens, sel.train_hr_tokens, 10
+    saved = 3 * 2 * F.hierarchical_layers(cfg) * (F.hr_kv_flops(cfg, m) - F.hr_kv_flops(cfg, u)
+                                                  + F.hr_attention_flops(cfg, rows, m) - F.hr_attention_flops(cfg, rows, u))
+    assert F.train_flops(cfg, 2, 64, rows) - F.train_flops(sel, 2, 64, rows) == pytest.approx(saved) and saved > 0
+    assert F.model_flops(sel, 2, 64, 1) == F.model_flops(cfg, 2, 64, 1)
 
 
 # ---- Mosaic: compiled by libtpu for compile-only TPU chips ---------------------------------------------
 
 @needs_libtpu
-def test_kernel_and_gradient_lower_to_mosaic_for_v5e():
+@pytest.mark.parametrize("share", [1.0, pytest.param(0.25, marks=pytest.mark.slow)])
+def test_kernel_and_gradient_lower_to_mosaic_for_v5e(share):
     """The kernel's forward, dq and dK/dV compile for v5e (bf16, head dim 128, M = 1296 padded to 1408, fsdp=4 under
-    shard_map): three Mosaic custom calls, and the compiler's FLOPs are the cost estimates' (every block)."""
+    shard_map): three Mosaic custom calls, and the compiler's FLOPs are the cost estimates' at the block share
+    (every block, or the share ``block_share`` says is active)."""
     from flexattn_jax.app import aot
     from flexattn_jax.kernels.hr_attention import cost_estimates
 
@@ -282,7 +304,7 @@ def test_kernel_and_gradient_lower_to_mosaic_for_v5e():
     q, k, valid = sds((b, r, h, d), jnp.bfloat16), sds((b, m, h, d), jnp.bfloat16), sds((b, r, m), jnp.bool_)
 
     def loss(q, k, v, valid):
-        o, lse = A.hr_kernel_attention(q, k, v, valid)
+        o, lse = A.hr_kernel_attention(q, k, v, valid, share)
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(jnp.where(lse > -1e29, lse, 0))
 
     with S.target_mesh(mesh):
@@ -290,7 +312,7 @@ def test_kernel_and_gradient_lower_to_mosaic_for_v5e():
         compiled = lowered.compile()
     text = lowered.as_text()
     assert text.count("tpu_custom_call") == 3 and all(f"flex_hr_attention_{n}" in text for n in ("fwd", "dq", "dkv"))
-    est = cost_estimates(1, h, 1, 256, 1408, d, 2)  # one sample per chip
+    est = cost_estimates(1, h, 1, 256, 1408, d, 2, share=share)  # one sample per chip
     kernel_flops = sum(e.flops for e in est.values())
     assert kernel_flops <= compiled.cost_analysis()["flops"] <= 1.01 * kernel_flops
 

@@ -16,10 +16,11 @@ over splash / tokamax (``shared/docs/hr-kernel.md``):
 * GQA: K/V keep their ``Hkv`` heads; query head h reads KV head ``h // (H / Hkv)``.
 
 Cost estimate (:func:`cost_estimates`): ``pl.CostEstimate`` is static, and which blocks are skipped
-is known only at run time, so each call reports the FLOPs, exponentials and bytes of **every** block
-(the upper bound, what the kernel executes when nothing is skipped). The executed figure is about
-that times the active block fraction (``bench/hr_kernel.py`` measures it on selection masks and
-gives the roofline; ``docs/hr-kernel.md``).
+is known only at run time, so each call reports its executed cost at a static active block share
+(``block_share``, from ``flex.hr_kernel_block_share``): the FLOPs and exponentials of that share of the
+blocks and the bytes it moves (the skipped blocks' K/V/mask DMA, and in the dK/dV kernel their query side,
+removed; what is read or written once per row or key stays). At the default 1.0 that is every block, the
+upper bound; ``bench/hr_kernel.py`` measures the share on selection masks (``docs/hr-kernel.md``).
 """
 
 from __future__ import annotations
@@ -143,34 +144,41 @@ def _dkv_kernel(active, fetch_k, fetch_q, q_ref, k_ref, v_ref, mask_ref, do_ref,
 
 
 def cost_estimates(
-    b: int, h: int, groups: int, rp: int, mp: int, d: int, itemsize: int, block_q: int = BLOCK, block_k: int = BLOCK
+    b: int, h: int, groups: int, rp: int, mp: int, d: int, itemsize: int, block_q: int = BLOCK, block_k: int = BLOCK,
+    share: float = 1.0,
 ) -> dict[str, pl.CostEstimate]:
-    """The static cost estimates of the three kernels (``fwd``, ``dq``, ``dkv``) for padded shapes: every block's
-    FLOPs, exponentials and HBM bytes, the upper bound (which blocks are skipped is known only at run time; the
-    executed cost is about this times :func:`active_block_fraction`). Bytes of the forward and dq kernels: the query
-    side once, K and V once per query block of each query head; of the dK/dV kernel: K and V once per KV head, the
-    query side (q, dO and the lane-replicated fp32 LSE and di) once per key block; the int8 mask once per head in each."""
+    """The static cost estimates of the three kernels (``fwd``, ``dq``, ``dkv``) for padded shapes when a ``share`` of
+    the (query block, key block) pairs is active (1.0: every block, the upper bound; which blocks are skipped is known
+    only at run time, :func:`active_block_fraction` measures it on masks): the FLOPs and exponentials of the active
+    blocks, and the HBM bytes. Per active block the forward and dq kernels read a K, V and mask block (K and V once per
+    query block of each query head when all are active), the dK/dV kernel a query-side block (q, dO and the
+    lane-replicated fp32 LSE and di); what is read or written once stays whole: the forward's and dq's query side,
+    the dK/dV kernel's K and V read and dK and dV written once per KV head."""
+    if not 0 <= share <= 1:
+        raise ValueError(f"cost_estimates: share={share!r} is not in [0, 1]")
     rows = b * h * rp
-    kv = b * h * (rp // block_q) * mp * d * itemsize * 2
-    mask = b * h * rp * mp
+    kv = share * b * h * (rp // block_q) * mp * d * itemsize * 2
+    mask = share * b * h * rp * mp
     stats = rows * LANES * 4
+    flops = lambda matmuls: int(share * 2 * matmuls * rows * mp * d)
+    exps = int(share * rows * mp)
 
     def est(matmuls: int, row_bytes: int) -> pl.CostEstimate:
-        return pl.CostEstimate(flops=2 * matmuls * rows * mp * d, transcendentals=rows * mp, bytes_accessed=int(row_bytes + kv + mask))
+        return pl.CostEstimate(flops=flops(matmuls), transcendentals=exps, bytes_accessed=int(row_bytes + kv + mask))
 
     nk = mp // block_k
     kv_once = b * (h // groups) * mp * d * itemsize * 2
-    # K, V read and dK, dV written once per KV head; the query side once per key block
-    dkv = pl.CostEstimate(flops=2 * 4 * rows * mp * d, transcendentals=rows * mp,
-                          bytes_accessed=int(2 * kv_once + mask + nk * (rows * d * itemsize * 2 + 2 * stats)))
+    # K, V read and dK, dV written once per KV head; the query side once per active key block
+    dkv = pl.CostEstimate(flops=flops(4), transcendentals=exps,
+                          bytes_accessed=int(2 * kv_once + mask + share * nk * (rows * d * itemsize * 2 + 2 * stats)))
     return {"fwd": est(2, rows * d * itemsize * 2 + stats),  # q in, o out, lse out
             "dq": est(3, rows * d * itemsize * 3 + 2 * stats),  # q, dO in, dq out, lse and di in
             "dkv": dkv}
 
 
-def _costs(q, k, block_q, block_k):
+def _costs(q, k, block_q, block_k, share):
     b, h, rp, d = q.shape
-    return cost_estimates(b, h, h // k.shape[1], rp, k.shape[2], d, q.dtype.itemsize, block_q, block_k)
+    return cost_estimates(b, h, h // k.shape[1], rp, k.shape[2], d, q.dtype.itemsize, block_q, block_k, share)
 
 
 def _specs(block_q: int, block_k: int, d: int, groups: int, nq: int, nk: int):
@@ -183,7 +191,7 @@ def _specs(block_q: int, block_k: int, d: int, groups: int, nq: int, nk: int):
     return q_spec, kv_spec, mask_spec, row_spec
 
 
-def _forward(q, k, v, mask, tables, block_q, block_k, interpret):
+def _forward(q, k, v, mask, tables, block_q, block_k, interpret, share):
     b, h, rp, d = q.shape
     hkv, mp = k.shape[1], k.shape[2]
     nq, nk, groups = rp // block_q, mp // block_k, h // hkv
@@ -199,11 +207,11 @@ def _forward(q, k, v, mask, tables, block_q, block_k, interpret):
         kernel, grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, rp, LANES), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-        cost_estimate=_costs(q, k, block_q, block_k)["fwd"], interpret=interpret, name="flex_hr_attention_fwd",
+        cost_estimate=_costs(q, k, block_q, block_k, share)["fwd"], interpret=interpret, name="flex_hr_attention_fwd",
     )(*tables, q, k, v, mask)
 
 
-def _backward(q, k, v, mask, tables, do, lse, di, block_q, block_k, interpret):
+def _backward(q, k, v, mask, tables, do, lse, di, block_q, block_k, interpret, share):
     b, h, rp, d = q.shape
     hkv, mp = k.shape[1], k.shape[2]
     nq, nk, groups = rp // block_q, mp // block_k, h // hkv
@@ -215,7 +223,7 @@ def _backward(q, k, v, mask, tables, do, lse, di, block_q, block_k, interpret):
             out_specs=q_spec, scratch_shapes=[pltpu.VMEM((block_q, d), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-        cost_estimate=_costs(q, k, block_q, block_k)["dq"], interpret=interpret, name="flex_hr_attention_dq",
+        cost_estimate=_costs(q, k, block_q, block_k, share)["dq"], interpret=interpret, name="flex_hr_attention_dq",
     )(*tables, q, k, v, mask, do, lse, di)
 
     # dK/dV grid (b, kv head, key block, group member, query block): the query side follows fetch_q
@@ -231,29 +239,29 @@ def _backward(q, k, v, mask, tables, do, lse, di, block_q, block_k, interpret):
             out_specs=[ks, ks], scratch_shapes=[pltpu.VMEM((block_k, d), jnp.float32), pltpu.VMEM((block_k, d), jnp.float32)]),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
-        cost_estimate=_costs(q, k, block_q, block_k)["dkv"], interpret=interpret, name="flex_hr_attention_dkv",
+        cost_estimate=_costs(q, k, block_q, block_k, share)["dkv"], interpret=interpret, name="flex_hr_attention_dkv",
     )(*tables, q, k, v, mask, do, lse, di)
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _hr_flash(q, k, v, mask, tables, block_q, block_k, interpret):
-    o, lse = _forward(q, k, v, mask, tables, block_q, block_k, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _hr_flash(q, k, v, mask, tables, block_q, block_k, interpret, share):
+    o, lse = _forward(q, k, v, mask, tables, block_q, block_k, interpret, share)
     return o, lse[..., 0]
 
 
-def _hr_flash_fwd(q, k, v, mask, tables, block_q, block_k, interpret):
-    o, lse = _forward(q, k, v, mask, tables, block_q, block_k, interpret)
+def _hr_flash_fwd(q, k, v, mask, tables, block_q, block_k, interpret, share):
+    o, lse = _forward(q, k, v, mask, tables, block_q, block_k, interpret, share)
     return (o, lse[..., 0]), (q, k, v, mask, tables, o, lse)
 
 
-def _hr_flash_bwd(block_q, block_k, interpret, res, cotangents):
+def _hr_flash_bwd(block_q, block_k, interpret, share, res, cotangents):
     """FlashAttention-2's backward; the LSE's cotangent enters as ``di = rowsum(dO * O) - g_lse`` (d lse / d s = p)."""
     q, k, v, mask, tables, o, lse = res
     g_o, g_lse = cotangents
     di = jnp.sum(g_o.astype(jnp.float32) * o.astype(jnp.float32), axis=-1) - g_lse.astype(jnp.float32)  # (B, H, Rp)
     di = jnp.broadcast_to(di[..., None], lse.shape)
-    dq, dk, dv = _backward(q, k, v, mask, tables, g_o.astype(q.dtype), lse, di, block_q, block_k, interpret)
+    dq, dk, dv = _backward(q, k, v, mask, tables, g_o.astype(q.dtype), lse, di, block_q, block_k, interpret, share)
     return dq, dk, dv, None, None
 
 
@@ -269,21 +277,25 @@ def hr_flash_attention(
     block_q: int = BLOCK,
     block_k: int = BLOCK,
     interpret: bool = False,
+    block_share: float = 1.0,
 ) -> tuple[Float[Array, "B R H d"], Float[Array, "B R H"]]:
     """The select rows' attention over the shared HR keys under the per-row mask ``valid``: output (``q``'s dtype)
     and differentiable fp32 LSE, by the Pallas kernel. Same function as :func:`flexattn_jax.attention.hr_attention`
-    (rows without a selected key: output 0, ``lse = NEG_INF``); ``interpret`` runs it off a TPU."""
+    (rows without a selected key: output 0, ``lse = NEG_INF``); ``interpret`` runs it off a TPU. ``block_share``: the
+    active block share the compiler's cost estimate assumes (:func:`cost_estimates`; the results do not depend on it)."""
     b, r, h, d = q.shape
     m, hkv = k.shape[1], k.shape[2]
     if h % hkv or valid.shape != (b, r, m) or v.shape != k.shape:
         raise ValueError(f"hr_flash_attention: q {q.shape}, k {k.shape}, v {v.shape}, valid {valid.shape}: "
                          "want (B, R, H, d), (B, M, Hkv, d) twice with H % Hkv == 0, and (B, R, M)")
+    if not 0 < block_share <= 1:
+        raise ValueError(f"hr_flash_attention: block_share={block_share!r} is not in (0, 1]")
     mask = padded_mask(valid, block_q, block_k)  # padded rows and keys: masked
     rp, mp = mask.shape[1:]
     qt = jnp.pad(q.transpose(0, 2, 1, 3), [(0, 0), (0, 0), (0, rp - r), (0, 0)])
     kt, vt = (jnp.pad(x.transpose(0, 2, 1, 3), [(0, 0), (0, 0), (0, mp - m), (0, 0)]) for x in (k, v))
     tables = block_tables(mask, block_q, block_k)
-    o, lse = _hr_flash(qt, kt, vt, mask, tables, block_q, block_k, interpret)
+    o, lse = _hr_flash(qt, kt, vt, mask, tables, block_q, block_k, interpret, float(block_share))
     return o[:, :, :r].transpose(0, 2, 1, 3), lse[:, :, :r].transpose(0, 2, 1)
 
 

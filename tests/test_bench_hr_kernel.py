@@ -1,0 +1,117 @@
+"""``bench/hr_kernel.py``: the pooled cells read back from HR masks, the trained-model mask source (``--checkpoint``),
+and the roofline built from the kernel's own cost estimate at an active block share."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import hr_kernel as HK
+from flexattn_jax.kernels.hr_attention import cost_estimates
+from flexattn_jax.selection import _upsample_nearest
+
+
+@pytest.mark.parametrize("grid", [12, 72, 24])
+def test_pooled_cells_read_back_the_upsampled_selection(grid):
+    """A 9 x 9 selection upsampled ``nearest`` to the HR grid (as the model does), read back cell by cell: the same cells
+    (12 x 12 is not a multiple of 9: the cells cover 1 or 2 rows)."""
+    cells = np.random.default_rng(grid).random((2, 3, 5, 81)) < 0.3  # (L, B, R, 81)
+    hr = np.asarray(_upsample_nearest(cells.reshape(2, 3, 5, 9, 9), grid)).reshape(2, 3, 5, grid * grid)
+    np.testing.assert_array_equal(HK.pooled_cells(hr, grid), cells.reshape(6, 5, 81))
+
+
+def test_roofline_is_the_kernels_cost_estimate_at_the_share():
+    """FLOPs scale with the share; the bytes read or written once (query side of fwd/dq, K/V of dK/dV) do not."""
+    full, quarter, none = (cost_estimates(1, 4, 2, 256, 512, 128, 2, share=s) for s in (1.0, 0.25, 0.0))
+    for k in ("fwd", "dq", "dkv"):
+        assert quarter[k].flops == full[k].flops // 4 and none[k].flops == 0 and none[k].transcendentals == 0
+        assert 0 < none[k].bytes_accessed < quarter[k].bytes_accessed < full[k].bytes_accessed
+        assert quarter[k].bytes_accessed == pytest.approx(none[k].bytes_accessed + 0.25 * (full[k].bytes_accessed - none[k].bytes_accessed))
+    assert none["dkv"].bytes_accessed == 2 * 2 * 2 * 512 * 128 * 2  # K, V in and dK, dV out, once per KV head
+    r1, r4 = HK.roofline(1.0, "v5p"), HK.roofline(0.25, "v5p")
+    assert r4["tflops"] == pytest.approx(r1["tflops"] / 4, rel=1e-6) and r1["gbytes"] / 4 < r4["gbytes"] < r1["gbytes"]
+    with pytest.raises(ValueError, match="share=1.5"):
+        cost_estimates(1, 4, 2, 256, 512, 128, 2, share=1.5)
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoint(tmp_path_factory):
+    """The demo's model shape (``presets.demo``) with random weights, written with the demo's tokenizer."""
+    from flexattn_jax import presets
+    from flexattn_jax.app.demo_data import build_demo_tokenizer
+    from tests.checkpoints import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("hrk") / "model", presets.demo(len(build_demo_tokenizer())))
+
+
+def test_checkpoint_masks_are_the_models_training_row_selections(demo_checkpoint):
+    """The model's own masks on the demo's training data: one row block per (layer, sample), its learnable rows
+    (padding rows all-False), cells that upsample back to the share measured on the model's grid."""
+    from flexattn_jax.checkpoint import read_config
+
+    cfg = read_config(demo_checkpoint)
+    cells, rows, own = HK.checkpoint_masks(demo_checkpoint, 3)
+    layers = cfg.mask_layers.stop - cfg.mask_layers.start
+    assert cells.shape[0] == layers * 3 and cells.shape[2] == 81 and cells.dtype == bool and rows.shape == cells.shape[:2]
+    assert 0 < rows.sum(axis=1).min() and not rows.all()  # each sample has learnable rows, and padding
+    assert not cells[~rows].any()
+    hr = np.asarray(_upsample_nearest(cells.reshape(*cells.shape[:2], 9, 9), cfg.hr_grid)).reshape(*cells.shape[:2], -1)
+    assert 0 < own < 1 and hr[rows].mean() == pytest.approx(own, rel=1e-6)
+
+
+@pytest.mark.slow  # ~1 min: the scaled model's forward too
+def test_checkpoint_source_in_the_table(demo_checkpoint, capsys):
+    assert HK.main(["--rows", "16", "--checkpoint", str(demo_checkpoint), "--samples", "2"]) == 0
+    out, err = capsys.readouterr()
+    res = json.loads(out)
+    assert set(res["shares"]) == {"scaled-model", "trained-model", "synthetic-0.25"}
+    assert {r["masks"] for r in res["roofline"]} >= {"trained-model"} and "trained-model: selected" in err
+
+
+def test_checkpoint_errors(tmp_path, capsys):
+    """A directory that is no model, and a model that selects nothing: one line each, exit 2, before any model runs."""
+    import dataclasses
+
+    from tests.checkpoints import write_tiny_checkpoint
+    from tests.fixtures import tiny_config
+
+    assert HK.main(["--checkpoint", str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"python -m bench.hr_kernel: --checkpoint {tmp_path / 'nothing'}: "
+                                                            "no metadata.json (want a model directory, e.g. demo_out/model)"]
+    cfg = tiny_config()
+    plain = write_tiny_checkpoint(tmp_path / "plain", dataclasses.replace(cfg, flex=dataclasses.replace(cfg.flex, enabled=False)))
+    assert HK.main(["--checkpoint", str(plain)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"python -m bench.hr_kernel: --checkpoint {plain}: FlexAttention is off "
+                                                            "in its config, so it selects nothing"]
+
+
+def test_hr_goals_rows_and_goals(tmp_path, capsys):
+    """``bench/hr_goals.py`` without compiling: the rows' configs, the full-depth scaling of a cut compile's figures,
+    the fit.json reference re-derived, and the goals read from the rows."""
+    from bench import hr_goals as G
+    from flexattn_jax import flops as F
+    from flexattn_jax.app import aot
+
+    sel, unrolled, share = G.row_config("selected-0.25"), G.row_config("unrolled"), G.row_config("splash_hr-share", 0.4)
+    assert (sel.flex.train_hr_budget, sel.flex.train_hr_fallback, sel.scan_layers) == (0.25, False, True)
+    assert not unrolled.scan_layers and share.flex.hr_kernel_block_share == 0.4
+    cfg = G.row_config("splash_hr")
+    report = aot.CompileReport(target=G.TARGET, topology="v5p:4x4x2", chips=32, mesh={}, model=G.MODEL, program="train", layers=10,
+                               global_batch=608, per_device_batch=19, seq_len=2048, select_rows=2048, attention_impl="splash_hr",
+                               remat="full", per_chip_bytes={"peak": 2**30}, capacity_bytes=1, usable_bytes=1, fits=True, kernels={},
+                               compile_seconds=1.0, flops_per_chip=5e13, model_flops_per_chip=1e15, optimal_seconds=0.25)
+    row = G.full_depth(report, cfg)
+    full = F.train_flops(aot.program_config(cfg, program="train"), 608, 2048, 2048) / 32
+    assert row["full_model_flops_per_chip"] == pytest.approx(full) and row["full_step_seconds"] == pytest.approx(0.25 * full / 5e13)
+    ref = G.fit_reference(Path("docs/fit.json"))
+    assert ref["llava"]["step_seconds"] == pytest.approx(5.678, abs=1e-3)  # LLaVA-1.5's model FLOPs are as stored
+    res = {"rows": [{"row": "splash_hr", "share": 1.0, **row}], "reference": ref}
+    goals = {g["row"]: g for g in G.goals(res) if "step" in g["goal"]}
+    assert goals["splash_hr"]["value"] == pytest.approx(row["full_step_seconds"] / ref["llava"]["step_seconds"])
+    flops_goal = next(g for g in G.goals(res) if g["row"] == "flops")
+    assert flops_goal["met"] and 1.1 < flops_goal["value"] < 1.2
+    assert G.main(["--out", str(tmp_path / "none.json")]) == 0 and not (tmp_path / "none.json").exists()
+    assert "selected-only at 25%" in capsys.readouterr().err
