@@ -33,8 +33,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     from flexattn_jax.generate import HRStrategy
 
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute/param dtype (default: as converted)")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="weight-only quantise the decoder linears at load (int8 per channel, int4 per group; docs/lora.md)")
+    from flexattn_jax.quant import MODES
+
+    p.add_argument("--quantize", choices=MODES, default=None,
+                   help="weight-only quantise the decoder linears at load (int8 per channel, int4 per group, nf4 per block; docs/lora.md)")
     p.add_argument("--hr-budget", default=None,
                    help="HR tokens per select row: 'all' (K = M, the release), 'adaptive' (exact as 'all', at the cost of "
                    "the smallest rung of flex.hr_ladder holding the selection, chosen per layer at run time), or a fixed "
