@@ -132,7 +132,10 @@ def target_devices(target: Target) -> list:
             raise AotError(f"--target {target.name} needs libtpu: pip install 'flexattn-jax[tpu]' (jax[tpu]>=0.10,<0.11)")
         # one device per chip: libtpu's default for v4 is a device per TensorCore, which jax's TPU meshes refuse;
         # "megacore" fuses a chip's two cores into one device, as v4/v5p slices run (and as MaxText's AOT compiles)
-        options = {"chip_config_name": "megacore"} if target.chip.cores_per_chip > 1 else {}
+        options: dict[str, Any] = {"chip_config_name": "megacore"} if target.chip.cores_per_chip > 1 else {}
+        if target.chips < 4:  # a slice smaller than libtpu's default host (2x2x1): the host is the slice (v5e-1, one chip)
+            dims = [int(d) for d in target.topology.split(":")[1].split("x")]
+            options["chips_per_host_bounds"] = tuple(dims + [1] * (3 - len(dims)))
         try:
             topo = topologies.get_topology_desc(topology_name=target.topology, platform="tpu", **options)
         except Exception as e:  # libtpu rejects shapes it does not know: say which one
