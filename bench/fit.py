@@ -9,6 +9,12 @@ v5e-8 and 1 x H200: prefill at batch 32 and one decode step. And compile seconds
 (one ``lax.scan`` over the layers). Every figure comes from :func:`flexattn_jax.app.aot.compile_program`;
 a target whose compiler is not installed (libtpu, the CUDA plugin) is reported as skipped, with why.
 
+LoRA, QLoRA and int8 (``--only lora``, :data:`LORA_JOBS`): the 7B LoRA step (bf16 base) on v5e-8 at per-chip batch 3,
+the QLoRA step (int4 base) on one v5e chip at batch 1, int8 prefill and decode on one v5e chip at batch 8 with a
+1024-token context, and the decode step int8 against bf16 on v5p-8 (the target whose compiler gives a time estimate).
+The train steps are compiled with the decoder cut to :data:`LORA_CUT` layers and their full-depth peak extrapolated
+(:func:`extrapolate_train_peak`).
+
 The largest batch: compile at per-chip batch 1 and 2, then where the peak, interpolated linearly between
 the nearest batches that fit and fail, meets the usable HBM, until the boundary is found: a few compiles
 per row. Then plain LLaVA-1.5-7B at the FlexAttention-7B row's batch, for the same-batch step ratio.
@@ -24,7 +30,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+
+from flexattn_jax import quant as Q
 from flexattn_jax.app import aot
+from flexattn_jax.lora import LoraConfig
 
 TRAIN_TARGETS = ("v5e-256", "v5p-64", "v6e-64", "v4-32", "h100x8")
 TRAIN_MODELS = ("llava-flexattn-7b", "llava-flexattn-13b", "llava-1.5-7b")
@@ -65,7 +75,68 @@ def jobs(quick: bool) -> list[tuple]:
     rest = [("train", m, t) for m in TRAIN_MODELS for t in TRAIN_TARGETS if ("train", m, t) not in first]
     same = [("same_batch", t) for t in TRAIN_TARGETS if ("same_batch", t) not in first]
     big = [j for j in rest if "13b" in j[1]]  # last: a 13B TPU compile takes far longer than a 7B one here
-    return first + infer + depth + [j for j in rest if j not in big] + same + big
+    lora = [("lora", i) for i in range(len(LORA_JOBS))]
+    return first + infer + depth + lora + [j for j in rest if j not in big] + same + big
+
+
+LORA_CUT = 2  # decoder layers the LoRA / QLoRA train steps are compiled with (one select, one hierarchical)
+LORA_JOBS: tuple[dict[str, Any], ...] = (
+    {"name": "7B LoRA, bf16 base", "target": "v5e-8", "program": "train", "lora": {"enabled": True}, "per_device_batch": 3,
+     "layers": LORA_CUT},
+    {"name": "7B QLoRA, int4 base", "target": "v5e-1", "program": "train", "lora": {"enabled": True, "base_quant": "int4"},
+     "per_device_batch": 1, "layers": LORA_CUT},
+    {"name": "7B int8 prefill", "target": "v5e-1", "program": "prefill", "quantize": "int8", "per_device_batch": 8, "seq_len": 1024},
+    {"name": "7B int8 decode", "target": "v5e-1", "program": "decode", "quantize": "int8", "per_device_batch": 8, "seq_len": 1024},
+    {"name": "7B int8 decode", "target": "v5p-8", "mesh": "tensor=4", "program": "decode", "quantize": "int8", "per_device_batch": 8,
+     "seq_len": 1024},
+    {"name": "7B bf16 decode", "target": "v5p-8", "mesh": "tensor=4", "program": "decode", "per_device_batch": 8, "seq_len": 1024},
+)
+"""The LoRA / QLoRA / int8 rows (the 7B FlexAttention model; train steps at T = R = 2048, the others' context 1024)."""
+
+
+def state_bytes_per_chip(cfg, target: aot.Target, mesh: str | None, lora: LoraConfig | None) -> int:
+    """Bytes per chip of the train state (parameters, fp32 masters, AdamW moments) of ``cfg`` on ``target``: the
+    shard of each leaf of the step's abstract state as its sharding splits it (no compile)."""
+    from train.step import make_step
+
+    fns = make_step(cfg, aot.train_config(lora), aot.target_mesh_for(target, mesh), total_steps=1000)
+    shards = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.sharding.shard_shape(a.shape), a.dtype), fns.abstract_state)
+    return Q.nbytes(shards)
+
+
+def extrapolate_train_peak(model_cfg, job: dict[str, Any], report: aot.CompileReport) -> dict[str, Any]:
+    """Full-depth peak per chip of a train step compiled with a cut decoder (``report``): the compiled peak, plus the
+    state the missing layers hold (exact: :func:`state_bytes_per_chip` at full depth minus at the cut), plus each
+    missing layer's remat residual (under full remat the scan keeps a layer's input, per-chip batch x T x D in bf16).
+    An estimate: the compiler's temporaries at the cut depth are taken to be those of the full depth otherwise."""
+    target = aot.parse_target(job["target"])
+    lora = LoraConfig(**job["lora"]) if job.get("lora") else None
+    full = aot.program_config(model_cfg, program="train")
+    cut = aot.program_config(model_cfg, program="train", layers=job["layers"])
+    state = {n: state_bytes_per_chip(c, target, job.get("mesh"), lora) for n, c in ((full.text.num_layers, full), (job["layers"], cut))}
+    missing = full.text.num_layers - job["layers"]
+    residual = missing * report.per_device_batch * report.seq_len * full.text.hidden_size * 2
+    peak = report.per_chip_bytes["peak"] + state[full.text.num_layers] - state[job["layers"]] + residual
+    usable = int(target.chip.hbm_bytes * aot.USABLE_FRACTION[target.platform])
+    return {"layers": full.text.num_layers, "state_bytes": state[full.text.num_layers], "cut_state_bytes": state[job["layers"]],
+            "residual_bytes": residual, "peak": peak, "fits": peak <= usable}
+
+
+def lora_row(model_cfg, job: dict[str, Any], report: aot.CompileReport) -> dict[str, Any]:
+    """A :data:`LORA_JOBS` row: the compile's figures, and for a cut train step the full-depth extrapolation."""
+    row = {"name": job["name"], **_row(report), "mesh": report.mesh, "seq_len": report.seq_len, "lora": report.lora,
+           "quantize": report.quantize}
+    if job.get("layers") is not None:
+        row["extrapolated"] = extrapolate_train_peak(model_cfg, job, report)
+    return row
+
+
+def compile_lora_job(model_cfg, job: dict[str, Any]) -> aot.CompileReport:
+    """Compile one :data:`LORA_JOBS` entry (``flexattn-jax compile`` with the same options)."""
+    return aot.compile_program(job["target"], model_cfg, job["program"], mesh=job.get("mesh"), per_device_batch=job["per_device_batch"],
+                               seq_len=job.get("seq_len", SEQ), select_rows=ROWS if job["program"] == "train" else None,
+                               layers=job.get("layers"), lora=LoraConfig(**job["lora"]) if job.get("lora") else None,
+                               quantize=job.get("quantize"), model_name="llava-flexattn-7b")
 
 
 SETTINGS = {"seq_len": SEQ, "select_rows": ROWS, "image_px": 1008, "remat": "full", "compute": "bf16", "masters": "fp32 + AdamW",
@@ -77,7 +148,9 @@ def done_jobs(res: dict[str, Any]) -> set[tuple]:
     return ({("train", e["model"], e["target"]) for e in res["train"]}
             | {("same_batch", e["target"]) for e in res["same_batch"]}
             | {("infer", r["target"], r["mesh"], r["program"]) for r in res["inference"] if "mesh" in r}
-            | {("depth", d["layers"]) for d in res["depth"]})
+            | {("depth", d["layers"]) for d in res["depth"]}
+            | {("lora", i) for i, j in enumerate(LORA_JOBS) for r in res.get("lora", [])
+               if (r["name"], r["target"]) == (j["name"], j["target"])})
 
 
 DEPTH_TARGET = "v5p-64"  # the compile-seconds-by-depth jobs
@@ -85,6 +158,8 @@ DEPTH_TARGET = "v5p-64"  # the compile-seconds-by-depth jobs
 
 def _target_of(job: tuple) -> str:
     """A job's target: ('train', model, target), ('infer', target, mesh, program), ('depth', layers)."""
+    if job[0] == "lora":
+        return LORA_JOBS[job[1]]["target"]
     return job[2] if job[0] == "train" else job[1] if job[0] in ("infer", "same_batch") else DEPTH_TARGET
 
 
@@ -136,11 +211,11 @@ def run(quick: bool, log, save=lambda res: None, previous: dict[str, Any] | None
     ``only``: run just the jobs of this kind (``train``, ``infer`` or ``depth``); ``targets``: just these targets;
     ``models``: just the training searches of these models (the other kinds of job are not filtered by model).
     """
-    out: dict[str, Any] = {"settings": SETTINGS, "train": [], "same_batch": [], "inference": [], "depth": [], "skipped": []}
+    out: dict[str, Any] = {"settings": SETTINGS, "train": [], "same_batch": [], "inference": [], "depth": [], "lora": [], "skipped": []}
     if previous is not None:
         if previous.get("settings") != SETTINGS:
             raise SystemExit(f"--resume: the earlier results were made with other settings ({previous.get('settings')}), not {SETTINGS}")
-        out.update({k: list(previous.get(k, [])) for k in ("train", "same_batch", "inference", "depth")})
+        out.update({k: list(previous.get(k, [])) for k in ("train", "same_batch", "inference", "depth", "lora")})
         for e in out["train"]:
             for r in [e["largest"], *e["tried"]]:
                 if r is not None:
@@ -165,6 +240,11 @@ def run(quick: bool, log, save=lambda res: None, previous: dict[str, Any] | None
                 out["train"].append({"model": model, "target": target, "largest": None if best is None else _row(best), "tried": tried})
             elif job[0] == "same_batch":
                 out["same_batch"].append(same_batch(out, job[1], train_at(aot.parse_target(job[1]), "llava-1.5-7b"), log))
+            elif job[0] == "lora":
+                spec = LORA_JOBS[job[1]]
+                r = compile_lora_job(configs["llava-flexattn-7b"], spec)
+                log(f"    peak {r.per_chip_bytes['peak'] / 2**30:.2f} GiB, {r.compile_seconds:.0f} s")
+                out["lora"].append(lora_row(configs["llava-flexattn-7b"], spec, r))
             elif job[0] == "infer":
                 _, target, mesh, program = job
                 t = aot.parse_target(target)
@@ -210,6 +290,13 @@ def table(res: dict[str, Any]) -> str:
     if res["depth"]:
         lines.append(f"compile seconds by depth (7B FlexAttention train, {DEPTH_TARGET}): "
                      + ", ".join(f"{d['layers']} layers {d['compile_seconds']:.0f} s" for d in res["depth"]))
+    for r in res.get("lora", []):
+        ext = r.get("extrapolated")
+        peak = ext["peak"] if ext else r["per_chip_bytes"]["peak"]
+        step = "" if r.get("step_seconds_estimate") is None else f"{r['step_seconds_estimate']:.4f}"
+        cut = f" ({r['layers']}-layer compile: {r['per_chip_bytes']['peak'] / 2**30:.1f} GiB)" if ext else ""
+        lines.append(f"{r['name'] + ' ' + r['program']:<20} {r['target']:<9} {r['chips']:>5} {r['per_device_batch']:>10} "
+                     f"{peak / 2**30:>9.1f} {r['capacity_bytes'] / 2**30:>6.0f} {step:>12} {'':>6} {sum(r['kernels'].values())}{cut}")
     for s in res["skipped"]:
         lines.append(f"skipped {s}")
     return "\n".join(lines)
@@ -221,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                    "the inference rows and two depths only")
     p.add_argument("--out", default=None, help="also write the JSON here (after every compile, so an interrupted run keeps its rows)")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --out and compile only the missing ones")
-    p.add_argument("--only", choices=("train", "infer", "depth"), help="compile only the jobs of this kind")
+    p.add_argument("--only", choices=("train", "infer", "depth", "lora"), help="compile only the jobs of this kind")
     p.add_argument("--target", action="append", dest="targets", help="compile only for this target (repeatable), e.g. v5e-256")
     p.add_argument("--model", action="append", dest="models", choices=TRAIN_MODELS,
                    help="search the largest batch only for this model (repeatable); other jobs are not filtered by model")

@@ -266,6 +266,14 @@ def _state_shardings(state, mesh: Mesh, batch: int):
     return jax.tree_util.tree_map_with_path(one, state)
 
 
+def train_config(lora: LoraConfig | None = None):
+    """The compiled train step's settings: full fine-tuning (projector and decoder), or with ``lora`` (enabled) train's
+    ``--lora`` default: adapters and the projector on a frozen base."""
+    from train.config import TrainConfig
+
+    return TrainConfig(trainable="projector", lora=lora) if lora is not None and lora.enabled else TrainConfig(trainable="projector,llm")
+
+
 def lower_program(cfg: ModelConfig, mesh: Mesh, program: str, batch: int, seq_len: int, rows: int,
                   lora: LoraConfig | None = None, quantize: str | None = None):
     """``jax.jit(program).lower(...)`` for ``mesh`` with abstract, sharded inputs (nothing is allocated).
@@ -276,12 +284,9 @@ def lower_program(cfg: ModelConfig, mesh: Mesh, program: str, batch: int, seq_le
     from flexattn_jax import generate as G
 
     if program == "train":
-        from train.config import TrainConfig
         from train.step import make_example_batch, make_step
 
-        lora_on = lora is not None and lora.enabled
-        tcfg = TrainConfig(trainable="projector", lora=lora) if lora_on else TrainConfig(trainable="projector,llm")
-        fns = make_step(cfg, tcfg, mesh, total_steps=1000)
+        fns = make_step(cfg, train_config(lora), mesh, total_steps=1000)
         host = make_example_batch(cfg, batch, seq_len, rows)
         abstract_batch = {k: _sds(x.shape, x.dtype, fns.batch_sharding(x.shape)) for k, x in host.items()}
         return fns.step.lower(fns.abstract_state, abstract_batch)
