@@ -75,7 +75,7 @@ def jobs(quick: bool) -> list[tuple]:
     rest = [("train", m, t) for m in TRAIN_MODELS for t in TRAIN_TARGETS if ("train", m, t) not in first]
     same = [("same_batch", t) for t in TRAIN_TARGETS if ("same_batch", t) not in first]
     big = [j for j in rest if "13b" in j[1]]  # last: a 13B TPU compile takes far longer than a 7B one here
-    lora = [("lora", i) for i in range(len(LORA_JOBS))]
+    lora = [("composed",)] + [("lora", i) for i in range(len(LORA_JOBS))]
     return first + infer + depth + lora + [j for j in rest if j not in big] + same + big
 
 
@@ -139,6 +139,31 @@ def compile_lora_job(model_cfg, job: dict[str, Any]) -> aot.CompileReport:
                                quantize=job.get("quantize"), model_name="llava-flexattn-7b")
 
 
+COMPOSED_FROM = "v5e-256"  # the full fine-tune compiles whose temporaries :func:`composed_train_estimates` reuses
+
+
+def composed_train_estimates(res: dict[str, Any], model_cfg) -> list[dict[str, Any]]:
+    """Full-depth peak per chip of the LoRA / QLoRA train jobs of :data:`LORA_JOBS`, composed without a 7B compile of
+    their own: at each per-chip batch the 7B full fine-tune was compiled at on :data:`COMPOSED_FROM` (``res['train']``),
+    that compile's temporaries (the same forward and rematerialised backward through the decoder, the same per-layer
+    gathered weights; LoRA adds no base weight gradients) plus the LoRA state per chip on the job's target (exact,
+    :func:`state_bytes_per_chip`). The largest batch whose sum fits the usable HBM is the row's."""
+    full = next((e for e in res["train"] if (e["model"], e["target"]) == ("llava-flexattn-7b", COMPOSED_FROM)), None)
+    if full is None:
+        raise aot.AotError(f"no llava-flexattn-7b full fine-tune row on {COMPOSED_FROM} to compose from")
+    out = []
+    for job in (j for j in LORA_JOBS if j["program"] == "train"):
+        target = aot.parse_target(job["target"])
+        lora = LoraConfig(**job["lora"])
+        state = state_bytes_per_chip(aot.program_config(model_cfg, program="train"), target, job.get("mesh"), lora)
+        usable = int(target.chip.hbm_bytes * aot.USABLE_FRACTION[target.platform])
+        peaks = {r["per_device_batch"]: state + r["per_chip_bytes"]["temporaries"] for r in full["tried"]}
+        fitting = [b for b, p in peaks.items() if p <= usable]
+        out.append({"name": job["name"], "target": job["target"], "lora": lora.to_dict(), "state_bytes": state,
+                    "peak_by_batch": peaks, "usable_bytes": usable, "largest_batch": max(fitting, default=None)})
+    return out
+
+
 SETTINGS = {"seq_len": SEQ, "select_rows": ROWS, "image_px": 1008, "remat": "full", "compute": "bf16", "masters": "fp32 + AdamW",
             "frozen": "CLIP"}
 
@@ -150,7 +175,8 @@ def done_jobs(res: dict[str, Any]) -> set[tuple]:
             | {("infer", r["target"], r["mesh"], r["program"]) for r in res["inference"] if "mesh" in r}
             | {("depth", d["layers"]) for d in res["depth"]}
             | {("lora", i) for i, j in enumerate(LORA_JOBS) for r in res.get("lora", [])
-               if (r["name"], r["target"]) == (j["name"], j["target"])})
+               if (r["name"], r["target"]) == (j["name"], j["target"])}
+            | ({("composed",)} if res.get("composed") else set()))
 
 
 DEPTH_TARGET = "v5p-64"  # the compile-seconds-by-depth jobs
@@ -160,12 +186,14 @@ def _target_of(job: tuple) -> str:
     """A job's target: ('train', model, target), ('infer', target, mesh, program), ('depth', layers)."""
     if job[0] == "lora":
         return LORA_JOBS[job[1]]["target"]
+    if job[0] == "composed":
+        return COMPOSED_FROM
     return job[2] if job[0] == "train" else job[1] if job[0] in ("infer", "same_batch") else DEPTH_TARGET
 
 
 def _kind(job: tuple) -> str:
     """A job's --only kind: the same-batch comparison is a training job."""
-    return "train" if job[0] == "same_batch" else job[0]
+    return "train" if job[0] == "same_batch" else "lora" if job[0] == "composed" else job[0]
 
 
 def same_batch(res: dict[str, Any], target: str, compile_at, log) -> dict[str, Any]:
@@ -211,11 +239,12 @@ def run(quick: bool, log, save=lambda res: None, previous: dict[str, Any] | None
     ``only``: run just the jobs of this kind (``train``, ``infer`` or ``depth``); ``targets``: just these targets;
     ``models``: just the training searches of these models (the other kinds of job are not filtered by model).
     """
-    out: dict[str, Any] = {"settings": SETTINGS, "train": [], "same_batch": [], "inference": [], "depth": [], "lora": [], "skipped": []}
+    out: dict[str, Any] = {"settings": SETTINGS, "train": [], "same_batch": [], "inference": [], "depth": [], "lora": [], "composed": [],
+                           "skipped": []}
     if previous is not None:
         if previous.get("settings") != SETTINGS:
             raise SystemExit(f"--resume: the earlier results were made with other settings ({previous.get('settings')}), not {SETTINGS}")
-        out.update({k: list(previous.get(k, [])) for k in ("train", "same_batch", "inference", "depth", "lora")})
+        out.update({k: list(previous.get(k, [])) for k in ("train", "same_batch", "inference", "depth", "lora", "composed")})
         for e in out["train"]:
             for r in [e["largest"], *e["tried"]]:
                 if r is not None:
@@ -240,6 +269,8 @@ def run(quick: bool, log, save=lambda res: None, previous: dict[str, Any] | None
                 out["train"].append({"model": model, "target": target, "largest": None if best is None else _row(best), "tried": tried})
             elif job[0] == "same_batch":
                 out["same_batch"].append(same_batch(out, job[1], train_at(aot.parse_target(job[1]), "llava-1.5-7b"), log))
+            elif job[0] == "composed":
+                out["composed"] = composed_train_estimates(out, configs["llava-flexattn-7b"])
             elif job[0] == "lora":
                 spec = LORA_JOBS[job[1]]
                 r = compile_lora_job(configs["llava-flexattn-7b"], spec)
@@ -295,8 +326,12 @@ def table(res: dict[str, Any]) -> str:
         peak = ext["peak"] if ext else r["per_chip_bytes"]["peak"]
         step = "" if r.get("step_seconds_estimate") is None else f"{r['step_seconds_estimate']:.4f}"
         cut = f" ({r['layers']}-layer compile: {r['per_chip_bytes']['peak'] / 2**30:.1f} GiB)" if ext else ""
-        lines.append(f"{r['name'] + ' ' + r['program']:<20} {r['target']:<9} {r['chips']:>5} {r['per_device_batch']:>10} "
+        lines.append(f"{r['name']:<20} {r['target']:<9} {r['chips']:>5} {r['per_device_batch']:>10} "
                      f"{peak / 2**30:>9.1f} {r['capacity_bytes'] / 2**30:>6.0f} {step:>12} {'':>6} {sum(r['kernels'].values())}{cut}")
+    for c in res.get("composed", []):
+        peaks = ", ".join(f"{b}: {p / 2**30:.1f}" for b, p in sorted(c["peak_by_batch"].items(), key=lambda kv: int(kv[0])))
+        lines.append(f"{c['name']} on {c['target']} (composed from {COMPOSED_FROM}'s temporaries + state "
+                     f"{c['state_bytes'] / 2**30:.2f} GiB): largest batch/chip {c['largest_batch']} (peak GiB by batch {peaks})")
     for s in res["skipped"]:
         lines.append(f"skipped {s}")
     return "\n".join(lines)

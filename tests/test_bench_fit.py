@@ -140,6 +140,16 @@ def test_lora_rows_compile_their_jobs_and_extrapolate_the_cut_train_steps(calls,
         if ext:
             residual = 30 * j["per_device_batch"] * fit.SEQ * 4096 * 2  # 32 - 2 layers, B x T x D in bf16
             assert ext["peak"] == r["per_chip_bytes"]["peak"] + 30 * GIB + residual and ext["residual_bytes"] == residual
-    assert "7B QLoRA, int4 base train" in capsys.readouterr().out
+    assert "7B QLoRA, int4 base" in capsys.readouterr().out
     calls.clear()
     assert fit.main(["--only", "lora", "--resume", "--out", str(out)]) == 0 and calls == []
+    # composed: the full fine-tune's temporaries at each compiled batch + the LoRA state (here 32 GiB: the fake's)
+    res = json.loads(out.read_text())
+    tried = [{"per_device_batch": b, "per_chip_bytes": {"temporaries": (b + 0.5) * GIB}} for b in (1, 2, 3)]
+    res["train"] = [{"model": "llava-flexattn-7b", "target": fit.COMPOSED_FROM, "largest": None, "tried": tried}]
+    out.write_text(json.dumps(res))
+    assert fit.main(["--only", "lora", "--resume", "--out", str(out)]) == 0 and calls == []
+    composed = json.loads(out.read_text())["composed"]
+    assert [c["name"] for c in composed] == [j["name"] for j in fit.LORA_JOBS if j["program"] == "train"]
+    for c in composed:  # v5e: 16 GiB x 0.95 usable; 32 GiB of state fits no batch
+        assert c["peak_by_batch"] == {str(b): 32 * GIB + (b + 0.5) * GIB for b in (1, 2, 3)} and c["largest_batch"] is None
