@@ -11,6 +11,12 @@ tokens (each slot holds T + 128). And compile seconds against decoder depth
 (one ``lax.scan`` over the layers). Every figure comes from :func:`flexattn_jax.app.aot.compile_program`;
 a target whose compiler is not installed (libtpu, the CUDA plugin) is reported as skipped, with why.
 
+LoRA, QLoRA and int8 (``--only lora``, :data:`LORA_JOBS`): the 7B LoRA step (bf16 base) on v5e-8 at per-chip batch 3,
+the QLoRA step (int4 base) on one v5e chip at batch 1, int8 prefill and decode on one v5e chip at batch 8 with a
+1024-token context, and the decode step int8 against bf16 on v5p-8 (the target whose compiler gives a time estimate).
+The train steps are compiled with the decoder cut to :data:`LORA_CUT` layers and their full-depth peak extrapolated
+(:func:`extrapolate_train_peak`).
+
 The largest batch: compile at per-chip batch 1 and 2, then where the peak, interpolated linearly between
 the nearest batches that fit and fail, meets the usable HBM, until the boundary is found: a few compiles
 per row. Then plain LLaVA-1.5-7B at the FlexAttention-7B row's batch, for the same-batch step ratio.
@@ -26,7 +32,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+
+from flexattn_jax import quant as Q
 from flexattn_jax.app import aot
+from flexattn_jax.lora import LoraConfig
 
 TRAIN_TARGETS = ("v5e-256", "v5p-64", "v6e-64", "v4-32", "h100x8")
 TRAIN_MODELS = ("llava-flexattn-7b", "llava-flexattn-13b", "llava-1.5-7b")
@@ -73,7 +83,93 @@ def jobs(quick: bool) -> list[tuple]:
     same = [("same_batch", t) for t in TRAIN_TARGETS if ("same_batch", t) not in first]
     big = [j for j in rest if "13b" in j[1]]  # last: a 13B TPU compile takes far longer than a 7B one here
     serve = [("serve", *row) for row in SERVE]
-    return first + infer + serve + depth + [j for j in rest if j not in big] + same + big
+    lora = [("composed",)] + [("lora", i) for i in range(len(LORA_JOBS))]
+    return first + infer + serve + depth + lora + [j for j in rest if j not in big] + same + big
+
+
+LORA_CUT = 2  # decoder layers the LoRA / QLoRA train steps are compiled with (one select, one hierarchical)
+LORA_JOBS: tuple[dict[str, Any], ...] = (
+    {"name": "7B LoRA, bf16 base", "target": "v5e-8", "program": "train", "lora": {"enabled": True}, "per_device_batch": 3,
+     "layers": LORA_CUT},
+    {"name": "7B QLoRA, int4 base", "target": "v5e-1", "program": "train", "lora": {"enabled": True, "base_quant": "int4"},
+     "per_device_batch": 1, "layers": LORA_CUT},
+    {"name": "7B int8 prefill", "target": "v5e-1", "program": "prefill", "quantize": "int8", "per_device_batch": 8, "seq_len": 1024},
+    {"name": "7B int8 decode", "target": "v5e-1", "program": "decode", "quantize": "int8", "per_device_batch": 8, "seq_len": 1024},
+    {"name": "7B int8 decode", "target": "v5p-8", "mesh": "tensor=4", "program": "decode", "quantize": "int8", "per_device_batch": 8,
+     "seq_len": 1024},
+    {"name": "7B bf16 decode", "target": "v5p-8", "mesh": "tensor=4", "program": "decode", "per_device_batch": 8, "seq_len": 1024},
+)
+"""The LoRA / QLoRA / int8 rows (the 7B FlexAttention model; train steps at T = R = 2048, the others' context 1024)."""
+
+
+def state_bytes_per_chip(cfg, target: aot.Target, mesh: str | None, lora: LoraConfig | None) -> int:
+    """Bytes per chip of the train state (parameters, fp32 masters, AdamW moments) of ``cfg`` on ``target``: the
+    shard of each leaf of the step's abstract state as its sharding splits it (no compile)."""
+    from train.step import make_step
+
+    fns = make_step(cfg, aot.train_config(lora), aot.target_mesh_for(target, mesh), total_steps=1000)
+    shards = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.sharding.shard_shape(a.shape), a.dtype), fns.abstract_state)
+    return Q.nbytes(shards)
+
+
+def extrapolate_train_peak(model_cfg, job: dict[str, Any], report: aot.CompileReport) -> dict[str, Any]:
+    """Full-depth peak per chip of a train step compiled with a cut decoder (``report``): the compiled peak, plus the
+    state the missing layers hold (exact: :func:`state_bytes_per_chip` at full depth minus at the cut), plus each
+    missing layer's remat residual (under full remat the scan keeps a layer's input, per-chip batch x T x D in bf16).
+    An estimate: the compiler's temporaries at the cut depth are taken to be those of the full depth otherwise."""
+    target = aot.parse_target(job["target"])
+    lora = LoraConfig(**job["lora"]) if job.get("lora") else None
+    full = aot.program_config(model_cfg, program="train")
+    cut = aot.program_config(model_cfg, program="train", layers=job["layers"])
+    state = {n: state_bytes_per_chip(c, target, job.get("mesh"), lora) for n, c in ((full.text.num_layers, full), (job["layers"], cut))}
+    missing = full.text.num_layers - job["layers"]
+    residual = missing * report.per_device_batch * report.seq_len * full.text.hidden_size * 2
+    peak = report.per_chip_bytes["peak"] + state[full.text.num_layers] - state[job["layers"]] + residual
+    usable = int(target.chip.hbm_bytes * aot.USABLE_FRACTION[target.platform])
+    return {"layers": full.text.num_layers, "state_bytes": state[full.text.num_layers], "cut_state_bytes": state[job["layers"]],
+            "residual_bytes": residual, "peak": peak, "fits": peak <= usable}
+
+
+def lora_row(model_cfg, job: dict[str, Any], report: aot.CompileReport) -> dict[str, Any]:
+    """A :data:`LORA_JOBS` row: the compile's figures, and for a cut train step the full-depth extrapolation."""
+    row = {"name": job["name"], **_row(report), "mesh": report.mesh, "seq_len": report.seq_len, "lora": report.lora,
+           "quantize": report.quantize}
+    if job.get("layers") is not None:
+        row["extrapolated"] = extrapolate_train_peak(model_cfg, job, report)
+    return row
+
+
+def compile_lora_job(model_cfg, job: dict[str, Any]) -> aot.CompileReport:
+    """Compile one :data:`LORA_JOBS` entry (``flexattn-jax compile`` with the same options)."""
+    return aot.compile_program(job["target"], model_cfg, job["program"], mesh=job.get("mesh"), per_device_batch=job["per_device_batch"],
+                               seq_len=job.get("seq_len", SEQ), select_rows=ROWS if job["program"] == "train" else None,
+                               layers=job.get("layers"), lora=LoraConfig(**job["lora"]) if job.get("lora") else None,
+                               quantize=job.get("quantize"), model_name="llava-flexattn-7b")
+
+
+COMPOSED_FROM = "v5e-256"  # the full fine-tune compiles whose temporaries :func:`composed_train_estimates` reuses
+
+
+def composed_train_estimates(res: dict[str, Any], model_cfg) -> list[dict[str, Any]]:
+    """Full-depth peak per chip of the LoRA / QLoRA train jobs of :data:`LORA_JOBS`, composed without a 7B compile of
+    their own: at each per-chip batch the 7B full fine-tune was compiled at on :data:`COMPOSED_FROM` (``res['train']``),
+    that compile's temporaries (the same forward and rematerialised backward through the decoder, the same per-layer
+    gathered weights; LoRA adds no base weight gradients) plus the LoRA state per chip on the job's target (exact,
+    :func:`state_bytes_per_chip`). The largest batch whose sum fits the usable HBM is the row's."""
+    full = next((e for e in res["train"] if (e["model"], e["target"]) == ("llava-flexattn-7b", COMPOSED_FROM)), None)
+    if full is None:
+        raise aot.AotError(f"no llava-flexattn-7b full fine-tune row on {COMPOSED_FROM} to compose from")
+    out = []
+    for job in (j for j in LORA_JOBS if j["program"] == "train"):
+        target = aot.parse_target(job["target"])
+        lora = LoraConfig(**job["lora"])
+        state = state_bytes_per_chip(aot.program_config(model_cfg, program="train"), target, job.get("mesh"), lora)
+        usable = int(target.chip.hbm_bytes * aot.USABLE_FRACTION[target.platform])
+        peaks = {r["per_device_batch"]: state + r["per_chip_bytes"]["temporaries"] for r in full["tried"]}
+        fitting = [b for b, p in peaks.items() if p <= usable]
+        out.append({"name": job["name"], "target": job["target"], "lora": lora.to_dict(), "state_bytes": state,
+                    "peak_by_batch": peaks, "usable_bytes": usable, "largest_batch": max(fitting, default=None)})
+    return out
 
 
 SETTINGS = {"seq_len": SEQ, "select_rows": ROWS, "image_px": 1008, "remat": "full", "compute": "bf16", "masters": "fp32 + AdamW",
@@ -86,7 +182,10 @@ def done_jobs(res: dict[str, Any]) -> set[tuple]:
             | {("same_batch", e["target"]) for e in res["same_batch"]}
             | {("infer", r["target"], r["mesh"], r["program"]) for r in res["inference"] if "mesh" in r}
             | {("serve", e["model"], e["target"], e["mesh"]) for e in res["serve"]}
-            | {("depth", d["layers"]) for d in res["depth"]})
+            | {("depth", d["layers"]) for d in res["depth"]}
+            | {("lora", i) for i, j in enumerate(LORA_JOBS) for r in res.get("lora", [])
+               if (r["name"], r["target"]) == (j["name"], j["target"])}
+            | ({("composed",)} if res.get("composed") else set()))
 
 
 DEPTH_TARGET = "v5p-64"  # the compile-seconds-by-depth jobs
@@ -94,13 +193,17 @@ DEPTH_TARGET = "v5p-64"  # the compile-seconds-by-depth jobs
 
 def _target_of(job: tuple) -> str:
     """A job's target: ('train', model, target), ('infer', target, mesh, program), ('serve', model, target, mesh),
-    ('depth', layers)."""
+    ('depth', layers), ('lora', index), ('composed',)."""
+    if job[0] == "lora":
+        return LORA_JOBS[job[1]]["target"]
+    if job[0] == "composed":
+        return COMPOSED_FROM
     return job[2] if job[0] in ("train", "serve") else job[1] if job[0] in ("infer", "same_batch") else DEPTH_TARGET
 
 
 def _kind(job: tuple) -> str:
     """A job's --only kind: the same-batch comparison is a training job."""
-    return "train" if job[0] == "same_batch" else job[0]
+    return "train" if job[0] == "same_batch" else "lora" if job[0] == "composed" else job[0]
 
 
 def same_batch(res: dict[str, Any], target: str, compile_at, log) -> dict[str, Any]:
@@ -146,12 +249,12 @@ def run(quick: bool, log, save=lambda res: None, previous: dict[str, Any] | None
     ``only``: run just the jobs of this kind (``train``, ``infer``, ``serve`` or ``depth``); ``targets``: just these targets;
     ``models``: just the training searches of these models (the other kinds of job are not filtered by model).
     """
-    out: dict[str, Any] = {"settings": SETTINGS, "train": [], "same_batch": [], "inference": [], "serve": [], "depth": [],
-                           "skipped": []}
+    out: dict[str, Any] = {"settings": SETTINGS, "train": [], "same_batch": [], "inference": [], "serve": [], "depth": [], "lora": [],
+                           "composed": [], "skipped": []}
     if previous is not None:
         if previous.get("settings") != SETTINGS:
             raise SystemExit(f"--resume: the earlier results were made with other settings ({previous.get('settings')}), not {SETTINGS}")
-        out.update({k: list(previous.get(k, [])) for k in ("train", "same_batch", "inference", "serve", "depth")})
+        out.update({k: list(previous.get(k, [])) for k in ("train", "same_batch", "inference", "serve", "depth", "lora", "composed")})
         for e in out["train"]:
             for r in [e["largest"], *e["tried"]]:
                 if r is not None:
@@ -176,6 +279,13 @@ def run(quick: bool, log, save=lambda res: None, previous: dict[str, Any] | None
                 out["train"].append({"model": model, "target": target, "largest": None if best is None else _row(best), "tried": tried})
             elif job[0] == "same_batch":
                 out["same_batch"].append(same_batch(out, job[1], train_at(aot.parse_target(job[1]), "llava-1.5-7b"), log))
+            elif job[0] == "composed":
+                out["composed"] = composed_train_estimates(out, configs["llava-flexattn-7b"])
+            elif job[0] == "lora":
+                spec = LORA_JOBS[job[1]]
+                r = compile_lora_job(configs["llava-flexattn-7b"], spec)
+                log(f"    peak {r.per_chip_bytes['peak'] / 2**30:.2f} GiB, {r.compile_seconds:.0f} s")
+                out["lora"].append(lora_row(configs["llava-flexattn-7b"], spec, r))
             elif job[0] == "infer":
                 _, target, mesh, program = job
                 t = aot.parse_target(target)
@@ -237,6 +347,17 @@ def table(res: dict[str, Any]) -> str:
     if res["depth"]:
         lines.append(f"compile seconds by depth (7B FlexAttention train, {DEPTH_TARGET}): "
                      + ", ".join(f"{d['layers']} layers {d['compile_seconds']:.0f} s" for d in res["depth"]))
+    for r in res.get("lora", []):
+        ext = r.get("extrapolated")
+        peak = ext["peak"] if ext else r["per_chip_bytes"]["peak"]
+        step = "" if r.get("step_seconds_estimate") is None else f"{r['step_seconds_estimate']:.4f}"
+        cut = f" ({r['layers']}-layer compile: {r['per_chip_bytes']['peak'] / 2**30:.1f} GiB)" if ext else ""
+        lines.append(f"{r['name']:<20} {r['target']:<9} {r['chips']:>5} {r['per_device_batch']:>10} "
+                     f"{peak / 2**30:>9.1f} {r['capacity_bytes'] / 2**30:>6.0f} {step:>12} {'':>6} {sum(r['kernels'].values())}{cut}")
+    for c in res.get("composed", []):
+        peaks = ", ".join(f"{b}: {p / 2**30:.1f}" for b, p in sorted(c["peak_by_batch"].items(), key=lambda kv: int(kv[0])))
+        lines.append(f"{c['name']} on {c['target']} (composed from {COMPOSED_FROM}'s temporaries + state "
+                     f"{c['state_bytes'] / 2**30:.2f} GiB): largest batch/chip {c['largest_batch']} (peak GiB by batch {peaks})")
     for s in res["skipped"]:
         lines.append(f"skipped {s}")
     return "\n".join(lines)
@@ -248,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                    "the inference rows and two depths only")
     p.add_argument("--out", default=None, help="also write the JSON here (after every compile, so an interrupted run keeps its rows)")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --out and compile only the missing ones")
-    p.add_argument("--only", choices=("train", "infer", "serve", "depth"), help="compile only the jobs of this kind")
+    p.add_argument("--only", choices=("train", "infer", "serve", "depth", "lora"), help="compile only the jobs of this kind")
     p.add_argument("--target", action="append", dest="targets", help="compile only for this target (repeatable), e.g. v5e-256")
     p.add_argument("--model", action="append", dest="models", choices=TRAIN_MODELS,
                    help="search the largest batch only for this model (repeatable); other jobs are not filtered by model")

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from flexattn_jax.checkpoint import CheckpointError
 from flexattn_jax.config import ConfigError
 from flexattn_jax.paths import OutputPathError, check_output_dir
+from flexattn_jax.quant import MODES as QUANT_MODES
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -27,7 +28,7 @@ The reverse direction: `%(prog)s export CONVERTED OUT_HF [--layout hf5|hf4|origi
 A release LoRA run: `%(prog)s LORA_DIR OUT --model-base BASE` (adapter_config.json, adapter_model.*,
 non_lora_trainables.bin, applied as the release's builder.py does; merged, or kept with --keep-adapters).
 LoRA runs: `%(prog)s merge-lora --base BASE --lora RUN OUT`, `%(prog)s export-lora RUN OUT_PEFT`.
---quantize int8|int4 writes the decoder linears weight-only quantised (docs/lora.md)."""
+--quantize int8|int4|nf4 writes the decoder linears weight-only quantised (docs/lora.md)."""
 
 
 def build_parser(prog: str = "flexattn-jax convert") -> argparse.ArgumentParser:
@@ -55,7 +56,7 @@ def build_parser(prog: str = "flexattn-jax convert") -> argparse.ArgumentParser:
                    "non_lora_trainables.bin); BASE is its base model: a converted directory or a PyTorch checkpoint")
     p.add_argument("--keep-adapters", action="store_true", help="with --model-base: keep the adapters beside the kernels "
                    "instead of merging them")
-    p.add_argument("--quantize", choices=("int8", "int4"), help="store the decoder linears weight-only quantised")
+    p.add_argument("--quantize", choices=QUANT_MODES, help="store the decoder linears weight-only quantised")
     return p
 
 
@@ -67,7 +68,7 @@ def build_merge_parser(prog: str = "flexattn-jax convert merge-lora") -> argpars
     p.add_argument("--lora", required=True, metavar="RUN", help="a train run directory (checkpoints/) or a PEFT directory")
     p.add_argument("out", metavar="OUT", help="output model directory")
     p.add_argument("--keep-adapters", action="store_true", help="keep the adapters beside the kernels instead of merging")
-    p.add_argument("--quantize", choices=("int8", "int4"), help="store the decoder linears weight-only quantised")
+    p.add_argument("--quantize", choices=QUANT_MODES, help="store the decoder linears weight-only quantised")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     return p
 

@@ -28,7 +28,7 @@ from flexattn_jax.config import ConfigError, ModelConfig
 from flexattn_jax.lora import LoraConfig, init_adapters, scaled, with_adapters
 from flexattn_jax.params import abstract_params, flatten, unflatten
 from flexattn_jax.quant import MODES as QUANT_MODES
-from flexattn_jax.quant import quantized_abstract
+from flexattn_jax.quant import from_stored, quantized_abstract, storable, stored_dtype
 from flexattn_jax.sharding import param_shardings
 
 CONVERTER_VERSION = "1.0.0"
@@ -82,7 +82,7 @@ def _checkpointer() -> ocp.Checkpointer:
 def save_params(params: dict, path: str | Path) -> None:
     """Save a parameter tree (numpy or jax arrays) with orbax at ``path`` (which must not exist)."""
     with _checkpointer() as ckptr:
-        ckptr.save(Path(path).resolve(), args=ocp.args.PyTreeSave(params))
+        ckptr.save(Path(path).resolve(), args=ocp.args.PyTreeSave(storable(params)))
 
 
 def write_model(
@@ -168,7 +168,7 @@ def load_converted(directory: str | Path, dtype: str | None = None, sharding: An
     abstract, lcfg = stored_abstract(directory, cfg)
     shardings = _shardings_for(abstract, sharding)
     dt = jnp.dtype(cfg.param_dtype)
-    cast = lambda a: dt if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype  # noqa: E731 - quantised kernels stay ints
+    cast = lambda a: dt if jnp.issubdtype(a.dtype, jnp.floating) else stored_dtype(a.dtype)  # noqa: E731 - quantised kernels stay ints
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, cast(a), sharding=s), abstract, shardings)
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     params_dir = (Path(directory) / "params").resolve()
@@ -190,6 +190,7 @@ def load_converted(directory: str | Path, dtype: str | None = None, sharding: An
     if failure is not None:  # outside the handler: the traceback, and the read tasks it holds, are gone
         _silence_orphaned_reads()
         raise CheckpointError(failure)
+    params = from_stored(params, abstract)
     if lcfg is not None:  # adapters kept beside the kernels: the forward takes B scaled by alpha / r
         params = scaled(params, lcfg.scale)
     return params, cfg

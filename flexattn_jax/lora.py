@@ -26,6 +26,7 @@ import numpy as np
 from jaxtyping import Array, Float, PyTree
 
 from flexattn_jax.params import flatten, unflatten
+from flexattn_jax.quant import MODES as QUANT_MODES
 
 DEFAULT_TARGETS = r"^text/layers/(attn/(q|k|v|o|k_hr|v_hr)|mlp/(gate|up|down))$"
 ADAPTER_LEAVES = ("lora_a", "lora_b")
@@ -51,8 +52,8 @@ class LoraConfig:
     """Dropout on the adapter path's input during training (``lora_dropout``)."""
     targets: str = DEFAULT_TARGETS
     """Regex over module paths (``text/layers/attn/q``; a kernel's path without ``/kernel``) that get adapters."""
-    base_quant: Literal["none", "int8", "int4"] = "none"
-    """QLoRA: store the frozen base's decoder linears quantised (``none``, ``int8``, ``int4``; see flexattn_jax.quant)."""
+    base_quant: Literal["none", "int8", "int4", "nf4"] = "none"
+    """QLoRA: store the frozen base's decoder linears quantised (``none``, ``int8``, ``int4``, ``nf4``; see flexattn_jax.quant)."""
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -63,8 +64,8 @@ class LoraConfig:
             re.compile(self.targets)
         except re.error as e:
             raise ValueError(f"lora targets {self.targets!r} is not a regex: {e}") from None
-        if self.base_quant not in ("none", "int8", "int4"):
-            raise ValueError(f"base_quant={self.base_quant!r}: use none, int8 or int4")
+        if self.base_quant not in ("none", *QUANT_MODES):
+            raise ValueError(f"base_quant={self.base_quant!r}: use none, {', '.join(QUANT_MODES)}")
 
     @property
     def scale(self) -> float:

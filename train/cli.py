@@ -44,7 +44,7 @@ SLURM, Open MPI) or --coordinator/--num-processes/--process-id.
 
 LoRA (--lora, the release's lora_enable): rank --lora-rank adapters (default 64, alpha 16, dropout 0.05)
 on every decoder linear train instead of the decoder; --trainable then names the other groups
-(default projector). The frozen base stays in the compute dtype (--base-quant int8|int4: QLoRA),
+(default projector). The frozen base stays in the compute dtype (--base-quant int8|int4|nf4: QLoRA),
 checkpoints hold the adapters and the trained groups only (the base is loaded again on resume), and
 `flexattn-jax convert merge-lora --base CKPT --lora OUT MERGED` writes the merged model (docs/lora.md).
 

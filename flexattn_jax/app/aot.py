@@ -41,8 +41,12 @@ from flexattn_jax import sharding as S
 from flexattn_jax.chips import CHIPS, Chip, GiB
 from flexattn_jax.config import ATTENTION_IMPLS, ModelConfig
 from flexattn_jax.hf_config import from_hf_config
+from flexattn_jax.lora import LoraConfig
 from flexattn_jax.overrides import parse_hr_budget
 from flexattn_jax.params import abstract_params
+from flexattn_jax.quant import MODES as QUANT_MODES
+from flexattn_jax.quant import check_mode, quantized_abstract
+from flexattn_jax.settings import SettingsArgs
 
 PROGRAMS = ("train", "prefill", "decode", "likelihood", "serve")
 SERVE_PREFILL_ROWS = 4  # the engine's default --prefill-batch: the rows of the serve program's encode and prefill
@@ -131,7 +135,10 @@ def target_devices(target: Target) -> list:
             raise AotError(f"--target {target.name} needs libtpu: pip install 'flexattn-jax[tpu]' (jax[tpu]>=0.10,<0.11)")
         # one device per chip: libtpu's default for v4 is a device per TensorCore, which jax's TPU meshes refuse;
         # "megacore" fuses a chip's two cores into one device, as v4/v5p slices run (and as MaxText's AOT compiles)
-        options = {"chip_config_name": "megacore"} if target.chip.cores_per_chip > 1 else {}
+        options: dict[str, Any] = {"chip_config_name": "megacore"} if target.chip.cores_per_chip > 1 else {}
+        if target.chips < 4:  # a slice smaller than libtpu's default host (2x2x1): the host is the slice (v5e-1, one chip)
+            dims = [int(d) for d in target.topology.split(":")[1].split("x")]
+            options["chips_per_host_bounds"] = tuple(dims + [1] * (3 - len(dims)))
         try:
             topo = topologies.get_topology_desc(topology_name=target.topology, platform="tpu", **options)
         except Exception as e:  # libtpu rejects shapes it does not know: say which one
@@ -236,8 +243,10 @@ def _inference_inputs(cfg: ModelConfig, mesh: Mesh, batch: int, seq_len: int) ->
     return {k: _sds(shp, dt, S.batch_sharding(mesh, shp)) for k, (shp, dt) in shapes.items()}
 
 
-def _abstract_inference_params(cfg: ModelConfig, mesh: Mesh):
+def _abstract_inference_params(cfg: ModelConfig, mesh: Mesh, quantize: str | None = None):
     abstract = abstract_params(cfg)
+    if quantize is not None:  # the decoder linears stored as ``generate --quantize`` / ``convert --quantize`` hold them
+        abstract = quantized_abstract(abstract, quantize)
     return S.abstract_with_shardings(abstract, S.param_shardings(abstract, mesh))
 
 
@@ -260,19 +269,31 @@ def _state_shardings(state, mesh: Mesh, batch: int):
     return jax.tree_util.tree_map_with_path(one, state)
 
 
-def lower_program(cfg: ModelConfig, mesh: Mesh, program: str, batch: int, seq_len: int, rows: int):
-    """``jax.jit(program).lower(...)`` for ``mesh`` with abstract, sharded inputs (nothing is allocated)."""
+def train_config(lora: LoraConfig | None = None):
+    """The compiled train step's settings: full fine-tuning (projector and decoder), or with ``lora`` (enabled) train's
+    ``--lora`` default: adapters and the projector on a frozen base."""
+    from train.config import TrainConfig
+
+    return TrainConfig(trainable="projector", lora=lora) if lora is not None and lora.enabled else TrainConfig(trainable="projector,llm")
+
+
+def lower_program(cfg: ModelConfig, mesh: Mesh, program: str, batch: int, seq_len: int, rows: int,
+                  lora: LoraConfig | None = None, quantize: str | None = None):
+    """``jax.jit(program).lower(...)`` for ``mesh`` with abstract, sharded inputs (nothing is allocated).
+
+    ``lora`` (enabled): the train step trains adapters and the projector on a frozen base, quantised with its
+    ``base_quant`` (QLoRA), as ``train --lora`` builds it; ``quantize``: the inference programs' decoder linears stored
+    weight-only quantised, as ``generate --quantize`` holds them."""
     from flexattn_jax import generate as G
 
     if program == "train":
-        from train.config import TrainConfig
         from train.step import make_example_batch, make_step
 
-        fns = make_step(cfg, TrainConfig(trainable="projector,llm"), mesh, total_steps=1000)
+        fns = make_step(cfg, train_config(lora), mesh, total_steps=1000)
         host = make_example_batch(cfg, batch, seq_len, rows)
         abstract_batch = {k: _sds(x.shape, x.dtype, fns.batch_sharding(x.shape)) for k, x in host.items()}
         return fns.step.lower(fns.abstract_state, abstract_batch)
-    params = _abstract_inference_params(cfg, mesh)
+    params = _abstract_inference_params(cfg, mesh, quantize)
     x = _inference_inputs(cfg, mesh, batch, seq_len)
     max_len = seq_len + ANSWER_ROOM
     prefill = lambda p, ids, px, m, mg: G.prefill(p, cfg, ids, px, m, mg, max_len=max_len)
@@ -411,6 +432,8 @@ class CompileReport:
     mfu_estimate: float | None = None
     params: dict[str, int] = dataclasses.field(default_factory=dict)
     serve_peaks: dict[str, int] = dataclasses.field(default_factory=dict)  # serve: each program's peak and the slot state
+    lora: dict[str, Any] | None = None  # the LoRA settings of a LoRA / QLoRA train step (``base_quant`` among them)
+    quantize: str | None = None  # the inference programs' weight-only quantisation
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -431,14 +454,26 @@ def compile_program(
     layers: int | None = None,
     model_name: str | None = None,
     slots: int | None = None,
+    lora: LoraConfig | None = None,
+    quantize: str | None = None,
 ) -> CompileReport:
-    """Compile ``program`` of ``model`` for ``target`` (see the module docstring) and report per chip.
+    """Compile ``program`` of ``model`` for ``target`` (see the module docstring) and report per chip; ``lora`` and
+    ``quantize`` as :func:`lower_program` takes them.
 
     ``serve``: the global batch is the engine's slot count (``slots``, else ``per_device_batch`` x data x fsdp),
     ``seq_len`` the longest prompt; ``per_chip_bytes['peak']`` is the largest of its programs' peaks."""
     tgt = parse_target(target) if isinstance(target, str) else target
     if program not in PROGRAMS:
         raise AotError(f"--program {program!r}: use one of {PROGRAMS}")
+    lora = lora if lora is not None and lora.enabled else None
+    if lora is not None and program != "train":
+        raise AotError(f"--lora is a training setting; --program {program} takes --quantize for quantised weights")
+    if quantize is not None and program == "serve":
+        raise AotError("--quantize: the serve program takes the checkpoint's own weights; size a quantised model with --program decode")
+    if quantize is not None and program == "train":
+        raise AotError("--quantize is for the inference programs; a quantised train step is --lora --base-quant")
+    if quantize is not None:
+        check_mode(quantize)
     if attention_impl not in ATTENTION_IMPLS:
         raise AotError(f"--attention-impl {attention_impl!r}: use one of {ATTENTION_IMPLS}")
     if per_device_batch < 1 or seq_len < 1:
@@ -467,7 +502,7 @@ def compile_program(
         if program == "serve":
             bytes_, serve_peaks, compiled, hlo = _compile_serve(tgt, cfg, mesh, batch, seq_len, min(SERVE_PREFILL_ROWS, batch))
         else:
-            compiled = lower_program(cfg, m, program, batch, seq_len, rows).compile()
+            compiled = lower_program(cfg, m, program, batch, seq_len, rows, lora, quantize).compile()
             bytes_, hlo = per_chip_bytes(compiled), compiled.as_text()
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program whose buffers exceed HBM
         if "RESOURCE_EXHAUSTED" not in str(e):
@@ -492,7 +527,7 @@ def compile_program(
         capacity_bytes=tgt.chip.hbm_bytes, usable_bytes=usable, fits=peak <= usable,
         kernels=count_kernels(hlo), compile_seconds=round(seconds, 2), flops_per_chip=flops,
         model_flops_per_chip=mflops, optimal_seconds=optimal, step_seconds_estimate=step_s, mfu_estimate=mfu,
-        params=param_counts(cfg), serve_peaks=serve_peaks,
+        params=param_counts(cfg), serve_peaks=serve_peaks, lora=None if lora is None else lora.to_dict(), quantize=quantize,
     )
 
 
@@ -548,6 +583,10 @@ def find_batch(compile_at: Callable[[int], CompileReport], limit: int = 256,
 
 # ---- the command ---------------------------------------------------------------------------------
 
+LORA_ARGS = SettingsArgs(LoraConfig, flags={"enabled": "--lora", "base_quant": "--base-quant", "rank": "--lora-rank",
+                                            "alpha": "--lora-alpha", "dropout": "--lora-dropout", "targets": "--lora-targets"})
+"""``train``'s LoRA / QLoRA flags (the same spellings and defaults: the fields of :class:`flexattn_jax.lora.LoraConfig`)."""
+
 def compile_parser(prog: str = "flexattn-jax compile") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
@@ -573,6 +612,9 @@ def compile_parser(prog: str = "flexattn-jax compile") -> argparse.ArgumentParse
     p.add_argument("--attention-impl", default="auto", choices=ATTENTION_IMPLS)
     p.add_argument("--remat", default="full", choices=("none", "full", "dots_saveable"), help="training's remat policy per layer")
     p.add_argument("--layers", type=int, default=None, help="compile a decoder cut to N layers (quick checks)")
+    LORA_ARGS.add(p.add_argument_group("LoRA / QLoRA train step (as train --lora)"))
+    p.add_argument("--quantize", choices=QUANT_MODES, default=None, help="prefill / decode / likelihood with the decoder linears "
+                   "weight-only quantised (as generate --quantize)")
     p.add_argument("--find-batch", action="store_true",
                    help="find the largest per-device batch that fits (peak memory interpolated between compiles)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -617,7 +659,8 @@ def main(argv: list[str] | None = None) -> int:
             args.seq_len = args.max_context
         budget = parse_hr_budget(args.hr_budget, "--hr-budget") if args.hr_budget is not None else None
         kwargs = dict(mesh=args.mesh, seq_len=args.seq_len, select_rows=args.select_rows, hr_budget=budget,
-                      attention_impl=args.attention_impl, remat=args.remat, layers=args.layers, model_name=args.model)
+                      attention_impl=args.attention_impl, remat=args.remat, layers=args.layers, model_name=args.model,
+                      lora=LORA_ARGS.build(args), quantize=args.quantize)
         if args.slots is not None and not args.find_batch:
             kwargs["slots"] = args.slots
         target = parse_target(args.target)

@@ -31,8 +31,10 @@ def add_compile_cache_args(p: argparse.ArgumentParser) -> None:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """How a converted checkpoint runs: ``--dtype``, ``--quantize``, ``--mesh`` (generate, serve)."""
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute/param dtype (default: as converted)")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="weight-only quantise the decoder linears at load (int8 per channel, int4 per group; docs/lora.md)")
+    from flexattn_jax.quant import MODES
+
+    p.add_argument("--quantize", choices=MODES, default=None,
+                   help="weight-only quantise the decoder linears at load (int8 per channel, int4 per group, nf4 per block; docs/lora.md)")
     p.add_argument("--mesh", metavar="SPEC", default=None,
                    help="devices to run on, e.g. 'data=8', 'data=2,tensor=4' or 'data=-1' (all devices): parameters sharded by "
                    "the rules table (heads, MLP and vocabulary over tensor, the embedding over fsdp), "

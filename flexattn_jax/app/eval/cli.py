@@ -16,6 +16,7 @@ from flexattn_jax.app.eval.data import TASKS, EvalDataError, read_task
 from flexattn_jax.app.eval.runner import METRICS, PREDICTIONS, EvalSettings, Interrupted, OutputWriteError, Runner
 from flexattn_jax.app.eval.sweep import budget_dir, parse_budgets, plot_sweep, sweep_table
 from flexattn_jax.app.inference import generation_args
+from flexattn_jax.quant import MODES as QUANT_MODES
 
 # the release's scripts generate up to 512 tokens; LLaVA's model_vqa_loader (letter / generic VQA) 128
 DEFAULT_MAX_NEW_TOKENS = {"magnifier": 512, "textvqa": 512, "vstar": 128, "vqa": 128}
@@ -81,7 +82,7 @@ def eval_parser(prog: str = "flexattn-jax eval") -> argparse.ArgumentParser:
     p.add_argument("--sweep-budget", default=None, metavar="B1,B2,...",
                    help="run at each of these HR budgets, e.g. 0.05,0.1,0.25,all: a table and OUT/sweep.png")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute/param dtype (default: as converted)")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantise the decoder linears at load")
+    p.add_argument("--quantize", choices=QUANT_MODES, default=None, help="weight-only quantise the decoder linears at load")
     p.add_argument("--mode", choices=["release", "inference"], default="release",
                    help="vstar likelihood: 'release' (the only select-row mode: each option token's row selects, as in "
                         "cached decoding); 'inference' is an alias of it, kept for old command lines")
