@@ -273,9 +273,10 @@ LONG = 64
 
 @pytest.fixture(scope="module")
 def long_server(world):
-    """The engine with 4 slots and answers of up to 64 tokens."""
+    """The engine with 4 slots and answers of up to 64 tokens, one token per step call (a long answer is 64 calls: a request
+    sent during it has room to be answered first even on loaded cores)."""
     args = ["--checkpoint", str(world["ckpt"]), "--model-name", "tiny", "--max-new-tokens", str(LONG), "--max-prompt-tokens", "64",
-            "--slots", "4", "--warmup", "--image-root", str(world["root"])]
+            "--slots", "4", "--decode-steps", "1", "--warmup", "--image-root", str(world["root"])]
     with ServerProcess(args, env=_env(world["cache"]), ready_timeout=300) as s:
         yield s
 
