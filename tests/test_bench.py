@@ -7,6 +7,7 @@ import pytest
 from bench import flops
 
 
+@pytest.mark.slow
 def test_flop_table_tiny():
     entries = flops.flop_table(
         quick=True, config=flops.smoke_config(), prompt_len=8, answer_tokens=4, configs=("xattn", "flex-M", "flex-0.1M")

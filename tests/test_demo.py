@@ -31,6 +31,7 @@ def _check_outputs(out, n_test):
     return report
 
 
+@pytest.mark.slow
 def test_demo_reduced_budget_writes_report_png_and_model(tmp_path, capsys):
     out = tmp_path / "demo"
     args = ["demo", "--quick", "--out", str(out), "--pretrain-steps", "3", "--steps", "3", "--n-test", "8", "--batch-size", "16"]

@@ -88,6 +88,7 @@ def _snippets() -> list[tuple[str, str]]:
     return out
 
 
+@pytest.mark.slow
 def test_every_python_snippet_runs(tmp_path):
     """Each ```python block of the README, docs/inference.md and the package docstring, run as written in its own
     fresh interpreter, in a directory where ``demo_out/model`` is a tiny checkpoint and ``image.png`` an image."""

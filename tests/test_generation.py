@@ -67,6 +67,7 @@ def _flex_batch(model, cfg, specs, bucket):
     return tuple(jnp.asarray(a) for a in (ids, pix, mask, margin))
 
 
+@pytest.mark.slow
 def test_sample_does_not_depend_on_batch_or_bucket(flex_tiny):
     """FlexAttention on: a sample alone in bucket 64 and among 2 longer ones in bucket 128 gets the same tokens, logits, masks."""
     model, params, cfg = flex_tiny
@@ -105,6 +106,7 @@ def _requests(n_words: list[int], seed: int = 0) -> list[Request]:
     ]
 
 
+@pytest.mark.slow
 def test_answer_compiles_generate_once_per_bucket(caplog):
     """10 prompts of 42..112 tokens, batches of 4: three batches over buckets 64 and 128, two compiles of generate."""
     cfg, tokenizer, params = _tiny_answer_setup(threshold=47.0625)  # a config no other test compiles

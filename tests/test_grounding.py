@@ -73,6 +73,7 @@ def _batch_with_targets(cfg):
     return {**b, "grounding": target}
 
 
+@pytest.mark.slow
 def test_grounding_term_trains_the_maps_and_leaves_the_loss_metric_alone():
     params = random_params(CFG, seed=0)
     host = _batch_with_targets(CFG)

@@ -143,6 +143,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_public_api_calls(tmp_path):
     """Every name of ``flexattn_jax.__all__`` and the lazily imported ``fx.generate`` module, called in a fresh interpreter."""
     import os

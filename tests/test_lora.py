@@ -142,6 +142,7 @@ def test_only_adapters_and_projector_train_base_bit_identical(steps, params, hos
     assert len(moments) == 18 + 4 and all(("lora_" in p) or ("projector" in p) for p in moments)
 
 
+@pytest.mark.slow
 def test_lora_grad_accumulation_exact(params, host_batch):
     state1, (m1,), _ = _steps(params, [host_batch])
     state4, (m4,), _ = _steps(params, [host_batch], grad_accum=4)
@@ -151,6 +152,7 @@ def test_lora_grad_accumulation_exact(params, host_batch):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_lora_checkpoint_holds_trainables_and_resume_is_exact(tmp_path, params, host_batch):
     tcfg = dataclasses.replace(TC, steps=6, save_every=3, async_save=False)
     batches = [synthetic_batch(CFG, TEST_BATCH, TEST_SEQ_LEN, seed=s) for s in range(6)]

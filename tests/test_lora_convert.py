@@ -152,6 +152,7 @@ def test_bad_lora_directories(case, tmp_path, release, capsys):
     assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_our_lora_run_merges_and_exports(tmp_path):
     from tests.checkpoints import write_tiny_checkpoint
     from tests.fixtures import TEST_BATCH, TEST_SEQ_LEN, small_train_config, synthetic_batch

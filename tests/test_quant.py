@@ -129,7 +129,7 @@ def test_quantize_at_load_equals_quantised_directory(tmp_path):
         assert np.array_equal(np.asarray(x, np.float32), np.asarray(want[k], np.float32)), k
 
 
-@pytest.mark.parametrize("mode", ["int4", "nf4"])
+@pytest.mark.parametrize("mode", ["int4", pytest.param("nf4", marks=pytest.mark.slow)])
 def test_qlora_base_stays_frozen_and_loss_falls(mode):
     from flexattn_jax import lora as L
     from flexattn_jax.sharding import make_mesh

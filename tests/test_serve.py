@@ -223,6 +223,7 @@ def test_bad_requests_get_a_named_4xx_and_the_server_keeps_serving(server, world
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == expected
 
 
+@pytest.mark.slow
 def test_wave_disconnect_full_queue_503_then_sigterm_answers_the_requests_in_flight_and_exits_0(world):
     """One short-lived server with the wave scheduler, --max-queue 2 and a 3 s batch window. A client that disconnects while waiting is left
     out of the batch; the other request is answered. Of 10 requests sent at once, two wait in the window and eight
@@ -430,6 +431,7 @@ def test_bad_flags_exit_2_before_loading(world, argv, fragment, capsys):
     assert fragment in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_smoke(world, tmp_path):
     """The benchmark end to end at --smoke counts, on the tiny checkpoint: both schedulers answer every request."""
     out = tmp_path / "serve.json"

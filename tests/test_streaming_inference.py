@@ -272,6 +272,7 @@ def _cli_env(cache_home: Path) -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_sigint_then_resume_equals_an_uninterrupted_run(ckpt_and_images, tmp_path):
     ckpt, images = ckpt_and_images
     lines = [json.dumps({"image": str(images[i % 3]), "prompt": f"what is {'it ' * (i % 4)}?"}) + "\n" for i in range(24)]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from flexattn_jax.params import init_params
 from tests.fixtures import tiny_config
 from train.step import token_loss_sums
 
 
+@pytest.mark.slow
 def test_text_only_batch_does_not_run_clip():
     """NaN pixels in a text-only batch: had CLIP run, its gradients would be NaN (0 x NaN); they are zero, and
     the loss and decoder gradients equal those with blank pixels. A batch with an image still encodes it."""

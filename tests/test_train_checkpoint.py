@@ -41,6 +41,7 @@ def data_for(root, tokenizer, cfg=CFG):
     return TrainData(cfg, dcfg, tokenizer, TEST_BATCH, num_steps=30), dcfg
 
 
+@pytest.mark.slow
 def test_restore_on_other_meshes_and_resume(tmp_path, dataset):
     tok = build_demo_tokenizer()
     mesh8 = make_mesh("data=8,fsdp=1,tensor=1")
@@ -112,6 +113,7 @@ def cli_args(dataset, cfg_json, out):
     ]
 
 
+@pytest.mark.slow
 def test_kill_during_async_save_then_resume(tmp_path, dataset):
     cfg_json = tmp_path / "tiny.json"
     cfg_json.write_text(CFG.to_json())

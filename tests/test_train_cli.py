@@ -59,6 +59,7 @@ def test_recipe_and_errors(tmp_path, capsys):
     assert "unknown config field 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_from_converted_llava_gets_hr_kernels(tmp_path, caplog):
     """A converted plain LLaVA checkpoint + --recipe release: FlexAttention on, new *_hr kernels (copies of k/v by
     default), one step."""

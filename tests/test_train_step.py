@@ -94,6 +94,7 @@ def test_frozen_tower_and_loss_decreases(params, host_batch):
     assert n_moments == sum(1 for name in old if is_trainable(name, TC.trainable))
 
 
+@pytest.mark.slow
 def test_nan_stops_with_last_good_checkpoint(tmp_path, params, host_batch):
     bad = dict(host_batch, pixel_values=np.full_like(host_batch["pixel_values"], np.nan))
     tcfg = dataclasses.replace(TC, save_every=2, async_save=True)
