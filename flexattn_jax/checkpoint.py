@@ -204,6 +204,13 @@ def _from_orbax(tb: Any, code: Any = None) -> bool:
     return any("orbax" in f for f in files)
 
 
+def _is_read_echo(record: logging.LogRecord) -> bool:
+    """An asyncio "... exception was never retrieved" record of a TensorStore read (a task in orbax, or its future)."""
+    message = record.getMessage()
+    return "never retrieved" in message and (_from_orbax(record.exc_info and record.exc_info[2]) or "TensorStore" in message
+                                             or "OCDBT" in message)
+
+
 def _silence_orphaned_reads() -> None:
     """From the first failed restore on, drop the echoes of its sibling reads; then collect what can be collected now.
 
@@ -217,7 +224,7 @@ def _silence_orphaned_reads() -> None:
     if not _SILENCED:
         _SILENCED = True
         quiet = logging.Filter()
-        quiet.filter = lambda r: not ("never retrieved" in r.getMessage() and _from_orbax(r.exc_info and r.exc_info[2]))  # type: ignore[method-assign]
+        quiet.filter = lambda r: not _is_read_echo(r)  # type: ignore[method-assign]
         logging.getLogger("asyncio").addFilter(quiet)
         hook = sys.unraisablehook
         sys.unraisablehook = lambda u: None if _from_orbax(u.exc_traceback, getattr(u.object, "cr_code", None)) else hook(u)
