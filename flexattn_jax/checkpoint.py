@@ -218,14 +218,12 @@ def _silence_orphaned_reads() -> None:
     and their suspended coroutines raise again when finalised. asyncio logs each (a page of TensorStore specs) and
     Python reports each "Exception ignored" whenever the garbage collector reaches them: at a time no one controls,
     into whatever the process prints next. The one failure is already named in the :class:`CheckpointError`, so these
-    echoes are dropped for the rest of the process (only those raised in orbax's own code).
+    echoes are dropped for the rest of the process (only those of orbax's and TensorStore's reads).
     """
     global _SILENCED
     if not _SILENCED:
         _SILENCED = True
-        quiet = logging.Filter()
-        quiet.filter = lambda r: not _is_read_echo(r)  # type: ignore[method-assign]
-        logging.getLogger("asyncio").addFilter(quiet)
+        logging.getLogger("asyncio").addFilter(lambda r: not _is_read_echo(r))  # a callable is a filter
         hook = sys.unraisablehook
         sys.unraisablehook = lambda u: None if _from_orbax(u.exc_traceback, getattr(u.object, "cr_code", None)) else hook(u)
     gc.collect()
