@@ -8,15 +8,19 @@ A full-depth 7B compile takes about 20 minutes on a small host, so the rows comp
 :data:`LAYERS` layers (8 plain, the select layer, one hierarchical layer: every layer kind) with the layers
 scanned. XLA's cost analysis counts a loop body once, so the cut program counts the same loop bodies as the
 full one; the step estimate is :func:`flexattn_jax.app.aot.step_estimate` with the **full-depth** model's FLOPs
-(the counted part's rate, ``compiler FLOPs / optimal_seconds``, applied to the full model's FLOPs). The
-``unrolled`` row compiles the same cut decoder with the layers (and CLIP's) unrolled, the check of that
-scaling: there the compiler counts every layer.
+(the counted part's rate, ``compiler FLOPs / optimal_seconds``, applied to the full model's FLOPs).
 
 Rows: ``splash_hr`` (the Pallas HR kernel, its cost estimate at every block: the upper bound), ``splash_hr-share``
-(the cost estimate at ``--share``, the active block share measured by ``bench/hr_kernel.py``), ``selected-0.25``
-(``flex.train_hr_budget=0.25`` with the packed path alone, ``train_hr_fallback=False``: what runs when the
-unions fit), ``unrolled``. LLaVA-1.5-7B's step at the same batch and FlexAttention's XLA HR path are the
-full-depth rows of ``docs/fit.json`` (``bench/fit.py``), their step re-derived with today's model FLOPs.
+(the cost estimate at ``--share``, the active block share measured by ``bench/hr_kernel.py``; one row per share),
+``selected-0.25`` (``flex.train_hr_budget=0.25`` with the packed path alone, ``train_hr_fallback=False``: what runs
+when the unions fit). LLaVA-1.5-7B's step at the same batch and FlexAttention's XLA HR path are the full-depth rows
+of ``docs/fit.json`` (``bench/fit.py``), their step re-derived with today's model FLOPs.
+
+The scaling's check (:func:`check`): ``check-flex-scanned`` / ``check-flex-unrolled`` (FlexAttention-7B with
+``splash_hr`` at ``--share``) and ``check-llava-scanned`` / ``check-llava-unrolled`` (LLaVA-1.5-7B) compile a
+shorter cut (:data:`CHECK_LAYERS`) with the layers scanned, and with the decoder's and CLIP's layers unrolled
+(``scan_layers=False``), where the compiler counts every layer. The scanned program's estimate scaled to the cut's
+model FLOPs is compared with the unrolled program's own ``optimal_seconds`` and FLOPs.
 """
 
 from __future__ import annotations
@@ -34,38 +38,86 @@ from flexattn_jax.chips import CHIPS
 
 TARGET, MODEL, PLAIN, BATCH, SEQ, ROWS = "v5p-64", "llava-flexattn-7b", "llava-1.5-7b", 19, 2048, 2048
 LAYERS = 10  # 7B's first_select_layer is 8: layers 0-7 plain, 8 select, 9 hierarchical
-ROW_NAMES = ("splash_hr", "splash_hr-share", "selected-0.25", "unrolled")
+CHECK_LAYERS = {"flex": 3, "llava": 2}  # flex: plain, select, hierarchical (every kind); llava: two plain layers
+CHECKS = tuple(f"check-{m}-{how}" for m in CHECK_LAYERS for how in ("scanned", "unrolled"))
+ROW_NAMES = ("splash_hr", "splash_hr-share", "selected-0.25", *CHECKS)
+SHARED = ("splash_hr-share", "check-flex-scanned", "check-flex-unrolled")  # the rows that take --share
 GOALS = {"step_ratio": 1.6, "mfu": 0.55, "selected_flops_ratio": 1.2, "selected_step_ratio": 1.3}
 
 
 def row_config(name: str, share: float = 1.0):
     """The full-depth model config of a row (before :func:`aot.program_config` cuts and casts it)."""
-    cfg = aot.load_model_config(MODEL)
+    if name not in ROW_NAMES:
+        raise SystemExit(f"--row {name!r}: use one of {ROW_NAMES}")
+    cfg = aot.load_model_config(PLAIN if name.startswith("check-llava") else MODEL)
     flex = cfg.flex
-    if name == "splash_hr-share":
+    if name in SHARED:
         flex = dataclasses.replace(flex, hr_kernel_block_share=share)
     elif name == "selected-0.25":
         flex = dataclasses.replace(flex, train_hr_budget=0.25, train_hr_fallback=False)
-    elif name not in ROW_NAMES:
-        raise SystemExit(f"--row {name!r}: use one of {ROW_NAMES}")
-    return dataclasses.replace(cfg, flex=flex, scan_layers=name != "unrolled")
+    return dataclasses.replace(cfg, flex=flex, scan_layers=not name.endswith("unrolled"))
 
 
-def full_depth(report: aot.CompileReport, cfg) -> dict[str, Any]:
+def row_layers(name: str) -> int:
+    """The decoder cut a row compiles."""
+    return CHECK_LAYERS[name.split("-")[1]] if name in CHECKS else LAYERS
+
+
+def row_impl(name: str) -> str:
+    """The attention implementation a row compiles with: ``splash_hr`` for FlexAttention, ``auto`` (splash on TPU) for
+    LLaVA-1.5, as ``bench/fit.py`` compiles it."""
+    return "auto" if name.startswith("check-llava") else "splash_hr"
+
+
+def full_depth(report: aot.CompileReport, cfg, impl: str = "splash_hr") -> dict[str, Any]:
     """The cut compile's figures and its step / MFU estimate at full depth (the full model's FLOPs)."""
-    full = aot.program_config(cfg, program="train", attention_impl="splash_hr")
+    full = aot.program_config(cfg, program="train", attention_impl=impl)
     model = F.train_flops(full, report.global_batch, SEQ, ROWS) / report.chips
     step, mfu = aot.step_estimate(report.optimal_seconds, report.flops_per_chip, model, CHIPS["v5p"].peak_flops)
     return {**{k: getattr(report, k) for k in ("layers", "per_chip_bytes", "fits", "kernels", "compile_seconds", "flops_per_chip",
-                                               "model_flops_per_chip", "optimal_seconds", "step_seconds_estimate", "mfu_estimate")},
+                                               "bytes_accessed_per_chip", "model_flops_per_chip", "optimal_seconds",
+                                               "step_seconds_estimate", "mfu_estimate")},
             "full_model_flops_per_chip": model, "full_step_seconds": step, "full_mfu": mfu}
 
 
 def compile_row(name: str, share: float) -> dict[str, Any]:
     cfg = row_config(name, share)
     r = aot.compile_program(TARGET, cfg, "train", per_device_batch=BATCH, seq_len=SEQ, select_rows=ROWS,
-                            attention_impl="splash_hr", remat="full", layers=LAYERS, model_name=MODEL)
-    return {"row": name, "share": share if name == "splash_hr-share" else 1.0, **full_depth(r, cfg)}
+                            attention_impl=row_impl(name), remat="full", layers=row_layers(name),
+                            model_name=PLAIN if name.startswith("check-llava") else MODEL)
+    return {"row": name, "share": share if name in SHARED else 1.0, **full_depth(r, cfg, row_impl(name))}
+
+
+def roofline(row: dict[str, Any]) -> dict[str, float | None]:
+    """What the compiler counted, against v5p's peak and HBM bandwidth: ``compute_s`` (FLOPs at peak), ``memory_s``
+    (the cost analysis' bytes at the bandwidth) and ``optimal_s`` (the compiler's time for the same counted program)."""
+    chip, nbytes = CHIPS["v5p"], row.get("bytes_accessed_per_chip")
+    return {"compute_s": row["flops_per_chip"] / chip.peak_flops, "optimal_s": row["optimal_seconds"],
+            "memory_s": None if nbytes is None else nbytes / chip.hbm_bytes_per_s}
+
+
+def check(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Scanned vs unrolled, per model with both rows present: the scanned cut's estimate scaled by the cut's model /
+    counted FLOPs (``aot.step_estimate``, the table's scaling) against the unrolled cut's own ``optimal_seconds``, and
+    the counted FLOPs of both against the cut's model FLOPs. ``seconds_diff``: (scaled - unrolled) / unrolled."""
+    rows = {r["row"]: r for r in res["rows"]}
+    out = []
+    for model in CHECK_LAYERS:
+        scan, unr = rows.get(f"check-{model}-scanned"), rows.get(f"check-{model}-unrolled")
+        if scan is None or unr is None:
+            continue
+        if scan["share"] != unr["share"] or scan["layers"] != unr["layers"]:
+            raise SystemExit(f"check-{model}: the scanned and unrolled rows differ in share or layers ({scan['share']}/{unr['share']}, "
+                             f"{scan['layers']}/{unr['layers']}); compile both with the same --share")
+        out.append({"model": model, "layers": scan["layers"], "share": scan["share"], "model_flops_per_chip": scan["model_flops_per_chip"],
+                    "scanned_flops_per_chip": scan["flops_per_chip"], "unrolled_flops_per_chip": unr["flops_per_chip"],
+                    "scanned_optimal_seconds": scan["optimal_seconds"], "scaled_seconds": scan["step_seconds_estimate"],
+                    "unrolled_seconds": unr["optimal_seconds"],
+                    "seconds_diff": scan["step_seconds_estimate"] / unr["optimal_seconds"] - 1,
+                    "flops_diff": unr["flops_per_chip"] / scan["model_flops_per_chip"] - 1,
+                    "unrolled_mfu": F.mfu(scan["model_flops_per_chip"], unr["optimal_seconds"], 1, CHIPS["v5p"].peak_flops),
+                    "scaled_mfu": scan["mfu_estimate"]})
+    return out
 
 
 def fit_reference(fit_json: Path) -> dict[str, Any]:
@@ -86,15 +138,15 @@ def fit_reference(fit_json: Path) -> dict[str, Any]:
 
 def goals(res: dict[str, Any]) -> list[dict[str, Any]]:
     """The goals table from the rows present: ``[{goal, value, target, met, row}]``."""
-    ref, rows = res["reference"], {r["row"]: r for r in res["rows"]}
+    ref, rows = res["reference"], {r["row"]: r for r in res["rows"] if r["row"] not in SHARED}
     llava = ref["llava"]
     per_sample = lambda flops: flops * 32 / (BATCH * 32)  # per chip -> per sample (19 per chip)
     out = [{"goal": "step / LLaVA-1.5 (XLA HR path, fit.json)", "value": ref["flex_xla"]["step_seconds"] / llava["step_seconds"],
             "target": GOALS["step_ratio"], "row": "fit.json"},
            {"goal": "MFU (XLA HR path, fit.json)", "value": ref["flex_xla"]["mfu"], "target": GOALS["mfu"], "row": "fit.json", "ge": True}]
-    for name in ("splash_hr", "splash_hr-share", "unrolled"):
-        if name in rows:
-            r = rows[name]
+    for r in res["rows"]:
+        name = r["row"]
+        if name in ("splash_hr", "splash_hr-share"):
             out += [{"goal": f"step / LLaVA-1.5 ({name}, share {r['share']:.3f})", "value": r["full_step_seconds"] / llava["step_seconds"],
                      "target": GOALS["step_ratio"], "row": name},
                     {"goal": f"MFU ({name}, share {r['share']:.3f})", "value": r["full_mfu"], "target": GOALS["mfu"], "row": name,
@@ -113,13 +165,23 @@ def goals(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def format_table(res: dict[str, Any]) -> str:
-    lines = [f"{'row':<16}{'share':>7}{'layers':>7}{'optimal s':>11}{'compiler TF':>13}{'step s (32 L)':>15}{'MFU':>7}{'peak GiB':>10}"]
+    lines = [f"{'row':<21}{'share':>7}{'layers':>7}{'optimal s':>11}{'compiler TF':>13}{'compute s':>11}{'memory s':>10}"
+             f"{'step s (32 L)':>15}{'MFU':>7}{'peak GiB':>10}"]
     for r in res["rows"]:
-        lines.append(f"{r['row']:<16}{r['share']:>7.3f}{r['layers']:>7}{r['optimal_seconds']:>11.4f}{r['flops_per_chip'] / 1e12:>13.1f}"
-                     f"{r['full_step_seconds']:>15.3f}{r['full_mfu']:>7.1%}{r['per_chip_bytes']['peak'] / 2**30:>10.1f}")
+        roof = roofline(r)
+        mem = "-" if roof["memory_s"] is None else f"{roof['memory_s']:.4f}"
+        lines.append(f"{r['row']:<21}{r['share']:>7.3f}{r['layers']:>7}{r['optimal_seconds']:>11.4f}{r['flops_per_chip'] / 1e12:>13.1f}"
+                     f"{roof['compute_s']:>11.4f}{mem:>10}{r['full_step_seconds']:>15.3f}{r['full_mfu']:>7.1%}"
+                     f"{r['per_chip_bytes']['peak'] / 2**30:>10.1f}")
     ref = res["reference"]
     lines.append(f"fit.json: FlexAttention-7B (XLA HR) {ref['flex_xla']['step_seconds']:.3f} s, MFU {ref['flex_xla']['mfu']:.1%}; "
                  f"LLaVA-1.5-7B {ref['llava']['step_seconds']:.3f} s, MFU {ref['llava']['mfu']:.1%}")
+    for c in check(res):
+        lines.append(f"check {c['model']} ({c['layers']} layers, share {c['share']:.3f}): scanned scaled {c['scaled_seconds']:.4f} s vs "
+                     f"unrolled {c['unrolled_seconds']:.4f} s ({c['seconds_diff']:+.1%}); "
+                     f"unrolled FLOPs {c['unrolled_flops_per_chip'] / 1e12:.1f} "
+                     f"vs model {c['model_flops_per_chip'] / 1e12:.1f} TF ({c['flops_diff']:+.1%}); MFU {c['scaled_mfu']:.1%} scaled, "
+                     f"{c['unrolled_mfu']:.1%} unrolled")
     for g in goals(res):
         lines.append(f"  {g['goal']:<52} {g['value']:>7.3f} (goal {'>=' if 'MFU' in g['goal'] else '<='} {g['target']}) "
                      f"{'met' if g['met'] else 'MISSED'}")
@@ -129,7 +191,8 @@ def format_table(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.hr_goals", description=__doc__.split("\n\n")[0])
     p.add_argument("--row", choices=ROW_NAMES, help="compile this row and add it to --out")
-    p.add_argument("--share", type=float, default=1.0, help="splash_hr-share: the active block share of the kernel's cost estimate")
+    p.add_argument("--share", type=float, default=1.0,
+                   help=f"{', '.join(SHARED)}: the active block share of the kernel's cost estimate")
     p.add_argument("--out", default="docs/hr_goals.json", help="the rows' JSON (read, and written after a --row compile)")
     p.add_argument("--fit", default="docs/fit.json", help="bench/fit.py's JSON: the LLaVA-1.5 and XLA-path reference rows")
     a = p.parse_args(argv)
@@ -142,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         row = compile_row(a.row, a.share)
         res = json.loads(out.read_text()) if out.is_file() else res  # rows other compiles added meanwhile
         res["reference"] = fit_reference(Path(a.fit))
-        res["rows"] = [r for r in res["rows"] if r["row"] != a.row] + [row]
+        res["rows"] = [r for r in res["rows"] if (r["row"], r["share"]) != (row["row"], row["share"])] + [row]
         out.write_text(json.dumps(res, indent=1) + "\n")
-    print(json.dumps(res))
+    print(json.dumps({**res, "check": check(res)}))
     print(format_table(res), file=sys.stderr)
     return 0
 

@@ -428,6 +428,7 @@ class CompileReport:
     flops_per_chip: float | None
     model_flops_per_chip: float
     optimal_seconds: float | None = None  # the TPU compiler's, loop bodies counted once
+    bytes_accessed_per_chip: float | None = None  # the cost analysis' HBM bytes, loop bodies counted once
     step_seconds_estimate: float | None = None  # :func:`step_estimate`
     mfu_estimate: float | None = None
     params: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -516,6 +517,7 @@ def compile_program(
     cost = cost[0] if isinstance(cost, list) else cost
     flops = float(cost["flops"]) if cost and "flops" in cost else None
     optimal = float(cost["optimal_seconds"]) if cost and cost.get("optimal_seconds", 0) > 0 else None
+    bytes_accessed = float(cost["bytes accessed"]) if cost and "bytes accessed" in cost else None
     mflops = model_flops(cfg, program, batch, seq_len, rows) / tgt.chips
     step_s, mfu = step_estimate(optimal, flops, mflops, tgt.chip.peak_flops)
     usable = int(tgt.chip.hbm_bytes * USABLE_FRACTION[tgt.platform])
@@ -526,7 +528,8 @@ def compile_program(
         per_chip_bytes=bytes_,
         capacity_bytes=tgt.chip.hbm_bytes, usable_bytes=usable, fits=peak <= usable,
         kernels=count_kernels(hlo), compile_seconds=round(seconds, 2), flops_per_chip=flops,
-        model_flops_per_chip=mflops, optimal_seconds=optimal, step_seconds_estimate=step_s, mfu_estimate=mfu,
+        model_flops_per_chip=mflops, optimal_seconds=optimal, bytes_accessed_per_chip=bytes_accessed, step_seconds_estimate=step_s,
+        mfu_estimate=mfu,
         params=param_counts(cfg), serve_peaks=serve_peaks, lora=None if lora is None else lora.to_dict(), quantize=quantize,
     )
 
