@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -95,9 +96,13 @@ def test_hr_goals_rows_and_goals(tmp_path, capsys):
     from flexattn_jax import flops as F
     from flexattn_jax.app import aot
 
-    sel, unrolled, share = G.row_config("selected-0.25"), G.row_config("unrolled"), G.row_config("splash_hr-share", 0.4)
+    sel, unrolled, share = G.row_config("selected-0.25"), G.row_config("check-flex-unrolled", 0.4), G.row_config("splash_hr-share", 0.4)
     assert (sel.flex.train_hr_budget, sel.flex.train_hr_fallback, sel.scan_layers) == (0.25, False, True)
-    assert not unrolled.scan_layers and share.flex.hr_kernel_block_share == 0.4
+    assert not unrolled.scan_layers and unrolled.flex.hr_kernel_block_share == 0.4 and share.flex.hr_kernel_block_share == 0.4
+    llava = G.row_config("check-llava-unrolled")
+    assert not llava.flex.enabled and not llava.scan_layers and G.row_config("check-llava-scanned").scan_layers
+    assert (G.row_layers("check-flex-scanned"), G.row_layers("check-llava-unrolled"), G.row_layers("splash_hr")) == (3, 2, 10)
+    assert (G.row_impl("check-llava-scanned"), G.row_impl("check-flex-unrolled")) == ("auto", "splash_hr")
     cfg = G.row_config("splash_hr")
     report = aot.CompileReport(target=G.TARGET, topology="v5p:4x4x2", chips=32, mesh={}, model=G.MODEL, program="train", layers=10,
                                global_batch=608, per_device_batch=19, seq_len=2048, select_rows=2048, attention_impl="splash_hr",
@@ -115,3 +120,37 @@ def test_hr_goals_rows_and_goals(tmp_path, capsys):
     assert flops_goal["met"] and 1.1 < flops_goal["value"] < 1.2
     assert G.main(["--out", str(tmp_path / "none.json")]) == 0 and not (tmp_path / "none.json").exists()
     assert "selected-only at 25%" in capsys.readouterr().err
+
+
+def test_hr_goals_check_rows_and_shares(tmp_path):
+    """``bench/hr_goals.py``'s scanned-vs-unrolled check: the scanned cut's estimate scaled by model / counted FLOPs
+    against the unrolled cut's own time and FLOPs; a pair at different shares is refused; the roofline columns; the
+    share rows are kept one per share (a ``--row`` compile replaces only its own share's row)."""
+    from bench import hr_goals as G
+
+    def row(name, share, flops, optimal, model=1e15, nbytes=None):
+        return {"row": name, "share": share, "layers": 3, "flops_per_chip": flops, "optimal_seconds": optimal,
+                "model_flops_per_chip": model, "step_seconds_estimate": optimal * model / flops,
+                "mfu_estimate": flops / (optimal * 459e12), "bytes_accessed_per_chip": nbytes,
+                "full_step_seconds": 10.0, "full_mfu": 0.5, "per_chip_bytes": {"peak": 2**30}}
+
+    scan, unr = row("check-flex-scanned", 0.432, 2.5e14, 0.5), row("check-flex-unrolled", 0.432, 8e14, 2.5)
+    (c,) = G.check({"rows": [scan, unr, row("splash_hr", 1.0, 1e14, 1.0)]})
+    assert c["model"] == "flex" and c["scaled_seconds"] == pytest.approx(2.0) and c["unrolled_seconds"] == 2.5
+    assert c["seconds_diff"] == pytest.approx(-0.2) and c["flops_diff"] == pytest.approx(-0.2)
+    assert c["unrolled_mfu"] == pytest.approx(1e15 / (2.5 * 459e12))
+    assert G.check({"rows": [scan]}) == []
+    with pytest.raises(SystemExit, match="check-flex: the scanned and unrolled rows differ in share"):
+        G.check({"rows": [scan, {**unr, "share": 1.0}]})
+    roof = G.roofline(row("splash_hr", 1.0, 459e12, 2.0, nbytes=2.76e12))
+    assert roof == {"compute_s": pytest.approx(1.0), "memory_s": pytest.approx(1.0), "optimal_s": 2.0}
+    assert G.roofline(row("splash_hr", 1.0, 1e12, 1.0))["memory_s"] is None
+
+    out = tmp_path / "goals.json"
+    out.write_text(json.dumps({"rows": [row("splash_hr-share", 0.39, 1e14, 1.0), row("splash_hr-share", 0.432, 1e14, 1.0)]}))
+    new = row("splash_hr-share", 0.432, 2e14, 3.0)
+    with mock.patch.object(G, "compile_row", return_value=new) as compile_row:
+        assert G.main(["--row", "splash_hr-share", "--share", "0.432", "--out", str(out)]) == 0
+    compile_row.assert_called_once_with("splash_hr-share", 0.432)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["share"], r["optimal_seconds"]) for r in rows] == [(0.39, 1.0), (0.432, 3.0)]
