@@ -35,6 +35,7 @@ from typing import Any
 from flexattn_jax import flops as F
 from flexattn_jax.app import aot
 from flexattn_jax.chips import CHIPS
+from flexattn_jax.kernels import hr_attention as HRK
 
 TARGET, MODEL, PLAIN, BATCH, SEQ, ROWS = "v5p-64", "llava-flexattn-7b", "llava-1.5-7b", 19, 2048, 2048
 LAYERS = 10  # 7B's first_select_layer is 8: layers 0-7 plain, 8 select, 9 hierarchical
@@ -94,6 +95,24 @@ def roofline(row: dict[str, Any]) -> dict[str, float | None]:
     chip, nbytes = CHIPS["v5p"], row.get("bytes_accessed_per_chip")
     return {"compute_s": row["flops_per_chip"] / chip.peak_flops, "optimal_s": row["optimal_seconds"],
             "memory_s": None if nbytes is None else nbytes / chip.hbm_bytes_per_s}
+
+
+def kernel_cost(name: str, share: float) -> dict[str, float] | None:
+    """The HR kernels' part of what the compiler counts in a FlexAttention row: one hierarchical layer's kernels for
+    the chip's samples (the forward twice under full remat, dq, dK/dV) by their own cost estimates
+    (:func:`flexattn_jax.kernels.hr_attention.cost_estimates` at the row's share, over all M keys or the ``train_hr_budget``
+    slots), with ``seconds`` at their roofline (each kernel at max(FLOPs / peak, bytes / bandwidth) on v5p). ``None``
+    for LLaVA-1.5."""
+    if name.startswith("check-llava"):
+        return None
+    cfg = row_config(name, share)
+    t, chip = cfg.text, CHIPS["v5p"]
+    pad = lambda n: -(-n // HRK.BLOCK) * HRK.BLOCK
+    keys = cfg.train_hr_tokens or cfg.num_hr_tokens
+    est = HRK.cost_estimates(BATCH, t.num_heads, t.num_heads // t.num_kv_heads, pad(ROWS), pad(keys), t.head_dim, 2, share=share)
+    calls = (est["fwd"], est["fwd"], est["dq"], est["dkv"])
+    return {"keys": keys, "flops": float(sum(c.flops for c in calls)), "bytes": float(sum(c.bytes_accessed for c in calls)),
+            "seconds": sum(max(c.flops / chip.peak_flops, c.bytes_accessed / chip.hbm_bytes_per_s) for c in calls)}
 
 
 def check(res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -166,12 +185,14 @@ def goals(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 def format_table(res: dict[str, Any]) -> str:
     lines = [f"{'row':<21}{'share':>7}{'layers':>7}{'optimal s':>11}{'compiler TF':>13}{'compute s':>11}{'memory s':>10}"
-             f"{'step s (32 L)':>15}{'MFU':>7}{'peak GiB':>10}"]
+             f"{'kernel s':>10}{'step s (32 L)':>15}{'MFU':>7}{'peak GiB':>10}"]
     for r in res["rows"]:
         roof = roofline(r)
         mem = "-" if roof["memory_s"] is None else f"{roof['memory_s']:.4f}"
+        kern = kernel_cost(r["row"], r["share"])
+        kern = "-" if kern is None else f"{kern['seconds']:.4f}"
         lines.append(f"{r['row']:<21}{r['share']:>7.3f}{r['layers']:>7}{r['optimal_seconds']:>11.4f}{r['flops_per_chip'] / 1e12:>13.1f}"
-                     f"{roof['compute_s']:>11.4f}{mem:>10}{r['full_step_seconds']:>15.3f}{r['full_mfu']:>7.1%}"
+                     f"{roof['compute_s']:>11.4f}{mem:>10}{kern:>10}{r['full_step_seconds']:>15.3f}{r['full_mfu']:>7.1%}"
                      f"{r['per_chip_bytes']['peak'] / 2**30:>10.1f}")
     ref = res["reference"]
     lines.append(f"fit.json: FlexAttention-7B (XLA HR) {ref['flex_xla']['step_seconds']:.3f} s, MFU {ref['flex_xla']['mfu']:.1%}; "
@@ -207,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         res["reference"] = fit_reference(Path(a.fit))
         res["rows"] = [r for r in res["rows"] if (r["row"], r["share"]) != (row["row"], row["share"])] + [row]
         out.write_text(json.dumps(res, indent=1) + "\n")
-    print(json.dumps({**res, "check": check(res)}))
+    key = lambda r: f"{r['row']}@{r['share']}"
+    print(json.dumps({**res, "check": check(res), "kernel_cost": {key(r): kernel_cost(r["row"], r["share"]) for r in res["rows"]},
+                      "roofline": {key(r): roofline(r) for r in res["rows"]}}))
     print(format_table(res), file=sys.stderr)
     return 0
 

@@ -154,3 +154,22 @@ def test_hr_goals_check_rows_and_shares(tmp_path):
     compile_row.assert_called_once_with("splash_hr-share", 0.432)
     rows = json.loads(out.read_text())["rows"]
     assert [(r["share"], r["optimal_seconds"]) for r in rows] == [(0.39, 1.0), (0.432, 3.0)]
+
+
+def test_hr_goals_kernel_cost():
+    """The HR kernels' part of a counted FlexAttention row: the forward twice, dq and dK/dV of one hierarchical layer for
+    19 samples, at the row's share, over all M keys (5184, padded to 5248) or the selected-only budget's U slots; the
+    stored compiles' FLOPs differ between share 1 and 0.39 by exactly the skipped part of it."""
+    from bench import hr_goals as G
+
+    est = cost_estimates(19, 32, 1, 2048, 5248, 128, 2, share=0.5)
+    k = G.kernel_cost("splash_hr-share", 0.5)
+    assert k["keys"] == 5184 and k["flops"] == 2 * est["fwd"].flops + est["dq"].flops + est["dkv"].flops
+    assert k["bytes"] == 2 * est["fwd"].bytes_accessed + est["dq"].bytes_accessed + est["dkv"].bytes_accessed
+    assert k["seconds"] >= k["bytes"] / 2.76e12 and k["seconds"] >= k["flops"] / 459e12
+    sel = G.kernel_cost("selected-0.25", 1.0)
+    assert sel["keys"] == 1296 and sel["flops"] == pytest.approx(G.kernel_cost("splash_hr", 1.0)["flops"] * 1408 / 5248)
+    assert G.kernel_cost("check-llava-scanned", 1.0) is None
+    rows = {(r["row"], r["share"]): r for r in json.loads(Path("docs/hr_goals.json").read_text())["rows"]}
+    full, part = rows[("splash_hr", 1.0)]["flops_per_chip"], rows[("splash_hr-share", 0.39)]["flops_per_chip"]
+    assert full - part == pytest.approx(G.kernel_cost("splash_hr", 1.0)["flops"] * (1 - 0.39), rel=1e-3)
