@@ -76,7 +76,7 @@ def full_depth(report: aot.CompileReport, cfg, impl: str = "splash_hr") -> dict[
     model = F.train_flops(full, report.global_batch, SEQ, ROWS) / report.chips
     step, mfu = aot.step_estimate(report.optimal_seconds, report.flops_per_chip, model, CHIPS["v5p"].peak_flops)
     return {**{k: getattr(report, k) for k in ("layers", "per_chip_bytes", "fits", "kernels", "compile_seconds", "flops_per_chip",
-                                               "bytes_accessed_per_chip", "model_flops_per_chip", "optimal_seconds",
+                                               "bytes_accessed_per_chip", "while_loops", "model_flops_per_chip", "optimal_seconds",
                                                "step_seconds_estimate", "mfu_estimate")},
             "full_model_flops_per_chip": model, "full_step_seconds": step, "full_mfu": mfu}
 
@@ -113,6 +113,31 @@ def kernel_cost(name: str, share: float) -> dict[str, float] | None:
     calls = (est["fwd"], est["fwd"], est["dq"], est["dkv"])
     return {"keys": keys, "flops": float(sum(c.flops for c in calls)), "bytes": float(sum(c.bytes_accessed for c in calls)),
             "seconds": sum(max(c.flops / chip.peak_flops, c.bytes_accessed / chip.hbm_bytes_per_s) for c in calls)}
+
+
+def matmul_check(target: str = TARGET, batch: int = BATCH, seq: int = SEQ, d: int = 4096, f: int = 11008) -> dict[str, Any]:
+    """One decoder matmul as the train step shards it (``x (B, T, d)`` over fsdp, ``w (d, f)`` fsdp-sharded fp32 master
+    cast to bf16) compiled for ``target``, forward and ``d/dw``: the compiler's FLOPs per chip against ``2 B T d f``
+    per chip (the gradient: twice that), and its ``while`` loops. On a large fsdp axis the compiler makes the all-gather
+    and matmul a loop (a collective matmul) whose body cost analysis counts once."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    tgt = aot.parse_target(target)
+    mesh = aot.target_mesh_for(tgt, f"fsdp={tgt.chips}")
+    x = jax.ShapeDtypeStruct((batch * tgt.chips, seq, d), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp")))
+    w = jax.ShapeDtypeStruct((d, f), jnp.float32, sharding=NamedSharding(mesh, P("fsdp")))
+    loss = lambda w, x: jnp.sum(jnp.square((x @ w.astype(jnp.bfloat16)).astype(jnp.float32)))
+    out = {"target": tgt.name, "batch_per_chip": batch, "seq": seq, "d": d, "f": f, "model_flops_per_chip": 2.0 * batch * seq * d * f}
+    for name, fn in (("forward", loss), ("grad_w", jax.grad(loss))):
+        compiled = jax.jit(fn).lower(w, x).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        out[name] = {"flops_per_chip": float(cost["flops"]), "while_loops": aot.count_loops(compiled.as_text()),
+                     "optimal_seconds": float(cost["optimal_seconds"]) if cost.get("optimal_seconds", 0) > 0 else None}
+    return out
 
 
 def check(res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -197,6 +222,11 @@ def format_table(res: dict[str, Any]) -> str:
     ref = res["reference"]
     lines.append(f"fit.json: FlexAttention-7B (XLA HR) {ref['flex_xla']['step_seconds']:.3f} s, MFU {ref['flex_xla']['mfu']:.1%}; "
                  f"LLaVA-1.5-7B {ref['llava']['step_seconds']:.3f} s, MFU {ref['llava']['mfu']:.1%}")
+    if "matmul_check" in res:
+        mm = res["matmul_check"]
+        lines.append(f"matmul check ({mm['target']}, {mm['batch_per_chip']} x {mm['seq']} x {mm['d']} @ {mm['d']} x {mm['f']} per chip): "
+                     + "; ".join(f"{k} counted {mm[k]['flops_per_chip'] / 1e12:.2f} TF of {mm['model_flops_per_chip'] * m / 1e12:.2f}, "
+                                 f"{mm[k]['while_loops']} while loop(s)" for k, m in (("forward", 1), ("grad_w", 2))))
     for c in check(res):
         lines.append(f"check {c['model']} ({c['layers']} layers, share {c['share']:.3f}): scanned scaled {c['scaled_seconds']:.4f} s vs "
                      f"unrolled {c['unrolled_seconds']:.4f} s ({c['seconds_diff']:+.1%}); "
@@ -215,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--share", type=float, default=1.0,
                    help=f"{', '.join(SHARED)}: the active block share of the kernel's cost estimate")
     p.add_argument("--out", default="docs/hr_goals.json", help="the rows' JSON (read, and written after a --row compile)")
+    p.add_argument("--matmul-check", action="store_true", help="compile one fsdp-sharded decoder matmul (matmul_check) into --out")
     p.add_argument("--fit", default="docs/fit.json", help="bench/fit.py's JSON: the LLaVA-1.5 and XLA-path reference rows")
     a = p.parse_args(argv)
     if not 0 < a.share <= 1:
@@ -222,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     res = json.loads(out.read_text()) if out.is_file() else {"target": TARGET, "batch_per_chip": BATCH, "layers": LAYERS, "rows": []}
     res["reference"] = fit_reference(Path(a.fit))
+    if a.matmul_check:
+        mm = matmul_check()
+        res = json.loads(out.read_text()) if out.is_file() else res
+        res["reference"], res["matmul_check"] = fit_reference(Path(a.fit)), mm
+        out.write_text(json.dumps(res, indent=1) + "\n")
     if a.row:
         row = compile_row(a.row, a.share)
         res = json.loads(out.read_text()) if out.is_file() else res  # rows other compiles added meanwhile

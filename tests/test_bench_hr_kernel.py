@@ -3,6 +3,7 @@ and the roofline built from the kernel's own cost estimate at an active block sh
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from unittest import mock
@@ -173,3 +174,24 @@ def test_hr_goals_kernel_cost():
     rows = {(r["row"], r["share"]): r for r in json.loads(Path("docs/hr_goals.json").read_text())["rows"]}
     full, part = rows[("splash_hr", 1.0)]["flops_per_chip"], rows[("splash_hr-share", 0.39)]["flops_per_chip"]
     assert full - part == pytest.approx(G.kernel_cost("splash_hr", 1.0)["flops"] * (1 - 0.39), rel=1e-3)
+
+
+def test_count_loops():
+    """``aot.count_loops``: the ``while`` instructions of compiled HLO text, not names that contain the word."""
+    from flexattn_jax.app import aot
+
+    hlo = ("%while.3 = (s32[], f32[8]) while(%tuple.1), condition=%cond, body=%body\n"
+           "%fusion.while_body = f32[8] fusion(%p), kind=kLoop\n  %w2 = (s32[]) while(%t), condition=%c2, body=%b2\n")
+    assert aot.count_loops(hlo) == 2 and aot.count_loops("%add = f32[] add(%a, %b)") == 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def test_hr_goals_matmul_check_counts_a_small_matmul_exactly():
+    """``bench/hr_goals.py --matmul-check`` at a size where the compiler makes no collective-matmul loop: the forward's
+    FLOPs are 2 B T d f per chip and ``d/dw`` twice that (the forward and the weight gradient)."""
+    from bench import hr_goals as G
+
+    mm = G.matmul_check("v5e:2x2", batch=2, seq=128, d=256, f=512)
+    assert mm["model_flops_per_chip"] == 2.0 * 2 * 128 * 256 * 512
+    assert mm["forward"]["while_loops"] == 0 and mm["forward"]["flops_per_chip"] == pytest.approx(mm["model_flops_per_chip"], rel=0.01)
+    assert mm["grad_w"]["flops_per_chip"] == pytest.approx(2 * mm["model_flops_per_chip"], rel=0.01)

@@ -387,6 +387,12 @@ def _compile_serve(tgt: Target, cfg: ModelConfig, mesh: str | None, slots: int, 
 _CUSTOM_CALL = re.compile(r"%([\w.\-$]+) = .*?custom-call\(.*?custom_call_target=\"([^\"]+)\"")
 
 
+def count_loops(hlo_text: str) -> int:
+    """``while`` instructions in compiled HLO: the scanned layers' loops, and those the compiler adds itself (collective
+    matmuls over an fsdp axis); cost analysis counts each loop's body once."""
+    return len(re.findall(r"\swhile\(", hlo_text))
+
+
 def count_kernels(hlo_text: str) -> dict[str, int]:
     """Attention kernels in compiled HLO: Mosaic calls (``tpu_custom_call``, keyed by kernel name) and cuDNN fMHA calls."""
     counts: Counter = Counter()
@@ -429,6 +435,7 @@ class CompileReport:
     model_flops_per_chip: float
     optimal_seconds: float | None = None  # the TPU compiler's, loop bodies counted once
     bytes_accessed_per_chip: float | None = None  # the cost analysis' HBM bytes, loop bodies counted once
+    while_loops: int | None = None  # :func:`count_loops`
     step_seconds_estimate: float | None = None  # :func:`step_estimate`
     mfu_estimate: float | None = None
     params: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -528,7 +535,8 @@ def compile_program(
         per_chip_bytes=bytes_,
         capacity_bytes=tgt.chip.hbm_bytes, usable_bytes=usable, fits=peak <= usable,
         kernels=count_kernels(hlo), compile_seconds=round(seconds, 2), flops_per_chip=flops,
-        model_flops_per_chip=mflops, optimal_seconds=optimal, bytes_accessed_per_chip=bytes_accessed, step_seconds_estimate=step_s,
+        model_flops_per_chip=mflops, optimal_seconds=optimal, bytes_accessed_per_chip=bytes_accessed, while_loops=count_loops(hlo),
+        step_seconds_estimate=step_s,
         mfu_estimate=mfu,
         params=param_counts(cfg), serve_peaks=serve_peaks, lora=None if lora is None else lora.to_dict(), quantize=quantize,
     )
