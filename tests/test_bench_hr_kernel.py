@@ -138,8 +138,9 @@ def test_hr_goals_check_rows_and_shares(tmp_path):
     scan, unr = row("check-flex-scanned", 0.432, 2.5e14, 0.5), row("check-flex-unrolled", 0.432, 8e14, 2.5)
     (c,) = G.check({"rows": [scan, unr, row("splash_hr", 1.0, 1e14, 1.0)]})
     assert c["model"] == "flex" and c["scaled_seconds"] == pytest.approx(2.0) and c["unrolled_seconds"] == 2.5
-    assert c["seconds_diff"] == pytest.approx(-0.2) and c["flops_diff"] == pytest.approx(-0.2)
-    assert c["unrolled_mfu"] == pytest.approx(1e15 / (2.5 * 459e12))
+    assert c["unrolled_scaled_seconds"] == pytest.approx(3.125) and c["seconds_diff"] == pytest.approx(2.0 / 3.125 - 1)
+    assert c["raw_seconds_diff"] == pytest.approx(-0.2) and c["flops_diff"] == pytest.approx(-0.2)
+    assert c["split_diff"] == pytest.approx(G.split_estimate(scan, full=False)[0] / G.split_estimate(unr, full=False)[0] - 1)
     assert G.check({"rows": [scan]}) == []
     with pytest.raises(SystemExit, match="check-flex: the scanned and unrolled rows differ in share"):
         G.check({"rows": [scan, {**unr, "share": 1.0}]})
@@ -195,3 +196,31 @@ def test_hr_goals_matmul_check_counts_a_small_matmul_exactly():
     assert mm["model_flops_per_chip"] == 2.0 * 2 * 128 * 256 * 512
     assert mm["forward"]["while_loops"] == 0 and mm["forward"]["flops_per_chip"] == pytest.approx(mm["model_flops_per_chip"], rel=0.01)
     assert mm["grad_w"]["flops_per_chip"] == pytest.approx(2 * mm["model_flops_per_chip"], rel=0.01)
+
+
+def test_hr_goals_split_estimate():
+    """The step with the HR kernels kept out of the scaling: the XLA part (counted minus one hierarchical layer's kernels)
+    scaled by its model FLOPs (less the HR attention) / counted FLOPs, plus the kernels' roofline seconds once per
+    hierarchical layer (23 at full depth, 1 in the 10-layer cut); a lower share shortens it; LLaVA-1.5 rows scale plainly."""
+    from bench import hr_goals as G
+    from flexattn_jax import flops as F
+    from flexattn_jax.app import aot
+
+    row = {"row": "splash_hr-share", "share": 0.5, "layers": 10, "flops_per_chip": 7e13, "optimal_seconds": 0.35}
+    kc = G.kernel_cost("splash_hr-share", 0.5)
+    full = aot.program_config(G.row_config("splash_hr-share", 0.5), program="train")
+    model = F.train_flops(full, 608, 2048, 2048) / 32
+    attention = 3 * 19 * 23 * F.hr_attention_flops(full, 2048, 5184)
+    step, mfu = G.split_estimate(row)
+    assert step == pytest.approx(23 * kc["seconds"] + (0.35 - kc["seconds"]) * (model - attention) / (7e13 - kc["flops"]))
+    assert mfu == pytest.approx(model / (step * 459e12))
+    cut = aot.program_config(G.row_config("splash_hr-share", 0.5), program="train", layers=10)
+    cut_step = G.split_estimate(row, full=False)[0]
+    cut_model = F.train_flops(cut, 608, 2048, 2048) / 32 - 3 * 19 * F.hr_attention_flops(cut, 2048, 5184)
+    assert cut_step == pytest.approx(kc["seconds"] + (0.35 - kc["seconds"]) * cut_model / (7e13 - kc["flops"]))
+    quarter = G.kernel_cost("splash_hr-share", 0.25)  # the same XLA part, half the kernels' work: 23 x the saving shorter
+    fewer = {**row, "share": 0.25, "flops_per_chip": 7e13 - kc["flops"] / 2, "optimal_seconds": 0.35 - kc["seconds"] + quarter["seconds"]}
+    assert G.split_estimate(fewer)[0] == pytest.approx(step - 23 * (kc["seconds"] - quarter["seconds"]))
+    llava = {"row": "check-llava-scanned", "share": 1.0, "layers": 2, "flops_per_chip": 5e13, "optimal_seconds": 0.2}
+    plain = F.train_flops(aot.program_config(aot.load_model_config("llava-1.5-7b"), program="train"), 608, 2048, 2048) / 32
+    assert G.split_estimate(llava)[0] == pytest.approx(0.2 * plain / 5e13)
