@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ CHECK_LAYERS = {"flex": 3, "llava": 2}  # flex: plain, select, hierarchical (eve
 CHECKS = tuple(f"check-{m}-{how}" for m in CHECK_LAYERS for how in ("scanned", "unrolled"))
 ROW_NAMES = ("splash_hr", "splash_hr-share", "selected-0.25", *CHECKS)
 SHARED = ("splash_hr-share", "check-flex-scanned", "check-flex-unrolled")  # the rows that take --share
+CYCLE_LINES = 40  # the source lines of a row's cycle breakdown kept in the JSON (the rest summed)
 GOALS = {"step_ratio": 1.6, "mfu": 0.55, "selected_flops_ratio": 1.2, "selected_step_ratio": 1.3}
 
 
@@ -85,8 +87,19 @@ def compile_row(name: str, share: float) -> dict[str, Any]:
     cfg = row_config(name, share)
     r = aot.compile_program(TARGET, cfg, "train", per_device_batch=BATCH, seq_len=SEQ, select_rows=ROWS,
                             attention_impl=row_impl(name), remat="full", layers=row_layers(name),
-                            model_name=PLAIN if name.startswith("check-llava") else MODEL)
-    return {"row": name, "share": share if name in SHARED else 1.0, **full_depth(r, cfg, row_impl(name))}
+                            model_name=PLAIN if name.startswith("check-llava") else MODEL, breakdown=True)
+    cycles = list(r.cycles.items())
+    top = dict(cycles[:CYCLE_LINES]) | ({"(rest)": sum(c for _, c in cycles[CYCLE_LINES:])} if len(cycles) > CYCLE_LINES else {})
+    return {"row": name, "share": share if name in SHARED else 1.0, **full_depth(r, cfg, row_impl(name)), "cycles": top}
+
+
+def by_function(cycles: dict[str, int]) -> dict[str, float]:
+    """A row's ``cycles`` (``file:line:function``) summed by ``file:function``, as shares of the total, largest first."""
+    total, out = sum(cycles.values()) or 1, Counter()
+    for key, c in cycles.items():
+        parts = key.split(":")
+        out[f"{parts[0]}:{parts[-1]}" if len(parts) == 3 else key] += c / total
+    return dict(out.most_common())
 
 
 def roofline(row: dict[str, Any]) -> dict[str, float | None]:
@@ -256,6 +269,10 @@ def format_table(res: dict[str, Any]) -> str:
     ref = res["reference"]
     lines.append(f"fit.json: FlexAttention-7B (XLA HR) {ref['flex_xla']['step_seconds']:.3f} s, MFU {ref['flex_xla']['mfu']:.1%}; "
                  f"LLaVA-1.5-7B {ref['llava']['step_seconds']:.3f} s, MFU {ref['llava']['mfu']:.1%}")
+    for r in res["rows"]:
+        if r.get("cycles"):
+            top = list(by_function(r["cycles"]).items())[:8]
+            lines.append(f"{r['row']} @ {r['share']:.3f}, the compiler's cycles by source: " + ", ".join(f"{k} {v:.1%}" for k, v in top))
     if "matmul_check" in res:
         mm = res["matmul_check"]
         lines.append(f"matmul check ({mm['target']}, {mm['batch_per_chip']} x {mm['seq']} x {mm['d']} @ {mm['d']} x {mm['f']} per chip): "

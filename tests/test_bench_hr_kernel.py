@@ -224,3 +224,34 @@ def test_hr_goals_split_estimate():
     llava = {"row": "check-llava-scanned", "share": 1.0, "layers": 2, "flops_per_chip": 5e13, "optimal_seconds": 0.2}
     plain = F.train_flops(aot.program_config(aot.load_model_config("llava-1.5-7b"), program="train"), 608, 2048, 2048) / 32
     assert G.split_estimate(llava)[0] == pytest.approx(0.2 * plain / 5e13)
+
+
+def test_cycle_breakdown_by_source_line():
+    """``aot.cycle_breakdown``: each instruction's ``estimated_cycles`` summed by the source line its stack frame names
+    (HLO text's FileNames / FunctionNames / FileLocations / StackFrames tables); ``hr_goals.by_function`` sums the lines
+    of one function into shares."""
+    from bench import hr_goals as G
+    from flexattn_jax.app import aot
+
+    hlo = "\n".join([
+        '%fusion.1 = bf16[4] fusion(%a), kind=kOutput, metadata={op_name="jit(f)/dot_general" stack_frame_id=2}, '
+        'backend_config={"window_config":{"estimated_cycles":"300","iteration_bounds":["1"]}}',
+        '%fusion.2 = bf16[4] fusion(%b), kind=kLoop, metadata={op_name="jit(f)/add" stack_frame_id=3}, '
+        'backend_config={"window_config":{"estimated_cycles":"100"}}',
+        '%fusion.3 = bf16[4] fusion(%c), kind=kLoop, metadata={op_name="jit(f)/mul" stack_frame_id=2}, '
+        'backend_config={"window_config":{"estimated_cycles":"50"}}',
+        '%copy.4 = bf16[4] copy(%d), backend_config={"window_config":{"estimated_cycles":"7"}}',
+        '%add.5 = bf16[4] add(%d, %d)',
+        "", "FileNames", '1 "/src/flexattn_jax/hierarchical.py"', '2 "/src/flexattn_jax/text.py"',
+        "", "FunctionNames", '1 "hr_kv"', '2 "mlp"',
+        "", "FileLocations", "1 {file_name_id=1 function_name_id=1 line=10 end_line=10 column=4 end_column=9}",
+        "2 {file_name_id=2 function_name_id=2 line=20 end_line=20 column=4 end_column=9}",
+        "3 {file_name_id=2 function_name_id=2 line=21 end_line=21 column=4 end_column=9}",
+        "", "StackFrames", "1 {file_location_id=1 parent_frame_id=1}", "2 {file_location_id=1 parent_frame_id=1}",
+        "3 {file_location_id=3 parent_frame_id=1}", ""])
+    cycles = aot.cycle_breakdown(hlo)
+    assert cycles == {"flexattn_jax/hierarchical.py:10:hr_kv": 350, "flexattn_jax/text.py:21:mlp": 100, "(no source)": 7}
+    assert list(cycles) == ["flexattn_jax/hierarchical.py:10:hr_kv", "flexattn_jax/text.py:21:mlp", "(no source)"]
+    shares = G.by_function({**cycles, "flexattn_jax/hierarchical.py:12:hr_kv": 43})
+    assert shares == {"flexattn_jax/hierarchical.py:hr_kv": pytest.approx(0.786), "flexattn_jax/text.py:mlp": pytest.approx(0.2),
+                      "(no source)": pytest.approx(0.014)}
