@@ -117,6 +117,8 @@ def test_hr_goals_rows_and_goals(tmp_path, capsys):
     res = {"rows": [{"row": "splash_hr", "share": 1.0, **row}], "reference": ref}
     goals = {g["row"]: g for g in G.goals(res) if "step" in g["goal"]}
     assert goals["splash_hr"]["value"] == pytest.approx(row["full_step_seconds"] / ref["llava"]["step_seconds"])
+    split = next(g for g in G.goals(res) if g.get("split") and "step" in g["goal"])
+    assert split["value"] == pytest.approx(G.split_estimate({"row": "splash_hr", "share": 1.0, **row})[0] / ref["llava"]["step_seconds"])
     flops_goal = next(g for g in G.goals(res) if g["row"] == "flops")
     assert flops_goal["met"] and 1.1 < flops_goal["value"] < 1.2
     assert G.main(["--out", str(tmp_path / "none.json")]) == 0 and not (tmp_path / "none.json").exists()
