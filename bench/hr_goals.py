@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -94,11 +95,11 @@ def compile_row(name: str, share: float) -> dict[str, Any]:
 
 
 def by_function(cycles: dict[str, int]) -> dict[str, float]:
-    """A row's ``cycles`` (``file:line:function``) summed by ``file:function``, as shares of the total, largest first."""
+    """A row's ``cycles`` (``file:line:function [< caller]``) summed without the line numbers, as shares of the total,
+    largest first."""
     total, out = sum(cycles.values()) or 1, Counter()
     for key, c in cycles.items():
-        parts = key.split(":")
-        out[f"{parts[0]}:{parts[-1]}" if len(parts) == 3 else key] += c / total
+        out[re.sub(r":\d+:", ":", key)] += c / total
     return dict(out.most_common())
 
 

@@ -249,11 +249,11 @@ def test_cycle_breakdown_by_source_line():
         "", "FileLocations", "1 {file_name_id=1 function_name_id=1 line=10 end_line=10 column=4 end_column=9}",
         "2 {file_name_id=2 function_name_id=2 line=20 end_line=20 column=4 end_column=9}",
         "3 {file_name_id=2 function_name_id=2 line=21 end_line=21 column=4 end_column=9}",
-        "", "StackFrames", "1 {file_location_id=1 parent_frame_id=1}", "2 {file_location_id=1 parent_frame_id=1}",
-        "3 {file_location_id=3 parent_frame_id=1}", ""])
+        "", "StackFrames", "1 {file_location_id=1 parent_frame_id=1}", "2 {file_location_id=2 parent_frame_id=2}",
+        "3 {file_location_id=3 parent_frame_id=1}", ""])  # a frame's parent is its parent_frame_id - 1 (0: none)
     cycles = aot.cycle_breakdown(hlo)
-    assert cycles == {"flexattn_jax/hierarchical.py:10:hr_kv": 350, "flexattn_jax/text.py:21:mlp": 100, "(no source)": 7}
-    assert list(cycles) == ["flexattn_jax/hierarchical.py:10:hr_kv", "flexattn_jax/text.py:21:mlp", "(no source)"]
-    shares = G.by_function({**cycles, "flexattn_jax/hierarchical.py:12:hr_kv": 43})
-    assert shares == {"flexattn_jax/hierarchical.py:hr_kv": pytest.approx(0.786), "flexattn_jax/text.py:mlp": pytest.approx(0.2),
-                      "(no source)": pytest.approx(0.014)}
+    assert cycles == {"flexattn_jax/text.py:20:mlp < flexattn_jax/hierarchical.py:10:hr_kv": 350, "flexattn_jax/text.py:21:mlp": 100,
+                      "(no source)": 7}
+    shares = G.by_function({**cycles, "flexattn_jax/text.py:22:mlp < flexattn_jax/hierarchical.py:12:hr_kv": 43})
+    assert shares == {"flexattn_jax/text.py:mlp < flexattn_jax/hierarchical.py:hr_kv": pytest.approx(0.786),
+                      "flexattn_jax/text.py:mlp": pytest.approx(0.2), "(no source)": pytest.approx(0.014)}

@@ -418,18 +418,31 @@ def _stack_tables(hlo_text: str) -> dict[str, dict[int, Any]]:
 
 def cycle_breakdown(hlo_text: str) -> dict[str, int]:
     """The TPU compiler's ``estimated_cycles`` of compiled HLO's instructions summed by the source line each came from
-    (``file:line:function`` of the innermost recorded stack frame; ``(no source)`` without one), largest first. Like
+    (``file:line:function`` of the innermost recorded stack frame, then ``< file:line:function`` of the nearest caller in
+    ``flexattn_jax/`` or ``train/`` in another function; ``(no source)`` without a frame), largest first. Like
     cost analysis it counts a loop body's instructions once; Mosaic kernels carry no estimate here (their
     ``pl.CostEstimate`` counts instead)."""
     t = _stack_tables(hlo_text)
     files, funcs, locs, frames = (t.get(k, {}) for k in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"))
 
-    def where(frame: int | None) -> str:
-        loc = locs.get(frames.get(frame, {}).get("file_location_id", -1))
+    def frame(fid: int) -> tuple[str, str, str] | None:
+        loc = locs.get(frames.get(fid, {}).get("file_location_id", -1))
         if loc is None:
+            return None
+        path = files.get(loc.get("file_name_id"), "?")
+        return path, f"{'/'.join(Path(path).parts[-2:])}:{loc.get('line')}", funcs.get(loc.get("function_name_id"), "?")
+
+    def where(fid: int | None) -> str:  # the innermost frame, and the nearest caller in the project in another function
+        chain, seen = [], set()
+        while fid and fid not in seen and (f := frame(fid)) is not None:
+            seen.add(fid)
+            chain.append(f)
+            fid = frames[fid].get("parent_frame_id", 0) - 1  # the text's parent ids are one above the frame ids
+        if not chain:
             return "(no source)"
-        path = "/".join(Path(files.get(loc.get("file_name_id"), "?")).parts[-2:])
-        return f"{path}:{loc.get('line')}:{funcs.get(loc.get('function_name_id'), '?')}"
+        key = f"{chain[0][1]}:{chain[0][2]}"
+        caller = next((c for c in chain[1:] if c[2] != chain[0][2] and any(f"/{d}/" in c[0] for d in ("flexattn_jax", "train"))), None)
+        return key if caller is None else f"{key} < {caller[1]}:{caller[2]}"
 
     counts: Counter = Counter()
     for line in hlo_text.splitlines():
