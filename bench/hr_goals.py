@@ -272,7 +272,7 @@ def format_table(res: dict[str, Any]) -> str:
                  f"LLaVA-1.5-7B {ref['llava']['step_seconds']:.3f} s, MFU {ref['llava']['mfu']:.1%}")
     for r in res["rows"]:
         if r.get("cycles"):
-            top = list(by_function(r["cycles"]).items())[:8]
+            top = list(by_function(r["cycles"]).items())[:12]
             lines.append(f"{r['row']} @ {r['share']:.3f}, the compiler's cycles by source: " + ", ".join(f"{k} {v:.1%}" for k, v in top))
     if "matmul_check" in res:
         mm = res["matmul_check"]
