@@ -103,6 +103,16 @@ def by_function(cycles: dict[str, int]) -> dict[str, float]:
     return dict(out.most_common())
 
 
+def by_file(cycles: dict[str, int]) -> dict[str, float]:
+    """A row's ``cycles`` summed by the project file that made them (the caller's, else the innermost frame's):
+    ``flexattn_jax/vision.py`` is CLIP and the projector, ``text.py`` / ``hierarchical.py`` the decoder layers,
+    ``model.py`` the LM head; shares of the total, largest first."""
+    total, out = sum(cycles.values()) or 1, Counter()
+    for key, c in cycles.items():
+        out[key.split(" < ")[-1].split(":")[0]] += c / total
+    return dict(out.most_common())
+
+
 def roofline(row: dict[str, Any]) -> dict[str, float | None]:
     """What the compiler counted, against v5p's peak and HBM bandwidth: ``compute_s`` (FLOPs at peak), ``memory_s``
     (the cost analysis' bytes at the bandwidth) and ``optimal_s`` (the compiler's time for the same counted program)."""
@@ -273,6 +283,8 @@ def format_table(res: dict[str, Any]) -> str:
     for r in res["rows"]:
         if r.get("cycles"):
             top = list(by_function(r["cycles"]).items())[:12]
+            lines.append(f"{r['row']} @ {r['share']:.3f}, the compiler's cycles by file: "
+                         + ", ".join(f"{k} {v:.1%}" for k, v in by_file(r["cycles"]).items()))
             lines.append(f"{r['row']} @ {r['share']:.3f}, the compiler's cycles by source: " + ", ".join(f"{k} {v:.1%}" for k, v in top))
     if "matmul_check" in res:
         mm = res["matmul_check"]

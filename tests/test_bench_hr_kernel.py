@@ -257,3 +257,5 @@ def test_cycle_breakdown_by_source_line():
     shares = G.by_function({**cycles, "flexattn_jax/text.py:22:mlp < flexattn_jax/hierarchical.py:12:hr_kv": 43})
     assert shares == {"flexattn_jax/text.py:mlp < flexattn_jax/hierarchical.py:hr_kv": pytest.approx(0.786),
                       "flexattn_jax/text.py:mlp": pytest.approx(0.2), "(no source)": pytest.approx(0.014)}
+    assert G.by_file(cycles) == {"flexattn_jax/hierarchical.py": pytest.approx(350 / 457), "flexattn_jax/text.py": pytest.approx(100 / 457),
+                                 "(no source)": pytest.approx(7 / 457)}
