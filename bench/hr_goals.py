@@ -20,7 +20,13 @@ The scaling's check (:func:`check`): ``check-flex-scanned`` / ``check-flex-unrol
 ``splash_hr`` at ``--share``) and ``check-llava-scanned`` / ``check-llava-unrolled`` (LLaVA-1.5-7B) compile a
 shorter cut (:data:`CHECK_LAYERS`) with the layers scanned, and with the decoder's and CLIP's layers unrolled
 (``scan_layers=False``), where the compiler counts every layer. The scanned program's estimate scaled to the cut's
-model FLOPs is compared with the unrolled program's own ``optimal_seconds`` and FLOPs.
+model FLOPs is compared with the unrolled program's scaled alike and with its raw ``optimal_seconds`` and FLOPs.
+``--matmul-check`` compiles one fsdp-sharded decoder matmul (:func:`matmul_check`): the compiler's own
+collective-matmul loop, which leaves even an unrolled program's FLOPs short of the model's.
+
+Besides the plain scaling each FlexAttention row gets :func:`split_estimate` (the HR kernels at their roofline
+per hierarchical layer, the rest scaled), the counted program's roofline (:func:`roofline`) and, compiled with
+``breakdown=True``, the compiler's estimated cycles by source (:func:`by_file`, :func:`by_function`).
 """
 
 from __future__ import annotations
