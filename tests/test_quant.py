@@ -93,14 +93,15 @@ def test_nf4_equals_bitsandbytes_double_quant(shape, monkeypatch):
     monkeypatch.setattr(F, "quantize_blockwise", reference_blockwise)
     w = _dyadic_absmax(np.random.default_rng(sum(shape)).normal(scale=0.02, size=shape).astype(np.float32))
     leaves = {k: np.asarray(v) for k, v in Q.quantize_kernel(jnp.asarray(w), "nf4").items()}
-    ours = np.asarray(Q.dequantize(leaves))
-    for layer in range(w.shape[0] if w.ndim == 3 else 1):
-        pick = (lambda a: a[layer]) if w.ndim == 3 else (lambda a: a)  # noqa: E731
-        codes, state, deq = _bnb_nf4(F, torch, pick(w))
-        assert np.array_equal(codes, np.asarray(pick(leaves["kernel"]), np.int32))
+    leaves["dequantized"] = np.asarray(Q.dequantize(leaves))
+    stacked = w.ndim == 3
+    for layer in range(w.shape[0] if stacked else 1):
+        ours = {k: v[layer] if stacked else v for k, v in leaves.items()}
+        codes, state, deq = _bnb_nf4(F, torch, w[layer] if stacked else w)
+        assert np.array_equal(codes, np.asarray(ours["kernel"], np.int32))
         for k, v in state.items():
-            assert np.array_equal(v, pick(leaves[k])), k
-        assert np.array_equal(deq, pick(ours))
+            assert np.array_equal(v, ours[k]), k
+        assert np.array_equal(deq, ours["dequantized"])
 
 
 def test_nf4_against_bitsandbytes_cpu_library():
