@@ -44,7 +44,7 @@ def test_nf4_codes_are_the_nearest_entries_and_beat_int4_on_normal_weights():
     scale = np.asarray(Q.dequantize_scale(leaves["kernel_scale"], leaves["kernel_scale_absmax"], leaves["kernel_scale_offset"]))
     assert 0 < np.abs(scale - absmax).max() <= 0.01 * absmax.max()  # the absmax's 8-bit rounding
     rms = {m: float(np.sqrt(np.mean((np.asarray(Q.dequantize(Q.quantize_kernel(jnp.asarray(w), m))) - w) ** 2))) for m in ("int4", "nf4")}
-    # measured: int4 (groups of 128) 0.1187, nf4 (blocks of 64, double-quantised scales) 0.0917 of a unit-variance weight
+    # measured: int4 (groups of 128) 0.1187, nf4 (blocks of 64, double-quantised scales) 0.0922 of a unit-variance weight
     assert rms["nf4"] < 0.095 and rms["nf4"] < 0.8 * rms["int4"], rms
 
 
