@@ -97,10 +97,13 @@ def _nearest_dynamic(v: Float[Array, "*S"]) -> jax.Array:
     return (lo + up).astype(jnp.uint8)
 
 
-def _block_of(g: int, o: int) -> np.ndarray:
+def _run_of(g: int, o: int) -> jax.Array:
     """``(g, o)`` index of the :data:`DQ_BLOCK` run each scale of a ``(g, o)`` scale array falls in: bitsandbytes counts
-    the absmax in the torch weight's order, output channel major (``o * g + group``)."""
-    return (np.arange(o)[None, :] * g + np.arange(g)[:, None]) // DQ_BLOCK
+    the absmax in the torch weight's order, output channel major (``o * g + group``). Iotas, not a constant: the
+    program stays small and XLA fuses the index into the lookup."""
+    group = jax.lax.broadcasted_iota(jnp.int32, (g, o), 0)
+    out = jax.lax.broadcasted_iota(jnp.int32, (g, o), 1)
+    return (out * g + group) // DQ_BLOCK
 
 
 def double_quantize(absmax: Float[Array, "*L g o"]) -> dict[str, jax.Array]:
@@ -125,7 +128,7 @@ def double_quantize(absmax: Float[Array, "*L g o"]) -> dict[str, jax.Array]:
 def dequantize_scale(codes: jax.Array, amax: Float[Array, "*L r"], offset: Float[Array, "*L"]) -> Float[Array, "*L g o"]:
     """The fp32 absmax :func:`double_quantize` stored: ``DYNAMIC_CODE[codes] * amax[run] + offset``."""
     g, o = codes.shape[-2:]
-    run = jnp.take(amax, jnp.asarray(_block_of(g, o)), axis=-1)
+    run = jnp.take(amax, _run_of(g, o), axis=-1)
     return jnp.asarray(DYNAMIC_CODE)[codes.astype(jnp.int32)] * run + offset[..., None, None]
 
 
