@@ -89,12 +89,11 @@ def groups_for(d_in: int, mode: str, group_size: int | None = None) -> int:
 
 
 def _nearest_dynamic(v: Float[Array, "*S"]) -> jax.Array:
-    """Index (uint8) of the :data:`DYNAMIC_CODE` entry nearest to each ``v`` in [-1, 1], the lower one on a tie
-    (bitsandbytes' CPU quantiser: the entry at or below ``v``, moved up only when the one above is strictly nearer)."""
-    code = jnp.asarray(DYNAMIC_CODE)
-    lo = jnp.clip(jnp.searchsorted(code, v, side="right") - 1, 0, code.shape[0] - 2)
-    up = jnp.abs(v - code[lo + 1]) < jnp.abs(v - code[lo])
-    return (lo + up).astype(jnp.uint8)
+    """Index (uint8) of the :data:`DYNAMIC_CODE` entry nearest to each ``v`` in [-1, 1]: how many midpoints between
+    neighbouring entries (fp32) lie below ``v`` (bitsandbytes' reference kernel; its CUDA kernel compares with the same
+    midpoints)."""
+    mid = jnp.asarray((DYNAMIC_CODE[1:] + DYNAMIC_CODE[:-1]) / np.float32(2))
+    return jnp.searchsorted(mid, v, side="left").astype(jnp.uint8)
 
 
 def _run_of(g: int, o: int) -> jax.Array:
@@ -110,7 +109,8 @@ def double_quantize(absmax: Float[Array, "*L g o"]) -> dict[str, jax.Array]:
     """bitsandbytes' ``compress_statistics``: NF4's fp32 absmax as ``kernel_scale`` (uint8 :data:`DYNAMIC_CODE` indices,
     ``(..., g, o)``), ``kernel_scale_absmax`` (fp32 ``(..., ceil(g * o / 256))``) and ``kernel_scale_offset`` (fp32
     ``(...,)``, the absmax's mean). Runs of :data:`DQ_BLOCK` follow the torch weight's order; the last run is shorter
-    when 256 does not divide ``g * o`` (padded with zeros, which never raise a run's absmax, and dropped)."""
+    when 256 does not divide ``g * o`` (padded with zeros, which never raise a run's absmax, and dropped). An all-zero run
+    stores absmax 0, so its scales come back as the offset exactly."""
     *lead, g, o = absmax.shape
     n = g * o
     runs = -(-n // DQ_BLOCK)
@@ -120,7 +120,7 @@ def double_quantize(absmax: Float[Array, "*L g o"]) -> dict[str, jax.Array]:
     centred = flat - offset[..., None]
     padded = jnp.pad(centred, [(0, 0)] * len(lead) + [(0, runs * DQ_BLOCK - n)]).reshape(*lead, runs, DQ_BLOCK)
     amax = jnp.max(jnp.abs(padded), axis=-1)
-    idx = _nearest_dynamic(padded / jnp.where(amax > 0, amax, 1.0)[..., None])  # an all-zero run stores 0: offset exactly
+    idx = _nearest_dynamic(padded * (1.0 / jnp.maximum(amax, 1e-38))[..., None])  # times the reciprocal, as bitsandbytes
     codes = jnp.swapaxes(idx.reshape(*lead, runs * DQ_BLOCK)[..., :n].reshape(*lead, o, g), -1, -2)
     return {"kernel_scale": codes, "kernel_scale_absmax": amax, "kernel_scale_offset": offset}
 
