@@ -241,6 +241,20 @@ def test_serve_program_flags_are_checked(capsys):
 
 # ---- GPU (deviceless, CUDA plugin) -------------------------------------------------------------------------
 
+def test_gpu_compiles_turn_the_triton_gemm_off():
+    """Every compile for a GPU target passes ``xla_gpu_enable_triton_gemm=False`` (jax 0.10.2's deviceless Triton GEMM tiler
+    finds no tile for the 7B step's CLIP dots, and the compile fails); a TPU compile takes no options."""
+    from flexattn_jax.app import aot
+
+    class Lowered:
+        def compile(self, compiler_options=None):
+            return compiler_options
+
+    assert aot.compile_lowered(Lowered(), aot.parse_target("h100x8")) == {"xla_gpu_enable_triton_gemm": False}
+    assert aot.compile_lowered(Lowered(), aot.parse_target("h200x1")) == {"xla_gpu_enable_triton_gemm": False}
+    assert aot.compile_lowered(Lowered(), aot.parse_target("v5e-8")) is None
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="the CUDA plugin is not installed (pip install 'flexattn-jax[cuda]')")
 def test_prefill_compiles_for_h100_with_cudnn():
     from flexattn_jax.app import aot
