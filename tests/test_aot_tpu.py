@@ -7,6 +7,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -266,6 +270,19 @@ def test_cudnn_operands_share_one_sharding(hkv, heads):
         out = jax.jit(lambda q, k: A.same_layout(q, k, k))(q, k)
     specs = [tuple(x.sharding.spec) + (None,) * (4 - len(x.sharding.spec)) for x in out]
     assert specs == [("fsdp", None, heads, None)] * 3, specs
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the CUDA plugin is not installed (pip install 'flexattn-jax[cuda]')")
+@pytest.mark.skipif(Path("/proc/driver/nvidia").exists(), reason="a host with an NVIDIA driver: the plugin's start-up check runs")
+def test_gpu_target_described_without_a_gpu_and_without_jax_platforms():
+    """On a host without a GPU, the CUDA plugin's start-up check (cuPTI) fails unless JAX_PLATFORMS=cpu, and the
+    topology with it ("not implemented for cuda"): ``target_devices`` skips that check itself, so a plain
+    ``flexattn-jax compile --target h100x8`` works."""
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    code = "from flexattn_jax.app import aot; print(len(aot.target_devices(aot.parse_target('h100x8'))))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "8", out.stderr[-2000:]
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="the CUDA plugin is not installed (pip install 'flexattn-jax[cuda]')")

@@ -154,6 +154,10 @@ def target_devices(target: Target) -> list:
         return list(topo.devices)
     if not any(importlib.util.find_spec(p) for p in ("jax_cuda13_plugin", "jax_cuda12_plugin")):
         raise AotError(f"--target {target.name} needs the CUDA plugin: pip install 'flexattn-jax[cuda]' (jax[cuda13]>=0.10,<0.11)")
+    # No NVIDIA driver here: without JAX_PLATFORMS=cpu the plugin's start-up check (cuPTI) fails, and with it the
+    # topology ("not implemented for cuda"). A deviceless compile needs neither the check nor a GPU.
+    if not Path("/proc/driver/nvidia").exists():
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     spec = (GPU_TARGETS_DIR / target.chip.spec_file).read_text()
     try:
         topo = topologies.get_topology_desc(platform="cuda", topology=target.topology, target_config=spec)
