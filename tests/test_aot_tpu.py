@@ -294,6 +294,7 @@ def test_prefill_compiles_for_h100_with_cudnn():
     assert r.optimal_seconds is None and r.fits
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_CUDA, reason="the CUDA plugin is not installed (pip install 'flexattn-jax[cuda]')")
 @pytest.mark.parametrize("impl", ["auto", "xla_chunked", "xla"])
 def test_train_step_compiles_for_h100_with_each_hr_path(impl):
