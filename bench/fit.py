@@ -16,6 +16,7 @@ the QLoRA step (int4 base) on one v5e chip at batch 1, int8 prefill and decode o
 1024-token context, and the decode step int8 against bf16 on v5p-8 (the target whose compiler gives a time estimate).
 The train steps are compiled with the decoder cut to :data:`LORA_CUT` layers and their full-depth peak extrapolated
 (:func:`extrapolate_train_peak`).
+The 13B QLoRA step (int4 base) on one H100 is compiled at full depth, at the largest batch that fits (the CUDA plugin).
 
 The largest batch: compile at per-chip batch 1 and 2, then where the peak, interpolated linearly between
 the nearest batches that fit and fail, meets the usable HBM, until the boundary is found: a few compiles
@@ -98,8 +99,11 @@ LORA_JOBS: tuple[dict[str, Any], ...] = (
     {"name": "7B int8 decode", "target": "v5p-8", "mesh": "tensor=4", "program": "decode", "quantize": "int8", "per_device_batch": 8,
      "seq_len": 1024},
     {"name": "7B bf16 decode", "target": "v5p-8", "mesh": "tensor=4", "program": "decode", "per_device_batch": 8, "seq_len": 1024},
+    {"name": "13B QLoRA, int4 base", "model": "llava-flexattn-13b", "target": "h100x1", "program": "train",
+     "lora": {"enabled": True, "base_quant": "int4"}, "per_device_batch": 9},
 )
-"""The LoRA / QLoRA / int8 rows (the 7B FlexAttention model; train steps at T = R = 2048, the others' context 1024)."""
+"""The LoRA / QLoRA / int8 rows (the 7B FlexAttention model unless ``model`` says; train steps at T = R = 2048, the others'
+context 1024; the 13B QLoRA step on one H100 at full depth, its largest fitting batch)."""
 
 
 def state_bytes_per_chip(cfg, target: aot.Target, mesh: str | None, lora: LoraConfig | None) -> int:
@@ -139,12 +143,17 @@ def lora_row(model_cfg, job: dict[str, Any], report: aot.CompileReport) -> dict[
     return row
 
 
+def lora_model(job: dict[str, Any]) -> str:
+    """The model of a :data:`LORA_JOBS` entry (the 7B FlexAttention model unless it names one)."""
+    return job.get("model", "llava-flexattn-7b")
+
+
 def compile_lora_job(model_cfg, job: dict[str, Any]) -> aot.CompileReport:
     """Compile one :data:`LORA_JOBS` entry (``flexattn-jax compile`` with the same options)."""
     return aot.compile_program(job["target"], model_cfg, job["program"], mesh=job.get("mesh"), per_device_batch=job["per_device_batch"],
                                seq_len=job.get("seq_len", SEQ), select_rows=ROWS if job["program"] == "train" else None,
                                layers=job.get("layers"), lora=LoraConfig(**job["lora"]) if job.get("lora") else None,
-                               quantize=job.get("quantize"), model_name="llava-flexattn-7b")
+                               quantize=job.get("quantize"), model_name=lora_model(job))
 
 
 COMPOSED_FROM = "v5e-256"  # the full fine-tune compiles whose temporaries :func:`composed_train_estimates` reuses
@@ -160,7 +169,7 @@ def composed_train_estimates(res: dict[str, Any], model_cfg) -> list[dict[str, A
     if full is None:
         raise aot.AotError(f"no llava-flexattn-7b full fine-tune row on {COMPOSED_FROM} to compose from")
     out = []
-    for job in (j for j in LORA_JOBS if j["program"] == "train"):
+    for job in (j for j in LORA_JOBS if j["program"] == "train" and lora_model(j) == "llava-flexattn-7b"):
         target = aot.parse_target(job["target"])
         lora = LoraConfig(**job["lora"])
         state = state_bytes_per_chip(aot.program_config(model_cfg, program="train"), target, job.get("mesh"), lora)
@@ -283,9 +292,10 @@ def run(quick: bool, log, save=lambda res: None, previous: dict[str, Any] | None
                 out["composed"] = composed_train_estimates(out, configs["llava-flexattn-7b"])
             elif job[0] == "lora":
                 spec = LORA_JOBS[job[1]]
-                r = compile_lora_job(configs["llava-flexattn-7b"], spec)
+                cfg = configs[lora_model(spec)]
+                r = compile_lora_job(cfg, spec)
                 log(f"    peak {r.per_chip_bytes['peak'] / 2**30:.2f} GiB, {r.compile_seconds:.0f} s")
-                out["lora"].append(lora_row(configs["llava-flexattn-7b"], spec, r))
+                out["lora"].append(lora_row(cfg, spec, r))
             elif job[0] == "infer":
                 _, target, mesh, program = job
                 t = aot.parse_target(target)

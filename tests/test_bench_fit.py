@@ -138,8 +138,9 @@ def test_serve_rows_search_the_most_slots_and_resume(calls, tmp_path, capsys):
 
 
 def test_lora_rows_compile_their_jobs_and_extrapolate_the_cut_train_steps(calls, tmp_path, monkeypatch, capsys):
-    """``--only lora`` compiles each of LORA_JOBS once (the train steps cut to LORA_CUT layers); a cut row's full-depth
-    peak is the compiled peak + the state the missing layers hold + each missing layer's bf16 residual; --resume keeps them."""
+    """``--only lora`` compiles each of LORA_JOBS once, of its own model (the 7B's train steps cut to LORA_CUT layers, the
+    13B QLoRA step at full depth); a cut row's full-depth peak is the compiled peak + the state the missing layers hold +
+    each missing layer's bf16 residual; --resume keeps them; the composed rows are the 7B's train jobs."""
     from flexattn_jax import presets
 
     monkeypatch.setattr(aot, "load_model_config", presets.preset)  # the real 7B config: the extrapolation reads its depth
@@ -147,11 +148,12 @@ def test_lora_rows_compile_their_jobs_and_extrapolate_the_cut_train_steps(calls,
     out = tmp_path / "fit.json"
     assert fit.main(["--only", "lora", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["lora"]
-    assert [(c[0], c[1]) for c in calls] == [(j["program"], j["target"]) for j in fit.LORA_JOBS]
+    assert [c[:3] for c in calls] == [(j["program"], j["target"], j.get("model", "llava-flexattn-7b")) for j in fit.LORA_JOBS]
+    assert ("train", "h100x1", "llava-flexattn-13b") in [c[:3] for c in calls]
     assert [r["name"] for r in rows] == [j["name"] for j in fit.LORA_JOBS]
     for r, j in zip(rows, fit.LORA_JOBS, strict=True):
         ext = r.get("extrapolated")
-        assert (ext is not None) == (j["program"] == "train"), r
+        assert (ext is not None) == (j.get("layers") is not None), r
         if ext:
             residual = 30 * j["per_device_batch"] * fit.SEQ * 4096 * 2  # 32 - 2 layers, B x T x D in bf16
             assert ext["peak"] == r["per_chip_bytes"]["peak"] + 30 * GIB + residual and ext["residual_bytes"] == residual
@@ -165,6 +167,7 @@ def test_lora_rows_compile_their_jobs_and_extrapolate_the_cut_train_steps(calls,
     out.write_text(json.dumps(res))
     assert fit.main(["--only", "lora", "--resume", "--out", str(out)]) == 0 and calls == []
     composed = json.loads(out.read_text())["composed"]
-    assert [c["name"] for c in composed] == [j["name"] for j in fit.LORA_JOBS if j["program"] == "train"]
+    assert [c["name"] for c in composed] == [j["name"] for j in fit.LORA_JOBS if j["program"] == "train" and "model" not in j]
+    assert "13B QLoRA, int4 base" not in [c["name"] for c in composed]  # composed from the 7B's temporaries: not the 13B's
     for c in composed:  # v5e: 16 GiB x 0.95 usable; 32 GiB of state fits no batch
         assert c["peak_by_batch"] == {str(b): 32 * GIB + (b + 0.5) * GIB for b in (1, 2, 3)} and c["largest_batch"] is None

@@ -54,6 +54,10 @@ ANSWER_ROOM = 128  # cache slots after the prompt for the answer (prefill / deco
 # Fraction of a chip's memory a program may take: the TPU runtime keeps a little for itself; on GPU,
 # XLA's client reserves more (cuDNN / cuBLAS workspaces, which a deviceless compile does not count).
 USABLE_FRACTION = {"tpu": 0.95, "gpu": 0.90}
+# XLA options of every compile for a platform. GPU: jax 0.10.2's deviceless compile cannot autotune, and its Triton GEMM
+# tiler finds no tile for the CLIP tower's (batch x 10 views x 577 tokens, 1024) x (1024, 1024) dots ("Couldn't find output tile
+# sizes"); the GEMMs go to cuBLAS instead (the dots' FLOPs and the buffer assignment do not depend on it).
+COMPILER_OPTIONS: dict[str, dict[str, Any]] = {"gpu": {"xla_gpu_enable_triton_gemm": False}}
 
 
 class AotError(ValueError):
@@ -150,6 +154,10 @@ def target_devices(target: Target) -> list:
         return list(topo.devices)
     if not any(importlib.util.find_spec(p) for p in ("jax_cuda13_plugin", "jax_cuda12_plugin")):
         raise AotError(f"--target {target.name} needs the CUDA plugin: pip install 'flexattn-jax[cuda]' (jax[cuda13]>=0.10,<0.11)")
+    # No NVIDIA driver here: without JAX_PLATFORMS=cpu the plugin's start-up check (cuPTI) fails, and with it the
+    # topology ("not implemented for cuda"). A deviceless compile needs neither the check nor a GPU.
+    if not Path("/proc/driver/nvidia").exists():
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     spec = (GPU_TARGETS_DIR / target.chip.spec_file).read_text()
     try:
         topo = topologies.get_topology_desc(platform="cuda", topology=target.topology, target_config=spec)
@@ -347,6 +355,11 @@ def lower_serve(cfg: ModelConfig, mesh: Mesh, slots: int, seq_len: int, rows: in
         return {name: lower[name]() for name in programs}, state
 
 
+def compile_lowered(lowered, tgt: Target):
+    """``lowered.compile()`` with the target platform's :data:`COMPILER_OPTIONS`."""
+    return lowered.compile(compiler_options=COMPILER_OPTIONS.get(tgt.platform) or None)
+
+
 def per_chip_bytes(compiled) -> dict[str, int]:
     """The compiler's buffer assignment per chip: arguments, temporaries, outputs, aliases and their peak."""
     mem = compiled.memory_analysis()
@@ -365,7 +378,7 @@ def _serve_row_programs(tgt: Target, cfg: ModelConfig, mesh: str | None, seq_len
     """The engine's encode and prefill of ``rows`` prompts compiled (once per model, target, mesh and length: they do not
     depend on the slot count, which ``--find-batch`` varies): per-chip bytes per program, and their HLO text."""
     lowered, _ = lower_serve(cfg, target_mesh_for(tgt, mesh), 1, seq_len, rows, programs=("encode", "prefill"))
-    compiled = {name: low.compile() for name, low in lowered.items()}
+    compiled = {name: compile_lowered(low, tgt) for name, low in lowered.items()}
     return {name: per_chip_bytes(c) for name, c in compiled.items()}, "\n".join(c.as_text() for c in compiled.values())
 
 
@@ -375,7 +388,7 @@ def _compile_serve(tgt: Target, cfg: ModelConfig, mesh: str | None, slots: int, 
     and prefill run beside the resident slot state, which is no argument of theirs), each program's peak and the slot
     state's bytes, the compiled step, and the HLO text of all four."""
     lowered, slot_state = lower_serve(cfg, target_mesh_for(tgt, mesh), slots, seq_len, rows, programs=("step", "insert"))
-    compiled = {name: low.compile() for name, low in lowered.items()}
+    compiled = {name: compile_lowered(low, tgt) for name, low in lowered.items()}
     fixed, fixed_hlo = _serve_row_programs(tgt, cfg, mesh, seq_len, rows)
     mem = {**{name: per_chip_bytes(c) for name, c in compiled.items()}, **fixed}
     state = state_bytes_per_chip(slot_state)
@@ -502,7 +515,7 @@ def compile_program(
         if program == "serve":
             bytes_, serve_peaks, compiled, hlo = _compile_serve(tgt, cfg, mesh, batch, seq_len, min(SERVE_PREFILL_ROWS, batch))
         else:
-            compiled = lower_program(cfg, m, program, batch, seq_len, rows, lora, quantize).compile()
+            compiled = compile_lowered(lower_program(cfg, m, program, batch, seq_len, rows, lora, quantize), tgt)
             bytes_, hlo = per_chip_bytes(compiled), compiled.as_text()
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program whose buffers exceed HBM
         if "RESOURCE_EXHAUSTED" not in str(e):
