@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import json
 
 import jax
 import jax.numpy as jnp
@@ -275,6 +276,25 @@ def test_decode_state_shards_the_kv_heads_over_tensor():
         spec = tuple(out["cache"][name].sharding.spec) + (None,) * 5
         assert spec[:5] == (None, "data", None, "tensor", None), spec
     assert out["cache"]["lengths"].sharding.spec == P("data") and out["step"].sharding.spec == P()
+
+
+@needs_libtpu
+def test_unroll_layers_counts_every_decoder_layer(monkeypatch, capsys):
+    """``--unroll-layers`` compiles the decoder unrolled: the cost analysis counts its three layers (plain, select,
+    hierarchical) instead of the scan's body once (the costliest kind), so the FLOPs, bytes accessed and
+    ``optimal_seconds`` grow; the report says so."""
+    from flexattn_jax.app import aot
+
+    monkeypatch.setattr(aot, "load_model_config", lambda model: tiny_flex_config())
+    argv = ["--target", "v5e:2x2", "--program", "decode", "--mesh", "fsdp=4", "--seq-len", "256", "--attention-impl", "splash", "--json"]
+    reports = []
+    for extra in ([], ["--unroll-layers"]):
+        assert aot.main(argv + extra) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    scanned, unrolled = reports
+    assert (scanned["unrolled"], unrolled["unrolled"]) == (False, True)
+    for key in ("flops_per_chip", "bytes_accessed_per_chip", "optimal_seconds"):
+        assert unrolled[key] > 1.2 * scanned[key], (key, scanned[key], unrolled[key])
 
 
 # ---- LoRA, QLoRA and quantised weights (train's --lora / --base-quant, generate's --quantize) --------------------

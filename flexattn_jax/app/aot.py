@@ -192,10 +192,12 @@ def load_model_config(model: str) -> ModelConfig:
 
 def program_config(
     cfg: ModelConfig, *, program: str, attention_impl: str = "auto", remat: str = "full", hr_budget: Any = None,
-    layers: int | None = None,
+    layers: int | None = None, unroll_layers: bool = False,
 ) -> ModelConfig:
     """``cfg`` as compiled: bf16 compute (fp32 masters when training, bf16 weights otherwise), the remat policy,
-    the attention implementation, the HR budget and (``layers``) a cut decoder of that many layers."""
+    the attention implementation, the HR budget, (``layers``) a cut decoder of that many layers and
+    (``unroll_layers``) the layer loops unrolled (``scan_layers`` off), so that the compiler's cost analysis, which
+    counts a loop body once, counts every layer."""
     text, flex = cfg.text, cfg.flex
     if layers is not None:
         if layers < 1:
@@ -208,6 +210,7 @@ def program_config(
     return dataclasses.replace(
         cfg, text=text, flex=flex, dtype="bfloat16", param_dtype="float32" if program == "train" else "bfloat16",
         remat_policy=remat if program == "train" else "none", attention_impl=attention_impl,
+        scan_layers=cfg.scan_layers and not unroll_layers,
     )
 
 
@@ -434,6 +437,8 @@ class CompileReport:
     serve_peaks: dict[str, int] = dataclasses.field(default_factory=dict)  # serve: each program's peak and the slot state
     lora: dict[str, Any] | None = None  # the LoRA settings of a LoRA / QLoRA train step (``base_quant`` among them)
     quantize: str | None = None  # the inference programs' weight-only quantisation
+    unrolled: bool = False  # the layer loops unrolled: the cost analysis (FLOPs, optimal_seconds) counts every layer
+    bytes_accessed_per_chip: float | None = None  # the compiler's cost analysis: HBM bytes read and written (loop bodies once)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -452,13 +457,14 @@ def compile_program(
     attention_impl: str = "auto",
     remat: str = "full",
     layers: int | None = None,
+    unroll_layers: bool = False,
     model_name: str | None = None,
     slots: int | None = None,
     lora: LoraConfig | None = None,
     quantize: str | None = None,
 ) -> CompileReport:
     """Compile ``program`` of ``model`` for ``target`` (see the module docstring) and report per chip; ``lora`` and
-    ``quantize`` as :func:`lower_program` takes them.
+    ``quantize`` as :func:`lower_program` takes them, ``unroll_layers`` as :func:`program_config`.
 
     ``serve``: the global batch is the engine's slot count (``slots``, else ``per_device_batch`` x data x fsdp),
     ``seq_len`` the longest prompt; ``per_chip_bytes['peak']`` is the largest of its programs' peaks."""
@@ -482,7 +488,8 @@ def compile_program(
         raise AotError(f"--select-rows {select_rows} must be at least 1")
     base = load_model_config(model) if isinstance(model, str) else model
     name = model_name or (model if isinstance(model, str) else "config")
-    cfg = program_config(base, program=program, attention_impl=attention_impl, remat=remat, hr_budget=hr_budget, layers=layers)
+    cfg = program_config(base, program=program, attention_impl=attention_impl, remat=remat, hr_budget=hr_budget, layers=layers,
+                         unroll_layers=unroll_layers)
     if seq_len < cfg.num_image_tokens + 1:  # a sample holds the image's tokens and at least one text token
         raise AotError(f"--seq-len {seq_len} is shorter than a sample: the image alone is {cfg.num_image_tokens} tokens; "
                        f"use at least {cfg.num_image_tokens + 1}")
@@ -516,6 +523,7 @@ def compile_program(
     cost = cost[0] if isinstance(cost, list) else cost
     flops = float(cost["flops"]) if cost and "flops" in cost else None
     optimal = float(cost["optimal_seconds"]) if cost and cost.get("optimal_seconds", 0) > 0 else None
+    accessed = float(cost["bytes accessed"]) if cost and "bytes accessed" in cost else None
     mflops = model_flops(cfg, program, batch, seq_len, rows) / tgt.chips
     step_s, mfu = step_estimate(optimal, flops, mflops, tgt.chip.peak_flops)
     usable = int(tgt.chip.hbm_bytes * USABLE_FRACTION[tgt.platform])
@@ -528,6 +536,7 @@ def compile_program(
         kernels=count_kernels(hlo), compile_seconds=round(seconds, 2), flops_per_chip=flops,
         model_flops_per_chip=mflops, optimal_seconds=optimal, step_seconds_estimate=step_s, mfu_estimate=mfu,
         params=param_counts(cfg), serve_peaks=serve_peaks, lora=None if lora is None else lora.to_dict(), quantize=quantize,
+        unrolled=not cfg.scan_layers, bytes_accessed_per_chip=accessed,
     )
 
 
@@ -612,6 +621,8 @@ def compile_parser(prog: str = "flexattn-jax compile") -> argparse.ArgumentParse
     p.add_argument("--attention-impl", default="auto", choices=ATTENTION_IMPLS)
     p.add_argument("--remat", default="full", choices=("none", "full", "dots_saveable"), help="training's remat policy per layer")
     p.add_argument("--layers", type=int, default=None, help="compile a decoder cut to N layers (quick checks)")
+    p.add_argument("--unroll-layers", action="store_true", help="unroll the layer loops (no scan): the compiler's FLOPs and "
+                   "optimal_seconds then count every layer, not a loop body once (slower to compile)")
     LORA_ARGS.add(p.add_argument_group("LoRA / QLoRA train step (as train --lora)"))
     p.add_argument("--quantize", choices=QUANT_MODES, default=None, help="prefill / decode / likelihood with the decoder linears "
                    "weight-only quantised (as generate --quantize)")
@@ -643,7 +654,8 @@ def format_report(r: CompileReport) -> str:
                      + ", ".join(f"{k} {_gib(v)}" for k, v in r.serve_peaks.items() if k != "slot_state")
                      + f"; slot state {_gib(r.serve_peaks['slot_state'])} per chip ({r.global_batch} slots)")
     if r.optimal_seconds is not None:
-        lines.append(f"  TPU compiler's optimal_seconds {r.optimal_seconds:.4f} (loop bodies once); step estimate "
+        counted = "every layer: unrolled" if r.unrolled else "loop bodies once"
+        lines.append(f"  TPU compiler's optimal_seconds {r.optimal_seconds:.4f} ({counted}); step estimate "
                      f"{r.step_seconds_estimate:.3f} s, MFU estimate {r.mfu_estimate:.1%}")
     return "\n".join(lines)
 
@@ -659,7 +671,8 @@ def main(argv: list[str] | None = None) -> int:
             args.seq_len = args.max_context
         budget = parse_hr_budget(args.hr_budget, "--hr-budget") if args.hr_budget is not None else None
         kwargs = dict(mesh=args.mesh, seq_len=args.seq_len, select_rows=args.select_rows, hr_budget=budget,
-                      attention_impl=args.attention_impl, remat=args.remat, layers=args.layers, model_name=args.model,
+                      attention_impl=args.attention_impl, remat=args.remat, layers=args.layers,
+                      unroll_layers=args.unroll_layers, model_name=args.model,
                       lora=LORA_ARGS.build(args), quantize=args.quantize)
         if args.slots is not None and not args.find_batch:
             kwargs["slots"] = args.slots
