@@ -94,6 +94,8 @@ LORA_JOBS: tuple[dict[str, Any], ...] = (
     {"name": "7B QLoRA, int4 base", "target": "v5e-1", "program": "train", "lora": {"enabled": True, "base_quant": "int4"},
      "per_device_batch": 1, "layers": LORA_CUT},
     {"name": "7B int8 prefill", "target": "v5e-1", "program": "prefill", "quantize": "int8", "per_device_batch": 8, "seq_len": 1024},
+    {"name": "7B int8 prefill, batch 7, usable HBM as the limit", "target": "v5e-1", "program": "prefill", "quantize": "int8",
+     "per_device_batch": 7, "seq_len": 1024, "usable_limit": True},
     {"name": "7B int8 decode", "target": "v5e-1", "program": "decode", "quantize": "int8", "per_device_batch": 8, "seq_len": 1024},
     {"name": "7B int8 decode", "target": "v5p-8", "mesh": "tensor=4", "program": "decode", "quantize": "int8", "per_device_batch": 8,
      "seq_len": 1024},
@@ -136,7 +138,8 @@ def extrapolate_train_peak(model_cfg, job: dict[str, Any], report: aot.CompileRe
 def lora_row(model_cfg, job: dict[str, Any], report: aot.CompileReport) -> dict[str, Any]:
     """A :data:`LORA_JOBS` row: the compile's figures, and for a cut train step the full-depth extrapolation."""
     row = {"name": job["name"], **_row(report), "mesh": report.mesh, "seq_len": report.seq_len, "lora": report.lora,
-           "quantize": report.quantize, "unrolled": report.unrolled, "bytes_accessed_per_chip": report.bytes_accessed_per_chip}
+           "quantize": report.quantize, "unrolled": report.unrolled, "bytes_accessed_per_chip": report.bytes_accessed_per_chip,
+           "usable_limit": report.usable_limit}
     if job.get("layers") is not None:
         row["extrapolated"] = extrapolate_train_peak(model_cfg, job, report)
     return row
@@ -147,7 +150,8 @@ def compile_lora_job(model_cfg, job: dict[str, Any]) -> aot.CompileReport:
     return aot.compile_program(job["target"], model_cfg, job["program"], mesh=job.get("mesh"), per_device_batch=job["per_device_batch"],
                                seq_len=job.get("seq_len", SEQ), select_rows=ROWS if job["program"] == "train" else None,
                                layers=job.get("layers"), lora=LoraConfig(**job["lora"]) if job.get("lora") else None,
-                               quantize=job.get("quantize"), unroll_layers=job.get("unroll_layers", False), model_name="llava-flexattn-7b")
+                               quantize=job.get("quantize"), unroll_layers=job.get("unroll_layers", False),
+                               usable_limit=job.get("usable_limit", False), model_name="llava-flexattn-7b")
 
 
 COMPOSED_FROM = "v5e-256"  # the full fine-tune compiles whose temporaries :func:`composed_train_estimates` reuses
