@@ -12,8 +12,9 @@ tokens (each slot holds T + 128). And compile seconds against decoder depth
 a target whose compiler is not installed (libtpu, the CUDA plugin) is reported as skipped, with why.
 
 LoRA, QLoRA and int8 (``--only lora``, :data:`LORA_JOBS`): the 7B LoRA step (bf16 base) on v5e-8 at per-chip batch 3,
-the QLoRA step (int4 base) on one v5e chip at batch 1, int8 prefill and decode on one v5e chip at batch 8 with a
-1024-token context, and the decode step int8 against bf16 on v5p-8 (the target whose compiler gives a time estimate).
+the QLoRA step (int4 base) on one v5e chip at batch 1, int8 prefill (also held to the usable HBM) and decode on one v5e
+chip at batch 8 with a 1024-token context, and the decode step int8 against bf16 on v5p-8 (the target whose compiler
+gives a time estimate), scanned and unrolled (every layer counted) at batch 8 and 1.
 The train steps are compiled with the decoder cut to :data:`LORA_CUT` layers and their full-depth peak extrapolated
 (:func:`extrapolate_train_peak`).
 
