@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -338,6 +339,47 @@ def test_decode_state_shards_the_kv_heads_over_tensor():
         spec = tuple(out["cache"][name].sharding.spec) + (None,) * 5
         assert spec[:5] == (None, "data", None, "tensor", None), spec
     assert out["cache"]["lengths"].sharding.spec == P("data") and out["step"].sharding.spec == P()
+
+
+@needs_libtpu
+def test_unroll_layers_counts_every_decoder_layer(monkeypatch, capsys):
+    """``--unroll-layers`` compiles the decoder unrolled: the cost analysis counts its three layers (plain, select,
+    hierarchical) instead of the scan's body once (the costliest kind), so the FLOPs, bytes accessed and
+    ``optimal_seconds`` grow; the report says so."""
+    from flexattn_jax.app import aot
+
+    cfg = tiny_flex_config()
+    monkeypatch.setattr(aot, "load_model_config", lambda model: cfg)
+    argv = ["--target", "v5e:2x2", "--program", "decode", "--mesh", "fsdp=4", "--seq-len", "256", "--attention-impl", "splash", "--json"]
+    reports = []
+    for extra in ([], ["--unroll-layers"]):
+        assert aot.main(argv + extra) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    scanned, unrolled = reports
+    assert (scanned["unrolled"], unrolled["unrolled"]) == (False, True)
+    ratios = {k: unrolled[k] / scanned[k] for k in ("flops_per_chip", "bytes_accessed_per_chip", "optimal_seconds")}
+    assert all(r > 1.1 for r in ratios.values()), ratios
+
+
+@needs_libtpu
+def test_usable_hbm_limit_is_the_compilers(monkeypatch, capsys):
+    """``--usable-hbm-limit`` hands the usable HBM to libtpu as its limit: the tiny prefill compiles under it and says so;
+    with the usable share cut to 1 MiB of the chip the same program is refused as not fitting (one line, exit 2)."""
+    from flexattn_jax.app import aot
+
+    cfg = tiny_flex_config()
+    monkeypatch.setattr(aot, "load_model_config", lambda model: cfg)
+    argv = ["--target", "v5e-1", "--program", "prefill", "--seq-len", "256", "--attention-impl", "splash", "--usable-hbm-limit"]
+    assert aot.main(argv + ["--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["usable_limit"] and r["fits"] and r["per_chip_bytes"]["peak"] <= r["usable_bytes"]
+    assert aot.compiler_options(aot.parse_target("v5e-1"), True) == {"xla_tpu_max_hbm_size_mib": str(int(16 * 1024 * 0.95))}
+    monkeypatch.setitem(aot.USABLE_FRACTION, "tpu", 2**20 / (16 * 2**30))
+    assert aot.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "prefill at batch 1/device does not fit v5e-1: RESOURCE_EXHAUSTED" in err and len(err.strip().splitlines()) == 1
+    assert aot.main(argv + ["--find-batch"]) == 2
+    assert "--usable-hbm-limit and --find-batch: give one" in capsys.readouterr().err
 
 
 # ---- LoRA, QLoRA and quantised weights (train's --lora / --base-quant, generate's --quantize) --------------------

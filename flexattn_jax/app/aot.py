@@ -64,6 +64,23 @@ class AotError(ValueError):
     """A target, model, mesh or program that cannot be compiled as asked (the message says why)."""
 
 
+def usable_bytes(target: Target) -> int:
+    """The HBM a program may take on one chip of ``target``: :data:`USABLE_FRACTION` of its capacity."""
+    return int(target.chip.hbm_bytes * USABLE_FRACTION[target.platform])
+
+
+def compiler_options(target: Target, usable_limit: bool) -> dict[str, str]:
+    """Options for the target's compiler. ``usable_limit`` (TPU only): the usable HBM (:func:`usable_bytes`) as the
+    compiler's memory limit, in place of the whole chip a compile-only topology describes: the compiler then trades
+    time for memory (scheduling, rematerialisation) to fit that budget, as it does for the HBM a chip's runtime leaves
+    it, and a program that cannot fit it is refused (RESOURCE_EXHAUSTED)."""
+    if not usable_limit:
+        return {}
+    if target.platform != "tpu":
+        raise AotError(f"--usable-hbm-limit: a TPU compiler option; {target.name} is a {target.platform} target")
+    return {"xla_tpu_max_hbm_size_mib": str(usable_bytes(target) // 2**20)}
+
+
 # ---- targets ---------------------------------------------------------------------------------------
 
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e"}
@@ -200,10 +217,12 @@ def load_model_config(model: str) -> ModelConfig:
 
 def program_config(
     cfg: ModelConfig, *, program: str, attention_impl: str = "auto", remat: str = "full", hr_budget: Any = None,
-    layers: int | None = None,
+    layers: int | None = None, unroll_layers: bool = False,
 ) -> ModelConfig:
     """``cfg`` as compiled: bf16 compute (fp32 masters when training, bf16 weights otherwise), the remat policy,
-    the attention implementation, the HR budget and (``layers``) a cut decoder of that many layers."""
+    the attention implementation, the HR budget, (``layers``) a cut decoder of that many layers and
+    (``unroll_layers``) the layer loops unrolled (``scan_layers`` off), so that the compiler's cost analysis, which
+    counts a loop body once, counts every layer."""
     text, flex = cfg.text, cfg.flex
     if layers is not None:
         if layers < 1:
@@ -216,6 +235,7 @@ def program_config(
     return dataclasses.replace(
         cfg, text=text, flex=flex, dtype="bfloat16", param_dtype="float32" if program == "train" else "bfloat16",
         remat_policy=remat if program == "train" else "none", attention_impl=attention_impl,
+        scan_layers=cfg.scan_layers and not unroll_layers,
     )
 
 
@@ -355,9 +375,10 @@ def lower_serve(cfg: ModelConfig, mesh: Mesh, slots: int, seq_len: int, rows: in
         return {name: lower[name]() for name in programs}, state
 
 
-def compile_lowered(lowered, tgt: Target):
-    """``lowered.compile()`` with the target platform's :data:`COMPILER_OPTIONS`."""
-    return lowered.compile(compiler_options=COMPILER_OPTIONS.get(tgt.platform) or None)
+def compile_lowered(lowered, tgt: Target, options: dict[str, Any] | None = None):
+    """``lowered.compile()`` with the target platform's :data:`COMPILER_OPTIONS` and ``options`` (e.g.
+    :func:`compiler_options`)."""
+    return lowered.compile(compiler_options={**COMPILER_OPTIONS.get(tgt.platform, {}), **(options or {})} or None)
 
 
 def per_chip_bytes(compiled) -> dict[str, int]:
@@ -447,6 +468,9 @@ class CompileReport:
     serve_peaks: dict[str, int] = dataclasses.field(default_factory=dict)  # serve: each program's peak and the slot state
     lora: dict[str, Any] | None = None  # the LoRA settings of a LoRA / QLoRA train step (``base_quant`` among them)
     quantize: str | None = None  # the inference programs' weight-only quantisation
+    unrolled: bool = False  # the layer loops unrolled: the cost analysis (FLOPs, optimal_seconds) counts every layer
+    bytes_accessed_per_chip: float | None = None  # the compiler's cost analysis: HBM bytes read and written (loop bodies once)
+    usable_limit: bool = False  # compiled with the usable HBM as the compiler's limit (:func:`compiler_options`)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -465,13 +489,16 @@ def compile_program(
     attention_impl: str = "auto",
     remat: str = "full",
     layers: int | None = None,
+    unroll_layers: bool = False,
+    usable_limit: bool = False,
     model_name: str | None = None,
     slots: int | None = None,
     lora: LoraConfig | None = None,
     quantize: str | None = None,
 ) -> CompileReport:
     """Compile ``program`` of ``model`` for ``target`` (see the module docstring) and report per chip; ``lora`` and
-    ``quantize`` as :func:`lower_program` takes them.
+    ``quantize`` as :func:`lower_program` takes them, ``unroll_layers`` as :func:`program_config`, ``usable_limit`` as
+    :func:`compiler_options` (a program that does not fit is then an AotError).
 
     ``serve``: the global batch is the engine's slot count (``slots``, else ``per_device_batch`` x data x fsdp),
     ``seq_len`` the longest prompt; ``per_chip_bytes['peak']`` is the largest of its programs' peaks."""
@@ -495,11 +522,15 @@ def compile_program(
         raise AotError(f"--select-rows {select_rows} must be at least 1")
     base = load_model_config(model) if isinstance(model, str) else model
     name = model_name or (model if isinstance(model, str) else "config")
-    cfg = program_config(base, program=program, attention_impl=attention_impl, remat=remat, hr_budget=hr_budget, layers=layers)
+    cfg = program_config(base, program=program, attention_impl=attention_impl, remat=remat, hr_budget=hr_budget, layers=layers,
+                         unroll_layers=unroll_layers)
     if seq_len < cfg.num_image_tokens + 1:  # a sample holds the image's tokens and at least one text token
         raise AotError(f"--seq-len {seq_len} is shorter than a sample: the image alone is {cfg.num_image_tokens} tokens; "
                        f"use at least {cfg.num_image_tokens + 1}")
     m = target_mesh_for(tgt, mesh)
+    options = compiler_options(tgt, usable_limit)
+    if usable_limit and program == "serve":
+        raise AotError("--usable-hbm-limit: for the train, prefill, decode and likelihood programs (serve compiles four)")
     shards = m.shape["data"] * m.shape["fsdp"]
     if slots is not None:
         if program != "serve":
@@ -515,7 +546,7 @@ def compile_program(
         if program == "serve":
             bytes_, serve_peaks, compiled, hlo = _compile_serve(tgt, cfg, mesh, batch, seq_len, min(SERVE_PREFILL_ROWS, batch))
         else:
-            compiled = compile_lowered(lower_program(cfg, m, program, batch, seq_len, rows, lora, quantize), tgt)
+            compiled = compile_lowered(lower_program(cfg, m, program, batch, seq_len, rows, lora, quantize), tgt, options)
             bytes_, hlo = per_chip_bytes(compiled), compiled.as_text()
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program whose buffers exceed HBM
         if "RESOURCE_EXHAUSTED" not in str(e):
@@ -529,9 +560,10 @@ def compile_program(
     cost = cost[0] if isinstance(cost, list) else cost
     flops = float(cost["flops"]) if cost and "flops" in cost else None
     optimal = float(cost["optimal_seconds"]) if cost and cost.get("optimal_seconds", 0) > 0 else None
+    accessed = float(cost["bytes accessed"]) if cost and "bytes accessed" in cost else None
     mflops = model_flops(cfg, program, batch, seq_len, rows) / tgt.chips
     step_s, mfu = step_estimate(optimal, flops, mflops, tgt.chip.peak_flops)
-    usable = int(tgt.chip.hbm_bytes * USABLE_FRACTION[tgt.platform])
+    usable = usable_bytes(tgt)
     return CompileReport(
         target=tgt.name, topology=tgt.topology, chips=tgt.chips, mesh=dict(m.shape), model=name, program=program,
         layers=cfg.text.num_layers, global_batch=batch, per_device_batch=per_device_batch, seq_len=seq_len,
@@ -541,6 +573,7 @@ def compile_program(
         kernels=count_kernels(hlo), compile_seconds=round(seconds, 2), flops_per_chip=flops,
         model_flops_per_chip=mflops, optimal_seconds=optimal, step_seconds_estimate=step_s, mfu_estimate=mfu,
         params=param_counts(cfg), serve_peaks=serve_peaks, lora=None if lora is None else lora.to_dict(), quantize=quantize,
+        unrolled=not cfg.scan_layers, bytes_accessed_per_chip=accessed, usable_limit=usable_limit,
     )
 
 
@@ -625,6 +658,10 @@ def compile_parser(prog: str = "flexattn-jax compile") -> argparse.ArgumentParse
     p.add_argument("--attention-impl", default="auto", choices=ATTENTION_IMPLS)
     p.add_argument("--remat", default="full", choices=("none", "full", "dots_saveable"), help="training's remat policy per layer")
     p.add_argument("--layers", type=int, default=None, help="compile a decoder cut to N layers (quick checks)")
+    p.add_argument("--unroll-layers", action="store_true", help="unroll the layer loops (no scan): the compiler's FLOPs and "
+                   "optimal_seconds then count every layer, not a loop body once (slower to compile)")
+    p.add_argument("--usable-hbm-limit", action="store_true", help="TPU: give the compiler the usable HBM (95%% of the chip, what "
+                   "the runtime leaves) as its limit, so it schedules to fit it; a program that cannot is refused")
     LORA_ARGS.add(p.add_argument_group("LoRA / QLoRA train step (as train --lora)"))
     p.add_argument("--quantize", choices=QUANT_MODES, default=None, help="prefill / decode / likelihood with the decoder linears "
                    "weight-only quantised (as generate --quantize)")
@@ -646,7 +683,8 @@ def format_report(r: CompileReport) -> str:
         f"batch {r.per_device_batch}/device ({r.global_batch} global), T={r.seq_len}" + (f", R={r.select_rows}" if r.select_rows else ""),
         f"  per chip: arguments {_gib(b['arguments'])}, temporaries {_gib(b['temporaries'])}, outputs {_gib(b['outputs'])}, "
         f"aliased {_gib(b['aliases'])}; peak {_gib(b['peak'])} of {_gib(r.capacity_bytes)} "
-        f"({'fits' if r.fits else 'does NOT fit'} in the usable {_gib(r.usable_bytes)})",
+        f"({'fits' if r.fits else 'does NOT fit'} in the usable {_gib(r.usable_bytes)}"
+        + ("; the compiler's limit)" if r.usable_limit else ")"),
         "  attention kernels: " + (", ".join(f"{k} x{v}" for k, v in r.kernels.items()) or "none (XLA attention)"),
         f"  compiled in {r.compile_seconds:.1f} s; FLOPs per chip: compiler "
         + ("n/a" if r.flops_per_chip is None else f"{r.flops_per_chip:.3e}") + f", model {r.model_flops_per_chip:.3e}",
@@ -656,7 +694,8 @@ def format_report(r: CompileReport) -> str:
                      + ", ".join(f"{k} {_gib(v)}" for k, v in r.serve_peaks.items() if k != "slot_state")
                      + f"; slot state {_gib(r.serve_peaks['slot_state'])} per chip ({r.global_batch} slots)")
     if r.optimal_seconds is not None:
-        lines.append(f"  TPU compiler's optimal_seconds {r.optimal_seconds:.4f} (loop bodies once); step estimate "
+        counted = "every layer: unrolled" if r.unrolled else "loop bodies once"
+        lines.append(f"  TPU compiler's optimal_seconds {r.optimal_seconds:.4f} ({counted}); step estimate "
                      f"{r.step_seconds_estimate:.3f} s, MFU estimate {r.mfu_estimate:.1%}")
     return "\n".join(lines)
 
@@ -668,11 +707,14 @@ def main(argv: list[str] | None = None) -> int:
             raise AotError("--slots and --max-context are options of --program serve")
         if args.slots is not None and args.find_batch:
             raise AotError("--slots and --find-batch: give one (--find-batch searches the slots)")
+        if args.usable_hbm_limit and args.find_batch:
+            raise AotError("--usable-hbm-limit and --find-batch: give one (the search interpolates the peaks of batches that do not fit)")
         if args.max_context is not None:
             args.seq_len = args.max_context
         budget = parse_hr_budget(args.hr_budget, "--hr-budget") if args.hr_budget is not None else None
         kwargs = dict(mesh=args.mesh, seq_len=args.seq_len, select_rows=args.select_rows, hr_budget=budget,
-                      attention_impl=args.attention_impl, remat=args.remat, layers=args.layers, model_name=args.model,
+                      attention_impl=args.attention_impl, remat=args.remat, layers=args.layers,
+                      unroll_layers=args.unroll_layers, usable_limit=args.usable_hbm_limit, model_name=args.model,
                       lora=LORA_ARGS.build(args), quantize=args.quantize)
         if args.slots is not None and not args.find_batch:
             kwargs["slots"] = args.slots
