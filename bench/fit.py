@@ -12,10 +12,12 @@ tokens (each slot holds T + 128). And compile seconds against decoder depth
 a target whose compiler is not installed (libtpu, the CUDA plugin) is reported as skipped, with why.
 
 LoRA, QLoRA and int8 (``--only lora``, :data:`LORA_JOBS`): the 7B LoRA step (bf16 base) on v5e-8 at per-chip batch 3,
-the QLoRA step (int4 base) on one v5e chip at batch 1, int8 prefill and decode on one v5e chip at batch 8 with a
-1024-token context, and the decode step int8 against bf16 on v5p-8 (the target whose compiler gives a time estimate).
+the QLoRA step (int4 base) on one v5e chip at batch 1, int8 prefill (also held to the usable HBM) and decode on one v5e
+chip at batch 8 with a 1024-token context, and the decode step int8 against bf16 on v5p-8 (the target whose compiler
+gives a time estimate), scanned and unrolled (every layer counted) at batch 8 and 1.
 The train steps are compiled with the decoder cut to :data:`LORA_CUT` layers and their full-depth peak extrapolated
 (:func:`extrapolate_train_peak`).
+The 13B QLoRA step (int4 base) on one H100 is compiled at full depth, at the largest batch that fits (the CUDA plugin).
 
 The largest batch: compile at per-chip batch 1 and 2, then where the peak, interpolated linearly between
 the nearest batches that fit and fail, meets the usable HBM, until the boundary is found: a few compiles
@@ -94,12 +96,20 @@ LORA_JOBS: tuple[dict[str, Any], ...] = (
     {"name": "7B QLoRA, int4 base", "target": "v5e-1", "program": "train", "lora": {"enabled": True, "base_quant": "int4"},
      "per_device_batch": 1, "layers": LORA_CUT},
     {"name": "7B int8 prefill", "target": "v5e-1", "program": "prefill", "quantize": "int8", "per_device_batch": 8, "seq_len": 1024},
+    {"name": "7B int8 prefill, usable HBM as the limit", "target": "v5e-1", "program": "prefill", "quantize": "int8",
+     "per_device_batch": 8, "seq_len": 1024, "usable_limit": True},
     {"name": "7B int8 decode", "target": "v5e-1", "program": "decode", "quantize": "int8", "per_device_batch": 8, "seq_len": 1024},
     {"name": "7B int8 decode", "target": "v5p-8", "mesh": "tensor=4", "program": "decode", "quantize": "int8", "per_device_batch": 8,
      "seq_len": 1024},
     {"name": "7B bf16 decode", "target": "v5p-8", "mesh": "tensor=4", "program": "decode", "per_device_batch": 8, "seq_len": 1024},
+    *({"name": f"7B {q} decode, unrolled, batch {b}", "target": "v5p-8", "mesh": "tensor=4", "program": "decode", "quantize": quant,
+       "per_device_batch": b, "seq_len": 1024, "unroll_layers": True} for b in (8, 1) for q, quant in (("int8", "int8"), ("bf16", None))),
+    {"name": "13B QLoRA, int4 base", "model": "llava-flexattn-13b", "target": "h100x1", "program": "train",
+     "lora": {"enabled": True, "base_quant": "int4"}, "per_device_batch": 9},
 )
-"""The LoRA / QLoRA / int8 rows (the 7B FlexAttention model; train steps at T = R = 2048, the others' context 1024)."""
+"""The LoRA / QLoRA / int8 rows (the 7B FlexAttention model unless ``model`` says; train steps at T = R = 2048, the others'
+context 1024; the 13B QLoRA step on one H100 at full depth, its largest fitting batch); the unrolled decode steps are the
+int8 / bf16 time ratio over all 32 layers (a scanned step's estimate counts one)."""
 
 
 def state_bytes_per_chip(cfg, target: aot.Target, mesh: str | None, lora: LoraConfig | None) -> int:
@@ -133,10 +143,16 @@ def extrapolate_train_peak(model_cfg, job: dict[str, Any], report: aot.CompileRe
 def lora_row(model_cfg, job: dict[str, Any], report: aot.CompileReport) -> dict[str, Any]:
     """A :data:`LORA_JOBS` row: the compile's figures, and for a cut train step the full-depth extrapolation."""
     row = {"name": job["name"], **_row(report), "mesh": report.mesh, "seq_len": report.seq_len, "lora": report.lora,
-           "quantize": report.quantize}
+           "quantize": report.quantize, "unrolled": report.unrolled, "bytes_accessed_per_chip": report.bytes_accessed_per_chip,
+           "usable_limit": report.usable_limit}
     if job.get("layers") is not None:
         row["extrapolated"] = extrapolate_train_peak(model_cfg, job, report)
     return row
+
+
+def lora_model(job: dict[str, Any]) -> str:
+    """The model of a :data:`LORA_JOBS` entry (the 7B FlexAttention model unless it names one)."""
+    return job.get("model", "llava-flexattn-7b")
 
 
 def compile_lora_job(model_cfg, job: dict[str, Any]) -> aot.CompileReport:
@@ -144,7 +160,8 @@ def compile_lora_job(model_cfg, job: dict[str, Any]) -> aot.CompileReport:
     return aot.compile_program(job["target"], model_cfg, job["program"], mesh=job.get("mesh"), per_device_batch=job["per_device_batch"],
                                seq_len=job.get("seq_len", SEQ), select_rows=ROWS if job["program"] == "train" else None,
                                layers=job.get("layers"), lora=LoraConfig(**job["lora"]) if job.get("lora") else None,
-                               quantize=job.get("quantize"), model_name="llava-flexattn-7b")
+                               quantize=job.get("quantize"), unroll_layers=job.get("unroll_layers", False),
+                               usable_limit=job.get("usable_limit", False), model_name=lora_model(job))
 
 
 COMPOSED_FROM = "v5e-256"  # the full fine-tune compiles whose temporaries :func:`composed_train_estimates` reuses
@@ -160,7 +177,7 @@ def composed_train_estimates(res: dict[str, Any], model_cfg) -> list[dict[str, A
     if full is None:
         raise aot.AotError(f"no llava-flexattn-7b full fine-tune row on {COMPOSED_FROM} to compose from")
     out = []
-    for job in (j for j in LORA_JOBS if j["program"] == "train"):
+    for job in (j for j in LORA_JOBS if j["program"] == "train" and lora_model(j) == "llava-flexattn-7b"):
         target = aot.parse_target(job["target"])
         lora = LoraConfig(**job["lora"])
         state = state_bytes_per_chip(aot.program_config(model_cfg, program="train"), target, job.get("mesh"), lora)
@@ -169,6 +186,23 @@ def composed_train_estimates(res: dict[str, Any], model_cfg) -> list[dict[str, A
         fitting = [b for b, p in peaks.items() if p <= usable]
         out.append({"name": job["name"], "target": job["target"], "lora": lora.to_dict(), "state_bytes": state,
                     "peak_by_batch": peaks, "usable_bytes": usable, "largest_batch": max(fitting, default=None)})
+    return out
+
+
+def quant_decode_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """int8 / bf16 of the unrolled decode steps (:data:`LORA_JOBS`) at each batch where both were compiled: the compiler's
+    ``optimal_seconds`` and bytes accessed per chip, over all the layers (unrolled: every layer counted)."""
+    at = {(r.get("quantize"), r["per_device_batch"]): r for r in rows if r.get("unrolled") and r["program"] == "decode"}
+    out = []
+    for (quant, batch), q in sorted(at.items(), key=lambda kv: -kv[0][1]):
+        ref = at.get((None, batch))
+        if quant is None or ref is None:
+            continue
+        out.append({"quantize": quant, "per_device_batch": batch, "target": q["target"],
+                    "optimal_seconds": (q["optimal_seconds"], ref["optimal_seconds"]),
+                    "time_ratio": q["optimal_seconds"] / ref["optimal_seconds"],
+                    "bytes_accessed_ratio": q["bytes_accessed_per_chip"] / ref["bytes_accessed_per_chip"],
+                    "flops_ratio": q["flops_per_chip"] / ref["flops_per_chip"]})
     return out
 
 
@@ -283,9 +317,10 @@ def run(quick: bool, log, save=lambda res: None, previous: dict[str, Any] | None
                 out["composed"] = composed_train_estimates(out, configs["llava-flexattn-7b"])
             elif job[0] == "lora":
                 spec = LORA_JOBS[job[1]]
-                r = compile_lora_job(configs["llava-flexattn-7b"], spec)
+                cfg = configs[lora_model(spec)]
+                r = compile_lora_job(cfg, spec)
                 log(f"    peak {r.per_chip_bytes['peak'] / 2**30:.2f} GiB, {r.compile_seconds:.0f} s")
-                out["lora"].append(lora_row(configs["llava-flexattn-7b"], spec, r))
+                out["lora"].append(lora_row(cfg, spec, r))
             elif job[0] == "infer":
                 _, target, mesh, program = job
                 t = aot.parse_target(target)
@@ -354,6 +389,10 @@ def table(res: dict[str, Any]) -> str:
         cut = f" ({r['layers']}-layer compile: {r['per_chip_bytes']['peak'] / 2**30:.1f} GiB)" if ext else ""
         lines.append(f"{r['name']:<20} {r['target']:<9} {r['chips']:>5} {r['per_device_batch']:>10} "
                      f"{peak / 2**30:>9.1f} {r['capacity_bytes'] / 2**30:>6.0f} {step:>12} {'':>6} {sum(r['kernels'].values())}{cut}")
+    for c in quant_decode_ratios(res.get("lora", [])):
+        lines.append(f"{c['quantize']} / bf16 decode step, unrolled, batch {c['per_device_batch']} on {c['target']}: optimal_seconds "
+                     f"{c['time_ratio']:.2f}x ({c['optimal_seconds'][0] * 1e3:.2f} vs {c['optimal_seconds'][1] * 1e3:.2f} ms), "
+                     f"bytes accessed {c['bytes_accessed_ratio']:.2f}x, FLOPs {c['flops_ratio']:.2f}x")
     for c in res.get("composed", []):
         peaks = ", ".join(f"{b}: {p / 2**30:.1f}" for b, p in sorted(c["peak_by_batch"].items(), key=lambda kv: int(kv[0])))
         lines.append(f"{c['name']} on {c['target']} (composed from {COMPOSED_FROM}'s temporaries + state "

@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
 from flexattn_jax.config import ATTENTION_IMPLS
-from flexattn_jax.sharding import logical_to_spec
+from flexattn_jax.sharding import constrain_logical, logical_to_spec
 
 log = logging.getLogger(__name__)
 
@@ -307,6 +307,21 @@ def attention(
     return jnp.where(mask.has_key(t)[..., None, None], out, 0).astype(q.dtype)  # fully masked rows: 0, never NaN
 
 
+def same_layout(
+    q: Float[Array, "B T H d"], k: Float[Array, "B S Hkv d"], v: Float[Array, "B S Hkv d"]
+) -> tuple[Float[Array, "B T H d"], Float[Array, "B S Hkv d"], Float[Array, "B S Hkv d"]]:
+    """``q``, ``k`` and ``v`` pinned to one sharding under an ambient mesh: the batch over (data, fsdp), the heads over
+    tensor when the KV heads divide it (then the query heads do too), else no head axis split.
+
+    Why: jax's cuDNN backward partitioner refuses operands sharded differently ("Query, key and value should have
+    same sharding"), and XLA's propagation can give them different shardings (a small model's train step under
+    fsdp=8 for H100s did)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    tensor = mesh.shape["tensor"] if not mesh.empty and "tensor" in mesh.axis_names else 1
+    logical = ("batch", None, "heads" if k.shape[2] % tensor == 0 else None, None)
+    return constrain_logical(q, logical), constrain_logical(k, logical), constrain_logical(v, logical)
+
+
 def cudnn_attention(
     q: Float[Array, "B T H d"],
     k: Float[Array, "B S Hkv d"],
@@ -332,7 +347,8 @@ def cudnn_attention(
     prefix = jnp.all(mask.key_valid == (jnp.arange(s)[None] < lengths[:, None])) & jnp.all(lengths > 0)
 
     def fused():
-        return jax.nn.dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, is_causal=True, key_value_seq_lengths=lengths,
+        qs, ks, vs = same_layout(q, k, v)
+        return jax.nn.dot_product_attention(qs, ks, vs, scale=q.shape[-1] ** -0.5, is_causal=True, key_value_seq_lengths=lengths,
                                             implementation="cudnn").astype(q.dtype)
 
     return jax.lax.cond(prefix, fused, lambda: fallback().astype(q.dtype))

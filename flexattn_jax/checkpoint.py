@@ -28,7 +28,7 @@ from flexattn_jax.config import ConfigError, ModelConfig
 from flexattn_jax.lora import LoraConfig, init_adapters, scaled, with_adapters
 from flexattn_jax.params import abstract_params, flatten, unflatten
 from flexattn_jax.quant import MODES as QUANT_MODES
-from flexattn_jax.quant import from_stored, quantized_abstract, storable, stored_dtype
+from flexattn_jax.quant import from_stored, is_scale, quantized_abstract, storable, stored_dtype
 from flexattn_jax.sharding import param_shardings
 
 CONVERTER_VERSION = "1.0.0"
@@ -168,8 +168,13 @@ def load_converted(directory: str | Path, dtype: str | None = None, sharding: An
     abstract, lcfg = stored_abstract(directory, cfg)
     shardings = _shardings_for(abstract, sharding)
     dt = jnp.dtype(cfg.param_dtype)
-    cast = lambda a: dt if jnp.issubdtype(a.dtype, jnp.floating) else stored_dtype(a.dtype)  # noqa: E731 - quantised kernels stay ints
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, cast(a), sharding=s), abstract, shardings)
+
+    def leaf(path: tuple, a: jax.ShapeDtypeStruct, s: Any) -> jax.ShapeDtypeStruct:
+        """Quantised kernels stay ints and their scales as stored (NF4's fp32 absmax and offset are part of its format)."""
+        keep = not jnp.issubdtype(a.dtype, jnp.floating) or is_scale("/".join(str(getattr(k, "key", k)) for k in path))
+        return jax.ShapeDtypeStruct(a.shape, stored_dtype(a.dtype) if keep else dt, sharding=s)
+
+    target = jax.tree_util.tree_map_with_path(leaf, abstract, shardings)
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     params_dir = (Path(directory) / "params").resolve()
     if not params_dir.is_dir():

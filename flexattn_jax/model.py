@@ -258,6 +258,10 @@ def run_decoder(
         else:
             kind_index = H.traced_layer_kind(cfg, i)
             branches = [lambda *a, kd=kd: run_layer(kd, *a) for kd in H.LayerKind]
+            # the layer's weights sliced here, not inside the branch that alone reads them (XLA sinks the slice into the
+            # switch, where a layout the branch's dots want reaches the whole stack: libtpu copied the 7B's int8 k_hr and
+            # v_hr stacks, 1 GiB, before the loop)
+            args = (*args[:3], jax.lax.optimization_barrier(p), *args[4:])
             x, sel, k, v, att, msk, upd = jax.lax.switch(kind_index, branches, *args)
         if ck is not None:
             start = (i, 0, write_index, 0, 0)

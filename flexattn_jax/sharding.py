@@ -84,6 +84,9 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"^text/layers/attn/o/(lora_b|kernel_scale)$", (*_LAYER, None, "embed")),
     (r"^text/layers/mlp/(gate|up)/(lora_b|kernel_scale)$", (*_LAYER, None, "mlp")),
     (r"^text/layers/mlp/down/(lora_b|kernel_scale)$", (*_LAYER, None, "embed")),
+    # NF4's double quantisation: the absmax of each run of 256 scales (in the torch weight's order) and a mean a matrix
+    (r"^text/layers/(attn|mlp)/\w+/kernel_scale_absmax$", (*_LAYER, None)),
+    (r"^text/layers/(attn|mlp)/\w+/kernel_scale_offset$", _LAYER),
     (r"^text/layers/(attn/(q|k|v|k_hr|v_hr)|mlp/(gate|up))/lora_a$", (*_LAYER, "embed", None)),
     (r"^text/layers/attn/o/lora_a$", (*_LAYER, "heads", None)),
     (r"^text/layers/mlp/down/lora_a$", (*_LAYER, "mlp", None)),

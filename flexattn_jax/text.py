@@ -138,9 +138,10 @@ class Linear(nn.Module):
         c = self.cfg
         dtype = jnp.dtype(c.dtype)
         if self.has_variable("params", "kernel_scale"):
-            from flexattn_jax.quant import dequantize
+            from flexattn_jax.quant import SCALE_LEAVES, dequantize
 
-            w = dequantize(self.get_variable("params", "kernel"), self.get_variable("params", "kernel_scale"), dtype)
+            names = ("kernel", *SCALE_LEAVES)
+            w = dequantize({n: self.get_variable("params", n) for n in names if self.has_variable("params", n)}, dtype)
         else:
             w = self.param("kernel", _init(c), (x.shape[-1], self.features), jnp.dtype(c.param_dtype))
         x = x.astype(dtype)

@@ -7,6 +7,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -242,6 +247,46 @@ def test_serve_program_flags_are_checked(capsys):
 
 # ---- GPU (deviceless, CUDA plugin) -------------------------------------------------------------------------
 
+def test_gpu_compiles_turn_the_triton_gemm_off():
+    """Every compile for a GPU target passes ``xla_gpu_enable_triton_gemm=False`` (jax 0.10.2's deviceless Triton GEMM tiler
+    finds no tile for the 7B step's CLIP dots, and the compile fails); a TPU compile takes no options."""
+    from flexattn_jax.app import aot
+
+    class Lowered:
+        def compile(self, compiler_options=None):
+            return compiler_options
+
+    assert aot.compile_lowered(Lowered(), aot.parse_target("h100x8")) == {"xla_gpu_enable_triton_gemm": False}
+    assert aot.compile_lowered(Lowered(), aot.parse_target("h200x1")) == {"xla_gpu_enable_triton_gemm": False}
+    assert aot.compile_lowered(Lowered(), aot.parse_target("v5e-8")) is None
+
+
+@pytest.mark.parametrize("hkv, heads", [(4, "tensor"), (2, None)])
+def test_cudnn_operands_share_one_sharding(hkv, heads):
+    """q, k and v go to cuDNN with one sharding (its backward partitioner refuses any other): the batch over fsdp, and the
+    8 query heads over tensor=4 only when the KV heads divide it too (4 do; 2 do not, and then no operand splits heads)."""
+    mesh = S.make_mesh("fsdp=2,tensor=4")
+    rep = NamedSharding(mesh, P())
+    q, k = (jax.device_put(jnp.zeros((4, 16, h, 8)), rep) for h in (8, hkv))
+    with S.target_mesh(mesh):
+        out = jax.jit(lambda q, k: A.same_layout(q, k, k))(q, k)
+    specs = [tuple(x.sharding.spec) + (None,) * (4 - len(x.sharding.spec)) for x in out]
+    assert specs == [("fsdp", None, heads, None)] * 3, specs
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the CUDA plugin is not installed (pip install 'flexattn-jax[cuda]')")
+@pytest.mark.skipif(Path("/proc/driver/nvidia").exists(), reason="a host with an NVIDIA driver: the plugin's start-up check runs")
+def test_gpu_target_described_without_a_gpu_and_without_jax_platforms():
+    """On a host without a GPU, the CUDA plugin's start-up check (cuPTI) fails unless JAX_PLATFORMS=cpu, and the
+    topology with it ("not implemented for cuda"): ``target_devices`` skips that check itself, so a plain
+    ``flexattn-jax compile --target h100x8`` works."""
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    code = "from flexattn_jax.app import aot; print(len(aot.target_devices(aot.parse_target('h100x8'))))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "8", out.stderr[-2000:]
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="the CUDA plugin is not installed (pip install 'flexattn-jax[cuda]')")
 def test_prefill_compiles_for_h100_with_cudnn():
     from flexattn_jax.app import aot
@@ -249,6 +294,25 @@ def test_prefill_compiles_for_h100_with_cudnn():
     r = aot.compile_program("h100x8", tiny_flex_config(), "prefill", mesh="fsdp=8", seq_len=256)
     assert any(k.startswith("__cudnn$fmha") for k in r.kernels), r.kernels
     assert r.optimal_seconds is None and r.fits
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CUDA, reason="the CUDA plugin is not installed (pip install 'flexattn-jax[cuda]')")
+@pytest.mark.parametrize("impl", ["auto", "xla_chunked", "xla"])
+def test_train_step_compiles_for_h100_with_each_hr_path(impl):
+    """The train step under fsdp over 8 H100s with each exact GPU path (1024 HR keys: ``auto`` is cuDNN for the main part
+    and the HR part by key blocks; ``xla_chunked`` both by key blocks; ``xla`` both dense): cuDNN's forward and backward
+    fMHA calls are in the program exactly when the main part is cuDNN's."""
+    from flexattn_jax.app import aot
+
+    base = tiny_flex_config()
+    cfg = dataclasses.replace(base, flex=dataclasses.replace(base.flex, zoom_ratio=8, highres_size=448))  # 32 x 32 = 1024 HR keys
+    assert cfg.num_hr_tokens >= A.AUTO_CHUNK_MIN_KEYS and A.hr_chunked(impl, 64, cfg.num_hr_tokens) == (impl != "xla")
+    r = aot.compile_program("h100x8", cfg, "train", mesh="fsdp=8", per_device_batch=1, seq_len=128, select_rows=64,
+                            attention_impl=impl)
+    cudnn = {k: v for k, v in r.kernels.items() if k.startswith("__cudnn$fmha")}
+    assert (set(cudnn) == {"__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"}) if impl == "auto" else not cudnn, r.kernels
+    assert r.fits and r.per_chip_bytes["peak"] > 0 and r.flops_per_chip is None
 
 
 def test_step_estimate_scales_the_loops_counted_once():
@@ -276,6 +340,47 @@ def test_decode_state_shards_the_kv_heads_over_tensor():
         spec = tuple(out["cache"][name].sharding.spec) + (None,) * 5
         assert spec[:5] == (None, "data", None, "tensor", None), spec
     assert out["cache"]["lengths"].sharding.spec == P("data") and out["step"].sharding.spec == P()
+
+
+@needs_libtpu
+def test_unroll_layers_counts_every_decoder_layer(monkeypatch, capsys):
+    """``--unroll-layers`` compiles the decoder unrolled: the cost analysis counts its three layers (plain, select,
+    hierarchical) instead of the scan's body once (the costliest kind), so the FLOPs, bytes accessed and
+    ``optimal_seconds`` grow; the report says so."""
+    from flexattn_jax.app import aot
+
+    cfg = tiny_flex_config()
+    monkeypatch.setattr(aot, "load_model_config", lambda model: cfg)
+    argv = ["--target", "v5e:2x2", "--program", "decode", "--mesh", "fsdp=4", "--seq-len", "256", "--attention-impl", "splash", "--json"]
+    reports = []
+    for extra in ([], ["--unroll-layers"]):
+        assert aot.main(argv + extra) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    scanned, unrolled = reports
+    assert (scanned["unrolled"], unrolled["unrolled"]) == (False, True)
+    ratios = {k: unrolled[k] / scanned[k] for k in ("flops_per_chip", "bytes_accessed_per_chip", "optimal_seconds")}
+    assert all(r > 1.1 for r in ratios.values()), ratios
+
+
+@needs_libtpu
+def test_usable_hbm_limit_is_the_compilers(monkeypatch, capsys):
+    """``--usable-hbm-limit`` hands the usable HBM to libtpu as its limit: the tiny prefill compiles under it and says so;
+    with the usable share cut to 1 MiB of the chip the same program is refused as not fitting (one line, exit 2)."""
+    from flexattn_jax.app import aot
+
+    cfg = tiny_flex_config()
+    monkeypatch.setattr(aot, "load_model_config", lambda model: cfg)
+    argv = ["--target", "v5e-1", "--program", "prefill", "--seq-len", "256", "--attention-impl", "splash", "--usable-hbm-limit"]
+    assert aot.main(argv + ["--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["usable_limit"] and r["fits"] and r["per_chip_bytes"]["peak"] <= r["usable_bytes"]
+    assert aot.compiler_options(aot.parse_target("v5e-1"), True) == {"xla_tpu_max_hbm_size_mib": str(int(16 * 1024 * 0.95))}
+    monkeypatch.setitem(aot.USABLE_FRACTION, "tpu", 2**20 / (16 * 2**30))
+    assert aot.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "prefill at batch 1/device does not fit v5e-1: RESOURCE_EXHAUSTED" in err and len(err.strip().splitlines()) == 1
+    assert aot.main(argv + ["--find-batch"]) == 2
+    assert "--usable-hbm-limit and --find-batch: give one" in capsys.readouterr().err
 
 
 # ---- LoRA, QLoRA and quantised weights (train's --lora / --base-quant, generate's --quantize) --------------------

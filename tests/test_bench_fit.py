@@ -17,7 +17,8 @@ def _fake_compile(calls):
     """Peak = 10 GiB + 7 GiB per sample per chip (plain LLaVA: 5 GiB) against 95 GiB usable: batch 12 is the
     largest that fits (plain: 17); the step is 2 s per sample per chip (plain: 1 s)."""
 
-    def compile_program(target, model, program="train", *, per_device_batch=1, mesh=None, layers=None, model_name=None, **_):
+    def compile_program(target, model, program="train", *, per_device_batch=1, mesh=None, layers=None, model_name=None, quantize=None,
+                        unroll_layers=False, **_):
         calls.append((program, getattr(target, "name", target), model_name, per_device_batch))
         plain = model_name == "llava-1.5-7b"
         peak = (10 + (5 if plain else 7) * per_device_batch) * GIB
@@ -28,7 +29,9 @@ def _fake_compile(calls):
             per_chip_bytes={"arguments": GIB, "temporaries": peak - GIB, "outputs": 0, "peak": peak}, capacity_bytes=100 * GIB,
             usable_bytes=95 * GIB, fits=peak <= 95 * GIB, kernels={}, compile_seconds=1.0, flops_per_chip=1e12,
             model_flops_per_chip=1e12, step_seconds_estimate=(1.0 if plain else 2.0) * per_device_batch,
-            serve_peaks={"step": peak, "slot_state": GIB * per_device_batch} if program == "serve" else {})
+            serve_peaks={"step": peak, "slot_state": GIB * per_device_batch} if program == "serve" else {}, quantize=quantize,
+            unrolled=unroll_layers, optimal_seconds=(3.0 if quantize else 4.0) * per_device_batch,  # int8 / bf16: 0.75x
+            bytes_accessed_per_chip=(1.0 if quantize else 2.0) * GIB * per_device_batch)  # 0.5x
 
     return compile_program
 
@@ -138,8 +141,9 @@ def test_serve_rows_search_the_most_slots_and_resume(calls, tmp_path, capsys):
 
 
 def test_lora_rows_compile_their_jobs_and_extrapolate_the_cut_train_steps(calls, tmp_path, monkeypatch, capsys):
-    """``--only lora`` compiles each of LORA_JOBS once (the train steps cut to LORA_CUT layers); a cut row's full-depth
-    peak is the compiled peak + the state the missing layers hold + each missing layer's bf16 residual; --resume keeps them."""
+    """``--only lora`` compiles each of LORA_JOBS once, of its own model (the 7B's train steps cut to LORA_CUT layers, the
+    13B QLoRA step at full depth); a cut row's full-depth peak is the compiled peak + the state the missing layers hold +
+    each missing layer's bf16 residual; --resume keeps them; the composed rows are the 7B's train jobs."""
     from flexattn_jax import presets
 
     monkeypatch.setattr(aot, "load_model_config", presets.preset)  # the real 7B config: the extrapolation reads its depth
@@ -147,15 +151,22 @@ def test_lora_rows_compile_their_jobs_and_extrapolate_the_cut_train_steps(calls,
     out = tmp_path / "fit.json"
     assert fit.main(["--only", "lora", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["lora"]
-    assert [(c[0], c[1]) for c in calls] == [(j["program"], j["target"]) for j in fit.LORA_JOBS]
+    assert [c[:3] for c in calls] == [(j["program"], j["target"], j.get("model", "llava-flexattn-7b")) for j in fit.LORA_JOBS]
+    assert ("train", "h100x1", "llava-flexattn-13b") in [c[:3] for c in calls]
     assert [r["name"] for r in rows] == [j["name"] for j in fit.LORA_JOBS]
     for r, j in zip(rows, fit.LORA_JOBS, strict=True):
         ext = r.get("extrapolated")
-        assert (ext is not None) == (j["program"] == "train"), r
+        assert (ext is not None) == (j.get("layers") is not None), r
         if ext:
             residual = 30 * j["per_device_batch"] * fit.SEQ * 4096 * 2  # 32 - 2 layers, B x T x D in bf16
             assert ext["peak"] == r["per_chip_bytes"]["peak"] + 30 * GIB + residual and ext["residual_bytes"] == residual
-    assert "7B QLoRA, int4 base" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "7B QLoRA, int4 base" in printed
+    # the unrolled decode steps pair up by batch: int8 / bf16 of optimal_seconds and bytes accessed (the fake's 0.75x, 0.5x)
+    ratios = fit.quant_decode_ratios(rows)
+    assert [(c["quantize"], c["per_device_batch"]) for c in ratios] == [("int8", 8), ("int8", 1)]
+    assert all(c["time_ratio"] == 0.75 and c["bytes_accessed_ratio"] == 0.5 for c in ratios)
+    assert "int8 / bf16 decode step, unrolled, batch 8 on v5p-8: optimal_seconds 0.75x (24000.00 vs 32000.00 ms)" in printed
     calls.clear()
     assert fit.main(["--only", "lora", "--resume", "--out", str(out)]) == 0 and calls == []
     # composed: the full fine-tune's temporaries at each compiled batch + the LoRA state (here 32 GiB: the fake's)
@@ -165,6 +176,7 @@ def test_lora_rows_compile_their_jobs_and_extrapolate_the_cut_train_steps(calls,
     out.write_text(json.dumps(res))
     assert fit.main(["--only", "lora", "--resume", "--out", str(out)]) == 0 and calls == []
     composed = json.loads(out.read_text())["composed"]
-    assert [c["name"] for c in composed] == [j["name"] for j in fit.LORA_JOBS if j["program"] == "train"]
+    assert [c["name"] for c in composed] == [j["name"] for j in fit.LORA_JOBS if j["program"] == "train" and "model" not in j]
+    assert "13B QLoRA, int4 base" not in [c["name"] for c in composed]  # composed from the 7B's temporaries: not the 13B's
     for c in composed:  # v5e: 16 GiB x 0.95 usable; 32 GiB of state fits no batch
         assert c["peak_by_batch"] == {str(b): 32 * GIB + (b + 0.5) * GIB for b in (1, 2, 3)} and c["largest_batch"] is None

@@ -14,6 +14,7 @@ import optax
 from jaxtyping import PyTree
 
 from flexattn_jax.lora import is_adapter
+from flexattn_jax.quant import is_scale
 from train.config import TrainConfig
 
 TRAIN, FROZEN = "train", "frozen"
@@ -24,7 +25,7 @@ def is_trainable(path: str, trainable: str) -> bool:
     """Whether the parameter at ``path`` (``flatten``'s slash-joined name) trains under ``trainable`` (LoRA adapters always)."""
     if is_adapter(path):  # LoRA adapters exist only to train
         return True
-    if path.endswith("/kernel_scale"):  # a quantised kernel's scales: the frozen base
+    if is_scale(path):  # a quantised kernel's scales: the frozen base
         return False
     groups = {g.strip() for g in trainable.split(",") if g.strip()}
     if "all" in groups:

@@ -54,10 +54,31 @@ ANSWER_ROOM = 128  # cache slots after the prompt for the answer (prefill / deco
 # Fraction of a chip's memory a program may take: the TPU runtime keeps a little for itself; on GPU,
 # XLA's client reserves more (cuDNN / cuBLAS workspaces, which a deviceless compile does not count).
 USABLE_FRACTION = {"tpu": 0.95, "gpu": 0.90}
+# XLA options of every compile for a platform. GPU: jax 0.10.2's deviceless compile cannot autotune, and its Triton GEMM
+# tiler finds no tile for the CLIP tower's (batch x 10 views x 577 tokens, 1024) x (1024, 1024) dots ("Couldn't find output tile
+# sizes"); the GEMMs go to cuBLAS instead (the dots' FLOPs and the buffer assignment do not depend on it).
+COMPILER_OPTIONS: dict[str, dict[str, Any]] = {"gpu": {"xla_gpu_enable_triton_gemm": False}}
 
 
 class AotError(ValueError):
     """A target, model, mesh or program that cannot be compiled as asked (the message says why)."""
+
+
+def usable_bytes(target: Target) -> int:
+    """The HBM a program may take on one chip of ``target``: :data:`USABLE_FRACTION` of its capacity."""
+    return int(target.chip.hbm_bytes * USABLE_FRACTION[target.platform])
+
+
+def compiler_options(target: Target, usable_limit: bool) -> dict[str, str]:
+    """Options for the target's compiler. ``usable_limit`` (TPU only): the usable HBM (:func:`usable_bytes`) as the
+    compiler's memory limit, in place of the whole chip a compile-only topology describes: the compiler then trades
+    time for memory (scheduling, rematerialisation) to fit that budget, as it does for the HBM a chip's runtime leaves
+    it, and a program that cannot fit it is refused (RESOURCE_EXHAUSTED)."""
+    if not usable_limit:
+        return {}
+    if target.platform != "tpu":
+        raise AotError(f"--usable-hbm-limit: a TPU compiler option; {target.name} is a {target.platform} target")
+    return {"xla_tpu_max_hbm_size_mib": str(usable_bytes(target) // 2**20)}
 
 
 # ---- targets ---------------------------------------------------------------------------------------
@@ -150,6 +171,10 @@ def target_devices(target: Target) -> list:
         return list(topo.devices)
     if not any(importlib.util.find_spec(p) for p in ("jax_cuda13_plugin", "jax_cuda12_plugin")):
         raise AotError(f"--target {target.name} needs the CUDA plugin: pip install 'flexattn-jax[cuda]' (jax[cuda13]>=0.10,<0.11)")
+    # No NVIDIA driver here: without JAX_PLATFORMS=cpu the plugin's start-up check (cuPTI) fails, and with it the
+    # topology ("not implemented for cuda"). A deviceless compile needs neither the check nor a GPU.
+    if not Path("/proc/driver/nvidia").exists():
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     spec = (GPU_TARGETS_DIR / target.chip.spec_file).read_text()
     try:
         topo = topologies.get_topology_desc(platform="cuda", topology=target.topology, target_config=spec)
@@ -192,10 +217,12 @@ def load_model_config(model: str) -> ModelConfig:
 
 def program_config(
     cfg: ModelConfig, *, program: str, attention_impl: str = "auto", remat: str = "full", hr_budget: Any = None,
-    layers: int | None = None,
+    layers: int | None = None, unroll_layers: bool = False,
 ) -> ModelConfig:
     """``cfg`` as compiled: bf16 compute (fp32 masters when training, bf16 weights otherwise), the remat policy,
-    the attention implementation, the HR budget and (``layers``) a cut decoder of that many layers."""
+    the attention implementation, the HR budget, (``layers``) a cut decoder of that many layers and
+    (``unroll_layers``) the layer loops unrolled (``scan_layers`` off), so that the compiler's cost analysis, which
+    counts a loop body once, counts every layer."""
     text, flex = cfg.text, cfg.flex
     if layers is not None:
         if layers < 1:
@@ -208,6 +235,7 @@ def program_config(
     return dataclasses.replace(
         cfg, text=text, flex=flex, dtype="bfloat16", param_dtype="float32" if program == "train" else "bfloat16",
         remat_policy=remat if program == "train" else "none", attention_impl=attention_impl,
+        scan_layers=cfg.scan_layers and not unroll_layers,
     )
 
 
@@ -347,6 +375,12 @@ def lower_serve(cfg: ModelConfig, mesh: Mesh, slots: int, seq_len: int, rows: in
         return {name: lower[name]() for name in programs}, state
 
 
+def compile_lowered(lowered, tgt: Target, options: dict[str, Any] | None = None):
+    """``lowered.compile()`` with the target platform's :data:`COMPILER_OPTIONS` and ``options`` (e.g.
+    :func:`compiler_options`)."""
+    return lowered.compile(compiler_options={**COMPILER_OPTIONS.get(tgt.platform, {}), **(options or {})} or None)
+
+
 def per_chip_bytes(compiled) -> dict[str, int]:
     """The compiler's buffer assignment per chip: arguments, temporaries, outputs, aliases and their peak."""
     mem = compiled.memory_analysis()
@@ -365,7 +399,7 @@ def _serve_row_programs(tgt: Target, cfg: ModelConfig, mesh: str | None, seq_len
     """The engine's encode and prefill of ``rows`` prompts compiled (once per model, target, mesh and length: they do not
     depend on the slot count, which ``--find-batch`` varies): per-chip bytes per program, and their HLO text."""
     lowered, _ = lower_serve(cfg, target_mesh_for(tgt, mesh), 1, seq_len, rows, programs=("encode", "prefill"))
-    compiled = {name: low.compile() for name, low in lowered.items()}
+    compiled = {name: compile_lowered(low, tgt) for name, low in lowered.items()}
     return {name: per_chip_bytes(c) for name, c in compiled.items()}, "\n".join(c.as_text() for c in compiled.values())
 
 
@@ -375,7 +409,7 @@ def _compile_serve(tgt: Target, cfg: ModelConfig, mesh: str | None, slots: int, 
     and prefill run beside the resident slot state, which is no argument of theirs), each program's peak and the slot
     state's bytes, the compiled step, and the HLO text of all four."""
     lowered, slot_state = lower_serve(cfg, target_mesh_for(tgt, mesh), slots, seq_len, rows, programs=("step", "insert"))
-    compiled = {name: low.compile() for name, low in lowered.items()}
+    compiled = {name: compile_lowered(low, tgt) for name, low in lowered.items()}
     fixed, fixed_hlo = _serve_row_programs(tgt, cfg, mesh, seq_len, rows)
     mem = {**{name: per_chip_bytes(c) for name, c in compiled.items()}, **fixed}
     state = state_bytes_per_chip(slot_state)
@@ -494,7 +528,6 @@ class CompileReport:
     flops_per_chip: float | None
     model_flops_per_chip: float
     optimal_seconds: float | None = None  # the TPU compiler's, loop bodies counted once
-    bytes_accessed_per_chip: float | None = None  # the cost analysis' HBM bytes, loop bodies counted once
     while_loops: int | None = None  # :func:`count_loops`
     cycles: dict[str, int] | None = None  # :func:`cycle_breakdown`, with ``breakdown=True``
     step_seconds_estimate: float | None = None  # :func:`step_estimate`
@@ -503,6 +536,9 @@ class CompileReport:
     serve_peaks: dict[str, int] = dataclasses.field(default_factory=dict)  # serve: each program's peak and the slot state
     lora: dict[str, Any] | None = None  # the LoRA settings of a LoRA / QLoRA train step (``base_quant`` among them)
     quantize: str | None = None  # the inference programs' weight-only quantisation
+    unrolled: bool = False  # the layer loops unrolled: the cost analysis (FLOPs, optimal_seconds) counts every layer
+    bytes_accessed_per_chip: float | None = None  # the compiler's cost analysis: HBM bytes read and written (loop bodies once)
+    usable_limit: bool = False  # compiled with the usable HBM as the compiler's limit (:func:`compiler_options`)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -521,6 +557,8 @@ def compile_program(
     attention_impl: str = "auto",
     remat: str = "full",
     layers: int | None = None,
+    unroll_layers: bool = False,
+    usable_limit: bool = False,
     model_name: str | None = None,
     slots: int | None = None,
     lora: LoraConfig | None = None,
@@ -528,7 +566,8 @@ def compile_program(
     breakdown: bool = False,
 ) -> CompileReport:
     """Compile ``program`` of ``model`` for ``target`` (see the module docstring) and report per chip; ``lora`` and
-    ``quantize`` as :func:`lower_program` takes them.
+    ``quantize`` as :func:`lower_program` takes them, ``unroll_layers`` as :func:`program_config`, ``usable_limit`` as
+    :func:`compiler_options` (a program that does not fit is then an AotError).
 
     ``breakdown``: the report's ``cycles`` (:func:`cycle_breakdown` of the compiled program).
 
@@ -554,11 +593,15 @@ def compile_program(
         raise AotError(f"--select-rows {select_rows} must be at least 1")
     base = load_model_config(model) if isinstance(model, str) else model
     name = model_name or (model if isinstance(model, str) else "config")
-    cfg = program_config(base, program=program, attention_impl=attention_impl, remat=remat, hr_budget=hr_budget, layers=layers)
+    cfg = program_config(base, program=program, attention_impl=attention_impl, remat=remat, hr_budget=hr_budget, layers=layers,
+                         unroll_layers=unroll_layers)
     if seq_len < cfg.num_image_tokens + 1:  # a sample holds the image's tokens and at least one text token
         raise AotError(f"--seq-len {seq_len} is shorter than a sample: the image alone is {cfg.num_image_tokens} tokens; "
                        f"use at least {cfg.num_image_tokens + 1}")
     m = target_mesh_for(tgt, mesh)
+    options = compiler_options(tgt, usable_limit)
+    if usable_limit and program == "serve":
+        raise AotError("--usable-hbm-limit: for the train, prefill, decode and likelihood programs (serve compiles four)")
     shards = m.shape["data"] * m.shape["fsdp"]
     if slots is not None:
         if program != "serve":
@@ -574,7 +617,7 @@ def compile_program(
         if program == "serve":
             bytes_, serve_peaks, compiled, hlo = _compile_serve(tgt, cfg, mesh, batch, seq_len, min(SERVE_PREFILL_ROWS, batch))
         else:
-            compiled = lower_program(cfg, m, program, batch, seq_len, rows, lora, quantize).compile()
+            compiled = compile_lowered(lower_program(cfg, m, program, batch, seq_len, rows, lora, quantize), tgt, options)
             bytes_, hlo = per_chip_bytes(compiled), compiled.as_text()
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program whose buffers exceed HBM
         if "RESOURCE_EXHAUSTED" not in str(e):
@@ -588,10 +631,10 @@ def compile_program(
     cost = cost[0] if isinstance(cost, list) else cost
     flops = float(cost["flops"]) if cost and "flops" in cost else None
     optimal = float(cost["optimal_seconds"]) if cost and cost.get("optimal_seconds", 0) > 0 else None
-    bytes_accessed = float(cost["bytes accessed"]) if cost and "bytes accessed" in cost else None
+    accessed = float(cost["bytes accessed"]) if cost and "bytes accessed" in cost else None
     mflops = model_flops(cfg, program, batch, seq_len, rows) / tgt.chips
     step_s, mfu = step_estimate(optimal, flops, mflops, tgt.chip.peak_flops)
-    usable = int(tgt.chip.hbm_bytes * USABLE_FRACTION[tgt.platform])
+    usable = usable_bytes(tgt)
     return CompileReport(
         target=tgt.name, topology=tgt.topology, chips=tgt.chips, mesh=dict(m.shape), model=name, program=program,
         layers=cfg.text.num_layers, global_batch=batch, per_device_batch=per_device_batch, seq_len=seq_len,
@@ -599,11 +642,10 @@ def compile_program(
         per_chip_bytes=bytes_,
         capacity_bytes=tgt.chip.hbm_bytes, usable_bytes=usable, fits=peak <= usable,
         kernels=count_kernels(hlo), compile_seconds=round(seconds, 2), flops_per_chip=flops,
-        model_flops_per_chip=mflops, optimal_seconds=optimal, bytes_accessed_per_chip=bytes_accessed, while_loops=count_loops(hlo),
-        cycles=cycle_breakdown(hlo) if breakdown else None,
-        step_seconds_estimate=step_s,
-        mfu_estimate=mfu,
+        model_flops_per_chip=mflops, optimal_seconds=optimal, step_seconds_estimate=step_s, mfu_estimate=mfu,
+        while_loops=count_loops(hlo), cycles=cycle_breakdown(hlo) if breakdown else None,
         params=param_counts(cfg), serve_peaks=serve_peaks, lora=None if lora is None else lora.to_dict(), quantize=quantize,
+        unrolled=not cfg.scan_layers, bytes_accessed_per_chip=accessed, usable_limit=usable_limit,
     )
 
 
@@ -688,6 +730,10 @@ def compile_parser(prog: str = "flexattn-jax compile") -> argparse.ArgumentParse
     p.add_argument("--attention-impl", default="auto", choices=ATTENTION_IMPLS)
     p.add_argument("--remat", default="full", choices=("none", "full", "dots_saveable"), help="training's remat policy per layer")
     p.add_argument("--layers", type=int, default=None, help="compile a decoder cut to N layers (quick checks)")
+    p.add_argument("--unroll-layers", action="store_true", help="unroll the layer loops (no scan): the compiler's FLOPs and "
+                   "optimal_seconds then count every layer, not a loop body once (slower to compile)")
+    p.add_argument("--usable-hbm-limit", action="store_true", help="TPU: give the compiler the usable HBM (95%% of the chip, what "
+                   "the runtime leaves) as its limit, so it schedules to fit it; a program that cannot is refused")
     LORA_ARGS.add(p.add_argument_group("LoRA / QLoRA train step (as train --lora)"))
     p.add_argument("--quantize", choices=QUANT_MODES, default=None, help="prefill / decode / likelihood with the decoder linears "
                    "weight-only quantised (as generate --quantize)")
@@ -709,7 +755,8 @@ def format_report(r: CompileReport) -> str:
         f"batch {r.per_device_batch}/device ({r.global_batch} global), T={r.seq_len}" + (f", R={r.select_rows}" if r.select_rows else ""),
         f"  per chip: arguments {_gib(b['arguments'])}, temporaries {_gib(b['temporaries'])}, outputs {_gib(b['outputs'])}, "
         f"aliased {_gib(b['aliases'])}; peak {_gib(b['peak'])} of {_gib(r.capacity_bytes)} "
-        f"({'fits' if r.fits else 'does NOT fit'} in the usable {_gib(r.usable_bytes)})",
+        f"({'fits' if r.fits else 'does NOT fit'} in the usable {_gib(r.usable_bytes)}"
+        + ("; the compiler's limit)" if r.usable_limit else ")"),
         "  attention kernels: " + (", ".join(f"{k} x{v}" for k, v in r.kernels.items()) or "none (XLA attention)"),
         f"  compiled in {r.compile_seconds:.1f} s; FLOPs per chip: compiler "
         + ("n/a" if r.flops_per_chip is None else f"{r.flops_per_chip:.3e}") + f", model {r.model_flops_per_chip:.3e}",
@@ -719,7 +766,8 @@ def format_report(r: CompileReport) -> str:
                      + ", ".join(f"{k} {_gib(v)}" for k, v in r.serve_peaks.items() if k != "slot_state")
                      + f"; slot state {_gib(r.serve_peaks['slot_state'])} per chip ({r.global_batch} slots)")
     if r.optimal_seconds is not None:
-        lines.append(f"  TPU compiler's optimal_seconds {r.optimal_seconds:.4f} (loop bodies once); step estimate "
+        counted = "every layer: unrolled" if r.unrolled else "loop bodies once"
+        lines.append(f"  TPU compiler's optimal_seconds {r.optimal_seconds:.4f} ({counted}); step estimate "
                      f"{r.step_seconds_estimate:.3f} s, MFU estimate {r.mfu_estimate:.1%}")
     return "\n".join(lines)
 
@@ -731,11 +779,14 @@ def main(argv: list[str] | None = None) -> int:
             raise AotError("--slots and --max-context are options of --program serve")
         if args.slots is not None and args.find_batch:
             raise AotError("--slots and --find-batch: give one (--find-batch searches the slots)")
+        if args.usable_hbm_limit and args.find_batch:
+            raise AotError("--usable-hbm-limit and --find-batch: give one (the search interpolates the peaks of batches that do not fit)")
         if args.max_context is not None:
             args.seq_len = args.max_context
         budget = parse_hr_budget(args.hr_budget, "--hr-budget") if args.hr_budget is not None else None
         kwargs = dict(mesh=args.mesh, seq_len=args.seq_len, select_rows=args.select_rows, hr_budget=budget,
-                      attention_impl=args.attention_impl, remat=args.remat, layers=args.layers, model_name=args.model,
+                      attention_impl=args.attention_impl, remat=args.remat, layers=args.layers,
+                      unroll_layers=args.unroll_layers, usable_limit=args.usable_hbm_limit, model_name=args.model,
                       lora=LORA_ARGS.build(args), quantize=args.quantize)
         if args.slots is not None and not args.find_batch:
             kwargs["slots"] = args.slots
