@@ -184,6 +184,7 @@ def test_prefill_compiles_for_v5e_with_the_mosaic_kernel():
     r = _compile("prefill", "fsdp=4", attention_impl="auto")  # auto on a TPU target: splash, not the CPU path
     _assert_mosaic(r, ("splash_mha_fwd",))
     assert r.optimal_seconds and 0 < r.mfu_estimate < 1 and r.step_seconds_estimate >= r.optimal_seconds
+    assert r.bytes_accessed_per_chip > 0 and r.while_loops >= 0  # the cost analysis' HBM bytes, HLO loops (bench/hr_goals.py)
 
 
 @needs_libtpu

@@ -421,6 +421,72 @@ def _compile_serve(tgt: Target, cfg: ModelConfig, mesh: str | None, slots: int, 
 _CUSTOM_CALL = re.compile(r"%([\w.\-$]+) = .*?custom-call\(.*?custom_call_target=\"([^\"]+)\"")
 
 
+def count_loops(hlo_text: str) -> int:
+    """``while`` instructions in compiled HLO: the scanned layers' loops, and those the compiler adds itself (collective
+    matmuls over an fsdp axis); cost analysis counts each loop's body once."""
+    return len(re.findall(r"\swhile\(", hlo_text))
+
+
+_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+_FRAME = re.compile(r"stack_frame_id=(\d+)")
+_TABLE_ROW = re.compile(r'^(\d+) (?:"(.*)"|\{(.*)\})$')
+
+
+def _stack_tables(hlo_text: str) -> dict[str, dict[int, Any]]:
+    """HLO text's ``FileNames`` / ``FunctionNames`` / ``FileLocations`` / ``StackFrames`` tables (``id -> value``; the last
+    two as ``{key: int}``)."""
+    tables: dict[str, dict[int, Any]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            current = tables.setdefault(line, {})
+            continue
+        m = _TABLE_ROW.match(line) if current is not None else None
+        if m is None:
+            current = None if not line.strip() else current
+            continue
+        current[int(m.group(1))] = m.group(2) if m.group(2) is not None else {
+            k: int(v) for k, v in (kv.split("=") for kv in m.group(3).split())}
+    return tables
+
+
+def cycle_breakdown(hlo_text: str) -> dict[str, int]:
+    """The TPU compiler's ``estimated_cycles`` of compiled HLO's instructions summed by the source line each came from
+    (``file:line:function`` of the innermost recorded stack frame, then ``< file:line:function`` of the nearest caller in
+    ``flexattn_jax/`` or ``train/`` in another function; ``(no source)`` without a frame), largest first. Like
+    cost analysis it counts a loop body's instructions once; Mosaic kernels carry no estimate here (their
+    ``pl.CostEstimate`` counts instead)."""
+    t = _stack_tables(hlo_text)
+    files, funcs, locs, frames = (t.get(k, {}) for k in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"))
+
+    def frame(fid: int) -> tuple[str, str, str] | None:
+        loc = locs.get(frames.get(fid, {}).get("file_location_id", -1))
+        if loc is None:
+            return None
+        path = files.get(loc.get("file_name_id"), "?")
+        return path, f"{'/'.join(Path(path).parts[-2:])}:{loc.get('line')}", funcs.get(loc.get("function_name_id"), "?")
+
+    def where(fid: int | None) -> str:  # the innermost frame, and the nearest caller in the project in another function
+        chain, seen = [], set()
+        while fid and fid not in seen and (f := frame(fid)) is not None:
+            seen.add(fid)
+            chain.append(f)
+            fid = frames[fid].get("parent_frame_id", 0) - 1  # the text's parent ids are one above the frame ids
+        if not chain:
+            return "(no source)"
+        key = f"{chain[0][1]}:{chain[0][2]}"
+        caller = next((c for c in chain[1:] if c[2] != chain[0][2] and any(f"/{d}/" in c[0] for d in ("flexattn_jax", "train"))), None)
+        return key if caller is None else f"{key} < {caller[1]}:{caller[2]}"
+
+    counts: Counter = Counter()
+    for line in hlo_text.splitlines():
+        m = _CYCLES.search(line)
+        if m:
+            f = _FRAME.search(line)
+            counts[where(int(f.group(1)) if f else None)] += int(m.group(1))
+    return dict(counts.most_common())
+
+
 def count_kernels(hlo_text: str) -> dict[str, int]:
     """Attention kernels in compiled HLO: Mosaic calls (``tpu_custom_call``, keyed by kernel name) and cuDNN fMHA calls."""
     counts: Counter = Counter()
@@ -462,6 +528,8 @@ class CompileReport:
     flops_per_chip: float | None
     model_flops_per_chip: float
     optimal_seconds: float | None = None  # the TPU compiler's, loop bodies counted once
+    while_loops: int | None = None  # :func:`count_loops`
+    cycles: dict[str, int] | None = None  # :func:`cycle_breakdown`, with ``breakdown=True``
     step_seconds_estimate: float | None = None  # :func:`step_estimate`
     mfu_estimate: float | None = None
     params: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -495,10 +563,13 @@ def compile_program(
     slots: int | None = None,
     lora: LoraConfig | None = None,
     quantize: str | None = None,
+    breakdown: bool = False,
 ) -> CompileReport:
     """Compile ``program`` of ``model`` for ``target`` (see the module docstring) and report per chip; ``lora`` and
     ``quantize`` as :func:`lower_program` takes them, ``unroll_layers`` as :func:`program_config`, ``usable_limit`` as
     :func:`compiler_options` (a program that does not fit is then an AotError).
+
+    ``breakdown``: the report's ``cycles`` (:func:`cycle_breakdown` of the compiled program).
 
     ``serve``: the global batch is the engine's slot count (``slots``, else ``per_device_batch`` x data x fsdp),
     ``seq_len`` the longest prompt; ``per_chip_bytes['peak']`` is the largest of its programs' peaks."""
@@ -572,6 +643,7 @@ def compile_program(
         capacity_bytes=tgt.chip.hbm_bytes, usable_bytes=usable, fits=peak <= usable,
         kernels=count_kernels(hlo), compile_seconds=round(seconds, 2), flops_per_chip=flops,
         model_flops_per_chip=mflops, optimal_seconds=optimal, step_seconds_estimate=step_s, mfu_estimate=mfu,
+        while_loops=count_loops(hlo), cycles=cycle_breakdown(hlo) if breakdown else None,
         params=param_counts(cfg), serve_peaks=serve_peaks, lora=None if lora is None else lora.to_dict(), quantize=quantize,
         unrolled=not cfg.scan_layers, bytes_accessed_per_chip=accessed, usable_limit=usable_limit,
     )
