@@ -220,3 +220,23 @@ def test_dropout_mask_is_its_own_kernel():
     np.testing.assert_allclose(kept, np.round(kept), atol=1e-4)
     assert abs(kept.mean() / 32 - 0.75) < 0.02
     assert not np.array_equal(y, np.asarray(run(p, jax.random.key(2))))
+
+
+@pytest.mark.parametrize("base_quant", ["none", "int8"])
+def test_remat_scan_keeps_no_copy_of_the_frozen_base(base_quant):
+    """Under remat the decoder scan's residuals are its inputs: a LoRA step stacks no second copy of the frozen
+    layers' kernels (with per-branch checkpoints inside the layer-kind switch the forward scan stacked every kernel
+    again, a copy of the frozen base per chip). A full fine-tune's step stacks its kernels' gradients, so not it."""
+    import re
+
+    cfg = dataclasses.replace(CFG, remat_policy="full")
+    tcfg = small_train_config(trainable="projector", lora=dataclasses.replace(LORA, base_quant=base_quant), lr=1e-2)
+    fns = make_step(cfg, tcfg, one_device(), tcfg.steps)
+    from train.step import make_example_batch
+
+    batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype) for k, x in make_example_batch(cfg, 2, TEST_SEQ_LEN, 8).items()}
+    text = fns.step.lower(fns.abstract_state, batch).as_text()
+    t = cfg.text
+    stacked = [f"{t.num_layers}x{t.hidden_size}x{t.intermediate_size}", f"{t.num_layers}x{t.intermediate_size}x{t.hidden_size}"]
+    copies = [s for s in stacked if re.search(rf"dynamic_update_slice.*-> tensor<{s}x(bf16|f32|i4|i8)>", text)]
+    assert copies == [], copies
