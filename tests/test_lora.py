@@ -240,3 +240,23 @@ def test_remat_scan_keeps_no_copy_of_the_frozen_base(base_quant):
     stacked = [f"{t.num_layers}x{t.hidden_size}x{t.intermediate_size}", f"{t.num_layers}x{t.intermediate_size}x{t.hidden_size}"]
     copies = [s for s in stacked if re.search(rf"dynamic_update_slice.*-> tensor<{s}x(bf16|f32|i4|i8)>", text)]
     assert copies == [], copies
+
+
+def test_remat_keeps_the_gradients(params, host_batch):
+    """The decoder under ``remat_policy='full'`` (one checkpoint around the layer-kind switch) gives the loss and the
+    gradients of no remat, for the base kernels and the adapters alike (the select and hierarchical layers included)."""
+    from flexattn_jax.params import unflatten
+    from train.step import loss_sums
+
+    flat = flatten(L.with_adapters(params, L.init_adapters(params, LORA, jax.random.key(5))))
+    tree = unflatten({k: (jnp.full_like(v, 0.05) if k.endswith("lora_b") else v) for k, v in flat.items()})
+    batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
+
+    def grads(policy):
+        cfg = dataclasses.replace(CFG, remat_policy=policy)
+        return jax.jit(jax.value_and_grad(lambda p: loss_sums(p, cfg, batch, jnp.float32(0.5)).ce))(tree)
+
+    (l0, g0), (l1, g1) = grads("none"), grads("full")
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
+    for (k, a), b in zip(flatten(g0).items(), flatten(g1).values(), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6 * float(np.abs(np.asarray(a)).max() + 1), err_msg=k)
