@@ -11,7 +11,7 @@ tokens (each slot holds T + 128). And compile seconds against decoder depth
 (one ``lax.scan`` over the layers). Every figure comes from :func:`flexattn_jax.app.aot.compile_program`;
 a target whose compiler is not installed (libtpu, the CUDA plugin) is reported as skipped, with why.
 
-LoRA, QLoRA and int8 (``--only lora``, :data:`LORA_JOBS`): the 7B LoRA step (bf16 base) on v5e-8 at per-chip batch 3,
+LoRA, QLoRA and int8 (``--only lora``, :data:`LORA_JOBS`): the 7B LoRA step (bf16 base) on v5e-8 at per-chip batch 2,
 the QLoRA step (int4 base) on one v5e chip at batch 1, the LoRA step on v5p-64 at the full fine-tune's batch (19 per
 chip; its step estimate against the full fine-tune's: :func:`step_vs_full`), int8 prefill and decode on one v5e chip at
 batch 8 with a 1024-token context, and the decode step int8 against bf16 on v5p-8 (the target whose compiler gives a
