@@ -240,6 +240,10 @@ def run_decoder(
     def switched_layer(i, *args, one_layer=run_layer):
         """The layer whose kind the traced index ``i`` picks (one ``lax.switch`` over the kinds)."""
         branches = [lambda *a, kd=kd: one_layer(kd, *a) for kd in H.LayerKind]
+        # the layer's weights sliced here, not inside the branch that alone reads them (XLA sinks the slice into the
+        # switch, where a layout the branch's dots want reaches the whole stack: libtpu copied the 7B's int8 k_hr and
+        # v_hr stacks, 1 GiB, before the loop)
+        args = (*args[:3], jax.lax.optimization_barrier(args[3]), *args[4:])
         return jax.lax.switch(H.traced_layer_kind(cfg, i), branches, *args)
 
     if cfg.remat_policy != "none":
