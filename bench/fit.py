@@ -11,13 +11,13 @@ tokens (each slot holds T + 128). And compile seconds against decoder depth
 (one ``lax.scan`` over the layers). Every figure comes from :func:`flexattn_jax.app.aot.compile_program`;
 a target whose compiler is not installed (libtpu, the CUDA plugin) is reported as skipped, with why.
 
-LoRA, QLoRA and int8 (``--only lora``, :data:`LORA_JOBS`): the 7B LoRA step (bf16 base) on v5e-8 at per-chip batch 3,
-the QLoRA step (int4 base) on one v5e chip at batch 1, int8 prefill (also held to the usable HBM) and decode on one v5e
-chip at batch 8 with a 1024-token context, and the decode step int8 against bf16 on v5p-8 (the target whose compiler
-gives a time estimate), scanned and unrolled (every layer counted) at batch 8 and 1.
-The train steps are compiled with the decoder cut to :data:`LORA_CUT` layers and their full-depth peak extrapolated
-(:func:`extrapolate_train_peak`).
-The 13B QLoRA step (int4 base) on one H100 is compiled at full depth, at the largest batch that fits (the CUDA plugin).
+LoRA, QLoRA and int8 (``--only lora``, :data:`LORA_JOBS`): the 7B LoRA step (bf16 base) on v5e-8 at per-chip batch 2,
+the QLoRA step (int4 base) on one v5e chip at batch 1, the LoRA step on v5p-64 at the full fine-tune's batch (19 per
+chip; its step estimate against the full fine-tune's: :func:`step_vs_full`), int8 prefill (also held to the usable HBM)
+and decode on one v5e chip at batch 8 with a 1024-token context, and the decode step int8 against bf16 on v5p-8 (the
+target whose compiler gives a time estimate), scanned and unrolled (every layer counted) at batch 8 and 1. Every one is
+the whole 32-layer program; the 13B QLoRA step (int4 base) on one H100 the whole 40-layer program, at the largest batch
+that fits (the CUDA plugin).
 
 The largest batch: compile at per-chip batch 1 and 2, then where the peak, interpolated linearly between
 the nearest batches that fit and fail, meets the usable HBM, until the boundary is found: a few compiles
@@ -89,12 +89,11 @@ def jobs(quick: bool) -> list[tuple]:
     return first + infer + serve + depth + lora + [j for j in rest if j not in big] + same + big
 
 
-LORA_CUT = 2  # decoder layers the LoRA / QLoRA train steps are compiled with (one select, one hierarchical)
 LORA_JOBS: tuple[dict[str, Any], ...] = (
-    {"name": "7B LoRA, bf16 base", "target": "v5e-8", "program": "train", "lora": {"enabled": True}, "per_device_batch": 3,
-     "layers": LORA_CUT},
+    {"name": "7B LoRA, bf16 base", "target": "v5e-8", "program": "train", "lora": {"enabled": True}, "per_device_batch": 2},
     {"name": "7B QLoRA, int4 base", "target": "v5e-1", "program": "train", "lora": {"enabled": True, "base_quant": "int4"},
-     "per_device_batch": 1, "layers": LORA_CUT},
+     "per_device_batch": 1},
+    {"name": "7B LoRA, bf16 base", "target": "v5p-64", "program": "train", "lora": {"enabled": True}, "per_device_batch": 19},
     {"name": "7B int8 prefill", "target": "v5e-1", "program": "prefill", "quantize": "int8", "per_device_batch": 8, "seq_len": 1024},
     {"name": "7B int8 prefill, usable HBM as the limit", "target": "v5e-1", "program": "prefill", "quantize": "int8",
      "per_device_batch": 8, "seq_len": 1024, "usable_limit": True},
@@ -122,32 +121,24 @@ def state_bytes_per_chip(cfg, target: aot.Target, mesh: str | None, lora: LoraCo
     return Q.nbytes(shards)
 
 
-def extrapolate_train_peak(model_cfg, job: dict[str, Any], report: aot.CompileReport) -> dict[str, Any]:
-    """Full-depth peak per chip of a train step compiled with a cut decoder (``report``): the compiled peak, plus the
-    state the missing layers hold (exact: :func:`state_bytes_per_chip` at full depth minus at the cut), plus each
-    missing layer's remat residual (under full remat the scan keeps a layer's input, per-chip batch x T x D in bf16).
-    An estimate: the compiler's temporaries at the cut depth are taken to be those of the full depth otherwise."""
-    target = aot.parse_target(job["target"])
-    lora = LoraConfig(**job["lora"]) if job.get("lora") else None
-    full = aot.program_config(model_cfg, program="train")
-    cut = aot.program_config(model_cfg, program="train", layers=job["layers"])
-    state = {n: state_bytes_per_chip(c, target, job.get("mesh"), lora) for n, c in ((full.text.num_layers, full), (job["layers"], cut))}
-    missing = full.text.num_layers - job["layers"]
-    residual = missing * report.per_device_batch * report.seq_len * full.text.hidden_size * 2
-    peak = report.per_chip_bytes["peak"] + state[full.text.num_layers] - state[job["layers"]] + residual
-    usable = int(target.chip.hbm_bytes * aot.USABLE_FRACTION[target.platform])
-    return {"layers": full.text.num_layers, "state_bytes": state[full.text.num_layers], "cut_state_bytes": state[job["layers"]],
-            "residual_bytes": residual, "peak": peak, "fits": peak <= usable}
+def step_vs_full(res: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """A LoRA train row's step estimate against the 7B full fine-tune's at the same target and per-chip batch (a
+    ``res['train']`` compile): both are :func:`aot.step_estimate`'s, the compiler's ``optimal_seconds`` scaled by their
+    own model / compiler FLOPs. Empty when either has no estimate or no full fine-tune row is at that batch."""
+    full = next((r for e in res["train"] if (e["model"], e["target"]) == ("llava-flexattn-7b", row["target"])
+                 for r in e["tried"] if r["per_device_batch"] == row["per_device_batch"]), None)
+    steps = (row.get("step_seconds_estimate"), None if full is None else full.get("step_seconds_estimate"))
+    if row["program"] != "train" or None in steps:
+        return {}
+    return {"full_step_seconds": steps[1], "step_ratio": steps[0] / steps[1]}
 
 
-def lora_row(model_cfg, job: dict[str, Any], report: aot.CompileReport) -> dict[str, Any]:
-    """A :data:`LORA_JOBS` row: the compile's figures, and for a cut train step the full-depth extrapolation."""
+def lora_row(job: dict[str, Any], report: aot.CompileReport, res: dict[str, Any]) -> dict[str, Any]:
+    """A :data:`LORA_JOBS` row: the compile's figures and, for a train step, its step against the full fine-tune's."""
     row = {"name": job["name"], **_row(report), "mesh": report.mesh, "seq_len": report.seq_len, "lora": report.lora,
            "quantize": report.quantize, "unrolled": report.unrolled, "bytes_accessed_per_chip": report.bytes_accessed_per_chip,
            "usable_limit": report.usable_limit}
-    if job.get("layers") is not None:
-        row["extrapolated"] = extrapolate_train_peak(model_cfg, job, report)
-    return row
+    return {**row, **step_vs_full(res, row)}
 
 
 def lora_model(job: dict[str, Any]) -> str:
@@ -159,7 +150,7 @@ def compile_lora_job(model_cfg, job: dict[str, Any]) -> aot.CompileReport:
     """Compile one :data:`LORA_JOBS` entry (``flexattn-jax compile`` with the same options)."""
     return aot.compile_program(job["target"], model_cfg, job["program"], mesh=job.get("mesh"), per_device_batch=job["per_device_batch"],
                                seq_len=job.get("seq_len", SEQ), select_rows=ROWS if job["program"] == "train" else None,
-                               layers=job.get("layers"), lora=LoraConfig(**job["lora"]) if job.get("lora") else None,
+                               lora=LoraConfig(**job["lora"]) if job.get("lora") else None,
                                quantize=job.get("quantize"), unroll_layers=job.get("unroll_layers", False),
                                usable_limit=job.get("usable_limit", False), model_name=lora_model(job))
 
@@ -172,12 +163,15 @@ def composed_train_estimates(res: dict[str, Any], model_cfg) -> list[dict[str, A
     their own: at each per-chip batch the 7B full fine-tune was compiled at on :data:`COMPOSED_FROM` (``res['train']``),
     that compile's temporaries (the same forward and rematerialised backward through the decoder, the same per-layer
     gathered weights; LoRA adds no base weight gradients) plus the LoRA state per chip on the job's target (exact,
-    :func:`state_bytes_per_chip`). The largest batch whose sum fits the usable HBM is the row's."""
+    :func:`state_bytes_per_chip`). The largest batch whose sum fits the usable HBM is the row's. Only the jobs on
+    :data:`COMPOSED_FROM`'s chip: another chip's compiler assigns other temporaries. A cross-check of the compiled rows."""
     full = next((e for e in res["train"] if (e["model"], e["target"]) == ("llava-flexattn-7b", COMPOSED_FROM)), None)
     if full is None:
         raise aot.AotError(f"no llava-flexattn-7b full fine-tune row on {COMPOSED_FROM} to compose from")
     out = []
-    for job in (j for j in LORA_JOBS if j["program"] == "train" and lora_model(j) == "llava-flexattn-7b"):
+    chip = aot.parse_target(COMPOSED_FROM).chip
+    for job in (j for j in LORA_JOBS if j["program"] == "train" and lora_model(j) == "llava-flexattn-7b"
+                and aot.parse_target(j["target"]).chip == chip):
         target = aot.parse_target(job["target"])
         lora = LoraConfig(**job["lora"])
         state = state_bytes_per_chip(aot.program_config(model_cfg, program="train"), target, job.get("mesh"), lora)
@@ -320,7 +314,7 @@ def run(quick: bool, log, save=lambda res: None, previous: dict[str, Any] | None
                 cfg = configs[lora_model(spec)]
                 r = compile_lora_job(cfg, spec)
                 log(f"    peak {r.per_chip_bytes['peak'] / 2**30:.2f} GiB, {r.compile_seconds:.0f} s")
-                out["lora"].append(lora_row(cfg, spec, r))
+                out["lora"].append(lora_row(spec, r, out))
             elif job[0] == "infer":
                 _, target, mesh, program = job
                 t = aot.parse_target(target)
@@ -383,12 +377,11 @@ def table(res: dict[str, Any]) -> str:
         lines.append(f"compile seconds by depth (7B FlexAttention train, {DEPTH_TARGET}): "
                      + ", ".join(f"{d['layers']} layers {d['compile_seconds']:.0f} s" for d in res["depth"]))
     for r in res.get("lora", []):
-        ext = r.get("extrapolated")
-        peak = ext["peak"] if ext else r["per_chip_bytes"]["peak"]
         step = "" if r.get("step_seconds_estimate") is None else f"{r['step_seconds_estimate']:.4f}"
-        cut = f" ({r['layers']}-layer compile: {r['per_chip_bytes']['peak'] / 2**30:.1f} GiB)" if ext else ""
+        ratio = f" ({r['step_ratio']:.2f}x the full fine-tune's step)" if r.get("step_ratio") is not None else ""
         lines.append(f"{r['name']:<20} {r['target']:<9} {r['chips']:>5} {r['per_device_batch']:>10} "
-                     f"{peak / 2**30:>9.1f} {r['capacity_bytes'] / 2**30:>6.0f} {step:>12} {'':>6} {sum(r['kernels'].values())}{cut}")
+                     f"{r['per_chip_bytes']['peak'] / 2**30:>9.1f} {r['capacity_bytes'] / 2**30:>6.0f} {step:>12} {'':>6} "
+                     f"{sum(r['kernels'].values())}{ratio}")
     for c in quant_decode_ratios(res.get("lora", [])):
         lines.append(f"{c['quantize']} / bf16 decode step, unrolled, batch {c['per_device_batch']} on {c['target']}: optimal_seconds "
                      f"{c['time_ratio']:.2f}x ({c['optimal_seconds'][0] * 1e3:.2f} vs {c['optimal_seconds'][1] * 1e3:.2f} ms), "

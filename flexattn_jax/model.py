@@ -237,8 +237,22 @@ def run_decoder(
         upd = (out.hr_update if out.hr_update is not None else no_update()) if incremental else None
         return out.x, sel_out, out.k, out.v, att, msk, upd
 
+    def switched_layer(i, *args, one_layer=run_layer):
+        """The layer whose kind the traced index ``i`` picks (one ``lax.switch`` over the kinds)."""
+        branches = [lambda *a, kd=kd: one_layer(kd, *a) for kd in H.LayerKind]
+        # the layer's weights sliced here, not inside the branch that alone reads them (XLA sinks the slice into the
+        # switch, where a layout the branch's dots want reaches the whole stack: libtpu copied the 7B's int8 k_hr and
+        # v_hr stacks, 1 GiB, before the loop)
+        args = (*args[:3], jax.lax.optimization_barrier(args[3]), *args[4:])
+        return jax.lax.switch(H.traced_layer_kind(cfg, i), branches, *args)
+
     if cfg.remat_policy != "none":
-        run_layer = jax.checkpoint(run_layer, policy=REMAT_POLICIES[cfg.remat_policy], static_argnums=(0,))
+        # one checkpoint around the switch, not one in each branch: a branch's residuals leave the switch as new
+        # values, so the scan stacked the layer's weights (its ``p``) again as a residual, a copy of the whole decoder
+        # per chip; around the switch the residuals are the scan's own inputs and are not copied (docs/lora.md)
+        policy = REMAT_POLICIES[cfg.remat_policy]
+        run_layer = jax.checkpoint(run_layer, policy=policy, static_argnums=(0,))
+        switched_layer = jax.checkpoint(switched_layer, policy=policy)
 
     def hr_slot(i):
         return jnp.clip(i - first_hier, 0, hr_kv.k.shape[0] - 1)
@@ -256,13 +270,7 @@ def run_decoder(
         if kind is not None:
             x, sel, k, v, att, msk, upd = run_layer(kind, *args)
         else:
-            kind_index = H.traced_layer_kind(cfg, i)
-            branches = [lambda *a, kd=kd: run_layer(kd, *a) for kd in H.LayerKind]
-            # the layer's weights sliced here, not inside the branch that alone reads them (XLA sinks the slice into the
-            # switch, where a layout the branch's dots want reaches the whole stack: libtpu copied the 7B's int8 k_hr and
-            # v_hr stacks, 1 GiB, before the loop)
-            args = (*args[:3], jax.lax.optimization_barrier(p), *args[4:])
-            x, sel, k, v, att, msk, upd = jax.lax.switch(kind_index, branches, *args)
+            x, sel, k, v, att, msk, upd = switched_layer(i, *args)
         if ck is not None:
             start = (i, 0, write_index, 0, 0)
             ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start)

@@ -151,7 +151,9 @@ class Linear(nn.Module):
             a, b = self.get_variable("params", "lora_a"), self.get_variable("params", "lora_b")
             xa = x
             if c.lora_dropout > 0 and self.has_rng("lora_dropout"):
-                keep = jax.random.bernoulli(self.make_rng("lora_dropout"), 1.0 - c.lora_dropout, x.shape)
+                # the barrier keeps the mask its own kernel: fused into the matmul's operand, threefry's ~100 ops a
+                # draw made the TPU compile of a LoRA train step 5x slower (docs/lora.md, "Fit and speed")
+                keep = jax.lax.optimization_barrier(jax.random.bernoulli(self.make_rng("lora_dropout"), 1.0 - c.lora_dropout, x.shape))
                 xa = jnp.where(keep, x / jnp.asarray(1.0 - c.lora_dropout, dtype), jnp.zeros((), dtype))
             h = jax.lax.dot_general(xa, a.astype(dtype), dims)
             y = y + jax.lax.dot_general(h, b.astype(dtype), (((h.ndim - 1,), (0,)), ((), ())))

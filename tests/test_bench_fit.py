@@ -140,33 +140,35 @@ def test_serve_rows_search_the_most_slots_and_resume(calls, tmp_path, capsys):
     assert fit.main(["--only", "serve", "--resume", "--out", str(out)]) == 0 and calls == []
 
 
-def test_lora_rows_compile_their_jobs_and_extrapolate_the_cut_train_steps(calls, tmp_path, monkeypatch, capsys):
-    """``--only lora`` compiles each of LORA_JOBS once, of its own model (the 7B's train steps cut to LORA_CUT layers, the
-    13B QLoRA step at full depth); a cut row's full-depth peak is the compiled peak + the state the missing layers hold +
-    each missing layer's bf16 residual; --resume keeps them; the composed rows are the 7B's train jobs."""
+def test_lora_rows_compile_their_jobs_at_full_depth_and_compare_steps(calls, tmp_path, monkeypatch, capsys):
+    """``--only lora`` compiles each of LORA_JOBS once, of its own model, the whole decoder; a train row on a target with a
+    full fine-tune row at its batch carries the two step estimates' ratio; the unrolled decode steps pair up int8 / bf16;
+    --resume keeps the rows; the composed rows are the 7B's train jobs on the chip composed from."""
     from flexattn_jax import presets
 
-    monkeypatch.setattr(aot, "load_model_config", presets.preset)  # the real 7B config: the extrapolation reads its depth
-    monkeypatch.setattr(fit, "state_bytes_per_chip", lambda cfg, target, mesh, lora: cfg.text.num_layers * GIB)
+    monkeypatch.setattr(aot, "load_model_config", presets.preset)  # the composition reads the real 7B config
+    monkeypatch.setattr(fit, "state_bytes_per_chip", lambda cfg, target, mesh, lora: 32 * GIB)
     out = tmp_path / "fit.json"
-    assert fit.main(["--only", "lora", "--out", str(out)]) == 0
+    full = {"model": "llava-flexattn-7b", "target": "v5p-64", "largest": None,
+            "tried": [{"per_device_batch": b, "step_seconds_estimate": 4.0 * b} for b in (18, 19)]}
+    out.write_text(json.dumps({"settings": fit.SETTINGS, "train": [full]}))
+    assert fit.main(["--only", "lora", "--resume", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["lora"]
     assert [c[:3] for c in calls] == [(j["program"], j["target"], j.get("model", "llava-flexattn-7b")) for j in fit.LORA_JOBS]
     assert ("train", "h100x1", "llava-flexattn-13b") in [c[:3] for c in calls]
-    assert [r["name"] for r in rows] == [j["name"] for j in fit.LORA_JOBS]
-    for r, j in zip(rows, fit.LORA_JOBS, strict=True):
-        ext = r.get("extrapolated")
-        assert (ext is not None) == (j.get("layers") is not None), r
-        if ext:
-            residual = 30 * j["per_device_batch"] * fit.SEQ * 4096 * 2  # 32 - 2 layers, B x T x D in bf16
-            assert ext["peak"] == r["per_chip_bytes"]["peak"] + 30 * GIB + residual and ext["residual_bytes"] == residual
-    printed = capsys.readouterr().out
-    assert "7B QLoRA, int4 base" in printed
+    assert [(r["name"], r["target"]) for r in rows] == [(j["name"], j["target"]) for j in fit.LORA_JOBS]
+    assert all(r["layers"] == 32 for r in rows if r["model"] == "llava-flexattn-7b")  # no cut decoder
+    v5p = [r for r in rows if r["program"] == "train" and r["target"] == "v5p-64"]
+    assert [r["per_device_batch"] for r in v5p] == [19]
+    assert v5p[0]["step_ratio"] == pytest.approx(2.0 * 19 / (4.0 * 19)) and v5p[0]["full_step_seconds"] == 76.0
+    assert all("step_ratio" not in r for r in rows if r["target"] != "v5p-64")  # no full fine-tune row to compare
+    text = capsys.readouterr().out
+    assert "7B QLoRA, int4 base" in text and "0.50x the full fine-tune's step" in text
     # the unrolled decode steps pair up by batch: int8 / bf16 of optimal_seconds and bytes accessed (the fake's 0.75x, 0.5x)
     ratios = fit.quant_decode_ratios(rows)
     assert [(c["quantize"], c["per_device_batch"]) for c in ratios] == [("int8", 8), ("int8", 1)]
     assert all(c["time_ratio"] == 0.75 and c["bytes_accessed_ratio"] == 0.5 for c in ratios)
-    assert "int8 / bf16 decode step, unrolled, batch 8 on v5p-8: optimal_seconds 0.75x (24000.00 vs 32000.00 ms)" in printed
+    assert "int8 / bf16 decode step, unrolled, batch 8 on v5p-8: optimal_seconds 0.75x (24000.00 vs 32000.00 ms)" in text
     calls.clear()
     assert fit.main(["--only", "lora", "--resume", "--out", str(out)]) == 0 and calls == []
     # composed: the full fine-tune's temporaries at each compiled batch + the LoRA state (here 32 GiB: the fake's)
@@ -176,7 +178,8 @@ def test_lora_rows_compile_their_jobs_and_extrapolate_the_cut_train_steps(calls,
     out.write_text(json.dumps(res))
     assert fit.main(["--only", "lora", "--resume", "--out", str(out)]) == 0 and calls == []
     composed = json.loads(out.read_text())["composed"]
-    assert [c["name"] for c in composed] == [j["name"] for j in fit.LORA_JOBS if j["program"] == "train" and "model" not in j]
-    assert "13B QLoRA, int4 base" not in [c["name"] for c in composed]  # composed from the 7B's temporaries: not the 13B's
+    v5e = [j["target"] for j in fit.LORA_JOBS if j["program"] == "train" and j["target"].startswith("v5e")]
+    assert [c["target"] for c in composed] == v5e and len(v5e) == 2  # only the 7B jobs on the chip composed from
+    assert "13B QLoRA, int4 base" not in [c["name"] for c in composed]
     for c in composed:  # v5e: 16 GiB x 0.95 usable; 32 GiB of state fits no batch
         assert c["peak_by_batch"] == {str(b): 32 * GIB + (b + 0.5) * GIB for b in (1, 2, 3)} and c["largest_batch"] is None

@@ -63,6 +63,17 @@ def test_lora_train_flops_drop_the_frozen_weight_gradients():
     assert F.lora_train_flops(cfg, 19, 2048, 2048, 64) / F.train_flops(cfg, 19, 2048, 2048) == pytest.approx(0.741, abs=1e-3)
 
 
+def test_compile_counts_a_lora_step_as_lora():
+    """`compile --lora` scales the compiler's estimate and MFU by the LoRA step's model FLOPs, not the full fine-tune's."""
+    from flexattn_jax.lora import LoraConfig
+
+    cfg = _release_7b()
+    lora = LoraConfig(enabled=True, rank=16)
+    assert aot.model_flops(cfg, "train", 4, 512, 64, lora) == F.lora_train_flops(cfg, 4, 512, 64, 16)
+    assert aot.model_flops(cfg, "train", 4, 512, 64, LoraConfig()) == F.train_flops(cfg, 4, 512, 64)  # not enabled
+    assert aot.model_flops(cfg, "train", 4, 512, 64, lora) < aot.model_flops(cfg, "train", 4, 512, 64)
+
+
 def test_chip_table():
     assert chips.chip_of("NVIDIA H100 80GB HBM3") is chips.CHIPS["h100"]
     assert chips.chip_of("TPU v5 lite") is chips.CHIPS["v5e"]

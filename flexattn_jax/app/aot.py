@@ -247,11 +247,14 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     return {**dict(counts), "total": sum(counts.values())}
 
 
-def model_flops(cfg: ModelConfig, program: str, batch: int, seq_len: int, rows: int) -> float:
+def model_flops(cfg: ModelConfig, program: str, batch: int, seq_len: int, rows: int, lora: LoraConfig | None = None) -> float:
     """The program's model FLOPs for the global batch, by :mod:`flexattn_jax.flops`' one model (training's MFU
-    counts the same): ``train`` a training step with ``rows`` select rows; ``prefill`` / ``likelihood`` a forward
-    with one select row; ``decode`` one step over the prompt's cache and :data:`ANSWER_ROOM` answer slots."""
+    counts the same): ``train`` a training step with ``rows`` select rows (with ``lora`` enabled the LoRA step's:
+    no frozen weight gradients, the adapters added); ``prefill`` / ``likelihood`` a forward with one select row;
+    ``decode`` one step over the prompt's cache and :data:`ANSWER_ROOM` answer slots."""
     if program == "train":
+        if lora is not None and lora.enabled:
+            return F.lora_train_flops(cfg, batch, seq_len, rows, lora.rank)
         return F.train_flops(cfg, batch, seq_len, rows)
     if program in ("decode", "serve"):
         return F.decode_step_model_flops(cfg, batch, seq_len + ANSWER_ROOM)
@@ -632,7 +635,7 @@ def compile_program(
     flops = float(cost["flops"]) if cost and "flops" in cost else None
     optimal = float(cost["optimal_seconds"]) if cost and cost.get("optimal_seconds", 0) > 0 else None
     accessed = float(cost["bytes accessed"]) if cost and "bytes accessed" in cost else None
-    mflops = model_flops(cfg, program, batch, seq_len, rows) / tgt.chips
+    mflops = model_flops(cfg, program, batch, seq_len, rows, lora) / tgt.chips
     step_s, mfu = step_estimate(optimal, flops, mflops, tgt.chip.peak_flops)
     usable = usable_bytes(tgt)
     return CompileReport(
