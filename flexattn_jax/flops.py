@@ -193,17 +193,21 @@ def train_flops(cfg: ModelConfig, batch: int, seq_len: int, select_rows: int, vi
     return model_flops(cfg, batch, seq_len, select_rows, train=True, vision_trains=vision_trains, images=images)
 
 
-def lora_train_flops(cfg: ModelConfig, batch: int, seq_len: int, select_rows: int, rank: int) -> float:
+def lora_train_flops(cfg: ModelConfig, batch: int, seq_len: int, select_rows: int, rank: int, vision_trains: bool = False,
+                     images: int | None = None) -> float:
     """Model FLOPs of one LoRA training step (adapters on every decoder linear, the HR K/V projections included; the
     projector trains): :func:`train_flops` less the frozen linears' weight gradients (one forward's worth of the
-    decoder's projections, the LM head and the HR K/V projections), plus the rank-``rank`` adapters' 3x forward."""
+    decoder's projections, the LM head and the HR K/V projections of the ``images`` samples with an image, default
+    all), plus the rank-``rank`` adapters' 3x forward."""
     t = cfg.text
+    images = batch if images is None else images
     d, qd, kvd = t.hidden_size, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
-    hier, m = hierarchical_layers(cfg), cfg.num_hr_tokens
-    frozen = batch * (decoder_flops(cfg, seq_len, 0) + head_flops(cfg, seq_len) + hier * hr_kv_flops(cfg, m))
+    hier = hierarchical_layers(cfg)
+    m = cfg.num_hr_tokens if cfg.train_hr_tokens is None else cfg.train_hr_tokens  # the HR tokens the step projects
+    frozen = batch * (decoder_flops(cfg, seq_len, 0) + head_flops(cfg, seq_len)) + images * hier * hr_kv_flops(cfg, m)
     widths = 2 * (d + qd) + 2 * (d + kvd) + 3 * (d + t.intermediate_size)  # in + out of q, o, k, v, gate, up, down
-    adapters = 6 * rank * batch * (t.num_layers * seq_len * widths + hier * m * 2 * (d + kvd))
-    return train_flops(cfg, batch, seq_len, select_rows) - frozen + float(adapters)
+    adapters = 6 * rank * (batch * t.num_layers * seq_len * widths + images * hier * m * 2 * (d + kvd))
+    return train_flops(cfg, batch, seq_len, select_rows, vision_trains, images) - frozen + float(adapters)
 
 
 def decode_step_model_flops(cfg: ModelConfig, batch: int, cache_len: int) -> float:

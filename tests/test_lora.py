@@ -260,3 +260,17 @@ def test_remat_keeps_the_gradients(params, host_batch):
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
     for (k, a), b in zip(flatten(g0).items(), flatten(g1).values(), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6 * float(np.abs(np.asarray(a)).max() + 1), err_msg=k)
+
+
+def test_a_lora_run_counts_the_lora_steps_flops(params):
+    """The training loop's FLOPs per step (its TFLOP/s and MFU) for a LoRA run are the LoRA step's
+    (:func:`flexattn_jax.flops.lora_train_flops`), not the full fine-tune's."""
+    from flexattn_jax import flops as F
+
+    batch = synthetic_batch(CFG, TEST_BATCH, TEST_SEQ_LEN, seed=0)
+    _, rec = train(CFG, params, [batch], dataclasses.replace(TC, steps=1, log_every=1), one_device(), log=False)
+    b, t = batch["input_ids"].shape
+    images = int((batch["input_ids"] == CFG.image_token_id).any(axis=1).sum())
+    rows = batch["select_rows"].shape[1]
+    assert rec[0]["flops_per_step"] == F.lora_train_flops(CFG, b, t, rows, LORA.rank, images=images)
+    assert rec[0]["flops_per_step"] < F.train_flops(CFG, b, t, rows, images=images)

@@ -25,7 +25,7 @@ from jaxtyping import PyTree
 
 from flexattn_jax import sharding as S
 from flexattn_jax.config import IGNORE_INDEX, ModelConfig
-from flexattn_jax.flops import mfu
+from flexattn_jax.flops import lora_train_flops, mfu
 from flexattn_jax.selection import learnable_rows
 from train.checkpoint import Checkpointer, make_meta
 from train.config import DataConfig, TrainConfig
@@ -384,7 +384,8 @@ def _next_batch(ctx: _Context, iterator: Iterator) -> tuple[dict[str, np.ndarray
 def _dispatch(ctx: _Context, ledger: _Ledger, state: TrainState, host: dict[str, np.ndarray], length: int, step_no: int,
               extra: dict[str, Any]) -> tuple[TrainState, _Pending]:
     """Start step ``step_no`` on ``host`` (padded to the agreed ``length`` on several hosts) without waiting for it;
-    its global tokens and model FLOPs (:func:`flexattn_jax.flops.train_flops`) go with it."""
+    its global tokens and model FLOPs (:func:`flexattn_jax.flops.train_flops`, or ``lora_train_flops`` for a LoRA run)
+    go with it."""
     if ctx.pad_to_max:
         host = pad_to_length(host, length, ctx.cfg.pad_token_id)
     batch = global_batch(ctx.fns, split_microbatches(host, ctx.tcfg.grad_accum))
@@ -394,7 +395,10 @@ def _dispatch(ctx: _Context, ledger: _Ledger, state: TrainState, host: dict[str,
     procs = jax.process_count()
     b_glob, t_len = host["input_ids"].shape[0] * procs, host["input_ids"].shape[1]
     images = int((host["input_ids"] == ctx.cfg.image_token_id).any(axis=1).sum()) * procs
-    flops = train_flops(ctx.cfg, b_glob, t_len, host["select_rows"].shape[1], ctx.vision_trains, images)
+    rows = host["select_rows"].shape[1]
+    lora = ctx.tcfg.lora
+    flops = (lora_train_flops(ctx.cfg, b_glob, t_len, rows, lora.rank, ctx.vision_trains, images) if lora is not None and lora.enabled
+             else train_flops(ctx.cfg, b_glob, t_len, rows, ctx.vision_trains, images))
     t0 = time.perf_counter()
     state, metrics = ctx.fns.step(state, batch)
     return state, _Pending(step_no, metrics, b_glob * t_len, flops, compiled, extra, t0)
