@@ -42,6 +42,7 @@ def test_layer_extrapolation_matches_full_depth():
         assert abs(a["flops"] - b["flops"]) <= 2e-6 * a["flops"], (a["config"], a["workload"], a["flops"], b["flops"])
 
 
+@pytest.mark.slow  # 13 s: the benchmark's compiled-method smoke run
 def test_compiled_method_runs():
     entries = flops.flop_table(True, config=flops.smoke_config(), prompt_len=8, answer_tokens=4, configs=("xattn",), method="compiled")
     assert {e["workload"] for e in entries} == {"A", "B"}

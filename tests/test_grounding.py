@@ -107,6 +107,7 @@ def test_grounding_needs_flexattention_and_a_non_negative_weight():
         TrainConfig(grounding_weight=-1.0)
 
 
+@pytest.mark.slow  # 30 s; gradient accumulation's exactness has its default test in test_train_step.py
 def test_grounding_with_gradient_accumulation_equals_one_batch():
     """Both terms are normalised over the whole batch, so two microbatches give the one-batch update."""
     params = random_params(CFG, seed=1)
