@@ -142,18 +142,17 @@ def clip_features(vision_params: dict, cfg: ModelConfig, pixels: Float[Array, "N
     stem = {k: vision_params[k] for k in _STEM_KEYS if k in vision_params}
     x = VisionStem(cfg).apply({"params": stem}, S.constrain_batch(pixels))
     n = cfg.vision_layers_used
+    layers = jax.tree.map(lambda a: a[:n], vision_params["layers"])
     layer = VisionLayer(cfg)
 
-    def body(x, i):  # each layer's input stays batch-sharded under a mesh (sharding.constrain_batch)
-        # layer i read from the whole stack: a stack cut to the n layers used would be a copy of the tower's weights
-        p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), vision_params["layers"])
+    def body(x, p):  # each layer's input stays batch-sharded under a mesh (sharding.constrain_batch)
         return layer.apply({"params": p}, S.constrain_batch(x)), None
 
     if cfg.scan_layers:
-        x, _ = jax.lax.scan(body, x, jnp.arange(n))
+        x, _ = jax.lax.scan(body, x, layers)
     else:
         for i in range(n):
-            x, _ = body(x, i)
+            x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], layers))
     return x[:, 1:] if cfg.vision_feature_select_strategy == "default" else x
 
 
@@ -189,13 +188,11 @@ def dual_path(
         lr = encode_images(params, cfg, lowres)
         return lr, jax.lax.stop_gradient(lr)
     tiles = images.reshape(b, z, s, z, s, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, z * z, s, s, -1)
-    # view by view (the LR view, then the tiles row-major), every sample's at once: the batch stays sharded, and CLIP's
-    # fp32 attention logits and activations are those of B images, not B x (1 + zoom^2) (at 7B, B = 8: 1.8 GiB of
-    # logits); each image's features are what one batched call gives. Unrolled with ``scan_layers`` off (cost analysis)
-    views = jnp.concatenate([lowres[:, None].astype(tiles.dtype), tiles], axis=1).swapaxes(0, 1)  # (1 + z^2, B, s, s, C)
-    clip = lambda v: clip_features(params["vision"], cfg, v)
-    feats = jax.lax.map(clip, views) if cfg.scan_layers else jnp.stack([clip(v) for v in views])
-    feats = Projector(cfg).apply({"params": params["projector"]}, feats.swapaxes(0, 1))  # (B, 1 + z^2, P, D)
+    # each sample's views side by side (LR, then its tiles row-major): a batch-sharded CLIP call keeps a
+    # sample's views on the device that holds the sample
+    views = jnp.concatenate([lowres[:, None].astype(tiles.dtype), tiles], axis=1).reshape(b * (1 + z * z), s, s, -1)
+    feats = encode_images(params, cfg, views)
+    feats = feats.reshape(b, 1 + z * z, *feats.shape[1:])
     lr = feats[:, 0]
     hr = feats[:, 1:].reshape(b, z, z, g, g, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, z * g * z * g, -1)
     return lr, jax.lax.stop_gradient(hr)
