@@ -88,12 +88,11 @@ def groups_for(d_in: int, mode: str, group_size: int | None = None) -> int:
     return d_in // size
 
 
-def _nearest_dynamic(v: Float[Array, "*S"]) -> jax.Array:
-    """Index (uint8) of the :data:`DYNAMIC_CODE` entry nearest to each ``v`` in [-1, 1]: how many midpoints between
-    neighbouring entries (fp32) lie below ``v`` (bitsandbytes' reference kernel; its CUDA kernel compares with the same
-    midpoints)."""
-    mid = jnp.asarray((DYNAMIC_CODE[1:] + DYNAMIC_CODE[:-1]) / np.float32(2))
-    return jnp.searchsorted(mid, v, side="left").astype(jnp.uint8)
+def _nearest(code: np.ndarray, v: Float[Array, "*S"]) -> jax.Array:
+    """Index of the ``code`` entry nearest to each ``v``: how many midpoints between neighbouring entries (fp32) lie
+    below ``v`` (bitsandbytes' reference rule for its NF4 and dynamic maps; its CUDA kernels compare the same midpoints)."""
+    mid = jnp.asarray((code[1:] + code[:-1]) / np.float32(2))
+    return jnp.searchsorted(mid, v, side="left")
 
 
 def _run_of(g: int, o: int) -> jax.Array:
@@ -120,7 +119,8 @@ def double_quantize(absmax: Float[Array, "*L g o"]) -> dict[str, jax.Array]:
     centred = flat - offset[..., None]
     padded = jnp.pad(centred, [(0, 0)] * len(lead) + [(0, runs * DQ_BLOCK - n)]).reshape(*lead, runs, DQ_BLOCK)
     amax = jnp.max(jnp.abs(padded), axis=-1)
-    idx = _nearest_dynamic(padded * (1.0 / jnp.maximum(amax, 1e-38))[..., None])  # times the reciprocal, as bitsandbytes
+    # times the reciprocal, as bitsandbytes
+    idx = _nearest(DYNAMIC_CODE, padded * (1.0 / jnp.maximum(amax, 1e-38))[..., None]).astype(jnp.uint8)
     codes = jnp.swapaxes(idx.reshape(*lead, runs * DQ_BLOCK)[..., :n].reshape(*lead, o, g), -1, -2)
     return {"kernel_scale": codes, "kernel_scale_absmax": amax, "kernel_scale_offset": offset}
 
@@ -142,8 +142,7 @@ def quantize_kernel(w: Float[Array, "*L i o"], mode: str, group_size: int | None
     absmax = jnp.max(jnp.abs(x), axis=-2)
     if mode == "nf4":  # bitsandbytes: x * (1 / absmax), then how many midpoints between neighbouring codes lie below it
         inv = 1.0 / jnp.maximum(absmax, 1e-38)
-        mid = jnp.asarray((NF4_CODE[1:] + NF4_CODE[:-1]) / 2)
-        q = jnp.searchsorted(mid, x * inv[..., None, :], side="left").reshape(*lead, d_in, d_out)
+        q = _nearest(NF4_CODE, x * inv[..., None, :]).reshape(*lead, d_in, d_out)
         return {"kernel": q.astype(jnp.uint4), **double_quantize(absmax)}
     scale = absmax / _QMAX[mode]
     scale = jnp.where(scale > 0, scale, 1.0)
